@@ -1,0 +1,118 @@
+//! Harbor's project driver: builds the wasm strategies, runs the demo, runs every check.
+//!
+//! - `cargo xtask build`: adds the wasm target, builds `strategies/*.wasm` (no WASI imports).
+//! - `cargo xtask demo`:  build, then Harbor (release) in front of two echo backends.
+//! - `cargo xtask test`:  build, then fmt, clippy and the whole test suite.
+//! - `cargo xtask bench`: build, then the side-by-side benchmark in `bench/`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use anyhow::{bail, Context, Result};
+
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+/// The Rust guest crates under `strategies/`, each built to `strategies/<name>.wasm`.
+const RUST_STRATEGIES: &[&str] = &["round_robin", "least_conn"];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("build") => build_strategies(&root),
+        Some("demo") => demo(&root, &args[1..]),
+        Some("test") => test(&root),
+        Some("bench") => {
+            build_strategies(&root)?;
+            run(Command::new("bash").arg("bench/run.sh").args(&args[1..]))
+        }
+        _ => {
+            eprintln!("usage: cargo xtask <build|demo|test|bench>");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Builds each Rust guest as a core module and wraps it into a component with wit-component.
+fn build_strategies(root: &Path) -> Result<()> {
+    run(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
+    let mut build = cargo();
+    build.args(["build", "--target", WASM_TARGET, "--profile", "guest"]);
+    for name in RUST_STRATEGIES {
+        build.args(["-p", name]);
+    }
+    run(&mut build)?;
+    for name in RUST_STRATEGIES {
+        let module_path = root.join("target").join(WASM_TARGET).join("guest").join(format!("{name}.wasm"));
+        let module = std::fs::read(&module_path).with_context(|| format!("reading {}", module_path.display()))?;
+        let component = wit_component::ComponentEncoder::default()
+            .validate(true)
+            .module(&module)
+            .with_context(|| format!("{name}: not a guest module with Harbor's WIT embedded"))?
+            .encode()
+            .with_context(|| format!("{name}: encoding the component"))?;
+        let out = root.join("strategies").join(format!("{name}.wasm"));
+        std::fs::write(&out, &component).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("xtask: wrote {} ({} bytes)", out.display(), component.len());
+    }
+    Ok(())
+}
+
+/// Runs Harbor with least_conn in front of two echo backends until Ctrl-C.
+fn demo(root: &Path, extra: &[String]) -> Result<()> {
+    build_strategies(root)?;
+    run(cargo().args(["build", "--release", "-p", "harbor"]))?;
+    let harbor = root.join("target/release/harbor");
+    let mut children: Vec<Child> = Vec::new();
+    for (port, name) in [(9001, "backend-1"), (9002, "backend-2")] {
+        children.push(
+            Command::new(&harbor)
+                .args(["echo", "--listen", &format!("127.0.0.1:{port}"), "--greeting", name])
+                .spawn()
+                .context("starting an echo backend")?,
+        );
+    }
+    eprintln!("xtask: Harbor listens on 127.0.0.1:9090 (admin: http://127.0.0.1:9100/metrics); try `nc 127.0.0.1 9090`");
+    let status = Command::new(&harbor)
+        .args(["--strategy", "strategies/least_conn.wasm", "--backends", "127.0.0.1:9001,127.0.0.1:9002"])
+        .args(extra)
+        .status();
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let status = status.context("starting harbor")?;
+    if !status.success() {
+        bail!("harbor exited with {status}");
+    }
+    Ok(())
+}
+
+/// Everything CI checks, in the order that fails fastest.
+fn test(root: &Path) -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    build_strategies(root)?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args(["test", "--workspace"]))?;
+    Ok(())
+}
