@@ -200,9 +200,7 @@ impl<'a> Pick<'a> {
     pub fn eligible_from(&self, start: u64) -> impl Iterator<Item = Backend<'a>> + '_ {
         let n = self.len().max(1);
         let offset = (start % n as u64) as usize;
-        (0..self.len())
-            .filter_map(move |i| self.backend((i + offset) % n))
-            .filter(Backend::is_eligible)
+        (0..self.len()).filter_map(move |i| self.backend((i + offset) % n)).filter(Backend::is_eligible)
     }
 
     /// Chooses among `candidates` in proportion to their weight, using `random`
@@ -310,7 +308,9 @@ macro_rules! export_strategy {
             struct __HarborExports;
 
             impl $crate::bindings::Guest for __HarborExports {
-                fn init(config: ::std::string::String) -> ::std::result::Result<__wit::StrategyInfo, ::std::string::String> {
+                fn init(
+                    config: ::std::string::String,
+                ) -> ::std::result::Result<__wit::StrategyInfo, ::std::string::String> {
                     __HARBOR_SLOT.with(|slot| $crate::__private::init::<$strategy>(slot, config))
                 }
                 fn set_backends(_generation: u64, backends: ::std::vec::Vec<__wit::BackendInfo>) {
@@ -322,7 +322,7 @@ macro_rules! export_strategy {
                 fn report(outcome: __wit::ConnectionOutcome) {
                     __HARBOR_SLOT.with(|slot| $crate::__private::report::<$strategy>(slot, outcome))
                 }
-            }
+    }
 
             $crate::bindings::__export_strategy_world!(__HarborExports with_types_in $crate::bindings);
         };

@@ -1,1 +1,159 @@
-fn main() {}
+//! The `harbor` command: run the load balancer, check a configuration, or run an echo backend.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use harbor::config::{Config, RunArgs};
+use harbor::Harbor;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "harbor",
+    version,
+    about = "An L4 (TCP) load balancer whose backend choice is made by a hot-swappable WebAssembly strategy",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration (flags, environment, file) and print the effective values.
+    Check(Box<RunArgs>),
+    /// Run a tiny echo server, a stand-in backend for demos and tests.
+    Echo(EchoArgs),
+}
+
+#[derive(Args)]
+struct EchoArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9001")]
+    listen: String,
+    /// A line sent to each client before echoing, e.g. the backend's name.
+    #[arg(long)]
+    greeting: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = |name: &str| std::env::var(name).ok();
+    match cli.command {
+        Some(Command::Check(args)) => match Config::resolve(&args, &env) {
+            Ok(config) => {
+                print!("{}", config.describe());
+                println!("# configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&e),
+        },
+        Some(Command::Echo(args)) => finish(run_echo(args)),
+        None => match Config::resolve(&cli.run, &env) {
+            Ok(config) => finish(run(config)),
+            Err(e) => config_error(&e),
+        },
+    }
+}
+
+fn config_error(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("harbor: configuration error: {error}");
+    ExitCode::from(2)
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("harbor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Lets the process hold as many sockets as the hard limit allows (10 000+ connections).
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    harbor::logging::init(config.log_format, &config.log_level);
+    raise_fd_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers)
+        .thread_name("harbor-worker")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let harbor = match Harbor::bind(config).await {
+            Ok(h) => h,
+            Err(harbor::HarborError::Strategy { path, source }) => {
+                eprintln!("harbor: configuration error: strategy {path}: {source}");
+                std::process::exit(2);
+            }
+            Err(e) => return Err(e).context("starting"),
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        let report = harbor.run(shutdown).await?;
+        if report.cut_connections > 0 {
+            tracing::warn!(
+                cut = report.cut_connections,
+                "exited after cutting connections at the end of the grace period"
+            );
+        }
+        Ok(())
+    })
+}
+
+/// First SIGINT/SIGTERM starts a graceful drain; a second one exits at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop harbor with SIGKILL");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received: draining (send it again to exit at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    eprintln!("harbor: second signal, exiting now");
+    std::process::exit(130);
+}
+
+fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
+    harbor::logging::init(harbor::config::LogFormat::Human, "info");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("echo: cannot listen on {}", args.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, "echo backend ready");
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+        let term = shutdown.clone();
+        tokio::spawn(async move {
+            if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                s.recv().await;
+                term.cancel();
+            }
+        });
+        harbor::echo::serve_echo(listener, args.greeting, shutdown).await.context("echo")
+    })
+}

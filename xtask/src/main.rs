@@ -34,10 +34,7 @@ fn main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn cargo() -> Command {
@@ -92,7 +89,9 @@ fn demo(root: &Path, extra: &[String]) -> Result<()> {
                 .context("starting an echo backend")?,
         );
     }
-    eprintln!("xtask: Harbor listens on 127.0.0.1:9090 (admin: http://127.0.0.1:9100/metrics); try `nc 127.0.0.1 9090`");
+    eprintln!(
+        "xtask: Harbor listens on 127.0.0.1:9090 (admin: http://127.0.0.1:9100/metrics); try `nc 127.0.0.1 9090`"
+    );
     let status = Command::new(&harbor)
         .args(["--strategy", "strategies/least_conn.wasm", "--backends", "127.0.0.1:9001,127.0.0.1:9002"])
         .args(extra)

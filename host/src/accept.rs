@@ -1,0 +1,81 @@
+//! The accept loop: takes client connections, enforces the connection cap, backs off on
+//! transient errors, and stops when told to.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::connection;
+use crate::server::Shared;
+
+/// First pause after a transient accept error; doubles up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Errors after which accepting can go on once resources free up.
+pub fn is_transient(error: &io::Error) -> bool {
+    if error.kind() == io::ErrorKind::ConnectionAborted || error.kind() == io::ErrorKind::ConnectionReset {
+        return true;
+    }
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED | libc::EINTR)
+    )
+}
+
+/// Accepts until `shutdown` is cancelled; each connection runs on `tracker`. Returns the error
+/// that stopped it, if accepting failed for good.
+pub async fn accept_loop(
+    listener: &TcpListener,
+    shared: Arc<Shared>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> io::Result<()> {
+    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = FIRST_BACKOFF;
+                shared.metrics.accepts.inc();
+                match Arc::clone(&slots).try_acquire_owned() {
+                    Ok(permit) => {
+                        tracker.spawn(connection::serve(stream, peer, Arc::clone(&shared), permit));
+                    }
+                    Err(_) => {
+                        shared.metrics.capacity_drops.inc();
+                        if shared.hot_path_log.allow() {
+                            tracing::warn!(client = %peer, max = shared.config.max_connections, "connection cap reached: closing new client");
+                        }
+                        drop(stream);
+                    }
+                }
+            }
+            Err(error) if is_transient(&error) => {
+                shared.metrics.accept_errors.inc();
+                if shared.hot_path_log.allow() {
+                    tracing::warn!(?backoff, "accept failed, backing off: {error}");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(error) => {
+                shared.metrics.accept_errors.inc();
+                return Err(error);
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Backends and the pool: each backend's live numbers (active connections, cooldown, connect
+//! latency, failures in a row), read lock-free by every pick.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::BackendConfig;
+use crate::metrics::{BackendMetrics, Metrics};
+
+/// A backend's state at pick time. The ordinals are those of the WIT `backend-state` enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[repr(u8)]
+pub enum BackendState {
+    Healthy = 0,
+    CoolingDown = 1,
+    Draining = 2,
+    Unhealthy = 3,
+}
+
+/// One backend server.
+#[derive(Debug)]
+pub struct Backend {
+    pub index: usize,
+    pub address: SocketAddr,
+    pub weight: u32,
+    /// Operator-set state: `Healthy`, `Draining` or `Unhealthy` (never `CoolingDown`).
+    admin_state: AtomicU8,
+    active: AtomicU32,
+    /// Milliseconds since the pool's clock start until which the backend cools down; 0 = none.
+    cooldown_until_ms: AtomicU64,
+    failures_in_row: AtomicU32,
+    connect_latency_micros: AtomicU32,
+    pub metrics: BackendMetrics,
+    clock: Instant,
+}
+
+/// Keeps a backend's active-connection count raised while it lives, so the count can never
+/// be left behind or go negative, whatever happens to the connection or the pool.
+#[derive(Debug)]
+pub struct ActiveGuard {
+    backend: Arc<Backend>,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+        self.backend.metrics.active.dec();
+    }
+}
+
+impl Backend {
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// The state used for eligibility right now.
+    pub fn state(&self) -> BackendState {
+        let admin = match self.admin_state.load(Ordering::Relaxed) {
+            2 => BackendState::Draining,
+            3 => BackendState::Unhealthy,
+            _ => BackendState::Healthy,
+        };
+        if admin != BackendState::Healthy {
+            return admin;
+        }
+        let until = self.cooldown_until_ms.load(Ordering::Relaxed);
+        if until != 0 && self.now_ms() < until {
+            BackendState::CoolingDown
+        } else {
+            BackendState::Healthy
+        }
+    }
+
+    /// Marks the backend draining (no new connections), unhealthy, or healthy again.
+    pub fn set_admin_state(&self, state: BackendState) {
+        debug_assert!(state != BackendState::CoolingDown, "cooldown is derived from connect failures");
+        self.admin_state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Connections relayed to this backend right now.
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn failures_in_row(&self) -> u32 {
+        self.failures_in_row.load(Ordering::Relaxed)
+    }
+
+    pub fn connect_latency_micros(&self) -> u32 {
+        self.connect_latency_micros.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection to this backend until the guard drops.
+    pub fn track_active(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.active.inc();
+        ActiveGuard { backend: Arc::clone(self) }
+    }
+
+    /// A connect succeeded: clear the cooldown and the failure streak, fold in the latency.
+    pub fn record_connect_success(&self, latency: Duration) {
+        self.failures_in_row.store(0, Ordering::Relaxed);
+        self.cooldown_until_ms.store(0, Ordering::Relaxed);
+        let sample = latency.as_micros().min(u32::MAX as u128) as u32;
+        let old = self.connect_latency_micros.load(Ordering::Relaxed);
+        // Exponential moving average, weight 1/8 on the new sample.
+        let new = if old == 0 { sample.max(1) } else { ((u64::from(old) * 7 + u64::from(sample)) / 8).max(1) as u32 };
+        self.connect_latency_micros.store(new, Ordering::Relaxed);
+    }
+
+    /// A connect failed: start (or lengthen) the cooldown, doubling per failure in a row up to `max`.
+    /// Returns the cooldown applied.
+    pub fn record_connect_failure(&self, base: Duration, max: Duration) -> Duration {
+        let streak = self.failures_in_row.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let factor = 1u32 << (streak - 1).min(16);
+        let cooldown = base.saturating_mul(factor).min(max);
+        let until = self.now_ms() + cooldown.as_millis() as u64;
+        self.cooldown_until_ms.store(until.max(1), Ordering::Relaxed);
+        self.metrics.dial_failures.inc();
+        cooldown
+    }
+}
+
+/// The set of backends. Members are fixed for the pool's life; `generation` tells strategies
+/// when a new pool replaces an old one.
+#[derive(Debug)]
+pub struct BackendPool {
+    backends: Vec<Arc<Backend>>,
+    generation: u64,
+}
+
+impl BackendPool {
+    pub fn new(configs: &[BackendConfig], metrics: &Metrics, generation: u64) -> Self {
+        let clock = Instant::now();
+        let backends = configs
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                Arc::new(Backend {
+                    index,
+                    address: c.address,
+                    weight: c.weight.max(1),
+                    admin_state: AtomicU8::new(BackendState::Healthy as u8),
+                    active: AtomicU32::new(0),
+                    cooldown_until_ms: AtomicU64::new(0),
+                    failures_in_row: AtomicU32::new(0),
+                    connect_latency_micros: AtomicU32::new(0),
+                    metrics: BackendMetrics::register(metrics, &c.address.to_string()),
+                    clock,
+                })
+            })
+            .collect();
+        BackendPool { backends, generation }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn len(&self) -> usize {
+        self.backends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty()
+    }
+
+    pub fn get(&self, index: usize) -> Option<&Arc<Backend>> {
+        self.backends.get(index)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.backends.iter()
+    }
+
+    /// How many backends are cooling down now.
+    pub fn cooling_down(&self) -> usize {
+        self.backends.iter().filter(|b| b.state() == BackendState::CoolingDown).count()
+    }
+}
+
+/// A backend as shown by `GET /backends`.
+#[derive(Debug, Serialize)]
+pub struct BackendView {
+    pub index: usize,
+    pub address: String,
+    pub weight: u32,
+    pub state: BackendState,
+    pub active: u32,
+    pub failures_in_row: u32,
+    pub connect_latency_micros: u32,
+    pub picks: u64,
+    pub dial_failures: u64,
+}
+
+impl From<&Backend> for BackendView {
+    fn from(b: &Backend) -> Self {
+        BackendView {
+            index: b.index,
+            address: b.address.to_string(),
+            weight: b.weight,
+            state: b.state(),
+            active: b.active(),
+            failures_in_row: b.failures_in_row(),
+            connect_latency_micros: b.connect_latency_micros(),
+            picks: b.metrics.picks.get(),
+            dial_failures: b.metrics.dial_failures.get(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(n: usize) -> BackendPool {
+        let configs: Vec<BackendConfig> = (0..n)
+            .map(|i| BackendConfig { address: format!("127.0.0.1:{}", 7000 + i).parse().unwrap(), weight: 1 })
+            .collect();
+        BackendPool::new(&configs, &Metrics::new(), 1)
+    }
+
+    #[test]
+    fn cooldown_doubles_and_success_clears_it() {
+        let p = pool(1);
+        let b = p.get(0).unwrap();
+        let base = Duration::from_secs(5);
+        let max = Duration::from_secs(30);
+        assert_eq!(b.record_connect_failure(base, max), Duration::from_secs(5));
+        assert_eq!(b.record_connect_failure(base, max), Duration::from_secs(10));
+        assert_eq!(b.record_connect_failure(base, max), Duration::from_secs(20));
+        assert_eq!(b.record_connect_failure(base, max), Duration::from_secs(30));
+        assert_eq!(b.state(), BackendState::CoolingDown);
+        assert_eq!(p.cooling_down(), 1);
+        b.record_connect_success(Duration::from_micros(80));
+        assert_eq!(b.state(), BackendState::Healthy);
+        assert_eq!(b.failures_in_row(), 0);
+        assert_eq!(b.connect_latency_micros(), 80);
+    }
+
+    #[test]
+    fn active_count_never_goes_negative_even_after_the_pool_is_gone() {
+        let p = pool(2);
+        let b = Arc::clone(p.get(1).unwrap());
+        let g1 = b.track_active();
+        let g2 = b.track_active();
+        assert_eq!(b.active(), 2);
+        drop(p);
+        drop(g1);
+        drop(g2);
+        assert_eq!(b.active(), 0);
+        assert_eq!(b.metrics.active.get(), 0);
+    }
+
+    #[test]
+    fn operator_states_override_cooldown() {
+        let p = pool(1);
+        let b = p.get(0).unwrap();
+        b.set_admin_state(BackendState::Draining);
+        assert_eq!(b.state(), BackendState::Draining);
+        b.set_admin_state(BackendState::Healthy);
+        assert_eq!(b.state(), BackendState::Healthy);
+    }
+}

@@ -1,0 +1,54 @@
+//! Dialing a backend: a TCP connect under a timeout, with the configured socket options.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Socket options applied to both the client and the backend socket.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketOptions {
+    pub nodelay: bool,
+    pub keepalive: Option<Duration>,
+}
+
+impl SocketOptions {
+    /// Applies the options; failures are not fatal for a connection, so they are returned
+    /// for the caller to log.
+    pub fn apply(&self, stream: &TcpStream) -> io::Result<()> {
+        if self.nodelay {
+            stream.set_nodelay(true)?;
+        }
+        if let Some(idle) = self.keepalive {
+            SockRef::from(stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a connect failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connect failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Connects to `addr` within `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration, options: &SocketOptions) -> Result<TcpStream, ConnectError> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if options.nodelay {
+        socket.set_nodelay(true)?;
+    }
+    let stream = match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(result) => result?,
+        Err(_) => return Err(ConnectError::Timeout(timeout)),
+    };
+    if let Some(idle) = options.keepalive {
+        SockRef::from(&stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
+    }
+    Ok(stream)
+}

@@ -1,0 +1,104 @@
+//! One client connection, start to end: pick a backend, connect (retrying elsewhere, with
+//! cooldown), relay, then count and report how it went.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
+
+use crate::connect::connect;
+use crate::relay::{relay, RelayEnd};
+use crate::server::Shared;
+use crate::strategy::bindings::ConnectionOutcome;
+use crate::strategy::{failed_outcome, micros, millis, PickRequest};
+
+/// Most attempts remembered for exclusion (`connect_attempts` is capped at 16 by config).
+const MAX_EXCLUDED: usize = 16;
+
+/// Serves one accepted client. The permit holds a slot of `max-connections` until the end.
+pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
+    let span = tracing::info_span!("conn", client = %peer, backend = tracing::field::Empty);
+    async move {
+        shared.metrics.active_connections.inc();
+        proxy(client, peer, &shared).await;
+        shared.metrics.active_connections.dec();
+        drop(permit);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let started = Instant::now();
+    let config = &shared.config;
+    let pool = shared.pool.load();
+    if let Err(e) = shared.socket_options.apply(&client) {
+        tracing::debug!("client socket options: {e}");
+    }
+    let mut excluded: Vec<usize> = Vec::with_capacity(config.connect_attempts.min(MAX_EXCLUDED as u32) as usize);
+    for attempt in 0..config.connect_attempts {
+        let request = PickRequest { pool: &pool, client: peer, attempt, excluded: &excluded };
+        let pick_started = Instant::now();
+        let pick = shared.strategy.pick(&request);
+        shared.metrics.pick_duration.observe(pick_started.elapsed().as_secs_f64());
+        let Some(backend) = pick.index.and_then(|i| pool.get(i)) else {
+            shared.metrics.no_backend.inc();
+            if shared.hot_path_log.allow() {
+                tracing::warn!(attempt, "no eligible backend: closing the client");
+            }
+            return;
+        };
+        debug_assert!(!excluded.contains(&backend.index), "a backend already tried was picked again");
+        tracing::Span::current().record("backend", tracing::field::display(backend.address));
+        backend.metrics.picks.inc();
+        shared.metrics.dials.inc();
+        let dial_started = Instant::now();
+        match connect(backend.address, config.connect_timeout, &shared.socket_options).await {
+            Ok(stream) => {
+                let connect_time = dial_started.elapsed();
+                backend.record_connect_success(connect_time);
+                let _active = backend.track_active();
+                let stats = relay(client, stream, shared.relay_limits, &shared.cut).await;
+                backend.metrics.bytes_to_backend.inc_by(stats.to_backend);
+                backend.metrics.bytes_to_client.inc_by(stats.to_client);
+                let lifetime = started.elapsed();
+                shared.metrics.connection_duration.observe(lifetime.as_secs_f64());
+                match stats.end {
+                    RelayEnd::Completed => {}
+                    RelayEnd::Error(kind) => tracing::debug!(?kind, "relay ended by a socket error"),
+                    end => tracing::debug!(?end, "relay ended by a deadline"),
+                }
+                shared.strategy.report(
+                    &pick,
+                    ConnectionOutcome {
+                        sequence: pick.sequence,
+                        backend: backend.index as u32,
+                        connected: true,
+                        connect_micros: micros(connect_time),
+                        duration_millis: millis(lifetime),
+                        bytes_to_backend: stats.to_backend,
+                        bytes_to_client: stats.to_client,
+                    },
+                );
+                return;
+            }
+            Err(error) => {
+                let cooldown = backend.record_connect_failure(config.cooldown, config.max_cooldown);
+                shared.metrics.dial_failures.inc();
+                shared.strategy.report(&pick, failed_outcome(&pick, backend.index, dial_started.elapsed()));
+                if shared.hot_path_log.allow() {
+                    tracing::warn!(backend = %backend.address, ?cooldown, attempt, "{error}; backend cools down");
+                }
+                excluded.push(backend.index);
+                if attempt + 1 < config.connect_attempts {
+                    shared.metrics.retries.inc();
+                }
+            }
+        }
+    }
+    // Every attempt failed: the client gets nothing but a close.
+    shared.metrics.no_backend.inc();
+}

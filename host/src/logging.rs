@@ -1,0 +1,83 @@
+//! Logging: tracing set-up (human or JSON) and a rate limiter for errors on the hot path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. Later calls do nothing (tests build many Harbors).
+pub fn init(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
+}
+
+/// Lets through at most `burst` events per `period`, counting the rest, so a flood of the same
+/// error (a dead backend, a broken strategy) cannot swamp the log or slow the hot path.
+#[derive(Debug)]
+pub struct RateLimitedLog {
+    burst: u64,
+    period_ms: u64,
+    /// Packed: window start (ms since `clock`) in the high 40 bits, count in the low 24.
+    state: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+fn clock() -> Instant {
+    static CLOCK: OnceLock<Instant> = OnceLock::new();
+    *CLOCK.get_or_init(Instant::now)
+}
+
+impl RateLimitedLog {
+    pub fn new(burst: u64, period: Duration) -> Self {
+        RateLimitedLog {
+            burst: burst.clamp(1, 0xff_ffff),
+            period_ms: period.as_millis().max(1) as u64,
+            state: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// True if this event may be logged now.
+    pub fn allow(&self) -> bool {
+        let now = clock().elapsed().as_millis() as u64;
+        let mut current = self.state.load(Ordering::Relaxed);
+        loop {
+            let (start, count) = (current >> 24, current & 0xff_ffff);
+            let (next, allowed) = if now.saturating_sub(start) >= self.period_ms {
+                ((now << 24) | 1, true)
+            } else if count < self.burst {
+                (current + 1, true)
+            } else {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                return false;
+            };
+            match self.state.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    let dropped = self.suppressed.swap(0, Ordering::Relaxed);
+                    if dropped > 0 {
+                        tracing::warn!("{dropped} similar log lines suppressed");
+                    }
+                    return allowed;
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bursts_are_capped_within_a_period() {
+        let log = RateLimitedLog::new(3, Duration::from_secs(3600));
+        let allowed = (0..100).filter(|_| log.allow()).count();
+        assert_eq!(allowed, 3);
+    }
+}

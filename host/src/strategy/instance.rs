@@ -1,0 +1,147 @@
+//! One live instance of a strategy component: a Store with memory and time limits, and the
+//! calls into it. Instances live per worker thread, so picks never share a lock.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Weak};
+
+use wasmtime::{Store, StoreLimitsBuilder};
+
+use super::bindings::{BackendInfo, Connection, ConnectionOutcome, Strategy, StrategyInfo};
+use super::engine::{deadline_ticks, GuestState};
+use super::loaded::LoadedStrategy;
+use super::StrategyError;
+use crate::backend::BackendPool;
+
+/// A strategy instance and its store.
+pub struct Instance {
+    store: Store<GuestState>,
+    bindings: Strategy,
+    ticks: u64,
+    /// Generation of the backend list this instance was last told about (0 = none yet).
+    backends_generation: u64,
+}
+
+/// What went wrong inside a call.
+#[derive(Debug)]
+pub enum CallFault {
+    /// The deadline passed.
+    Timeout,
+    /// Any other trap: unreachable, out-of-bounds, memory limit, stack overflow, ...
+    Trap(String),
+}
+
+fn classify(error: wasmtime::Error) -> CallFault {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => CallFault::Timeout,
+        _ => CallFault::Trap(format!("{error:#}")),
+    }
+}
+
+impl Instance {
+    /// Instantiates the component and runs `init`. Blocking: at most the call deadline plus
+    /// instantiation time (well under a millisecond for small guests).
+    pub fn new(loaded: &LoadedStrategy) -> Result<(Instance, StrategyInfo), StrategyError> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(loaded.limits.memory_bytes)
+            .instances(8)
+            .tables(8)
+            .memories(4)
+            .table_elements(100_000)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(loaded.pre.engine(), GuestState { limits });
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_trap();
+        let ticks = deadline_ticks(loaded.limits.call_timeout);
+        store.set_epoch_deadline(ticks);
+        let bindings = loaded.pre.instantiate(&mut store).map_err(|e| StrategyError::Instantiate(format!("{e:#}")))?;
+        let mut instance = Instance { store, bindings, ticks, backends_generation: 0 };
+        instance.store.set_epoch_deadline(ticks);
+        let info = match instance.bindings.call_init(&mut instance.store, &loaded.init_config) {
+            Ok(Ok(info)) => info,
+            Ok(Err(message)) => return Err(StrategyError::InitRejected(message)),
+            Err(e) => return Err(StrategyError::InitTrapped(format!("{:?}", classify(e)))),
+        };
+        Ok((instance, info))
+    }
+
+    /// Tells the instance about the pool if it has not seen this generation yet.
+    pub fn sync_backends(&mut self, pool: &BackendPool) -> Result<(), CallFault> {
+        if self.backends_generation == pool.generation() {
+            return Ok(());
+        }
+        let infos: Vec<BackendInfo> = pool
+            .iter()
+            .map(|b| BackendInfo { index: b.index as u32, address: b.address.to_string(), weight: b.weight })
+            .collect();
+        self.store.set_epoch_deadline(self.ticks);
+        self.bindings.call_set_backends(&mut self.store, pool.generation(), &infos).map_err(classify)?;
+        self.backends_generation = pool.generation();
+        Ok(())
+    }
+
+    /// Calls `pick`.
+    pub fn pick(&mut self, conn: Connection, stats: &[u32]) -> Result<Option<u32>, CallFault> {
+        self.store.set_epoch_deadline(self.ticks);
+        self.bindings.call_pick(&mut self.store, conn, stats).map_err(classify)
+    }
+
+    /// Calls `report`.
+    pub fn report(&mut self, outcome: ConnectionOutcome) -> Result<(), CallFault> {
+        self.store.set_epoch_deadline(self.ticks);
+        self.bindings.call_report(&mut self.store, outcome).map_err(classify)
+    }
+}
+
+/// An instance cached on this thread for one loaded strategy.
+struct Cached {
+    owner: Weak<LoadedStrategy>,
+    strategy_id: u64,
+    instance: Instance,
+}
+
+/// At most this many instances are kept per thread (for the strategies of every Harbor in
+/// the process, active or previous); the oldest is dropped first.
+const PER_THREAD_INSTANCES: usize = 8;
+
+thread_local! {
+    static INSTANCES: RefCell<Vec<Cached>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's instance of `loaded`, creating it first if needed. If `f`
+/// reports a fault, the instance is dropped (a trapped store cannot be entered again) and
+/// the next call creates a fresh one.
+pub fn with_thread_instance<R>(
+    loaded: &Arc<LoadedStrategy>,
+    f: impl FnOnce(&mut Instance) -> Result<R, CallFault>,
+) -> Result<R, InstanceFault> {
+    INSTANCES.with(|cell| {
+        let mut cache = cell.borrow_mut();
+        let position = match cache.iter().position(|c| c.strategy_id == loaded.id) {
+            Some(p) => p,
+            None => {
+                cache.retain(|c| c.owner.strong_count() > 0);
+                if cache.len() >= PER_THREAD_INSTANCES {
+                    cache.remove(0);
+                }
+                let (instance, _) = Instance::new(loaded).map_err(InstanceFault::Create)?;
+                cache.push(Cached { owner: Arc::downgrade(loaded), strategy_id: loaded.id, instance });
+                cache.len() - 1
+            }
+        };
+        match f(&mut cache[position].instance) {
+            Ok(value) => Ok(value),
+            Err(fault) => {
+                cache.remove(position);
+                Err(InstanceFault::Call(fault))
+            }
+        }
+    })
+}
+
+/// Why [`with_thread_instance`] did not return a value.
+#[derive(Debug)]
+pub enum InstanceFault {
+    Create(StrategyError),
+    Call(CallFault),
+}

@@ -1,0 +1,471 @@
+//! The strategy plane: which backend gets a new connection. [`StrategyHost`] asks the active
+//! WebAssembly strategy (or the built-in round-robin), validates every answer, falls back on
+//! faults, and swaps strategies atomically.
+
+pub mod bindings;
+pub mod engine;
+pub mod instance;
+pub mod loaded;
+pub mod watch;
+
+use std::cell::RefCell;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use crate::backend::{BackendPool, BackendState};
+use crate::logging::RateLimitedLog;
+use crate::metrics::{FallbackReason, Metrics, ReloadOutcome};
+use bindings::{Connection, ConnectionOutcome, IpAddress};
+use engine::StrategyEngine;
+use instance::{with_thread_instance, CallFault, InstanceFault};
+pub use loaded::{GuestLimits, LoadedStrategy};
+
+/// Numbers per backend in the `stats` list passed to `pick`.
+pub const STATS_STRIDE: usize = 4;
+
+/// Faults within [`FAULT_WINDOW`] that make Harbor drop a strategy for the previous one.
+pub const MAX_FAULTS: usize = 5;
+pub const FAULT_WINDOW: Duration = Duration::from_secs(10);
+
+/// Why a strategy could not be loaded or run. Each message says what to fix.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StrategyError {
+    #[error("cannot read {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("the file is empty")]
+    Empty,
+    #[error("the file is {0} bytes, more than the 64 MiB limit")]
+    TooLarge(usize),
+    #[error("this is a core wasm module, not a component: wrap it with `wasm-tools component new` (or build for wasm32-wasip2)")]
+    CoreModule,
+    #[error("not a valid WebAssembly component: {0}")]
+    Compile(String),
+    #[error("the component imports what Harbor does not provide ({0}); a strategy must be pure logic: build without WASI (e.g. wasm32-unknown-unknown + wit-component, componentize-py -s, componentize-js -d all)")]
+    ForeignImports(String),
+    #[error("the component does not implement the harbor:strategy/strategy@0.1.0 world: {0}")]
+    WrongWorld(String),
+    #[error("instantiation failed: {0}")]
+    Instantiate(String),
+    #[error("init rejected the configuration: {0}")]
+    InitRejected(String),
+    #[error("init trapped: {0}")]
+    InitTrapped(String),
+}
+
+/// What the caller needs to place one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct PickRequest<'a> {
+    pub pool: &'a BackendPool,
+    pub client: SocketAddr,
+    /// 0 for the first try, then 1, 2, … after failed connects.
+    pub attempt: u32,
+    /// Backends already tried for this connection: shown to the strategy as cooling down.
+    pub excluded: &'a [usize],
+}
+
+/// Who made a pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickSource {
+    /// The active wasm strategy, identified by its [`LoadedStrategy::id`].
+    Strategy(u64),
+    /// The built-in round-robin, because no wasm strategy is active.
+    Builtin,
+    /// The built-in round-robin, because the wasm strategy faulted.
+    Fallback(FallbackReason),
+}
+
+/// A pick's result: a backend index (always eligible), or none if no backend is eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub index: Option<usize>,
+    pub sequence: u64,
+    pub source: PickSource,
+}
+
+/// The strategies a host can switch between.
+#[derive(Default)]
+struct Active {
+    current: Option<Arc<LoadedStrategy>>,
+    /// The last good strategy before `current`, restored if `current` keeps faulting.
+    previous: Option<Arc<LoadedStrategy>>,
+}
+
+/// The active strategy, as shown by `GET /strategy`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StrategyStatus {
+    pub kind: &'static str,
+    pub name: String,
+    pub sha256: Option<String>,
+    pub source: Option<String>,
+    pub loaded_at_unix: Option<u64>,
+    pub size_bytes: Option<usize>,
+    pub compile_millis: Option<f64>,
+    pub wants_reports: bool,
+    pub previous: Option<String>,
+}
+
+/// What a load did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadResult {
+    /// The strategy is now active.
+    Loaded { name: String, sha256: String },
+    /// The same content is already active.
+    Unchanged,
+}
+
+thread_local! {
+    /// Per-thread scratch space for the `stats` list, so a pick allocates nothing.
+    static STATS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Chooses backends: one per connection attempt.
+pub struct StrategyHost {
+    engine: Arc<StrategyEngine>,
+    active: ArcSwap<Active>,
+    sequence: AtomicU64,
+    limits: GuestLimits,
+    init_config: String,
+    metrics: Arc<Metrics>,
+    log: RateLimitedLog,
+    load_lock: tokio::sync::Mutex<()>,
+}
+
+impl StrategyHost {
+    /// A host running the built-in round-robin until a strategy is loaded.
+    pub fn new(limits: GuestLimits, init_config: String, metrics: Arc<Metrics>) -> StrategyHost {
+        StrategyHost {
+            engine: Arc::clone(StrategyEngine::global()),
+            active: ArcSwap::from_pointee(Active::default()),
+            sequence: AtomicU64::new(0),
+            limits,
+            init_config,
+            metrics,
+            log: RateLimitedLog::new(5, Duration::from_secs(10)),
+            load_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Chooses a backend. Never fails: faults fall back to the built-in round-robin.
+    pub fn pick(&self, req: &PickRequest<'_>) -> Pick {
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let active = self.active.load();
+        STATS.with(|cell| {
+            let mut stats = cell.borrow_mut();
+            let eligible = fill_stats(&mut stats, req);
+            let Some(strategy) = active.current.as_ref() else {
+                return Pick {
+                    index: builtin_round_robin(&stats, eligible, sequence),
+                    sequence,
+                    source: PickSource::Builtin,
+                };
+            };
+            let conn = Connection {
+                sequence,
+                seed: rand::random(),
+                client_ip: ip_address(req.client.ip()),
+                client_port: req.client.port(),
+                attempt: req.attempt,
+            };
+            let answer = with_thread_instance(strategy, |instance| {
+                instance.sync_backends(req.pool)?;
+                instance.pick(conn, &stats)
+            });
+            let fault = match answer {
+                Ok(Some(index)) => match validate(&stats, index) {
+                    Ok(index) => {
+                        return Pick { index: Some(index), sequence, source: PickSource::Strategy(strategy.id) }
+                    }
+                    Err(reason) => (reason, format!("answered backend {index}")),
+                },
+                Ok(None) if eligible == 0 => {
+                    return Pick { index: None, sequence, source: PickSource::Strategy(strategy.id) };
+                }
+                Ok(None) => {
+                    (FallbackReason::NoneWhileEligible, format!("answered none while {eligible} backends are eligible"))
+                }
+                Err(InstanceFault::Call(CallFault::Timeout)) => {
+                    (FallbackReason::Timeout, format!("exceeded its {:?} deadline", self.limits.call_timeout))
+                }
+                Err(InstanceFault::Call(CallFault::Trap(message))) => {
+                    (FallbackReason::Trap, format!("trapped: {message}"))
+                }
+                Err(InstanceFault::Create(error)) => (FallbackReason::InstantiateFailed, error.to_string()),
+            };
+            self.on_fault(strategy, fault.0, &fault.1);
+            Pick {
+                index: builtin_round_robin(&stats, eligible, sequence),
+                sequence,
+                source: PickSource::Fallback(fault.0),
+            }
+        })
+    }
+
+    /// Tells the strategy that picked a connection how it ended (if it asked for reports).
+    pub fn report(&self, pick: &Pick, outcome: ConnectionOutcome) {
+        let PickSource::Strategy(id) = pick.source else { return };
+        let active = self.active.load();
+        let Some(strategy) = active.current.as_ref().filter(|s| s.id == id && s.wants_reports) else { return };
+        if let Err(fault) = with_thread_instance(strategy, |instance| instance.report(outcome)) {
+            let reason = match fault {
+                InstanceFault::Call(CallFault::Timeout) => FallbackReason::Timeout,
+                InstanceFault::Call(CallFault::Trap(_)) => FallbackReason::Trap,
+                InstanceFault::Create(_) => FallbackReason::InstantiateFailed,
+            };
+            self.on_fault(strategy, reason, &format!("report failed: {fault:?}"));
+        }
+    }
+
+    fn on_fault(&self, strategy: &Arc<LoadedStrategy>, reason: FallbackReason, detail: &str) {
+        self.metrics.fallback(reason);
+        if self.log.allow() {
+            tracing::warn!(strategy = %strategy.name, sha256 = %short(&strategy.sha256), ?reason, "strategy fault, connection placed by built-in round-robin: {detail}");
+        }
+        if strategy.record_fault(MAX_FAULTS, FAULT_WINDOW) {
+            self.revert(strategy);
+        }
+    }
+
+    /// Drops a strategy that keeps faulting, going back to the previous good one (or the
+    /// built-in round-robin).
+    fn revert(&self, failing: &Arc<LoadedStrategy>) {
+        let mut reverted_to = None;
+        self.active.rcu(|active| {
+            if !active.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, failing)) {
+                reverted_to = None;
+                return Arc::clone(active);
+            }
+            reverted_to = Some(active.previous.as_ref().map_or("built-in round-robin".to_string(), |p| p.name.clone()));
+            Arc::new(Active { current: active.previous.clone(), previous: None })
+        });
+        if let Some(to) = reverted_to {
+            self.metrics.reload(ReloadOutcome::Reverted);
+            tracing::error!(strategy = %failing.name, sha256 = %short(&failing.sha256), "strategy faulted {MAX_FAULTS} times within {FAULT_WINDOW:?}; reverted to {to}");
+        }
+    }
+
+    /// Loads a strategy file and makes it active. On any error the active strategy is kept.
+    pub async fn load_file(&self, path: &Path) -> Result<LoadResult, StrategyError> {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|e| StrategyError::Read { path: path.to_path_buf(), message: e.to_string() })?;
+        self.load_bytes(bytes, path).await
+    }
+
+    /// Loads a strategy from bytes (`source` is for display). Compilation runs on a blocking
+    /// thread, never on the async workers.
+    pub async fn load_bytes(&self, bytes: Vec<u8>, source: &Path) -> Result<LoadResult, StrategyError> {
+        let _serial = self.load_lock.lock().await;
+        let sha = loaded::sha256_hex(&bytes);
+        if self.active.load().current.as_ref().is_some_and(|c| c.sha256 == sha) {
+            self.metrics.reload(ReloadOutcome::Unchanged);
+            return Ok(LoadResult::Unchanged);
+        }
+        let engine = Arc::clone(&self.engine);
+        let (limits, config, source_owned) = (self.limits, self.init_config.clone(), source.to_path_buf());
+        let result = tokio::task::spawn_blocking(move || {
+            LoadedStrategy::from_bytes(&engine, &bytes, &source_owned, limits, &config)
+        })
+        .await
+        .unwrap_or_else(|join| Err(StrategyError::Instantiate(format!("loader thread failed: {join}"))));
+        match result {
+            Ok(loaded) => {
+                let loaded = Arc::new(loaded);
+                tracing::info!(
+                    strategy = %loaded.name,
+                    sha256 = %short(&loaded.sha256),
+                    source = %source.display(),
+                    bytes = loaded.size,
+                    compile_ms = loaded.compile_time.as_secs_f64() * 1e3,
+                    "strategy loaded"
+                );
+                self.activate(loaded.clone());
+                self.metrics.reload(ReloadOutcome::Loaded);
+                Ok(LoadResult::Loaded { name: loaded.name.clone(), sha256: loaded.sha256.clone() })
+            }
+            Err(error) => {
+                self.metrics.reload(ReloadOutcome::Rejected);
+                tracing::error!(source = %source.display(), "strategy rejected, keeping the active one: {error}");
+                Err(error)
+            }
+        }
+    }
+
+    fn activate(&self, new: Arc<LoadedStrategy>) {
+        self.active.rcu(|active| {
+            Arc::new(Active {
+                current: Some(Arc::clone(&new)),
+                previous: active.current.clone().or(active.previous.clone()),
+            })
+        });
+    }
+
+    /// Goes back to the built-in round-robin.
+    pub fn use_builtin(&self) {
+        self.active.store(Arc::new(Active::default()));
+    }
+
+    /// The active strategy, for the admin endpoint.
+    pub fn status(&self) -> StrategyStatus {
+        let active = self.active.load();
+        let previous = active.previous.as_ref().map(|p| p.name.clone());
+        match active.current.as_ref() {
+            None => StrategyStatus {
+                kind: "builtin",
+                name: "round-robin".into(),
+                sha256: None,
+                source: None,
+                loaded_at_unix: None,
+                size_bytes: None,
+                compile_millis: None,
+                wants_reports: false,
+                previous,
+            },
+            Some(s) => StrategyStatus {
+                kind: "wasm",
+                name: s.name.clone(),
+                sha256: Some(s.sha256.clone()),
+                source: Some(s.source.display().to_string()),
+                loaded_at_unix: s.loaded_at.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs()),
+                size_bytes: Some(s.size),
+                compile_millis: Some(s.compile_time.as_secs_f64() * 1e3),
+                wants_reports: s.wants_reports,
+                previous,
+            },
+        }
+    }
+
+    /// The sha256 of the active wasm strategy, if any.
+    pub fn active_sha256(&self) -> Option<String> {
+        self.active.load().current.as_ref().map(|c| c.sha256.clone())
+    }
+}
+
+fn short(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
+}
+
+fn ip_address(ip: IpAddr) -> IpAddress {
+    match ip {
+        IpAddr::V4(v4) => IpAddress::Ipv4(u32::from(v4)),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            IpAddress::Ipv6(((bits >> 64) as u64, bits as u64))
+        }
+    }
+}
+
+/// Writes the per-pick numbers of every backend into `stats`; returns how many are eligible.
+pub fn fill_stats(stats: &mut Vec<u32>, req: &PickRequest<'_>) -> usize {
+    stats.clear();
+    let mut eligible = 0;
+    for backend in req.pool.iter() {
+        let state = if req.excluded.contains(&backend.index) { BackendState::CoolingDown } else { backend.state() };
+        eligible += usize::from(state == BackendState::Healthy);
+        stats.extend_from_slice(&[
+            backend.active(),
+            state as u32,
+            backend.connect_latency_micros(),
+            backend.failures_in_row(),
+        ]);
+    }
+    eligible
+}
+
+fn state_of(stats: &[u32], index: usize) -> Option<u32> {
+    stats.get(index.checked_mul(STATS_STRIDE)?.checked_add(1)?).copied()
+}
+
+/// Checks a strategy's answer: in range and eligible.
+fn validate(stats: &[u32], index: u32) -> Result<usize, FallbackReason> {
+    let index = index as usize;
+    match state_of(stats, index) {
+        None => Err(FallbackReason::OutOfRange),
+        Some(state) if state == BackendState::Healthy as u32 => Ok(index),
+        Some(_) => Err(FallbackReason::Ineligible),
+    }
+}
+
+/// The built-in strategy: the `sequence`-th eligible backend, modulo their count. Starts at
+/// index 0, like the wasm `round_robin`, so swapping between them keeps the rotation.
+pub fn builtin_round_robin(stats: &[u32], eligible: usize, sequence: u64) -> Option<usize> {
+    if eligible == 0 {
+        return None;
+    }
+    let nth = (sequence % eligible as u64) as usize;
+    let index =
+        (0..stats.len() / STATS_STRIDE).filter(|&i| state_of(stats, i) == Some(BackendState::Healthy as u32)).nth(nth);
+    debug_assert!(index.is_some(), "eligible count and stats disagree");
+    index
+}
+
+/// Milliseconds as u64, saturating, for outcome reports.
+pub fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// Microseconds as u32, saturating, for outcome reports.
+pub fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u128::from(u32::MAX)) as u32
+}
+
+/// An outcome report for a connect that failed after `elapsed`.
+pub fn failed_outcome(pick: &Pick, index: usize, elapsed: Duration) -> ConnectionOutcome {
+    ConnectionOutcome {
+        sequence: pick.sequence,
+        backend: index as u32,
+        connected: false,
+        connect_micros: micros(elapsed),
+        duration_millis: 0,
+        bytes_to_backend: 0,
+        bytes_to_client: 0,
+    }
+}
+
+/// Measures elapsed time for the pick-latency histogram.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = Instant::now();
+    let value = f();
+    (value, start.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendConfig;
+
+    fn pool(n: usize) -> BackendPool {
+        let configs: Vec<BackendConfig> = (0..n)
+            .map(|i| BackendConfig { address: format!("127.0.0.1:{}", 7000 + i).parse().unwrap(), weight: 1 })
+            .collect();
+        BackendPool::new(&configs, &Metrics::new(), 1)
+    }
+
+    #[test]
+    fn builtin_round_robin_starts_at_zero_and_skips_ineligible() {
+        let pool = pool(3);
+        let host = StrategyHost::new(GuestLimits::default(), String::new(), Arc::new(Metrics::new()));
+        let req = PickRequest { pool: &pool, client: "127.0.0.1:5000".parse().unwrap(), attempt: 0, excluded: &[] };
+        let picks: Vec<_> = (0..6).map(|_| host.pick(&req).index.unwrap()).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        let req = PickRequest { excluded: &[1], ..req };
+        let picks: Vec<_> = (0..4).map(|_| host.pick(&req).index.unwrap()).collect();
+        assert_eq!(picks, [0, 2, 0, 2]);
+        let req = PickRequest { excluded: &[0, 1, 2], ..req };
+        assert_eq!(host.pick(&req).index, None);
+    }
+
+    #[test]
+    fn answers_are_validated() {
+        let stats = [0, 0, 0, 0, 5, 1, 0, 3];
+        assert_eq!(validate(&stats, 0), Ok(0));
+        assert_eq!(validate(&stats, 1), Err(FallbackReason::Ineligible));
+        assert_eq!(validate(&stats, 2), Err(FallbackReason::OutOfRange));
+        assert_eq!(validate(&stats, u32::MAX), Err(FallbackReason::OutOfRange));
+    }
+}
