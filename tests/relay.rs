@@ -1,1 +1,143 @@
+//! Relay tests over real sockets: byte-exact transfer with half-close, the backend closing
+//! first, the sliding idle deadline, and metrics that match the traffic.
 
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const MIB: usize = 1 << 20;
+
+/// A backend that reads everything until the client's EOF, and only then sends its own
+/// 1 MiB and half-closes. It proves that the client's half-close reached it while the
+/// other direction stayed open. Returns (hash of what it received).
+async fn sink_then_source_backend(reply: Vec<u8>) -> (std::net::SocketAddr, tokio::task::JoinHandle<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut received = Vec::new();
+        stream.read_to_end(&mut received).await.unwrap();
+        stream.write_all(&reply).await.unwrap();
+        stream.shutdown().await.unwrap();
+        sha256(&received)
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mib_each_way_with_half_close_is_byte_exact() {
+    let upload = pattern(MIB, 1);
+    let download = pattern(MIB, 2);
+    let (backend, received_hash) = sink_then_source_backend(download.clone()).await;
+    let harbor = start(config(&[backend])).await;
+
+    let mut client = tokio::net::TcpStream::connect(harbor.addr).await.unwrap();
+    client.write_all(&upload).await.unwrap();
+    client.shutdown().await.unwrap(); // half-close: the backend must see EOF
+    let mut got = Vec::new();
+    tokio::time::timeout(STEP, client.read_to_end(&mut got)).await.unwrap().unwrap();
+
+    assert_eq!(received_hash.await.unwrap(), sha256(&upload), "client -> backend bytes differ");
+    assert_eq!(got.len(), MIB);
+    assert_eq!(sha256(&got), sha256(&download), "backend -> client bytes differ");
+
+    let admin = harbor.admin_addr.unwrap();
+    let relayed = async || {
+        let m = Scrape::fetch(admin).await;
+        (
+            m.get(&format!("harbor_backend_bytes_total{{backend=\"{backend}\",direction=\"to_backend\"}}")),
+            m.get(&format!("harbor_backend_bytes_total{{backend=\"{backend}\",direction=\"to_client\"}}")),
+        )
+    };
+    // The relay task adds its byte counts just after the sockets close.
+    let mut counts = relayed().await;
+    for _ in 0..100 {
+        if counts == (MIB as f64, MIB as f64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        counts = relayed().await;
+    }
+    assert_eq!(counts, (MIB as f64, MIB as f64));
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_closing_first_reaches_the_client() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        stream.write_all(b"bye now").await.unwrap();
+        // Closes both directions without waiting for the client.
+    });
+    let harbor = start(config(&[backend])).await;
+    let mut client = tokio::net::TcpStream::connect(harbor.addr).await.unwrap();
+    let mut got = Vec::new();
+    let started = Instant::now();
+    tokio::time::timeout(STEP, client.read_to_end(&mut got)).await.expect("EOF reaches the client").unwrap();
+    assert_eq!(got, b"bye now");
+    assert!(started.elapsed() < Duration::from_secs(2), "close took {:?}", started.elapsed());
+    // The client may still write into its half; Harbor has closed the relay.
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_fires_on_time_and_traffic_refreshes_it() {
+    let (backends, _stops) = echo_backends(1).await;
+    let mut cfg = config(&backends);
+    let idle = Duration::from_millis(400);
+    cfg.idle_timeout = Some(idle);
+    let harbor = start(cfg).await;
+
+    let (_, mut stream) = connect_and_greet(harbor.addr).await;
+    // Traffic every 150 ms for 1.2 s (three idle periods): the connection stays up.
+    for i in 0..8u8 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stream.write_all(&[i]).await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(STEP, stream.read_exact(&mut b)).await.unwrap().expect("still open while busy");
+        assert_eq!(b[0], i);
+    }
+    // Then silence: closed after about `idle`.
+    let quiet_since = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await.expect("closed by the idle timeout").unwrap();
+    let waited = quiet_since.elapsed();
+    assert!(rest.is_empty());
+    assert!(waited >= idle - Duration::from_millis(50), "closed too early: {waited:?}");
+    assert!(waited < idle + Duration::from_millis(1500), "closed too late: {waited:?}");
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_match_the_traffic() {
+    let (backends, _stops) = echo_backends(2).await;
+    let harbor = start(config(&backends)).await;
+    let admin = harbor.admin_addr.unwrap();
+    let payload = pattern(1000, 7);
+    for _ in 0..10 {
+        echo_roundtrip(harbor.addr, &payload).await;
+    }
+    let m = Scrape::fetch(admin).await;
+    assert_eq!(m.get("harbor_accepts_total"), 10.0);
+    assert_eq!(m.get("harbor_dials_total"), 10.0);
+    assert_eq!(m.get("harbor_dial_failures_total"), 0.0);
+    assert_eq!(m.sum("harbor_backend_picks_total"), 10.0);
+    for b in &backends {
+        assert_eq!(m.get(&format!("harbor_backend_picks_total{{backend=\"{b}\"}}")), 5.0, "round-robin share of {b}");
+    }
+    assert_eq!(m.get("harbor_pick_duration_seconds_count"), 10.0);
+    let (status, body) = admin_get(admin, "/healthz").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, body) = admin_get(admin, "/backends").await;
+    assert_eq!(status, 200);
+    let views: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(views.as_array().unwrap().len(), 2);
+    assert_eq!(views[0]["picks"], 5);
+    harbor.stop().await.unwrap();
+}

@@ -1,1 +1,212 @@
+//! Failure handling over real sockets: connect retries and cooldown, every backend down, the
+//! connection cap, and a graceful drain of the real binary on SIGTERM.
 
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connect_is_retried_elsewhere_and_the_backend_cools_down_then_recovers() {
+    let dead = dead_addr().await;
+    let (live, _stop) = echo_backend("live").await;
+    let mut cfg = config(&[dead, live]);
+    cfg.cooldown = Duration::from_millis(300);
+    cfg.max_cooldown = Duration::from_millis(300);
+    let harbor = start(cfg).await;
+    let admin = harbor.admin_addr.unwrap();
+
+    // Round-robin starts at index 0 (the dead one): the connect is refused and retried on 1.
+    assert_eq!(echo_roundtrip(harbor.addr, b"first").await, "live");
+    let m = Scrape::fetch(admin).await;
+    assert_eq!(m.get("harbor_dial_failures_total"), 1.0);
+    assert_eq!(m.get("harbor_retries_total"), 1.0);
+    assert_eq!(m.get(&format!("harbor_backend_dial_failures_total{{backend=\"{dead}\"}}")), 1.0);
+    assert_eq!(m.get("harbor_backends_cooling_down"), 1.0);
+
+    // While it cools down it is not even tried.
+    for _ in 0..6 {
+        assert_eq!(echo_roundtrip(harbor.addr, b"more").await, "live");
+    }
+    assert_eq!(Scrape::fetch(admin).await.get("harbor_dial_failures_total"), 1.0);
+
+    // The backend comes back; after the cooldown it gets traffic again and the success clears it.
+    let listener = TcpListener::bind(dead).await.expect("rebind the dead port");
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(harbor::echo::serve_echo(listener, Some("revived".into()), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        names.push(echo_roundtrip(harbor.addr, b"again").await);
+    }
+    assert!(names.iter().any(|n| n == "revived"), "recovered backend got no traffic: {names:?}");
+    let m = Scrape::fetch(admin).await;
+    assert_eq!(m.get("harbor_backends_cooling_down"), 0.0);
+    assert_eq!(m.get("harbor_dial_failures_total"), 1.0);
+    stop.cancel();
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_backends_down_closes_the_client_fast_and_says_nothing() {
+    let dead = [dead_addr().await, dead_addr().await];
+    let harbor = start(config(&dead)).await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut client = TcpStream::connect(harbor.addr).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(STEP, client.read_to_end(&mut got)).await.expect("closed in time");
+        // A close or a reset are both fine; what matters is no byte and no wait.
+        assert!(got.is_empty(), "wrote {got:?} to a client with no backend");
+        drop(read);
+        assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+    }
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    assert_eq!(m.get("harbor_no_backend_total"), 3.0);
+    // First connection tries both (2 failures); then both cool down and nothing is dialled.
+    assert_eq!(m.get("harbor_dial_failures_total"), 2.0);
+    assert_eq!(m.get("harbor_backends_cooling_down"), 2.0);
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_rejects_and_counts_without_touching_existing_connections() {
+    let (backends, _stops) = echo_backends(1).await;
+    let mut cfg = config(&backends);
+    cfg.max_connections = 2;
+    let harbor = start(cfg).await;
+    let (_, mut held1) = connect_and_greet(harbor.addr).await;
+    let (_, mut held2) = connect_and_greet(harbor.addr).await;
+
+    for _ in 0..3 {
+        let mut rejected = TcpStream::connect(harbor.addr).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), rejected.read_to_end(&mut got))
+            .await
+            .expect("rejected at once");
+        assert!(got.is_empty(), "a rejected client got {got:?}");
+    }
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    assert_eq!(m.get("harbor_capacity_drops_total"), 3.0);
+    assert_eq!(m.get("harbor_accepts_total"), 5.0, "drops at the cap are counted as accepts too");
+    assert_eq!(m.get("harbor_active_connections"), 2.0);
+
+    for (stream, byte) in [(&mut held1, b'x'), (&mut held2, b'y')] {
+        stream.write_all(&[byte]).await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(STEP, stream.read_exact(&mut b)).await.unwrap().unwrap();
+        assert_eq!(b[0], byte, "held connection broken by the rejections");
+    }
+    drop(held1);
+    // A slot frees up: new connections are accepted again.
+    let mut ok = None;
+    for _ in 0..50 {
+        if let Ok(name) = try_echo_roundtrip(harbor.addr, b"later").await {
+            ok = Some(name);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ok.as_deref(), Some("b0"));
+    harbor.stop().await.unwrap();
+}
+
+/// A backend that greets, then sends `chunks` of data slowly, then closes.
+async fn slow_backend(chunks: usize, gap: Duration) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                for i in 0..chunks {
+                    if stream.write_all(&pattern(1000, i as u64)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(gap).await;
+                }
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_connections_refuses_new_ones_and_exits_zero() {
+    let backend = slow_backend(10, Duration::from_millis(100)).await; // ~1 s per connection
+    let port = free_port();
+    let admin_port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--admin", &format!("127.0.0.1:{admin_port}")])
+        .args(["--backends", &backend.to_string(), "--shutdown-grace-ms", "5000", "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn harbor");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut connected = None;
+    for _ in 0..200 {
+        if let Ok(s) = TcpStream::connect(addr).await {
+            connected = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let first = connected.expect("harbor came up");
+    let second = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await; // both are mid-transfer
+
+    let sent = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = TcpStream::connect(addr).await;
+    assert!(refused.is_err(), "a new connection was accepted while draining");
+
+    let expected: Vec<u8> = (0..10).flat_map(|i| pattern(1000, i)).collect();
+    for mut stream in [first, second] {
+        let mut got = Vec::new();
+        tokio::time::timeout(STEP, stream.read_to_end(&mut got)).await.unwrap().unwrap();
+        assert_eq!(sha256(&got), sha256(&expected), "an in-flight connection was cut or corrupted");
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0), "harbor exit status after a clean drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let backend = slow_backend(100, Duration::from_millis(100)).await; // 10 s connection
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--admin", "off", "--backends", &backend.to_string()])
+        .args(["--shutdown-grace-ms", "30000", "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn harbor");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut held = None;
+    for _ in 0..200 {
+        if let Ok(s) = TcpStream::connect(addr).await {
+            held = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let _held = held.expect("harbor came up");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3), "second signal took {:?}", started.elapsed());
+    assert_eq!(status.code(), Some(130));
+}

@@ -1,1 +1,209 @@
+//! The wasm strategies in a running Harbor: the shipped round_robin and least_conn, and
+//! misbehaving guests that must never cost a connection.
 
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use harbor::strategy::StrategyError;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_distribution_is_exact() {
+    let (backends, _stops) = echo_backends(3).await;
+    let mut cfg = config(&backends);
+    cfg.strategy = Some(strategy("round_robin"));
+    let harbor = start(cfg).await;
+    assert_eq!(harbor.shared.strategy.status().name, "round_robin");
+    let mut order = Vec::new();
+    for _ in 0..30 {
+        order.push(echo_roundtrip(harbor.addr, b"rr").await);
+    }
+    assert_eq!(order[..3], ["b0", "b1", "b2"], "starts at index 0 and rotates");
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for name in &order {
+        *counts.entry(name.clone()).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3);
+    assert!(counts.values().all(|&c| c == 10), "{counts:?}");
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    assert_eq!(m.sum("harbor_strategy_fallbacks_total"), 0.0);
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_sends_each_new_connection_to_the_least_loaded_backend() {
+    let (backends, _stops) = echo_backends(3).await;
+    let mut cfg = config(&backends);
+    cfg.strategy = Some(strategy("least_conn"));
+    let harbor = start(cfg).await;
+
+    let mut held: HashMap<String, Vec<tokio::net::TcpStream>> = HashMap::new();
+    // Six long connections: every backend must get two, each new one going to a backend with
+    // the fewest held at that moment.
+    for i in 0..6 {
+        let (name, stream) = connect_and_greet(harbor.addr).await;
+        let min = ["b0", "b1", "b2"].iter().map(|b| held.get(*b).map_or(0, Vec::len)).min().unwrap();
+        let mine = held.get(&name).map_or(0, Vec::len);
+        assert_eq!(mine, min, "connection {i} went to {name} holding {mine}, but some backend held {min}");
+        held.entry(name).or_default().push(stream);
+    }
+    assert!(held.values().all(|v| v.len() == 2));
+    // Free both slots of b1: the next two connections go there.
+    held.remove("b1");
+    let fewer =
+        eventually(Duration::from_secs(5), || harbor.shared.pool.load().iter().map(|b| b.active()).sum::<u32>() == 4)
+            .await;
+    assert!(fewer.is_some(), "closed connections were not released");
+    for _ in 0..2 {
+        let (name, stream) = connect_and_greet(harbor.addr).await;
+        assert_eq!(name, "b1");
+        held.entry(name).or_default().push(stream);
+    }
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_ties_do_not_all_go_to_index_zero() {
+    let (backends, _stops) = echo_backends(3).await;
+    let mut cfg = config(&backends);
+    cfg.strategy = Some(strategy("least_conn"));
+    let harbor = start(cfg).await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    // Sequential short connections: every pick is a three-way tie.
+    for _ in 0..30 {
+        *counts.entry(echo_roundtrip(harbor.addr, b"tie").await).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "ties always broken the same way: {counts:?}");
+    assert!(counts.values().all(|&c| c >= 5), "{counts:?}");
+    harbor.stop().await.unwrap();
+}
+
+/// Loads a misbehaving fixture into a running Harbor and pushes connections through it:
+/// every one must succeed, and the faults must be counted under `reason`.
+async fn assert_fallback(fixture_name: &str, reason: &str) {
+    let (backends, _stops) = echo_backends(2).await;
+    let mut cfg = config(&backends);
+    cfg.strategy_timeout = Duration::from_millis(20);
+    let harbor = start(cfg).await;
+    let host = &harbor.shared.strategy;
+    host.load_file(&fixture(fixture_name)).await.unwrap_or_else(|e| panic!("{fixture_name} should load: {e}"));
+    assert_eq!(host.status().kind, "wasm");
+    let payload = pattern(4096, 3);
+    for i in 0..8 {
+        let result = try_echo_roundtrip(harbor.addr, &payload).await;
+        assert!(result.is_ok(), "{fixture_name}: connection {i} lost: {result:?}");
+    }
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    let faults = m.get(&format!("harbor_strategy_fallbacks_total{{reason=\"{reason}\"}}"));
+    assert!(faults >= 5.0, "{fixture_name}: {faults} faults counted as {reason}");
+    // After 5 faults within the window the host gives up on it: back to the built-in.
+    assert_eq!(host.status().kind, "builtin", "{fixture_name} was not reverted");
+    assert_eq!(m.get("harbor_strategy_reloads_total{outcome=\"reverted\"}"), 1.0);
+    assert_eq!(m.get("harbor_no_backend_total"), 0.0);
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_guest_costs_no_connection() {
+    assert_fallback("trap.wat", "trap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_infinite_loop_is_cut_by_the_deadline() {
+    assert_fallback("infinite_loop.wat", "timeout").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_bomb_is_stopped_by_the_limit() {
+    // The bomb grows until StoreLimits refuses (a trap), or spins after that (a timeout).
+    let (backends, _stops) = echo_backends(2).await;
+    let mut cfg = config(&backends);
+    cfg.strategy_memory_bytes = 8 << 20;
+    let harbor = start(cfg).await;
+    harbor.shared.strategy.load_file(&fixture("memory_bomb.wat")).await.unwrap();
+    for _ in 0..6 {
+        try_echo_roundtrip(harbor.addr, b"boom").await.expect("connection survives the bomb");
+    }
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    assert!(m.sum("harbor_strategy_fallbacks_total") >= 5.0);
+    assert_eq!(harbor.shared.strategy.status().kind, "builtin");
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_range_answer_is_rejected() {
+    assert_fallback("out_of_range.wat", "out_of_range").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn none_while_backends_are_up_is_a_fault() {
+    assert_fallback("none_always.wat", "none_while_eligible").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faulting_strategy_reverts_to_the_previous_good_one() {
+    let (backends, _stops) = echo_backends(2).await;
+    let mut cfg = config(&backends);
+    cfg.strategy = Some(strategy("least_conn"));
+    let harbor = start(cfg).await;
+    let host = &harbor.shared.strategy;
+    host.load_file(&fixture("trap.wat")).await.unwrap();
+    assert_eq!(host.status().name, "trap");
+    for _ in 0..8 {
+        try_echo_roundtrip(harbor.addr, b"x").await.expect("no connection lost");
+    }
+    assert_eq!(host.status().name, "least_conn", "did not go back to the last good strategy");
+    harbor.stop().await.unwrap();
+}
+
+async fn assert_rejected(path: &Path, needle: &str) -> StrategyError {
+    let (backends, _stops) = echo_backends(2).await;
+    let mut cfg = config(&backends);
+    cfg.strategy = Some(strategy("round_robin"));
+    let harbor = start(cfg).await;
+    let host = &harbor.shared.strategy;
+    let before = host.active_sha256();
+    let error = host.load_file(path).await.expect_err("must be rejected");
+    assert!(error.to_string().contains(needle), "{}: {error}", path.display());
+    assert_eq!(host.active_sha256(), before, "the active strategy changed");
+    // Traffic still flows through the kept strategy, in its order.
+    let names: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(echo_roundtrip(harbor.addr, b"still").await);
+        }
+        v
+    };
+    assert_eq!(names, ["b0", "b1", "b0", "b1"]);
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    assert_eq!(m.get("harbor_strategy_reloads_total{outcome=\"rejected\"}"), 1.0);
+    harbor.stop().await.unwrap();
+    error
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_components_are_rejected_with_a_clear_message_and_the_old_strategy_stays() {
+    assert_rejected(&fixture("wrong_world.wat"), "does not implement the harbor:strategy/strategy@0.1.0 world").await;
+    assert_rejected(&fixture("wrong_signature.wat"), "does not implement").await;
+    assert_rejected(&fixture("wasi_import.wat"), "wasi:random/random@0.2.0").await;
+    assert_rejected(&fixture("garbage.wasm"), "not a WebAssembly component").await;
+    assert_rejected(&fixture("empty.wasm"), "empty").await;
+    assert_rejected(&fixture("init_fails.wat"), "bad config").await;
+    let missing = workspace_root().join("tests/fixtures/does-not-exist.wasm");
+    assert_rejected(&missing, "cannot read").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_well_behaved_wat_guest_places_connections() {
+    let (backends, _stops) = echo_backends(2).await;
+    let harbor = start(config(&backends)).await;
+    harbor.shared.strategy.load_file(&fixture("first_healthy.wat")).await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(echo_roundtrip(harbor.addr, b"first").await, "b0");
+    }
+    assert_eq!(Scrape::fetch(harbor.admin_addr.unwrap()).await.sum("harbor_strategy_fallbacks_total"), 0.0);
+    harbor.stop().await.unwrap();
+}

@@ -40,6 +40,7 @@ use std::cell::RefCell;
 use std::net::IpAddr;
 
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         world: "strategy",
@@ -268,6 +269,12 @@ pub mod __private {
         }
     }
 
+    impl<S: Strategy> Default for Slot<S> {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
     pub fn init<S: Strategy>(slot: &RefCell<Slot<S>>, config: String) -> Result<wit::StrategyInfo, String> {
         let strategy = S::init(&config)?;
         slot.borrow_mut().strategy = Some(strategy);
@@ -322,9 +329,9 @@ macro_rules! export_strategy {
                 fn report(outcome: __wit::ConnectionOutcome) {
                     __HARBOR_SLOT.with(|slot| $crate::__private::report::<$strategy>(slot, outcome))
                 }
-    }
+            }
 
-            $crate::bindings::__export_strategy_world!(__HarborExports with_types_in $crate::bindings);
+    $crate::bindings::__export_strategy_world!(__HarborExports with_types_in $crate::bindings);
         };
     };
 }

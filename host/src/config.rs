@@ -61,7 +61,7 @@ pub struct RunArgs {
     /// Directory to watch: the last valid .wasm that lands in it becomes the active strategy.
     #[arg(long, env = "HARBOR_WATCH", value_name = "DIR")]
     pub watch: Option<PathBuf>,
-    /// Wall-clock limit for one strategy call, in ms [default: 25].
+    /// Wall-clock limit for one strategy call, in ms [default: 50].
     #[arg(long, env = "HARBOR_STRATEGY_TIMEOUT_MS", value_name = "MS")]
     pub strategy_timeout_ms: Option<u64>,
     /// Linear memory limit for one strategy instance, in MiB [default: 64].
@@ -302,7 +302,7 @@ impl Config {
             }
         }
 
-        let strategy_timeout_ms = pick_ms(args.strategy_timeout_ms, None, file.strategy_timeout_ms, 25)?;
+        let strategy_timeout_ms = pick_ms(args.strategy_timeout_ms, None, file.strategy_timeout_ms, 50)?;
         if !(1..=1000).contains(&strategy_timeout_ms) {
             return Err(invalid("strategy-timeout-ms", "must be between 1 and 1000"));
         }

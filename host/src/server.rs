@@ -62,6 +62,9 @@ pub struct Harbor {
     shared: Arc<Shared>,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    /// Stops the admin server and the watcher once draining is over.
+    background: CancellationToken,
+    watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Harbor {
@@ -98,7 +101,18 @@ impl Harbor {
             hot_path_log: RateLimitedLog::new(10, Duration::from_secs(10)),
             config,
         });
-        Ok(Harbor { shared, listener, admin })
+        // Watch from here on, so nothing that lands after `bind` returns is missed.
+        let background = CancellationToken::new();
+        let watch_target = match (&shared.config.watch, &shared.config.strategy) {
+            (Some(dir), _) => Some(WatchTarget::Dir(dir.clone())),
+            (None, Some(file)) => Some(WatchTarget::File(file.clone())),
+            (None, None) => None,
+        };
+        let watcher = match watch_target {
+            Some(target) => Some(spawn_watcher(Arc::clone(&shared.strategy), target, background.clone())?),
+            None => None,
+        };
+        Ok(Harbor { shared, listener, admin, background, watcher })
     }
 
     /// The address clients connect to.
@@ -119,18 +133,8 @@ impl Harbor {
     /// Serves until `shutdown` is cancelled, then drains: connections in flight get the grace
     /// period to finish, and are cut after it.
     pub async fn run(self, shutdown: CancellationToken) -> Result<DrainReport, HarborError> {
-        let Harbor { shared, listener, admin } = self;
-        let background = CancellationToken::new();
+        let Harbor { shared, listener, admin, background, watcher } = self;
         let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&shared), background.clone())));
-        let watch_target = match (&shared.config.watch, &shared.config.strategy) {
-            (Some(dir), _) => Some(WatchTarget::Dir(dir.clone())),
-            (None, Some(file)) => Some(WatchTarget::File(file.clone())),
-            (None, None) => None,
-        };
-        let watcher = match watch_target {
-            Some(target) => Some(spawn_watcher(Arc::clone(&shared.strategy), target, background.clone())?),
-            None => None,
-        };
         tracing::info!(listen = %shared.config.listen, backends = shared.config.backends.len(), strategy = %shared.strategy.status().name, "harbor is serving");
 
         let tracker = TaskTracker::new();

@@ -8,6 +8,12 @@ use std::time::Duration;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, StoreLimits};
 
+/// Instructions (roughly) one call may execute: ~10-40 ms of guest work, 100x what a
+/// Python or JavaScript strategy needs per pick.
+pub const FUEL_PER_CALL: u64 = 20_000_000;
+/// `init` may do more (build tables, parse configuration).
+pub const FUEL_PER_INIT: u64 = 20 * FUEL_PER_CALL;
+
 /// How often the epoch advances. A call's deadline is a whole number of ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -37,6 +43,9 @@ impl StrategyEngine {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        // Fuel bounds a call's work deterministically (a busy loop ends after the same number of
+        // instructions however loaded the machine is); the epoch deadline bounds wall-clock time.
+        config.consume_fuel(true);
         config.max_wasm_stack(512 * 1024);
         // Guests are small; don't reserve 4 GiB of address space per instance.
         config.memory_reservation(64 << 20);
@@ -45,7 +54,7 @@ impl StrategyEngine {
             Ok(engine) => engine,
             // Only reachable if the settings above are unsupported on this platform: fall back
             // to defaults with deadlines, which every wasmtime platform supports.
-            Err(_) => Engine::new(Config::new().epoch_interruption(true)).unwrap_or_default(),
+            Err(_) => Engine::new(Config::new().epoch_interruption(true).consume_fuel(true)).unwrap_or_default(),
         };
         let weak = engine.weak();
         std::thread::Builder::new()

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use wasmtime::{Store, StoreLimitsBuilder};
 
 use super::bindings::{BackendInfo, Connection, ConnectionOutcome, Strategy, StrategyInfo};
-use super::engine::{deadline_ticks, GuestState};
+use super::engine::{deadline_ticks, GuestState, FUEL_PER_CALL, FUEL_PER_INIT};
 use super::loaded::LoadedStrategy;
 use super::StrategyError;
 use crate::backend::BackendPool;
@@ -32,12 +32,18 @@ pub enum CallFault {
 
 fn classify(error: wasmtime::Error) -> CallFault {
     match error.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => CallFault::Timeout,
+        Some(wasmtime::Trap::Interrupt | wasmtime::Trap::OutOfFuel) => CallFault::Timeout,
         _ => CallFault::Trap(format!("{error:#}")),
     }
 }
 
 impl Instance {
+    /// Sets the limits for the next call: a fresh deadline and fuel.
+    fn arm(&mut self, fuel: u64) {
+        self.store.set_epoch_deadline(self.ticks);
+        let _ = self.store.set_fuel(fuel);
+    }
+
     /// Instantiates the component and runs `init`. Blocking: at most the call deadline plus
     /// instantiation time (well under a millisecond for small guests).
     pub fn new(loaded: &LoadedStrategy) -> Result<(Instance, StrategyInfo), StrategyError> {
@@ -54,9 +60,10 @@ impl Instance {
         store.epoch_deadline_trap();
         let ticks = deadline_ticks(loaded.limits.call_timeout);
         store.set_epoch_deadline(ticks);
+        let _ = store.set_fuel(FUEL_PER_INIT);
         let bindings = loaded.pre.instantiate(&mut store).map_err(|e| StrategyError::Instantiate(format!("{e:#}")))?;
         let mut instance = Instance { store, bindings, ticks, backends_generation: 0 };
-        instance.store.set_epoch_deadline(ticks);
+        instance.arm(FUEL_PER_INIT);
         let info = match instance.bindings.call_init(&mut instance.store, &loaded.init_config) {
             Ok(Ok(info)) => info,
             Ok(Err(message)) => return Err(StrategyError::InitRejected(message)),
@@ -74,7 +81,7 @@ impl Instance {
             .iter()
             .map(|b| BackendInfo { index: b.index as u32, address: b.address.to_string(), weight: b.weight })
             .collect();
-        self.store.set_epoch_deadline(self.ticks);
+        self.arm(FUEL_PER_CALL);
         self.bindings.call_set_backends(&mut self.store, pool.generation(), &infos).map_err(classify)?;
         self.backends_generation = pool.generation();
         Ok(())
@@ -82,13 +89,13 @@ impl Instance {
 
     /// Calls `pick`.
     pub fn pick(&mut self, conn: Connection, stats: &[u32]) -> Result<Option<u32>, CallFault> {
-        self.store.set_epoch_deadline(self.ticks);
+        self.arm(FUEL_PER_CALL);
         self.bindings.call_pick(&mut self.store, conn, stats).map_err(classify)
     }
 
     /// Calls `report`.
     pub fn report(&mut self, outcome: ConnectionOutcome) -> Result<(), CallFault> {
-        self.store.set_epoch_deadline(self.ticks);
+        self.arm(FUEL_PER_CALL);
         self.bindings.call_report(&mut self.store, outcome).map_err(classify)
     }
 }

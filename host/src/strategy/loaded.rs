@@ -26,7 +26,7 @@ pub struct GuestLimits {
 
 impl Default for GuestLimits {
     fn default() -> Self {
-        GuestLimits { call_timeout: Duration::from_millis(25), memory_bytes: 64 << 20 }
+        GuestLimits { call_timeout: Duration::from_millis(50), memory_bytes: 64 << 20 }
     }
 }
 
@@ -84,6 +84,9 @@ impl LoadedStrategy {
         if bytes.starts_with(b"\0asm") && bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
             return Err(StrategyError::CoreModule);
         }
+        if !bytes.starts_with(b"\0asm") && !looks_like_wat(bytes) {
+            return Err(StrategyError::NotWasm);
+        }
         let sha256 = sha256_hex(bytes);
         let started = Instant::now();
         let component = engine.compile(&sha256, bytes).map_err(|e| StrategyError::Compile(format!("{e:#}")))?;
@@ -129,6 +132,15 @@ impl LoadedStrategy {
         }
         faults.len() >= max
     }
+}
+
+/// True for component text (`.wat`), which Harbor also accepts: UTF-8 whose first token
+/// is `(` or a `;;` comment.
+fn looks_like_wat(bytes: &[u8]) -> bool {
+    std::str::from_utf8(bytes).is_ok_and(|text| {
+        let text = text.trim_start();
+        text.starts_with('(') || text.starts_with(";;")
+    })
 }
 
 /// A guest's self-reported name, made safe for logs and JSON: printable, at most 64 chars;

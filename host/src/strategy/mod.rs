@@ -42,6 +42,8 @@ pub enum StrategyError {
     Empty,
     #[error("the file is {0} bytes, more than the 64 MiB limit")]
     TooLarge(usize),
+    #[error("not a WebAssembly component: the file has no \\0asm header (and is not component text)")]
+    NotWasm,
     #[error("this is a core wasm module, not a component: wrap it with `wasm-tools component new` (or build for wasm32-wasip2)")]
     CoreModule,
     #[error("not a valid WebAssembly component: {0}")]
@@ -251,10 +253,15 @@ impl StrategyHost {
 
     /// Loads a strategy file and makes it active. On any error the active strategy is kept.
     pub async fn load_file(&self, path: &Path) -> Result<LoadResult, StrategyError> {
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|e| StrategyError::Read { path: path.to_path_buf(), message: e.to_string() })?;
-        self.load_bytes(bytes, path).await
+        match tokio::fs::read(path).await {
+            Ok(bytes) => self.load_bytes(bytes, path).await,
+            Err(e) => {
+                let error = StrategyError::Read { path: path.to_path_buf(), message: e.to_string() };
+                self.metrics.reload(ReloadOutcome::Rejected);
+                tracing::error!("strategy rejected, keeping the active one: {error}");
+                Err(error)
+            }
+        }
     }
 
     /// Loads a strategy from bytes (`source` is for display). Compilation runs on a blocking

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use notify_debouncer_full::notify::RecursiveMode;
+use notify_debouncer_full::notify::event::{AccessKind, AccessMode};
+use notify_debouncer_full::notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{new_debouncer, DebounceEventResult};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -79,8 +80,29 @@ pub fn spawn_watcher(
 ) -> Result<tokio::task::JoinHandle<()>, WatchError> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
     let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
-        if let Ok(events) = result {
-            let paths: Vec<PathBuf> = events.into_iter().flat_map(|e| e.event.paths).collect();
+        let events = match result {
+            Ok(events) => events,
+            Err(errors) => {
+                tracing::warn!(?errors, "file watcher errors");
+                return;
+            }
+        };
+        tracing::trace!(?events, "raw file events");
+        {
+            // Reads (ours included) are not changes; a close after writing is.
+            let paths: Vec<PathBuf> = events
+                .into_iter()
+                .filter(|e| match e.event.kind {
+                    EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                    EventKind::Access(_) | EventKind::Other => false,
+                    _ => true,
+                })
+                .flat_map(|e| e.event.paths)
+                .collect();
+            if paths.is_empty() {
+                return;
+            }
+            tracing::trace!(?paths, "file events");
             let _ = tx.send(paths);
         }
     })

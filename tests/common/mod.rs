@@ -1,0 +1,223 @@
+//! Shared fixtures for Harbor's integration tests: real backends on 127.0.0.1:0, a Harbor
+//! built from a config, clients that send and hash real bytes, and a metrics reader.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use harbor::config::Config;
+use harbor::{Harbor, RunningHarbor};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound for any single network step in a test.
+pub const STEP: Duration = Duration::from_secs(10);
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// A built strategy under `strategies/`. Built by `cargo xtask build` (which `cargo xtask test` runs).
+pub fn strategy(name: &str) -> PathBuf {
+    let path = workspace_root().join("strategies").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run `cargo xtask build` first (cargo xtask test does)", path.display());
+    path
+}
+
+/// A file under `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    let path = workspace_root().join("tests").join("fixtures").join(name);
+    assert!(path.is_file(), "fixture {} is missing", path.display());
+    path
+}
+
+/// An echo backend that greets with `name\n`. Stops when the token is cancelled.
+pub async fn echo_backend(name: &str) -> (SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo addr");
+    let stop = CancellationToken::new();
+    tokio::spawn(harbor::echo::serve_echo(listener, Some(name.to_string()), stop.clone()));
+    (addr, stop)
+}
+
+/// `n` echo backends named b0, b1, ...
+pub async fn echo_backends(n: usize) -> (Vec<SocketAddr>, Vec<CancellationToken>) {
+    let mut addrs = Vec::new();
+    let mut stops = Vec::new();
+    for i in 0..n {
+        let (addr, stop) = echo_backend(&format!("b{i}")).await;
+        addrs.push(addr);
+        stops.push(stop);
+    }
+    (addrs, stops)
+}
+
+/// A loopback port with nothing listening on it (connects are refused).
+pub async fn dead_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    addr
+}
+
+/// A config for these backends with test-friendly settings.
+pub fn config(backends: &[SocketAddr]) -> Config {
+    let mut config = Config::for_backends(backends);
+    config.shutdown_grace = Duration::from_secs(2);
+    config
+}
+
+pub async fn start(config: Config) -> RunningHarbor {
+    // HARBOR_TEST_LOG=harbor=debug shows Harbor's logs while a test runs.
+    if let Ok(filter) = std::env::var("HARBOR_TEST_LOG") {
+        harbor::logging::init(harbor::config::LogFormat::Human, &filter);
+    }
+    Harbor::bind(config).await.expect("harbor binds").spawn()
+}
+
+/// Connects, reads the backend's greeting line, and returns it with the open stream.
+pub async fn connect_and_greet(addr: SocketAddr) -> (String, TcpStream) {
+    let mut stream =
+        tokio::time::timeout(STEP, TcpStream::connect(addr)).await.expect("connect in time").expect("connect");
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 200 {
+        let n =
+            tokio::time::timeout(STEP, stream.read(&mut byte)).await.expect("greeting in time").expect("read greeting");
+        assert_eq!(n, 1, "connection closed before the greeting ended: got {:?}", String::from_utf8_lossy(&line));
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    (String::from_utf8(line).expect("utf-8 greeting"), stream)
+}
+
+/// One full exchange through an echo backend: greeting, payload echoed byte-exact, EOF.
+/// Returns the backend's name.
+pub async fn echo_roundtrip(addr: SocketAddr, payload: &[u8]) -> String {
+    let (name, mut stream) = connect_and_greet(addr).await;
+    stream.write_all(payload).await.expect("write payload");
+    stream.shutdown().await.expect("half-close");
+    let mut echoed = Vec::new();
+    tokio::time::timeout(STEP, stream.read_to_end(&mut echoed)).await.expect("echo in time").expect("read echo");
+    assert_eq!(sha256(&echoed), sha256(payload), "echo through {name} differs");
+    name
+}
+
+/// Like [`echo_roundtrip`] but reports failure instead of panicking.
+pub async fn try_echo_roundtrip(addr: SocketAddr, payload: &[u8]) -> Result<String, String> {
+    let run = async {
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        stream.write_all(payload).await.map_err(|e| format!("write: {e}"))?;
+        stream.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).await.map_err(|e| format!("read: {e}"))?;
+        let newline = all.iter().position(|b| *b == b'\n').ok_or("no greeting")?;
+        let (greeting, rest) = all.split_at(newline + 1);
+        if rest != payload {
+            return Err(format!("echo differs: {} bytes back for {}", rest.len(), payload.len()));
+        }
+        Ok(String::from_utf8_lossy(&greeting[..newline]).into_owned())
+    };
+    tokio::time::timeout(STEP, run).await.map_err(|_| "timed out".to_string())?
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// GET a path from the admin server; returns (status, body).
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).await.expect("admin connect");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: harbor\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("admin write");
+    let mut response = String::new();
+    tokio::time::timeout(STEP, stream.read_to_string(&mut response)).await.expect("admin in time").expect("admin read");
+    let status = response.get(9..12).and_then(|s| s.parse().ok()).expect("status code");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Parsed Prometheus text: every sample line `name{labels} value`.
+pub struct Scrape {
+    pub samples: Vec<(String, f64)>,
+}
+
+impl Scrape {
+    /// Fetches and strictly parses `/metrics`: every line is a comment (`# HELP`, `# TYPE`,
+    /// `# EOF`) or a sample whose value parses as a float.
+    pub async fn fetch(admin: SocketAddr) -> Scrape {
+        let (status, body) = admin_get(admin, "/metrics").await;
+        assert_eq!(status, 200);
+        let mut samples = Vec::new();
+        for line in body.lines().filter(|l| !l.is_empty()) {
+            if let Some(comment) = line.strip_prefix("# ") {
+                assert!(
+                    comment.starts_with("HELP ") || comment.starts_with("TYPE ") || comment == "EOF",
+                    "bad comment line {line:?}"
+                );
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            let name_end = series.find('{').unwrap_or(series.len());
+            let name = &series[..name_end];
+            assert!(
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "bad metric name in {line:?}"
+            );
+            if name_end < series.len() {
+                assert!(series.ends_with('}'), "unclosed labels in {line:?}");
+            }
+            samples.push((series.to_string(), value));
+        }
+        assert!(!samples.is_empty(), "no samples");
+        Scrape { samples }
+    }
+
+    /// The value of an exact series, e.g. `harbor_accepts_total` or
+    /// `harbor_backend_picks_total{backend="127.0.0.1:1"}`.
+    pub fn get(&self, series: &str) -> f64 {
+        self.samples.iter().find(|(s, _)| s == series).map(|(_, v)| *v).unwrap_or_else(|| panic!("no series {series}"))
+    }
+
+    /// Sum over all series of a metric name (any labels).
+    pub fn sum(&self, name: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(s, _)| s == name || s.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')))
+            .map(|(_, v)| *v)
+            .sum()
+    }
+}
+
+/// Polls `check` every 10 ms until it holds or `limit` passes; returns how long it took.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
