@@ -25,7 +25,6 @@ import platform
 import random
 import re
 import resource
-import shutil
 import signal
 import socket
 import statistics
@@ -867,7 +866,7 @@ def markdown(bench, meta):
     noisy = [w for w in bench.warnings if w.startswith("machine not quiet")]
     others = [w for w in bench.warnings if not w.startswith("machine not quiet")]
     if noisy or others:
-        lines.append(f"**WARNINGS**:")
+        lines.append("**WARNINGS**:")
         lines.append("")
         if noisy:
             lines.append(f"- machine NOT QUIET during {len(noisy)} of {len(quiet)} measurements: other processes "

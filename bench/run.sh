@@ -81,18 +81,18 @@ fi
 WORK="$(mktemp -d "$base/harbor-bench.XXXXXX")"
 HPID=""
 cleanup() {
-    local rc=$? pg i
+    local rc=$? pg
     if [[ -n "$HPID" ]] && kill -0 "$HPID" 2>/dev/null; then
         kill -TERM "$HPID" 2>/dev/null || true   # the harness stops its own servers
-        for i in $(seq 1 30); do kill -0 "$HPID" 2>/dev/null || break; sleep 0.5; done
+        for _ in $(seq 1 30); do kill -0 "$HPID" 2>/dev/null || break; sleep 0.5; done
     fi
     if [[ -s "$WORK/pids" ]]; then
         while read -r pg; do
-            [[ "$pg" =~ ^[0-9]+$ ]] && kill -TERM -- "-$pg" 2>/dev/null || true
+            if [[ "$pg" =~ ^[0-9]+$ ]]; then kill -TERM -- "-$pg" 2>/dev/null || true; fi
         done <"$WORK/pids"
         sleep 1
         while read -r pg; do
-            [[ "$pg" =~ ^[0-9]+$ ]] && kill -KILL -- "-$pg" 2>/dev/null || true
+            if [[ "$pg" =~ ^[0-9]+$ ]]; then kill -KILL -- "-$pg" 2>/dev/null || true; fi
         done <"$WORK/pids"
     fi
     rm -rf -- "$WORK"

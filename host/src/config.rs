@@ -97,7 +97,7 @@ pub struct RunArgs {
     /// Set TCP_NODELAY on both sockets [default: true].
     #[arg(long, env = "HARBOR_NODELAY", value_name = "BOOL")]
     pub nodelay: Option<bool>,
-    /// TCP keepalive idle time on both sockets, in seconds; 0 turns it off [default: 60].
+    /// TCP keepalive idle time on both sockets, in seconds; 0 turns it off [default: 0, off].
     #[arg(long, env = "HARBOR_KEEPALIVE_SECS", value_name = "SECS")]
     pub keepalive_secs: Option<u64>,
     /// Runtime worker threads [default: number of CPUs].
@@ -339,7 +339,7 @@ impl Config {
         }
         let shutdown_grace_ms =
             pick_ms(args.shutdown_grace_ms, Some("LB_SHUTDOWN_GRACE_MS"), file.shutdown_grace_ms, 5000)?;
-        let keepalive_secs = args.keepalive_secs.or(file.keepalive_secs).unwrap_or(60);
+        let keepalive_secs = args.keepalive_secs.or(file.keepalive_secs).unwrap_or(0);
         let workers = args
             .workers
             .or(file.workers)

@@ -1,5 +1,6 @@
 //! The `harbor` command: run the load balancer, check a configuration, or run an echo backend.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -28,6 +29,53 @@ enum Command {
     Check(Box<RunArgs>),
     /// Run a tiny echo server, a stand-in backend for demos and tests.
     Echo(EchoArgs),
+    /// Tools for strategy authors: check a component, simulate it offline.
+    Strategy {
+        #[command(subcommand)]
+        command: StrategyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StrategyCommand {
+    /// Validate a component against the world, list its imports and exports, and check its
+    /// answers on hundreds of sample snapshots.
+    Check {
+        /// The component (.wasm, or component text .wat).
+        file: PathBuf,
+        /// Backends in the sample snapshots.
+        #[arg(long, default_value_t = 16)]
+        backends: usize,
+        /// Picks to check.
+        #[arg(long, default_value_t = 500)]
+        picks: usize,
+        /// Configuration string for `init`.
+        #[arg(long, default_value = "")]
+        config: String,
+    },
+    /// Drive a strategy (or two, side by side) with synthetic traffic and report its choices.
+    Simulate {
+        /// The component to simulate.
+        file: PathBuf,
+        /// A second component to compare with, on the same traffic.
+        #[arg(long)]
+        vs: Option<PathBuf>,
+        /// Backends in the built-in mixed scenario (ignored with --scenario).
+        #[arg(long, default_value_t = 4)]
+        backends: usize,
+        /// Connections in the built-in scenario (ignored with --scenario).
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// A scenario TOML file (see docs/writing-strategies.md).
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Random seed of the built-in scenario.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Configuration string for `init`.
+        #[arg(long, default_value = "")]
+        config: String,
+    },
 }
 
 #[derive(Args)]
@@ -53,6 +101,7 @@ fn main() -> ExitCode {
             Err(e) => config_error(&e),
         },
         Some(Command::Echo(args)) => finish(run_echo(args)),
+        Some(Command::Strategy { command }) => strategy_tool(command),
         None => match Config::resolve(&cli.run, &env) {
             Ok(config) => finish(run(config)),
             Err(e) => config_error(&e),
@@ -90,12 +139,16 @@ fn raise_fd_limit() {
 fn run(config: Config) -> anyhow::Result<()> {
     harbor::logging::init(config.log_format, &config.log_level);
     raise_fd_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.workers)
-        .thread_name("harbor-worker")
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    // One worker: a current-thread runtime saves the cross-thread wake-ups of the
+    // multi-thread scheduler.
+    let mut builder = if config.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.workers).thread_name("harbor-worker");
+        b
+    };
+    let runtime = builder.enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {
         let harbor = match Harbor::bind(config).await {
             Ok(h) => h,
@@ -156,4 +209,72 @@ fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
         });
         harbor::echo::serve_echo(listener, args.greeting, shutdown).await.context("echo")
     })
+}
+
+fn read_component(path: &std::path::Path) -> Result<Vec<u8>, ExitCode> {
+    std::fs::read(path).map_err(|e| {
+        eprintln!("harbor: cannot read {}: {e}", path.display());
+        ExitCode::from(2)
+    })
+}
+
+fn strategy_tool(command: StrategyCommand) -> ExitCode {
+    use harbor::strategy::{check, simulate};
+    match command {
+        StrategyCommand::Check { file, backends, picks, config } => {
+            let bytes = match read_component(&file) {
+                Ok(b) => b,
+                Err(code) => return code,
+            };
+            match check::check_component(&bytes, &file, backends.clamp(1, 4096), picks.clamp(1, 1_000_000), &config) {
+                Ok(report) if report.problems.is_empty() => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    println!("{report}");
+                    eprintln!("harbor: {} answered badly: fix the problems above (an answer must be the index of a healthy backend, or none only when no backend is healthy)", file.display());
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("harbor: {}: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        StrategyCommand::Simulate { file, vs, backends, connections, scenario, seed, config } => {
+            let scenario = match scenario {
+                Some(path) => match simulate::Scenario::load(&path) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("harbor: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => simulate::Scenario::mixed(backends.clamp(1, 4096), connections.clamp(1, 10_000_000), seed),
+            };
+            println!(
+                "scenario: {} connections, {:.0}/s, mean duration {:.0} ms, {} backends, seed {}\n",
+                scenario.connections,
+                scenario.arrival_per_sec,
+                scenario.mean_duration_ms,
+                scenario.backends.len(),
+                scenario.seed
+            );
+            for path in std::iter::once(&file).chain(vs.as_ref()) {
+                let bytes = match read_component(path) {
+                    Ok(b) => b,
+                    Err(code) => return code,
+                };
+                match simulate::simulate(&bytes, path, &scenario, &config) {
+                    Ok(report) => println!("{}", report.render(&scenario)),
+                    Err(e) => {
+                        eprintln!("harbor: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    }
 }

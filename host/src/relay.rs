@@ -66,29 +66,54 @@ impl Activity {
     }
 }
 
+/// Buffers kept per thread for reuse; beyond this, returned buffers are freed.
+const POOLED_BUFFERS: usize = 64;
+
+thread_local! {
+    /// Relay buffers not in use on this thread: taking one costs neither an allocation nor
+    /// zeroing, and an idle connection holds none.
+    static BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Vec<u8> {
+    BUFFERS.with(|b| b.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE))
+}
+
+fn give_back(mut buffer: Vec<u8>) {
+    buffer.clear();
+    BUFFERS.with(|b| {
+        let mut pool = b.borrow_mut();
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(buffer);
+        }
+    });
+}
+
 /// Copies `src` to `dst` until EOF, then shuts down writing on `dst` (the half-close).
 async fn pump(src: &ReadHalf<'_>, dst: &mut WriteHalf<'_>, moved: &AtomicU64, activity: &Activity) -> io::Result<()> {
-    let mut buffer: Option<Box<[u8]>> = None;
     loop {
         src.readable().await?;
-        let buf = buffer.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
-        match src.try_read(buf) {
-            Ok(0) => {
-                dst.shutdown().await?;
-                return Ok(());
-            }
-            Ok(n) => {
-                activity.touch();
-                dst.write_all(&buf[..n]).await?;
-                moved.fetch_add(n as u64, Ordering::Relaxed);
-                activity.touch();
-                if n < buf.len() {
-                    // The socket is probably dry: don't hold the buffer while waiting.
-                    buffer = None;
+        let mut buffer = take_buffer();
+        let result = loop {
+            match src.try_read_buf(&mut buffer) {
+                Ok(0) => break dst.shutdown().await.map(|()| true),
+                Ok(n) => {
+                    activity.touch();
+                    if let Err(e) = dst.write_all(&buffer).await {
+                        break Err(e);
+                    }
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    activity.touch();
+                    buffer.clear();
                 }
+                // Dry: give the buffer back before waiting again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
+                Err(e) => break Err(e),
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buffer = None,
-            Err(e) => return Err(e),
+        };
+        give_back(buffer);
+        if result? {
+            return Ok(());
         }
     }
 }

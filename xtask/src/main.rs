@@ -1,6 +1,8 @@
 //! Harbor's project driver: builds the wasm strategies, runs the demo, runs every check.
 //!
 //! - `cargo xtask build`: adds the wasm target, builds `strategies/*.wasm` (no WASI imports).
+//! - `cargo xtask polyglot`: builds the Python, JavaScript and WAT strategies (installs
+//!   componentize-py, componentize-js and jco from PyPI and npm).
 //! - `cargo xtask demo`:  build, then Harbor (release) in front of two echo backends.
 //! - `cargo xtask test`:  build, then fmt, clippy and the whole test suite.
 //! - `cargo xtask bench`: build, then the side-by-side benchmark in `bench/`.
@@ -20,6 +22,7 @@ fn main() -> Result<()> {
     std::env::set_current_dir(&root)?;
     match args.first().map(String::as_str) {
         Some("build") => build_strategies(&root),
+        Some("polyglot") => build_polyglot(),
         Some("demo") => demo(&root, &args[1..]),
         Some("test") => test(&root),
         Some("bench") => {
@@ -27,7 +30,7 @@ fn main() -> Result<()> {
             run(Command::new("bash").arg("bench/run.sh").args(&args[1..]))
         }
         _ => {
-            eprintln!("usage: cargo xtask <build|demo|test|bench>");
+            eprintln!("usage: cargo xtask <build|polyglot|demo|test|bench>");
             std::process::exit(2);
         }
     }
@@ -75,6 +78,13 @@ fn build_strategies(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Python (componentize-py), JavaScript (componentize-js) and WAT strategies. Fails loudly
+/// if a toolchain cannot be installed: the tests that load them must never skip silently.
+fn build_polyglot() -> Result<()> {
+    run(Command::new("bash").args(["strategies/build-polyglot.sh", "--no-test"]))?;
+    run(Command::new("bash").arg("strategies/wat/build.sh"))
+}
+
 /// Runs Harbor with least_conn in front of two echo backends until Ctrl-C.
 fn demo(root: &Path, extra: &[String]) -> Result<()> {
     build_strategies(root)?;
@@ -111,6 +121,7 @@ fn demo(root: &Path, extra: &[String]) -> Result<()> {
 fn test(root: &Path) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     build_strategies(root)?;
+    build_polyglot()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(cargo().args(["test", "--workspace"]))?;
     Ok(())

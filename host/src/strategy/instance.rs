@@ -47,11 +47,13 @@ impl Instance {
     /// Instantiates the component and runs `init`. Blocking: at most the call deadline plus
     /// instantiation time (well under a millisecond for small guests).
     pub fn new(loaded: &LoadedStrategy) -> Result<(Instance, StrategyInfo), StrategyError> {
+        // Counts are generous: componentize-py and componentize-js components link dozens of
+        // core instances and tables. Memory is what the limit is about.
         let limits = StoreLimitsBuilder::new()
             .memory_size(loaded.limits.memory_bytes)
-            .instances(8)
-            .tables(8)
-            .memories(4)
+            .instances(256)
+            .tables(256)
+            .memories(16)
             .table_elements(100_000)
             .trap_on_grow_failure(true)
             .build();
@@ -81,9 +83,14 @@ impl Instance {
             .iter()
             .map(|b| BackendInfo { index: b.index as u32, address: b.address.to_string(), weight: b.weight })
             .collect();
+        self.set_backends(pool.generation(), &infos)
+    }
+
+    /// Calls `set-backends`.
+    pub fn set_backends(&mut self, generation: u64, infos: &[BackendInfo]) -> Result<(), CallFault> {
         self.arm(FUEL_PER_CALL);
-        self.bindings.call_set_backends(&mut self.store, pool.generation(), &infos).map_err(classify)?;
-        self.backends_generation = pool.generation();
+        self.bindings.call_set_backends(&mut self.store, generation, infos).map_err(classify)?;
+        self.backends_generation = generation;
         Ok(())
     }
 

@@ -3,9 +3,11 @@
 //! faults, and swaps strategies atomically.
 
 pub mod bindings;
+pub mod check;
 pub mod engine;
 pub mod instance;
 pub mod loaded;
+pub mod simulate;
 pub mod watch;
 
 use std::cell::RefCell;
@@ -357,7 +359,7 @@ fn short(sha: &str) -> &str {
     sha.get(..12).unwrap_or(sha)
 }
 
-fn ip_address(ip: IpAddr) -> IpAddress {
+pub(crate) fn ip_address(ip: IpAddr) -> IpAddress {
     match ip {
         IpAddr::V4(v4) => IpAddress::Ipv4(u32::from(v4)),
         IpAddr::V6(v6) => {
@@ -389,7 +391,7 @@ fn state_of(stats: &[u32], index: usize) -> Option<u32> {
 }
 
 /// Checks a strategy's answer: in range and eligible.
-fn validate(stats: &[u32], index: u32) -> Result<usize, FallbackReason> {
+pub fn validate(stats: &[u32], index: u32) -> Result<usize, FallbackReason> {
     let index = index as usize;
     match state_of(stats, index) {
         None => Err(FallbackReason::OutOfRange),

@@ -1,0 +1,183 @@
+//! `harbor strategy check`: loads a component the way Harbor would, lists what it imports and
+//! exports, then runs `init` and hundreds of picks on sample snapshots and checks every answer.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::bindings::{BackendInfo, Connection};
+use super::engine::StrategyEngine;
+use super::instance::{CallFault, Instance};
+use super::{ip_address, loaded::sha256_hex, validate, GuestLimits, LoadedStrategy, StrategyError, STATS_STRIDE};
+use crate::backend::BackendState;
+
+/// What `check` found.
+#[derive(Debug)]
+pub struct CheckReport {
+    pub name: String,
+    pub sha256: String,
+    pub size: usize,
+    pub compile_time: Duration,
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+    pub wants_reports: bool,
+    pub picks: usize,
+    pub ns_per_pick: f64,
+    /// Everything wrong with the answers; empty means the strategy passed.
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "name:          {}", self.name)?;
+        writeln!(f, "sha256:        {}", self.sha256)?;
+        writeln!(f, "size:          {} bytes", self.size)?;
+        writeln!(f, "compile time:  {:.1} ms", self.compile_time.as_secs_f64() * 1e3)?;
+        writeln!(
+            f,
+            "imports:       {}",
+            if self.imports.is_empty() { "none".into() } else { self.imports.join(", ") }
+        )?;
+        writeln!(f, "exports:       {}", self.exports.join(", "))?;
+        writeln!(f, "wants reports: {}", self.wants_reports)?;
+        writeln!(f, "picks checked: {}", self.picks)?;
+        writeln!(f, "pick latency:  {:.0} ns", self.ns_per_pick)?;
+        if self.problems.is_empty() {
+            write!(f, "result:        ok")
+        } else {
+            writeln!(f, "result:        {} problem(s)", self.problems.len())?;
+            for p in &self.problems {
+                writeln!(f, "  - {p}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Synthetic backends `127.0.0.1:9001`, ... with weights 1, 2, 3, 1, 2, 3, ...
+pub fn sample_backends(n: usize) -> Vec<BackendInfo> {
+    (0..n)
+        .map(|i| BackendInfo {
+            index: i as u32,
+            address: format!("127.0.0.1:{}", 9001 + i),
+            weight: 1 + (i % 3) as u32,
+        })
+        .collect()
+}
+
+/// A connection as Harbor would send it.
+pub fn sample_connection(sequence: u64, seed: u64) -> Connection {
+    let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 40_000 + (sequence % 20_000) as u16);
+    Connection { sequence, seed, client_ip: ip_address(client.ip()), client_port: client.port(), attempt: 0 }
+}
+
+fn call(instance: &mut Instance, conn: Connection, stats: &[u32]) -> Result<Option<u32>, String> {
+    instance.pick(conn, stats).map_err(|fault| match fault {
+        CallFault::Timeout => "exceeded its time or fuel limit".to_string(),
+        CallFault::Trap(message) => format!("trapped: {message}"),
+    })
+}
+
+/// Checks the component in `bytes`. `Err` if it cannot even load (not a component, wrong
+/// world, imports, init fails); otherwise a report whose `problems` lists bad answers.
+pub fn check_component(
+    bytes: &[u8],
+    source: &Path,
+    backends: usize,
+    picks: usize,
+    config: &str,
+) -> Result<CheckReport, StrategyError> {
+    let engine = StrategyEngine::global();
+    let loaded = LoadedStrategy::from_bytes(engine, bytes, source, GuestLimits::default(), config)?;
+    let component = engine.compile(&loaded.sha256, bytes).map_err(|e| StrategyError::Compile(e.to_string()))?;
+    let ty = component.component_type();
+    let imports = ty.imports(&engine.engine).map(|(name, _)| name.to_string()).collect();
+    let exports = ty.exports(&engine.engine).map(|(name, _)| name.to_string()).collect();
+
+    let mut report = CheckReport {
+        name: loaded.name.clone(),
+        sha256: sha256_hex(bytes),
+        size: bytes.len(),
+        compile_time: loaded.compile_time,
+        imports,
+        exports,
+        wants_reports: loaded.wants_reports,
+        picks: 0,
+        ns_per_pick: 0.0,
+        problems: Vec::new(),
+    };
+    let (mut instance, _) = Instance::new(&loaded)?;
+    let infos = sample_backends(backends.max(1));
+    if let Err(fault) = instance.set_backends(1, &infos) {
+        report.problems.push(format!("set-backends failed: {fault:?}"));
+        return Ok(report);
+    }
+    let n = infos.len();
+    let mut rng = StdRng::seed_from_u64(0x4a5b_0b07);
+    let mut stats = vec![0u32; n * STATS_STRIDE];
+    let problems = &mut report.problems;
+    for round in 0..picks {
+        // Snapshots: random loads and states, plus the edge cases every strategy must handle.
+        let healthy_only = match round % 10 {
+            0 => Some(None),                         // nobody healthy: must answer none
+            1 => Some(Some(rng.random_range(0..n))), // exactly one healthy backend
+            _ => None,
+        };
+        for i in 0..n {
+            let state = match healthy_only {
+                Some(Some(only)) if i == only => BackendState::Healthy,
+                Some(_) => BackendState::CoolingDown,
+                None if rng.random_bool(0.75) => BackendState::Healthy,
+                None => {
+                    [BackendState::CoolingDown, BackendState::Draining, BackendState::Unhealthy][rng.random_range(0..3)]
+                }
+            };
+            stats[i * STATS_STRIDE] = rng.random_range(0..200);
+            stats[i * STATS_STRIDE + 1] = state as u32;
+            stats[i * STATS_STRIDE + 2] = rng.random_range(0..5000);
+            stats[i * STATS_STRIDE + 3] = u32::from(state == BackendState::CoolingDown);
+        }
+        let eligible = (0..n).filter(|i| stats[i * STATS_STRIDE + 1] == 0).count();
+        report.picks += 1;
+        match call(&mut instance, sample_connection(round as u64, rng.random()), &stats) {
+            Ok(Some(index)) => {
+                if let Err(reason) = validate(&stats, index) {
+                    problems.push(format!("pick {round}: answered backend {index}, which is {}", reason.as_str()));
+                }
+            }
+            Ok(None) if eligible > 0 => {
+                problems.push(format!("pick {round}: answered none while {eligible} backends were healthy"))
+            }
+            Ok(None) => {}
+            Err(message) => {
+                problems.push(format!("pick {round}: {message}"));
+                // A trapped instance cannot be entered again: start a fresh one.
+                instance = Instance::new(&loaded)?.0;
+                let _ = instance.set_backends(1, &infos);
+            }
+        }
+        if problems.len() >= 10 {
+            problems.push("stopped after 10 problems".into());
+            return Ok(report);
+        }
+    }
+
+    // Latency on an all-healthy snapshot, as on a quiet production pool.
+    for i in 0..n {
+        stats[i * STATS_STRIDE] = (i % 7) as u32;
+        stats[i * STATS_STRIDE + 1] = BackendState::Healthy as u32;
+    }
+    let timed = 2000;
+    let started = Instant::now();
+    for k in 0..timed {
+        if let Err(message) = call(&mut instance, sample_connection(k, k.wrapping_mul(0x9e37_79b9)), &stats) {
+            report.problems.push(format!("timed pick {k}: {message}"));
+            return Ok(report);
+        }
+    }
+    report.ns_per_pick = started.elapsed().as_nanos() as f64 / timed as f64;
+    Ok(report)
+}

@@ -1,0 +1,319 @@
+//! `harbor strategy simulate`: drives one strategy (or two, side by side) offline with
+//! synthetic traffic — arrivals, durations, backends of different speeds and weights, connect
+//! failures with cooldown, a draining backend — and reports how it spread the load.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+
+use super::bindings::BackendInfo;
+use super::check::sample_connection;
+use super::engine::StrategyEngine;
+use super::instance::Instance;
+use super::{builtin_round_robin, validate, GuestLimits, LoadedStrategy, StrategyError, STATS_STRIDE};
+use crate::backend::BackendState;
+
+/// One simulated backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimBackend {
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// A connection lasts `duration / speed` here.
+    #[serde(default = "one_f")]
+    pub speed: f64,
+    /// Probability that a connect to it fails.
+    #[serde(default)]
+    pub fail_rate: f64,
+    #[serde(default = "default_cooldown")]
+    pub cooldown_ms: f64,
+    /// Fraction of the run after which it drains.
+    #[serde(default)]
+    pub drain_at: Option<f64>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn default_cooldown() -> f64 {
+    5000.0
+}
+
+/// A simulated run, as read from `--scenario FILE.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub connections: usize,
+    pub arrival_per_sec: f64,
+    pub mean_duration_ms: f64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(rename = "backend")]
+    pub backends: Vec<SimBackend>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("scenario {path}: {message}")]
+    Scenario { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Strategy { path: PathBuf, source: StrategyError },
+}
+
+impl Scenario {
+    /// The default mix for `--backends N`: weights 1,2,1,2…, speeds 1, 2, 0.5 repeating, the last
+    /// backend failing 5 % of connects, and backend 1 draining halfway (with 3 or more backends).
+    pub fn mixed(backends: usize, connections: usize, seed: u64) -> Scenario {
+        let n = backends.max(1);
+        let backends = (0..n)
+            .map(|i| SimBackend {
+                weight: 1 + (i % 2) as u32,
+                speed: [1.0, 2.0, 0.5][i % 3],
+                fail_rate: if i == n - 1 && n > 1 { 0.05 } else { 0.0 },
+                cooldown_ms: 500.0,
+                drain_at: (i == 1 && n >= 3).then_some(0.5),
+            })
+            .collect();
+        Scenario { connections, arrival_per_sec: 2000.0, mean_duration_ms: 50.0, seed, backends }
+    }
+
+    pub fn load(path: &Path) -> Result<Scenario, SimulateError> {
+        let err = |message: String| SimulateError::Scenario { path: path.to_path_buf(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let scenario: Scenario = toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
+        scenario.validate().map_err(err)?;
+        Ok(scenario)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.backends.is_empty() || self.backends.len() > 4096 {
+            return Err("needs 1 to 4096 [[backend]] tables".into());
+        }
+        if self.connections == 0 || self.connections > 10_000_000 {
+            return Err("connections must be between 1 and 10000000".into());
+        }
+        if !(self.arrival_per_sec > 0.0 && self.mean_duration_ms > 0.0) {
+            return Err("arrival_per_sec and mean_duration_ms must be positive".into());
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if b.weight == 0 || !(b.speed > 0.0) || !(0.0..=1.0).contains(&b.fail_rate) || b.cooldown_ms < 0.0 {
+                return Err(format!("backend {i}: weight >= 1, speed > 0, fail_rate in 0..=1, cooldown_ms >= 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The traffic itself, drawn once so that every strategy sees the same arrivals.
+struct Traffic {
+    arrivals_ms: Vec<f64>,
+    base_duration_ms: Vec<f64>,
+    /// Uniform draws deciding connect failures (two attempts per connection).
+    fail_draws: Vec<[f64; 2]>,
+    seeds: Vec<u64>,
+}
+
+impl Traffic {
+    fn draw(s: &Scenario) -> Traffic {
+        let mut rng = StdRng::seed_from_u64(s.seed);
+        let mut t = 0.0;
+        let exp = |rng: &mut StdRng, mean: f64| -mean * (1.0 - rng.random::<f64>()).ln();
+        let mut traffic = Traffic { arrivals_ms: vec![], base_duration_ms: vec![], fail_draws: vec![], seeds: vec![] };
+        for _ in 0..s.connections {
+            t += exp(&mut rng, 1000.0 / s.arrival_per_sec);
+            traffic.arrivals_ms.push(t);
+            traffic.base_duration_ms.push(exp(&mut rng, s.mean_duration_ms));
+            traffic.fail_draws.push([rng.random(), rng.random()]);
+            traffic.seeds.push(rng.random());
+        }
+        traffic
+    }
+}
+
+/// What one strategy did with the scenario.
+#[derive(Debug, Clone)]
+pub struct SimReport {
+    pub name: String,
+    pub connections: usize,
+    pub picks_per_backend: Vec<u64>,
+    pub peak_active: Vec<u32>,
+    pub failed_connects: u64,
+    pub ineligible_picks: u64,
+    pub faults: u64,
+    pub unplaced: u64,
+    pub ns_per_pick: f64,
+}
+
+impl SimReport {
+    /// Max/min of peak active connections per unit of weight, over backends that never drained.
+    pub fn imbalance(&self, scenario: &Scenario) -> f64 {
+        let loads: Vec<f64> = scenario
+            .backends
+            .iter()
+            .zip(&self.peak_active)
+            .filter(|(b, _)| b.drain_at.is_none())
+            .map(|(b, peak)| f64::from(*peak) / f64::from(b.weight))
+            .collect();
+        let max = loads.iter().cloned().fold(0.0, f64::max);
+        let min = loads.iter().cloned().fold(f64::INFINITY, f64::min);
+        if min > 0.0 {
+            max / min
+        } else if max > 0.0 {
+            f64::INFINITY
+        } else {
+            1.0
+        }
+    }
+
+    pub fn render(&self, scenario: &Scenario) -> String {
+        let total: u64 = self.picks_per_backend.iter().sum::<u64>().max(1);
+        let mut out = format!("strategy {}\n  backend  weight  speed  fail  drain   share   peak\n", self.name);
+        for (i, b) in scenario.backends.iter().enumerate() {
+            out.push_str(&format!(
+                "  {:>7}  {:>6}  {:>5.2}  {:>4.2}  {:>5}  {:>5.1}%  {:>5}\n",
+                i,
+                b.weight,
+                b.speed,
+                b.fail_rate,
+                b.drain_at.map_or("-".into(), |d| format!("{d:.2}")),
+                100.0 * self.picks_per_backend[i] as f64 / total as f64,
+                self.peak_active[i]
+            ));
+        }
+        out.push_str(&format!(
+            "  imbalance (peak per weight, max/min): {:.2}\n  failed connects: {}  ineligible picks: {}  faults: {}  unplaced: {}\n  pick latency: {:.0} ns\n",
+            self.imbalance(scenario),
+            self.failed_connects,
+            self.ineligible_picks,
+            self.faults,
+            self.unplaced,
+            self.ns_per_pick
+        ));
+        out
+    }
+}
+
+/// Runs `bytes` (a strategy component) through `scenario`.
+pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) -> Result<SimReport, SimulateError> {
+    let wrap = |source_err| SimulateError::Strategy { path: source.to_path_buf(), source: source_err };
+    let loaded = LoadedStrategy::from_bytes(StrategyEngine::global(), bytes, source, GuestLimits::default(), config)
+        .map_err(wrap)?;
+    let infos: Vec<BackendInfo> = scenario
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| BackendInfo { index: i as u32, address: format!("sim-{i}"), weight: b.weight })
+        .collect();
+    let new_instance = || -> Result<Instance, StrategyError> {
+        let (mut instance, _) = Instance::new(&loaded)?;
+        instance.set_backends(1, &infos).map_err(|f| StrategyError::InitTrapped(format!("{f:?}")))?;
+        Ok(instance)
+    };
+    let mut instance = new_instance().map_err(wrap)?;
+    let traffic = Traffic::draw(scenario);
+    let n = infos.len();
+    let horizon = traffic.arrivals_ms.last().copied().unwrap_or(0.0);
+    let mut report = SimReport {
+        name: loaded.name.clone(),
+        connections: scenario.connections,
+        picks_per_backend: vec![0; n],
+        peak_active: vec![0; n],
+        failed_connects: 0,
+        ineligible_picks: 0,
+        faults: 0,
+        unplaced: 0,
+        ns_per_pick: 0.0,
+    };
+    let mut active = vec![0u32; n];
+    let mut cooldown_until = vec![0.0f64; n];
+    let mut failures = vec![0u32; n];
+    let mut ends: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+    let mut stats = vec![0u32; n * STATS_STRIDE];
+    let mut pick_ns: u128 = 0;
+    let mut sequence = 0u64;
+
+    for k in 0..scenario.connections {
+        let now = traffic.arrivals_ms[k];
+        while let Some(Reverse((end, b))) = ends.peek().copied() {
+            if end as f64 / 1000.0 > now {
+                break;
+            }
+            ends.pop();
+            active[b] -= 1;
+        }
+        let mut excluded: Option<usize> = None;
+        for attempt in 0..2 {
+            for (i, b) in scenario.backends.iter().enumerate() {
+                let state = if b.drain_at.is_some_and(|d| now >= d * horizon) {
+                    BackendState::Draining
+                } else if excluded == Some(i) || cooldown_until[i] > now {
+                    BackendState::CoolingDown
+                } else {
+                    BackendState::Healthy
+                };
+                stats[i * STATS_STRIDE] = active[i];
+                stats[i * STATS_STRIDE + 1] = state as u32;
+                stats[i * STATS_STRIDE + 2] = (200.0 / b.speed) as u32;
+                stats[i * STATS_STRIDE + 3] = failures[i];
+            }
+            let eligible = (0..n).filter(|i| stats[i * STATS_STRIDE + 1] == 0).count();
+            let mut conn = sample_connection(sequence, traffic.seeds[k]);
+            conn.attempt = attempt;
+            let started = Instant::now();
+            let answer = instance.pick(conn, &stats);
+            pick_ns += started.elapsed().as_nanos();
+            let chosen = match answer {
+                Ok(Some(index)) => match validate(&stats, index) {
+                    Ok(i) => Some(i),
+                    Err(_) => {
+                        report.ineligible_picks += 1;
+                        builtin_round_robin(&stats, eligible, sequence)
+                    }
+                },
+                Ok(None) if eligible > 0 => {
+                    report.ineligible_picks += 1;
+                    builtin_round_robin(&stats, eligible, sequence)
+                }
+                Ok(None) => None,
+                Err(_) => {
+                    report.faults += 1;
+                    instance = new_instance().map_err(wrap)?;
+                    builtin_round_robin(&stats, eligible, sequence)
+                }
+            };
+            sequence += 1;
+            let Some(b) = chosen else {
+                report.unplaced += 1;
+                break;
+            };
+            report.picks_per_backend[b] += 1;
+            let spec = &scenario.backends[b];
+            if traffic.fail_draws[k][attempt as usize] < spec.fail_rate {
+                report.failed_connects += 1;
+                failures[b] += 1;
+                cooldown_until[b] = now + spec.cooldown_ms;
+                excluded = Some(b);
+                if attempt == 1 {
+                    report.unplaced += 1;
+                }
+                continue;
+            }
+            failures[b] = 0;
+            active[b] += 1;
+            report.peak_active[b] = report.peak_active[b].max(active[b]);
+            let end_ms = now + traffic.base_duration_ms[k] / spec.speed;
+            ends.push(Reverse(((end_ms * 1000.0) as u64, b)));
+            break;
+        }
+    }
+    report.ns_per_pick = pick_ns as f64 / sequence.max(1) as f64;
+    Ok(report)
+}

@@ -1,0 +1,118 @@
+//! `harbor strategy check` and `harbor strategy simulate` on good and bad components.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn harbor(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_harbor")).args(args).output().expect("run harbor")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn check_passes_the_shipped_strategies() {
+    for name in ["round_robin", "least_conn"] {
+        let path = strategy(name);
+        let out = harbor(&["strategy", "check", path.to_str().unwrap(), "--backends", "16"]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{name}: {stdout}{stderr}");
+        assert!(stdout.contains(&format!("name:          {name}")), "{stdout}");
+        assert!(stdout.contains("imports:       harbor:strategy/types@0.1.0"), "{stdout}");
+        assert!(stdout.contains("exports:       init, set-backends, pick, report"), "{stdout}");
+        assert!(stdout.contains("picks checked: 500"), "{stdout}");
+        assert!(stdout.contains("result:        ok"), "{stdout}");
+    }
+}
+
+#[test]
+fn check_explains_what_is_wrong() {
+    let cases = [
+        ("none_always.wat", "answered none while"),
+        ("out_of_range.wat", "which is out_of_range"),
+        ("trap.wat", "trapped"),
+        ("infinite_loop.wat", "exceeded its time or fuel limit"),
+        ("wasi_import.wat", "wasi:random/random@0.2.0"),
+        ("wrong_world.wat", "does not implement the harbor:strategy/strategy@0.1.0 world"),
+        ("init_fails.wat", "init rejected the configuration: bad config"),
+        ("garbage.wasm", "not a WebAssembly component"),
+        ("empty.wasm", "the file is empty"),
+    ];
+    for (file, needle) in cases {
+        let path = fixture(file);
+        let out = harbor(&["strategy", "check", path.to_str().unwrap(), "--picks", "50"]);
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{file} passed the check: {stdout}");
+        assert!(stdout.contains(needle) || stderr.contains(needle), "{file}: want {needle:?}\n{stdout}{stderr}");
+    }
+}
+
+#[test]
+fn simulate_compares_two_strategies_on_the_same_traffic() {
+    let (lc, rr) = (strategy("least_conn"), strategy("round_robin"));
+    let out = harbor(&[
+        "strategy",
+        "simulate",
+        lc.to_str().unwrap(),
+        "--vs",
+        rr.to_str().unwrap(),
+        "--backends",
+        "4",
+        "--connections",
+        "4000",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("strategy least_conn") && stdout.contains("strategy round_robin"), "{stdout}");
+    assert_eq!(stdout.matches("ineligible picks: 0").count(), 2, "{stdout}");
+    // Each strategy's shares add up to 100 %.
+    for block in stdout.split("strategy ").skip(2) {
+        let total: f64 = block
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .filter_map(|share| share.strip_suffix('%'))
+            .filter_map(|v| v.parse::<f64>().ok())
+            .sum();
+        assert!((total - 100.0).abs() < 0.5, "shares add up to {total}: {block}");
+    }
+    // least_conn spreads peak load (per weight) more evenly than round-robin on mixed speeds.
+    let imbalance = |name: &str| -> f64 {
+        let block = stdout.split(&format!("strategy {name}")).nth(1).unwrap();
+        let line = block.lines().find(|l| l.contains("imbalance")).unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(imbalance("least_conn") < imbalance("round_robin"), "{stdout}");
+}
+
+#[test]
+fn simulate_reads_a_scenario_and_flags_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("harbor-sim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "connections = 2000\narrival_per_sec = 500\nmean_duration_ms = 20\nseed = 7\n\
+         [[backend]]\nweight = 3\n[[backend]]\nweight = 1\n[[backend]]\nfail_rate = 1.0\ncooldown_ms = 100000\n",
+    )
+    .unwrap();
+    let none = fixture("none_always.wat");
+    let out = harbor(&["strategy", "simulate", none.to_str().unwrap(), "--scenario", good.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("scenario: 2000 connections"), "{stdout}");
+    // A strategy that answers none is caught on every pick, and the fallback still places them.
+    assert!(!stdout.contains("ineligible picks: 0"), "{stdout}");
+    assert!(stdout.contains("unplaced: 0") || stdout.contains("unplaced: 1"), "{stdout}");
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "connections = 10\narrival_per_sec = 1\nmean_duration_ms = 1\nbackend = []\n").unwrap();
+    let lc = strategy("least_conn");
+    let out = harbor(&["strategy", "simulate", lc.to_str().unwrap(), "--scenario", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("needs 1 to 4096 [[backend]] tables"), "{}", text(&out).1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
