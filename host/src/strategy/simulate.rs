@@ -100,11 +100,12 @@ impl Scenario {
         if self.connections == 0 || self.connections > 10_000_000 {
             return Err("connections must be between 1 and 10000000".into());
         }
-        if !(self.arrival_per_sec > 0.0 && self.mean_duration_ms > 0.0) {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.arrival_per_sec) || !positive(self.mean_duration_ms) {
             return Err("arrival_per_sec and mean_duration_ms must be positive".into());
         }
         for (i, b) in self.backends.iter().enumerate() {
-            if b.weight == 0 || !(b.speed > 0.0) || !(0.0..=1.0).contains(&b.fail_rate) || b.cooldown_ms < 0.0 {
+            if b.weight == 0 || !positive(b.speed) || !(0.0..=1.0).contains(&b.fail_rate) || b.cooldown_ms < 0.0 {
                 return Err(format!("backend {i}: weight >= 1, speed > 0, fail_rate in 0..=1, cooldown_ms >= 0"));
             }
         }
