@@ -61,6 +61,7 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
                 let connect_time = dial_started.elapsed();
                 backend.record_connect_success(connect_time);
                 let _active = backend.track_active();
+                let relay_started = Instant::now();
                 let stats = relay(client, stream, shared.relay_limits, &shared.cut).await;
                 backend.metrics.bytes_to_backend.inc_by(stats.to_backend);
                 backend.metrics.bytes_to_client.inc_by(stats.to_client);
@@ -78,7 +79,7 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
                         backend: backend.index as u32,
                         connected: true,
                         connect_micros: micros(connect_time),
-                        duration_millis: millis(lifetime),
+                        duration_millis: millis(relay_started.elapsed()),
                         bytes_to_backend: stats.to_backend,
                         bytes_to_client: stats.to_client,
                     },

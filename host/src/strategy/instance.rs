@@ -61,11 +61,13 @@ impl Instance {
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_trap();
         let ticks = deadline_ticks(loaded.limits.call_timeout);
-        store.set_epoch_deadline(ticks);
+        // Instantiation and `init` may build tables: they get 20x the per-call deadline.
+        store.set_epoch_deadline(ticks * 20);
         let _ = store.set_fuel(FUEL_PER_INIT);
         let bindings = loaded.pre.instantiate(&mut store).map_err(|e| StrategyError::Instantiate(format!("{e:#}")))?;
         let mut instance = Instance { store, bindings, ticks, backends_generation: 0 };
-        instance.arm(FUEL_PER_INIT);
+        instance.store.set_epoch_deadline(ticks * 20);
+        let _ = instance.store.set_fuel(FUEL_PER_INIT);
         let info = match instance.bindings.call_init(&mut instance.store, &loaded.init_config) {
             Ok(Ok(info)) => info,
             Ok(Err(message)) => return Err(StrategyError::InitRejected(message)),

@@ -46,11 +46,11 @@ pub enum StrategyError {
     TooLarge(usize),
     #[error("not a WebAssembly component: the file has no \\0asm header (and is not component text)")]
     NotWasm,
-    #[error("this is a core wasm module, not a component: wrap it with `wasm-tools component new` (or build for wasm32-wasip2)")]
+    #[error("this is a core wasm module, not a component: build for wasm32-unknown-unknown and wrap it with `wasm-tools component new` (or wit-component)")]
     CoreModule,
     #[error("not a valid WebAssembly component: {0}")]
     Compile(String),
-    #[error("the component imports what Harbor does not provide ({0}); a strategy must be pure logic: build without WASI (e.g. wasm32-unknown-unknown + wit-component, componentize-py -s, componentize-js -d all)")]
+    #[error("the component imports what Harbor does not provide ({0}); a strategy must be pure logic: build without WASI (wasm32-unknown-unknown + wit-component for Rust, componentize-py --stub-wasi, componentize-js --disable stdio random clocks http fetch-event)")]
     ForeignImports(String),
     #[error("the component does not implement the harbor:strategy/strategy@0.1.0 world: {0}")]
     WrongWorld(String),

@@ -43,6 +43,9 @@ fn one() -> u32 {
 fn one_f() -> f64 {
     1.0
 }
+fn default_seed() -> u64 {
+    1
+}
 fn default_cooldown() -> f64 {
     5000.0
 }
@@ -54,7 +57,7 @@ pub struct Scenario {
     pub connections: usize,
     pub arrival_per_sec: f64,
     pub mean_duration_ms: f64,
-    #[serde(default)]
+    #[serde(default = "default_seed")]
     pub seed: u64,
     #[serde(rename = "backend")]
     pub backends: Vec<SimBackend>,
