@@ -37,6 +37,14 @@ pub enum ConnectError {
     Io(#[from] io::Error),
 }
 
+impl ConnectError {
+    /// True if the failure is Harbor's own (out of descriptors or memory), not the backend's:
+    /// such failures must not put a healthy backend into cooldown.
+    pub fn is_local(&self) -> bool {
+        matches!(self, ConnectError::Io(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)))
+    }
+}
+
 /// Connects to `addr` within `timeout`.
 pub async fn connect(addr: SocketAddr, timeout: Duration, options: &SocketOptions) -> Result<TcpStream, ConnectError> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };

@@ -86,6 +86,15 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
                 );
                 return;
             }
+            Err(error) if error.is_local() => {
+                // Out of descriptors or memory here: the backend is not at fault, and another
+                // backend would fail the same way. Close this client; accepting backs off.
+                shared.metrics.dial_failures.inc();
+                if shared.hot_path_log.allow() {
+                    tracing::warn!(backend = %backend.address, "{error}: local resources exhausted, closing the client");
+                }
+                break;
+            }
             Err(error) => {
                 let cooldown = backend.record_connect_failure(config.cooldown, config.max_cooldown);
                 shared.metrics.dial_failures.inc();

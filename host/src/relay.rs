@@ -6,8 +6,11 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use std::io::Read;
+use std::net::Shutdown;
+
+use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -72,15 +75,14 @@ const POOLED_BUFFERS: usize = 64;
 thread_local! {
     /// Relay buffers not in use on this thread: taking one costs neither an allocation nor
     /// zeroing, and an idle connection holds none.
-    static BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BUFFERS: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn take_buffer() -> Vec<u8> {
-    BUFFERS.with(|b| b.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE))
+fn take_buffer() -> Box<[u8]> {
+    BUFFERS.with(|b| b.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice())
 }
 
-fn give_back(mut buffer: Vec<u8>) {
-    buffer.clear();
+fn give_back(buffer: Box<[u8]>) {
     BUFFERS.with(|b| {
         let mut pool = b.borrow_mut();
         if pool.len() < POOLED_BUFFERS {
@@ -89,25 +91,62 @@ fn give_back(mut buffer: Vec<u8>) {
     });
 }
 
+/// One read from a ready socket. A short read (less than the buffer) means the socket
+/// buffer is drained, so the readiness is cleared right away: the next wait sleeps until
+/// new data instead of costing a `recv` that can only say EAGAIN. Tokio clears readiness only
+/// if no new event arrived meanwhile, so no wake-up is lost.
+fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    let mut short = None;
+    let result = src.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(src)).read(buf)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (result, short) {
+        (_, Some(n)) => Ok(Some(n)),
+        (Ok(n), None) => Ok(Some(n)),
+        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        (Err(e), None) => Err(e),
+    }
+}
+
+/// Writes all of `data`, waiting for writability when the socket buffer is full.
+async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match dst.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Copies `src` to `dst` until EOF, then shuts down writing on `dst` (the half-close).
-async fn pump(src: &ReadHalf<'_>, dst: &mut WriteHalf<'_>, moved: &AtomicU64, activity: &Activity) -> io::Result<()> {
+async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, activity: &Activity) -> io::Result<()> {
     loop {
         src.readable().await?;
         let mut buffer = take_buffer();
         let result = loop {
-            match src.try_read_buf(&mut buffer) {
-                Ok(0) => break dst.shutdown().await.map(|()| true),
-                Ok(n) => {
+            match read_once(src, &mut buffer) {
+                Ok(Some(0)) => break SockRef::from(dst).shutdown(Shutdown::Write).map(|()| true),
+                Ok(Some(n)) => {
                     activity.touch();
-                    if let Err(e) = dst.write_all(&buffer).await {
+                    if let Err(e) = write_all(dst, &buffer[..n]).await {
                         break Err(e);
                     }
                     moved.fetch_add(n as u64, Ordering::Relaxed);
                     activity.touch();
-                    buffer.clear();
+                    if n < buffer.len() {
+                        break Ok(false); // drained (readiness already cleared)
+                    }
                 }
                 // Dry: give the buffer back before waiting again.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
+                Ok(None) => break Ok(false),
                 Err(e) => break Err(e),
             }
         };
@@ -139,19 +178,11 @@ async fn sleep_opt(deadline: Option<Instant>) {
 
 /// Relays between `client` and `backend` until both directions end, a deadline passes, or
 /// `cut` is cancelled. Both sockets are closed when it returns.
-pub async fn relay(
-    mut client: TcpStream,
-    mut backend: TcpStream,
-    limits: RelayLimits,
-    cut: &CancellationToken,
-) -> RelayStats {
+pub async fn relay(client: TcpStream, backend: TcpStream, limits: RelayLimits, cut: &CancellationToken) -> RelayStats {
     let activity = Activity { start: Instant::now(), last_ms: AtomicU64::new(0) };
     let (to_backend, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (client_read, mut client_write) = client.split();
-    let (backend_read, mut backend_write) = backend.split();
-
-    let upstream = pump(&client_read, &mut backend_write, &to_backend, &activity);
-    let downstream = pump(&backend_read, &mut client_write, &to_client, &activity);
+    let upstream = pump(&client, &backend, &to_backend, &activity);
+    let downstream = pump(&backend, &client, &to_client, &activity);
     tokio::pin!(upstream, downstream);
     let idle = idle_watch(&activity, limits.idle);
     tokio::pin!(idle);
