@@ -15,12 +15,9 @@ pub struct SocketOptions {
 }
 
 impl SocketOptions {
-    /// Applies the options; failures are not fatal for a connection, so they are returned
-    /// for the caller to log.
-    pub fn apply(&self, stream: &TcpStream) -> io::Result<()> {
-        if self.nodelay {
-            stream.set_nodelay(true)?;
-        }
+    /// Applies the options to an accepted client socket. TCP_NODELAY comes from the
+    /// listener (accepted sockets inherit it), so only keepalive needs a call, if enabled.
+    pub fn apply_to_client(&self, stream: &TcpStream) -> io::Result<()> {
         if let Some(idle) = self.keepalive {
             SockRef::from(stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
         }

@@ -35,7 +35,7 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
     let started = Instant::now();
     let config = &shared.config;
     let pool = shared.pool.load();
-    if let Err(e) = shared.socket_options.apply(&client) {
+    if let Err(e) = shared.socket_options.apply_to_client(&client) {
         tracing::debug!("client socket options: {e}");
     }
     let mut excluded: Vec<usize> = Vec::with_capacity(config.connect_attempts.min(MAX_EXCLUDED as u32) as usize);

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Size of the buffer a busy direction holds.
-pub const BUFFER_SIZE: usize = 32 * 1024;
+pub const BUFFER_SIZE: usize = 64 * 1024;
 
 /// Deadlines of a relayed connection.
 #[derive(Debug, Clone, Copy, Default)]
@@ -70,7 +70,7 @@ impl Activity {
 }
 
 /// Buffers kept per thread for reuse; beyond this, returned buffers are freed.
-const POOLED_BUFFERS: usize = 64;
+const POOLED_BUFFERS: usize = 32;
 
 thread_local! {
     /// Relay buffers not in use on this thread: taking one costs neither an allocation nor

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use socket2::SockRef;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -81,6 +82,13 @@ impl Harbor {
                 .map_err(|source| HarborError::Strategy { path: path.display().to_string(), source })?;
         }
         let listener = bind(config.listen).await?;
+        if config.nodelay {
+            // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt
+            // here instead of one per connection.
+            SockRef::from(&listener)
+                .set_tcp_nodelay(true)
+                .map_err(|source| HarborError::Bind { addr: config.listen, source })?;
+        }
         let admin = match config.admin {
             Some(addr) => Some(bind(addr).await?),
             None => None,
