@@ -215,10 +215,11 @@ impl From<&Backend> for BackendView {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pool(n: usize) -> BackendPool {
+    /// `n` backends 127.0.0.1:7000.., weight 1.
+    pub(crate) fn pool(n: usize) -> BackendPool {
         let configs: Vec<BackendConfig> = (0..n)
             .map(|i| BackendConfig { address: format!("127.0.0.1:{}", 7000 + i).parse().unwrap(), weight: 1 })
             .collect();

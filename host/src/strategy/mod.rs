@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -314,11 +314,6 @@ impl StrategyHost {
         });
     }
 
-    /// Goes back to the built-in round-robin.
-    pub fn use_builtin(&self) {
-        self.active.store(Arc::new(Active::default()));
-    }
-
     /// The active strategy, for the admin endpoint.
     pub fn status(&self) -> StrategyStatus {
         let active = self.active.load();
@@ -436,24 +431,10 @@ pub fn failed_outcome(pick: &Pick, index: usize, elapsed: Duration) -> Connectio
     }
 }
 
-/// Measures elapsed time for the pick-latency histogram.
-pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
-    let start = Instant::now();
-    let value = f();
-    (value, start.elapsed())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BackendConfig;
-
-    fn pool(n: usize) -> BackendPool {
-        let configs: Vec<BackendConfig> = (0..n)
-            .map(|i| BackendConfig { address: format!("127.0.0.1:{}", 7000 + i).parse().unwrap(), weight: 1 })
-            .collect();
-        BackendPool::new(&configs, &Metrics::new(), 1)
-    }
+    use crate::backend::tests::pool;
 
     #[test]
     fn builtin_round_robin_starts_at_zero_and_skips_ineligible() {
