@@ -152,8 +152,8 @@ fn run(config: Config) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let harbor = match Harbor::bind(config).await {
             Ok(h) => h,
-            Err(harbor::HarborError::Strategy { path, source }) => {
-                eprintln!("harbor: configuration error: strategy {path}: {source}");
+            Err(harbor::HarborError::Strategy { path, error }) => {
+                eprintln!("harbor: configuration error: strategy {path}: {error}");
                 std::process::exit(2);
             }
             Err(e) => return Err(e).context("starting"),

@@ -26,10 +26,10 @@ use crate::strategy::{GuestLimits, StrategyError, StrategyHost};
 /// Why Harbor could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum HarborError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("strategy {path}: {source}")]
-    Strategy { path: String, source: StrategyError },
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: SocketAddr, error: std::io::Error },
+    #[error("strategy {path}: {error}")]
+    Strategy { path: String, error: StrategyError },
     #[error(transparent)]
     Watch(#[from] WatchError),
     #[error("accepting connections failed: {0}")]
@@ -79,7 +79,7 @@ impl Harbor {
             strategy
                 .load_file(path)
                 .await
-                .map_err(|source| HarborError::Strategy { path: path.display().to_string(), source })?;
+                .map_err(|error| HarborError::Strategy { path: path.display().to_string(), error })?;
         }
         let listener = bind(config.listen).await?;
         if config.nodelay {
@@ -87,7 +87,7 @@ impl Harbor {
             // here instead of one per connection.
             SockRef::from(&listener)
                 .set_tcp_nodelay(true)
-                .map_err(|source| HarborError::Bind { addr: config.listen, source })?;
+                .map_err(|error| HarborError::Bind { addr: config.listen, error })?;
         }
         let admin = match config.admin {
             Some(addr) => Some(bind(addr).await?),
@@ -211,8 +211,8 @@ impl RunningHarbor {
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, HarborError> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-        .map_err(|source| HarborError::Bind { addr, source })?;
-    socket.set_reuseaddr(true).map_err(|source| HarborError::Bind { addr, source })?;
-    socket.bind(addr).map_err(|source| HarborError::Bind { addr, source })?;
-    socket.listen(4096).map_err(|source| HarborError::Bind { addr, source })
+        .map_err(|error| HarborError::Bind { addr, error })?;
+    socket.set_reuseaddr(true).map_err(|error| HarborError::Bind { addr, error })?;
+    socket.bind(addr).map_err(|error| HarborError::Bind { addr, error })?;
+    socket.listen(4096).map_err(|error| HarborError::Bind { addr, error })
 }

@@ -100,7 +100,7 @@ fn demo(root: &Path, extra: &[String]) -> Result<()> {
         );
     }
     eprintln!(
-        "xtask: Harbor listens on 127.0.0.1:9090 (admin: http://127.0.0.1:9100/metrics); try `nc 127.0.0.1 9090`"
+        "xtask: Harbor listens on 127.0.0.1:9090 (admin: http://127.0.0.1:9100/metrics); each connection is greeted by the backend it reached (backend-1 or backend-2) and echoed"
     );
     let status = Command::new(&harbor)
         .args(["--strategy", "strategies/least_conn.wasm", "--backends", "127.0.0.1:9001,127.0.0.1:9002"])
