@@ -141,3 +141,58 @@ async fn metrics_parse_and_match_the_traffic() {
     assert_eq!(views[0]["picks"], 5);
     harbor.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lifetime_cap_closes_even_a_busy_connection() {
+    let (backends, _stops) = echo_backends(1).await;
+    let mut cfg = config(&backends);
+    cfg.max_lifetime = Some(Duration::from_millis(500));
+    let harbor = start(cfg).await;
+    let (_, mut stream) = connect_and_greet(harbor.addr).await;
+    let started = Instant::now();
+    // Keep it busy: the idle timeout never fires, only the lifetime cap can end it.
+    let mut closed_after = None;
+    for i in 0..100u8 {
+        let _ = stream.write_all(&[i]).await;
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut b)).await {
+            Ok(Ok(1)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+        }
+    }
+    let closed_after = closed_after.expect("the lifetime cap never closed the connection");
+    assert!(closed_after >= Duration::from_millis(450), "closed too early: {closed_after:?}");
+    assert!(closed_after < Duration::from_millis(2500), "closed too late: {closed_after:?}");
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_half_close_timeout_ends_a_connection_left_half_open() {
+    // The backend never answers the client's EOF: it keeps its side open forever.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(stream);
+    });
+    let mut cfg = config(&[backend]);
+    cfg.half_close_timeout = Some(Duration::from_millis(300));
+    let harbor = start(cfg).await;
+    let mut client = tokio::net::TcpStream::connect(harbor.addr).await.unwrap();
+    client.write_all(b"done").await.unwrap();
+    client.shutdown().await.unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(STEP, client.read_to_end(&mut rest)).await.expect("closed by the half-close timeout");
+    let waited = started.elapsed();
+    assert!(rest.is_empty());
+    assert!(waited >= Duration::from_millis(250), "closed too early: {waited:?}");
+    assert!(waited < Duration::from_millis(2000), "closed too late: {waited:?}");
+    harbor.stop().await.unwrap();
+}
