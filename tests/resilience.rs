@@ -139,28 +139,32 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_flight_connections_refuses_new_ones_and_exits_zero() {
-    let backend = slow_backend(10, Duration::from_millis(100)).await; // ~1 s per connection
+/// Runs the real `harbor` binary listening on a free port with `args`, and returns it with
+/// its address and a first client connection once it accepts.
+async fn spawn_binary(args: &[&str]) -> (std::process::Child, std::net::SocketAddr, TcpStream) {
     let port = free_port();
-    let admin_port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--admin", &format!("127.0.0.1:{admin_port}")])
-        .args(["--backends", &backend.to_string(), "--shutdown-grace-ms", "5000", "--log-level", "warn"])
+    let child = Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn harbor");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut connected = None;
     for _ in 0..200 {
-        if let Ok(s) = TcpStream::connect(addr).await {
-            connected = Some(s);
-            break;
+        if let Ok(stream) = TcpStream::connect(addr).await {
+            return (child, addr, stream);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let first = connected.expect("harbor came up");
+    panic!("harbor did not come up on {addr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_connections_refuses_new_ones_and_exits_zero() {
+    let backend = slow_backend(10, Duration::from_millis(100)).await; // ~1 s per connection
+    let (mut child, addr, first) =
+        spawn_binary(&["--admin", "off", "--backends", &backend.to_string(), "--shutdown-grace-ms", "5000"]).await;
     let second = TcpStream::connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await; // both are mid-transfer
 
@@ -183,24 +187,8 @@ async fn sigterm_drains_in_flight_connections_refuses_new_ones_and_exits_zero() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let backend = slow_backend(100, Duration::from_millis(100)).await; // 10 s connection
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--admin", "off", "--backends", &backend.to_string()])
-        .args(["--shutdown-grace-ms", "30000", "--log-level", "warn"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn harbor");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut held = None;
-    for _ in 0..200 {
-        if let Ok(s) = TcpStream::connect(addr).await {
-            held = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let _held = held.expect("harbor came up");
+    let (mut child, _addr, _held) =
+        spawn_binary(&["--admin", "off", "--backends", &backend.to_string(), "--shutdown-grace-ms", "30000"]).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     tokio::time::sleep(Duration::from_millis(200)).await;
