@@ -143,7 +143,7 @@ fn free_port() -> u16 {
 /// its address and a first client connection once it accepts.
 async fn spawn_binary(args: &[&str]) -> (std::process::Child, std::net::SocketAddr, TcpStream) {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_harbor"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
         .args(args)
         .stdout(Stdio::null())
@@ -157,6 +157,8 @@ async fn spawn_binary(args: &[&str]) -> (std::process::Child, std::net::SocketAd
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("harbor did not come up on {addr}");
 }
 
