@@ -82,11 +82,13 @@ async fn least_conn_ties_do_not_all_go_to_index_zero() {
 }
 
 /// Loads a misbehaving fixture into a running Harbor and pushes connections through it:
-/// every one must succeed, and the faults must be counted under `reason`.
-async fn assert_fallback(fixture_name: &str, reason: &str) {
+/// every one must succeed, and the faults must be counted under `reason`. `tune` adjusts the
+/// configuration (a 20 ms strategy deadline by default).
+async fn assert_fallback(fixture_name: &str, reason: &str, tune: fn(&mut harbor::Config)) {
     let (backends, _stops) = echo_backends(2).await;
     let mut cfg = config(&backends);
     cfg.strategy_timeout = Duration::from_millis(20);
+    tune(&mut cfg);
     let harbor = start(cfg).await;
     let host = &harbor.shared.strategy;
     host.load_file(&fixture(fixture_name)).await.unwrap_or_else(|e| panic!("{fixture_name} should load: {e}"));
@@ -108,39 +110,28 @@ async fn assert_fallback(fixture_name: &str, reason: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapping_guest_costs_no_connection() {
-    assert_fallback("trap.wat", "trap").await;
+    assert_fallback("trap.wat", "trap", |_| {}).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_infinite_loop_is_cut_by_the_deadline() {
-    assert_fallback("infinite_loop.wat", "timeout").await;
+    assert_fallback("infinite_loop.wat", "timeout", |_| {}).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_is_stopped_by_the_limit() {
-    // The bomb grows until StoreLimits refuses (a trap), or spins after that (a timeout).
-    let (backends, _stops) = echo_backends(2).await;
-    let mut cfg = config(&backends);
-    cfg.strategy_memory_bytes = 8 << 20;
-    let harbor = start(cfg).await;
-    harbor.shared.strategy.load_file(&fixture("memory_bomb.wat")).await.unwrap();
-    for _ in 0..6 {
-        try_echo_roundtrip(harbor.addr, b"boom").await.expect("connection survives the bomb");
-    }
-    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
-    assert!(m.sum("harbor_strategy_fallbacks_total") >= 5.0);
-    assert_eq!(harbor.shared.strategy.status().kind, "builtin");
-    harbor.stop().await.unwrap();
+    // Harbor traps when the memory limit refuses growth.
+    assert_fallback("memory_bomb.wat", "trap", |cfg| cfg.strategy_memory_bytes = 8 << 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_out_of_range_answer_is_rejected() {
-    assert_fallback("out_of_range.wat", "out_of_range").await;
+    assert_fallback("out_of_range.wat", "out_of_range", |_| {}).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn none_while_backends_are_up_is_a_fault() {
-    assert_fallback("none_always.wat", "none_while_eligible").await;
+    assert_fallback("none_always.wat", "none_while_eligible", |_| {}).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,14 +162,6 @@ impl BackendPool {
         self.generation
     }
 
-    pub fn len(&self) -> usize {
-        self.backends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.backends.is_empty()
-    }
-
     pub fn get(&self, index: usize) -> Option<&Arc<Backend>> {
         self.backends.get(index)
     }

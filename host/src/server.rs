@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use socket2::SockRef;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -81,16 +80,9 @@ impl Harbor {
                 .await
                 .map_err(|error| HarborError::Strategy { path: path.display().to_string(), error })?;
         }
-        let listener = bind(config.listen).await?;
-        if config.nodelay {
-            // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt
-            // here instead of one per connection.
-            SockRef::from(&listener)
-                .set_tcp_nodelay(true)
-                .map_err(|error| HarborError::Bind { addr: config.listen, error })?;
-        }
+        let listener = bind(config.listen, config.nodelay).await?;
         let admin = match config.admin {
-            Some(addr) => Some(bind(addr).await?),
+            Some(addr) => Some(bind(addr, false).await?),
             None => None,
         };
         let pool = BackendPool::new(&config.backends, &metrics, 1);
@@ -131,11 +123,6 @@ impl Harbor {
     /// The admin server's address, if enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|a| a.local_addr().ok())
-    }
-
-    /// State shared with connections: metrics, strategy host, pool.
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
     }
 
     /// Serves until `shutdown` is cancelled, then drains: connections in flight get the grace
@@ -202,17 +189,18 @@ impl RunningHarbor {
             Err(join) => Err(HarborError::Accept(std::io::Error::other(join.to_string()))),
         }
     }
-
-    /// Starts the drain without waiting.
-    pub fn begin_shutdown(&self) {
-        self.shutdown.cancel();
-    }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, HarborError> {
+/// Binds a listener. With `nodelay`, TCP_NODELAY is set on the listening socket: accepted
+/// sockets inherit it on Linux, which saves one setsockopt per connection.
+async fn bind(addr: SocketAddr, nodelay: bool) -> Result<TcpListener, HarborError> {
+    let bind_error = |error| HarborError::Bind { addr, error };
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-        .map_err(|error| HarborError::Bind { addr, error })?;
-    socket.set_reuseaddr(true).map_err(|error| HarborError::Bind { addr, error })?;
-    socket.bind(addr).map_err(|error| HarborError::Bind { addr, error })?;
-    socket.listen(4096).map_err(|error| HarborError::Bind { addr, error })
+        .map_err(bind_error)?;
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    if nodelay {
+        socket.set_nodelay(true).map_err(bind_error)?;
+    }
+    socket.bind(addr).map_err(bind_error)?;
+    socket.listen(4096).map_err(bind_error)
 }

@@ -91,15 +91,14 @@ pub fn check_component(
     config: &str,
 ) -> Result<CheckReport, StrategyError> {
     let engine = StrategyEngine::global();
-    let loaded = LoadedStrategy::from_bytes(engine, bytes, source, GuestLimits::default(), config)?;
-    let component = engine.compile(&loaded.sha256, bytes).map_err(|e| StrategyError::Compile(e.to_string()))?;
-    let ty = component.component_type();
+    let loaded = LoadedStrategy::from_bytes(engine, bytes, sha256_hex(bytes), source, GuestLimits::default(), config)?;
+    let ty = loaded.component().component_type();
     let imports = ty.imports(&engine.engine).map(|(name, _)| name.to_string()).collect();
     let exports = ty.exports(&engine.engine).map(|(name, _)| name.to_string()).collect();
 
     let mut report = CheckReport {
         name: loaded.name.clone(),
-        sha256: sha256_hex(bytes),
+        sha256: loaded.sha256.clone(),
         size: bytes.len(),
         compile_time: loaded.compile_time,
         imports,

@@ -67,10 +67,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl LoadedStrategy {
-    /// Compiles and validates `bytes` (blocking; run it on a blocking thread).
+    /// Compiles and validates `bytes`, whose [`sha256_hex`] is `sha256` (blocking; run it on
+    /// a blocking thread).
     pub fn from_bytes(
         engine: &StrategyEngine,
         bytes: &[u8],
+        sha256: String,
         source: &Path,
         limits: GuestLimits,
         init_config: &str,
@@ -87,7 +89,6 @@ impl LoadedStrategy {
         if !bytes.starts_with(b"\0asm") && !looks_like_wat(bytes) {
             return Err(StrategyError::NotWasm);
         }
-        let sha256 = sha256_hex(bytes);
         let started = Instant::now();
         let component = engine.compile(&sha256, bytes).map_err(|e| StrategyError::Compile(format!("{e:#}")))?;
         let compile_time = started.elapsed();
@@ -120,6 +121,11 @@ impl LoadedStrategy {
     }
 
     /// Records a fault; true if there were at least `max` within `window` (the strategy should go).
+    /// The compiled component.
+    pub fn component(&self) -> &wasmtime::component::Component {
+        self.pre.instance_pre().component()
+    }
+
     pub fn record_fault(&self, max: usize, window: Duration) -> bool {
         let now = Instant::now();
         let Ok(mut faults) = self.faults.lock() else { return true };

@@ -269,8 +269,13 @@ impl StrategyHost {
     /// Loads a strategy from bytes (`source` is for display). Compilation runs on a blocking
     /// thread, never on the async workers.
     pub async fn load_bytes(&self, bytes: Vec<u8>, source: &Path) -> Result<LoadResult, StrategyError> {
-        let _serial = self.load_lock.lock().await;
         let sha = loaded::sha256_hex(&bytes);
+        self.load_hashed(bytes, sha, source).await
+    }
+
+    /// [`StrategyHost::load_bytes`] for a caller that already has the content's sha256.
+    pub async fn load_hashed(&self, bytes: Vec<u8>, sha: String, source: &Path) -> Result<LoadResult, StrategyError> {
+        let _serial = self.load_lock.lock().await;
         if self.active.load().current.as_ref().is_some_and(|c| c.sha256 == sha) {
             self.metrics.reload(ReloadOutcome::Unchanged);
             return Ok(LoadResult::Unchanged);
@@ -278,7 +283,7 @@ impl StrategyHost {
         let engine = Arc::clone(&self.engine);
         let (limits, config, source_owned) = (self.limits, self.init_config.clone(), source.to_path_buf());
         let result = tokio::task::spawn_blocking(move || {
-            LoadedStrategy::from_bytes(&engine, &bytes, &source_owned, limits, &config)
+            LoadedStrategy::from_bytes(&engine, &bytes, sha, &source_owned, limits, &config)
         })
         .await
         .unwrap_or_else(|join| Err(StrategyError::Instantiate(format!("loader thread failed: {join}"))));

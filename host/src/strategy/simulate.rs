@@ -15,6 +15,7 @@ use super::bindings::BackendInfo;
 use super::check::sample_connection;
 use super::engine::StrategyEngine;
 use super::instance::Instance;
+use super::loaded::sha256_hex;
 use super::{builtin_round_robin, validate, GuestLimits, LoadedStrategy, StrategyError, STATS_STRIDE};
 use crate::backend::BackendState;
 
@@ -208,7 +209,8 @@ impl SimReport {
 /// Runs `bytes` (a strategy component) through `scenario`.
 pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) -> Result<SimReport, SimulateError> {
     let wrap = |source_err| SimulateError::Strategy { path: source.to_path_buf(), source: source_err };
-    let loaded = LoadedStrategy::from_bytes(StrategyEngine::global(), bytes, source, GuestLimits::default(), config)
+    let engine = StrategyEngine::global();
+    let loaded = LoadedStrategy::from_bytes(engine, bytes, sha256_hex(bytes), source, GuestLimits::default(), config)
         .map_err(wrap)?;
     let infos: Vec<BackendInfo> = scenario
         .backends

@@ -173,7 +173,7 @@ pub fn spawn_watcher(
                 if rejected.get(&path) == Some(&sha) {
                     continue; // same broken content as last time: already logged
                 }
-                match host.load_bytes(bytes, &path).await {
+                match host.load_hashed(bytes, sha.clone(), &path).await {
                     Ok(LoadResult::Loaded { .. }) | Ok(LoadResult::Unchanged) => {
                         rejected.remove(&path);
                     }
