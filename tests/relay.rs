@@ -86,6 +86,45 @@ async fn backend_closing_first_reaches_the_client() {
     harbor.stop().await.unwrap();
 }
 
+/// The backend answers and half-closes at once, as a server that greets and stops talking
+/// does: its reply and its FIN reach Harbor together (the path where Harbor sends the last
+/// chunk corked and the FIN right behind it). The client must get the reply and then the EOF,
+/// and its own half must stay open: 1 MiB sent after that EOF reaches the backend intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_and_fin_together_keep_the_other_half_open() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    const ROUNDS: usize = 10;
+    let backend_task = tokio::spawn(async move {
+        let mut hashes = Vec::new();
+        for _ in 0..ROUNDS {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            stream.write_all(b"220 ready, then silence").await.unwrap();
+            stream.shutdown().await.unwrap();
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received).await.unwrap();
+            hashes.push(sha256(&received));
+        }
+        hashes
+    });
+    let harbor = start(config(&[backend])).await;
+    let upload = pattern(MIB, 3);
+    for round in 0..ROUNDS {
+        let mut client = tokio::net::TcpStream::connect(harbor.addr).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(STEP, client.read_to_end(&mut got)).await.expect("reply and EOF arrive").unwrap();
+        assert_eq!(got, b"220 ready, then silence", "round {round}");
+        client.write_all(&upload).await.unwrap();
+        client.shutdown().await.unwrap();
+    }
+    let hashes = tokio::time::timeout(STEP * 4, backend_task).await.expect("backend saw every EOF").unwrap();
+    assert_eq!(hashes.len(), ROUNDS);
+    for (round, hash) in hashes.iter().enumerate() {
+        assert_eq!(hash, &sha256(&upload), "round {round}: client -> backend bytes differ after the backend's FIN");
+    }
+    harbor.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_fires_on_time_and_traffic_refreshes_it() {
     let (backends, _stops) = echo_backends(1).await;

@@ -38,10 +38,13 @@ pub async fn accept_loop(
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut backoff = FIRST_BACKOFF;
+    // One waiter on the token for the whole loop, not one registered and dropped per accept.
+    let stopped = shutdown.cancelled();
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = &mut stopped => return Ok(()),
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -67,7 +70,7 @@ pub async fn accept_loop(
                     tracing::warn!(?backoff, "accept failed, backing off: {error}");
                 }
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = &mut stopped => return Ok(()),
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);

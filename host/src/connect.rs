@@ -4,8 +4,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpSocket, TcpStream};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::TcpStream;
 
 /// Socket options applied to both the client and the backend socket.
 #[derive(Debug, Clone, Copy)]
@@ -43,15 +43,31 @@ impl ConnectError {
 }
 
 /// Connects to `addr` within `timeout`.
+///
+/// On loopback and fast LANs the handshake has usually finished by the time `connect(2)`
+/// returns EINPROGRESS; a `getpeername(2)` tells, so such a connection goes straight to
+/// relaying without a trip through the event loop or a timer. Otherwise it waits for the
+/// socket to turn writable (under the timeout) and reads the outcome from SO_ERROR.
 pub async fn connect(addr: SocketAddr, timeout: Duration, options: &SocketOptions) -> Result<TcpStream, ConnectError> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     if options.nodelay {
-        socket.set_nodelay(true)?;
+        socket.set_tcp_nodelay(true)?;
     }
-    let stream = match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(result) => result?,
-        Err(_) => return Err(ConnectError::Timeout(timeout)),
+    let in_progress = match socket.connect(&SockAddr::from(addr)) {
+        Ok(()) => false,
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => socket.peer_addr().is_err(),
+        Err(e) => return Err(e.into()),
     };
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    if in_progress {
+        match tokio::time::timeout(timeout, stream.writable()).await {
+            Ok(ready) => ready?,
+            Err(_) => return Err(ConnectError::Timeout(timeout)),
+        }
+        if let Some(error) = stream.take_error()? {
+            return Err(error.into());
+        }
+    }
     if let Some(idle) = options.keepalive {
         SockRef::from(&stream).set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
     }

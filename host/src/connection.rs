@@ -15,15 +15,13 @@ use crate::server::Shared;
 use crate::strategy::bindings::ConnectionOutcome;
 use crate::strategy::{failed_outcome, micros, millis, PickRequest};
 
-/// Most attempts remembered for exclusion (`connect_attempts` is capped at 16 by config).
-const MAX_EXCLUDED: usize = 16;
-
 /// Serves one accepted client. The permit holds a slot of `max-connections` until the end.
 pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
     let span = tracing::info_span!("conn", client = %peer, backend = tracing::field::Empty);
+    let own_span = span.clone();
     async move {
         shared.metrics.active_connections.inc();
-        proxy(client, peer, &shared).await;
+        proxy(client, peer, &shared, &own_span).await;
         shared.metrics.active_connections.dec();
         drop(permit);
     }
@@ -31,14 +29,14 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, per
     .await
 }
 
-async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
+async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared, span: &tracing::Span) {
     let started = Instant::now();
     let config = &shared.config;
     let pool = shared.pool.load();
     if let Err(e) = shared.socket_options.apply_to_client(&client) {
         tracing::debug!("client socket options: {e}");
     }
-    let mut excluded: Vec<usize> = Vec::with_capacity(config.connect_attempts.min(MAX_EXCLUDED as u32) as usize);
+    let mut excluded: Vec<usize> = Vec::new(); // allocates only if a connect fails
     for attempt in 0..config.connect_attempts {
         let request = PickRequest { pool: &pool, client: peer, attempt, excluded: &excluded };
         let pick_started = Instant::now();
@@ -52,7 +50,7 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
             return;
         };
         debug_assert!(!excluded.contains(&backend.index), "a backend already tried was picked again");
-        tracing::Span::current().record("backend", tracing::field::display(backend.address));
+        span.record("backend", tracing::field::display(backend.address));
         backend.metrics.picks.inc();
         shared.metrics.dials.inc();
         let dial_started = Instant::now();

@@ -3,7 +3,7 @@
 //! buffer: one is taken when data is ready and given back when the socket runs dry.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use std::io::Read;
@@ -91,13 +91,18 @@ fn give_back(buffer: Box<[u8]>) {
     });
 }
 
-/// One read from a ready socket. A short read (less than the buffer) means the socket
-/// buffer is drained, so the readiness is cleared right away: the next wait sleeps until
-/// new data instead of costing a `recv` that can only say EAGAIN. Tokio clears readiness only
-/// if no new event arrived meanwhile, so no wake-up is lost.
+/// One read from `src`. A short read (less than the buffer) means the socket buffer is
+/// drained, so the readiness is cleared right away: the next wait sleeps until new data
+/// instead of costing a `recv` that can only say EAGAIN. Tokio clears readiness only if no new
+/// event arrived meanwhile, so no wake-up is lost.
+///
+/// A socket that was just accepted or connected has had no event yet, so tokio knows of no
+/// readiness; the read is tried anyway (data sent right after a connect is usually there
+/// already), and EAGAIN then just means "wait". Nothing needs clearing in that case.
 fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    let mut short = None;
+    let (mut attempted, mut short) = (false, None);
     let result = src.try_io(Interest::READABLE, || {
+        attempted = true;
         let n = (&*SockRef::from(src)).read(buf)?;
         if n > 0 && n < buf.len() {
             short = Some(n);
@@ -105,6 +110,7 @@ fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
         }
         Ok(n)
     });
+    let result = if attempted { result } else { (&*SockRef::from(src)).read(buf) };
     match (result, short) {
         (_, Some(n)) => Ok(Some(n)),
         (Ok(n), None) => Ok(Some(n)),
@@ -113,12 +119,32 @@ fn read_once(src: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
     }
 }
 
-/// Writes all of `data`, waiting for writability when the socket buffer is full.
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+/// One `send`, tried even before tokio has seen the socket's first event (as in [`read_once`]).
+fn send_once(dst: &TcpStream, data: &[u8], flags: libc::c_int) -> io::Result<usize> {
+    let mut attempted = false;
+    let result = dst.try_io(Interest::WRITABLE, || {
+        attempted = true;
+        SockRef::from(dst).send_with_flags(data, flags)
+    });
+    if attempted {
+        result
+    } else {
+        SockRef::from(dst).send_with_flags(data, flags)
+    }
+}
+
+/// Writes all of `data`, waiting for writability when the socket buffer is full. Every
+/// write that moves bytes counts as activity for the idle deadline. With `more`, the bytes are
+/// corked (MSG_MORE): the caller is about to send the FIN, and both leave in one segment.
+async fn write_all(dst: &TcpStream, mut data: &[u8], activity: &Activity, more: bool) -> io::Result<()> {
+    let flags = if more { libc::MSG_MORE } else { 0 };
     while !data.is_empty() {
-        match dst.try_write(data) {
+        match send_once(dst, data, flags) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                data = &data[n..];
+                activity.touch();
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
             Err(e) => return Err(e),
         }
@@ -126,21 +152,50 @@ async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Copies `src` to `dst` until EOF, then shuts down writing on `dst` (the half-close).
-async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, activity: &Activity) -> io::Result<()> {
+/// Passes the EOF on: shuts down writing on `dst` (the half-close) — unless the other direction
+/// has already ended: then the relay is over and closing both sockets sends that FIN anyway,
+/// so the `shutdown(2)` would be a wasted call.
+fn forward_eof(dst: &TcpStream, other_ended: &AtomicBool) -> io::Result<bool> {
+    if !other_ended.load(Ordering::Relaxed) {
+        SockRef::from(dst).shutdown(Shutdown::Write)?;
+    }
+    Ok(true)
+}
+
+/// Copies `src` to `dst` until EOF, then passes the EOF on (see [`forward_eof`]). With
+/// `read_first`, the first read is tried before any readiness event (see [`read_once`]): for
+/// the client side, whose first bytes usually arrived with the connection.
+///
+/// When the readiness already carries the peer's FIN (EPOLLRDHUP), a short read has drained
+/// the socket for good: that last chunk goes out corked and the FIN follows at once, so a
+/// response and its close reach the client as one segment, and no `recv` is spent on reading
+/// the 0 that must come next.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicU64,
+    activity: &Activity,
+    ended: &AtomicBool,
+    other_ended: &AtomicBool,
+    read_first: bool,
+) -> io::Result<()> {
+    let mut wait = !read_first;
     loop {
-        src.readable().await?;
+        let fin_seen = wait && src.ready(Interest::READABLE).await?.is_read_closed();
+        wait = true;
         let mut buffer = take_buffer();
         let result = loop {
             match read_once(src, &mut buffer) {
-                Ok(Some(0)) => break SockRef::from(dst).shutdown(Shutdown::Write).map(|()| true),
+                Ok(Some(0)) => break forward_eof(dst, other_ended),
                 Ok(Some(n)) => {
-                    activity.touch();
-                    if let Err(e) = write_all(dst, &buffer[..n]).await {
+                    let last = fin_seen && n < buffer.len();
+                    if let Err(e) = write_all(dst, &buffer[..n], activity, last).await {
                         break Err(e);
                     }
                     moved.fetch_add(n as u64, Ordering::Relaxed);
-                    activity.touch();
+                    if last {
+                        break forward_eof(dst, other_ended);
+                    }
                     if n < buffer.len() {
                         break Ok(false); // drained (readiness already cleared)
                     }
@@ -152,6 +207,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, activity: &Ac
         };
         give_back(buffer);
         if result? {
+            ended.store(true, Ordering::Relaxed);
             return Ok(());
         }
     }
@@ -181,13 +237,16 @@ async fn sleep_opt(deadline: Option<Instant>) {
 pub async fn relay(client: TcpStream, backend: TcpStream, limits: RelayLimits, cut: &CancellationToken) -> RelayStats {
     let activity = Activity { start: Instant::now(), last_ms: AtomicU64::new(0) };
     let (to_backend, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
-    let upstream = pump(&client, &backend, &to_backend, &activity);
-    let downstream = pump(&backend, &client, &to_client, &activity);
+    let (up_ended, down_ended) = (AtomicBool::new(false), AtomicBool::new(false));
+    let upstream = pump(&client, &backend, &to_backend, &activity, &up_ended, &down_ended, true);
+    let downstream = pump(&backend, &client, &to_client, &activity, &down_ended, &up_ended, false);
     tokio::pin!(upstream, downstream);
     let idle = idle_watch(&activity, limits.idle);
     tokio::pin!(idle);
     let lifetime = sleep_opt(limits.lifetime.map(|l| activity.start + l));
     tokio::pin!(lifetime);
+    let cut = cut.cancelled();
+    tokio::pin!(cut);
     let mut half_close_deadline: Option<Instant> = None;
     let (mut up_done, mut down_done) = (false, false);
 
@@ -205,7 +264,7 @@ pub async fn relay(client: TcpStream, backend: TcpStream, limits: RelayLimits, c
             _ = &mut idle => break RelayEnd::Idle,
             _ = &mut lifetime => break RelayEnd::Lifetime,
             _ = half_close => break RelayEnd::HalfClose,
-            _ = cut.cancelled() => break RelayEnd::Shutdown,
+            _ = &mut cut => break RelayEnd::Shutdown,
         }
         if up_done && down_done {
             break RelayEnd::Completed;
