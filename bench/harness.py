@@ -589,7 +589,9 @@ class Bench:
         """Fresh target, baseline PSS, n idle connections end-to-end, PSS again."""
         srv, port = self.start_target(target, tag)
         try:
-            time.sleep(0.5)
+            # Settle: start-up work (config parsing, Harbor's strategy compile on a helper
+            # thread) has finished and freed what it will free before the baseline is read.
+            time.sleep(2.0)
             backend_ports = srv.ports if target == "direct" else self.backends.ports
             base_est = established_on(backend_ports)
             base_pss = tree_pss_kib(srv.pids())

@@ -213,22 +213,34 @@ async fn pump(
     }
 }
 
-/// Resolves when the idle deadline passes (never, if there is none).
-async fn idle_watch(activity: &Activity, idle: Option<Duration>) {
-    let Some(idle) = idle else { return std::future::pending().await };
-    loop {
-        let deadline = activity.idle_deadline(idle);
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
-    }
+/// The relay's deadlines, watched by a single timer armed for whichever comes first. Bytes
+/// moving do not touch the timer: when it fires, the idle deadline is recomputed from the last
+/// activity and the timer re-armed if the connection was not idle after all.
+struct Deadlines {
+    idle: Option<Duration>,
+    lifetime_at: Option<Instant>,
+    half_close_at: Option<Instant>,
 }
 
-async fn sleep_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
+impl Deadlines {
+    /// The earliest deadline, if any.
+    fn next(&self, activity: &Activity) -> Option<Instant> {
+        let idle_at = self.idle.map(|idle| activity.idle_deadline(idle));
+        [idle_at, self.lifetime_at, self.half_close_at].into_iter().flatten().min()
+    }
+
+    /// Which deadline has passed at `now`, if one has.
+    fn passed(&self, now: Instant, activity: &Activity) -> Option<RelayEnd> {
+        let passed = |at: Option<Instant>| at.is_some_and(|at| now >= at);
+        if passed(self.lifetime_at) {
+            Some(RelayEnd::Lifetime)
+        } else if passed(self.half_close_at) {
+            Some(RelayEnd::HalfClose)
+        } else if passed(self.idle.map(|idle| activity.idle_deadline(idle))) {
+            Some(RelayEnd::Idle)
+        } else {
+            None
+        }
     }
 }
 
@@ -241,18 +253,20 @@ pub async fn relay(client: TcpStream, backend: TcpStream, limits: RelayLimits, c
     let upstream = pump(&client, &backend, &to_backend, &activity, &up_ended, &down_ended, true);
     let downstream = pump(&backend, &client, &to_client, &activity, &down_ended, &up_ended, false);
     tokio::pin!(upstream, downstream);
-    let idle = idle_watch(&activity, limits.idle);
-    tokio::pin!(idle);
-    let lifetime = sleep_opt(limits.lifetime.map(|l| activity.start + l));
-    tokio::pin!(lifetime);
     let cut = cut.cancelled();
     tokio::pin!(cut);
-    let mut half_close_deadline: Option<Instant> = None;
+    let mut deadlines =
+        Deadlines { idle: limits.idle, lifetime_at: limits.lifetime.map(|l| activity.start + l), half_close_at: None };
+    let mut armed_for = deadlines.next(&activity);
+    // Never polled (so never registered with the timer wheel) while `armed_for` is None.
+    let timer = tokio::time::sleep_until(armed_for.unwrap_or(activity.start));
+    tokio::pin!(timer);
     let (mut up_done, mut down_done) = (false, false);
 
     let end = loop {
-        let half_close = sleep_opt(half_close_deadline);
+        let mut fired = false;
         tokio::select! {
+            biased;
             result = &mut upstream, if !up_done => {
                 if let Err(e) = result { break RelayEnd::Error(e.kind()); }
                 up_done = true;
@@ -261,16 +275,26 @@ pub async fn relay(client: TcpStream, backend: TcpStream, limits: RelayLimits, c
                 if let Err(e) = result { break RelayEnd::Error(e.kind()); }
                 down_done = true;
             }
-            _ = &mut idle => break RelayEnd::Idle,
-            _ = &mut lifetime => break RelayEnd::Lifetime,
-            _ = half_close => break RelayEnd::HalfClose,
             _ = &mut cut => break RelayEnd::Shutdown,
+            _ = &mut timer, if armed_for.is_some() => {
+                if let Some(end) = deadlines.passed(Instant::now(), &activity) {
+                    break end;
+                }
+                fired = true; // bytes moved since it was armed: re-arm below
+            }
         }
         if up_done && down_done {
             break RelayEnd::Completed;
         }
-        if half_close_deadline.is_none() {
-            half_close_deadline = limits.half_close.map(|h| Instant::now() + h);
+        if deadlines.half_close_at.is_none() && (up_done || down_done) {
+            deadlines.half_close_at = limits.half_close.map(|h| Instant::now() + h);
+        }
+        let next = deadlines.next(&activity);
+        if next != armed_for || fired {
+            if let Some(at) = next {
+                timer.as_mut().reset(at);
+            }
+            armed_for = next;
         }
     };
     RelayStats { to_backend: to_backend.load(Ordering::Relaxed), to_client: to_client.load(Ordering::Relaxed), end }
