@@ -30,18 +30,20 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, per
 }
 
 async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared, span: &tracing::Span) {
-    let started = Instant::now();
-    let config = &shared.config;
-    let pool = shared.pool.load();
     if let Err(e) = shared.socket_options.apply_to_client(&client) {
         tracing::debug!("client socket options: {e}");
     }
+    // Clock reads are shared between measurements: each phase ends where the next begins.
+    let started = Instant::now();
+    let mut phase_start = started;
+    let config = &shared.config;
+    let pool = shared.pool.load();
     let mut excluded: Vec<usize> = Vec::new(); // allocates only if a connect fails
     for attempt in 0..config.connect_attempts {
         let request = PickRequest { pool: &pool, client: peer, attempt, excluded: &excluded };
-        let pick_started = Instant::now();
         let pick = shared.strategy.pick(&request);
-        shared.metrics.pick_duration.observe(pick_started.elapsed().as_secs_f64());
+        let dial_started = Instant::now();
+        shared.metrics.pick_duration.observe((dial_started - phase_start).as_secs_f64());
         let Some(backend) = pick.index.and_then(|i| pool.get(i)) else {
             shared.metrics.no_backend.inc();
             if shared.hot_path_log.allow() {
@@ -53,17 +55,17 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared, span: &trac
         span.record("backend", tracing::field::display(backend.address));
         backend.metrics.picks.inc();
         shared.metrics.dials.inc();
-        let dial_started = Instant::now();
         match connect(backend.address, config.connect_timeout, &shared.socket_options).await {
             Ok(stream) => {
-                let connect_time = dial_started.elapsed();
+                let relay_started = Instant::now();
+                let connect_time = relay_started - dial_started;
                 backend.record_connect_success(connect_time);
                 let _active = backend.track_active();
-                let relay_started = Instant::now();
-                let stats = relay(client, stream, shared.relay_limits, &shared.cut).await;
+                let stats = relay(client, stream, relay_started.into(), shared.relay_limits, &shared.cut).await;
+                let ended = Instant::now();
                 backend.metrics.bytes_to_backend.inc_by(stats.to_backend);
                 backend.metrics.bytes_to_client.inc_by(stats.to_client);
-                let lifetime = started.elapsed();
+                let lifetime = ended - started;
                 shared.metrics.connection_duration.observe(lifetime.as_secs_f64());
                 match stats.end {
                     RelayEnd::Completed => {}
@@ -77,7 +79,7 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared, span: &trac
                         backend: backend.index as u32,
                         connected: true,
                         connect_micros: micros(connect_time),
-                        duration_millis: millis(relay_started.elapsed()),
+                        duration_millis: millis(ended - relay_started),
                         bytes_to_backend: stats.to_backend,
                         bytes_to_client: stats.to_client,
                     },
@@ -96,7 +98,8 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared, span: &trac
             Err(error) => {
                 let cooldown = backend.record_connect_failure(config.cooldown, config.max_cooldown);
                 shared.metrics.dial_failures.inc();
-                shared.strategy.report(&pick, failed_outcome(&pick, backend.index, dial_started.elapsed()));
+                phase_start = Instant::now();
+                shared.strategy.report(&pick, failed_outcome(&pick, backend.index, phase_start - dial_started));
                 if shared.hot_path_log.allow() {
                     tracing::warn!(backend = %backend.address, ?cooldown, attempt, "{error}; backend cools down");
                 }

@@ -246,8 +246,15 @@ impl Deadlines {
 
 /// Relays between `client` and `backend` until both directions end, a deadline passes, or
 /// `cut` is cancelled. Both sockets are closed when it returns.
-pub async fn relay(client: TcpStream, backend: TcpStream, limits: RelayLimits, cut: &CancellationToken) -> RelayStats {
-    let activity = Activity { start: Instant::now(), last_ms: AtomicU64::new(0) };
+/// `started` is when the relay began (the caller has just read the clock).
+pub async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    started: Instant,
+    limits: RelayLimits,
+    cut: &CancellationToken,
+) -> RelayStats {
+    let activity = Activity { start: started, last_ms: AtomicU64::new(0) };
     let (to_backend, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
     let (up_ended, down_ended) = (AtomicBool::new(false), AtomicBool::new(false));
     let upstream = pump(&client, &backend, &to_backend, &activity, &up_ended, &down_ended, true);
