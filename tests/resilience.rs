@@ -262,3 +262,49 @@ async fn running_out_of_file_descriptors_backs_off_without_spinning_and_recovers
     let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// A drain that runs out of grace: connections that finish in time are untouched, one that
+/// stays busy past the grace period is cut (the client sees its connection end), and the
+/// drain report counts exactly that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_cuts_what_outlives_the_grace_period_and_counts_it() {
+    let (backends, _stops) = echo_backends(1).await;
+    let mut cfg = config(&backends);
+    let grace = Duration::from_millis(400);
+    cfg.shutdown_grace = grace;
+    let harbor = start(cfg).await;
+    let (_, mut lingering) = connect_and_greet(harbor.addr).await;
+    let (_, mut finishing) = connect_and_greet(harbor.addr).await;
+
+    let stop_started = Instant::now();
+    let stopping = tokio::spawn(harbor.stop());
+    // The finishing client completes an exchange during the grace period and leaves.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    finishing.write_all(b"last words").await.unwrap();
+    let mut echoed = [0u8; 10];
+    tokio::time::timeout(STEP, finishing.read_exact(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(&echoed, b"last words");
+    drop(finishing);
+    // The lingering client keeps talking and never leaves: it is cut after the grace period.
+    let mut cut_after = None;
+    for i in 0..100u8 {
+        if lingering.write_all(&[i]).await.is_err() {
+            cut_after = Some(stop_started.elapsed());
+            break;
+        }
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(STEP, lingering.read(&mut b)).await.expect("an answer or the cut") {
+            Ok(1) => assert_eq!(b[0], i),
+            _ => {
+                cut_after = Some(stop_started.elapsed());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cut_after = cut_after.expect("the lingering connection was never cut");
+    assert!(cut_after >= grace - Duration::from_millis(50), "cut before the grace period ended: {cut_after:?}");
+    assert!(cut_after < grace + Duration::from_millis(1500), "cut too late: {cut_after:?}");
+    let report = tokio::time::timeout(STEP, stopping).await.expect("drain ends").unwrap().unwrap();
+    assert_eq!(report.cut_connections, 1, "exactly the lingering connection is cut");
+}

@@ -2,8 +2,10 @@
 //! deadline, an optional lifetime cap and half-close timeout. An idle connection holds no
 //! buffer: one is taken when data is ready and given back when the socket runs dry.
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use std::io::Read;
@@ -260,49 +262,90 @@ pub async fn relay(
     let upstream = pump(&client, &backend, &to_backend, &activity, &up_ended, &down_ended, true);
     let downstream = pump(&backend, &client, &to_client, &activity, &down_ended, &up_ended, false);
     tokio::pin!(upstream, downstream);
-    let cut = cut.cancelled();
-    tokio::pin!(cut);
+    // Registered by its first poll; after that the token's flag is read instead (an atomic
+    // load, where polling the future takes a lock on every wake-up).
+    let cut_wait = cut.cancelled();
+    tokio::pin!(cut_wait);
+    let mut cut_registered = false;
     let mut deadlines =
         Deadlines { idle: limits.idle, lifetime_at: limits.lifetime.map(|l| activity.start + l), half_close_at: None };
     let mut armed_for = deadlines.next(&activity);
-    // Never polled (so never registered with the timer wheel) while `armed_for` is None.
+    // Polled only to register a new deadline; otherwise only its elapsed flag is read.
     let timer = tokio::time::sleep_until(armed_for.unwrap_or(activity.start));
     tokio::pin!(timer);
+    let mut timer_registered = false;
     let (mut up_done, mut down_done) = (false, false);
 
-    let end = loop {
-        let mut fired = false;
-        tokio::select! {
-            biased;
-            result = &mut upstream, if !up_done => {
-                if let Err(e) = result { break RelayEnd::Error(e.kind()); }
-                up_done = true;
+    let end = std::future::poll_fn(|cx| {
+        if !cut_registered {
+            if cut_wait.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(RelayEnd::Shutdown);
             }
-            result = &mut downstream, if !down_done => {
-                if let Err(e) = result { break RelayEnd::Error(e.kind()); }
-                down_done = true;
-            }
-            _ = &mut cut => break RelayEnd::Shutdown,
-            _ = &mut timer, if armed_for.is_some() => {
-                if let Some(end) = deadlines.passed(Instant::now(), &activity) {
-                    break end;
+            cut_registered = true;
+        } else if cut.is_cancelled() {
+            return Poll::Ready(RelayEnd::Shutdown);
+        }
+        let mut ended = false;
+        if !up_done {
+            if let Poll::Ready(result) = upstream.as_mut().poll(cx) {
+                if let Err(e) = result {
+                    return Poll::Ready(RelayEnd::Error(e.kind()));
                 }
-                fired = true; // bytes moved since it was armed: re-arm below
+                (up_done, ended) = (true, true);
+            }
+        }
+        if !down_done {
+            if let Poll::Ready(result) = downstream.as_mut().poll(cx) {
+                if let Err(e) = result {
+                    return Poll::Ready(RelayEnd::Error(e.kind()));
+                }
+                (down_done, ended) = (true, true);
             }
         }
         if up_done && down_done {
-            break RelayEnd::Completed;
+            return Poll::Ready(RelayEnd::Completed);
         }
-        if deadlines.half_close_at.is_none() && (up_done || down_done) {
+        if ended && deadlines.half_close_at.is_none() {
             deadlines.half_close_at = limits.half_close.map(|h| Instant::now() + h);
         }
-        let next = deadlines.next(&activity);
-        if next != armed_for || fired {
-            if let Some(at) = next {
-                timer.as_mut().reset(at);
+        let mut rearm = ended;
+        // A fired timer whose deadlines have not all passed (bytes moved since it was armed)
+        // is re-armed for a deadline in the future, so the second turn ends in Pending.
+        for turn in 0.. {
+            if turn == 4 {
+                cx.waker().wake_by_ref(); // not reachable; be polled again rather than spin
+                break;
             }
-            armed_for = next;
+            if rearm {
+                let next = deadlines.next(&activity);
+                if next != armed_for || !timer_registered {
+                    if let Some(at) = next {
+                        timer.as_mut().reset(at);
+                    }
+                    armed_for = next;
+                    timer_registered = false;
+                }
+            }
+            if armed_for.is_none() {
+                break;
+            }
+            let fired = if timer_registered {
+                timer.is_elapsed()
+            } else {
+                timer_registered = true;
+                timer.as_mut().poll(cx).is_ready()
+            };
+            if !fired {
+                break;
+            }
+            if let Some(end) = deadlines.passed(Instant::now(), &activity) {
+                return Poll::Ready(end);
+            }
+            // Bytes moved since it was armed: arm it for the new idle deadline.
+            (rearm, timer_registered) = (true, false);
         }
-    };
+        Poll::Pending
+    })
+    .await;
     RelayStats { to_backend: to_backend.load(Ordering::Relaxed), to_client: to_client.load(Ordering::Relaxed), end }
 }
