@@ -38,8 +38,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CONF = os.path.join(HERE, "conf")
 TICK = os.sysconf("SC_CLK_TCK")
-ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor"]
-LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-stream", "harbor": "Harbor"}
+ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-rr"]
+LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-stream", "harbor": "Harbor",
+          "harbor-rr": "Harbor, built-in round-robin"}
+# Targets measured in the keep-alive and new-connection phases only: harbor-rr is the same
+# binary and data path as harbor without the wasm strategy, there to price the strategy call.
+THROUGHPUT_ONLY = {"harbor-rr"}
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 # (key, column title, better, decimals)
@@ -435,10 +439,11 @@ class Bench:
                           backend1=b1, backend2=b2, load_module=load, nofile=self.nofile,
                           worker_connections=self.nofile - 64)
             argv = ["nginx", "-p", run_dir, "-c", conf, "-e", os.path.join(run_dir, "error.log")]
-        elif target == "harbor":
+        elif target in ("harbor", "harbor-rr"):
+            strategy = ["--strategy", self.a.strategy] if target == "harbor" else []
             argv = [self.a.harbor, "--listen", f"127.0.0.1:{port}", "--backends", f"127.0.0.1:{b1},127.0.0.1:{b2}",
-                    "--strategy", self.a.strategy, "--admin", f"127.0.0.1:{pick_ports(1)[0]}",
-                    "--max-connections", str(self.a.harbor_max_connections)] + self.harbor_extra
+                    "--admin", f"127.0.0.1:{pick_ports(1)[0]}",
+                    "--max-connections", str(self.a.harbor_max_connections)] + strategy + self.harbor_extra
         else:
             raise BenchError(f"unknown target {target}")
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
@@ -451,7 +456,7 @@ class Bench:
         return srv, port
 
     def check_harbor(self):
-        if "harbor" not in self.targets:
+        if "harbor" not in self.targets and "harbor-rr" not in self.targets:
             return
         if not (os.path.isfile(self.a.harbor) and os.access(self.a.harbor, os.X_OK)):
             raise BenchError(f"Harbor binary {self.a.harbor} is missing (run: cargo build --release -p harbor)")
@@ -642,7 +647,7 @@ class Bench:
 
     def stop_checked(self, target, srv, tag):
         rc = srv.stop()
-        if target == "harbor" and rc != 0:
+        if target.startswith("harbor") and rc != 0:
             self.warn(f"{tag} harbor exited {rc} on SIGTERM (expected 0)")
 
     # ---- the run
@@ -658,7 +663,7 @@ class Bench:
             per = {t: {"round": r + 1} for t in rnd}
             # memory, each size on a fresh process
             for t in rnd:
-                for n in self.idle_sizes:
+                for n in ([] if t in THROUGHPUT_ONLY else self.idle_sizes):
                     if t in self.broken:
                         break
                     log(f"  {t}: {n} idle connections")
@@ -690,7 +695,7 @@ class Bench:
                     per[t]["close"] = self.wrk(*servers[t], self.a.duration, True, f"{tag} {t} new-connections")
                     time.sleep(self.a.pause)
                 self.touch_bulk_file()
-                for t in live:
+                for t in (t for t in live if t not in THROUGHPUT_ONLY):
                     log(f"  {t}: bulk {self.a.bulk_mib} MiB")
                     per[t]["bulk"] = self.bulk(*servers[t], f"{tag} {t} bulk")
                     time.sleep(self.a.pause)
@@ -837,7 +842,7 @@ def markdown(bench, meta):
         lines.append("| ratio | " + " | ".join(c[1] for c in cols) + " |")
         lines.append("|---|" + "---:|" * len(cols))
         hb = bench.results["harbor"]["median"]
-        for other in ["haproxy", "nginx", "direct"]:
+        for other in ["haproxy", "nginx", "direct", "harbor-rr"]:
             if other not in bench.targets:
                 continue
             om = bench.results[other]["median"]

@@ -19,7 +19,7 @@ say() { printf '[bench] %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 
 # Which targets? (only to decide whether Harbor must be built)
-targets="direct,haproxy,nginx,harbor"
+targets="direct,haproxy,nginx,harbor,harbor-rr"
 build=1
 prev=""
 for arg in "$@"; do
@@ -59,8 +59,8 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # 3. Harbor (strategies are built by `cargo xtask build`, not here).
-if [[ ",$targets," == *",harbor,"* ]]; then
-    [[ -f strategies/least_conn.wasm ]] \
+if [[ ",$targets," == *",harbor"* ]]; then
+    [[ ",$targets," != *",harbor,"* || -f strategies/least_conn.wasm ]] \
         || die "strategies/least_conn.wasm is missing: run \`cargo xtask build\` (or use \`cargo xtask bench\`)"
     if ((build)); then
         say "cargo build --release -p harbor"
