@@ -66,6 +66,50 @@ async fn one_mib_each_way_with_half_close_is_byte_exact() {
     harbor.stop().await.unwrap();
 }
 
+/// Bulk both ways: each direction fills whole relay buffers, so on Linux both go zero-copy
+/// (splice through a pipe). The bytes must still arrive exact, the half-close must still
+/// travel, and the byte counters must still add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_goes_zero_copy_and_stays_byte_exact() {
+    const SIZE: usize = 8 * MIB;
+    let upload = pattern(SIZE, 4);
+    let download = pattern(SIZE, 5);
+    let (backend, received_hash) = sink_then_source_backend(download.clone()).await;
+    let harbor = start(config(&[backend])).await;
+
+    let client = tokio::net::TcpStream::connect(harbor.addr).await.unwrap();
+    let (mut reader, mut writer) = client.into_split();
+    let sender = tokio::spawn(async move {
+        writer.write_all(&upload).await.unwrap();
+        writer.shutdown().await.unwrap();
+        upload
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(STEP * 3, reader.read_to_end(&mut got)).await.expect("download in time").unwrap();
+    let upload = sender.await.unwrap();
+    assert_eq!(received_hash.await.unwrap(), sha256(&upload), "client -> backend bytes differ");
+    assert_eq!(got.len(), SIZE);
+    assert_eq!(sha256(&got), sha256(&download), "backend -> client bytes differ");
+
+    let admin = harbor.admin_addr.unwrap();
+    let mut m = Scrape::fetch(admin).await;
+    for _ in 0..100 {
+        if m.get("harbor_relay_spliced_directions_total") > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        m = Scrape::fetch(admin).await;
+    }
+    if cfg!(target_os = "linux") {
+        assert_eq!(m.get("harbor_relay_spliced_directions_total"), 2.0, "both directions went zero-copy");
+    }
+    let bytes = |direction: &str| {
+        m.get(&format!("harbor_backend_bytes_total{{backend=\"{backend}\",direction=\"{direction}\"}}"))
+    };
+    assert_eq!((bytes("to_backend"), bytes("to_client")), (SIZE as f64, SIZE as f64));
+    harbor.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_closing_first_reaches_the_client() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -65,6 +65,9 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared, span: &trac
                 let ended = Instant::now();
                 backend.metrics.bytes_to_backend.inc_by(stats.to_backend);
                 backend.metrics.bytes_to_client.inc_by(stats.to_client);
+                if stats.spliced > 0 {
+                    shared.metrics.spliced_directions.inc_by(u64::from(stats.spliced));
+                }
                 let lifetime = ended - started;
                 shared.metrics.connection_duration.observe(lifetime.as_secs_f64());
                 match stats.end {

@@ -4,7 +4,7 @@
 //! The path of one connection, by file: `accept.rs` (accept loop, connection cap) →
 //! `connection.rs` (one client, start to end) → `strategy/` (which backend?) → `connect.rs`
 //! (dial under a timeout; retries and cooldown in `connection.rs` and `backend.rs`) →
-//! `relay.rs` (bytes both ways, half-close, deadlines) → back in `connection.rs` to count and
+//! `relay.rs` (bytes both ways, half-close, deadlines; `splice.rs` for bulk) → back in `connection.rs` to count and
 //! report. `server.rs` ties it together and drains on shutdown.
 
 pub mod accept;
@@ -18,6 +18,8 @@ pub mod logging;
 pub mod metrics;
 pub mod relay;
 pub mod server;
+#[cfg(target_os = "linux")]
+pub mod splice;
 pub mod strategy;
 
 pub use config::{Config, RunArgs};

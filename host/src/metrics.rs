@@ -92,6 +92,7 @@ pub struct Metrics {
     pub dial_failures: Counter,
     pub retries: Counter,
     pub no_backend: Counter,
+    pub spliced_directions: Counter,
     pub backends_cooling_down: Gauge,
     pub backend_picks: Family<BackendLabel, Counter>,
     pub backend_dial_failures: Family<BackendLabel, Counter>,
@@ -121,6 +122,7 @@ impl Metrics {
             dial_failures: Counter::default(),
             retries: Counter::default(),
             no_backend: Counter::default(),
+            spliced_directions: Counter::default(),
             backends_cooling_down: Gauge::default(),
             backend_picks: Family::default(),
             backend_dial_failures: Family::default(),
@@ -148,6 +150,11 @@ impl Metrics {
         registry.register("active_connections", "Client connections open now", m.active_connections.clone());
         registry.register("dials", "Connect attempts to backends", m.dials.clone());
         registry.register("dial_failures", "Failed connect attempts to backends", m.dial_failures.clone());
+        registry.register(
+            "relay_spliced_directions",
+            "Relay directions that carried a bulk transfer zero-copy (splice through a pipe)",
+            m.spliced_directions.clone(),
+        );
         registry.register("retries", "Connect attempts retried on another backend", m.retries.clone());
         registry.register(
             "no_backend",

@@ -53,7 +53,19 @@ pub enum RelayEnd {
 pub struct RelayStats {
     pub to_backend: u64,
     pub to_client: u64,
+    /// Directions (0, 1 or 2) that went zero-copy (see `splice.rs`).
+    pub spliced: u8,
     pub end: RelayEnd,
+}
+
+/// What one direction did, seen by the relay and by the other direction.
+#[derive(Default)]
+struct Direction {
+    moved: AtomicU64,
+    /// Its EOF has been passed on.
+    ended: AtomicBool,
+    /// It went zero-copy.
+    spliced: AtomicBool,
 }
 
 /// Last time a byte moved, as milliseconds since the relay started; shared by both directions.
@@ -157,14 +169,16 @@ async fn write_all(dst: &TcpStream, mut data: &[u8], activity: &Activity, more: 
 /// Passes the EOF on: shuts down writing on `dst` (the half-close) — unless the other direction
 /// has already ended: then the relay is over and closing both sockets sends that FIN anyway,
 /// so the `shutdown(2)` would be a wasted call.
-fn forward_eof(dst: &TcpStream, other_ended: &AtomicBool) -> io::Result<bool> {
-    if !other_ended.load(Ordering::Relaxed) {
+fn forward_eof(dst: &TcpStream, other: &Direction) -> io::Result<bool> {
+    if !other.ended.load(Ordering::Relaxed) {
         SockRef::from(dst).shutdown(Shutdown::Write)?;
     }
     Ok(true)
 }
 
-/// Copies `src` to `dst` until EOF, then passes the EOF on (see [`forward_eof`]). With
+/// Copies `src` to `dst` until EOF, then passes the EOF on (see [`forward_eof`]). A direction
+/// that fills a whole buffer is a bulk transfer: on Linux it continues zero-copy through a
+/// pipe (`splice.rs`). With
 /// `read_first`, the first read is tried before any readiness event (see [`read_once`]): for
 /// the client side, whose first bytes usually arrived with the connection.
 ///
@@ -175,10 +189,9 @@ fn forward_eof(dst: &TcpStream, other_ended: &AtomicBool) -> io::Result<bool> {
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    moved: &AtomicU64,
+    this: &Direction,
+    other: &Direction,
     activity: &Activity,
-    ended: &AtomicBool,
-    other_ended: &AtomicBool,
     read_first: bool,
 ) -> io::Result<()> {
     let mut wait = !read_first;
@@ -186,20 +199,25 @@ async fn pump(
         let fin_seen = wait && src.ready(Interest::READABLE).await?.is_read_closed();
         wait = true;
         let mut buffer = take_buffer();
+        let mut bulk = false;
         let result = loop {
             match read_once(src, &mut buffer) {
-                Ok(Some(0)) => break forward_eof(dst, other_ended),
+                Ok(Some(0)) => break forward_eof(dst, other),
                 Ok(Some(n)) => {
                     let last = fin_seen && n < buffer.len();
                     if let Err(e) = write_all(dst, &buffer[..n], activity, last).await {
                         break Err(e);
                     }
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    this.moved.fetch_add(n as u64, Ordering::Relaxed);
                     if last {
-                        break forward_eof(dst, other_ended);
+                        break forward_eof(dst, other);
                     }
                     if n < buffer.len() {
                         break Ok(false); // drained (readiness already cleared)
+                    }
+                    bulk = true; // a whole buffer: a bulk transfer
+                    if cfg!(target_os = "linux") {
+                        break Ok(false); // go zero-copy, below
                     }
                 }
                 // Dry: give the buffer back before waiting again.
@@ -208,8 +226,24 @@ async fn pump(
             }
         };
         give_back(buffer);
-        if result? {
-            ended.store(true, Ordering::Relaxed);
+        let mut done = result?;
+        #[cfg(target_os = "linux")]
+        if bulk && !done {
+            // Out of descriptors for the pipe: keep copying.
+            if let Ok(pipe) = crate::splice::Pipe::new() {
+                this.spliced.store(true, Ordering::Relaxed);
+                crate::splice::splice_to_eof(src, dst, &pipe, |n| {
+                    this.moved.fetch_add(n as u64, Ordering::Relaxed);
+                    activity.touch();
+                })
+                .await?;
+                done = forward_eof(dst, other)?;
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = bulk;
+        if done {
+            this.ended.store(true, Ordering::Relaxed);
             return Ok(());
         }
     }
@@ -257,10 +291,9 @@ pub async fn relay(
     cut: &CancellationToken,
 ) -> RelayStats {
     let activity = Activity { start: started, last_ms: AtomicU64::new(0) };
-    let (to_backend, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (up_ended, down_ended) = (AtomicBool::new(false), AtomicBool::new(false));
-    let upstream = pump(&client, &backend, &to_backend, &activity, &up_ended, &down_ended, true);
-    let downstream = pump(&backend, &client, &to_client, &activity, &down_ended, &up_ended, false);
+    let (up, down) = (Direction::default(), Direction::default());
+    let upstream = pump(&client, &backend, &up, &down, &activity, true);
+    let downstream = pump(&backend, &client, &down, &up, &activity, false);
     tokio::pin!(upstream, downstream);
     // Registered by its first poll; after that the token's flag is read instead (an atomic
     // load, where polling the future takes a lock on every wake-up).
@@ -347,5 +380,10 @@ pub async fn relay(
         Poll::Pending
     })
     .await;
-    RelayStats { to_backend: to_backend.load(Ordering::Relaxed), to_client: to_client.load(Ordering::Relaxed), end }
+    RelayStats {
+        to_backend: up.moved.load(Ordering::Relaxed),
+        to_client: down.moved.load(Ordering::Relaxed),
+        spliced: u8::from(up.spliced.load(Ordering::Relaxed)) + u8::from(down.spliced.load(Ordering::Relaxed)),
+        end,
+    }
 }
