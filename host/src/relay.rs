@@ -232,12 +232,14 @@ async fn pump(
             // Out of descriptors for the pipe: keep copying.
             if let Ok(pipe) = crate::splice::Pipe::new() {
                 this.spliced.store(true, Ordering::Relaxed);
-                crate::splice::splice_to_eof(src, dst, &pipe, |n| {
+                let burst = crate::splice::splice_burst(src, dst, &pipe, |n| {
                     this.moved.fetch_add(n as u64, Ordering::Relaxed);
                     activity.touch();
                 })
                 .await?;
-                done = forward_eof(dst, other)?;
+                if burst == crate::splice::BurstEnd::Eof {
+                    done = forward_eof(dst, other)?;
+                }
             }
         }
         #[cfg(not(target_os = "linux"))]

@@ -1,6 +1,7 @@
 //! Zero-copy relaying for bulk transfers (Linux): bytes go socket → pipe → socket with
-//! splice(2) and never through user space. Only a direction that has filled a whole relay
-//! buffer gets a pipe, so idle and request/response connections hold no extra descriptors.
+//! splice(2) and never through user space. Only a direction in the middle of a burst (it has
+//! filled a whole relay buffer) holds a pipe, and gives it back when the burst ends, so idle
+//! and request/response connections hold no extra descriptors.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -49,24 +50,30 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Moves everything `src` sends to `dst` through `pipe` until `src`'s EOF, calling `moved`
-/// with each count of bytes delivered to `dst`. Waits on tokio's readiness like the copying
-/// relay: EAGAIN from a splice clears the readiness of the socket it came from (the pipe is
-/// always emptied before it is filled again, so EAGAIN never means "pipe full").
-pub async fn splice_to_eof(
+/// How a burst ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BurstEnd {
+    /// `src` sent its EOF.
+    Eof,
+    /// `src` has nothing more for now (and the pipe is empty): the caller waits for it.
+    Dry,
+}
+
+/// Moves what `src` sends to `dst` through `pipe` until `src` runs dry or sends its EOF,
+/// calling `moved` with each count of bytes delivered to `dst`. EAGAIN from a splice clears
+/// tokio's readiness of the socket it came from, as in the copying relay (the pipe is always
+/// emptied before it is filled again, so EAGAIN never means "pipe full").
+pub async fn splice_burst(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: &Pipe,
     mut moved: impl FnMut(usize),
-) -> io::Result<()> {
+) -> io::Result<BurstEnd> {
     loop {
         let filled = match src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)) {
-            Ok(0) => return Ok(()),
+            Ok(0) => return Ok(BurstEnd::Eof),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                src.readable().await?;
-                continue;
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(BurstEnd::Dry),
             Err(e) => return Err(e),
         };
         let mut left = filled;
