@@ -53,6 +53,14 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Cargo's output directory: `CARGO_TARGET_DIR` if set (relative to the workspace), else `target/`.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
+}
+
 /// Builds each Rust guest as a core module and wraps it into a component with wit-component.
 fn build_strategies(root: &Path) -> Result<()> {
     run(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
@@ -63,7 +71,7 @@ fn build_strategies(root: &Path) -> Result<()> {
     }
     run(&mut build)?;
     for name in RUST_STRATEGIES {
-        let module_path = root.join("target").join(WASM_TARGET).join("guest").join(format!("{name}.wasm"));
+        let module_path = target_dir(root).join(WASM_TARGET).join("guest").join(format!("{name}.wasm"));
         let module = std::fs::read(&module_path).with_context(|| format!("reading {}", module_path.display()))?;
         let component = wit_component::ComponentEncoder::default()
             .validate(true)
