@@ -176,11 +176,12 @@ fn forward_eof(dst: &TcpStream, other: &Direction) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Copies `src` to `dst` until EOF, then passes the EOF on (see [`forward_eof`]). A direction
-/// that fills a whole buffer is a bulk transfer: on Linux it continues zero-copy through a
-/// pipe (`splice.rs`). With
+/// Copies `src` to `dst` until EOF, then passes the EOF on (see [`forward_eof`]). With
 /// `read_first`, the first read is tried before any readiness event (see [`read_once`]): for
 /// the client side, whose first bytes usually arrived with the connection.
+///
+/// A direction that fills a whole buffer is in a bulk burst: on Linux the burst goes on
+/// zero-copy through a pipe (`splice.rs`) until the source runs dry, then copying resumes.
 ///
 /// When the readiness already carries the peer's FIN (EPOLLRDHUP), a short read has drained
 /// the socket for good: that last chunk goes out corked and the FIN follows at once, so a
@@ -229,7 +230,7 @@ async fn pump(
         let mut done = result?;
         #[cfg(target_os = "linux")]
         if bulk && !done {
-            // Out of descriptors for the pipe: keep copying.
+            // No pipe (out of descriptors): the next turn goes on copying.
             if let Ok(pipe) = crate::splice::Pipe::new() {
                 this.spliced.store(true, Ordering::Relaxed);
                 let burst = crate::splice::splice_burst(src, dst, &pipe, |n| {
