@@ -18,10 +18,9 @@ use crate::strategy::{failed_outcome, micros, millis, PickRequest};
 /// Serves one accepted client. The permit holds a slot of `max-connections` until the end.
 pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
     let span = tracing::info_span!("conn", client = %peer, backend = tracing::field::Empty);
-    let own_span = span.clone();
     async move {
         shared.metrics.active_connections.inc();
-        proxy(client, peer, &shared, &own_span).await;
+        proxy(client, peer, &shared).await;
         shared.metrics.active_connections.dec();
         drop(permit);
     }
@@ -29,7 +28,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, per
     .await
 }
 
-async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared, span: &tracing::Span) {
+async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
     if let Err(e) = shared.socket_options.apply_to_client(&client) {
         tracing::debug!("client socket options: {e}");
     }
@@ -40,8 +39,8 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared, span: &trac
     let pool = shared.pool.load();
     let mut excluded: Vec<usize> = Vec::new(); // allocates only if a connect fails
     for attempt in 0..config.connect_attempts {
-        let request = PickRequest { pool: &pool, client: peer, attempt, excluded: &excluded };
-        let pick = shared.strategy.pick(&request);
+        // Scoped so the request is not kept in the connection's state across the awaits below.
+        let pick = shared.strategy.pick(&PickRequest { pool: &pool, client: peer, attempt, excluded: &excluded });
         let dial_started = Instant::now();
         shared.metrics.pick_duration.observe((dial_started - phase_start).as_secs_f64());
         let Some(backend) = pick.index.and_then(|i| pool.get(i)) else {
@@ -52,7 +51,7 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared, span: &trac
             return;
         };
         debug_assert!(!excluded.contains(&backend.index), "a backend already tried was picked again");
-        span.record("backend", tracing::field::display(backend.address));
+        tracing::Span::current().record("backend", tracing::field::display(backend.address));
         backend.metrics.picks.inc();
         shared.metrics.dials.inc();
         match connect(backend.address, config.connect_timeout, &shared.socket_options).await {
@@ -61,7 +60,7 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared, span: &trac
                 let connect_time = relay_started - dial_started;
                 backend.record_connect_success(connect_time);
                 let _active = backend.track_active();
-                let stats = relay(client, stream, relay_started.into(), shared.relay_limits, &shared.cut).await;
+                let stats = relay(client, stream, relay_started.into(), &shared.relay_limits, &shared.cut).await;
                 let ended = Instant::now();
                 backend.metrics.bytes_to_backend.inc_by(stats.to_backend);
                 backend.metrics.bytes_to_client.inc_by(stats.to_client);

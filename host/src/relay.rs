@@ -290,7 +290,7 @@ pub async fn relay(
     client: TcpStream,
     backend: TcpStream,
     started: Instant,
-    limits: RelayLimits,
+    limits: &RelayLimits,
     cut: &CancellationToken,
 ) -> RelayStats {
     let activity = Activity { start: started, last_ms: AtomicU64::new(0) };
