@@ -11,6 +11,11 @@ use tokio::net::TcpListener;
 
 const MIB: usize = 1 << 20;
 
+/// Bytes Harbor counted for `backend` in `direction` ("to_backend" or "to_client").
+fn bytes_relayed(m: &Scrape, backend: std::net::SocketAddr, direction: &str) -> f64 {
+    m.get(&format!("harbor_backend_bytes_total{{backend=\"{backend}\",direction=\"{direction}\"}}"))
+}
+
 /// A backend that reads everything until the client's EOF, and only then sends its own
 /// 1 MiB and half-closes. It proves that the client's half-close reached it while the
 /// other direction stayed open. Returns (hash of what it received).
@@ -45,24 +50,9 @@ async fn one_mib_each_way_with_half_close_is_byte_exact() {
     assert_eq!(got.len(), MIB);
     assert_eq!(sha256(&got), sha256(&download), "backend -> client bytes differ");
 
-    let admin = harbor.admin_addr.unwrap();
-    let relayed = async || {
-        let m = Scrape::fetch(admin).await;
-        (
-            m.get(&format!("harbor_backend_bytes_total{{backend=\"{backend}\",direction=\"to_backend\"}}")),
-            m.get(&format!("harbor_backend_bytes_total{{backend=\"{backend}\",direction=\"to_client\"}}")),
-        )
-    };
-    // The relay task adds its byte counts just after the sockets close.
-    let mut counts = relayed().await;
-    for _ in 0..100 {
-        if counts == (MIB as f64, MIB as f64) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        counts = relayed().await;
-    }
-    assert_eq!(counts, (MIB as f64, MIB as f64));
+    let relayed = |m: &Scrape| (bytes_relayed(m, backend, "to_backend"), bytes_relayed(m, backend, "to_client"));
+    let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| relayed(m) == (MIB as f64, MIB as f64)).await;
+    assert_eq!(relayed(&m), (MIB as f64, MIB as f64));
     harbor.stop().await.unwrap();
 }
 
@@ -91,22 +81,17 @@ async fn bulk_goes_zero_copy_and_stays_byte_exact() {
     assert_eq!(got.len(), SIZE);
     assert_eq!(sha256(&got), sha256(&download), "backend -> client bytes differ");
 
-    let admin = harbor.admin_addr.unwrap();
-    let mut m = Scrape::fetch(admin).await;
-    for _ in 0..100 {
-        if m.get("harbor_relay_spliced_directions_total") > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        m = Scrape::fetch(admin).await;
-    }
-    if cfg!(target_os = "linux") {
+    // The spliced count is added last, after the byte counts.
+    let linux = cfg!(target_os = "linux");
+    let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| {
+        bytes_relayed(m, backend, "to_client") > 0.0 && (!linux || m.get("harbor_relay_spliced_directions_total") > 0.0)
+    })
+    .await;
+    if linux {
         assert_eq!(m.get("harbor_relay_spliced_directions_total"), 2.0, "both directions went zero-copy");
     }
-    let bytes = |direction: &str| {
-        m.get(&format!("harbor_backend_bytes_total{{backend=\"{backend}\",direction=\"{direction}\"}}"))
-    };
-    assert_eq!((bytes("to_backend"), bytes("to_client")), (SIZE as f64, SIZE as f64));
+    let bytes = (bytes_relayed(&m, backend, "to_backend"), bytes_relayed(&m, backend, "to_client"));
+    assert_eq!(bytes, (SIZE as f64, SIZE as f64));
     harbor.stop().await.unwrap();
 }
 

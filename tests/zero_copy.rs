@@ -55,15 +55,8 @@ async fn a_quiet_connection_gives_its_pipe_back_after_a_burst() {
 
     let _ = release_tx.send(());
     drop(client);
-    let admin = harbor.admin_addr.unwrap();
-    let mut spliced = 0.0;
-    for _ in 0..100 {
-        spliced = Scrape::fetch(admin).await.get("harbor_relay_spliced_directions_total");
-        if spliced > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(spliced, 1.0, "the burst went zero-copy");
+    const SPLICED: &str = "harbor_relay_spliced_directions_total";
+    let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| m.get(SPLICED) > 0.0).await;
+    assert_eq!(m.get(SPLICED), 1.0, "the burst went zero-copy");
     harbor.stop().await.unwrap();
 }

@@ -163,6 +163,21 @@ pub struct Scrape {
 }
 
 impl Scrape {
+    /// Scrapes until `ready` holds (a connection's counters are added just after its sockets
+    /// close), at most 100 times 20 ms; returns the last scrape either way, for the caller's
+    /// assertions to report.
+    pub async fn fetch_until(admin: SocketAddr, ready: impl Fn(&Scrape) -> bool) -> Scrape {
+        let mut m = Scrape::fetch(admin).await;
+        for _ in 0..100 {
+            if ready(&m) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            m = Scrape::fetch(admin).await;
+        }
+        m
+    }
+
     /// Fetches and strictly parses `/metrics`: every line is a comment (`# HELP`, `# TYPE`,
     /// `# EOF`) or a sample whose value parses as a float.
     pub async fn fetch(admin: SocketAddr) -> Scrape {
