@@ -97,14 +97,7 @@ async fn echo_subcommand_greets_and_echoes() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut name = Err("never up".to_string());
-    for _ in 0..200 {
-        name = common::try_echo_roundtrip(addr.parse().unwrap(), b"ping").await;
-        if name.is_ok() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    let name = common::echo_roundtrip_within(addr.parse().unwrap(), b"ping", std::time::Duration::from_secs(5)).await;
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(name.as_deref(), Ok("hi-there"));

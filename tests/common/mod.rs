@@ -126,6 +126,19 @@ pub async fn try_echo_roundtrip(addr: SocketAddr, payload: &[u8]) -> Result<Stri
     tokio::time::timeout(STEP, run).await.map_err(|_| "timed out".to_string())?
 }
 
+/// [`try_echo_roundtrip`] retried every 25 ms for at most `within` (a server still starting,
+/// or recovering): the first success, or the last failure.
+pub async fn echo_roundtrip_within(addr: SocketAddr, payload: &[u8], within: Duration) -> Result<String, String> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let result = try_echo_roundtrip(addr, payload).await;
+        if result.is_ok() || tokio::time::Instant::now() >= deadline {
+            return result;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 pub fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
