@@ -38,7 +38,8 @@ done
 need_pkgs=()
 command -v haproxy >/dev/null 2>&1 || need_pkgs+=(haproxy)
 command -v nginx >/dev/null 2>&1 || need_pkgs+=(nginx)
-if ! nginx -V 2>&1 | grep -q -- '--with-stream ' && [[ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]]; then
+nginx_build="$(nginx -V 2>&1 || true)"
+if ! grep -q -- '--with-stream ' <<<"$nginx_build" && [[ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]]; then
     need_pkgs+=(libnginx-mod-stream)
 fi
 command -v wrk >/dev/null 2>&1 || need_pkgs+=(wrk)

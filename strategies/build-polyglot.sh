@@ -144,9 +144,10 @@ if [ "$RUN_TEST" = 1 ]; then
     # componentize-py's core modules use extended constant expressions, which node 20's
     # V8 only accepts behind a flag (on by default from V8 11.4 / node 21).
     node_flags=()
-    # (Captured first: `grep -q` closing the pipe early would trip pipefail.)
+    # Captured, then searched from a here-string: with `printf … | grep -q`, grep exits at
+    # the first match and printf dies of SIGPIPE (141), which pipefail turns into "no match".
     v8_options="$(node --v8-options)"
-    if printf '%s\n' "$v8_options" | grep -q -- '--experimental-wasm-extended-const'; then
+    if grep -q -- '--experimental-wasm-extended-const' <<<"$v8_options"; then
         node_flags+=(--experimental-wasm-extended-const)
     fi
     node "${node_flags[@]}" "$JS/test/run-components.mjs" "${files[@]}" \

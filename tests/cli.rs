@@ -66,6 +66,15 @@ fn bad_values_give_one_line_and_exit_code_2() {
         (vec!["--backends", "127.0.0.1:1", "--strategy", "/nonexistent/x.wasm"], "strategy"),
         (vec!["--config", &unknown], "unknown field `max_conections`"),
         (vec!["--config", "/nonexistent/harbor.toml"], "cannot read config file"),
+        // Numbers out of range: the kernel refuses TCP_KEEPIDLE > 32767, a huge cooldown wrapped.
+        (vec!["--backends", "127.0.0.1:1", "--keepalive-secs", "32768"], "keepalive-secs: 32768 is out of range"),
+        (vec!["--backends", "127.0.0.1:1", "--cooldown-ms", "18446744073709551615"], "cooldown-ms"),
+        (vec!["--backends", "127.0.0.1:1", "--idle-timeout-ms", "18446744073709551615"], "idle-timeout-ms"),
+        (vec!["--backends", "127.0.0.1:1", "--max-lifetime-ms", "604800001"], "max-lifetime-ms"),
+        (vec!["--backends", "127.0.0.1:1", "--shutdown-grace-ms", "99999999999"], "shutdown-grace-ms"),
+        (vec!["--backends", "127.0.0.1:1", "--max-connections", "99999999999999"], "max-connections"),
+        (vec!["--backends", "127.0.0.1:1", "--connect-attempts", "99999999999"], "connect-attempts"),
+        (vec!["--backends", "127.0.0.1:1", "--workers", "0"], "workers"),
     ];
     for (args, needle) in cases {
         for sub in [true, false] {

@@ -264,3 +264,66 @@ async fn the_half_close_timeout_ends_a_connection_left_half_open() {
     assert!(waited < Duration::from_millis(2000), "closed too late: {waited:?}");
     harbor.stop().await.unwrap();
 }
+
+/// Reads until EOF or error; returns the bytes and whether the stream ended in an error.
+async fn read_until_end(stream: &mut tokio::net::TcpStream) -> (usize, Option<std::io::ErrorKind>) {
+    let mut total = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(STEP, stream.read(&mut buf)).await.expect("stream ends in time") {
+            Ok(0) => return (total, None),
+            Ok(n) => total += n,
+            Err(e) => return (total, Some(e.kind())),
+        }
+    }
+}
+
+/// A backend that resets (RST) mid-reply must reach the client as a reset, never as a clean
+/// EOF that would make a truncated transfer look complete; and the other way round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_on_either_side_is_passed_on_as_a_reset() {
+    // Backend side: 1.4 MiB of a promised 4 MiB, then SO_LINGER 0 and close.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let resetter = tokio::spawn(async move {
+        for _ in 0..2 {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1];
+            stream.read_exact(&mut request).await.unwrap();
+            if request[0] == b'r' {
+                stream.write_all(&pattern(1_400_000, 3)).await.unwrap();
+                reset_on_close(&stream);
+                drop(stream);
+            } else {
+                // The client will reset: this side must see a reset too, not EOF.
+                stream.write_all(b"k").await.unwrap();
+                let (_, error) = read_until_end(&mut stream).await;
+                assert!(
+                    matches!(error, Some(std::io::ErrorKind::ConnectionReset)),
+                    "the backend saw {error:?} after the client reset, not a reset"
+                );
+            }
+        }
+    });
+    let harbor = start(config(&[backend])).await;
+
+    let mut client = tokio::net::TcpStream::connect(harbor.addr).await.unwrap();
+    client.write_all(b"r").await.unwrap();
+    let (got, error) = read_until_end(&mut client).await;
+    assert!(got <= 1_400_000, "{got} bytes");
+    assert_eq!(error, Some(std::io::ErrorKind::ConnectionReset), "after {got} bytes the client saw a clean EOF");
+
+    let mut client = tokio::net::TcpStream::connect(harbor.addr).await.unwrap();
+    client.write_all(b"u").await.unwrap();
+    let mut ack = [0u8; 1];
+    tokio::time::timeout(STEP, client.read_exact(&mut ack)).await.unwrap().unwrap();
+    reset_on_close(&client);
+    drop(client);
+    tokio::time::timeout(STEP, resetter).await.expect("backend done in time").unwrap();
+
+    let resets = "harbor_relay_ends_total{end=\"reset\"}";
+    let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| m.get(resets) == 2.0).await;
+    assert_eq!(m.get(resets), 2.0);
+    assert_eq!(m.get("harbor_relay_ends_total{end=\"completed\"}"), 0.0);
+    harbor.stop().await.unwrap();
+}

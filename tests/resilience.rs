@@ -135,33 +135,6 @@ async fn slow_backend(chunks: usize, gap: Duration) -> std::net::SocketAddr {
     addr
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Runs the real `harbor` binary listening on a free port with `args`, and returns it with
-/// its address and a first client connection once it accepts.
-async fn spawn_binary(args: &[&str]) -> (std::process::Child, std::net::SocketAddr, TcpStream) {
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn harbor");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..200 {
-        if let Ok(stream) = TcpStream::connect(addr).await {
-            return (child, addr, stream);
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("harbor did not come up on {addr}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_connections_refuses_new_ones_and_exits_zero() {
     let backend = slow_backend(10, Duration::from_millis(100)).await; // ~1 s per connection
@@ -199,15 +172,6 @@ async fn a_second_signal_exits_at_once() {
     let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     assert!(started.elapsed() < Duration::from_secs(3), "second signal took {:?}", started.elapsed());
     assert_eq!(status.code(), Some(130));
-}
-
-/// CPU time (user + system) the process has used, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,4 +257,92 @@ async fn a_drain_cuts_what_outlives_the_grace_period_and_counts_it() {
     assert!(cut_after < grace + Duration::from_millis(1500), "cut too late: {cut_after:?}");
     let report = tokio::time::timeout(STEP, stopping).await.expect("drain ends").unwrap().unwrap();
     assert_eq!(report.cut_connections, 1, "exactly the lingering connection is cut");
+}
+
+/// Idle connections to the admin port are capped and time out: they can never take the
+/// descriptors the data plane needs, and the admin endpoint recovers once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_connections_are_capped_and_time_out() {
+    let (backend, _stop) = echo_backend("a").await;
+    let harbor = start(config(&[backend])).await;
+    let admin = harbor.admin_addr.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(TcpStream::connect(admin).await.unwrap());
+    }
+    // Those over the cap are closed at once: a read sees EOF (or a reset) quickly.
+    let mut closed_at_once = 0;
+    for stream in &mut idle {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(50), stream.read(&mut byte)).await {
+            closed_at_once += 1;
+        }
+    }
+    assert!(
+        closed_at_once >= 100 - harbor::admin::MAX_ADMIN_CONNECTIONS,
+        "only {closed_at_once} of 100 idle admin connections were refused"
+    );
+    // The data plane is untouched meanwhile.
+    echo_roundtrip(harbor.addr, b"data plane").await;
+    // After the header deadline every idle one is gone, and scraping works again.
+    tokio::time::sleep(harbor::admin::HEADER_DEADLINE + Duration::from_millis(500)).await;
+    let mut still_open = 0;
+    for stream in &mut idle {
+        let mut byte = [0u8; 1];
+        if tokio::time::timeout(Duration::from_millis(20), stream.read(&mut byte)).await.is_err() {
+            still_open += 1;
+        }
+    }
+    assert_eq!(still_open, 0, "idle admin connections outlived the header deadline");
+    let m = Scrape::fetch(admin).await;
+    assert!(m.get("harbor_admin_connection_drops_total") >= (100 - harbor::admin::MAX_ADMIN_CONNECTIONS) as f64);
+    harbor.stop().await.unwrap();
+}
+
+async fn connect_from(source: &str, to: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    tokio::time::timeout(STEP, socket.connect(to)).await.unwrap().unwrap()
+}
+
+/// Reads the greeting line, or None if the connection was closed first.
+async fn greeting(stream: &mut TcpStream) -> Option<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match tokio::time::timeout(STEP, stream.read(&mut byte)).await.expect("in time") {
+            Ok(1) if byte[0] == b'\n' => return Some(String::from_utf8_lossy(&line).into_owned()),
+            Ok(1) => line.push(byte[0]),
+            _ => return None,
+        }
+    }
+}
+
+/// One client address may hold at most `max-connections-per-source` connections: the next is
+/// closed at accept and counted by reason, other addresses are unaffected, and a closed
+/// connection gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_take_the_whole_cap() {
+    let (backend, _stop) = echo_backend("s").await;
+    let mut cfg = config(&[backend]);
+    cfg.max_connections_per_source = 3;
+    let harbor = start(cfg).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = connect_from("127.0.0.1", harbor.addr).await;
+        assert_eq!(greeting(&mut stream).await.as_deref(), Some("s"));
+        held.push(stream);
+    }
+    let mut over = connect_from("127.0.0.1", harbor.addr).await;
+    assert_eq!(greeting(&mut over).await, None, "a 4th connection from one source was served");
+    let mut other = connect_from("127.0.0.2", harbor.addr).await;
+    assert_eq!(greeting(&mut other).await.as_deref(), Some("s"), "another source was refused");
+    drop(held.pop());
+    let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| m.get("harbor_active_connections") == 3.0).await;
+    assert_eq!(m.get("harbor_rejected_connections_total{reason=\"per_source\"}"), 1.0);
+    assert_eq!(m.get("harbor_rejected_connections_total{reason=\"max_connections\"}"), 0.0);
+    let mut again = connect_from("127.0.0.1", harbor.addr).await;
+    assert_eq!(greeting(&mut again).await.as_deref(), Some("s"), "a freed place was not given back");
+    drop((held, other, again));
+    harbor.stop().await.unwrap();
 }

@@ -94,9 +94,15 @@ async fn assert_fallback(fixture_name: &str, reason: &str, tune: fn(&mut harbor:
     host.load_file(&fixture(fixture_name)).await.unwrap_or_else(|e| panic!("{fixture_name} should load: {e}"));
     assert_eq!(host.status().kind, "wasm");
     let payload = pattern(4096, 3);
-    for i in 0..8 {
+    // A worker whose instance faulted takes a ready one; while a new one is being made (off
+    // the hot path) its picks go to the built-in without counting as faults. So: connect until
+    // the host gives up on the strategy, at most 64 times, and every connection must succeed.
+    for i in 0..64 {
         let result = try_echo_roundtrip(harbor.addr, &payload).await;
         assert!(result.is_ok(), "{fixture_name}: connection {i} lost: {result:?}");
+        if host.status().kind == "builtin" && i >= 7 {
+            break;
+        }
     }
     let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
     let faults = m.get(&format!("harbor_strategy_fallbacks_total{{reason=\"{reason}\"}}"));
@@ -125,6 +131,12 @@ async fn a_memory_bomb_is_stopped_by_the_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_limit_covers_every_memory_of_an_instance_summed() {
+    // Four memories of 3 MiB each: none over the 8 MiB limit, 12 MiB together.
+    assert_fallback("multi_memory_bomb.wat", "trap", |cfg| cfg.strategy_memory_bytes = 8 << 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_out_of_range_answer_is_rejected() {
     assert_fallback("out_of_range.wat", "out_of_range", |_| {}).await;
 }
@@ -143,8 +155,12 @@ async fn a_faulting_strategy_reverts_to_the_previous_good_one() {
     let host = &harbor.shared.strategy;
     host.load_file(&fixture("trap.wat")).await.unwrap();
     assert_eq!(host.status().name, "trap");
-    for _ in 0..8 {
+    // Until it is reverted (see assert_fallback), at most 64 connections, none lost.
+    for _ in 0..64 {
         try_echo_roundtrip(harbor.addr, b"x").await.expect("no connection lost");
+        if host.status().name != "trap" {
+            break;
+        }
     }
     assert_eq!(host.status().name, "least_conn", "did not go back to the last good strategy");
     harbor.stop().await.unwrap();

@@ -23,7 +23,7 @@ fn pool(n: usize) -> BackendPool {
 }
 
 fn host(strategy: Option<&str>) -> StrategyHost {
-    let host = StrategyHost::new(GuestLimits::default(), String::new(), Arc::new(Metrics::new()));
+    let host = StrategyHost::new(GuestLimits::default(), String::new(), Arc::new(Metrics::new())).expect("wasm engine");
     if let Some(name) = strategy {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("strategies").join(format!("{name}.wasm"));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");

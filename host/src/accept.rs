@@ -11,7 +11,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::connection;
+use crate::metrics::Rejection;
 use crate::server::Shared;
+use crate::source_limit::SourceSlot;
+
+/// A connection's places under the caps: a slot of `max-connections`, and one of its
+/// source's (if that cap is set). Both are given back when the connection ends.
+#[derive(Debug)]
+pub struct Admission {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _source: Option<SourceSlot>,
+}
 
 /// First pause after a transient accept error; doubles up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(5);
@@ -51,12 +61,28 @@ pub async fn accept_loop(
             Ok((stream, peer)) => {
                 backoff = FIRST_BACKOFF;
                 shared.metrics.accepts.inc();
+                // The source's cap first: a client over it must not take a global slot.
+                let source = match &shared.source_limiter {
+                    None => None,
+                    Some(limiter) => match limiter.try_acquire(peer.ip()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            shared.metrics.rejected(Rejection::PerSource);
+                            if shared.hot_path_log.allow() {
+                                tracing::warn!(client = %peer, max = shared.config.max_connections_per_source, "per-source connection cap reached: closing new client");
+                            }
+                            continue;
+                        }
+                    },
+                };
                 match Arc::clone(&slots).try_acquire_owned() {
                     Ok(permit) => {
-                        tracker.spawn(connection::serve(stream, peer, Arc::clone(&shared), permit));
+                        let admission = Admission { _permit: permit, _source: source };
+                        tracker.spawn(connection::serve(stream, peer, Arc::clone(&shared), admission));
                     }
                     Err(_) => {
                         shared.metrics.capacity_drops.inc();
+                        shared.metrics.rejected(Rejection::MaxConnections);
                         if shared.hot_path_log.allow() {
                             tracing::warn!(client = %peer, max = shared.config.max_connections, "connection cap reached: closing new client");
                         }

@@ -18,8 +18,17 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::BackendView;
 use crate::server::Shared;
 
+/// Most admin connections open at once: the admin port must never eat the descriptors the
+/// data plane needs. More are closed at accept and counted.
+pub const MAX_ADMIN_CONNECTIONS: usize = 32;
+/// A client must send a request's headers within this time (idle keep-alive included).
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(2);
+/// No admin connection lives longer than this, however busy.
+pub const MAX_ADMIN_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Serves admin requests until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -31,19 +40,26 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
                 }
             },
         };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            shared.metrics.admin_connection_drops.inc();
+            drop(stream);
+            continue;
+        };
         let shared = Arc::clone(&shared);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| {
                 let shared = Arc::clone(&shared);
                 async move { Ok::<_, Infallible>(route(&req, &shared)) }
             });
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(HEADER_DEADLINE)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
+                _ = tokio::time::sleep(MAX_ADMIN_LIFETIME) => {}
                 _ = shutdown.cancelled() => {}
             }
         });

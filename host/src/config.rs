@@ -91,6 +91,12 @@ pub struct RunArgs {
     /// Most client connections at once; more are closed at accept and counted [default: 1024; legacy: LB_MAX_INFLIGHT].
     #[arg(long, env = "HARBOR_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Most connections at once from one client address (IPv6: one prefix, see --source-ipv6-prefix); more are closed at accept and counted; 0 for no limit [default: 0].
+    #[arg(long, env = "HARBOR_MAX_CONNECTIONS_PER_SOURCE", value_name = "N")]
+    pub max_connections_per_source: Option<u64>,
+    /// IPv6 clients are counted per prefix of this length by --max-connections-per-source [default: 64].
+    #[arg(long, env = "HARBOR_SOURCE_IPV6_PREFIX", value_name = "BITS")]
+    pub source_ipv6_prefix: Option<u64>,
     /// Grace period for connections in flight after SIGINT/SIGTERM, in ms [default: 5000; legacy: LB_SHUTDOWN_GRACE_MS].
     #[arg(long, env = "HARBOR_SHUTDOWN_GRACE_MS", value_name = "MS")]
     pub shutdown_grace_ms: Option<u64>,
@@ -139,6 +145,8 @@ pub struct FileConfig {
     pub max_cooldown_ms: Option<u64>,
     pub connect_attempts: Option<u32>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_source: Option<u64>,
+    pub source_ipv6_prefix: Option<u64>,
     pub shutdown_grace_ms: Option<u64>,
     pub nodelay: Option<bool>,
     pub keepalive_secs: Option<u64>,
@@ -192,6 +200,9 @@ pub struct Config {
     pub max_cooldown: Duration,
     pub connect_attempts: u32,
     pub max_connections: usize,
+    /// 0: no per-source limit.
+    pub max_connections_per_source: u32,
+    pub source_ipv6_prefix: u8,
     #[serde(with = "millis")]
     pub shutdown_grace: Duration,
     pub nodelay: bool,
@@ -213,6 +224,22 @@ mod opt_millis {
     use std::time::Duration;
     pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.map_or(0, |d| d.as_millis() as u64))
+    }
+}
+
+/// Longest timeout, deadline or grace period accepted: 7 days.
+pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Longest cooldown accepted: 1 day.
+pub const MAX_COOLDOWN_MS: u64 = 24 * 3600 * 1000;
+/// Largest TCP keepalive idle time Linux accepts (TCP_KEEPIDLE).
+pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
+
+/// `value` if it lies in `min..=max`; otherwise an error naming the setting and the range.
+fn ranged(setting: &'static str, value: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(setting, format!("{value} is out of range: must be between {min} and {max}")))
     }
 }
 
@@ -302,51 +329,93 @@ impl Config {
             }
         }
 
-        let strategy_timeout_ms = pick_ms(args.strategy_timeout_ms, None, file.strategy_timeout_ms, 50)?;
-        if !(1..=1000).contains(&strategy_timeout_ms) {
-            return Err(invalid("strategy-timeout-ms", "must be between 1 and 1000"));
-        }
-        let strategy_memory_mb = pick_ms(args.strategy_memory_mb, None, file.strategy_memory_mb, 64)?;
-        if !(1..=4096).contains(&strategy_memory_mb) {
-            return Err(invalid("strategy-memory-mb", "must be between 1 and 4096"));
-        }
-        let connect_timeout_ms =
-            pick_ms(args.connect_timeout_ms, Some("LB_DIAL_TIMEOUT_MS"), file.connect_timeout_ms, 1500)?;
-        if connect_timeout_ms == 0 {
-            return Err(invalid("connect-timeout-ms", "must be at least 1"));
-        }
-        let idle_timeout_ms = pick_ms(args.idle_timeout_ms, Some("LB_IO_TIMEOUT_MS"), file.idle_timeout_ms, 10_000)?;
-        let max_lifetime_ms = pick_ms(args.max_lifetime_ms, None, file.max_lifetime_ms, 0)?;
-        let half_close_timeout_ms = pick_ms(args.half_close_timeout_ms, None, file.half_close_timeout_ms, 0)?;
-        let cooldown_ms = pick_ms(args.cooldown_ms, Some("LB_BACKEND_COOLDOWN_MS"), file.cooldown_ms, 5000)?;
-        let max_cooldown_ms = pick_ms(args.max_cooldown_ms, None, file.max_cooldown_ms, 60_000.max(cooldown_ms))?;
+        // Every number is range-checked here, whichever source it came from: a value that
+        // would wrap, overflow a deadline or be refused by the kernel is an error now, not later.
+        let strategy_timeout_ms = ranged(
+            "strategy-timeout-ms",
+            pick_ms(args.strategy_timeout_ms, None, file.strategy_timeout_ms, 50)?,
+            1,
+            1000,
+        )?;
+        let strategy_memory_mb = ranged(
+            "strategy-memory-mb",
+            pick_ms(args.strategy_memory_mb, None, file.strategy_memory_mb, 64)?,
+            1,
+            4096,
+        )?;
+        let connect_timeout_ms = ranged(
+            "connect-timeout-ms",
+            pick_ms(args.connect_timeout_ms, Some("LB_DIAL_TIMEOUT_MS"), file.connect_timeout_ms, 1500)?,
+            1,
+            MAX_TIMEOUT_MS,
+        )?;
+        let idle_timeout_ms = ranged(
+            "idle-timeout-ms",
+            pick_ms(args.idle_timeout_ms, Some("LB_IO_TIMEOUT_MS"), file.idle_timeout_ms, 10_000)?,
+            0,
+            MAX_TIMEOUT_MS,
+        )?;
+        let max_lifetime_ms = ranged(
+            "max-lifetime-ms",
+            pick_ms(args.max_lifetime_ms, None, file.max_lifetime_ms, 0)?,
+            0,
+            MAX_TIMEOUT_MS,
+        )?;
+        let half_close_timeout_ms = ranged(
+            "half-close-timeout-ms",
+            pick_ms(args.half_close_timeout_ms, None, file.half_close_timeout_ms, 0)?,
+            0,
+            MAX_TIMEOUT_MS,
+        )?;
+        let cooldown_ms = ranged(
+            "cooldown-ms",
+            pick_ms(args.cooldown_ms, Some("LB_BACKEND_COOLDOWN_MS"), file.cooldown_ms, 5000)?,
+            0,
+            MAX_COOLDOWN_MS,
+        )?;
+        let max_cooldown_ms = ranged(
+            "max-cooldown-ms",
+            pick_ms(args.max_cooldown_ms, None, file.max_cooldown_ms, 60_000.max(cooldown_ms))?,
+            0,
+            MAX_COOLDOWN_MS,
+        )?;
         if max_cooldown_ms < cooldown_ms {
             return Err(invalid("max-cooldown-ms", format!("must be at least cooldown-ms ({cooldown_ms})")));
         }
-        let connect_attempts = args.connect_attempts.or(file.connect_attempts).unwrap_or(2);
-        if !(1..=16).contains(&connect_attempts) {
-            return Err(invalid("connect-attempts", "must be between 1 (no retry) and 16"));
-        }
+        let connect_attempts =
+            ranged("connect-attempts", u64::from(args.connect_attempts.or(file.connect_attempts).unwrap_or(2)), 1, 16)?
+                as u32;
         let max_connections = match args.max_connections {
-            Some(n) => n,
+            Some(n) => n as u64,
             None => match legacy_u64(env, "LB_MAX_INFLIGHT")? {
-                Some(n) => n as usize,
-                None => file.max_connections.unwrap_or(1024),
+                Some(n) => n,
+                None => file.max_connections.unwrap_or(1024) as u64,
             },
         };
-        if max_connections == 0 || max_connections > 1_000_000 {
-            return Err(invalid("max-connections", "must be between 1 and 1000000"));
-        }
-        let shutdown_grace_ms =
-            pick_ms(args.shutdown_grace_ms, Some("LB_SHUTDOWN_GRACE_MS"), file.shutdown_grace_ms, 5000)?;
-        let keepalive_secs = args.keepalive_secs.or(file.keepalive_secs).unwrap_or(0);
+        let max_connections = ranged("max-connections", max_connections, 1, 1_000_000)? as usize;
+        let max_connections_per_source = ranged(
+            "max-connections-per-source",
+            args.max_connections_per_source.or(file.max_connections_per_source).unwrap_or(0),
+            0,
+            max_connections as u64,
+        )? as u32;
+        let source_ipv6_prefix =
+            ranged("source-ipv6-prefix", args.source_ipv6_prefix.or(file.source_ipv6_prefix).unwrap_or(64), 1, 128)?
+                as u8;
+        let shutdown_grace_ms = ranged(
+            "shutdown-grace-ms",
+            pick_ms(args.shutdown_grace_ms, Some("LB_SHUTDOWN_GRACE_MS"), file.shutdown_grace_ms, 5000)?,
+            0,
+            MAX_TIMEOUT_MS,
+        )?;
+        // The kernel takes TCP_KEEPIDLE up to 32767 s; more fails every connect with EINVAL.
+        let keepalive_secs =
+            ranged("keepalive-secs", args.keepalive_secs.or(file.keepalive_secs).unwrap_or(0), 0, MAX_KEEPALIVE_SECS)?;
         let workers = args
             .workers
             .or(file.workers)
             .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(2));
-        if !(1..=512).contains(&workers) {
-            return Err(invalid("workers", "must be between 1 and 512"));
-        }
+        let workers = ranged("workers", workers as u64, 1, 512)? as usize;
         let log_level = args.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(invalid("log-level", format!("{log_level:?} is not a valid filter (try info, warn, debug)")));
@@ -371,6 +440,8 @@ impl Config {
             max_cooldown: ms(max_cooldown_ms),
             connect_attempts,
             max_connections,
+            max_connections_per_source,
+            source_ipv6_prefix,
             shutdown_grace: ms(shutdown_grace_ms),
             nodelay: args.nodelay.or(file.nodelay).unwrap_or(true),
             keepalive: (keepalive_secs > 0).then(|| Duration::from_secs(keepalive_secs)),

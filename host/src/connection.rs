@@ -6,23 +6,23 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
+use crate::accept::Admission;
 use crate::connect::connect;
 use crate::relay::{relay, RelayEnd};
 use crate::server::Shared;
 use crate::strategy::bindings::ConnectionOutcome;
 use crate::strategy::{failed_outcome, micros, millis, PickRequest};
 
-/// Serves one accepted client. The permit holds a slot of `max-connections` until the end.
-pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
+/// Serves one accepted client. The admission holds its places under the caps until the end.
+pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, admission: Admission) {
     let span = tracing::info_span!("conn", client = %peer, backend = tracing::field::Empty);
     async move {
         shared.metrics.active_connections.inc();
         proxy(client, peer, &shared).await;
         shared.metrics.active_connections.dec();
-        drop(permit);
+        drop(admission);
     }
     .instrument(span)
     .await
@@ -69,9 +69,12 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
                 }
                 let lifetime = ended - started;
                 shared.metrics.connection_duration.observe(lifetime.as_secs_f64());
+                shared.metrics.relay_ended(stats.end);
                 match stats.end {
                     RelayEnd::Completed => {}
-                    RelayEnd::Error(kind) => tracing::debug!(?kind, "relay ended by a socket error"),
+                    RelayEnd::Reset | RelayEnd::Error(_) => {
+                        tracing::debug!(end = ?stats.end, "relay ended by a socket error; both peers reset")
+                    }
                     end => tracing::debug!(?end, "relay ended by a deadline"),
                 }
                 shared.strategy.report(

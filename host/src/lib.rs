@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod relay;
 pub mod server;
+pub mod source_limit;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod strategy;

@@ -89,7 +89,19 @@ struct EchoArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line, like every other configuration error: clap's first line names the flag.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            return config_error(&first);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     let env = |name: &str| std::env::var(name).ok();
     match cli.command {
         Some(Command::Check(args)) => match Config::resolve(&args, &env) {

@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::relay::RelayEnd;
+
 /// Labels of per-backend series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabel {
@@ -36,6 +38,8 @@ pub enum FallbackReason {
     Ineligible,
     NoneWhileEligible,
     InstantiateFailed,
+    /// No instance was ready on the worker thread yet (one is being made off the hot path).
+    InstanceNotReady,
 }
 
 impl FallbackReason {
@@ -47,8 +51,33 @@ impl FallbackReason {
             FallbackReason::Ineligible => "ineligible",
             FallbackReason::NoneWhileEligible => "none_while_eligible",
             FallbackReason::InstantiateFailed => "instantiate_failed",
+            FallbackReason::InstanceNotReady => "instance_not_ready",
         }
     }
+
+    /// True if the fallback counts against the strategy (towards reverting it).
+    pub fn is_strategy_fault(self) -> bool {
+        self != FallbackReason::InstanceNotReady
+    }
+}
+
+/// Why a client was closed at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// `max-connections` reached.
+    MaxConnections = 0,
+    /// `max-connections-per-source` reached for the client's address.
+    PerSource = 1,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayEndLabel {
+    pub end: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,12 +116,17 @@ pub struct Metrics {
     pub accepts: Counter,
     pub accept_errors: Counter,
     pub capacity_drops: Counter,
+    pub admin_connection_drops: Counter,
     pub active_connections: Gauge,
     pub dials: Counter,
     pub dial_failures: Counter,
     pub retries: Counter,
     pub no_backend: Counter,
     pub spliced_directions: Counter,
+    /// Clients closed at accept, indexed by [`Rejection`].
+    pub rejections: Vec<Counter>,
+    /// Relays by how they ended, indexed by [`crate::relay::RelayEnd::ordinal`].
+    pub relay_ends: Vec<Counter>,
     pub backends_cooling_down: Gauge,
     pub backend_picks: Family<BackendLabel, Counter>,
     pub backend_dial_failures: Family<BackendLabel, Counter>,
@@ -117,12 +151,15 @@ impl Metrics {
             accepts: Counter::default(),
             accept_errors: Counter::default(),
             capacity_drops: Counter::default(),
+            admin_connection_drops: Counter::default(),
             active_connections: Gauge::default(),
             dials: Counter::default(),
             dial_failures: Counter::default(),
             retries: Counter::default(),
             no_backend: Counter::default(),
             spliced_directions: Counter::default(),
+            relay_ends: Vec::new(),
+            rejections: Vec::new(),
             backends_cooling_down: Gauge::default(),
             backend_picks: Family::default(),
             backend_dial_failures: Family::default(),
@@ -147,6 +184,11 @@ impl Metrics {
             "Connections closed at accept because max-connections was reached",
             m.capacity_drops.clone(),
         );
+        registry.register(
+            "admin_connection_drops",
+            "Admin connections closed at accept because the admin connection cap was reached",
+            m.admin_connection_drops.clone(),
+        );
         registry.register("active_connections", "Client connections open now", m.active_connections.clone());
         registry.register("dials", "Connect attempts to backends", m.dials.clone());
         registry.register("dial_failures", "Failed connect attempts to backends", m.dial_failures.clone());
@@ -155,6 +197,24 @@ impl Metrics {
             "Relay directions that carried a bulk transfer zero-copy (splice through a pipe)",
             m.spliced_directions.clone(),
         );
+        let relay_ends: Family<RelayEndLabel, Counter> = Family::default();
+        registry.register(
+            "relay_ends",
+            "Relayed connections by how they ended (a reset on one side is passed on as a reset)",
+            relay_ends.clone(),
+        );
+        let relay_end_handles =
+            RelayEnd::LABELS.iter().map(|end| relay_ends.get_or_create(&RelayEndLabel { end }).clone()).collect();
+        let rejections: Family<RejectionLabel, Counter> = Family::default();
+        registry.register(
+            "rejected_connections",
+            "Clients closed at accept, by reason (max_connections, per_source)",
+            rejections.clone(),
+        );
+        let rejection_handles = ["max_connections", "per_source"]
+            .iter()
+            .map(|reason| rejections.get_or_create(&RejectionLabel { reason }).clone())
+            .collect();
         registry.register("retries", "Connect attempts retried on another backend", m.retries.clone());
         registry.register(
             "no_backend",
@@ -190,7 +250,21 @@ impl Metrics {
             m.strategy_fallbacks.clone(),
         );
         registry.register("strategy_reloads", "Strategy loads by outcome", m.strategy_reloads.clone());
-        Metrics { registry, ..m }
+        Metrics { registry, relay_ends: relay_end_handles, rejections: rejection_handles, ..m }
+    }
+
+    /// Counts a client closed at accept.
+    pub fn rejected(&self, why: Rejection) {
+        if let Some(counter) = self.rejections.get(why as usize) {
+            counter.inc();
+        }
+    }
+
+    /// Counts how a relay ended.
+    pub fn relay_ended(&self, end: RelayEnd) {
+        if let Some(counter) = self.relay_ends.get(end.ordinal()) {
+            counter.inc();
+        }
     }
 
     /// Counts a strategy fallback.

@@ -44,8 +44,42 @@ pub enum RelayEnd {
     HalfClose,
     /// Harbor's grace period ran out during shutdown.
     Shutdown,
-    /// A socket error (reset, broken pipe, ...).
+    /// A peer reset its connection (or vanished: broken pipe). The other peer is reset too.
+    Reset,
+    /// Any other socket error. The other peer is reset too.
     Error(io::ErrorKind),
+}
+
+impl RelayEnd {
+    /// Every value of [`RelayEnd::label`], in [`RelayEnd::ordinal`] order.
+    pub const LABELS: [&'static str; 7] = ["completed", "idle", "lifetime", "half_close", "shutdown", "reset", "error"];
+
+    /// Position in [`RelayEnd::LABELS`].
+    pub fn ordinal(self) -> usize {
+        match self {
+            RelayEnd::Completed => 0,
+            RelayEnd::Idle => 1,
+            RelayEnd::Lifetime => 2,
+            RelayEnd::HalfClose => 3,
+            RelayEnd::Shutdown => 4,
+            RelayEnd::Reset => 5,
+            RelayEnd::Error(_) => 6,
+        }
+    }
+
+    /// The `end` label of `harbor_relay_ends_total`.
+    pub fn label(self) -> &'static str {
+        Self::LABELS[self.ordinal()]
+    }
+
+    fn from_error(error: &io::Error) -> RelayEnd {
+        match error.kind() {
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted => {
+                RelayEnd::Reset
+            }
+            kind => RelayEnd::Error(kind),
+        }
+    }
 }
 
 /// Bytes moved and how the relay ended.
@@ -325,7 +359,7 @@ pub async fn relay(
         if !up_done {
             if let Poll::Ready(result) = upstream.as_mut().poll(cx) {
                 if let Err(e) = result {
-                    return Poll::Ready(RelayEnd::Error(e.kind()));
+                    return Poll::Ready(RelayEnd::from_error(&e));
                 }
                 (up_done, ended) = (true, true);
             }
@@ -333,7 +367,7 @@ pub async fn relay(
         if !down_done {
             if let Poll::Ready(result) = downstream.as_mut().poll(cx) {
                 if let Err(e) = result {
-                    return Poll::Ready(RelayEnd::Error(e.kind()));
+                    return Poll::Ready(RelayEnd::from_error(&e));
                 }
                 (down_done, ended) = (true, true);
             }
@@ -383,6 +417,13 @@ pub async fn relay(
         Poll::Pending
     })
     .await;
+    if matches!(end, RelayEnd::Reset | RelayEnd::Error(_)) {
+        // An abortive close (RST, not FIN) on both sockets: a peer must never mistake a stream
+        // cut on the other side for one that finished.
+        for socket in [&client, &backend] {
+            let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
+        }
+    }
     RelayStats {
         to_backend: up.moved.load(Ordering::Relaxed),
         to_client: down.moved.load(Ordering::Relaxed),

@@ -19,7 +19,8 @@ use crate::connect::SocketOptions;
 use crate::logging::RateLimitedLog;
 use crate::metrics::Metrics;
 use crate::relay::RelayLimits;
-use crate::strategy::watch::{newest_in_dir, spawn_watcher, WatchError, WatchTarget};
+use crate::source_limit::SourceLimiter;
+use crate::strategy::watch::{spawn_watcher, WatchError, WatchTarget};
 use crate::strategy::{GuestLimits, StrategyError, StrategyHost};
 
 /// Why Harbor could not start or had to stop.
@@ -31,6 +32,8 @@ pub enum HarborError {
     Strategy { path: String, error: StrategyError },
     #[error(transparent)]
     Watch(#[from] WatchError),
+    #[error("{0}")]
+    Engine(StrategyError),
     #[error("accepting connections failed: {0}")]
     Accept(std::io::Error),
 }
@@ -48,6 +51,8 @@ pub struct Shared {
     /// True once shutdown has begun (`/healthz` answers 503).
     pub draining: AtomicBool,
     pub hot_path_log: RateLimitedLog,
+    /// The per-source cap, if one is set.
+    pub source_limiter: Option<Arc<SourceLimiter>>,
 }
 
 /// How a run ended.
@@ -71,14 +76,27 @@ impl Harbor {
     /// Binds the listeners and loads the strategy (if any). Nothing is accepted until `run`.
     pub async fn bind(config: Config) -> Result<Harbor, HarborError> {
         let metrics = Arc::new(Metrics::new());
-        let limits = GuestLimits { call_timeout: config.strategy_timeout, memory_bytes: config.strategy_memory_bytes };
-        let strategy = Arc::new(StrategyHost::new(limits, config.strategy_config.clone(), Arc::clone(&metrics)));
-        let initial = config.strategy.clone().or_else(|| config.watch.as_deref().and_then(newest_in_dir));
-        if let Some(path) = &initial {
+        let limits = GuestLimits {
+            call_timeout: config.strategy_timeout,
+            memory_bytes: config.strategy_memory_bytes,
+            ready_instances: config.workers,
+        };
+        let strategy = Arc::new(
+            StrategyHost::new(limits, config.strategy_config.clone(), Arc::clone(&metrics))
+                .map_err(HarborError::Engine)?,
+        );
+        if let Some(path) = &config.strategy {
+            // Named by the operator: it must load.
             strategy
                 .load_file(path)
                 .await
                 .map_err(|error| HarborError::Strategy { path: path.display().to_string(), error })?;
+        } else if let Some(dir) = &config.watch {
+            // A drop box: the newest file that loads wins; a bad newer file (refused at run
+            // time) never stops a restart.
+            if strategy.load_newest_in(dir).await.is_none() {
+                tracing::warn!(dir = %dir.display(), "no loadable strategy in the watched directory yet: built-in round-robin until one lands");
+            }
         }
         let listener = bind(config.listen, config.nodelay).await?;
         let admin = match config.admin {
@@ -99,6 +117,8 @@ impl Harbor {
             cut: CancellationToken::new(),
             draining: AtomicBool::new(false),
             hot_path_log: RateLimitedLog::new(10, Duration::from_secs(10)),
+            source_limiter: (config.max_connections_per_source > 0)
+                .then(|| Arc::new(SourceLimiter::new(config.max_connections_per_source, config.source_ipv6_prefix))),
             config,
         });
         // Watch from here on, so nothing that lands after `bind` returns is missed.
@@ -136,6 +156,7 @@ impl Harbor {
         let accepted = accept_loop(&listener, Arc::clone(&shared), &tracker, &shutdown).await;
         drop(listener); // refuse new connections from here on
         shared.draining.store(true, Ordering::Relaxed);
+        shared.strategy.stop_loading();
         tracker.close();
         let in_flight = tracker.len();
         if in_flight > 0 {

@@ -84,7 +84,8 @@ for src in "${sources[@]}"; do
   # A strategy must export the world's four functions (the host checks their exact types
   # when it loads the component; `jco parse` does not validate function bodies either).
   for export in init set-backends pick report; do
-    if ! printf '%s\n' "$world" | grep -Eq "^\s*export $export: func"; then
+    # A here-string, not `printf | grep -q`: an early grep exit would SIGPIPE printf (pipefail).
+    if ! grep -Eq "^\s*export $export: func" <<<"$world"; then
       say "error: $src does not export \`$export\`; its world is:"
       printf '%s\n' "$world" >&2
       exit 1

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use harbor::config::Config;
@@ -248,4 +249,45 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> Opt
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     None
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs the real `harbor` binary listening on a free port with `args`, and returns it with
+/// its address and a first client connection once it accepts.
+pub async fn spawn_binary(args: &[&str]) -> (std::process::Child, std::net::SocketAddr, TcpStream) {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn harbor");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..200 {
+        if let Ok(stream) = TcpStream::connect(addr).await {
+            return (child, addr, stream);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("harbor did not come up on {addr}");
+}
+
+/// CPU time (user + system) the process has used, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Makes the next close of `stream` a reset (SO_LINGER 0), as a crashed peer's would be.
+pub fn reset_on_close(stream: &TcpStream) {
+    socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
 }

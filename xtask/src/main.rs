@@ -6,6 +6,8 @@
 //! - `cargo xtask demo`:  build, then Harbor (release) in front of two echo backends.
 //! - `cargo xtask test`:  build, then fmt, clippy and the whole test suite.
 //! - `cargo xtask bench`: build, then the side-by-side benchmark in `bench/`.
+//! - `cargo xtask soak`:  build, then the release binary under a million mixed connections
+//!   with swaps and backend kills (`tests/soak.rs`; not part of `test`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -25,12 +27,16 @@ fn main() -> Result<()> {
         Some("polyglot") => build_polyglot(),
         Some("demo") => demo(&root, &args[1..]),
         Some("test") => test(&root),
+        Some("soak") => {
+            build_strategies(&root)?;
+            run(cargo().args(["test", "--release", "-p", "harbor", "--test", "soak", "--", "--ignored", "--nocapture"]))
+        }
         Some("bench") => {
             build_strategies(&root)?;
             run(Command::new("bash").arg("bench/run.sh").args(&args[1..]))
         }
         _ => {
-            eprintln!("usage: cargo xtask <build|polyglot|demo|test|bench>");
+            eprintln!("usage: cargo xtask <build|polyglot|demo|test|bench|soak>");
             std::process::exit(2);
         }
     }

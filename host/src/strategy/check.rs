@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::answer::{judge, BackendStats, Snapshot, Verdict};
 use super::bindings::{BackendInfo, Connection};
-use super::engine::StrategyEngine;
+use super::engine::{StrategyEngine, FUEL_PER_CALL};
+use super::instance::InstanceFault;
 use super::instance::{CallFault, Instance};
-use super::{ip_address, loaded::sha256_hex, validate, GuestLimits, LoadedStrategy, StrategyError, STATS_STRIDE};
+use super::{ip_address, loaded::sha256_hex, GuestLimits, LoadedStrategy, StrategyError};
 use crate::backend::BackendState;
 
 /// What `check` found.
@@ -26,6 +28,9 @@ pub struct CheckReport {
     pub wants_reports: bool,
     pub picks: usize,
     pub ns_per_pick: f64,
+    /// Most fuel (about one unit per wasm instruction) one pick used, and the limit.
+    pub max_fuel_per_pick: u64,
+    pub fuel_limit: u64,
     /// Everything wrong with the answers; empty means the strategy passed.
     pub problems: Vec<String>,
 }
@@ -45,6 +50,13 @@ impl std::fmt::Display for CheckReport {
         writeln!(f, "wants reports: {}", self.wants_reports)?;
         writeln!(f, "picks checked: {}", self.picks)?;
         writeln!(f, "pick latency:  {:.0} ns", self.ns_per_pick)?;
+        writeln!(
+            f,
+            "fuel per pick: {} at most ({:.1} % of the {} limit)",
+            self.max_fuel_per_pick,
+            self.max_fuel_per_pick as f64 * 100.0 / self.fuel_limit.max(1) as f64,
+            self.fuel_limit
+        )?;
         if self.problems.is_empty() {
             write!(f, "result:        ok")
         } else {
@@ -90,8 +102,9 @@ pub fn check_component(
     picks: usize,
     config: &str,
 ) -> Result<CheckReport, StrategyError> {
-    let engine = StrategyEngine::global();
-    let loaded = LoadedStrategy::from_bytes(engine, bytes, sha256_hex(bytes), source, GuestLimits::default(), config)?;
+    let engine = StrategyEngine::global()?;
+    let limits = GuestLimits::default();
+    let loaded = LoadedStrategy::from_bytes(engine, bytes, sha256_hex(bytes), source, limits, config)?;
     let ty = loaded.component().component_type();
     let imports = ty.imports(&engine.engine).map(|(name, _)| name.to_string()).collect();
     let exports = ty.exports(&engine.engine).map(|(name, _)| name.to_string()).collect();
@@ -106,6 +119,8 @@ pub fn check_component(
         wants_reports: loaded.wants_reports,
         picks: 0,
         ns_per_pick: 0.0,
+        max_fuel_per_pick: 0,
+        fuel_limit: FUEL_PER_CALL,
         problems: Vec::new(),
     };
     let (mut instance, _) = Instance::new(&loaded)?;
@@ -116,7 +131,7 @@ pub fn check_component(
     }
     let n = infos.len();
     let mut rng = StdRng::seed_from_u64(0x4a5b_0b07);
-    let mut stats = vec![0u32; n * STATS_STRIDE];
+    let mut snapshot = Snapshot::default();
     let problems = &mut report.problems;
     for round in 0..picks {
         // Snapshots: random loads and states, plus the edge cases every strategy must handle.
@@ -125,6 +140,7 @@ pub fn check_component(
             1 => Some(Some(rng.random_range(0..n))), // exactly one healthy backend
             _ => None,
         };
+        snapshot.clear();
         for i in 0..n {
             let state = match healthy_only {
                 Some(Some(only)) if i == only => BackendState::Healthy,
@@ -134,29 +150,27 @@ pub fn check_component(
                     [BackendState::CoolingDown, BackendState::Draining, BackendState::Unhealthy][rng.random_range(0..3)]
                 }
             };
-            stats[i * STATS_STRIDE] = rng.random_range(0..200);
-            stats[i * STATS_STRIDE + 1] = state as u32;
-            stats[i * STATS_STRIDE + 2] = rng.random_range(0..5000);
-            stats[i * STATS_STRIDE + 3] = u32::from(state == BackendState::CoolingDown);
+            snapshot.push(BackendStats {
+                active: rng.random_range(0..200),
+                state,
+                connect_latency_micros: rng.random_range(0..5000),
+                failures_in_row: u32::from(state == BackendState::CoolingDown),
+            });
         }
-        let eligible = (0..n).filter(|i| stats[i * STATS_STRIDE + 1] == 0).count();
         report.picks += 1;
-        match call(&mut instance, sample_connection(round as u64, rng.random()), &stats) {
-            Ok(Some(index)) => {
-                if let Err(reason) = validate(&stats, index) {
-                    problems.push(format!("pick {round}: answered backend {index}, which is {}", reason.as_str()));
-                }
-            }
-            Ok(None) if eligible > 0 => {
-                problems.push(format!("pick {round}: answered none while {eligible} backends were healthy"))
-            }
-            Ok(None) => {}
-            Err(message) => {
-                problems.push(format!("pick {round}: {message}"));
-                // A trapped instance cannot be entered again: start a fresh one.
-                instance = Instance::new(&loaded)?.0;
-                let _ = instance.set_backends(1, &infos);
-            }
+        let answer = instance.pick(sample_connection(round as u64, rng.random()), snapshot.as_flat());
+        let trapped = answer.is_err();
+        report.max_fuel_per_pick = report.max_fuel_per_pick.max(instance.fuel_used());
+        // Judged by the same rule as in Harbor, with the same deadline.
+        if let Verdict::Fault(reason, detail) =
+            judge(&snapshot, answer.map_err(InstanceFault::Call), limits.call_timeout)
+        {
+            problems.push(format!("pick {round}: {detail} ({})", reason.as_str()));
+        }
+        if trapped {
+            // A trapped instance cannot be entered again: start a fresh one.
+            instance = Instance::new(&loaded)?.0;
+            let _ = instance.set_backends(1, &infos);
         }
         if problems.len() >= 10 {
             problems.push("stopped after 10 problems".into());
@@ -165,14 +179,20 @@ pub fn check_component(
     }
 
     // Latency on an all-healthy snapshot, as on a quiet production pool.
+    snapshot.clear();
     for i in 0..n {
-        stats[i * STATS_STRIDE] = (i % 7) as u32;
-        stats[i * STATS_STRIDE + 1] = BackendState::Healthy as u32;
+        snapshot.push(BackendStats {
+            active: (i % 7) as u32,
+            state: BackendState::Healthy,
+            connect_latency_micros: 0,
+            failures_in_row: 0,
+        });
     }
     let timed = 2000;
     let started = Instant::now();
     for k in 0..timed {
-        if let Err(message) = call(&mut instance, sample_connection(k, k.wrapping_mul(0x9e37_79b9)), &stats) {
+        if let Err(message) = call(&mut instance, sample_connection(k, k.wrapping_mul(0x9e37_79b9)), snapshot.as_flat())
+        {
             report.problems.push(format!("timed pick {k}: {message}"));
             return Ok(report);
         }

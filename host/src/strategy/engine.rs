@@ -1,12 +1,15 @@
 //! The process-wide wasmtime engine: epoch ticker for wall-clock deadlines, a linker that
-//! provides nothing (no WASI), and a cache of compiled components keyed by content hash.
+//! provides nothing (no WASI), a limiter that sums every memory and table of an instance, one
+//! low-priority compile thread, and a bounded cache of compiled components keyed by content hash.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::VecDeque;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, StoreLimits};
+use wasmtime::{Config, Engine, ResourceLimiter};
+
+use super::StrategyError;
 
 /// Instructions (roughly) one call may execute: ~10-40 ms of guest work, 100x what a
 /// Python or JavaScript strategy needs per pick.
@@ -17,29 +20,149 @@ pub const FUEL_PER_INIT: u64 = 20 * FUEL_PER_CALL;
 /// How often the epoch advances. A call's deadline is a whole number of ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// Bytes one table element is counted as, towards the instance's memory limit.
+const TABLE_ELEMENT_BYTES: usize = 16;
+
+/// Counts of core instances, tables and memories an instance may create. Generous:
+/// componentize-py and componentize-js components link dozens of core instances and tables.
+const MAX_INSTANCES: usize = 256;
+const MAX_TABLES: usize = 256;
+const MAX_MEMORIES: usize = 16;
+
+/// Limits every linear memory and table of one store *together*: the sum of their sizes may
+/// not pass `limit_bytes` (wasmtime's `StoreLimits` caps each memory on its own, so a guest
+/// with 16 memories could take 16 times the limit). A refused growth traps.
+#[derive(Debug)]
+pub struct GuestLimiter {
+    limit_bytes: usize,
+    used_bytes: usize,
+}
+
+impl GuestLimiter {
+    pub fn new(limit_bytes: usize) -> GuestLimiter {
+        GuestLimiter { limit_bytes, used_bytes: 0 }
+    }
+
+    /// Bytes of memory and table the instance holds now.
+    pub fn used_bytes(&self) -> usize {
+        self.used_bytes
+    }
+
+    fn grow(&mut self, what: &str, by_bytes: usize) -> wasmtime::Result<bool> {
+        let total = self.used_bytes.saturating_add(by_bytes);
+        if total > self.limit_bytes {
+            return Err(wasmtime::Error::msg(format!(
+                "{what} growth refused: the instance would hold {total} bytes of memory and tables, over its limit of {} bytes",
+                self.limit_bytes
+            )));
+        }
+        self.used_bytes = total;
+        Ok(true)
+    }
+}
+
+impl ResourceLimiter for GuestLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.grow("memory", desired.saturating_sub(current))
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.grow("table", desired.saturating_sub(current).saturating_mul(TABLE_ELEMENT_BYTES))
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
 /// Host state of one guest store.
 pub struct GuestState {
-    pub limits: StoreLimits,
+    pub limiter: GuestLimiter,
+}
+
+/// Most components kept compiled in memory (swapping back to one of them is instant)...
+const CACHE_ENTRIES: usize = 8;
+/// ... and most bytes of compiled code they may hold together.
+const CACHE_BYTES: usize = 256 << 20;
+
+/// Longest a compile may take before its load is rejected. Cranelift cannot be interrupted:
+/// the compile thread finishes the job in the background, at low priority, and the result is
+/// dropped (or cached, if it arrives).
+pub const COMPILE_TIME_LIMIT: Duration = Duration::from_secs(180);
+
+/// Nice value of the compile thread: compiles yield the CPU to the relay.
+const COMPILE_NICENESS: libc::c_int = 10;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// One background thread at low priority running jobs in order.
+struct WorkQueue {
+    sender: Mutex<mpsc::Sender<Job>>,
+}
+
+impl WorkQueue {
+    fn start(name: &str) -> Result<WorkQueue, String> {
+        let (sender, jobs) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                lower_this_threads_priority();
+                while let Ok(job) = jobs.recv() {
+                    // A panicking job must not take the thread (and every later load) with it.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })
+            .map_err(|e| format!("cannot start the {name} thread: {e}"))?;
+        Ok(WorkQueue { sender: Mutex::new(sender) })
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<tokio::sync::oneshot::Receiver<T>, StrategyError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let boxed: Job = Box::new(move || {
+            let _ = tx.send(job());
+        });
+        let sender = self.sender.lock().map_err(|_| StrategyError::Engine("work queue poisoned".into()))?;
+        sender.send(boxed).map_err(|_| StrategyError::Engine("a strategy work thread has stopped".into()))?;
+        Ok(rx)
+    }
 }
 
 /// Shared compilation machinery.
 pub struct StrategyEngine {
     pub engine: Engine,
     pub linker: Linker<GuestState>,
-    compiled: Mutex<HashMap<String, Component>>,
+    /// Compiled components, oldest first.
+    compiled: Mutex<VecDeque<(String, Component, usize)>>,
+    /// Loads: compile, check, first instances. One at a time.
+    compiles: WorkQueue,
+    /// Spare instances for worker threads, made beside (not behind) a long compile.
+    instantiations: WorkQueue,
 }
 
-/// Most components kept compiled in memory (swapping back to one of them is instant).
-const COMPILED_CACHE_ENTRIES: usize = 32;
-
 impl StrategyEngine {
-    /// The engine every Harbor in this process shares; created on first use.
-    pub fn global() -> &'static Arc<StrategyEngine> {
-        static ENGINE: OnceLock<Arc<StrategyEngine>> = OnceLock::new();
-        ENGINE.get_or_init(|| Arc::new(StrategyEngine::new()))
+    /// The engine every Harbor in this process shares; created on first use. An engine that
+    /// cannot be built with its limits (fuel, epoch deadlines, the ticker, the compile
+    /// thread) is an error: Harbor never runs guests without their time limits.
+    pub fn global() -> Result<&'static Arc<StrategyEngine>, StrategyError> {
+        static ENGINE: OnceLock<Result<Arc<StrategyEngine>, String>> = OnceLock::new();
+        ENGINE
+            .get_or_init(|| StrategyEngine::new().map(Arc::new))
+            .as_ref()
+            .map_err(|message| StrategyError::Engine(message.clone()))
     }
 
-    fn new() -> StrategyEngine {
+    fn new() -> Result<StrategyEngine, String> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -50,12 +173,10 @@ impl StrategyEngine {
         // Guests are small; don't reserve 4 GiB of address space per instance.
         config.memory_reservation(64 << 20);
         config.memory_guard_size(64 << 10);
-        let engine = match Engine::new(&config) {
-            Ok(engine) => engine,
-            // Only reachable if the settings above are unsupported on this platform: fall back
-            // to defaults with deadlines, which every wasmtime platform supports.
-            Err(_) => Engine::new(Config::new().epoch_interruption(true).consume_fuel(true)).unwrap_or_default(),
-        };
+        // One compile uses one core: the relay keeps the others.
+        config.parallel_compilation(false);
+        let engine =
+            Engine::new(&config).map_err(|e| format!("cannot build the wasm engine with its limits: {e:#}"))?;
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("harbor-epoch".into())
@@ -66,25 +187,62 @@ impl StrategyEngine {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })
-            .ok();
+            .map_err(|e| format!("cannot start the strategy deadline ticker: {e}"))?;
+        let compiles = WorkQueue::start("harbor-compile")?;
+        let instantiations = WorkQueue::start("harbor-instance")?;
         let linker = Linker::new(&engine);
-        StrategyEngine { engine, linker, compiled: Mutex::new(HashMap::new()) }
+        Ok(StrategyEngine { engine, linker, compiled: Mutex::new(VecDeque::new()), compiles, instantiations })
     }
 
-    /// Compiles `bytes` (blocking: call from a blocking thread), reusing an earlier compile of
-    /// the same content.
+    /// Runs `job` on the compile thread (one job at a time, at low priority) and returns a
+    /// receiver for its result. Loads are queued behind each other; none runs on the async
+    /// workers, and none keeps the process from exiting.
+    pub fn run_on_compile_thread<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<tokio::sync::oneshot::Receiver<T>, StrategyError> {
+        self.compiles.run(job)
+    }
+
+    /// Runs `job` on the instantiation thread (at low priority, never behind a compile).
+    pub fn run_on_instance_thread<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<tokio::sync::oneshot::Receiver<T>, StrategyError> {
+        self.instantiations.run(job)
+    }
+
+    /// Compiles `bytes` (blocking: call it from the compile thread), reusing an earlier compile
+    /// of the same content.
     pub fn compile(&self, sha256: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
-        if let Some(hit) = self.compiled.lock().ok().and_then(|c| c.get(sha256).cloned()) {
-            return Ok(hit);
+        if let Ok(mut cache) = self.compiled.lock() {
+            if let Some(position) = cache.iter().position(|(sha, _, _)| sha == sha256) {
+                // Most recently used goes to the back.
+                if let Some(entry) = cache.remove(position) {
+                    let component = entry.1.clone();
+                    cache.push_back(entry);
+                    return Ok(component);
+                }
+            }
         }
         let component = Component::new(&self.engine, bytes)?;
+        let image = component.image_range();
+        let size = (image.end as usize).saturating_sub(image.start as usize);
         if let Ok(mut cache) = self.compiled.lock() {
-            if cache.len() >= COMPILED_CACHE_ENTRIES {
-                cache.clear();
+            cache.push_back((sha256.to_string(), component.clone(), size));
+            let mut total: usize = cache.iter().map(|(_, _, size)| size).sum();
+            while cache.len() > CACHE_ENTRIES || (total > CACHE_BYTES && cache.len() > 1) {
+                if let Some((_, _, size)) = cache.pop_front() {
+                    total -= size;
+                }
             }
-            cache.insert(sha256.to_string(), component.clone());
         }
         Ok(component)
+    }
+
+    /// Entries and bytes of compiled code in the cache.
+    pub fn cached(&self) -> (usize, usize) {
+        self.compiled.lock().map(|c| (c.len(), c.iter().map(|(_, _, size)| size).sum())).unwrap_or((0, 0))
     }
 
     /// The names of everything the component imports that Harbor does not provide. Type-only
@@ -99,8 +257,43 @@ impl StrategyEngine {
     }
 }
 
+/// Gives the calling thread a higher nice value (Linux: per thread), so what it runs yields
+/// to the relay's threads. Failure only costs priority, so it is logged, not fatal.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
+        let result = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, COMPILE_NICENESS)
+        };
+        if result != 0 {
+            tracing::warn!("cannot lower the compile thread's priority: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 /// Ticks for a wall-clock deadline of `timeout` (at least 2, so a call that starts just before
 /// a tick still gets one whole tick).
 pub fn deadline_ticks(timeout: Duration) -> u64 {
     (timeout.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limiter_sums_every_memory_and_table() {
+        let mut limiter = GuestLimiter::new(8 << 20);
+        // Three memories of 2 MiB each fit; a fourth 3 MiB does not, though it alone would.
+        for _ in 0..3 {
+            assert!(limiter.memory_growing(0, 2 << 20, None).unwrap());
+        }
+        assert!(limiter.memory_growing(0, 3 << 20, None).is_err());
+        assert_eq!(limiter.used_bytes(), 6 << 20);
+        // Tables count too: 2 MiB / 16 bytes per element is the rest.
+        assert!(limiter.table_growing(0, (2 << 20) / TABLE_ELEMENT_BYTES, None).unwrap());
+        assert!(limiter.table_growing(10, 11, None).is_err());
+    }
 }

@@ -4,10 +4,10 @@
 use std::cell::RefCell;
 use std::sync::{Arc, Weak};
 
-use wasmtime::{Store, StoreLimitsBuilder};
+use wasmtime::Store;
 
 use super::bindings::{BackendInfo, Connection, ConnectionOutcome, Strategy, StrategyInfo};
-use super::engine::{deadline_ticks, GuestState, FUEL_PER_CALL, FUEL_PER_INIT};
+use super::engine::{deadline_ticks, GuestLimiter, GuestState, StrategyEngine, FUEL_PER_CALL, FUEL_PER_INIT};
 use super::loaded::LoadedStrategy;
 use super::StrategyError;
 use crate::backend::BackendPool;
@@ -19,6 +19,8 @@ pub struct Instance {
     ticks: u64,
     /// Generation of the backend list this instance was last told about (0 = none yet).
     backends_generation: u64,
+    /// Fuel given to the last call.
+    armed_fuel: u64,
 }
 
 /// What went wrong inside a call.
@@ -38,36 +40,36 @@ fn classify(error: wasmtime::Error) -> CallFault {
 }
 
 impl Instance {
-    /// Sets the limits for the next call: a fresh deadline and fuel.
-    fn arm(&mut self, fuel: u64) {
+    /// Sets the limits for the next call: a fresh deadline and fuel. A store that cannot take
+    /// fuel must not run at all (it would run without its instruction limit).
+    fn arm(&mut self, fuel: u64) -> Result<(), CallFault> {
         self.store.set_epoch_deadline(self.ticks);
-        let _ = self.store.set_fuel(fuel);
+        self.armed_fuel = fuel;
+        self.store.set_fuel(fuel).map_err(|e| CallFault::Trap(format!("cannot set the fuel limit: {e:#}")))
+    }
+
+    /// Fuel (about one unit per wasm instruction) the last call used.
+    pub fn fuel_used(&self) -> u64 {
+        self.armed_fuel.saturating_sub(self.store.get_fuel().unwrap_or(0))
     }
 
     /// Instantiates the component and runs `init`. Blocking: at most the call deadline plus
     /// instantiation time (well under a millisecond for small guests).
     pub fn new(loaded: &LoadedStrategy) -> Result<(Instance, StrategyInfo), StrategyError> {
-        // Counts are generous: componentize-py and componentize-js components link dozens of
-        // core instances and tables. Memory is what the limit is about.
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(loaded.limits.memory_bytes)
-            .instances(256)
-            .tables(256)
-            .memories(16)
-            .table_elements(100_000)
-            .trap_on_grow_failure(true)
-            .build();
-        let mut store = Store::new(loaded.pre.engine(), GuestState { limits });
-        store.limiter(|state| &mut state.limits);
+        // The memory limit covers every memory and table of the instance, summed.
+        let limiter = GuestLimiter::new(loaded.limits.memory_bytes);
+        let mut store = Store::new(loaded.pre.engine(), GuestState { limiter });
+        store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
         let ticks = deadline_ticks(loaded.limits.call_timeout);
+        let no_fuel = |e: wasmtime::Error| StrategyError::Engine(format!("cannot set the fuel limit: {e:#}"));
         // Instantiation and `init` may build tables: they get 20x the per-call deadline.
         store.set_epoch_deadline(ticks * 20);
-        let _ = store.set_fuel(FUEL_PER_INIT);
+        store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let bindings = loaded.pre.instantiate(&mut store).map_err(|e| StrategyError::Instantiate(format!("{e:#}")))?;
-        let mut instance = Instance { store, bindings, ticks, backends_generation: 0 };
+        let mut instance = Instance { store, bindings, ticks, backends_generation: 0, armed_fuel: FUEL_PER_INIT };
         instance.store.set_epoch_deadline(ticks * 20);
-        let _ = instance.store.set_fuel(FUEL_PER_INIT);
+        instance.store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let info = match instance.bindings.call_init(&mut instance.store, &loaded.init_config) {
             Ok(Ok(info)) => info,
             Ok(Err(message)) => return Err(StrategyError::InitRejected(message)),
@@ -90,7 +92,7 @@ impl Instance {
 
     /// Calls `set-backends`.
     pub fn set_backends(&mut self, generation: u64, infos: &[BackendInfo]) -> Result<(), CallFault> {
-        self.arm(FUEL_PER_CALL);
+        self.arm(FUEL_PER_CALL)?;
         self.bindings.call_set_backends(&mut self.store, generation, infos).map_err(classify)?;
         self.backends_generation = generation;
         Ok(())
@@ -98,13 +100,13 @@ impl Instance {
 
     /// Calls `pick`.
     pub fn pick(&mut self, conn: Connection, stats: &[u32]) -> Result<Option<u32>, CallFault> {
-        self.arm(FUEL_PER_CALL);
+        self.arm(FUEL_PER_CALL)?;
         self.bindings.call_pick(&mut self.store, conn, stats).map_err(classify)
     }
 
     /// Calls `report`.
     pub fn report(&mut self, outcome: ConnectionOutcome) -> Result<(), CallFault> {
-        self.arm(FUEL_PER_CALL);
+        self.arm(FUEL_PER_CALL)?;
         self.bindings.call_report(&mut self.store, outcome).map_err(classify)
     }
 }
@@ -117,16 +119,18 @@ struct Cached {
 }
 
 /// At most this many instances are kept per thread (for the strategies of every Harbor in
-/// the process, active or previous); the oldest is dropped first.
-const PER_THREAD_INSTANCES: usize = 8;
+/// the process, active or previous); the oldest is dropped first, and so is any whose
+/// strategy is gone.
+const PER_THREAD_INSTANCES: usize = 4;
 
 thread_local! {
     static INSTANCES: RefCell<Vec<Cached>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's instance of `loaded`, creating it first if needed. If `f`
-/// reports a fault, the instance is dropped (a trapped store cannot be entered again) and
-/// the next call creates a fresh one.
+/// Runs `f` with this thread's instance of `loaded`, taking a ready one first if needed (never
+/// instantiating here: that happens on the compile thread). If `f` reports a fault, the
+/// instance is dropped (a trapped store cannot be entered again) and the next call takes a
+/// fresh one.
 pub fn with_thread_instance<R>(
     loaded: &Arc<LoadedStrategy>,
     f: impl FnOnce(&mut Instance) -> Result<R, CallFault>,
@@ -140,7 +144,10 @@ pub fn with_thread_instance<R>(
                 if cache.len() >= PER_THREAD_INSTANCES {
                     cache.remove(0);
                 }
-                let (instance, _) = Instance::new(loaded).map_err(InstanceFault::Create)?;
+                let engine = StrategyEngine::global().map_err(InstanceFault::Create)?;
+                let Some(instance) = loaded.take_ready_instance(engine).map_err(InstanceFault::Create)? else {
+                    return Err(InstanceFault::NotReady);
+                };
                 cache.push(Cached { owner: Arc::downgrade(loaded), strategy_id: loaded.id, instance });
                 cache.len() - 1
             }
@@ -158,6 +165,10 @@ pub fn with_thread_instance<R>(
 /// Why [`with_thread_instance`] did not return a value.
 #[derive(Debug)]
 pub enum InstanceFault {
+    /// Making an instance failed.
     Create(StrategyError),
+    /// No ready instance for this thread yet (one is being made): not the strategy's fault.
+    NotReady,
+    /// The call faulted.
     Call(CallFault),
 }

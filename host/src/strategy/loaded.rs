@@ -3,8 +3,8 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -17,18 +17,28 @@ use super::StrategyError;
 /// Largest strategy file accepted.
 pub const MAX_COMPONENT_BYTES: usize = 64 << 20;
 
-/// Per-call limits applied to every instance.
+/// Per-call limits applied to every instance, and how many instances to have ready.
 #[derive(Debug, Clone, Copy)]
 pub struct GuestLimits {
     pub call_timeout: Duration,
     pub memory_bytes: usize,
+    /// Instances made (and `init` run) when the strategy loads, before it goes live: one per
+    /// worker thread, so no pick ever waits for an instantiation.
+    pub ready_instances: usize,
 }
 
 impl Default for GuestLimits {
     fn default() -> Self {
-        GuestLimits { call_timeout: Duration::from_millis(50), memory_bytes: 64 << 20 }
+        GuestLimits { call_timeout: DEFAULT_CALL_TIMEOUT, memory_bytes: 64 << 20, ready_instances: 1 }
     }
 }
+
+/// The default wall-clock limit of one strategy call (`--strategy-timeout-ms`).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(10);
+
+/// Spare instances kept once the first ones are handed out: a worker whose instance trapped
+/// takes one at once, and a new spare is made on the compile thread.
+const SPARES_KEPT: usize = 1;
 
 /// A compiled, validated strategy ready to be instantiated on any thread.
 pub struct LoadedStrategy {
@@ -46,6 +56,12 @@ pub struct LoadedStrategy {
     pub init_config: String,
     /// Times of recent faults, for the revert rule.
     faults: Mutex<VecDeque<Instant>>,
+    /// Instances ready to be taken by a worker thread (instantiated, `init` done).
+    spares: Mutex<Vec<Instance>>,
+    /// A refill is queued on the compile thread.
+    refilling: AtomicBool,
+    /// The last refill failed: the next worker that needs an instance reports it as a fault.
+    refill_error: Mutex<Option<StrategyError>>,
 }
 
 impl std::fmt::Debug for LoadedStrategy {
@@ -60,6 +76,38 @@ impl std::fmt::Debug for LoadedStrategy {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Reads a strategy file without trusting it (blocking: call it off the async workers): only a
+/// regular file (a symlink is followed, but never to a device or a FIFO), its size checked
+/// from metadata before anything is read, the read itself bounded, and never blocking on a
+/// special file that replaced the regular one in between. Returns the bytes and their sha256.
+pub fn read_component_file(path: &Path) -> Result<(Vec<u8>, String), StrategyError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_error = |e: std::io::Error| StrategyError::Read { path: path.to_path_buf(), message: e.to_string() };
+    let not_regular = || StrategyError::Read { path: path.to_path_buf(), message: "not a regular file".into() };
+    let meta = std::fs::metadata(path).map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    if meta.len() > MAX_COMPONENT_BYTES as u64 {
+        return Err(StrategyError::TooLarge(meta.len()));
+    }
+    // O_NONBLOCK: if a FIFO took the file's place since the check, opening it must not wait
+    // for a writer.
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(MAX_COMPONENT_BYTES as u64) as usize);
+    file.take(MAX_COMPONENT_BYTES as u64 + 1).read_to_end(&mut bytes).map_err(read_error)?;
+    if bytes.len() > MAX_COMPONENT_BYTES {
+        return Err(StrategyError::TooLarge(bytes.len() as u64));
+    }
+    let sha = sha256_hex(&bytes);
+    Ok((bytes, sha))
+}
 
 /// Hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -81,7 +129,7 @@ impl LoadedStrategy {
             return Err(StrategyError::Empty);
         }
         if bytes.len() > MAX_COMPONENT_BYTES {
-            return Err(StrategyError::TooLarge(bytes.len()));
+            return Err(StrategyError::TooLarge(bytes.len() as u64));
         }
         if bytes.starts_with(b"\0asm") && bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
             return Err(StrategyError::CoreModule);
@@ -112,12 +160,55 @@ impl LoadedStrategy {
             limits,
             init_config: init_config.to_string(),
             faults: Mutex::new(VecDeque::new()),
+            spares: Mutex::new(Vec::new()),
+            refilling: AtomicBool::new(false),
+            refill_error: Mutex::new(None),
         };
-        // One trial instance proves that instantiation and `init` work before going live.
-        let (_probe, info) = Instance::new(&loaded)?;
+        // A trial instance proves that instantiation and `init` work before going live; it
+        // and the others made here are the workers' first instances.
+        let (probe, info) = Instance::new(&loaded)?;
         loaded.name = sanitize_name(&info.name, source);
         loaded.wants_reports = info.wants_reports;
+        let mut ready = vec![probe];
+        while ready.len() < limits.ready_instances.max(1) {
+            ready.push(Instance::new(&loaded)?.0);
+        }
+        loaded.spares = Mutex::new(ready);
         Ok(loaded)
+    }
+
+    /// A ready instance for a worker thread, if one is there (never instantiates). Asks the
+    /// instantiation thread for a new spare when the pool runs low.
+    pub fn take_ready_instance(self: &Arc<Self>, engine: &StrategyEngine) -> Result<Option<Instance>, StrategyError> {
+        if let Some(error) = self.refill_error.lock().ok().and_then(|mut e| e.take()) {
+            return Err(error);
+        }
+        let (instance, left) = match self.spares.lock() {
+            Ok(mut spares) => (spares.pop(), spares.len()),
+            Err(_) => (None, 0),
+        };
+        if left < SPARES_KEPT && !self.refilling.swap(true, Ordering::AcqRel) {
+            let this = Arc::clone(self);
+            let queued = engine.run_on_instance_thread(move || {
+                match Instance::new(&this) {
+                    Ok((spare, _)) => {
+                        if let Ok(mut spares) = this.spares.lock() {
+                            spares.push(spare);
+                        }
+                    }
+                    Err(error) => {
+                        if let Ok(mut slot) = this.refill_error.lock() {
+                            *slot = Some(error);
+                        }
+                    }
+                }
+                this.refilling.store(false, Ordering::Release);
+            });
+            if queued.is_err() {
+                self.refilling.store(false, Ordering::Release);
+            }
+        }
+        Ok(instance)
     }
 
     /// Records a fault; true if there were at least `max` within `window` (the strategy should go).

@@ -2,6 +2,7 @@
 //! WebAssembly strategy (or the built-in round-robin), validates every answer, falls back on
 //! faults, and swaps strategies atomically.
 
+pub mod answer;
 pub mod bindings;
 pub mod check;
 pub mod engine;
@@ -19,6 +20,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::{BackendPool, BackendState};
 use crate::logging::RateLimitedLog;
@@ -28,8 +30,7 @@ use engine::StrategyEngine;
 use instance::{with_thread_instance, CallFault, InstanceFault};
 pub use loaded::{GuestLimits, LoadedStrategy};
 
-/// Numbers per backend in the `stats` list passed to `pick`.
-pub const STATS_STRIDE: usize = 4;
+pub use answer::{builtin_round_robin, judge, BackendStats, Snapshot, Verdict, STATS_STRIDE};
 
 /// Faults within [`FAULT_WINDOW`] that make Harbor drop a strategy for the previous one.
 pub const MAX_FAULTS: usize = 5;
@@ -43,7 +44,7 @@ pub enum StrategyError {
     #[error("the file is empty")]
     Empty,
     #[error("the file is {0} bytes, more than the 64 MiB limit")]
-    TooLarge(usize),
+    TooLarge(u64),
     #[error("not a WebAssembly component: the file has no \\0asm header (and is not component text)")]
     NotWasm,
     #[error("this is a core wasm module, not a component: build for wasm32-unknown-unknown and wrap it with `wasm-tools component new` (or wit-component)")]
@@ -60,6 +61,12 @@ pub enum StrategyError {
     InitRejected(String),
     #[error("init trapped: {0}")]
     InitTrapped(String),
+    #[error("the wasm engine is not usable: {0}")]
+    Engine(String),
+    #[error("compiling took longer than {0:?}; the load is abandoned")]
+    CompileTimeout(Duration),
+    #[error("Harbor is shutting down; the load is abandoned")]
+    ShuttingDown,
 }
 
 /// What the caller needs to place one connection.
@@ -124,8 +131,8 @@ pub enum LoadResult {
 }
 
 thread_local! {
-    /// Per-thread scratch space for the `stats` list, so a pick allocates nothing.
-    static STATS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread scratch space for the snapshot, so a pick allocates nothing.
+    static SNAPSHOT: RefCell<Snapshot> = RefCell::new(Snapshot::default());
 }
 
 /// Chooses backends: one per connection attempt.
@@ -138,13 +145,16 @@ pub struct StrategyHost {
     metrics: Arc<Metrics>,
     log: RateLimitedLog,
     load_lock: tokio::sync::Mutex<()>,
+    /// Cancelled when Harbor starts draining: loads in progress are abandoned, none activates.
+    stopping: CancellationToken,
 }
 
 impl StrategyHost {
-    /// A host running the built-in round-robin until a strategy is loaded.
-    pub fn new(limits: GuestLimits, init_config: String, metrics: Arc<Metrics>) -> StrategyHost {
-        StrategyHost {
-            engine: Arc::clone(StrategyEngine::global()),
+    /// A host running the built-in round-robin until a strategy is loaded. Fails only if the
+    /// wasm engine cannot be built with its limits.
+    pub fn new(limits: GuestLimits, init_config: String, metrics: Arc<Metrics>) -> Result<StrategyHost, StrategyError> {
+        Ok(StrategyHost {
+            engine: Arc::clone(StrategyEngine::global()?),
             active: ArcSwap::from_pointee(Active::default()),
             sequence: AtomicU64::new(0),
             limits,
@@ -152,22 +162,25 @@ impl StrategyHost {
             metrics,
             log: RateLimitedLog::new(5, Duration::from_secs(10)),
             load_lock: tokio::sync::Mutex::new(()),
-        }
+            stopping: CancellationToken::new(),
+        })
+    }
+
+    /// Abandons loads in progress and refuses new ones: called when draining begins, so a
+    /// slow compile never holds up the exit and no strategy is activated mid-drain.
+    pub fn stop_loading(&self) {
+        self.stopping.cancel();
     }
 
     /// Chooses a backend. Never fails: faults fall back to the built-in round-robin.
     pub fn pick(&self, req: &PickRequest<'_>) -> Pick {
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
         let active = self.active.load();
-        STATS.with(|cell| {
-            let mut stats = cell.borrow_mut();
-            let eligible = fill_stats(&mut stats, req);
+        SNAPSHOT.with(|cell| {
+            let mut snapshot = cell.borrow_mut();
+            fill_snapshot(&mut snapshot, req);
             let Some(strategy) = active.current.as_ref() else {
-                return Pick {
-                    index: builtin_round_robin(&stats, eligible, sequence),
-                    sequence,
-                    source: PickSource::Builtin,
-                };
+                return Pick { index: builtin_round_robin(&snapshot, sequence), sequence, source: PickSource::Builtin };
             };
             let conn = Connection {
                 sequence,
@@ -178,34 +191,21 @@ impl StrategyHost {
             };
             let answer = with_thread_instance(strategy, |instance| {
                 instance.sync_backends(req.pool)?;
-                instance.pick(conn, &stats)
+                instance.pick(conn, snapshot.as_flat())
             });
-            let fault = match answer {
-                Ok(Some(index)) => match validate(&stats, index) {
-                    Ok(index) => {
-                        return Pick { index: Some(index), sequence, source: PickSource::Strategy(strategy.id) }
+            match judge(&snapshot, answer, self.limits.call_timeout) {
+                Verdict::Backend(index) => {
+                    Pick { index: Some(index), sequence, source: PickSource::Strategy(strategy.id) }
+                }
+                Verdict::NoBackend => Pick { index: None, sequence, source: PickSource::Strategy(strategy.id) },
+                Verdict::Fault(reason, detail) => {
+                    self.on_fault(strategy, reason, &detail);
+                    Pick {
+                        index: builtin_round_robin(&snapshot, sequence),
+                        sequence,
+                        source: PickSource::Fallback(reason),
                     }
-                    Err(reason) => (reason, format!("answered backend {index}")),
-                },
-                Ok(None) if eligible == 0 => {
-                    return Pick { index: None, sequence, source: PickSource::Strategy(strategy.id) };
                 }
-                Ok(None) => {
-                    (FallbackReason::NoneWhileEligible, format!("answered none while {eligible} backends are eligible"))
-                }
-                Err(InstanceFault::Call(CallFault::Timeout)) => {
-                    (FallbackReason::Timeout, format!("exceeded its {:?} deadline", self.limits.call_timeout))
-                }
-                Err(InstanceFault::Call(CallFault::Trap(message))) => {
-                    (FallbackReason::Trap, format!("trapped: {message}"))
-                }
-                Err(InstanceFault::Create(error)) => (FallbackReason::InstantiateFailed, error.to_string()),
-            };
-            self.on_fault(strategy, fault.0, &fault.1);
-            Pick {
-                index: builtin_round_robin(&stats, eligible, sequence),
-                sequence,
-                source: PickSource::Fallback(fault.0),
             }
         })
     }
@@ -220,6 +220,7 @@ impl StrategyHost {
                 InstanceFault::Call(CallFault::Timeout) => FallbackReason::Timeout,
                 InstanceFault::Call(CallFault::Trap(_)) => FallbackReason::Trap,
                 InstanceFault::Create(_) => FallbackReason::InstantiateFailed,
+                InstanceFault::NotReady => return, // no instance on this thread: nothing to tell
             };
             self.on_fault(strategy, reason, &format!("report failed: {fault:?}"));
         }
@@ -227,6 +228,9 @@ impl StrategyHost {
 
     fn on_fault(&self, strategy: &Arc<LoadedStrategy>, reason: FallbackReason, detail: &str) {
         self.metrics.fallback(reason);
+        if !reason.is_strategy_fault() {
+            return;
+        }
         if self.log.allow() {
             tracing::warn!(strategy = %strategy.name, sha256 = %short(&strategy.sha256), ?reason, "strategy fault, connection placed by built-in round-robin: {detail}");
         }
@@ -255,19 +259,38 @@ impl StrategyHost {
 
     /// Loads a strategy file and makes it active. On any error the active strategy is kept.
     pub async fn load_file(&self, path: &Path) -> Result<LoadResult, StrategyError> {
-        match tokio::fs::read(path).await {
-            Ok(bytes) => self.load_bytes(bytes, path).await,
-            Err(e) => {
-                let error = StrategyError::Read { path: path.to_path_buf(), message: e.to_string() };
-                self.metrics.reload(ReloadOutcome::Rejected);
-                tracing::error!("strategy rejected, keeping the active one: {error}");
+        let owned = path.to_path_buf();
+        let read = tokio::task::spawn_blocking(move || loaded::read_component_file(&owned))
+            .await
+            .unwrap_or_else(|join| Err(StrategyError::Read { path: path.to_path_buf(), message: join.to_string() }));
+        match read {
+            Ok((bytes, sha)) => self.load_hashed(bytes, sha, path).await,
+            Err(error) => {
+                self.reject(path, &error);
                 Err(error)
             }
         }
     }
 
-    /// Loads a strategy from bytes (`source` is for display). Compilation runs on a blocking
-    /// thread, never on the async workers.
+    /// Counts and logs a file that could not become the strategy.
+    pub fn reject(&self, source: &Path, error: &StrategyError) {
+        self.metrics.reload(ReloadOutcome::Rejected);
+        tracing::error!(source = %source.display(), "strategy rejected, keeping the active one: {error}");
+    }
+
+    /// Loads the newest `.wasm` regular file in `dir` that loads, trying older ones if newer
+    /// ones fail (at most [`watch::STARTUP_CANDIDATES`]). `None` if none loaded.
+    pub async fn load_newest_in(&self, dir: &Path) -> Option<LoadResult> {
+        for path in watch::newest_first(dir) {
+            if let Ok(result) = self.load_file(&path).await {
+                return Some(result);
+            }
+        }
+        None
+    }
+
+    /// Loads a strategy from bytes (`source` is for display). Compilation runs on the
+    /// engine's compile thread, never on the async workers.
     pub async fn load_bytes(&self, bytes: Vec<u8>, source: &Path) -> Result<LoadResult, StrategyError> {
         let sha = loaded::sha256_hex(&bytes);
         self.load_hashed(bytes, sha, source).await
@@ -275,39 +298,56 @@ impl StrategyHost {
 
     /// [`StrategyHost::load_bytes`] for a caller that already has the content's sha256.
     pub async fn load_hashed(&self, bytes: Vec<u8>, sha: String, source: &Path) -> Result<LoadResult, StrategyError> {
-        let _serial = self.load_lock.lock().await;
+        let result = self.compile_and_activate(bytes, sha, source).await;
+        match &result {
+            Ok(LoadResult::Loaded { .. }) => self.metrics.reload(ReloadOutcome::Loaded),
+            Ok(LoadResult::Unchanged) => self.metrics.reload(ReloadOutcome::Unchanged),
+            Err(error) => self.reject(source, error),
+        }
+        result
+    }
+
+    async fn compile_and_activate(
+        &self,
+        bytes: Vec<u8>,
+        sha: String,
+        source: &Path,
+    ) -> Result<LoadResult, StrategyError> {
+        let _serial = tokio::select! {
+            guard = self.load_lock.lock() => guard,
+            _ = self.stopping.cancelled() => return Err(StrategyError::ShuttingDown),
+        };
         if self.active.load().current.as_ref().is_some_and(|c| c.sha256 == sha) {
-            self.metrics.reload(ReloadOutcome::Unchanged);
             return Ok(LoadResult::Unchanged);
         }
         let engine = Arc::clone(&self.engine);
         let (limits, config, source_owned) = (self.limits, self.init_config.clone(), source.to_path_buf());
-        let result = tokio::task::spawn_blocking(move || {
-            LoadedStrategy::from_bytes(&engine, &bytes, sha, &source_owned, limits, &config)
-        })
-        .await
-        .unwrap_or_else(|join| Err(StrategyError::Instantiate(format!("loader thread failed: {join}"))));
-        match result {
-            Ok(loaded) => {
-                let loaded = Arc::new(loaded);
-                tracing::info!(
-                    strategy = %loaded.name,
-                    sha256 = %short(&loaded.sha256),
-                    source = %source.display(),
-                    bytes = loaded.size,
-                    compile_ms = loaded.compile_time.as_secs_f64() * 1e3,
-                    "strategy loaded"
-                );
-                self.activate(loaded.clone());
-                self.metrics.reload(ReloadOutcome::Loaded);
-                Ok(LoadResult::Loaded { name: loaded.name.clone(), sha256: loaded.sha256.clone() })
-            }
-            Err(error) => {
-                self.metrics.reload(ReloadOutcome::Rejected);
-                tracing::error!(source = %source.display(), "strategy rejected, keeping the active one: {error}");
-                Err(error)
-            }
+        let job = engine.run_on_compile_thread({
+            let engine = Arc::clone(&engine);
+            move || LoadedStrategy::from_bytes(&engine, &bytes, sha, &source_owned, limits, &config)
+        })?;
+        let loaded = tokio::select! {
+            _ = self.stopping.cancelled() => return Err(StrategyError::ShuttingDown),
+            done = tokio::time::timeout(engine::COMPILE_TIME_LIMIT, job) => match done {
+                Err(_) => return Err(StrategyError::CompileTimeout(engine::COMPILE_TIME_LIMIT)),
+                Ok(Err(_)) => return Err(StrategyError::Engine("the compile thread dropped the load".into())),
+                Ok(Ok(result)) => result?,
+            },
+        };
+        if self.stopping.is_cancelled() {
+            return Err(StrategyError::ShuttingDown);
         }
+        let loaded = Arc::new(loaded);
+        tracing::info!(
+            strategy = %loaded.name,
+            sha256 = %short(&loaded.sha256),
+            source = %source.display(),
+            bytes = loaded.size,
+            compile_ms = loaded.compile_time.as_secs_f64() * 1e3,
+            "strategy loaded"
+        );
+        self.activate(loaded.clone());
+        Ok(LoadResult::Loaded { name: loaded.name.clone(), sha256: loaded.sha256.clone() })
     }
 
     fn activate(&self, new: Arc<LoadedStrategy>) {
@@ -369,48 +409,19 @@ pub(crate) fn ip_address(ip: IpAddr) -> IpAddress {
     }
 }
 
-/// Writes the per-pick numbers of every backend into `stats`; returns how many are eligible.
-pub fn fill_stats(stats: &mut Vec<u32>, req: &PickRequest<'_>) -> usize {
-    stats.clear();
-    let mut eligible = 0;
+/// Writes every backend's numbers into `snapshot`. Backends already tried for this connection
+/// are shown as cooling down.
+pub fn fill_snapshot(snapshot: &mut Snapshot, req: &PickRequest<'_>) {
+    snapshot.clear();
     for backend in req.pool.iter() {
         let state = if req.excluded.contains(&backend.index) { BackendState::CoolingDown } else { backend.state() };
-        eligible += usize::from(state == BackendState::Healthy);
-        stats.extend_from_slice(&[
-            backend.active(),
-            state as u32,
-            backend.connect_latency_micros(),
-            backend.failures_in_row(),
-        ]);
+        snapshot.push(BackendStats {
+            active: backend.active(),
+            state,
+            connect_latency_micros: backend.connect_latency_micros(),
+            failures_in_row: backend.failures_in_row(),
+        });
     }
-    eligible
-}
-
-fn state_of(stats: &[u32], index: usize) -> Option<u32> {
-    stats.get(index.checked_mul(STATS_STRIDE)?.checked_add(1)?).copied()
-}
-
-/// Checks a strategy's answer: in range and eligible.
-pub fn validate(stats: &[u32], index: u32) -> Result<usize, FallbackReason> {
-    let index = index as usize;
-    match state_of(stats, index) {
-        None => Err(FallbackReason::OutOfRange),
-        Some(state) if state == BackendState::Healthy as u32 => Ok(index),
-        Some(_) => Err(FallbackReason::Ineligible),
-    }
-}
-
-/// The built-in strategy: the `sequence`-th eligible backend, modulo their count. Starts at
-/// index 0, like the wasm `round_robin`, so swapping between them keeps the rotation.
-pub fn builtin_round_robin(stats: &[u32], eligible: usize, sequence: u64) -> Option<usize> {
-    if eligible == 0 {
-        return None;
-    }
-    let nth = (sequence % eligible as u64) as usize;
-    let index =
-        (0..stats.len() / STATS_STRIDE).filter(|&i| state_of(stats, i) == Some(BackendState::Healthy as u32)).nth(nth);
-    debug_assert!(index.is_some(), "eligible count and stats disagree");
-    index
 }
 
 /// Milliseconds as u64, saturating, for outcome reports.
@@ -444,7 +455,7 @@ mod tests {
     #[test]
     fn builtin_round_robin_starts_at_zero_and_skips_ineligible() {
         let pool = pool(3);
-        let host = StrategyHost::new(GuestLimits::default(), String::new(), Arc::new(Metrics::new()));
+        let host = StrategyHost::new(GuestLimits::default(), String::new(), Arc::new(Metrics::new())).unwrap();
         let req = PickRequest { pool: &pool, client: "127.0.0.1:5000".parse().unwrap(), attempt: 0, excluded: &[] };
         let picks: Vec<_> = (0..6).map(|_| host.pick(&req).index.unwrap()).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
@@ -453,14 +464,5 @@ mod tests {
         assert_eq!(picks, [0, 2, 0, 2]);
         let req = PickRequest { excluded: &[0, 1, 2], ..req };
         assert_eq!(host.pick(&req).index, None);
-    }
-
-    #[test]
-    fn answers_are_validated() {
-        let stats = [0, 0, 0, 0, 5, 1, 0, 3];
-        assert_eq!(validate(&stats, 0), Ok(0));
-        assert_eq!(validate(&stats, 1), Err(FallbackReason::Ineligible));
-        assert_eq!(validate(&stats, 2), Err(FallbackReason::OutOfRange));
-        assert_eq!(validate(&stats, u32::MAX), Err(FallbackReason::OutOfRange));
     }
 }

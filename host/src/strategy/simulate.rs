@@ -11,12 +11,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
+use super::answer::{judge, placement, BackendStats, Snapshot, Verdict};
 use super::bindings::BackendInfo;
 use super::check::sample_connection;
 use super::engine::StrategyEngine;
 use super::instance::Instance;
+use super::instance::InstanceFault;
 use super::loaded::sha256_hex;
-use super::{builtin_round_robin, validate, GuestLimits, LoadedStrategy, StrategyError, STATS_STRIDE};
+use super::{GuestLimits, LoadedStrategy, StrategyError};
 use crate::backend::BackendState;
 
 /// One simulated backend.
@@ -209,7 +211,7 @@ impl SimReport {
 /// Runs `bytes` (a strategy component) through `scenario`.
 pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) -> Result<SimReport, SimulateError> {
     let wrap = |source_err| SimulateError::Strategy { path: source.to_path_buf(), source: source_err };
-    let engine = StrategyEngine::global();
+    let engine = StrategyEngine::global().map_err(wrap)?;
     let loaded = LoadedStrategy::from_bytes(engine, bytes, sha256_hex(bytes), source, GuestLimits::default(), config)
         .map_err(wrap)?;
     let infos: Vec<BackendInfo> = scenario
@@ -242,7 +244,7 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
     let mut cooldown_until = vec![0.0f64; n];
     let mut failures = vec![0u32; n];
     let mut ends: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
-    let mut stats = vec![0u32; n * STATS_STRIDE];
+    let mut snapshot = Snapshot::default();
     let mut pick_ns: u128 = 0;
     let mut sequence = 0u64;
 
@@ -257,6 +259,7 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
         }
         let mut excluded: Option<usize> = None;
         for attempt in 0..2 {
+            snapshot.clear();
             for (i, b) in scenario.backends.iter().enumerate() {
                 let state = if b.drain_at.is_some_and(|d| now >= d * horizon) {
                     BackendState::Draining
@@ -265,36 +268,30 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
                 } else {
                     BackendState::Healthy
                 };
-                stats[i * STATS_STRIDE] = active[i];
-                stats[i * STATS_STRIDE + 1] = state as u32;
-                stats[i * STATS_STRIDE + 2] = (200.0 / b.speed) as u32;
-                stats[i * STATS_STRIDE + 3] = failures[i];
+                snapshot.push(BackendStats {
+                    active: active[i],
+                    state,
+                    connect_latency_micros: (200.0 / b.speed) as u32,
+                    failures_in_row: failures[i],
+                });
             }
-            let eligible = (0..n).filter(|i| stats[i * STATS_STRIDE + 1] == 0).count();
             let mut conn = sample_connection(sequence, traffic.seeds[k]);
             conn.attempt = attempt;
             let started = Instant::now();
-            let answer = instance.pick(conn, &stats);
+            let answer = instance.pick(conn, snapshot.as_flat());
             pick_ns += started.elapsed().as_nanos();
-            let chosen = match answer {
-                Ok(Some(index)) => match validate(&stats, index) {
-                    Ok(i) => Some(i),
-                    Err(_) => {
-                        report.ineligible_picks += 1;
-                        builtin_round_robin(&stats, eligible, sequence)
-                    }
-                },
-                Ok(None) if eligible > 0 => {
-                    report.ineligible_picks += 1;
-                    builtin_round_robin(&stats, eligible, sequence)
-                }
-                Ok(None) => None,
-                Err(_) => {
+            let trapped = answer.is_err();
+            // Judged by the same rule as in Harbor; a refused answer is placed by the built-in.
+            let verdict = judge(&snapshot, answer.map_err(InstanceFault::Call), GuestLimits::default().call_timeout);
+            match &verdict {
+                Verdict::Fault(..) if trapped => {
                     report.faults += 1;
                     instance = new_instance().map_err(wrap)?;
-                    builtin_round_robin(&stats, eligible, sequence)
                 }
-            };
+                Verdict::Fault(..) => report.ineligible_picks += 1,
+                Verdict::Backend(_) | Verdict::NoBackend => {}
+            }
+            let chosen = placement(&snapshot, &verdict, sequence);
             sequence += 1;
             let Some(b) = chosen else {
                 report.unplaced += 1;

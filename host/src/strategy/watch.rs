@@ -13,7 +13,8 @@ use notify_debouncer_full::{new_debouncer, DebounceEventResult};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{loaded::sha256_hex, LoadResult, StrategyHost};
+use super::loaded::read_component_file;
+use super::{LoadResult, StrategyError, StrategyHost};
 
 /// Quiet time before a burst of file events is handled.
 const DEBOUNCE: Duration = Duration::from_millis(60);
@@ -51,8 +52,9 @@ fn is_candidate_in_dir(path: &Path) -> bool {
     !is_ignored_name(name) && name.ends_with(".wasm")
 }
 
-/// Waits until `path` is a regular file whose size and mtime hold still; then its bytes.
-async fn read_when_stable(path: &Path) -> Option<Vec<u8>> {
+/// Waits until `path` is a regular file whose size and mtime hold still; then its bytes and
+/// their sha256, read and hashed off the async workers (see [`read_component_file`]).
+async fn read_when_stable(path: &Path) -> Option<Result<(Vec<u8>, String), StrategyError>> {
     let fingerprint = |meta: &std::fs::Metadata| (meta.len(), meta.modified().ok());
     let mut last: Option<(u64, Option<SystemTime>)> = None;
     for _ in 0..STABLE_CHECKS {
@@ -63,7 +65,8 @@ async fn read_when_stable(path: &Path) -> Option<Vec<u8>> {
         }
         let now = fingerprint(&meta);
         if last == Some(now) {
-            return tokio::fs::read(path).await.ok();
+            let owned = path.to_path_buf();
+            return tokio::task::spawn_blocking(move || read_component_file(&owned)).await.ok();
         }
         last = Some(now);
         tokio::time::sleep(STABLE_FOR).await;
@@ -121,8 +124,9 @@ pub fn spawn_watcher(
     if let Some(grandparent) = dir.parent().filter(|p| !p.as_os_str().is_empty() && p.is_dir()) {
         let _ = debouncer.watch(grandparent, RecursiveMode::NonRecursive);
     }
-    let mut dir_watched = debouncer.watch(&dir, RecursiveMode::NonRecursive).is_ok();
-    if !dir_watched && file.is_some() {
+    let mut watched_id =
+        if debouncer.watch(&dir, RecursiveMode::NonRecursive).is_ok() { dir_identity(&dir) } else { None };
+    if watched_id.is_none() && file.is_some() {
         return Err(WatchError::Watch { path: dir, message: "the directory does not exist".into() });
     }
     tracing::info!(path = %target_path(&target).display(), "watching for strategy changes");
@@ -132,27 +136,18 @@ pub fn spawn_watcher(
         let mut recheck = tokio::time::interval(RECHECK);
         loop {
             let mut candidates: Vec<PathBuf> = Vec::new();
+            let mut check_dir = false;
+            // An event on the directory itself (removed, created, moved): whatever its inode
+            // says now, the old watch may be dead; watch it anew.
+            let mut rearm = false;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = recheck.tick() => {
-                    let exists = dir.is_dir();
-                    if exists && !dir_watched {
-                        dir_watched = debouncer.watch(&dir, RecursiveMode::NonRecursive).is_ok();
-                        if dir_watched {
-                            tracing::info!(path = %dir.display(), "watched directory is back; rescanning");
-                            candidates.extend(scan(&dir, file.as_deref()));
-                        }
-                    } else if !exists && dir_watched {
-                        tracing::warn!(path = %dir.display(), "watched directory disappeared; keeping the active strategy");
-                        let _ = debouncer.unwatch(&dir);
-                        dir_watched = false;
-                    }
-                }
+                _ = recheck.tick() => check_dir = true,
                 batch = rx.recv() => {
                     let Some(paths) = batch else { break };
                     for path in paths {
                         if path == dir {
-                            candidates.extend(scan(&dir, file.as_deref()));
+                            (check_dir, rearm) = (true, true);
                         } else if path.parent() == Some(dir.as_path()) {
                             let wanted = match &file {
                                 Some(name) => path.file_name() == Some(name.as_os_str()),
@@ -165,11 +160,41 @@ pub fn spawn_watcher(
                     }
                 }
             }
+            if check_dir {
+                // The directory is known by its inode: one removed and recreated between two
+                // checks is a new directory, and the old watch is dead.
+                let now = dir_identity(&dir);
+                if now != watched_id || rearm {
+                    if watched_id.is_some() {
+                        let _ = debouncer.unwatch(&dir);
+                        if now != watched_id {
+                            tracing::warn!(path = %dir.display(), "watched directory disappeared or was replaced; keeping the active strategy");
+                        }
+                    }
+                    watched_id = None;
+                    if now.is_some() && debouncer.watch(&dir, RecursiveMode::NonRecursive).is_ok() {
+                        watched_id = dir_identity(&dir);
+                        tracing::info!(path = %dir.display(), "watched directory is back; rescanning");
+                        candidates.extend(scan(&dir, file.as_deref()));
+                    }
+                }
+            }
             candidates.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
             candidates.dedup();
             for path in candidates {
-                let Some(bytes) = read_when_stable(&path).await else { continue };
-                let sha = sha256_hex(&bytes);
+                let (bytes, sha) = match read_when_stable(&path).await {
+                    None => continue,
+                    Some(Ok(read)) => read,
+                    Some(Err(error)) => {
+                        // Too large, unreadable: said once per path until it changes.
+                        let key = format!("{error}");
+                        if rejected.get(&path) != Some(&key) {
+                            host.reject(&path, &error);
+                            rejected.insert(path, key);
+                        }
+                        continue;
+                    }
+                };
                 if rejected.get(&path) == Some(&sha) {
                     continue; // same broken content as last time: already logged
                 }
@@ -190,6 +215,13 @@ pub fn spawn_watcher(
     }))
 }
 
+/// What tells one directory at `dir` from the next: device, inode (which a new directory
+/// may reuse at once) and creation time, if it is a directory now.
+fn dir_identity(dir: &Path) -> Option<(u64, u64, Option<SystemTime>)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().filter(|m| m.is_dir()).map(|m| (m.dev(), m.ino(), m.created().ok()))
+}
+
 fn target_path(target: &WatchTarget) -> &Path {
     match target {
         WatchTarget::File(p) | WatchTarget::Dir(p) => p,
@@ -208,9 +240,21 @@ fn scan(dir: &Path, file: Option<&Path>) -> Vec<PathBuf> {
     }
 }
 
-/// The newest valid-looking `.wasm` in `dir`, for start-up with `--watch` and no `--strategy`.
-pub fn newest_in_dir(dir: &Path) -> Option<PathBuf> {
-    scan(dir, None).into_iter().max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+/// Most files tried at start-up before giving up on a watched directory.
+pub const STARTUP_CANDIDATES: usize = 16;
+
+/// The regular `.wasm` files in `dir` (symlinks followed, never to a device or FIFO), newest
+/// first, at most [`STARTUP_CANDIDATES`]: start-up with `--watch` tries them in this order.
+pub fn newest_first(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<(SystemTime, PathBuf)> = scan(dir, None)
+        .into_iter()
+        .filter_map(|path| {
+            let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
+            Some((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), path))
+        })
+        .collect();
+    files.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
+    files.into_iter().take(STARTUP_CANDIDATES).map(|(_, path)| path).collect()
 }
 
 #[cfg(test)]
