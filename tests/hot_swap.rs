@@ -186,6 +186,9 @@ async fn twenty_four_swaps_with_broken_files_lose_no_connection() {
     // Debug builds under test load compile slowly; release figures are in the README.
     assert!(slowest < Duration::from_secs(5), "a swap took {slowest:?}");
     assert_eq!(m.get("harbor_no_backend_total"), 0.0);
+    // The compiled-component cache stays bounded however many swaps there were.
+    let engine = harbor::strategy::engine::StrategyEngine::global().unwrap();
+    assert!(engine.cached().0 <= harbor::strategy::engine::CACHE_ENTRIES, "cache holds {:?}", engine.cached());
     harbor.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

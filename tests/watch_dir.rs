@@ -226,3 +226,59 @@ async fn sigterm_during_a_slow_compile_exits_within_the_grace_period() {
     assert_eq!(status.code(), Some(0));
     assert!(took < Duration::from_secs(3), "exit took {took:?} with a 500 ms grace period");
 }
+
+/// 300 junk files, then a good one: the good one wins at once (the newest file is tried
+/// first), and the junk is not parsed one by one for seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_junk_then_a_good_file_is_handled_as_one_batch() {
+    let (backends, _stops) = echo_backends(2).await;
+    let dir = temp_dir("burst");
+    let mut cfg = config(&backends);
+    cfg.watch = Some(dir.clone());
+    let harbor = start(cfg).await;
+    let host = harbor.shared.strategy.clone();
+    for i in 0..300 {
+        std::fs::write(dir.join(format!("junk-{i}.wasm")), format!("junk {i}")).unwrap();
+    }
+    let good = std::fs::read(strategy("least_conn")).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    std::fs::write(dir.join("good.wasm"), &good).unwrap();
+    let want = harbor::strategy::loaded::sha256_hex(&good);
+    let took = eventually(Duration::from_secs(10), || host.active_sha256().as_deref() == Some(want.as_str())).await;
+    let rejected =
+        admin_metric(harbor.admin_addr.unwrap(), "harbor_strategy_reloads_total{outcome=\"rejected\"}").await;
+    println!("300 junk files then a good one: active after {took:?}, {rejected} rejections counted");
+    assert!(took.is_some(), "the good file never became active");
+    assert!(rejected < 100.0, "{rejected} junk files were parsed one by one");
+    harbor.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A file written in 4 chunks 150 ms apart is loaded once complete, and its partial
+/// states are not counted (or logged) as rejections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_landing_in_slow_chunks_is_not_rejected_on_the_way() {
+    use std::io::Write;
+    let (backends, _stops) = echo_backends(2).await;
+    let dir = temp_dir("chunks");
+    let mut cfg = config(&backends);
+    cfg.watch = Some(dir.clone());
+    let harbor = start(cfg).await;
+    let good = std::fs::read(strategy("round_robin")).unwrap();
+    let mut file = std::fs::File::create(dir.join("slow.wasm")).unwrap();
+    for chunk in good.chunks(good.len().div_ceil(4)) {
+        file.write_all(chunk).unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    drop(file);
+    let want = harbor::strategy::loaded::sha256_hex(&good);
+    let host = harbor.shared.strategy.clone();
+    let took = eventually(Duration::from_secs(10), || host.active_sha256().as_deref() == Some(want.as_str())).await;
+    assert!(took.is_some(), "the slowly written file never became active");
+    let rejected =
+        admin_metric(harbor.admin_addr.unwrap(), "harbor_strategy_reloads_total{outcome=\"rejected\"}").await;
+    assert_eq!(rejected, 0.0, "partial files were rejected");
+    harbor.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -89,7 +89,7 @@ pub struct GuestState {
 }
 
 /// Most components kept compiled in memory (swapping back to one of them is instant)...
-const CACHE_ENTRIES: usize = 8;
+pub const CACHE_ENTRIES: usize = 8;
 /// ... and most bytes of compiled code they may hold together.
 const CACHE_BYTES: usize = 256 << 20;
 

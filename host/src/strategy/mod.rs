@@ -275,7 +275,16 @@ impl StrategyHost {
     /// Counts and logs a file that could not become the strategy.
     pub fn reject(&self, source: &Path, error: &StrategyError) {
         self.metrics.reload(ReloadOutcome::Rejected);
-        tracing::error!(source = %source.display(), "strategy rejected, keeping the active one: {error}");
+        self.log_rejection(source, error);
+    }
+
+    /// Logs a rejection (counted elsewhere).
+    pub fn log_rejection(&self, source: &Path, error: &StrategyError) {
+        if matches!(error, StrategyError::ShuttingDown) {
+            tracing::info!(source = %source.display(), "{error}");
+        } else {
+            tracing::error!(source = %source.display(), "strategy rejected, keeping the active one: {error}");
+        }
     }
 
     /// Loads the newest `.wasm` regular file in `dir` that loads, trying older ones if newer
@@ -298,16 +307,33 @@ impl StrategyHost {
 
     /// [`StrategyHost::load_bytes`] for a caller that already has the content's sha256.
     pub async fn load_hashed(&self, bytes: Vec<u8>, sha: String, source: &Path) -> Result<LoadResult, StrategyError> {
-        let result = self.compile_and_activate(bytes, sha, source).await;
-        match &result {
-            Ok(LoadResult::Loaded { .. }) => self.metrics.reload(ReloadOutcome::Loaded),
-            Ok(LoadResult::Unchanged) => self.metrics.reload(ReloadOutcome::Unchanged),
-            Err(error) => self.reject(source, error),
+        let result = self.try_load(bytes, sha, source).await;
+        if let Err(error) = &result {
+            self.log_rejection(source, error);
         }
         result
     }
 
-    async fn compile_and_activate(
+    /// Loads and counts the outcome, but leaves logging a rejection to the caller (the
+    /// watcher sums up bursts).
+    pub async fn try_load(&self, bytes: Vec<u8>, sha: String, source: &Path) -> Result<LoadResult, StrategyError> {
+        let result = self.load_uncounted(bytes, sha, source).await;
+        self.count_outcome(&result);
+        result
+    }
+
+    /// Counts a load's outcome in `harbor_strategy_reloads_total`.
+    pub fn count_outcome(&self, result: &Result<LoadResult, StrategyError>) {
+        self.metrics.reload(match result {
+            Ok(LoadResult::Loaded { .. }) => ReloadOutcome::Loaded,
+            Ok(LoadResult::Unchanged) => ReloadOutcome::Unchanged,
+            Err(_) => ReloadOutcome::Rejected,
+        });
+    }
+
+    /// Compiles, checks and activates, counting and logging nothing: for a caller that may
+    /// retry a file still being written before it decides the outcome.
+    pub async fn load_uncounted(
         &self,
         bytes: Vec<u8>,
         sha: String,

@@ -179,17 +179,21 @@ pub fn spawn_watcher(
                     }
                 }
             }
-            candidates.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+            // Newest first: the last file to land wins, so the first one that loads ends the
+            // batch, and a burst of junk costs one attempt per file at most, up to a cap.
+            candidates.sort_by_key(|p| std::cmp::Reverse(std::fs::metadata(p).and_then(|m| m.modified()).ok()));
             candidates.dedup();
-            for path in candidates {
-                let (bytes, sha) = match read_when_stable(&path).await {
+            let mut burst = Burst::default();
+            for path in candidates.into_iter().take(BATCH_ATTEMPTS) {
+                let (mut bytes, mut sha) = match read_when_stable(&path).await {
                     None => continue,
                     Some(Ok(read)) => read,
                     Some(Err(error)) => {
                         // Too large, unreadable: said once per path until it changes.
                         let key = format!("{error}");
                         if rejected.get(&path) != Some(&key) {
-                            host.reject(&path, &error);
+                            burst.rejected(&host, &path, &error);
+                            host.count_outcome(&Err(error));
                             rejected.insert(path, key);
                         }
                         continue;
@@ -198,11 +202,31 @@ pub fn spawn_watcher(
                 if rejected.get(&path) == Some(&sha) {
                     continue; // same broken content as last time: already logged
                 }
-                match host.load_hashed(bytes, sha.clone(), &path).await {
+                let mut result = host.load_uncounted(bytes, sha.clone(), &path).await;
+                // A file refused while young may still be being written in slow chunks: look
+                // again shortly, and only refuse it if it stayed the same.
+                for _ in 0..YOUNG_RETRIES {
+                    let maybe_partial = matches!(result, Err(StrategyError::Empty | StrategyError::Compile(_)));
+                    if !maybe_partial || !is_young(&path) {
+                        break;
+                    }
+                    tokio::time::sleep(YOUNG_RETRY_AFTER).await;
+                    match read_when_stable(&path).await {
+                        Some(Ok((again, again_sha))) if again_sha != sha => {
+                            (bytes, sha) = (again, again_sha);
+                            result = host.load_uncounted(bytes, sha.clone(), &path).await;
+                        }
+                        _ => break,
+                    }
+                }
+                host.count_outcome(&result);
+                match result {
                     Ok(LoadResult::Loaded { .. }) | Ok(LoadResult::Unchanged) => {
                         rejected.remove(&path);
+                        break;
                     }
-                    Err(_) => {
+                    Err(error) => {
+                        burst.rejected(&host, &path, &error);
                         if rejected.len() > 1024 {
                             rejected.clear();
                         }
@@ -210,9 +234,52 @@ pub fn spawn_watcher(
                     }
                 }
             }
+            burst.finish();
         }
         drop(debouncer);
     }))
+}
+
+/// Most files tried per batch of events (newest first).
+const BATCH_ATTEMPTS: usize = 16;
+/// A file modified this recently may still be being written.
+const YOUNG: Duration = Duration::from_secs(1);
+/// How long to wait before looking again at a young file that was refused, and how often.
+const YOUNG_RETRY_AFTER: Duration = Duration::from_millis(250);
+const YOUNG_RETRIES: usize = 4;
+/// Rejections logged one by one per batch; the rest are summed up in one line.
+const LOGGED_PER_BURST: usize = 3;
+
+fn is_young(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < YOUNG)
+}
+
+/// The rejections of one batch: the first few logged, the rest counted and summed up.
+#[derive(Default)]
+struct Burst {
+    rejected: usize,
+}
+
+impl Burst {
+    fn rejected(&mut self, host: &StrategyHost, path: &Path, error: &StrategyError) {
+        self.rejected += 1;
+        if self.rejected <= LOGGED_PER_BURST {
+            host.log_rejection(path, error);
+        }
+    }
+
+    fn finish(self) {
+        if self.rejected > LOGGED_PER_BURST {
+            tracing::error!(
+                "{} more strategy files rejected in the same burst (not logged one by one)",
+                self.rejected - LOGGED_PER_BURST
+            );
+        }
+    }
 }
 
 /// What tells one directory at `dir` from the next: device, inode (which a new directory
