@@ -61,10 +61,10 @@ pub struct RunArgs {
     /// Directory to watch: the last valid .wasm that lands in it becomes the active strategy.
     #[arg(long, env = "HARBOR_WATCH", value_name = "DIR")]
     pub watch: Option<PathBuf>,
-    /// Wall-clock limit for one strategy call, in ms [default: 50].
+    /// Wall-clock limit for one strategy call, in ms; fuel (3M + 24k per backend) bounds it too [default: 10].
     #[arg(long, env = "HARBOR_STRATEGY_TIMEOUT_MS", value_name = "MS")]
     pub strategy_timeout_ms: Option<u64>,
-    /// Linear memory limit for one strategy instance, in MiB [default: 64].
+    /// Memory limit for one strategy instance, all its linear memories and tables summed, in MiB [default: 64].
     #[arg(long, env = "HARBOR_STRATEGY_MEMORY_MB", value_name = "MIB")]
     pub strategy_memory_mb: Option<u64>,
     /// Backend connect timeout, in ms [default: 1500; legacy: LB_DIAL_TIMEOUT_MS].
@@ -333,7 +333,12 @@ impl Config {
         // would wrap, overflow a deadline or be refused by the kernel is an error now, not later.
         let strategy_timeout_ms = ranged(
             "strategy-timeout-ms",
-            pick_ms(args.strategy_timeout_ms, None, file.strategy_timeout_ms, 50)?,
+            pick_ms(
+                args.strategy_timeout_ms,
+                None,
+                file.strategy_timeout_ms,
+                crate::strategy::loaded::DEFAULT_CALL_TIMEOUT.as_millis() as u64,
+            )?,
             1,
             1000,
         )?;

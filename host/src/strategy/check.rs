@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::answer::{judge, BackendStats, Snapshot, Verdict};
 use super::bindings::{BackendInfo, Connection};
-use super::engine::{StrategyEngine, FUEL_PER_CALL};
+use super::engine::{fuel_per_call, StrategyEngine};
 use super::instance::InstanceFault;
 use super::instance::{CallFault, Instance};
 use super::{ip_address, loaded::sha256_hex, GuestLimits, LoadedStrategy, StrategyError};
@@ -31,6 +31,8 @@ pub struct CheckReport {
     /// Most fuel (about one unit per wasm instruction) one pick used, and the limit.
     pub max_fuel_per_pick: u64,
     pub fuel_limit: u64,
+    /// The slowest checked pick: the most one pick of this strategy stalls a worker thread.
+    pub slowest_pick: Duration,
     /// Everything wrong with the answers; empty means the strategy passed.
     pub problems: Vec<String>,
 }
@@ -50,6 +52,7 @@ impl std::fmt::Display for CheckReport {
         writeln!(f, "wants reports: {}", self.wants_reports)?;
         writeln!(f, "picks checked: {}", self.picks)?;
         writeln!(f, "pick latency:  {:.0} ns", self.ns_per_pick)?;
+        writeln!(f, "slowest pick:  {:.0} µs", self.slowest_pick.as_secs_f64() * 1e6)?;
         writeln!(
             f,
             "fuel per pick: {} at most ({:.1} % of the {} limit)",
@@ -120,7 +123,8 @@ pub fn check_component(
         picks: 0,
         ns_per_pick: 0.0,
         max_fuel_per_pick: 0,
-        fuel_limit: FUEL_PER_CALL,
+        fuel_limit: fuel_per_call(backends.max(1)),
+        slowest_pick: Duration::ZERO,
         problems: Vec::new(),
     };
     let (mut instance, _) = Instance::new(&loaded)?;
@@ -158,7 +162,9 @@ pub fn check_component(
             });
         }
         report.picks += 1;
+        let pick_started = Instant::now();
         let answer = instance.pick(sample_connection(round as u64, rng.random()), snapshot.as_flat());
+        report.slowest_pick = report.slowest_pick.max(pick_started.elapsed());
         let trapped = answer.is_err();
         report.max_fuel_per_pick = report.max_fuel_per_pick.max(instance.fuel_used());
         // Judged by the same rule as in Harbor, with the same deadline.
@@ -196,6 +202,7 @@ pub fn check_component(
             report.problems.push(format!("timed pick {k}: {message}"));
             return Ok(report);
         }
+        report.max_fuel_per_pick = report.max_fuel_per_pick.max(instance.fuel_used());
     }
     report.ns_per_pick = started.elapsed().as_nanos() as f64 / timed as f64;
     Ok(report)

@@ -11,14 +11,30 @@ use wasmtime::{Config, Engine, ResourceLimiter};
 
 use super::StrategyError;
 
-/// Instructions (roughly) one call may execute: ~10-40 ms of guest work, 100x what a
-/// Python or JavaScript strategy needs per pick.
-pub const FUEL_PER_CALL: u64 = 20_000_000;
-/// `init` may do more (build tables, parse configuration).
-pub const FUEL_PER_INIT: u64 = 20 * FUEL_PER_CALL;
+/// Fuel (about one unit per wasm instruction) one call may use, at least...
+pub const FUEL_PER_CALL_BASE: u64 = 3_000_000;
+/// ... plus this much per backend in the pool, since a strategy may look at every one.
+/// Measured with `harbor strategy check` (2 100 picks, garbage collections included):
+/// componentize-js's `fastest` needs up to 1.1M at 4 backends and 3.3M at 256 (a collection
+/// every ~1 500 picks; 0.27M and 1.8M without), componentize-py's p2c up to 0.13M and 4.0M,
+/// the Rust guests 1.3k and 39k. The budget is 2.3-2.8 times the worst of them; a guest that
+/// burns all of it in a tight loop stalls its worker thread ~4.5 ms (at 4 backends).
+pub const FUEL_PER_BACKEND: u64 = 24_000;
+/// `init` may do more (build tables, parse configuration); it never runs on the relay's
+/// threads.
+pub const FUEL_PER_INIT: u64 = 400_000_000;
+
+/// `set-backends` runs once per instance and membership change, and takes every address as
+/// a string: it gets this many times a pick's fuel and deadline.
+pub const SET_BACKENDS_FACTOR: u64 = 8;
+
+/// Fuel of one `pick` or `report` call with `backends` backends in the pool.
+pub fn fuel_per_call(backends: usize) -> u64 {
+    FUEL_PER_CALL_BASE.saturating_add(FUEL_PER_BACKEND.saturating_mul(backends as u64))
+}
 
 /// How often the epoch advances. A call's deadline is a whole number of ticks.
-pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 
 /// Bytes one table element is counted as, towards the instance's memory limit.
 const TABLE_ELEMENT_BYTES: usize = 16;

@@ -6,8 +6,11 @@ use std::sync::{Arc, Weak};
 
 use wasmtime::Store;
 
+use super::answer::STATS_STRIDE;
 use super::bindings::{BackendInfo, Connection, ConnectionOutcome, Strategy, StrategyInfo};
-use super::engine::{deadline_ticks, GuestLimiter, GuestState, StrategyEngine, FUEL_PER_CALL, FUEL_PER_INIT};
+use super::engine::{
+    deadline_ticks, fuel_per_call, GuestLimiter, GuestState, StrategyEngine, FUEL_PER_INIT, SET_BACKENDS_FACTOR,
+};
 use super::loaded::LoadedStrategy;
 use super::StrategyError;
 use crate::backend::BackendPool;
@@ -21,6 +24,8 @@ pub struct Instance {
     backends_generation: u64,
     /// Fuel given to the last call.
     armed_fuel: u64,
+    /// Backends in the list last sent (sizes the fuel of `report`).
+    backends: usize,
 }
 
 /// What went wrong inside a call.
@@ -43,7 +48,11 @@ impl Instance {
     /// Sets the limits for the next call: a fresh deadline and fuel. A store that cannot take
     /// fuel must not run at all (it would run without its instruction limit).
     fn arm(&mut self, fuel: u64) -> Result<(), CallFault> {
-        self.store.set_epoch_deadline(self.ticks);
+        self.arm_for(fuel, self.ticks)
+    }
+
+    fn arm_for(&mut self, fuel: u64, ticks: u64) -> Result<(), CallFault> {
+        self.store.set_epoch_deadline(ticks);
         self.armed_fuel = fuel;
         self.store.set_fuel(fuel).map_err(|e| CallFault::Trap(format!("cannot set the fuel limit: {e:#}")))
     }
@@ -67,7 +76,8 @@ impl Instance {
         store.set_epoch_deadline(ticks * 20);
         store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let bindings = loaded.pre.instantiate(&mut store).map_err(|e| StrategyError::Instantiate(format!("{e:#}")))?;
-        let mut instance = Instance { store, bindings, ticks, backends_generation: 0, armed_fuel: FUEL_PER_INIT };
+        let mut instance =
+            Instance { store, bindings, ticks, backends_generation: 0, armed_fuel: FUEL_PER_INIT, backends: 0 };
         instance.store.set_epoch_deadline(ticks * 20);
         instance.store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let info = match instance.bindings.call_init(&mut instance.store, &loaded.init_config) {
@@ -92,21 +102,22 @@ impl Instance {
 
     /// Calls `set-backends`.
     pub fn set_backends(&mut self, generation: u64, infos: &[BackendInfo]) -> Result<(), CallFault> {
-        self.arm(FUEL_PER_CALL)?;
+        self.arm_for(fuel_per_call(infos.len()) * SET_BACKENDS_FACTOR, self.ticks * SET_BACKENDS_FACTOR)?;
         self.bindings.call_set_backends(&mut self.store, generation, infos).map_err(classify)?;
         self.backends_generation = generation;
+        self.backends = infos.len();
         Ok(())
     }
 
     /// Calls `pick`.
     pub fn pick(&mut self, conn: Connection, stats: &[u32]) -> Result<Option<u32>, CallFault> {
-        self.arm(FUEL_PER_CALL)?;
+        self.arm(fuel_per_call(stats.len() / STATS_STRIDE))?;
         self.bindings.call_pick(&mut self.store, conn, stats).map_err(classify)
     }
 
     /// Calls `report`.
     pub fn report(&mut self, outcome: ConnectionOutcome) -> Result<(), CallFault> {
-        self.arm(FUEL_PER_CALL)?;
+        self.arm(fuel_per_call(self.backends))?;
         self.bindings.call_report(&mut self.store, outcome).map_err(classify)
     }
 }
