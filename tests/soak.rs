@@ -395,7 +395,7 @@ async fn soak() {
         m.get("harbor_strategy_reloads_total{outcome=\"loaded\"}"),
         m.get("harbor_strategy_reloads_total{outcome=\"rejected\"}"),
         m.get("harbor_strategy_reloads_total{outcome=\"unchanged\"}"),
-        m.sum("harbor_strategy_fallbacks_total"),
+        m.sum("harbor_strategy_fallbacks_total") + 0.0,
     ));
     report.push_str(&format!(
         "\nBaseline -> end: RSS {base_rss} -> {end_rss} KiB (peak {peak_rss}), descriptors {base_fds} -> {end_fds}, active gauge {active}\n\n| s | connections started | RSS KiB | fds |\n|---:|---:|---:|---:|\n"

@@ -158,9 +158,21 @@ pub struct FileConfig {
 impl FileConfig {
     /// Reads and parses a TOML file. An unknown key is an error that names it.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::ReadFile { path: path.to_path_buf(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+        let read_error = |source| ConfigError::ReadFile { path: path.to_path_buf(), source };
+        let size = std::fs::metadata(path).map_err(read_error)?.len();
+        if size > MAX_CONFIG_BYTES {
+            return Err(ConfigError::ParseFile {
+                path: path.to_path_buf(),
+                message: format!("{size} bytes, more than the {MAX_CONFIG_BYTES}-byte limit"),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_error)?;
+        FileConfig::parse(&text, path)
+    }
+
+    /// Parses TOML text (`path` is for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::ParseFile {
             path: path.to_path_buf(),
             message: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
         })
@@ -227,6 +239,9 @@ mod opt_millis {
     }
 }
 
+/// Largest configuration file accepted.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// Longest timeout, deadline or grace period accepted: 7 days.
 pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Longest cooldown accepted: 1 day.
@@ -267,6 +282,11 @@ impl Config {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
+        Config::resolve_with(args, env, file)
+    }
+
+    /// [`Config::resolve`] with the file already parsed.
+    pub fn resolve_with(args: &RunArgs, env: EnvLookup<'_>, file: FileConfig) -> Result<Config, ConfigError> {
         let pick_ms = |cli: Option<u64>, legacy_name: Option<&'static str>, file: Option<u64>, default: u64| {
             let legacy_value = match legacy_name {
                 Some(name) => legacy_u64(env, name)?,

@@ -6,6 +6,8 @@
 //! - `cargo xtask demo`:  build, then Harbor (release) in front of two echo backends.
 //! - `cargo xtask test`:  build, then fmt, clippy and the whole test suite.
 //! - `cargo xtask bench`: build, then the side-by-side benchmark in `bench/`.
+//! - `cargo xtask fuzz [SECONDS]`: every cargo-fuzz target in `fuzz/` for SECONDS (default
+//!   60) each, from a seed corpus of the shipped strategies and the test fixtures.
 //! - `cargo xtask soak`:  build, then the release binary under a million mixed connections
 //!   with swaps and backend kills (`tests/soak.rs`; not part of `test`).
 
@@ -27,6 +29,11 @@ fn main() -> Result<()> {
         Some("polyglot") => build_polyglot(),
         Some("demo") => demo(&root, &args[1..]),
         Some("test") => test(&root),
+        Some("fuzz") => {
+            build_strategies(&root)?;
+            let seconds = args.get(1).map_or(Ok(60), |s| s.parse::<u64>()).context("fuzz: SECONDS must be a number")?;
+            fuzz(&root, seconds)
+        }
         Some("soak") => {
             build_strategies(&root)?;
             run(cargo().args(["test", "--release", "-p", "harbor", "--test", "soak", "--", "--ignored", "--nocapture"]))
@@ -36,7 +43,7 @@ fn main() -> Result<()> {
             run(Command::new("bash").arg("bench/run.sh").args(&args[1..]))
         }
         _ => {
-            eprintln!("usage: cargo xtask <build|polyglot|demo|test|bench|soak>");
+            eprintln!("usage: cargo xtask <build|polyglot|demo|test|bench|fuzz [SECONDS]|soak>");
             std::process::exit(2);
         }
     }
@@ -129,6 +136,68 @@ fn demo(root: &Path, extra: &[String]) -> Result<()> {
         bail!("harbor exited with {status}");
     }
     Ok(())
+}
+
+/// The fuzz targets, each in its own seed corpus directory under `target/fuzz-corpus/`.
+const FUZZ_TARGETS: &[&str] = &["config", "component_loader"];
+/// The cargo-fuzz release that builds with this toolchain.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Runs every fuzz target for `seconds`: no panic, no input slower than 10 s, under 2 GiB.
+/// cargo-fuzz's instrumentation needs `-Z` flags; on this stable toolchain they are allowed
+/// for the fuzz build only (RUSTC_BOOTSTRAP), never for Harbor's own build.
+fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    let have = Command::new(cargo_bin("cargo-fuzz")).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have {
+        run(cargo().args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION]))?;
+    }
+    let corpus_root = target_dir(root).join("fuzz-corpus");
+    for target in FUZZ_TARGETS {
+        let corpus = corpus_root.join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds: Vec<PathBuf> = match *target {
+            "component_loader" => {
+                let mut seeds: Vec<PathBuf> =
+                    RUST_STRATEGIES.iter().map(|n| root.join("strategies").join(format!("{n}.wasm"))).collect();
+                for entry in std::fs::read_dir(root.join("tests/fixtures"))?.flatten() {
+                    if entry.path().extension().is_some_and(|e| e == "wat" || e == "wasm") {
+                        seeds.push(entry.path());
+                    }
+                }
+                seeds
+            }
+            _ => vec![root.join("fuzz/seeds/config.toml")],
+        };
+        for seed in seeds {
+            if let Some(name) = seed.file_name() {
+                std::fs::copy(&seed, corpus.join(name)).with_context(|| format!("seed {}", seed.display()))?;
+            }
+        }
+        run(Command::new(cargo_bin("cargo-fuzz"))
+            .current_dir(root.join("fuzz"))
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", "--sanitizer", "none", target])
+            .arg(&corpus)
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-timeout=10",
+                "-rss_limit_mb=2048",
+                "-print_final_stats=1",
+            ]))?;
+    }
+    Ok(())
+}
+
+/// A tool cargo installs: `~/.cargo/bin/NAME` (`CARGO_HOME` honoured), else on PATH.
+fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    match home.map(|h| h.join("bin").join(name)) {
+        Some(path) if path.is_file() => path,
+        _ => PathBuf::from(name),
+    }
 }
 
 /// Everything CI checks, in the order that fails fastest.
