@@ -214,3 +214,23 @@ async fn a_well_behaved_wat_guest_places_connections() {
     assert_eq!(Scrape::fetch(harbor.admin_addr.unwrap()).await.sum("harbor_strategy_fallbacks_total"), 0.0);
     harbor.stop().await.unwrap();
 }
+
+/// Twelve distinct strategies loaded one after another: the compiled-component cache keeps
+/// at most its bound, whatever came before (it used to keep 32 and then drop them all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compiled_cache_stays_bounded_across_many_strategies() {
+    let (backends, _stops) = echo_backends(2).await;
+    let harbor = start(config(&backends)).await;
+    let host = &harbor.shared.strategy;
+    let text = std::fs::read_to_string(fixture("first_healthy.wat")).unwrap();
+    for i in 0..12 {
+        let variant = format!("{text}\n;; variant {i}\n");
+        host.load_bytes(variant.into_bytes(), Path::new("variant.wat")).await.unwrap();
+        try_echo_roundtrip(harbor.addr, b"v").await.unwrap();
+    }
+    let engine = harbor::strategy::engine::StrategyEngine::global().unwrap();
+    let (entries, bytes) = engine.cached();
+    assert!(entries <= harbor::strategy::engine::CACHE_ENTRIES, "{entries} compiled components cached ({bytes} bytes)");
+    assert!(entries >= 2, "the cache keeps nothing: {entries}");
+    harbor.stop().await.unwrap();
+}

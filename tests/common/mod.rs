@@ -291,3 +291,11 @@ pub fn cpu_ticks(pid: u32) -> u64 {
 pub fn reset_on_close(stream: &TcpStream) {
     socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
 }
+
+/// A new, empty directory under the system's temp dir, unique to this process and moment.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let dir = std::env::temp_dir().join(format!("harbor-{tag}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create a temp dir");
+    dir
+}

@@ -4,7 +4,7 @@
 //! - `cargo xtask polyglot`: builds the Python, JavaScript and WAT strategies (installs
 //!   componentize-py, componentize-js and jco from PyPI and npm).
 //! - `cargo xtask demo`:  build, then Harbor (release) in front of two echo backends.
-//! - `cargo xtask test`:  build, then fmt, clippy and the whole test suite.
+//! - `cargo xtask test`:  build, then fmt, clippy, the whole test suite, and 60 s of each fuzz target.
 //! - `cargo xtask bench`: build, then the side-by-side benchmark in `bench/`.
 //! - `cargo xtask fuzz [SECONDS]`: every cargo-fuzz target in `fuzz/` for SECONDS (default
 //!   60) each, from a seed corpus of the shipped strategies and the test fixtures.
@@ -207,5 +207,6 @@ fn test(root: &Path) -> Result<()> {
     build_polyglot()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(cargo().args(["test", "--workspace"]))?;
-    Ok(())
+    // A short run of every fuzz target (no panic, no hang, bounded memory).
+    fuzz(root, 60)
 }

@@ -15,6 +15,9 @@ use super::loaded::LoadedStrategy;
 use super::StrategyError;
 use crate::backend::BackendPool;
 
+/// Wall-clock limit for instantiation and for `init`, each.
+pub const INIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A strategy instance and its store.
 pub struct Instance {
     store: Store<GuestState>,
@@ -72,13 +75,15 @@ impl Instance {
         store.epoch_deadline_trap();
         let ticks = deadline_ticks(loaded.limits.call_timeout);
         let no_fuel = |e: wasmtime::Error| StrategyError::Engine(format!("cannot set the fuel limit: {e:#}"));
-        // Instantiation and `init` may build tables: they get 20x the per-call deadline.
-        store.set_epoch_deadline(ticks * 20);
+        // Instantiation and `init` may build tables, and never run on a relay thread: they get
+        // a deadline of their own.
+        let init_ticks = deadline_ticks(INIT_DEADLINE);
+        store.set_epoch_deadline(init_ticks);
         store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let bindings = loaded.pre.instantiate(&mut store).map_err(|e| StrategyError::Instantiate(format!("{e:#}")))?;
         let mut instance =
             Instance { store, bindings, ticks, backends_generation: 0, armed_fuel: FUEL_PER_INIT, backends: 0 };
-        instance.store.set_epoch_deadline(ticks * 20);
+        instance.store.set_epoch_deadline(init_ticks);
         instance.store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let info = match instance.bindings.call_init(&mut instance.store, &loaded.init_config) {
             Ok(Ok(info)) => info,
