@@ -174,6 +174,8 @@ impl Harbor {
             let _ = task.await;
         }
         if let Some(task) = watcher {
+            // It may be waiting for a file to hold still: stop it where it is.
+            task.abort();
             let _ = task.await;
         }
         accepted.map_err(HarborError::Accept)?;
