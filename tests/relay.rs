@@ -327,3 +327,33 @@ async fn a_reset_on_either_side_is_passed_on_as_a_reset() {
     assert_eq!(m.get("harbor_relay_ends_total{end=\"completed\"}"), 0.0);
     harbor.stop().await.unwrap();
 }
+
+/// A short reply and the reset right behind it arrive together (one readiness event carrying
+/// the data and the peer's hang-up): the client must still see the reset, never the reply
+/// followed by a clean EOF. 30 rounds, since the two must land in the same event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_followed_at_once_by_a_reset_is_still_a_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = [0u8; 1];
+            if stream.read_exact(&mut request).await.is_ok() {
+                let _ = stream.write_all(&pattern(300, 9)).await;
+                reset_on_close(&stream);
+            }
+        }
+    });
+    let harbor = start(config(&[backend])).await;
+    let mut clean = 0;
+    for _ in 0..30 {
+        let mut client = tokio::net::TcpStream::connect(harbor.addr).await.unwrap();
+        client.write_all(b"r").await.unwrap();
+        let (_, error) = read_until_end(&mut client).await;
+        if error.is_none() {
+            clean += 1;
+        }
+    }
+    assert_eq!(clean, 0, "{clean} of 30 reset replies reached the client as a clean EOF");
+    harbor.stop().await.unwrap();
+}

@@ -217,10 +217,10 @@ fn forward_eof(dst: &TcpStream, other: &Direction) -> io::Result<bool> {
 /// A direction that fills a whole buffer is in a bulk burst: on Linux the burst goes on
 /// zero-copy through a pipe (`splice.rs`) until the source runs dry, then copying resumes.
 ///
-/// When the readiness already carries the peer's FIN (EPOLLRDHUP), a short read has drained
-/// the socket for good: that last chunk goes out corked and the FIN follows at once, so a
-/// response and its close reach the client as one segment, and no `recv` is spent on reading
-/// the 0 that must come next.
+/// When the readiness already carries the peer's shutdown (EPOLLRDHUP), a short read has
+/// drained the socket for good: that last chunk goes out corked, and once the next read
+/// confirms the FIN (0; a reset, which raises RDHUP too, reads as an error) the FIN follows at
+/// once, so a response and its close reach the client as one segment.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -245,7 +245,9 @@ async fn pump(
                     }
                     this.moved.fetch_add(n as u64, Ordering::Relaxed);
                     if last {
-                        break forward_eof(dst, other);
+                        // RDHUP is raised by a reset too: only the read of 0 that follows proves
+                        // a FIN (a reset reads as an error, and the relay resets both sides).
+                        continue;
                     }
                     if n < buffer.len() {
                         break Ok(false); // drained (readiness already cleared)
