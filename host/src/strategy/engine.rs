@@ -18,7 +18,7 @@ pub const FUEL_PER_CALL_BASE: u64 = 3_000_000;
 /// componentize-js's `fastest` needs up to 1.1M at 4 backends and 3.3M at 256 (a collection
 /// every ~1 500 picks; 0.27M and 1.8M without), componentize-py's p2c up to 0.13M and 4.0M,
 /// the Rust guests 1.3k and 39k. The budget is 2.3-2.8 times the worst of them; a guest that
-/// burns all of it in a tight loop stalls its worker thread ~4.5 ms (at 4 backends).
+/// burns all of it in a tight loop stalls its worker thread 5.5 ms (at 4 backends, release).
 pub const FUEL_PER_BACKEND: u64 = 24_000;
 /// `init` may do more (build tables, parse configuration); it never runs on the relay's
 /// threads.
