@@ -442,7 +442,9 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(2));
         let workers = ranged("workers", workers as u64, 1, 512)? as usize;
         let log_level = args.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into());
-        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        // Non-ASCII first: tracing-subscriber 0.3.23 panics slicing a directive inside a
+        // multi-byte character (found by the `config` fuzz target).
+        if !log_level.is_ascii() || tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(invalid("log-level", format!("{log_level:?} is not a valid filter (try info, warn, debug)")));
         }
 
@@ -631,6 +633,18 @@ mod tests {
             Config::resolve(&RunArgs::default(), &env_of(&[("BACKENDS", "127.0.0.1:1"), ("LB_DIAL_TIMEOUT_MS", "x")]))
                 .unwrap_err();
         assert!(err.to_string().starts_with("LB_DIAL_TIMEOUT_MS"), "{err}");
+    }
+
+    #[test]
+    fn a_non_ascii_log_filter_is_an_error_not_a_panic() {
+        // The directive the fuzzer found: a multi-byte character where the parser slices.
+        let args = RunArgs {
+            backends: Some("127.0.0.1:1".into()),
+            log_level: Some(" sebackends\nlisten\u{fffd}= \u{fffd}\"254.0.0.1:9090\"".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args, &env_of(&[])).unwrap_err().to_string();
+        assert!(err.starts_with("log-level:"), "{err}");
     }
 
     #[test]

@@ -139,7 +139,7 @@ fn demo(root: &Path, extra: &[String]) -> Result<()> {
 }
 
 /// The fuzz targets, each in its own seed corpus directory under `target/fuzz-corpus/`.
-const FUZZ_TARGETS: &[&str] = &["config", "component_loader"];
+const FUZZ_TARGETS: &[&str] = &["config", "component_loader", "component_from_smith"];
 /// The cargo-fuzz release that builds with this toolchain.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -166,16 +166,25 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
                 }
                 seeds
             }
-            _ => vec![root.join("fuzz/seeds/config.toml")],
+            // A full configuration, and every input that once crashed it.
+            "config" => std::fs::read_dir(root.join("fuzz/seeds"))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("config")))
+                .collect(),
+            _ => Vec::new(), // wasm-smith makes its modules from any bytes
         };
         for seed in seeds {
             if let Some(name) = seed.file_name() {
                 std::fs::copy(&seed, corpus.join(name)).with_context(|| format!("seed {}", seed.display()))?;
             }
         }
+        // The shape wasm-smith copies: a shipped guest's core module, before wrapping.
+        let template = target_dir(root).join(WASM_TARGET).join("guest").join("round_robin.wasm");
         run(Command::new(cargo_bin("cargo-fuzz"))
             .current_dir(root.join("fuzz"))
             .env("RUSTC_BOOTSTRAP", "1")
+            .env("HARBOR_FUZZ_TEMPLATE", &template)
             .args(["fuzz", "run", "--sanitizer", "none", target])
             .arg(&corpus)
             .args([
