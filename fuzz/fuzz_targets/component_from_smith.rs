@@ -6,14 +6,10 @@
 #![no_main]
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use harbor::backend::BackendState;
-use harbor::strategy::answer::{judge, BackendStats, Snapshot, Verdict};
-use harbor::strategy::check::{sample_backends, sample_connection};
 use harbor::strategy::engine::StrategyEngine;
-use harbor::strategy::instance::{Instance, InstanceFault};
 use harbor::strategy::loaded::{sha256_hex, GuestLimits, LoadedStrategy};
 use libfuzzer_sys::arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
@@ -86,24 +82,5 @@ fuzz_target!(|data: &[u8]| {
     let Ok(loaded) = LoadedStrategy::from_bytes(engine, &component, sha, Path::new("smith.wasm"), limits, "") else {
         return;
     };
-    let loaded = Arc::new(loaded);
-    let Ok((mut instance, _)) = Instance::new(&loaded) else { return };
-    if instance.set_backends(1, &sample_backends(4)).is_err() {
-        return;
-    }
-    let mut snapshot = Snapshot::default();
-    for i in 0..4u32 {
-        let state = if i == 1 { BackendState::Unhealthy } else { BackendState::Healthy };
-        snapshot.push(BackendStats { active: i, state, connect_latency_micros: 50, failures_in_row: 0 });
-    }
-    for k in 0..4 {
-        let answer = instance.pick(sample_connection(k, k), snapshot.as_flat());
-        let trapped = answer.is_err();
-        if let Verdict::Backend(index) = judge(&snapshot, answer.map_err(InstanceFault::Call), limits.call_timeout) {
-            assert!(index < 4 && index != 1, "the judge accepted backend {index}");
-        }
-        if trapped {
-            break;
-        }
-    }
+    harbor_fuzz::pick_and_judge(loaded, 4);
 });

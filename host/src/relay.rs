@@ -51,7 +51,7 @@ pub enum RelayEnd {
 }
 
 impl RelayEnd {
-    /// Every value of [`RelayEnd::label`], in [`RelayEnd::ordinal`] order.
+    /// The `end` label values of `harbor_relay_ends_total`, in [`RelayEnd::ordinal`] order.
     pub const LABELS: [&'static str; 7] = ["completed", "idle", "lifetime", "half_close", "shutdown", "reset", "error"];
 
     /// Position in [`RelayEnd::LABELS`].
@@ -65,11 +65,6 @@ impl RelayEnd {
             RelayEnd::Reset => 5,
             RelayEnd::Error(_) => 6,
         }
-    }
-
-    /// The `end` label of `harbor_relay_ends_total`.
-    pub fn label(self) -> &'static str {
-        Self::LABELS[self.ordinal()]
     }
 
     fn from_error(error: &io::Error) -> RelayEnd {
