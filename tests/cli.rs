@@ -27,9 +27,10 @@ fn check_prints_the_effective_configuration() {
     let out = harbor(&["check", "--backends", "127.0.0.1:9001,127.0.0.1:9002=3", "--idle-timeout-ms", "250"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("idle_timeout = 250"), "{text}");
+    assert!(text.contains("idle_timeout_ms = 250"), "{text}");
     assert!(text.contains("\"127.0.0.1:9002\",\"weight\":3"), "{text}");
-    assert!(text.contains("listen = \"127.0.0.1:9090\""), "{text}");
+    assert!(text.contains("listen = [\"127.0.0.1:9090\"]"), "{text}");
+    assert!(text.contains("[[service]]\nname = \"default\""), "{text}");
     assert!(text.contains("# configuration is valid"));
 }
 
@@ -41,7 +42,7 @@ fn the_seed_variables_still_work() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("127.0.0.1:9001") && text.contains("127.0.0.1:9002"), "{text}");
     assert!(text.contains("max_connections = 33"), "{text}");
-    assert!(text.contains("connect_timeout = 700"), "{text}");
+    assert!(text.contains("connect_timeout_ms = 700"), "{text}");
     // HARBOR_* beats the legacy variable, and the flag beats both.
     let out =
         harbor(&["check", "--max-connections", "5"], &[("BACKENDS", "127.0.0.1:1"), ("HARBOR_MAX_CONNECTIONS", "9")]);
@@ -74,7 +75,8 @@ fn bad_values_give_one_line_and_exit_code_2() {
         (vec!["--backends", "127.0.0.1:1", "--shutdown-grace-ms", "99999999999"], "shutdown-grace-ms"),
         (vec!["--backends", "127.0.0.1:1", "--max-connections", "99999999999999"], "max-connections"),
         (vec!["--backends", "127.0.0.1:1", "--connect-attempts", "99999999999"], "connect-attempts"),
-        (vec!["--backends", "127.0.0.1:1", "--workers", "0"], "workers"),
+        (vec!["--backends", "127.0.0.1:1", "--workers", "513"], "workers"),
+        (vec!["--backends", "127.0.0.1:1", "--admin", "0.0.0.0:0"], "admin-token-file"),
     ];
     for (args, needle) in cases {
         for sub in [true, false] {

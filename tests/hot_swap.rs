@@ -95,9 +95,9 @@ async fn twenty_four_swaps_with_broken_files_lose_no_connection() {
     let (backends, _stops) = echo_backends(3).await;
     let dir = temp_dir("watch");
     let mut cfg = config(&backends);
-    cfg.watch = Some(dir.clone());
+    cfg.service_mut().watch = Some(dir.clone());
     let harbor = start(cfg).await;
-    let host = harbor.shared.strategy.clone();
+    let host = harbor.strategy();
     let traffic = Traffic::start(harbor.addr, 4);
 
     let rr = std::fs::read(strategy("round_robin")).unwrap();
@@ -190,9 +190,9 @@ async fn the_strategy_file_reloads_when_replaced_on_disk() {
     let file = dir.join("active.wasm");
     std::fs::copy(strategy("round_robin"), &file).unwrap();
     let mut cfg = config(&backends);
-    cfg.strategy = Some(file.clone());
+    cfg.service_mut().strategy = Some(file.clone());
     let harbor = start(cfg).await;
-    let host = harbor.shared.strategy.clone();
+    let host = harbor.strategy();
     assert_eq!(host.status().name, "round_robin");
     let traffic = Traffic::start(harbor.addr, 2);
 

@@ -13,9 +13,9 @@ async fn run_polyglot(file: &str, expected_name: &str) {
     assert!(path.is_file(), "{} is missing: run `cargo xtask polyglot` (cargo xtask test does)", path.display());
     let (backends, _stops) = echo_backends(3).await;
     let mut cfg = config(&backends);
-    cfg.strategy = Some(path);
+    cfg.service_mut().strategy = Some(path);
     let harbor = start(cfg).await;
-    let status = harbor.shared.strategy.status();
+    let status = harbor.strategy().status();
     assert_eq!((status.kind, status.name.as_str()), ("wasm", expected_name));
 
     let mut counts: HashMap<String, usize> = HashMap::new();
@@ -28,7 +28,7 @@ async fn run_polyglot(file: &str, expected_name: &str) {
     assert_eq!(counts.values().sum::<usize>(), 30);
 
     // Take a backend away: the strategy must keep placing connections on the others.
-    let pool = harbor.shared.pool.load();
+    let pool = harbor.pool();
     pool.get(0).unwrap().set_admin_state(harbor::backend::BackendState::Unhealthy);
     for i in 0..10 {
         let name = try_echo_roundtrip(harbor.addr, &pattern(64, i)).await.unwrap();

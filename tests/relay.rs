@@ -159,7 +159,7 @@ async fn idle_timeout_fires_on_time_and_traffic_refreshes_it() {
     let (backends, _stops) = echo_backends(1).await;
     let mut cfg = config(&backends);
     let idle = Duration::from_millis(400);
-    cfg.idle_timeout = Some(idle);
+    cfg.service_mut().tunables.idle_timeout_ms = idle.as_millis() as u64;
     let harbor = start(cfg).await;
 
     let (_, mut stream) = connect_and_greet(harbor.addr).await;
@@ -214,7 +214,7 @@ async fn metrics_parse_and_match_the_traffic() {
 async fn the_lifetime_cap_closes_even_a_busy_connection() {
     let (backends, _stops) = echo_backends(1).await;
     let mut cfg = config(&backends);
-    cfg.max_lifetime = Some(Duration::from_millis(500));
+    cfg.service_mut().tunables.max_lifetime_ms = 500;
     let harbor = start(cfg).await;
     let (_, mut stream) = connect_and_greet(harbor.addr).await;
     let started = Instant::now();
@@ -250,7 +250,7 @@ async fn the_half_close_timeout_ends_a_connection_left_half_open() {
         drop(stream);
     });
     let mut cfg = config(&[backend]);
-    cfg.half_close_timeout = Some(Duration::from_millis(300));
+    cfg.service_mut().tunables.half_close_timeout_ms = 300;
     let harbor = start(cfg).await;
     let mut client = tokio::net::TcpStream::connect(harbor.addr).await.unwrap();
     client.write_all(b"done").await.unwrap();

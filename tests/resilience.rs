@@ -15,8 +15,8 @@ async fn refused_connect_is_retried_elsewhere_and_the_backend_cools_down_then_re
     let dead = dead_addr().await;
     let (live, _stop) = echo_backend("live").await;
     let mut cfg = config(&[dead, live]);
-    cfg.cooldown = Duration::from_millis(300);
-    cfg.max_cooldown = Duration::from_millis(300);
+    cfg.service_mut().tunables.cooldown_ms = 300;
+    cfg.service_mut().tunables.max_cooldown_ms = Some(300);
     let harbor = start(cfg).await;
     let admin = harbor.admin_addr.unwrap();
 
@@ -77,7 +77,7 @@ async fn all_backends_down_closes_the_client_fast_and_says_nothing() {
 async fn the_cap_rejects_and_counts_without_touching_existing_connections() {
     let (backends, _stops) = echo_backends(1).await;
     let mut cfg = config(&backends);
-    cfg.max_connections = 2;
+    cfg.service_mut().tunables.max_connections = 2;
     let harbor = start(cfg).await;
     let (_, mut held1) = connect_and_greet(harbor.addr).await;
     let (_, mut held2) = connect_and_greet(harbor.addr).await;
@@ -325,7 +325,7 @@ async fn greeting(stream: &mut TcpStream) -> Option<String> {
 async fn one_source_cannot_take_the_whole_cap() {
     let (backend, _stop) = echo_backend("s").await;
     let mut cfg = config(&[backend]);
-    cfg.max_connections_per_source = 3;
+    cfg.service_mut().tunables.max_connections_per_source = 3;
     let harbor = start(cfg).await;
     let mut held = Vec::new();
     for _ in 0..3 {

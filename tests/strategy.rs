@@ -14,9 +14,9 @@ use harbor::strategy::StrategyError;
 async fn round_robin_distribution_is_exact() {
     let (backends, _stops) = echo_backends(3).await;
     let mut cfg = config(&backends);
-    cfg.strategy = Some(strategy("round_robin"));
+    cfg.service_mut().strategy = Some(strategy("round_robin"));
     let harbor = start(cfg).await;
-    assert_eq!(harbor.shared.strategy.status().name, "round_robin");
+    assert_eq!(harbor.strategy().status().name, "round_robin");
     let mut order = Vec::new();
     for _ in 0..30 {
         order.push(echo_roundtrip(harbor.addr, b"rr").await);
@@ -37,7 +37,7 @@ async fn round_robin_distribution_is_exact() {
 async fn least_conn_sends_each_new_connection_to_the_least_loaded_backend() {
     let (backends, _stops) = echo_backends(3).await;
     let mut cfg = config(&backends);
-    cfg.strategy = Some(strategy("least_conn"));
+    cfg.service_mut().strategy = Some(strategy("least_conn"));
     let harbor = start(cfg).await;
 
     let mut held: HashMap<String, Vec<tokio::net::TcpStream>> = HashMap::new();
@@ -53,9 +53,7 @@ async fn least_conn_sends_each_new_connection_to_the_least_loaded_backend() {
     assert!(held.values().all(|v| v.len() == 2));
     // Free both slots of b1: the next two connections go there.
     held.remove("b1");
-    let fewer =
-        eventually(Duration::from_secs(5), || harbor.shared.pool.load().iter().map(|b| b.active()).sum::<u32>() == 4)
-            .await;
+    let fewer = eventually(Duration::from_secs(5), || harbor.pool().iter().map(|b| b.active()).sum::<u32>() == 4).await;
     assert!(fewer.is_some(), "closed connections were not released");
     for _ in 0..2 {
         let (name, stream) = connect_and_greet(harbor.addr).await;
@@ -69,7 +67,7 @@ async fn least_conn_sends_each_new_connection_to_the_least_loaded_backend() {
 async fn least_conn_ties_do_not_all_go_to_index_zero() {
     let (backends, _stops) = echo_backends(3).await;
     let mut cfg = config(&backends);
-    cfg.strategy = Some(strategy("least_conn"));
+    cfg.service_mut().strategy = Some(strategy("least_conn"));
     let harbor = start(cfg).await;
     let mut counts: HashMap<String, usize> = HashMap::new();
     // Sequential short connections: every pick is a three-way tie.
@@ -87,10 +85,10 @@ async fn least_conn_ties_do_not_all_go_to_index_zero() {
 async fn assert_fallback(fixture_name: &str, reason: &str, tune: fn(&mut harbor::Config)) {
     let (backends, _stops) = echo_backends(2).await;
     let mut cfg = config(&backends);
-    cfg.strategy_timeout = Duration::from_millis(20);
+    cfg.service_mut().tunables.strategy_timeout_ms = 20;
     tune(&mut cfg);
     let harbor = start(cfg).await;
-    let host = &harbor.shared.strategy;
+    let host = &harbor.strategy();
     host.load_file(&fixture(fixture_name)).await.unwrap_or_else(|e| panic!("{fixture_name} should load: {e}"));
     assert_eq!(host.status().kind, "wasm");
     let payload = pattern(4096, 3);
@@ -127,13 +125,13 @@ async fn an_infinite_loop_is_cut_by_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_is_stopped_by_the_limit() {
     // Harbor traps when the memory limit refuses growth.
-    assert_fallback("memory_bomb.wat", "trap", |cfg| cfg.strategy_memory_bytes = 8 << 20).await;
+    assert_fallback("memory_bomb.wat", "trap", |cfg| cfg.service_mut().tunables.strategy_memory_mb = 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_limit_covers_every_memory_of_an_instance_summed() {
     // Four memories of 3 MiB each: none over the 8 MiB limit, 12 MiB together.
-    assert_fallback("multi_memory_bomb.wat", "trap", |cfg| cfg.strategy_memory_bytes = 8 << 20).await;
+    assert_fallback("multi_memory_bomb.wat", "trap", |cfg| cfg.service_mut().tunables.strategy_memory_mb = 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,9 +148,9 @@ async fn none_while_backends_are_up_is_a_fault() {
 async fn a_faulting_strategy_reverts_to_the_previous_good_one() {
     let (backends, _stops) = echo_backends(2).await;
     let mut cfg = config(&backends);
-    cfg.strategy = Some(strategy("least_conn"));
+    cfg.service_mut().strategy = Some(strategy("least_conn"));
     let harbor = start(cfg).await;
-    let host = &harbor.shared.strategy;
+    let host = &harbor.strategy();
     host.load_file(&fixture("trap.wat")).await.unwrap();
     assert_eq!(host.status().name, "trap");
     // Until it is reverted (see assert_fallback), at most 64 connections, none lost.
@@ -169,9 +167,9 @@ async fn a_faulting_strategy_reverts_to_the_previous_good_one() {
 async fn assert_rejected(path: &Path, needle: &str) -> StrategyError {
     let (backends, _stops) = echo_backends(2).await;
     let mut cfg = config(&backends);
-    cfg.strategy = Some(strategy("round_robin"));
+    cfg.service_mut().strategy = Some(strategy("round_robin"));
     let harbor = start(cfg).await;
-    let host = &harbor.shared.strategy;
+    let host = &harbor.strategy();
     let before = host.active_sha256();
     let error = host.load_file(path).await.expect_err("must be rejected");
     assert!(error.to_string().contains(needle), "{}: {error}", path.display());
@@ -207,7 +205,7 @@ async fn bad_components_are_rejected_with_a_clear_message_and_the_old_strategy_s
 async fn a_well_behaved_wat_guest_places_connections() {
     let (backends, _stops) = echo_backends(2).await;
     let harbor = start(config(&backends)).await;
-    harbor.shared.strategy.load_file(&fixture("first_healthy.wat")).await.unwrap();
+    harbor.strategy().load_file(&fixture("first_healthy.wat")).await.unwrap();
     for _ in 0..4 {
         assert_eq!(echo_roundtrip(harbor.addr, b"first").await, "b0");
     }
@@ -221,7 +219,7 @@ async fn a_well_behaved_wat_guest_places_connections() {
 async fn the_compiled_cache_stays_bounded_across_many_strategies() {
     let (backends, _stops) = echo_backends(2).await;
     let harbor = start(config(&backends)).await;
-    let host = &harbor.shared.strategy;
+    let host = &harbor.strategy();
     let text = std::fs::read_to_string(fixture("first_healthy.wat")).unwrap();
     for i in 0..12 {
         let variant = format!("{text}\n;; variant {i}\n");

@@ -50,12 +50,12 @@ async fn start_up_takes_the_newest_regular_file_that_loads() {
     std::os::unix::fs::symlink("/dev/zero", dir.join("zero.wasm")).unwrap();
 
     let mut cfg = config(&backends);
-    cfg.watch = Some(dir.clone());
+    cfg.service_mut().watch = Some(dir.clone());
     let bound =
         tokio::time::timeout(STEP, harbor::Harbor::bind(cfg)).await.expect("start-up blocked on a special file");
     let harbor = bound.expect("start-up fails on a bad newer file").spawn();
     let want = harbor::strategy::loaded::sha256_hex(&good);
-    assert_eq!(harbor.shared.strategy.active_sha256().as_deref(), Some(want.as_str()));
+    assert_eq!(harbor.strategy().active_sha256().as_deref(), Some(want.as_str()));
     for i in 0..4 {
         let name = echo_roundtrip(harbor.addr, b"x").await;
         assert_eq!(name, format!("b{}", i % 2));
@@ -65,9 +65,9 @@ async fn start_up_takes_the_newest_regular_file_that_loads() {
     // Nothing loadable at all: the built-in round-robin serves, and start-up still succeeds.
     std::fs::remove_file(dir.join("old-good.wasm")).unwrap();
     let mut cfg = config(&backends);
-    cfg.watch = Some(dir.clone());
+    cfg.service_mut().watch = Some(dir.clone());
     let harbor = tokio::time::timeout(STEP, harbor::Harbor::bind(cfg)).await.unwrap().unwrap().spawn();
-    assert_eq!(harbor.shared.strategy.status().kind, "builtin");
+    assert_eq!(harbor.strategy().status().kind, "builtin");
     echo_roundtrip(harbor.addr, b"y").await;
     harbor.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
@@ -121,9 +121,9 @@ async fn a_watched_directory_replaced_in_a_blink_is_watched_again() {
     let (backends, _stops) = echo_backends(2).await;
     let dir = temp_dir("blink");
     let mut cfg = config(&backends);
-    cfg.watch = Some(dir.clone());
+    cfg.service_mut().watch = Some(dir.clone());
     let harbor = start(cfg).await;
-    let host = harbor.shared.strategy.clone();
+    let host = harbor.strategy();
     let lc = std::fs::read(strategy("least_conn")).unwrap();
     let rr = std::fs::read(strategy("round_robin")).unwrap();
     for (round, bytes) in [&lc, &rr, &lc].into_iter().enumerate() {
@@ -227,9 +227,9 @@ async fn a_burst_of_junk_then_a_good_file_is_handled_as_one_batch() {
     let (backends, _stops) = echo_backends(2).await;
     let dir = temp_dir("burst");
     let mut cfg = config(&backends);
-    cfg.watch = Some(dir.clone());
+    cfg.service_mut().watch = Some(dir.clone());
     let harbor = start(cfg).await;
-    let host = harbor.shared.strategy.clone();
+    let host = harbor.strategy();
     for i in 0..300 {
         std::fs::write(dir.join(format!("junk-{i}.wasm")), format!("junk {i}")).unwrap();
     }
@@ -255,7 +255,7 @@ async fn a_file_landing_in_slow_chunks_is_not_rejected_on_the_way() {
     let (backends, _stops) = echo_backends(2).await;
     let dir = temp_dir("chunks");
     let mut cfg = config(&backends);
-    cfg.watch = Some(dir.clone());
+    cfg.service_mut().watch = Some(dir.clone());
     let harbor = start(cfg).await;
     let good = std::fs::read(strategy("round_robin")).unwrap();
     let mut file = std::fs::File::create(dir.join("slow.wasm")).unwrap();
@@ -266,7 +266,7 @@ async fn a_file_landing_in_slow_chunks_is_not_rejected_on_the_way() {
     }
     drop(file);
     let want = harbor::strategy::loaded::sha256_hex(&good);
-    let host = harbor.shared.strategy.clone();
+    let host = harbor.strategy();
     let took = eventually(Duration::from_secs(10), || host.active_sha256().as_deref() == Some(want.as_str())).await;
     assert!(took.is_some(), "the slowly written file never became active");
     let rejected =

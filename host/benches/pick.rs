@@ -23,7 +23,8 @@ fn pool(n: usize) -> BackendPool {
 }
 
 fn host(strategy: Option<&str>) -> StrategyHost {
-    let host = StrategyHost::new(GuestLimits::default(), String::new(), Arc::new(Metrics::new())).expect("wasm engine");
+    let host = StrategyHost::new(GuestLimits::default(), String::new(), Arc::new(Metrics::new()), "bench")
+        .expect("wasm engine");
     if let Some(name) = strategy {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("strategies").join(format!("{name}.wasm"));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -47,6 +48,7 @@ fn bench_pick(c: &mut Criterion) {
                 client: "127.0.0.1:40000".parse().expect("addr"),
                 attempt: 0,
                 excluded: &[],
+                ignore_checks_when_all_fail: false,
             };
             // Warm the thread's instance and its backend list.
             assert!(host.pick(&req).index.is_some());

@@ -1,24 +1,23 @@
-//! The accept loop: takes client connections, enforces the connection cap, backs off on
-//! transient errors, and stops when told to.
+//! The accept loop of one listener: takes client connections, enforces the service's caps,
+//! backs off on transient errors, and stops when told to.
 
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::connection;
 use crate::metrics::Rejection;
-use crate::server::Shared;
+use crate::service::Service;
 use crate::source_limit::SourceSlot;
 
 /// A connection's places under the caps: a slot of `max-connections`, and one of its
 /// source's (if that cap is set). Both are given back when the connection ends.
 #[derive(Debug)]
-pub struct Admission {
+pub struct Admitted {
     _permit: tokio::sync::OwnedSemaphorePermit,
     _source: Option<SourceSlot>,
 }
@@ -38,18 +37,19 @@ pub fn is_transient(error: &io::Error) -> bool {
     )
 }
 
-/// Accepts until `shutdown` is cancelled; each connection runs on `tracker`. Returns the error
-/// that stopped it, if accepting failed for good.
+/// Accepts on one listener of `service` until `stop` is cancelled; each connection runs on
+/// `tracker` with the service's context of the moment. Returns the error that stopped it, if
+/// accepting failed for good.
 pub async fn accept_loop(
     listener: &TcpListener,
-    shared: Arc<Shared>,
+    service: &Service,
     tracker: &TaskTracker,
-    shutdown: &CancellationToken,
+    stop: &CancellationToken,
 ) -> io::Result<()> {
-    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+    let admission = &service.admission;
     let mut backoff = FIRST_BACKOFF;
     // One waiter on the token for the whole loop, not one registered and dropped per accept.
-    let stopped = shutdown.cancelled();
+    let stopped = stop.cancelled();
     tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
@@ -57,43 +57,45 @@ pub async fn accept_loop(
             _ = &mut stopped => return Ok(()),
             accepted = listener.accept() => accepted,
         };
+        let context = service.context.load_full();
+        let metrics = &context.metrics;
         match accepted {
             Ok((stream, peer)) => {
                 backoff = FIRST_BACKOFF;
-                shared.metrics.accepts.inc();
+                metrics.accepts.inc();
                 // The source's cap first: a client over it must not take a global slot.
-                let source = match &shared.source_limiter {
+                let source = match admission.source_limiter.load().as_ref() {
                     None => None,
                     Some(limiter) => match limiter.try_acquire(peer.ip()) {
                         Some(slot) => Some(slot),
                         None => {
-                            shared.metrics.rejected(Rejection::PerSource);
-                            if shared.hot_path_log.allow() {
-                                tracing::warn!(client = %peer, max = shared.config.max_connections_per_source, "per-source connection cap reached: closing new client");
+                            metrics.rejected(Rejection::PerSource);
+                            if context.hot_path_log.allow() {
+                                tracing::warn!(service = %context.name, client = %peer, max = limiter.max_per_source(), "per-source connection cap reached: closing new client");
                             }
                             continue;
                         }
                     },
                 };
-                match Arc::clone(&slots).try_acquire_owned() {
+                match Arc::clone(&admission.slots).try_acquire_owned() {
                     Ok(permit) => {
-                        let admission = Admission { _permit: permit, _source: source };
-                        tracker.spawn(connection::serve(stream, peer, Arc::clone(&shared), admission));
+                        let admission = Admitted { _permit: permit, _source: source };
+                        tracker.spawn(connection::serve(stream, peer, context, admission));
                     }
                     Err(_) => {
-                        shared.metrics.capacity_drops.inc();
-                        shared.metrics.rejected(Rejection::MaxConnections);
-                        if shared.hot_path_log.allow() {
-                            tracing::warn!(client = %peer, max = shared.config.max_connections, "connection cap reached: closing new client");
+                        metrics.capacity_drops.inc();
+                        metrics.rejected(Rejection::MaxConnections);
+                        if context.hot_path_log.allow() {
+                            tracing::warn!(service = %context.name, client = %peer, max = admission.max_connections(), "connection cap reached: closing new client");
                         }
                         drop(stream);
                     }
                 }
             }
             Err(error) if is_transient(&error) => {
-                shared.metrics.accept_errors.inc();
-                if shared.hot_path_log.allow() {
-                    tracing::warn!(?backoff, "accept failed, backing off: {error}");
+                metrics.accept_errors.inc();
+                if context.hot_path_log.allow() {
+                    tracing::warn!(service = %context.name, ?backoff, "accept failed, backing off: {error}");
                 }
                 tokio::select! {
                     _ = &mut stopped => return Ok(()),
@@ -102,7 +104,7 @@ pub async fn accept_loop(
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Err(error) => {
-                shared.metrics.accept_errors.inc();
+                metrics.accept_errors.inc();
                 return Err(error);
             }
         }

@@ -1,22 +1,27 @@
-//! The admin HTTP server: `/metrics` (Prometheus text), `/backends` and `/strategy` (JSON),
-//! `/healthz` (200 while serving, 503 while draining).
+//! The admin HTTP server: `/metrics` (Prometheus text); `/services`, `/services/{s}/backends`
+//! and writes to them (JSON, bearer token); `/backends` and `/strategy` for the default
+//! service; `/healthz` (200 while serving, 503 while draining).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::BackendView;
-use crate::server::Shared;
+use crate::membership::{MembershipError, Override};
+use crate::server::Control;
+use crate::service::Service;
 
 /// Most admin connections open at once: the admin port must never eat the descriptors the
 /// data plane needs. More are closed at accept and counted.
@@ -25,9 +30,17 @@ pub const MAX_ADMIN_CONNECTIONS: usize = 32;
 pub const HEADER_DEADLINE: Duration = Duration::from_secs(2);
 /// No admin connection lives longer than this, however busy.
 pub const MAX_ADMIN_LIFETIME: Duration = Duration::from_secs(60);
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 << 10;
+/// Heaviest weight the API accepts (as in the configuration).
+pub const MAX_WEIGHT: u64 = 10_000;
+
+type Reply = Response<Full<Bytes>>;
+/// A refused request's reply, boxed to keep `Result`s small.
+type Refusal = Box<Reply>;
 
 /// Serves admin requests until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, control: Arc<Control>, shutdown: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let stream = tokio::select! {
@@ -41,17 +54,17 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
             },
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            shared.metrics.admin_connection_drops.inc();
+            control.metrics.admin_connection_drops.inc();
             drop(stream);
             continue;
         };
-        let shared = Arc::clone(&shared);
+        let control = Arc::clone(&control);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req| {
-                let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(route(&req, &shared)) }
+                let control = Arc::clone(&control);
+                async move { Ok::<_, Infallible>(route(req, &control).await) }
             });
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -66,7 +79,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     }
 }
 
-fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+fn respond(status: StatusCode, content_type: &str, body: String) -> Reply {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(value) = content_type.parse() {
@@ -75,40 +88,322 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
     response
 }
 
-fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
+fn json_with<T: Serialize>(status: StatusCode, value: &T) -> Reply {
     match serde_json::to_string_pretty(value) {
-        Ok(body) => respond(StatusCode::OK, "application/json", body + "\n"),
+        Ok(body) => respond(status, "application/json", body + "\n"),
         Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
     }
 }
 
-fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".into());
+fn json<T: Serialize>(value: &T) -> Reply {
+    json_with(StatusCode::OK, value)
+}
+
+/// A refused request: a JSON body naming the field at fault (if one is).
+fn error(status: StatusCode, field: Option<&str>, message: impl Into<String>) -> Reply {
+    json_with(status, &json!({ "error": message.into(), "field": field }))
+}
+
+fn refuse(status: StatusCode, field: Option<&str>, message: impl Into<String>) -> Refusal {
+    Box::new(error(status, field, message))
+}
+
+/// A service as `GET /services` shows it.
+#[derive(Debug, Serialize)]
+struct ServiceView {
+    name: String,
+    listen: Vec<String>,
+    backends: usize,
+    eligible: usize,
+    active_connections: i64,
+    strategy: String,
+    generation: u64,
+}
+
+fn service_view(service: &Service) -> ServiceView {
+    let context = service.context.load();
+    let pool = context.pool.load();
+    ServiceView {
+        name: service.name.clone(),
+        listen: service.local_addrs().iter().map(|a| a.to_string()).collect(),
+        backends: pool.len(),
+        eligible: pool.iter().filter(|b| b.state() == crate::backend::BackendState::Healthy).count(),
+        active_connections: context.metrics.active_connections.get(),
+        strategy: context.strategy.status().name,
+        generation: pool.generation(),
     }
-    match req.uri().path() {
-        "/metrics" => {
-            let pool = shared.pool.load();
-            shared.metrics.backends_cooling_down.set(pool.cooling_down() as i64);
-            respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.encode())
+}
+
+async fn route(req: Request<Incoming>, control: &Control) -> Reply {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let reading = method == Method::GET || method == Method::HEAD;
+    if !reading {
+        if let Err(refusal) = authorize(&req, control) {
+            return *refusal;
         }
-        "/backends" => {
-            let pool = shared.pool.load();
-            let views: Vec<BackendView> = pool.iter().map(|b| BackendView::from(b.as_ref())).collect();
-            json(&views)
+    }
+    match (reading, segments.as_slice()) {
+        (true, ["metrics"]) => {
+            for service in control.services.load().iter() {
+                let context = service.context.load();
+                context.metrics.backends_cooling_down.set(context.pool.load().cooling_down() as i64);
+            }
+            respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", control.metrics.encode())
         }
-        "/strategy" => json(&shared.strategy.status()),
-        "/healthz" => {
-            if shared.draining.load(Ordering::Relaxed) {
+        (true, ["healthz"]) => {
+            if control.draining.load(Ordering::Relaxed) {
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into())
             } else {
                 respond(StatusCode::OK, "text/plain", "ok\n".into())
             }
         }
-        _ => respond(
+        (true, ["services"]) => {
+            let views: Vec<ServiceView> = control.services.load().iter().map(|s| service_view(s)).collect();
+            json(&views)
+        }
+        (true, ["backends"]) => match control.default_service() {
+            Some(service) => json(&service.membership.views()),
+            None => no_default_service(),
+        },
+        (true, ["strategy"]) => match control.default_service() {
+            Some(service) => json(&service.context.load().strategy.status()),
+            None => no_default_service(),
+        },
+        (_, ["services", name, rest @ ..]) => {
+            let Some(service) = control.service(name) else {
+                return error(StatusCode::NOT_FOUND, Some("service"), format!("no service named {name:?}"));
+            };
+            service_route(req, &method, &service, rest).await
+        }
+        (true, _) => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /backends, /strategy, /healthz\n".into(),
+            "not found: try /metrics, /services, /services/{service}/backends, /backends, /strategy, /healthz\n".into(),
         ),
+        (false, _) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, None, format!("{method} {path} is not a write the API has"))
+        }
+    }
+}
+
+fn no_default_service() -> Reply {
+    error(
+        StatusCode::NOT_FOUND,
+        Some("service"),
+        "several services and none named default: use /services/{service}/...",
+    )
+}
+
+async fn service_route(req: Request<Incoming>, method: &Method, service: &Service, rest: &[&str]) -> Reply {
+    match (method.as_str(), rest) {
+        ("GET" | "HEAD", []) => json(&service_view(service)),
+        ("GET" | "HEAD", ["backends"]) => json(&service.membership.views()),
+        ("GET" | "HEAD", ["strategy"]) => json(&service.context.load().strategy.status()),
+        ("POST", ["backends"]) => {
+            let body = match read_json(req).await {
+                Ok(body) => body,
+                Err(reply) => return *reply,
+            };
+            if let Err(reply) = only_fields(&body, &["address", "weight"]) {
+                return *reply;
+            }
+            let address = match body.get("address") {
+                None => return error(StatusCode::BAD_REQUEST, Some("address"), "missing: give \"ip:port\""),
+                Some(value) => match parse_address(value) {
+                    Ok(address) => address,
+                    Err(reply) => return *reply,
+                },
+            };
+            let weight = match body.get("weight").map(parse_weight).transpose() {
+                Ok(weight) => weight.unwrap_or(1),
+                Err(reply) => return *reply,
+            };
+            match service.membership.add(address, weight) {
+                Ok(()) => json_with(StatusCode::CREATED, &json!({ "added": address.to_string(), "weight": weight })),
+                Err(e) => membership_error(e),
+            }
+        }
+        ("PATCH", ["backends", address]) => {
+            let address = match parse_address(&Value::String(percent_decode(address))) {
+                Ok(address) => address,
+                Err(reply) => return *reply,
+            };
+            let body = match read_json(req).await {
+                Ok(body) => body,
+                Err(reply) => return *reply,
+            };
+            if let Err(reply) = only_fields(&body, &["weight", "state"]) {
+                return *reply;
+            }
+            let weight = match body.get("weight").map(parse_weight).transpose() {
+                Ok(weight) => weight,
+                Err(reply) => return *reply,
+            };
+            let draining = match body.get("state") {
+                None => None,
+                Some(Value::String(s)) if s == "draining" => Some(true),
+                Some(Value::String(s)) if s == "ready" => Some(false),
+                Some(other) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        Some("state"),
+                        format!("{other} is not a state: use \"draining\" or \"ready\""),
+                    )
+                }
+            };
+            if weight.is_none() && draining.is_none() {
+                return error(StatusCode::BAD_REQUEST, None, "nothing to change: give weight or state");
+            }
+            match service.membership.patch(address, Override { weight, draining }) {
+                Ok(()) => json(&json!({ "changed": address.to_string() })),
+                Err(e) => membership_error(e),
+            }
+        }
+        ("DELETE", ["backends", address]) => {
+            let address = match parse_address(&Value::String(percent_decode(address))) {
+                Ok(address) => address,
+                Err(reply) => return *reply,
+            };
+            match service.membership.remove(address) {
+                Ok(()) => json_with(StatusCode::ACCEPTED, &json!({ "removing": address.to_string() })),
+                Err(e) => membership_error(e),
+            }
+        }
+        ("GET" | "HEAD", _) => error(StatusCode::NOT_FOUND, None, "not found"),
+        _ => error(StatusCode::METHOD_NOT_ALLOWED, None, format!("{method} is not allowed here")),
+    }
+}
+
+/// Writes need the bearer token when one is configured; without one, Harbor only starts
+/// with its admin listener on loopback, so the request comes from this machine.
+fn authorize(req: &Request<Incoming>, control: &Control) -> Result<(), Refusal> {
+    match control.admin_token() {
+        None if control.admin_is_loopback() => Ok(()),
+        None => {
+            Err(refuse(StatusCode::FORBIDDEN, None, "writes need --admin-token-file on a non-loopback admin address"))
+        }
+        Some(token) => {
+            let given = req
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+                Ok(())
+            } else {
+                let mut reply = error(
+                    StatusCode::UNAUTHORIZED,
+                    Some("authorization"),
+                    "a write needs Authorization: Bearer <token>",
+                );
+                if let Ok(value) = "Bearer".parse() {
+                    reply.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, value);
+                }
+                Err(Box::new(reply))
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads a JSON object body of at most [`MAX_BODY`] bytes.
+async fn read_json(req: Request<Incoming>) -> Result<serde_json::Map<String, Value>, Refusal> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return Err(refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                None,
+                format!("the body is over {MAX_BODY} bytes (or broken)"),
+            ))
+        }
+    };
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(refuse(StatusCode::BAD_REQUEST, None, "the body must be a JSON object")),
+        Err(e) => Err(refuse(StatusCode::BAD_REQUEST, None, format!("bad JSON: {e}"))),
+    }
+}
+
+fn only_fields(body: &serde_json::Map<String, Value>, allowed: &[&str]) -> Result<(), Refusal> {
+    match body.keys().find(|k| !allowed.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(key) => {
+            Err(refuse(StatusCode::BAD_REQUEST, Some(key), format!("unknown field: expected one of {allowed:?}")))
+        }
+    }
+}
+
+fn parse_address(value: &Value) -> Result<SocketAddr, Refusal> {
+    let bad = |why: String| refuse(StatusCode::BAD_REQUEST, Some("address"), why);
+    let Value::String(text) = value else { return Err(bad(format!("{value} is not a string \"ip:port\""))) };
+    match text.trim().parse::<SocketAddr>() {
+        Ok(address) if address.port() != 0 => Ok(address),
+        Ok(_) => Err(bad("port 0 is not a backend".into())),
+        Err(_) => Err(bad(format!("{text:?} is not an ip:port address"))),
+    }
+}
+
+fn parse_weight(value: &Value) -> Result<u32, Refusal> {
+    match value.as_u64() {
+        Some(w) if (1..=MAX_WEIGHT).contains(&w) => Ok(w as u32),
+        _ => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            Some("weight"),
+            format!("{value} is not a whole number from 1 to {MAX_WEIGHT}"),
+        )),
+    }
+}
+
+fn membership_error(e: MembershipError) -> Reply {
+    let status = match e {
+        MembershipError::Duplicate(_) => StatusCode::CONFLICT,
+        MembershipError::NotFound(_) => StatusCode::NOT_FOUND,
+        MembershipError::TooMany => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    error(status, Some("address"), e.to_string())
+}
+
+/// Decodes `%XX` escapes (an IPv6 address in a path arrives as `%5B::1%5D:80`).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            if let Some(byte) = text.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_escapes_decode() {
+        assert_eq!(percent_decode("%5B::1%5D:80"), "[::1]:80");
+        assert_eq!(percent_decode("127.0.0.1:80"), "127.0.0.1:80");
+        assert_eq!(percent_decode("%zz%5"), "%zz%5");
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"ab", b"abc"));
     }
 }

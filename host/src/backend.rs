@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::BackendConfig;
 use crate::metrics::{BackendMetrics, Metrics};
@@ -22,23 +23,71 @@ pub enum BackendState {
     Unhealthy = 3,
 }
 
-/// One backend server.
+/// Where a backend of a service came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The `backends` list of the configuration.
+    Static,
+    /// A DNS name of the configuration, resolved.
+    Dns,
+    /// Added through the admin API (until the next reload).
+    Api,
+}
+
+/// What a service's health check says about a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[repr(u8)]
+pub enum Health {
+    /// The service has no health check.
+    Unchecked = 0,
+    /// New, not yet probed successfully: takes no traffic.
+    Pending = 1,
+    /// Passing.
+    Passing = 2,
+    /// Failed `fall` probes in a row; takes no traffic until `rise` pass.
+    Failing = 3,
+}
+
+impl Health {
+    fn from_u8(v: u8) -> Health {
+        match v {
+            1 => Health::Pending,
+            2 => Health::Passing,
+            3 => Health::Failing,
+            _ => Health::Unchecked,
+        }
+    }
+
+    /// True if the check keeps the backend out of rotation.
+    pub fn blocks(self) -> bool {
+        matches!(self, Health::Pending | Health::Failing)
+    }
+}
+
+/// One backend server's live state. It follows the backend's address across every change of
+/// membership: a new pool holds the same `Arc`, so active connections, connect latency,
+/// failures and health are never reset by a change.
 #[derive(Debug)]
 pub struct Backend {
-    pub index: usize,
     pub address: SocketAddr,
-    pub weight: u32,
     /// Operator-set state: `Healthy`, `Draining` or `Unhealthy` (never `CoolingDown`).
     admin_state: AtomicU8,
+    health: AtomicU8,
     active: AtomicU32,
-    /// Milliseconds since the pool's clock start until which the backend cools down; 0 = none.
+    /// Milliseconds since the backend's clock start until which it cools down; 0 = none.
     cooldown_until_ms: AtomicU64,
     failures_in_row: AtomicU32,
     connect_latency_micros: AtomicU32,
     pub metrics: BackendMetrics,
     clock: Instant,
+    /// Cancelled when a removed backend's drain timeout passes, or Harbor's grace period
+    /// ends (a child of Harbor's token): its relays are cut.
+    pub cut: CancellationToken,
+    /// Cancelled when the backend has left its service for good: its probes stop.
+    pub retired: CancellationToken,
 }
-
 /// Keeps a backend's active-connection count raised while it lives, so the count can never
 /// be left behind or go negative, whatever happens to the connection or the pool.
 #[derive(Debug)]
@@ -60,11 +109,20 @@ impl Backend {
 
     /// The state used for eligibility right now.
     pub fn state(&self) -> BackendState {
-        let admin = match self.admin_state.load(Ordering::Relaxed) {
-            2 => BackendState::Draining,
-            3 => BackendState::Unhealthy,
-            _ => BackendState::Healthy,
-        };
+        let admin = self.admin_state();
+        if admin != BackendState::Healthy {
+            return admin;
+        }
+        if self.health().blocks() {
+            return BackendState::Unhealthy;
+        }
+        self.cooldown_state()
+    }
+
+    /// `CoolingDown` while a connect failure's cooldown runs, else `Healthy`: the state with
+    /// health checks ignored (`all_unhealthy = "ignore-checks"`).
+    pub fn cooldown_state(&self) -> BackendState {
+        let admin = self.admin_state();
         if admin != BackendState::Healthy {
             return admin;
         }
@@ -80,6 +138,30 @@ impl Backend {
     pub fn set_admin_state(&self, state: BackendState) {
         debug_assert!(state != BackendState::CoolingDown, "cooldown is derived from connect failures");
         self.admin_state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// The operator-set state.
+    pub fn admin_state(&self) -> BackendState {
+        match self.admin_state.load(Ordering::Relaxed) {
+            2 => BackendState::Draining,
+            3 => BackendState::Unhealthy,
+            _ => BackendState::Healthy,
+        }
+    }
+
+    /// What the health check says.
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Relaxed))
+    }
+
+    /// Records the health check's verdict; true if it changed.
+    pub fn set_health(&self, health: Health) -> bool {
+        let old = self.health.swap(health as u8, Ordering::Relaxed);
+        self.metrics.healthy.set(i64::from(!health.blocks()));
+        if old != health as u8 {
+            self.metrics.health_transitions.inc();
+        }
+        old != health as u8
     }
 
     /// Connections relayed to this backend right now.
@@ -126,53 +208,109 @@ impl Backend {
     }
 }
 
-/// The set of backends. Members are fixed for the pool's life; `generation` tells strategies
-/// when a new pool replaces an old one.
-#[derive(Debug)]
+impl Backend {
+    /// A new backend of `service`, with its metrics registered. With a health check it is
+    /// `Pending` until a probe passes.
+    pub fn new(
+        address: SocketAddr,
+        service: &str,
+        metrics: &Metrics,
+        checked: bool,
+        cut: &CancellationToken,
+    ) -> Arc<Backend> {
+        let backend = Backend {
+            address,
+            admin_state: AtomicU8::new(BackendState::Healthy as u8),
+            health: AtomicU8::new(if checked { Health::Pending } else { Health::Unchecked } as u8),
+            active: AtomicU32::new(0),
+            cooldown_until_ms: AtomicU64::new(0),
+            failures_in_row: AtomicU32::new(0),
+            connect_latency_micros: AtomicU32::new(0),
+            metrics: BackendMetrics::register(metrics, service, &address.to_string()),
+            clock: Instant::now(),
+            cut: cut.child_token(),
+            retired: CancellationToken::new(),
+        };
+        backend.metrics.healthy.set(i64::from(!checked));
+        Arc::new(backend)
+    }
+}
+
+/// A backend's place in one membership: the live state, and the static facts the strategy is
+/// told through `set-backends`.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub backend: Arc<Backend>,
+    pub weight: u32,
+    pub source: Source,
+    /// True while the backend is being removed: it takes no new connection, and leaves the
+    /// pool once its connections are done.
+    pub removing: bool,
+}
+
+/// One membership of a service, built whole and swapped in atomically; never mutated.
+/// A backend's index is its position here; `generation` grows with every new pool.
+#[derive(Debug, Default)]
 pub struct BackendPool {
-    backends: Vec<Arc<Backend>>,
+    members: Vec<Member>,
     generation: u64,
 }
 
 impl BackendPool {
+    pub fn from_members(members: Vec<Member>, generation: u64) -> Self {
+        BackendPool { members, generation }
+    }
+
+    /// A pool of new backends (tests and tools).
     pub fn new(configs: &[BackendConfig], metrics: &Metrics, generation: u64) -> Self {
-        let clock = Instant::now();
-        let backends = configs
+        let members = configs
             .iter()
-            .enumerate()
-            .map(|(index, c)| {
-                Arc::new(Backend {
-                    index,
-                    address: c.address,
-                    weight: c.weight.max(1),
-                    admin_state: AtomicU8::new(BackendState::Healthy as u8),
-                    active: AtomicU32::new(0),
-                    cooldown_until_ms: AtomicU64::new(0),
-                    failures_in_row: AtomicU32::new(0),
-                    connect_latency_micros: AtomicU32::new(0),
-                    metrics: BackendMetrics::register(metrics, &c.address.to_string()),
-                    clock,
-                })
+            .map(|c| Member {
+                backend: Backend::new(c.address, "default", metrics, false, &CancellationToken::new()),
+                weight: c.weight.max(1),
+                source: Source::Static,
+                removing: false,
             })
             .collect();
-        BackendPool { backends, generation }
+        BackendPool { members, generation }
     }
 
     pub fn generation(&self) -> u64 {
         self.generation
     }
 
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
     pub fn get(&self, index: usize) -> Option<&Arc<Backend>> {
-        self.backends.get(index)
+        self.members.get(index).map(|m| &m.backend)
+    }
+
+    pub fn member(&self, index: usize) -> Option<&Member> {
+        self.members.get(index)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Backend>> {
-        self.backends.iter()
+        self.members.iter().map(|m| &m.backend)
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// The member with this address.
+    pub fn find(&self, address: SocketAddr) -> Option<(usize, &Member)> {
+        self.members.iter().enumerate().find(|(_, m)| m.backend.address == address)
     }
 
     /// How many backends are cooling down now.
     pub fn cooling_down(&self) -> usize {
-        self.backends.iter().filter(|b| b.state() == BackendState::CoolingDown).count()
+        self.iter().filter(|b| b.state() == BackendState::CoolingDown).count()
     }
 }
 
@@ -182,7 +320,10 @@ pub struct BackendView {
     pub index: usize,
     pub address: String,
     pub weight: u32,
+    pub source: Source,
     pub state: BackendState,
+    pub health: Health,
+    pub removing: bool,
     pub active: u32,
     pub failures_in_row: u32,
     pub connect_latency_micros: u32,
@@ -190,13 +331,17 @@ pub struct BackendView {
     pub dial_failures: u64,
 }
 
-impl From<&Backend> for BackendView {
-    fn from(b: &Backend) -> Self {
+impl BackendView {
+    pub fn of(index: usize, m: &Member) -> Self {
+        let b = &m.backend;
         BackendView {
-            index: b.index,
+            index,
             address: b.address.to_string(),
-            weight: b.weight,
+            weight: m.weight,
+            source: m.source,
             state: b.state(),
+            health: b.health(),
+            removing: m.removing,
             active: b.active(),
             failures_in_row: b.failures_in_row(),
             connect_latency_micros: b.connect_latency_micros(),

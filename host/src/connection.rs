@@ -8,68 +8,76 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::accept::Admission;
+use crate::accept::Admitted;
 use crate::connect::connect;
 use crate::relay::{relay, RelayEnd};
-use crate::server::Shared;
+use crate::service::ServiceContext;
 use crate::strategy::bindings::ConnectionOutcome;
 use crate::strategy::{failed_outcome, micros, millis, PickRequest};
 
 /// Serves one accepted client. The admission holds its places under the caps until the end.
-pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>, admission: Admission) {
-    let span = tracing::info_span!("conn", client = %peer, backend = tracing::field::Empty);
+pub async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<ServiceContext>, admission: Admitted) {
+    let span = tracing::info_span!("conn", service = %service.name, client = %peer, backend = tracing::field::Empty);
     async move {
-        shared.metrics.active_connections.inc();
-        proxy(client, peer, &shared).await;
-        shared.metrics.active_connections.dec();
+        service.metrics.active_connections.inc();
+        proxy(client, peer, &service).await;
+        service.metrics.active_connections.dec();
         drop(admission);
     }
     .instrument(span)
     .await
 }
 
-async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
-    if let Err(e) = shared.socket_options.apply_to_client(&client) {
+async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext) {
+    let limits = &service.limits;
+    let metrics = &service.metrics;
+    if let Err(e) = limits.socket.apply_to_client(&client) {
         tracing::debug!("client socket options: {e}");
     }
     // Clock reads are shared between measurements: each phase ends where the next begins.
     let started = Instant::now();
     let mut phase_start = started;
-    let config = &shared.config;
-    let pool = shared.pool.load();
+    // The membership of the moment: indices stay valid for this connection's attempts even if
+    // a change swaps in a new pool meanwhile.
+    let pool = service.pool.load_full();
     let mut excluded: Vec<usize> = Vec::new(); // allocates only if a connect fails
-    for attempt in 0..config.connect_attempts {
-        // Scoped so the request is not kept in the connection's state across the awaits below.
-        let pick = shared.strategy.pick(&PickRequest { pool: &pool, client: peer, attempt, excluded: &excluded });
+    for attempt in 0..limits.connect_attempts {
+        let pick = service.strategy.pick(&PickRequest {
+            pool: &pool,
+            client: peer,
+            attempt,
+            excluded: &excluded,
+            ignore_checks_when_all_fail: limits.ignore_checks_when_all_fail,
+        });
         let dial_started = Instant::now();
-        shared.metrics.pick_duration.observe((dial_started - phase_start).as_secs_f64());
-        let Some(backend) = pick.index.and_then(|i| pool.get(i)) else {
-            shared.metrics.no_backend.inc();
-            if shared.hot_path_log.allow() {
+        metrics.pick_duration.observe((dial_started - phase_start).as_secs_f64());
+        let Some((index, backend)) = pick.index.and_then(|i| Some((i, pool.get(i)?))) else {
+            metrics.no_backend.inc();
+            if service.hot_path_log.allow() {
                 tracing::warn!(attempt, "no eligible backend: closing the client");
             }
             return;
         };
-        debug_assert!(!excluded.contains(&backend.index), "a backend already tried was picked again");
+        debug_assert!(!excluded.contains(&index), "a backend already tried was picked again");
         tracing::Span::current().record("backend", tracing::field::display(backend.address));
         backend.metrics.picks.inc();
-        shared.metrics.dials.inc();
-        match connect(backend.address, config.connect_timeout, &shared.socket_options).await {
+        metrics.dials.inc();
+        match connect(backend.address, limits.connect_timeout, &limits.socket).await {
             Ok(stream) => {
                 let relay_started = Instant::now();
                 let connect_time = relay_started - dial_started;
                 backend.record_connect_success(connect_time);
                 let _active = backend.track_active();
-                let stats = relay(client, stream, relay_started.into(), &shared.relay_limits, &shared.cut).await;
+                let stats = relay(client, stream, relay_started.into(), &limits.relay, &backend.cut).await;
                 let ended = Instant::now();
                 backend.metrics.bytes_to_backend.inc_by(stats.to_backend);
                 backend.metrics.bytes_to_client.inc_by(stats.to_client);
                 if stats.spliced > 0 {
-                    shared.metrics.spliced_directions.inc_by(u64::from(stats.spliced));
+                    metrics.spliced_directions.inc_by(u64::from(stats.spliced));
                 }
                 let lifetime = ended - started;
-                shared.metrics.connection_duration.observe(lifetime.as_secs_f64());
-                shared.metrics.relay_ended(stats.end);
+                metrics.connection_duration.observe(lifetime.as_secs_f64());
+                metrics.relay_ended(stats.end);
                 match stats.end {
                     RelayEnd::Completed => {}
                     RelayEnd::Reset | RelayEnd::Error(_) => {
@@ -77,11 +85,11 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
                     }
                     end => tracing::debug!(?end, "relay ended by a deadline"),
                 }
-                shared.strategy.report(
+                service.strategy.report(
                     &pick,
                     ConnectionOutcome {
                         sequence: pick.sequence,
-                        backend: backend.index as u32,
+                        backend: index as u32,
                         connected: true,
                         connect_micros: micros(connect_time),
                         duration_millis: millis(ended - relay_started),
@@ -94,27 +102,27 @@ async fn proxy(client: TcpStream, peer: SocketAddr, shared: &Shared) {
             Err(error) if error.is_local() => {
                 // Out of descriptors or memory here: the backend is not at fault, and another
                 // backend would fail the same way. Close this client; accepting backs off.
-                shared.metrics.dial_failures.inc();
-                if shared.hot_path_log.allow() {
+                metrics.dial_failures.inc();
+                if service.hot_path_log.allow() {
                     tracing::warn!(backend = %backend.address, "{error}: local resources exhausted, closing the client");
                 }
                 break;
             }
             Err(error) => {
-                let cooldown = backend.record_connect_failure(config.cooldown, config.max_cooldown);
-                shared.metrics.dial_failures.inc();
+                let cooldown = backend.record_connect_failure(limits.cooldown, limits.max_cooldown);
+                metrics.dial_failures.inc();
                 phase_start = Instant::now();
-                shared.strategy.report(&pick, failed_outcome(&pick, backend.index, phase_start - dial_started));
-                if shared.hot_path_log.allow() {
+                service.strategy.report(&pick, failed_outcome(&pick, index, phase_start - dial_started));
+                if service.hot_path_log.allow() {
                     tracing::warn!(backend = %backend.address, ?cooldown, attempt, "{error}; backend cools down");
                 }
-                excluded.push(backend.index);
-                if attempt + 1 < config.connect_attempts {
-                    shared.metrics.retries.inc();
+                excluded.push(index);
+                if attempt + 1 < limits.connect_attempts {
+                    metrics.retries.inc();
                 }
             }
         }
     }
     // Every attempt failed: the client gets nothing but a close.
-    shared.metrics.no_backend.inc();
+    metrics.no_backend.inc();
 }

@@ -1,11 +1,14 @@
 //! Harbor: an L4 (TCP) load balancer whose backend choice is made by a sandboxed,
 //! hot-swappable WebAssembly component.
 //!
-//! The path of one connection, by file: `accept.rs` (accept loop, connection cap) →
+//! The path of one connection, by file: `service.rs` (a service's listeners and the context
+//! its connections get) → `accept.rs` (accept loop, connection caps) →
 //! `connection.rs` (one client, start to end) → `strategy/` (which backend?) → `connect.rs`
 //! (dial under a timeout; retries and cooldown in `connection.rs` and `backend.rs`) →
 //! `relay.rs` (bytes both ways, half-close, deadlines; `splice.rs` for bulk) → back in `connection.rs` to count and
-//! report. `server.rs` ties it together and drains on shutdown.
+//! report. Beside it: `membership.rs` (which backends a service has, drains),
+//! `health.rs` (active checks), `admin.rs` (the admin API), `config/` (every setting, once);
+//! `server.rs` ties it together, applies reloads and drains on shutdown.
 
 pub mod accept;
 pub mod admin;
@@ -14,10 +17,14 @@ pub mod config;
 pub mod connect;
 pub mod connection;
 pub mod echo;
+pub mod health;
 pub mod logging;
+pub mod membership;
 pub mod metrics;
 pub mod relay;
+pub mod reload;
 pub mod server;
+pub mod service;
 pub mod source_limit;
 #[cfg(target_os = "linux")]
 pub mod splice;

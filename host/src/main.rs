@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+mod harbor_ctl;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -29,6 +32,8 @@ enum Command {
     Check(Box<RunArgs>),
     /// Run a tiny echo server, a stand-in backend for demos and tests.
     Echo(EchoArgs),
+    /// Look at and change a running Harbor through its admin API.
+    Ctl(CtlArgs),
     /// Tools for strategy authors: check a component, simulate it offline.
     Strategy {
         #[command(subcommand)]
@@ -79,6 +84,44 @@ enum StrategyCommand {
 }
 
 #[derive(Args)]
+struct CtlArgs {
+    /// The admin address of the running Harbor.
+    #[arg(long, env = "HARBOR_ADMIN", default_value = "127.0.0.1:9100")]
+    admin: String,
+    /// File holding the admin token (sent as a bearer token).
+    #[arg(long, env = "HARBOR_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// List the services.
+    Services,
+    /// List a service's backends (every service's without one).
+    Backends { service: Option<String> },
+    /// Add a backend to a service.
+    Add {
+        service: String,
+        address: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Change a backend's weight.
+    Weight { service: String, address: String, weight: u32 },
+    /// Stop sending new connections to a backend (it stays, draining).
+    Drain { service: String, address: String },
+    /// Send new connections to a drained backend again.
+    Ready { service: String, address: String },
+    /// Drain a backend, then remove it.
+    Remove { service: String, address: String },
+}
+
+#[derive(Args)]
 struct EchoArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:9001")]
@@ -113,9 +156,10 @@ fn main() -> ExitCode {
             Err(e) => config_error(&e),
         },
         Some(Command::Echo(args)) => finish(run_echo(args)),
+        Some(Command::Ctl(args)) => harbor_ctl::run(args),
         Some(Command::Strategy { command }) => strategy_tool(command),
         None => match Config::resolve(&cli.run, &env) {
-            Ok(config) => finish(run(config)),
+            Ok(config) => finish(run(config, cli.run)),
             Err(e) => config_error(&e),
         },
     }
@@ -148,7 +192,7 @@ fn raise_fd_limit() {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     harbor::logging::init(config.log_format, &config.log_level);
     raise_fd_limit();
     // One worker: a current-thread runtime saves the cross-thread wake-ups of the
@@ -161,6 +205,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         b
     };
     let runtime = builder.enable_all().build().context("starting the async runtime")?;
+    let (watch_config, config_file) = (config.watch_config, config.config_file.clone());
     runtime.block_on(async move {
         let harbor = match Harbor::bind(config).await {
             Ok(h) => h,
@@ -170,8 +215,21 @@ fn run(config: Config) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e).context("starting"),
         };
+        let control = harbor.control();
+        // A reload reads the same flags, environment and file again.
+        control.set_config_source(Box::new(move || {
+            let env = |name: &str| std::env::var(name).ok();
+            Config::resolve(&args, &env)
+        }));
+        if let (true, Some(file)) = (watch_config, config_file) {
+            match harbor::reload::watch_config_file(Arc::clone(&control), file.clone()) {
+                Ok(()) => tracing::info!(file = %file.display(), "reloading when the config file changes"),
+                Err(e) => tracing::error!(file = %file.display(), "cannot watch the config file: {e}"),
+            }
+        }
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_signals(shutdown.clone()));
+        tokio::spawn(reload_on_hangup(control));
         let report = harbor.run(shutdown).await?;
         if report.cut_connections > 0 {
             tracing::warn!(
@@ -181,6 +239,19 @@ fn run(config: Config) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// SIGHUP reloads the configuration; a bad one changes nothing.
+async fn reload_on_hangup(control: Arc<harbor::server::Control>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler: reloads are off");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        let _ = control.reload().await;
+    }
 }
 
 /// First SIGINT/SIGTERM starts a graceful drain; a second one exits at once.

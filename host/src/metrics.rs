@@ -10,9 +10,16 @@ use prometheus_client::registry::Registry;
 
 use crate::relay::RelayEnd;
 
+/// Labels of per-service series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: String,
+}
+
 /// Labels of per-backend series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabel {
+    pub service: String,
     pub backend: String,
 }
 
@@ -25,8 +32,30 @@ pub mod direction {
 /// Labels of per-backend byte counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabel {
+    pub service: String,
     pub backend: String,
     pub direction: &'static str,
+}
+
+/// Labels of health probe results.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabel {
+    pub service: String,
+    pub backend: String,
+    pub result: &'static str,
+}
+
+/// Labels of membership changes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabel {
+    pub service: String,
+    pub change: &'static str,
+}
+
+/// Labels of whole-configuration reloads.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
 }
 
 /// Why the strategy's answer was not used.
@@ -72,16 +101,19 @@ pub enum Rejection {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectionLabel {
+    pub service: String,
     pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayEndLabel {
+    pub service: String,
     pub end: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FallbackLabel {
+    pub service: String,
     pub reason: &'static str,
 }
 
@@ -107,35 +139,59 @@ impl ReloadOutcome {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabel {
+    pub service: String,
     pub outcome: &'static str,
 }
 
-/// Every metric Harbor exports.
+type HistogramFamily = Family<ServiceLabel, Histogram, fn() -> Histogram>;
+
+fn connection_duration_histogram() -> Histogram {
+    // 100 µs .. ~400 s
+    Histogram::new(exponential_buckets(0.0001, 4.0, 12))
+}
+
+fn pick_duration_histogram() -> Histogram {
+    // 250 ns .. ~4 ms
+    Histogram::new(exponential_buckets(0.000_000_25, 2.0, 15))
+}
+
+fn probe_duration_histogram() -> Histogram {
+    // 50 µs .. ~13 s
+    Histogram::new(exponential_buckets(0.00005, 4.0, 10))
+}
+
+/// The registry and every metric family Harbor exports. Connections never look a label set
+/// up: each service resolves its handles once ([`Metrics::service`]), each backend its own
+/// ([`BackendMetrics::register`]).
 pub struct Metrics {
     pub registry: Registry,
-    pub accepts: Counter,
-    pub accept_errors: Counter,
-    pub capacity_drops: Counter,
+    accepts: Family<ServiceLabel, Counter>,
+    accept_errors: Family<ServiceLabel, Counter>,
+    capacity_drops: Family<ServiceLabel, Counter>,
     pub admin_connection_drops: Counter,
-    pub active_connections: Gauge,
-    pub dials: Counter,
-    pub dial_failures: Counter,
-    pub retries: Counter,
-    pub no_backend: Counter,
-    pub spliced_directions: Counter,
-    /// Clients closed at accept, indexed by [`Rejection`].
-    pub rejections: Vec<Counter>,
-    /// Relays by how they ended, indexed by [`crate::relay::RelayEnd::ordinal`].
-    pub relay_ends: Vec<Counter>,
-    pub backends_cooling_down: Gauge,
-    pub backend_picks: Family<BackendLabel, Counter>,
-    pub backend_dial_failures: Family<BackendLabel, Counter>,
-    pub backend_active: Family<BackendLabel, Gauge>,
-    pub backend_bytes: Family<BytesLabel, Counter>,
-    pub connection_duration: Histogram,
-    pub pick_duration: Histogram,
-    pub strategy_fallbacks: Family<FallbackLabel, Counter>,
-    pub strategy_reloads: Family<ReloadLabel, Counter>,
+    active_connections: Family<ServiceLabel, Gauge>,
+    dials: Family<ServiceLabel, Counter>,
+    dial_failures: Family<ServiceLabel, Counter>,
+    retries: Family<ServiceLabel, Counter>,
+    no_backend: Family<ServiceLabel, Counter>,
+    spliced_directions: Family<ServiceLabel, Counter>,
+    rejections: Family<RejectionLabel, Counter>,
+    relay_ends: Family<RelayEndLabel, Counter>,
+    backends_cooling_down: Family<ServiceLabel, Gauge>,
+    backend_picks: Family<BackendLabel, Counter>,
+    backend_dial_failures: Family<BackendLabel, Counter>,
+    backend_active: Family<BackendLabel, Gauge>,
+    backend_bytes: Family<BytesLabel, Counter>,
+    backend_healthy: Family<BackendLabel, Gauge>,
+    health_transitions: Family<BackendLabel, Counter>,
+    probes: Family<ProbeLabel, Counter>,
+    probe_duration: Family<BackendLabel, Histogram, fn() -> Histogram>,
+    membership_changes: Family<ChangeLabel, Counter>,
+    connection_duration: HistogramFamily,
+    pick_duration: HistogramFamily,
+    strategy_fallbacks: Family<FallbackLabel, Counter>,
+    strategy_reloads: Family<ReloadLabel, Counter>,
+    config_reloads: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -148,29 +204,33 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("harbor");
         let m = Metrics {
-            accepts: Counter::default(),
-            accept_errors: Counter::default(),
-            capacity_drops: Counter::default(),
+            accepts: Family::default(),
+            accept_errors: Family::default(),
+            capacity_drops: Family::default(),
             admin_connection_drops: Counter::default(),
-            active_connections: Gauge::default(),
-            dials: Counter::default(),
-            dial_failures: Counter::default(),
-            retries: Counter::default(),
-            no_backend: Counter::default(),
-            spliced_directions: Counter::default(),
-            relay_ends: Vec::new(),
-            rejections: Vec::new(),
-            backends_cooling_down: Gauge::default(),
+            active_connections: Family::default(),
+            dials: Family::default(),
+            dial_failures: Family::default(),
+            retries: Family::default(),
+            no_backend: Family::default(),
+            spliced_directions: Family::default(),
+            rejections: Family::default(),
+            relay_ends: Family::default(),
+            backends_cooling_down: Family::default(),
             backend_picks: Family::default(),
             backend_dial_failures: Family::default(),
             backend_active: Family::default(),
             backend_bytes: Family::default(),
-            // 100 µs .. ~400 s
-            connection_duration: Histogram::new(exponential_buckets(0.0001, 4.0, 12)),
-            // 250 ns .. ~4 ms
-            pick_duration: Histogram::new(exponential_buckets(0.000_000_25, 2.0, 15)),
+            backend_healthy: Family::default(),
+            health_transitions: Family::default(),
+            probes: Family::default(),
+            probe_duration: Family::new_with_constructor(probe_duration_histogram),
+            membership_changes: Family::default(),
+            connection_duration: Family::new_with_constructor(connection_duration_histogram),
+            pick_duration: Family::new_with_constructor(pick_duration_histogram),
             strategy_fallbacks: Family::default(),
             strategy_reloads: Family::default(),
+            config_reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -197,24 +257,16 @@ impl Metrics {
             "Relay directions that carried a bulk transfer zero-copy (splice through a pipe)",
             m.spliced_directions.clone(),
         );
-        let relay_ends: Family<RelayEndLabel, Counter> = Family::default();
         registry.register(
             "relay_ends",
             "Relayed connections by how they ended (a reset on one side is passed on as a reset)",
-            relay_ends.clone(),
+            m.relay_ends.clone(),
         );
-        let relay_end_handles =
-            RelayEnd::LABELS.iter().map(|end| relay_ends.get_or_create(&RelayEndLabel { end }).clone()).collect();
-        let rejections: Family<RejectionLabel, Counter> = Family::default();
         registry.register(
             "rejected_connections",
             "Clients closed at accept, by reason (max_connections, per_source)",
-            rejections.clone(),
+            m.rejections.clone(),
         );
-        let rejection_handles = ["max_connections", "per_source"]
-            .iter()
-            .map(|reason| rejections.get_or_create(&RejectionLabel { reason }).clone())
-            .collect();
         registry.register("retries", "Connect attempts retried on another backend", m.retries.clone());
         registry.register(
             "no_backend",
@@ -235,6 +287,23 @@ impl Metrics {
         );
         registry.register("backend_bytes", "Bytes relayed per backend and direction", m.backend_bytes.clone());
         registry.register(
+            "backend_healthy",
+            "1 if the backend passes its health check (or the service has none), 0 if not",
+            m.backend_healthy.clone(),
+        );
+        registry.register(
+            "backend_health_transitions",
+            "Times a backend's health check state flipped",
+            m.health_transitions.clone(),
+        );
+        registry.register("health_probes", "Health probes by result (ok, failed)", m.probes.clone());
+        registry.register("health_probe_duration_seconds", "Time a health probe took", m.probe_duration.clone());
+        registry.register(
+            "backend_membership_changes",
+            "Backends added, drained, removed, or refused as a duplicate listing",
+            m.membership_changes.clone(),
+        );
+        registry.register(
             "connection_duration_seconds",
             "Lifetime of relayed connections",
             m.connection_duration.clone(),
@@ -250,9 +319,134 @@ impl Metrics {
             m.strategy_fallbacks.clone(),
         );
         registry.register("strategy_reloads", "Strategy loads by outcome", m.strategy_reloads.clone());
-        Metrics { registry, relay_ends: relay_end_handles, rejections: rejection_handles, ..m }
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by outcome (applied, rejected)",
+            m.config_reloads.clone(),
+        );
+        Metrics { registry, ..m }
     }
 
+    /// Resolves one service's handles, once.
+    pub fn service(&self, name: &str) -> ServiceMetrics {
+        let label = ServiceLabel { service: name.to_string() };
+        // One statement per lookup: a Family's read guard must be dropped before the next
+        // lookup in the same family may take its write lock.
+        let relay_ends = RelayEnd::LABELS
+            .iter()
+            .map(|end| self.relay_ends.get_or_create(&RelayEndLabel { service: name.to_string(), end }).clone())
+            .collect();
+        let rejections = ["max_connections", "per_source"]
+            .iter()
+            .map(|reason| self.rejections.get_or_create(&RejectionLabel { service: name.to_string(), reason }).clone())
+            .collect();
+        ServiceMetrics {
+            name: name.to_string(),
+            accepts: self.accepts.get_or_create(&label).clone(),
+            accept_errors: self.accept_errors.get_or_create(&label).clone(),
+            capacity_drops: self.capacity_drops.get_or_create(&label).clone(),
+            active_connections: self.active_connections.get_or_create(&label).clone(),
+            dials: self.dials.get_or_create(&label).clone(),
+            dial_failures: self.dial_failures.get_or_create(&label).clone(),
+            retries: self.retries.get_or_create(&label).clone(),
+            no_backend: self.no_backend.get_or_create(&label).clone(),
+            spliced_directions: self.spliced_directions.get_or_create(&label).clone(),
+            backends_cooling_down: self.backends_cooling_down.get_or_create(&label).clone(),
+            connection_duration: self.connection_duration.get_or_create(&label).clone(),
+            pick_duration: self.pick_duration.get_or_create(&label).clone(),
+            rejections,
+            relay_ends,
+        }
+    }
+
+    /// Counts a strategy fallback.
+    pub fn fallback(&self, service: &str, reason: FallbackReason) {
+        self.strategy_fallbacks
+            .get_or_create(&FallbackLabel { service: service.to_string(), reason: reason.as_str() })
+            .inc();
+    }
+
+    /// Counts a strategy load outcome.
+    pub fn reload(&self, service: &str, outcome: ReloadOutcome) {
+        self.strategy_reloads
+            .get_or_create(&ReloadLabel { service: service.to_string(), outcome: outcome.as_str() })
+            .inc();
+    }
+
+    /// Counts a configuration reload (`applied` or `rejected`).
+    pub fn config_reload(&self, outcome: &'static str) {
+        self.config_reloads.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Counts a membership change of a service.
+    pub fn membership_change(&self, service: &str, change: &'static str) {
+        self.membership_changes.get_or_create(&ChangeLabel { service: service.to_string(), change }).inc();
+    }
+
+    /// Resolves one backend's probe handles, once per probe task.
+    pub fn probe_handles(&self, service: &str, backend: &str) -> ProbeMetrics {
+        let result = |result| ProbeLabel { service: service.to_string(), backend: backend.to_string(), result };
+        let ok = self.probes.get_or_create(&result("ok")).clone();
+        let failed = self.probes.get_or_create(&result("failed")).clone();
+        let label = BackendLabel { service: service.to_string(), backend: backend.to_string() };
+        let duration = self.probe_duration.get_or_create(&label).clone();
+        ProbeMetrics { ok, failed, duration }
+    }
+
+    /// Drops every series of a backend that left its service, so `/metrics` no longer shows it.
+    pub fn remove_backend(&self, service: &str, backend: &str) {
+        let label = BackendLabel { service: service.to_string(), backend: backend.to_string() };
+        self.backend_picks.remove(&label);
+        self.backend_dial_failures.remove(&label);
+        self.backend_active.remove(&label);
+        self.backend_healthy.remove(&label);
+        self.health_transitions.remove(&label);
+        self.probe_duration.remove(&label);
+        for direction in [direction::TO_BACKEND, direction::TO_CLIENT] {
+            self.backend_bytes.remove(&BytesLabel {
+                service: service.to_string(),
+                backend: backend.to_string(),
+                direction,
+            });
+        }
+        for result in ["ok", "failed"] {
+            self.probes.remove(&ProbeLabel { service: service.to_string(), backend: backend.to_string(), result });
+        }
+    }
+
+    /// Renders the registry in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// One service's handles, resolved once, so a connection bumps counters without a lookup.
+#[derive(Debug, Clone)]
+pub struct ServiceMetrics {
+    pub name: String,
+    pub accepts: Counter,
+    pub accept_errors: Counter,
+    pub capacity_drops: Counter,
+    pub active_connections: Gauge,
+    pub dials: Counter,
+    pub dial_failures: Counter,
+    pub retries: Counter,
+    pub no_backend: Counter,
+    pub spliced_directions: Counter,
+    pub backends_cooling_down: Gauge,
+    pub connection_duration: Histogram,
+    pub pick_duration: Histogram,
+    /// Clients closed at accept, indexed by [`Rejection`].
+    rejections: Vec<Counter>,
+    /// Relays by how they ended, indexed by [`crate::relay::RelayEnd::ordinal`].
+    relay_ends: Vec<Counter>,
+}
+
+impl ServiceMetrics {
     /// Counts a client closed at accept.
     pub fn rejected(&self, why: Rejection) {
         if let Some(counter) = self.rejections.get(why as usize) {
@@ -266,24 +460,20 @@ impl Metrics {
             counter.inc();
         }
     }
+}
 
-    /// Counts a strategy fallback.
-    pub fn fallback(&self, reason: FallbackReason) {
-        self.strategy_fallbacks.get_or_create(&FallbackLabel { reason: reason.as_str() }).inc();
-    }
+/// One backend's health probe handles.
+#[derive(Debug, Clone)]
+pub struct ProbeMetrics {
+    pub ok: Counter,
+    pub failed: Counter,
+    pub duration: Histogram,
+}
 
-    /// Counts a strategy load outcome.
-    pub fn reload(&self, outcome: ReloadOutcome) {
-        self.strategy_reloads.get_or_create(&ReloadLabel { outcome: outcome.as_str() }).inc();
-    }
-
-    /// Renders the registry in the Prometheus text format.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+impl ProbeMetrics {
+    pub fn record(&self, ok: bool, took: std::time::Duration) {
+        if ok { &self.ok } else { &self.failed }.inc();
+        self.duration.observe(took.as_secs_f64());
     }
 }
 
@@ -295,20 +485,26 @@ pub struct BackendMetrics {
     pub active: Gauge,
     pub bytes_to_backend: Counter,
     pub bytes_to_client: Counter,
+    pub healthy: Gauge,
+    pub health_transitions: Counter,
 }
 
 impl BackendMetrics {
-    /// Resolves the label sets of one backend once.
-    pub fn register(metrics: &Metrics, backend: &str) -> Self {
-        let label = BackendLabel { backend: backend.to_string() };
-        let bytes = |direction: &'static str| BytesLabel { backend: backend.to_string(), direction };
-        // One statement per lookup: a Family's read guard must be dropped before the next
-        // lookup in the same family may take its write lock.
+    /// Resolves the label sets of one backend of a service once.
+    pub fn register(metrics: &Metrics, service: &str, backend: &str) -> Self {
+        let label = BackendLabel { service: service.to_string(), backend: backend.to_string() };
+        let bytes = |direction: &'static str| BytesLabel {
+            service: service.to_string(),
+            backend: backend.to_string(),
+            direction,
+        };
         let picks = metrics.backend_picks.get_or_create(&label).clone();
         let dial_failures = metrics.backend_dial_failures.get_or_create(&label).clone();
         let active = metrics.backend_active.get_or_create(&label).clone();
         let bytes_to_backend = metrics.backend_bytes.get_or_create(&bytes(direction::TO_BACKEND)).clone();
         let bytes_to_client = metrics.backend_bytes.get_or_create(&bytes(direction::TO_CLIENT)).clone();
-        BackendMetrics { picks, dial_failures, active, bytes_to_backend, bytes_to_client }
+        let healthy = metrics.backend_healthy.get_or_create(&label).clone();
+        let health_transitions = metrics.health_transitions.get_or_create(&label).clone();
+        BackendMetrics { picks, dial_failures, active, bytes_to_backend, bytes_to_client, healthy, health_transitions }
     }
 }

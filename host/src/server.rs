@@ -1,9 +1,10 @@
-//! A whole Harbor: binds the listeners, loads the strategy, runs the accept loop, the admin
-//! server and the watcher, and drains on shutdown within the grace period.
+//! A whole Harbor: binds every service's listeners, loads their strategies, runs the accept
+//! loops, the admin server and the watchers, applies configuration reloads as a difference,
+//! and drains on shutdown within the grace period.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -11,19 +12,17 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::accept::accept_loop;
 use crate::admin;
 use crate::backend::BackendPool;
-use crate::config::Config;
-use crate::connect::SocketOptions;
+use crate::config::{Config, ConfigError, ServiceConfig, DEFAULT_SERVICE};
 use crate::logging::RateLimitedLog;
+use crate::membership::Membership;
 use crate::metrics::Metrics;
-use crate::relay::RelayLimits;
-use crate::source_limit::SourceLimiter;
+use crate::service::{ConnectionLimits, Service, ServiceContext};
 use crate::strategy::watch::{spawn_watcher, WatchError, WatchTarget};
 use crate::strategy::{GuestLimits, StrategyError, StrategyHost};
 
-/// Why Harbor could not start or had to stop.
+/// Why Harbor could not start, could not apply a reload, or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum HarborError {
     #[error("cannot listen on {addr}: {error}")]
@@ -36,23 +35,10 @@ pub enum HarborError {
     Engine(StrategyError),
     #[error("accepting connections failed: {0}")]
     Accept(std::io::Error),
-}
-
-/// State every connection task shares.
-pub struct Shared {
-    pub config: Config,
-    pub pool: ArcSwap<BackendPool>,
-    pub strategy: Arc<StrategyHost>,
-    pub metrics: Arc<Metrics>,
-    pub socket_options: SocketOptions,
-    pub relay_limits: RelayLimits,
-    /// Cancelled when the grace period ends: relays still running are cut.
-    pub cut: CancellationToken,
-    /// True once shutdown has begun (`/healthz` answers 503).
-    pub draining: AtomicBool,
-    pub hot_path_log: RateLimitedLog,
-    /// The per-source cap, if one is set.
-    pub source_limiter: Option<Arc<SourceLimiter>>,
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("Harbor is draining")]
+    Draining,
 }
 
 /// How a run ended.
@@ -62,82 +48,394 @@ pub struct DrainReport {
     pub cut_connections: usize,
 }
 
-/// A bound, ready Harbor.
-pub struct Harbor {
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    admin: Option<TcpListener>,
-    /// Stops the admin server and the watcher once draining is over.
-    background: CancellationToken,
-    watcher: Option<tokio::task::JoinHandle<()>>,
+/// Reads the configuration again, for a reload (SIGHUP, `watch_config`, tests).
+pub type ConfigSource = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
 }
 
-impl Harbor {
-    /// Binds the listeners and loads the strategy (if any). Nothing is accepted until `run`.
-    pub async fn bind(config: Config) -> Result<Harbor, HarborError> {
-        let metrics = Arc::new(Metrics::new());
-        let limits = GuestLimits {
-            call_timeout: config.strategy_timeout,
-            memory_bytes: config.strategy_memory_bytes,
-            ready_instances: config.workers,
+/// The state the admin server and reloads work on. Connections never see it: each gets its
+/// service's [`ServiceContext`].
+pub struct Control {
+    pub services: ArcSwap<Vec<Arc<Service>>>,
+    pub metrics: Arc<Metrics>,
+    /// Every connection of every service, for the drain.
+    tracker: TaskTracker,
+    /// Cancelled when the grace period ends: every relay still running is cut.
+    cut: CancellationToken,
+    /// True once shutdown has begun (`/healthz` answers 503).
+    pub draining: AtomicBool,
+    /// Stops the admin server, watchers, probes and reapers once draining is over.
+    background: CancellationToken,
+    config: Mutex<Config>,
+    source: Mutex<Option<Arc<ConfigSource>>>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Control {
+    /// The service named `name`.
+    pub fn service(&self, name: &str) -> Option<Arc<Service>> {
+        self.services.load().iter().find(|s| s.name == name).cloned()
+    }
+
+    /// The service the single-service endpoints (`/backends`, `/strategy`) show: `default`,
+    /// or the only one.
+    pub fn default_service(&self) -> Option<Arc<Service>> {
+        let services = self.services.load();
+        services.iter().find(|s| s.name == DEFAULT_SERVICE).cloned().or_else(|| match services.as_slice() {
+            [only] => Some(Arc::clone(only)),
+            _ => None,
+        })
+    }
+
+    /// Cancelled once draining is over: background work stops.
+    pub fn background_token(&self) -> CancellationToken {
+        self.background.clone()
+    }
+
+    /// The bearer token admin writes need, if one is configured.
+    pub fn admin_token(&self) -> Option<String> {
+        self.lock_config().admin_token.clone()
+    }
+
+    /// True if the admin listener is on a loopback address.
+    pub fn admin_is_loopback(&self) -> bool {
+        self.lock_config().admin.is_none_or(|a| a.ip().is_loopback())
+    }
+
+    fn lock_config(&self) -> std::sync::MutexGuard<'_, Config> {
+        match self.config.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Sets where reloads read the configuration from.
+    pub fn set_config_source(&self, source: ConfigSource) {
+        *match self.source.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        } = Some(Arc::new(source));
+    }
+
+    /// Reads the configuration again and applies it. A bad file, or one that cannot be
+    /// applied (a listen address taken, a strategy that does not load), changes nothing: it
+    /// is logged, counted as rejected, and the running configuration stays.
+    pub async fn reload(&self) -> Result<ReloadReport, HarborError> {
+        let source = match self.source.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         };
-        let strategy = Arc::new(
-            StrategyHost::new(limits, config.strategy_config.clone(), Arc::clone(&metrics))
-                .map_err(HarborError::Engine)?,
-        );
-        if let Some(path) = &config.strategy {
-            // Named by the operator: it must load.
-            strategy
-                .load_file(path)
-                .await
-                .map_err(|error| HarborError::Strategy { path: path.display().to_string(), error })?;
-        } else if let Some(dir) = &config.watch {
-            // A drop box: the newest file that loads wins; a bad newer file (refused at run
-            // time) never stops a restart.
-            if strategy.load_newest_in(dir).await.is_none() {
-                tracing::warn!(dir = %dir.display(), "no loadable strategy in the watched directory yet: built-in round-robin until one lands");
+        let result = match source {
+            None => Err(HarborError::Config(ConfigError::Invalid {
+                setting: "config".into(),
+                message: "no configuration source to reload from".into(),
+            })),
+            Some(source) => match tokio::task::spawn_blocking(move || source()).await {
+                Ok(Ok(config)) => self.apply(config).await,
+                Ok(Err(error)) => Err(HarborError::Config(error)),
+                Err(join) => Err(HarborError::Accept(std::io::Error::other(join.to_string()))),
+            },
+        };
+        match &result {
+            Ok(report) => {
+                self.metrics.config_reload("applied");
+                tracing::info!(added = ?report.added, removed = ?report.removed, changed = ?report.changed, "configuration reloaded");
+            }
+            Err(error) => {
+                self.metrics.config_reload("rejected");
+                tracing::error!("configuration reload rejected, the running configuration stays: {error}");
             }
         }
-        let listener = bind(config.listen, config.nodelay).await?;
-        let admin = match config.admin {
-            Some(addr) => Some(bind(addr, false).await?),
-            None => None,
+        result
+    }
+
+    /// Applies a validated configuration as a difference: added services start listening,
+    /// removed ones stop accepting and drain, a changed listen address is bound before the
+    /// old one closes, backends change as membership changes do, and new limits apply to new
+    /// connections. Nothing in flight is touched. Everything that can fail (binding, loading
+    /// a strategy) is done before anything changes.
+    pub async fn apply(&self, new: Config) -> Result<ReloadReport, HarborError> {
+        let _serial = self.reload_lock.lock().await;
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(HarborError::Draining);
+        }
+        {
+            let old = self.lock_config();
+            for (what, changed) in [
+                ("admin", old.admin != new.admin),
+                ("workers", old.workers != new.workers),
+                ("log_format", old.log_format != new.log_format),
+                ("log_level", old.log_level != new.log_level),
+            ] {
+                if changed {
+                    tracing::warn!(setting = what, "this setting needs a restart: the running value stays");
+                }
+            }
+        }
+        let current = self.services.load_full();
+        let workers = self.lock_config().workers;
+
+        // Prepare: bind and load everything new. A failure here drops what was prepared.
+        struct Prepared {
+            service: Arc<Service>,
+            config: ServiceConfig,
+            listeners: Vec<(SocketAddr, TcpListener)>,
+            strategy: Option<Arc<StrategyHost>>,
+            is_new: bool,
+        }
+        let mut prepared = Vec::new();
+        for cfg in &new.services {
+            match current.iter().find(|s| s.name == cfg.name) {
+                Some(service) => {
+                    let old = service.config.load_full();
+                    let mut listeners = Vec::new();
+                    for addr in cfg.listen.iter().filter(|a| !old.listen.contains(a)) {
+                        listeners.push((*addr, bind(*addr, cfg.tunables.nodelay).await?));
+                    }
+                    let strategy = if strategy_changed(&old, cfg) {
+                        let host = self.strategy_host(cfg, workers)?;
+                        load_strategy(&host, cfg).await?;
+                        host.continue_sequence_of(&service.context.load().strategy);
+                        Some(host)
+                    } else {
+                        None
+                    };
+                    prepared.push(Prepared {
+                        service: Arc::clone(service),
+                        config: cfg.clone(),
+                        listeners,
+                        strategy,
+                        is_new: false,
+                    });
+                }
+                None => {
+                    let mut listeners = Vec::new();
+                    for addr in &cfg.listen {
+                        listeners.push((*addr, bind(*addr, cfg.tunables.nodelay).await?));
+                    }
+                    let service = self.build_service(cfg, workers).await?;
+                    prepared.push(Prepared { service, config: cfg.clone(), listeners, strategy: None, is_new: true });
+                }
+            }
+        }
+
+        // Commit: nothing below fails.
+        let mut report = ReloadReport::default();
+        let mut next: Vec<Arc<Service>> = Vec::new();
+        for p in prepared {
+            let Prepared { service, config, listeners, strategy, is_new } = p;
+            if is_new {
+                report.added.push(service.name.clone());
+                for (configured, listener) in listeners {
+                    service.serve(listener, configured, &self.tracker);
+                }
+                self.start_watcher_or_log(&service);
+                next.push(service);
+                continue;
+            }
+            let old = service.config.load_full();
+            if *old != config {
+                report.changed.push(service.name.clone());
+            }
+            service.membership.reconfigure(&config.backends, config.health.clone(), config.tunables.drain_timeout());
+            service.admission.update(&config.tunables);
+            let context = service.context.load_full();
+            let replaced = strategy.is_some();
+            let strategy = strategy.unwrap_or_else(|| Arc::clone(&context.strategy));
+            service.context.store(Arc::new(ServiceContext {
+                name: service.name.clone(),
+                pool: Arc::clone(&context.pool),
+                strategy,
+                limits: ConnectionLimits::from_tunables(&config.tunables),
+                metrics: context.metrics.clone(),
+                hot_path_log: Arc::clone(&context.hot_path_log),
+            }));
+            let retired_addrs: Vec<SocketAddr> =
+                old.listen.iter().filter(|a| !config.listen.contains(a)).copied().collect();
+            service.config.store(Arc::new(config));
+            // New addresses accept before old ones close.
+            for (configured, listener) in listeners {
+                service.serve(listener, configured, &self.tracker);
+            }
+            for addr in retired_addrs {
+                service.stop_listening_on(addr).await;
+            }
+            if replaced {
+                context.strategy.stop_loading();
+                self.start_watcher_or_log(&service);
+            }
+            next.push(service);
+        }
+        for service in current.iter() {
+            if !next.iter().any(|s| s.name == service.name) {
+                report.removed.push(service.name.clone());
+                // Stop accepting; its connections run on and drain like any other.
+                let _ = service.stop_listening().await;
+                service.context.load().strategy.stop_loading();
+                service.background.cancel();
+                service.membership.stop();
+            }
+        }
+        self.services.store(Arc::new(next));
+        *self.lock_config() = new;
+        Ok(report)
+    }
+
+    fn strategy_host(&self, cfg: &ServiceConfig, workers: usize) -> Result<Arc<StrategyHost>, HarborError> {
+        let limits = GuestLimits {
+            call_timeout: cfg.tunables.strategy_timeout(),
+            memory_bytes: cfg.tunables.strategy_memory_bytes(),
+            ready_instances: workers,
         };
-        let pool = BackendPool::new(&config.backends, &metrics, 1);
-        let shared = Arc::new(Shared {
-            socket_options: SocketOptions { nodelay: config.nodelay, keepalive: config.keepalive },
-            relay_limits: RelayLimits {
-                idle: config.idle_timeout,
-                lifetime: config.max_lifetime,
-                half_close: config.half_close_timeout,
-            },
-            pool: ArcSwap::from_pointee(pool),
+        StrategyHost::new(limits, cfg.strategy_config.clone(), Arc::clone(&self.metrics), &cfg.name)
+            .map(Arc::new)
+            .map_err(HarborError::Engine)
+    }
+
+    /// Builds a service: its strategy (loaded), membership, context and reaper. It accepts
+    /// nothing until its listeners are served.
+    async fn build_service(&self, cfg: &ServiceConfig, workers: usize) -> Result<Arc<Service>, HarborError> {
+        let strategy = self.strategy_host(cfg, workers)?;
+        load_strategy(&strategy, cfg).await?;
+        let background = self.background.child_token();
+        let membership = Membership::new(
+            &cfg.name,
+            &cfg.backends,
+            cfg.health.clone(),
+            cfg.tunables.drain_timeout(),
+            Arc::clone(&self.metrics),
+            self.cut.clone(),
+            background.clone(),
+        );
+        membership.spawn_reaper();
+        let context = ServiceContext {
+            name: cfg.name.clone(),
+            pool: membership.pool(),
             strategy,
-            metrics,
-            cut: CancellationToken::new(),
-            draining: AtomicBool::new(false),
-            hot_path_log: RateLimitedLog::new(10, Duration::from_secs(10)),
-            source_limiter: (config.max_connections_per_source > 0)
-                .then(|| Arc::new(SourceLimiter::new(config.max_connections_per_source, config.source_ipv6_prefix))),
-            config,
-        });
-        // Watch from here on, so nothing that lands after `bind` returns is missed.
-        let background = CancellationToken::new();
-        let watch_target = match (&shared.config.watch, &shared.config.strategy) {
+            limits: ConnectionLimits::from_tunables(&cfg.tunables),
+            metrics: self.metrics.service(&cfg.name),
+            hot_path_log: Arc::new(RateLimitedLog::new(10, Duration::from_secs(10))),
+        };
+        Ok(Arc::new(Service::new(context, cfg.clone(), membership, background)))
+    }
+
+    fn start_watcher_or_log(&self, service: &Arc<Service>) {
+        if let Err(error) = self.start_watcher(service) {
+            tracing::error!(service = %service.name, "cannot watch the strategy: {error}");
+        }
+    }
+
+    /// Watches the service's strategy file or directory (replacing a watcher it had).
+    fn start_watcher(&self, service: &Arc<Service>) -> Result<(), HarborError> {
+        let cfg = service.config.load();
+        let target = match (&cfg.watch, &cfg.strategy) {
             (Some(dir), _) => Some(WatchTarget::Dir(dir.clone())),
             (None, Some(file)) => Some(WatchTarget::File(file.clone())),
             (None, None) => None,
         };
-        let watcher = match watch_target {
-            Some(target) => Some(spawn_watcher(Arc::clone(&shared.strategy), target, background.clone())?),
+        let handle = match target {
+            Some(target) => {
+                Some(spawn_watcher(Arc::clone(&service.context.load().strategy), target, service.background.clone())?)
+            }
             None => None,
         };
-        Ok(Harbor { shared, listener, admin, background, watcher })
+        let mut slot = match service.watcher.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(old) = std::mem::replace(&mut *slot, handle) {
+            old.abort();
+        }
+        Ok(())
+    }
+}
+
+fn strategy_changed(old: &ServiceConfig, new: &ServiceConfig) -> bool {
+    old.strategy != new.strategy
+        || old.watch != new.watch
+        || old.strategy_config != new.strategy_config
+        || old.tunables.strategy_timeout_ms != new.tunables.strategy_timeout_ms
+        || old.tunables.strategy_memory_mb != new.tunables.strategy_memory_mb
+}
+
+/// Loads a service's strategy: a named file must load; in a watched directory the newest
+/// file that loads wins, and none is only a warning.
+async fn load_strategy(host: &StrategyHost, cfg: &ServiceConfig) -> Result<(), HarborError> {
+    if let Some(path) = &cfg.strategy {
+        host.load_file(path)
+            .await
+            .map_err(|error| HarborError::Strategy { path: path.display().to_string(), error })?;
+    } else if let Some(dir) = &cfg.watch {
+        if host.load_newest_in(dir).await.is_none() {
+            tracing::warn!(service = %cfg.name, dir = %dir.display(), "no loadable strategy in the watched directory yet: built-in round-robin until one lands");
+        }
+    }
+    Ok(())
+}
+
+/// A bound, ready Harbor.
+pub struct Harbor {
+    control: Arc<Control>,
+    /// Bound listeners, served by `run`.
+    listeners: Vec<(Arc<Service>, SocketAddr, TcpListener)>,
+    admin: Option<TcpListener>,
+}
+
+impl Harbor {
+    /// Binds every listener and loads every strategy. Nothing is accepted until `run`.
+    pub async fn bind(config: Config) -> Result<Harbor, HarborError> {
+        let control = Arc::new(Control {
+            services: ArcSwap::from_pointee(Vec::new()),
+            metrics: Arc::new(Metrics::new()),
+            tracker: TaskTracker::new(),
+            cut: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            background: CancellationToken::new(),
+            config: Mutex::new(config.clone()),
+            source: Mutex::new(None),
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        let mut listeners = Vec::new();
+        let mut services = Vec::new();
+        for cfg in &config.services {
+            let service = control.build_service(cfg, config.workers).await?;
+            for addr in &cfg.listen {
+                listeners.push((Arc::clone(&service), *addr, bind(*addr, cfg.tunables.nodelay).await?));
+            }
+            services.push(service);
+        }
+        let admin = match config.admin {
+            Some(addr) => Some(bind(addr, false).await?),
+            None => None,
+        };
+        control.services.store(Arc::new(services));
+        // Watch from here on, so nothing that lands after `bind` returns is missed.
+        for service in control.services.load().iter() {
+            control.start_watcher(service)?;
+        }
+        Ok(Harbor { control, listeners, admin })
     }
 
-    /// The address clients connect to.
+    /// The first address clients connect to (of the first service).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.shared.config.listen)
+        self.listeners
+            .first()
+            .map(|(_, configured, l)| l.local_addr().unwrap_or(*configured))
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Every bound address of every service.
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .map(|(s, configured, l)| (s.name.clone(), l.local_addr().unwrap_or(*configured)))
+            .collect()
     }
 
     /// The admin server's address, if enabled.
@@ -145,38 +443,62 @@ impl Harbor {
         self.admin.as_ref().and_then(|a| a.local_addr().ok())
     }
 
+    /// The shared state, for reloads and the admin server.
+    pub fn control(&self) -> Arc<Control> {
+        Arc::clone(&self.control)
+    }
+
     /// Serves until `shutdown` is cancelled, then drains: connections in flight get the grace
     /// period to finish, and are cut after it.
     pub async fn run(self, shutdown: CancellationToken) -> Result<DrainReport, HarborError> {
-        let Harbor { shared, listener, admin, background, watcher } = self;
-        let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&shared), background.clone())));
-        tracing::info!(listen = %shared.config.listen, backends = shared.config.backends.len(), strategy = %shared.strategy.status().name, "harbor is serving");
+        let Harbor { control, listeners, admin } = self;
+        let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&control), control.background.clone())));
+        for (service, configured, listener) in listeners {
+            service.serve(listener, configured, &control.tracker);
+        }
+        for service in control.services.load().iter() {
+            tracing::info!(service = %service.name, listen = ?service.local_addrs(), backends = service.membership.views().len(), strategy = %service.context.load().strategy.status().name, "harbor is serving");
+        }
 
-        let tracker = TaskTracker::new();
-        let accepted = accept_loop(&listener, Arc::clone(&shared), &tracker, &shutdown).await;
-        drop(listener); // refuse new connections from here on
-        shared.draining.store(true, Ordering::Relaxed);
-        shared.strategy.stop_loading();
+        shutdown.cancelled().await;
+        // Refuse new connections from here on; no reload may start.
+        let _serial = control.reload_lock.lock().await;
+        control.draining.store(true, Ordering::Relaxed);
+        let mut accepted = Ok(());
+        for service in control.services.load().iter() {
+            if let Err(error) = service.stop_listening().await {
+                accepted = Err(error);
+            }
+            service.context.load().strategy.stop_loading();
+        }
+        let tracker = &control.tracker;
         tracker.close();
         let in_flight = tracker.len();
+        let grace = control.lock_config().shutdown_grace;
         if in_flight > 0 {
-            tracing::info!(in_flight, grace = ?shared.config.shutdown_grace, "draining connections");
+            tracing::info!(in_flight, ?grace, "draining connections");
         }
         let mut report = DrainReport { cut_connections: 0 };
-        if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             report.cut_connections = tracker.len();
             tracing::warn!(cut = report.cut_connections, "grace period over: cutting the remaining connections");
-            shared.cut.cancel();
+            control.cut.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
         }
-        background.cancel();
+        control.background.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;
         }
-        if let Some(task) = watcher {
-            // It may be waiting for a file to hold still: stop it where it is.
-            task.abort();
-            let _ = task.await;
+        for service in control.services.load().iter() {
+            let watcher = match service.watcher.lock() {
+                Ok(mut guard) => guard.take(),
+                Err(poisoned) => poisoned.into_inner().take(),
+            };
+            if let Some(task) = watcher {
+                // It may be waiting for a file to hold still: stop it where it is.
+                task.abort();
+                let _ = task.await;
+            }
         }
         accepted.map_err(HarborError::Accept)?;
         tracing::info!("drained; bye");
@@ -186,24 +508,51 @@ impl Harbor {
     /// Runs on a spawned task; the handle stops it.
     pub fn spawn(self) -> RunningHarbor {
         let addr = self.local_addr();
+        let addrs = self.local_addrs();
         let admin_addr = self.admin_addr();
-        let shared = Arc::clone(&self.shared);
+        let control = Arc::clone(&self.control);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(self.run(shutdown.clone()));
-        RunningHarbor { addr, admin_addr, shared, shutdown, task }
+        RunningHarbor { addr, addrs, admin_addr, control, shutdown, task }
     }
 }
 
 /// A Harbor running on a task.
 pub struct RunningHarbor {
+    /// The first listening address of the first service.
     pub addr: SocketAddr,
+    /// Every listening address at start, by service.
+    pub addrs: Vec<(String, SocketAddr)>,
     pub admin_addr: Option<SocketAddr>,
-    pub shared: Arc<Shared>,
+    pub control: Arc<Control>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<DrainReport, HarborError>>,
 }
 
 impl RunningHarbor {
+    /// The default (or only) service.
+    pub fn service(&self) -> Arc<Service> {
+        match self.control.default_service() {
+            Some(service) => service,
+            None => panic!("no default service"),
+        }
+    }
+
+    /// The default service's strategy host.
+    pub fn strategy(&self) -> Arc<StrategyHost> {
+        Arc::clone(&self.service().context.load().strategy)
+    }
+
+    /// The default service's pool of the moment.
+    pub fn pool(&self) -> Arc<BackendPool> {
+        self.service().context.load().pool.load_full()
+    }
+
+    /// The first address of a service, as bound at start.
+    pub fn addr_of(&self, service: &str) -> Option<SocketAddr> {
+        self.addrs.iter().find(|(s, _)| s == service).map(|(_, a)| *a)
+    }
+
     /// Starts the drain and waits for it.
     pub async fn stop(self) -> Result<DrainReport, HarborError> {
         self.shutdown.cancel();
@@ -216,11 +565,15 @@ impl RunningHarbor {
 
 /// Binds a listener. With `nodelay`, TCP_NODELAY is set on the listening socket: accepted
 /// sockets inherit it on Linux, which saves one setsockopt per connection.
-async fn bind(addr: SocketAddr, nodelay: bool) -> Result<TcpListener, HarborError> {
+pub async fn bind(addr: SocketAddr, nodelay: bool) -> Result<TcpListener, HarborError> {
     let bind_error = |error| HarborError::Bind { addr, error };
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
         .map_err(bind_error)?;
     socket.set_reuseaddr(true).map_err(bind_error)?;
+    if addr.is_ipv6() {
+        // `[::]` means IPv6 only, so that `0.0.0.0` can be listed beside it.
+        let _ = socket2::SockRef::from(&socket).set_only_v6(true);
+    }
     if nodelay {
         socket.set_nodelay(true).map_err(bind_error)?;
     }

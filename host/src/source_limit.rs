@@ -34,6 +34,14 @@ impl SourceLimiter {
         }
     }
 
+    pub fn max_per_source(&self) -> u32 {
+        self.max_per_source
+    }
+
+    pub fn ipv6_prefix(&self) -> u8 {
+        self.ipv6_prefix
+    }
+
     /// The key a client address is counted under: an IPv4 address (also when written as an
     /// IPv4-mapped IPv6 address) in the low 32 bits with a marker bit above them, or an IPv6
     /// address cut to its prefix.

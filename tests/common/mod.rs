@@ -223,10 +223,15 @@ impl Scrape {
         Scrape { samples }
     }
 
-    /// The value of an exact series, e.g. `harbor_accepts_total` or
-    /// `harbor_backend_picks_total{backend="127.0.0.1:1"}`.
+    /// The value of an exact series, e.g. `harbor_accepts_total{service="web"}`. A series of
+    /// the `default` service may be named without its service label:
+    /// `harbor_accepts_total`, `harbor_backend_picks_total{backend="127.0.0.1:1"}`.
     pub fn get(&self, series: &str) -> f64 {
-        self.samples.iter().find(|(s, _)| s == series).map(|(_, v)| *v).unwrap_or_else(|| panic!("no series {series}"))
+        self.samples
+            .iter()
+            .find(|(s, _)| s == series || default_service_series(s) == series)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no series {series}"))
     }
 
     /// Sum over all series of a metric name (any labels).
@@ -237,6 +242,11 @@ impl Scrape {
             .map(|(_, v)| *v)
             .sum()
     }
+}
+
+/// A series with its `service="default"` label left out.
+fn default_service_series(series: &str) -> String {
+    series.replace("{service=\"default\"}", "").replace("service=\"default\",", "")
 }
 
 /// Polls `check` every 10 ms until it holds or `limit` passes; returns how long it took.
@@ -298,4 +308,106 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("harbor-{tag}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create a temp dir");
     dir
+}
+
+/// Any admin request; returns (status, body). `token` goes in `Authorization: Bearer`.
+pub async fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).await.expect("admin connect");
+    let body = body.unwrap_or("");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: harbor\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("admin write");
+    stream.write_all(body.as_bytes()).await.expect("admin write body");
+    let mut response = String::new();
+    tokio::time::timeout(STEP, stream.read_to_string(&mut response)).await.expect("admin in time").expect("admin read");
+    let status = response.get(9..12).and_then(|s| s.parse().ok()).expect("status code");
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// A configuration from TOML text (written to a file, as an operator would), with the admin
+/// listener on an ephemeral loopback port unless the text sets it.
+pub fn config_from_toml(text: &str) -> (Config, PathBuf) {
+    let dir = temp_dir("config");
+    let path = dir.join("harbor.toml");
+    std::fs::write(&path, text).expect("write config");
+    (resolve_file(&path).expect("valid config"), path)
+}
+
+/// Resolves a config file as `harbor --config FILE --admin 127.0.0.1:0` would.
+pub fn resolve_file(path: &std::path::Path) -> Result<Config, harbor::config::ConfigError> {
+    let mut args = harbor::config::RunArgs { config: Some(path.to_path_buf()), ..Default::default() };
+    args.global.admin = Some("127.0.0.1:0".into());
+    let env = |_: &str| None;
+    let mut config = Config::resolve(&args, &env)?;
+    config.shutdown_grace = Duration::from_secs(2);
+    Ok(config)
+}
+
+/// Clients that keep making echo round trips through Harbor until stopped, recording which
+/// backend answered each and every failure.
+pub struct ClientLoad {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<ClientTally>>,
+}
+
+/// What the clients of a [`ClientLoad`] saw.
+#[derive(Debug, Default)]
+pub struct ClientTally {
+    pub ok: u64,
+    pub failures: Vec<String>,
+    /// (backend name, when) for each round trip.
+    pub answers: Vec<(String, std::time::Instant)>,
+}
+
+impl ClientLoad {
+    pub fn start(addr: SocketAddr, clients: usize) -> ClientLoad {
+        let stop = CancellationToken::new();
+        let tasks = (0..clients)
+            .map(|i| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut tally = ClientTally::default();
+                    let payload = pattern(2000 + i * 7, i as u64);
+                    // Bounded: at most 100 000 round trips per client.
+                    for _ in 0..100_000 {
+                        if stop.is_cancelled() {
+                            break;
+                        }
+                        match try_echo_roundtrip(addr, &payload).await {
+                            Ok(name) => {
+                                tally.ok += 1;
+                                tally.answers.push((name, std::time::Instant::now()));
+                            }
+                            Err(e) => tally.failures.push(e),
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    tally
+                })
+            })
+            .collect();
+        ClientLoad { stop, tasks }
+    }
+
+    pub async fn stop(self) -> ClientTally {
+        self.stop.cancel();
+        let mut all = ClientTally::default();
+        for task in self.tasks {
+            let t = task.await.expect("client task");
+            all.ok += t.ok;
+            all.failures.extend(t.failures);
+            all.answers.extend(t.answers);
+        }
+        all
+    }
 }

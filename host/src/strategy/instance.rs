@@ -99,8 +99,14 @@ impl Instance {
             return Ok(());
         }
         let infos: Vec<BackendInfo> = pool
+            .members()
             .iter()
-            .map(|b| BackendInfo { index: b.index as u32, address: b.address.to_string(), weight: b.weight })
+            .enumerate()
+            .map(|(index, m)| BackendInfo {
+                index: index as u32,
+                address: m.backend.address.to_string(),
+                weight: m.weight,
+            })
             .collect();
         self.set_backends(pool.generation(), &infos)
     }

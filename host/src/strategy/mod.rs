@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{BackendPool, BackendState};
+use crate::backend::{Backend, BackendPool, BackendState};
 use crate::logging::RateLimitedLog;
 use crate::metrics::{FallbackReason, Metrics, ReloadOutcome};
 use bindings::{Connection, ConnectionOutcome, IpAddress};
@@ -78,6 +78,9 @@ pub struct PickRequest<'a> {
     pub attempt: u32,
     /// Backends already tried for this connection: shown to the strategy as cooling down.
     pub excluded: &'a [usize],
+    /// When health checks fail every backend, show the backends as if unchecked
+    /// (`all_unhealthy = "ignore-checks"`).
+    pub ignore_checks_when_all_fail: bool,
 }
 
 /// Who made a pick.
@@ -143,6 +146,8 @@ pub struct StrategyHost {
     limits: GuestLimits,
     init_config: String,
     metrics: Arc<Metrics>,
+    /// The service this host picks for, as its metrics label.
+    service: String,
     log: RateLimitedLog,
     load_lock: tokio::sync::Mutex<()>,
     /// Cancelled when Harbor starts draining: loads in progress are abandoned, none activates.
@@ -152,8 +157,14 @@ pub struct StrategyHost {
 impl StrategyHost {
     /// A host running the built-in round-robin until a strategy is loaded. Fails only if the
     /// wasm engine cannot be built with its limits.
-    pub fn new(limits: GuestLimits, init_config: String, metrics: Arc<Metrics>) -> Result<StrategyHost, StrategyError> {
+    pub fn new(
+        limits: GuestLimits,
+        init_config: String,
+        metrics: Arc<Metrics>,
+        service: &str,
+    ) -> Result<StrategyHost, StrategyError> {
         Ok(StrategyHost {
+            service: service.to_string(),
             engine: Arc::clone(StrategyEngine::global()?),
             active: ArcSwap::from_pointee(Active::default()),
             sequence: AtomicU64::new(0),
@@ -164,6 +175,17 @@ impl StrategyHost {
             load_lock: tokio::sync::Mutex::new(()),
             stopping: CancellationToken::new(),
         })
+    }
+
+    /// Goes on with another host's `sequence`, so a reload that replaces a service's
+    /// strategy host keeps the sequence growing.
+    pub fn continue_sequence_of(&self, other: &StrategyHost) {
+        self.sequence.store(other.sequence.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// The service this host picks for.
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// Abandons loads in progress and refuses new ones: called when draining begins, so a
@@ -227,7 +249,7 @@ impl StrategyHost {
     }
 
     fn on_fault(&self, strategy: &Arc<LoadedStrategy>, reason: FallbackReason, detail: &str) {
-        self.metrics.fallback(reason);
+        self.metrics.fallback(&self.service, reason);
         if !reason.is_strategy_fault() {
             return;
         }
@@ -252,7 +274,7 @@ impl StrategyHost {
             Arc::new(Active { current: active.previous.clone(), previous: None })
         });
         if let Some(to) = reverted_to {
-            self.metrics.reload(ReloadOutcome::Reverted);
+            self.metrics.reload(&self.service, ReloadOutcome::Reverted);
             tracing::error!(strategy = %failing.name, sha256 = %short(&failing.sha256), "strategy faulted {MAX_FAULTS} times within {FAULT_WINDOW:?}; reverted to {to}");
         }
     }
@@ -274,7 +296,7 @@ impl StrategyHost {
 
     /// Counts and logs a file that could not become the strategy.
     pub fn reject(&self, source: &Path, error: &StrategyError) {
-        self.metrics.reload(ReloadOutcome::Rejected);
+        self.metrics.reload(&self.service, ReloadOutcome::Rejected);
         self.log_rejection(source, error);
     }
 
@@ -324,11 +346,14 @@ impl StrategyHost {
 
     /// Counts a load's outcome in `harbor_strategy_reloads_total`.
     pub fn count_outcome(&self, result: &Result<LoadResult, StrategyError>) {
-        self.metrics.reload(match result {
-            Ok(LoadResult::Loaded { .. }) => ReloadOutcome::Loaded,
-            Ok(LoadResult::Unchanged) => ReloadOutcome::Unchanged,
-            Err(_) => ReloadOutcome::Rejected,
-        });
+        self.metrics.reload(
+            &self.service,
+            match result {
+                Ok(LoadResult::Loaded { .. }) => ReloadOutcome::Loaded,
+                Ok(LoadResult::Unchanged) => ReloadOutcome::Unchanged,
+                Err(_) => ReloadOutcome::Rejected,
+            },
+        );
     }
 
     /// Compiles, checks and activates, counting and logging nothing: for a caller that may
@@ -438,9 +463,20 @@ pub(crate) fn ip_address(ip: IpAddr) -> IpAddress {
 /// Writes every backend's numbers into `snapshot`. Backends already tried for this connection
 /// are shown as cooling down.
 pub fn fill_snapshot(snapshot: &mut Snapshot, req: &PickRequest<'_>) {
+    fill(snapshot, req, Backend::state);
+    if snapshot.eligible() == 0
+        && req.ignore_checks_when_all_fail
+        && req.pool.iter().any(|b| b.health().blocks() && b.cooldown_state() == BackendState::Healthy)
+    {
+        // Every backend fails its check: panic mode sends traffic anyway.
+        fill(snapshot, req, Backend::cooldown_state);
+    }
+}
+
+fn fill(snapshot: &mut Snapshot, req: &PickRequest<'_>, state_of: fn(&Backend) -> BackendState) {
     snapshot.clear();
-    for backend in req.pool.iter() {
-        let state = if req.excluded.contains(&backend.index) { BackendState::CoolingDown } else { backend.state() };
+    for (index, backend) in req.pool.iter().enumerate() {
+        let state = if req.excluded.contains(&index) { BackendState::CoolingDown } else { state_of(backend) };
         snapshot.push(BackendStats {
             active: backend.active(),
             state,
@@ -481,8 +517,15 @@ mod tests {
     #[test]
     fn builtin_round_robin_starts_at_zero_and_skips_ineligible() {
         let pool = pool(3);
-        let host = StrategyHost::new(GuestLimits::default(), String::new(), Arc::new(Metrics::new())).unwrap();
-        let req = PickRequest { pool: &pool, client: "127.0.0.1:5000".parse().unwrap(), attempt: 0, excluded: &[] };
+        let host =
+            StrategyHost::new(GuestLimits::default(), String::new(), Arc::new(Metrics::new()), "default").unwrap();
+        let req = PickRequest {
+            pool: &pool,
+            client: "127.0.0.1:5000".parse().unwrap(),
+            attempt: 0,
+            excluded: &[],
+            ignore_checks_when_all_fail: false,
+        };
         let picks: Vec<_> = (0..6).map(|_| host.pick(&req).index.unwrap()).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
         let req = PickRequest { excluded: &[1], ..req };

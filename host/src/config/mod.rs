@@ -1,0 +1,769 @@
+//! Configuration: CLI flags and `HARBOR_*` variables, the seed's legacy variables, an optional
+//! TOML file with any number of `[[service]]` tables, and defaults, merged in that order of
+//! precedence into one validated [`Config`]. Every setting is declared once, in the
+//! [`settings!`] lists below.
+
+pub mod settings;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use settings::{settings, Layer};
+pub use settings::{AddressList, AllUnhealthy, BackendList, BackendSpec, LogFormat, SettingDoc};
+
+/// Everything that can be wrong with a configuration. Each message is one line that names the
+/// setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("{setting}: {message}")]
+    Invalid { setting: String, message: String },
+}
+
+fn invalid(setting: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { setting: setting.into(), message: message.into() }
+}
+
+/// Largest configuration file accepted.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Longest timeout, deadline or grace period accepted: 7 days.
+pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Longest cooldown accepted: 1 day.
+pub const MAX_COOLDOWN_MS: u64 = 24 * 3600 * 1000;
+/// Largest TCP keepalive idle time Linux accepts (TCP_KEEPIDLE).
+pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
+/// Most backends in one service.
+pub const MAX_BACKENDS: usize = 4096;
+/// Most services in one Harbor.
+pub const MAX_SERVICES: usize = 256;
+/// The name of the service the flags describe.
+pub const DEFAULT_SERVICE: &str = "default";
+/// Where the default service listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9090";
+/// The dev seed of `LB_ALLOW_DEV_SEED=1`, as in the Go project.
+pub const DEV_SEED_BACKENDS: &str = "127.0.0.1:9001,127.0.0.1:9002";
+
+/// Reads the process environment through a function, so tests can supply their own.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+settings! {
+    /// Harbor-wide flags.
+    GlobalArgs;
+    /// Harbor-wide settings, resolved.
+    Globals;
+    /// Admin HTTP address (/metrics, /services, /backends, /strategy, /healthz); `off` disables it.
+    admin: String = "127.0.0.1:9100".to_string(), env "HARBOR_ADMIN", legacy "LB_METRICS_ADDR", shown "127.0.0.1:9100";
+    /// File holding the bearer token that admin API writes must present.
+    admin_token_file: PathBuf, env "HARBOR_ADMIN_TOKEN_FILE";
+    /// Reload the configuration when the config file changes on disk (SIGHUP always reloads).
+    watch_config: bool = false, env "HARBOR_WATCH_CONFIG";
+    /// Grace period for connections in flight after SIGINT/SIGTERM, in ms.
+    shutdown_grace_ms: u64 = 5000, env "HARBOR_SHUTDOWN_GRACE_MS", legacy "LB_SHUTDOWN_GRACE_MS", range 0..=MAX_TIMEOUT_MS;
+    /// Runtime worker threads; 0 for one per CPU.
+    workers: u64 = 0, env "HARBOR_WORKERS", range 0..=512, shown "0 (one per CPU)";
+    /// Log format.
+    log_format: LogFormat = LogFormat::Human, env "HARBOR_LOG_FORMAT", shown "human";
+    /// Log filter, e.g. `info`, `warn`, `harbor=debug`.
+    log_level: String = "info".to_string(), env "HARBOR_LOG_LEVEL", shown "info";
+}
+
+settings! {
+    /// Flags that define the `default` service.
+    ServiceArgs;
+    /// What defines a service, as written (before addresses are resolved).
+    ServiceDefinition;
+    /// Addresses to accept clients on, comma-separated (IPv4 and IPv6).
+    listen: AddressList, env "HARBOR_LISTEN", legacy "LB_ADDR", shown "127.0.0.1:9090";
+    /// Backends as host:port[=weight],... (LB_ALLOW_DEV_SEED=1 gives 127.0.0.1:9001,127.0.0.1:9002).
+    backends: BackendList, env "HARBOR_BACKENDS", legacy "BACKENDS";
+    /// Strategy component (.wasm); reloaded when the file is replaced. Without it, built-in round-robin.
+    strategy: PathBuf, env "HARBOR_STRATEGY";
+    /// Directory to watch: the last valid .wasm that lands in it becomes the active strategy.
+    watch: PathBuf, env "HARBOR_WATCH";
+    /// Configuration string passed to the strategy's `init`.
+    strategy_config: String, env "HARBOR_STRATEGY_CONFIG";
+}
+
+settings! {
+    /// Per-service settings as flags: they set the global value, which a `[[service]]` table can override.
+    TunableArgs;
+    /// Per-service settings, resolved: the service's own value, else the global one, else the default.
+    Tunables;
+    /// Wall-clock limit for one strategy call, in ms; fuel (3M + 24k per backend) bounds it too.
+    strategy_timeout_ms: u64 = 10, env "HARBOR_STRATEGY_TIMEOUT_MS", range 1..=1000;
+    /// Memory limit for one strategy instance, all its linear memories and tables summed, in MiB.
+    strategy_memory_mb: u64 = 64, env "HARBOR_STRATEGY_MEMORY_MB", range 1..=4096;
+    /// Backend connect timeout, in ms.
+    connect_timeout_ms: u64 = 1500, env "HARBOR_CONNECT_TIMEOUT_MS", legacy "LB_DIAL_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS;
+    /// Sliding idle timeout, refreshed by traffic either way, in ms; 0 turns it off.
+    idle_timeout_ms: u64 = 10_000, env "HARBOR_IDLE_TIMEOUT_MS", legacy "LB_IO_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS;
+    /// Cap on a connection's whole lifetime, in ms; 0 for none.
+    max_lifetime_ms: u64 = 0, env "HARBOR_MAX_LIFETIME_MS", range 0..=MAX_TIMEOUT_MS;
+    /// Once one side has half-closed, how long the other direction may go on, in ms; 0 for no limit.
+    half_close_timeout_ms: u64 = 0, env "HARBOR_HALF_CLOSE_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS;
+    /// First cooldown of a backend after a failed connect, in ms; doubles with each failure in a row.
+    cooldown_ms: u64 = 5000, env "HARBOR_COOLDOWN_MS", legacy "LB_BACKEND_COOLDOWN_MS", range 0..=MAX_COOLDOWN_MS;
+    /// Longest cooldown after repeated failures, in ms.
+    max_cooldown_ms: u64, env "HARBOR_MAX_COOLDOWN_MS", range 0..=MAX_COOLDOWN_MS, shown "60000, or cooldown-ms if larger";
+    /// Connect attempts per client connection, on different backends; 1 means no retry.
+    connect_attempts: u64 = 2, env "HARBOR_CONNECT_ATTEMPTS", range 1..=16;
+    /// Most client connections at once; more are closed at accept and counted.
+    max_connections: u64 = 1024, env "HARBOR_MAX_CONNECTIONS", legacy "LB_MAX_INFLIGHT", range 1..=1_000_000;
+    /// Most connections at once from one client address (IPv6: one prefix); 0 for no limit.
+    max_connections_per_source: u64 = 0, env "HARBOR_MAX_CONNECTIONS_PER_SOURCE", range 0..=1_000_000;
+    /// IPv6 clients are counted per prefix of this length by max-connections-per-source.
+    source_ipv6_prefix: u64 = 64, env "HARBOR_SOURCE_IPV6_PREFIX", range 1..=128;
+    /// Set TCP_NODELAY on both sockets.
+    nodelay: bool = true, env "HARBOR_NODELAY";
+    /// TCP keepalive idle time on both sockets, in seconds; 0 turns it off.
+    keepalive_secs: u64 = 0, env "HARBOR_KEEPALIVE_SECS", range 0..=MAX_KEEPALIVE_SECS;
+    /// How long a removed backend's connections may go on before they are cut, in ms; 0 for no limit.
+    drain_timeout_ms: u64 = 0, env "HARBOR_DRAIN_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS;
+    /// When every backend fails its health check: close new clients, or ignore the checks.
+    all_unhealthy: AllUnhealthy = AllUnhealthy::Close, env "HARBOR_ALL_UNHEALTHY", shown "close";
+}
+
+impl Tunables {
+    pub fn strategy_timeout(&self) -> Duration {
+        Duration::from_millis(self.strategy_timeout_ms)
+    }
+    pub fn strategy_memory_bytes(&self) -> usize {
+        (self.strategy_memory_mb as usize) << 20
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        nonzero_ms(self.idle_timeout_ms)
+    }
+    pub fn max_lifetime(&self) -> Option<Duration> {
+        nonzero_ms(self.max_lifetime_ms)
+    }
+    pub fn half_close_timeout(&self) -> Option<Duration> {
+        nonzero_ms(self.half_close_timeout_ms)
+    }
+    pub fn cooldown(&self) -> Duration {
+        Duration::from_millis(self.cooldown_ms)
+    }
+    pub fn max_cooldown(&self) -> Duration {
+        Duration::from_millis(self.max_cooldown_ms.unwrap_or(60_000.max(self.cooldown_ms)))
+    }
+    pub fn keepalive(&self) -> Option<Duration> {
+        (self.keepalive_secs > 0).then(|| Duration::from_secs(self.keepalive_secs))
+    }
+    pub fn drain_timeout(&self) -> Option<Duration> {
+        nonzero_ms(self.drain_timeout_ms)
+    }
+
+    /// Rules between settings.
+    fn check(&self) -> Result<(), ConfigError> {
+        if let Some(max) = self.max_cooldown_ms {
+            if max < self.cooldown_ms {
+                return Err(invalid("max-cooldown-ms", format!("must be at least cooldown-ms ({})", self.cooldown_ms)));
+            }
+        }
+        if self.max_connections_per_source > self.max_connections {
+            return Err(invalid(
+                "max-connections-per-source",
+                format!("{} is more than max-connections ({})", self.max_connections_per_source, self.max_connections),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn nonzero_ms(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+/// Settings for running Harbor, as given on the command line or in `HARBOR_*` variables.
+/// Every field is optional here: unset fields fall back to the legacy variables, the file,
+/// then the defaults.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// TOML configuration file; command-line flags and environment variables override it.
+    #[arg(long, env = "HARBOR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    #[command(flatten)]
+    pub tunables: TunableArgs,
+}
+
+/// How a service checks its backends (`[service.health]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `tcp` (a connect), `send-expect` (send bytes, expect a prefix) or `http` (GET, status range).
+    pub kind: HealthKind,
+    #[serde(default = "health_defaults::interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "health_defaults::timeout_ms")]
+    pub timeout_ms: u64,
+    /// Good probes in a row that make an unhealthy backend healthy.
+    #[serde(default = "health_defaults::rise")]
+    pub rise: u32,
+    /// Failed probes in a row that make a healthy backend unhealthy.
+    #[serde(default = "health_defaults::fall")]
+    pub fall: u32,
+    /// `send-expect`: the bytes to send (TOML escapes such as `\r\n` work).
+    #[serde(default)]
+    pub send: String,
+    /// `send-expect`: the reply must start with these bytes.
+    #[serde(default)]
+    pub expect: String,
+    /// `http`: the path to GET.
+    #[serde(default = "health_defaults::path")]
+    pub path: String,
+    /// `http`: the `Host` header.
+    #[serde(default = "health_defaults::host")]
+    pub host: String,
+    /// `http`: the accepted status codes, `[low, high]`.
+    #[serde(default = "health_defaults::status")]
+    pub status: [u16; 2],
+}
+
+mod health_defaults {
+    pub fn interval_ms() -> u64 {
+        2000
+    }
+    pub fn timeout_ms() -> u64 {
+        1000
+    }
+    pub fn rise() -> u32 {
+        2
+    }
+    pub fn fall() -> u32 {
+        3
+    }
+    pub fn path() -> String {
+        "/".into()
+    }
+    pub fn host() -> String {
+        "localhost".into()
+    }
+    pub fn status() -> [u16; 2] {
+        [200, 399]
+    }
+}
+
+/// The kind of an active health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthKind {
+    Tcp,
+    SendExpect,
+    Http,
+}
+
+impl HealthConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    fn check(&self, service: &str) -> Result<(), ConfigError> {
+        let setting = |key: &str| format!("service {service}: health.{key}");
+        settings::ranged(&setting("interval_ms"), self.interval_ms, 10, MAX_TIMEOUT_MS)?;
+        settings::ranged(&setting("timeout_ms"), self.timeout_ms, 1, MAX_TIMEOUT_MS)?;
+        settings::ranged(&setting("rise"), u64::from(self.rise), 1, 100)?;
+        settings::ranged(&setting("fall"), u64::from(self.fall), 1, 100)?;
+        match self.kind {
+            HealthKind::SendExpect if self.expect.is_empty() => {
+                Err(invalid(setting("expect"), "send-expect needs the reply prefix to expect"))
+            }
+            HealthKind::Http if !self.path.starts_with('/') || self.path.contains(['\r', '\n', ' ']) => {
+                Err(invalid(setting("path"), format!("{:?} is not a request path", self.path)))
+            }
+            HealthKind::Http if self.host.contains(['\r', '\n']) || self.host.is_empty() => {
+                Err(invalid(setting("host"), "must be a host name"))
+            }
+            HealthKind::Http if self.status[0] > self.status[1] || !(100..=599).contains(&self.status[1]) => {
+                Err(invalid(setting("status"), "must be [low, high] within 100..599"))
+            }
+            _ if self.send.len() > 4096 || self.expect.len() > 4096 => {
+                Err(invalid(setting("send"), "send and expect are at most 4096 bytes each"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The TOML file as written, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct FileConfig {
+    pub table: toml::Table,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let read_error = |source| ConfigError::ReadFile { path: path.to_path_buf(), source };
+        let size = std::fs::metadata(path).map_err(read_error)?.len();
+        if size > MAX_CONFIG_BYTES {
+            return Err(ConfigError::ParseFile {
+                path: path.to_path_buf(),
+                message: format!("{size} bytes, more than the {MAX_CONFIG_BYTES}-byte limit"),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_error)?;
+        FileConfig::parse(&text, path)
+    }
+
+    /// Parses TOML text (`path` is for messages). Unknown keys are found by [`Config::resolve_with`].
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        text.parse::<toml::Table>().map(|table| FileConfig { table }).map_err(|e| ConfigError::ParseFile {
+            path: path.to_path_buf(),
+            message: e.message().to_string() + &e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default(),
+        })
+    }
+}
+
+/// A backend after validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackendConfig {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+/// One service, validated.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    pub backends: Vec<BackendConfig>,
+    pub strategy: Option<PathBuf>,
+    pub watch: Option<PathBuf>,
+    pub strategy_config: String,
+    pub health: Option<HealthConfig>,
+    pub tunables: Tunables,
+}
+
+/// The validated, effective configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// The file it was read from, for reloads.
+    pub config_file: Option<PathBuf>,
+    pub admin: Option<SocketAddr>,
+    pub admin_token_file: Option<PathBuf>,
+    /// The bearer token from `admin_token_file`; never printed.
+    #[serde(skip)]
+    pub admin_token: Option<String>,
+    pub watch_config: bool,
+    #[serde(with = "millis")]
+    pub shutdown_grace: Duration,
+    pub workers: usize,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub services: Vec<ServiceConfig>,
+}
+
+mod millis {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+/// Keys a `[[service]]` table may hold beside the per-service settings.
+const SERVICE_ONLY_KEYS: &[&str] = &["name", "health"];
+
+impl Config {
+    /// Merges CLI/`HARBOR_*` values, legacy variables, the file (if any) and defaults, then validates.
+    pub fn resolve(args: &RunArgs, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Config::resolve_with(args, env, file)
+    }
+
+    /// [`Config::resolve`] with the file already parsed.
+    pub fn resolve_with(args: &RunArgs, env: EnvLookup<'_>, file: FileConfig) -> Result<Config, ConfigError> {
+        let path = args.config.clone().unwrap_or_else(|| PathBuf::from("(no file)"));
+        let top = &file.table;
+        let services_value = top.get("service");
+        let known_top: HashSet<&str> = Globals::KEYS
+            .iter()
+            .chain(ServiceDefinition::KEYS)
+            .chain(Tunables::KEYS)
+            .chain(["service"].iter())
+            .copied()
+            .collect();
+        unknown_keys(top, &known_top, "", &path)?;
+        let top_layer = Layer { table: top, place: "" };
+
+        let globals = Globals::resolve(&[], Some(&args.global), env, &[&top_layer], &path)?;
+        let global_tunables = Tunables::resolve(&[], Some(&args.tunables), env, &[&top_layer], &path)?;
+        global_tunables.check()?;
+
+        let mut services = Vec::new();
+        // The service the flags (and the file's top-level keys) describe.
+        let default_definition = ServiceDefinition::resolve(&[], Some(&args.service), env, &[&top_layer], &path)?;
+        let dev_seed = env("LB_ALLOW_DEV_SEED").is_some_and(|v| v.trim() == "1");
+        let has_file_services = services_value.is_some();
+        let default_defined = default_definition != ServiceDefinition::empty() || dev_seed || !has_file_services;
+        if default_defined {
+            let mut definition = default_definition;
+            if definition.backends.is_none() && dev_seed {
+                definition.backends = DEV_SEED_BACKENDS.parse().ok();
+            }
+            let Some(backends) = definition.backends.clone() else {
+                return Err(invalid(
+                    "backends",
+                    "no backends: pass --backends host:port,host:port (or BACKENDS=..., or LB_ALLOW_DEV_SEED=1 for 127.0.0.1:9001,127.0.0.1:9002)",
+                ));
+            };
+            if backends.0.is_empty() {
+                return Err(invalid("backends", "no backends"));
+            }
+            services.push(service_config(
+                DEFAULT_SERVICE.to_string(),
+                definition,
+                global_tunables.clone(),
+                None,
+                "backends",
+            )?);
+        }
+
+        if let Some(value) = services_value {
+            let Some(list) = value.as_array() else {
+                return Err(parse_error(&path, "service must be an array of tables: write [[service]]"));
+            };
+            if list.len() > MAX_SERVICES {
+                return Err(parse_error(&path, &format!("more than {MAX_SERVICES} services")));
+            }
+            let known_service: HashSet<&str> =
+                ServiceDefinition::KEYS.iter().chain(Tunables::KEYS).chain(SERVICE_ONLY_KEYS).copied().collect();
+            for (i, entry) in list.iter().enumerate() {
+                let Some(table) = entry.as_table() else {
+                    return Err(parse_error(&path, "each service must be a table: write [[service]]"));
+                };
+                let name = match table.get("name") {
+                    Some(toml::Value::String(name)) => name.clone(),
+                    Some(_) => return Err(parse_error(&path, &format!("service #{}: name must be a string", i + 1))),
+                    None => return Err(parse_error(&path, &format!("service #{}: has no name", i + 1))),
+                };
+                if name.is_empty()
+                    || name.len() > 64
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                {
+                    return Err(invalid(
+                        "service",
+                        format!("{name:?} is not a service name: 1-64 of A-Z a-z 0-9 - _ ."),
+                    ));
+                }
+                let place = format!("service {name}");
+                unknown_keys(table, &known_service, &place, &path)?;
+                let layer = Layer { table, place: &place };
+                let definition = ServiceDefinition::resolve(&[&layer], None, env, &[], &path)?;
+                let tunables = Tunables::resolve(&[&layer], Some(&args.tunables), env, &[&top_layer], &path)?;
+                tunables.check().map_err(|e| prefix(&name, e))?;
+                let health = match table.get("health") {
+                    None => None,
+                    Some(value) => {
+                        let health: HealthConfig = value.clone().try_into().map_err(|e: toml::de::Error| {
+                            parse_error(&path, &format!("{place}: health: {}", e.message()))
+                        })?;
+                        health.check(&name)?;
+                        Some(health)
+                    }
+                };
+                if definition.backends.is_none() {
+                    return Err(invalid(
+                        format!("service {name}: backends"),
+                        "missing: write backends = [...] (an empty list for backends added through the admin API)",
+                    ));
+                }
+                if definition.listen.is_none() {
+                    return Err(invalid(format!("service {name}: listen"), "missing"));
+                }
+                let setting = format!("service {name}: backends");
+                services.push(service_config(name, definition, tunables, health, &setting)?);
+            }
+        }
+
+        // Names and listen addresses belong to one service each.
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for service in &services {
+            if !names.insert(service.name.as_str()) {
+                return Err(invalid("service", format!("{} is declared twice", service.name)));
+            }
+            for addr in &service.listen {
+                if addr.port() != 0 && !addresses.insert(*addr) {
+                    return Err(invalid(
+                        format!("service {}: listen", service.name),
+                        format!("{addr} is taken by another service"),
+                    ));
+                }
+            }
+        }
+
+        let admin = match globals.admin.trim() {
+            "" | "off" | "none" => None,
+            text => Some(parse_addr("admin", text)?),
+        };
+        let admin_token = match &globals.admin_token_file {
+            None => None,
+            Some(file) => Some(read_token(file)?),
+        };
+        if let Some(addr) = admin {
+            if !addr.ip().is_loopback() && admin_token.is_none() {
+                return Err(invalid(
+                    "admin",
+                    format!(
+                        "{addr} is not a loopback address: set --admin-token-file so that admin writes need a token"
+                    ),
+                ));
+            }
+        }
+        let workers = match globals.workers {
+            0 => std::thread::available_parallelism().map(usize::from).unwrap_or(2),
+            n => n as usize,
+        };
+        // Non-ASCII first: tracing-subscriber 0.3.23 panics slicing a directive inside a
+        // multi-byte character (found by the `config` fuzz target).
+        let log_level = globals.log_level;
+        if !log_level.is_ascii() || tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(invalid("log-level", format!("{log_level:?} is not a valid filter (try info, warn, debug)")));
+        }
+        Ok(Config {
+            config_file: args.config.clone(),
+            admin,
+            admin_token_file: globals.admin_token_file,
+            admin_token,
+            watch_config: globals.watch_config,
+            shutdown_grace: Duration::from_millis(globals.shutdown_grace_ms),
+            workers,
+            log_format: globals.log_format,
+            log_level,
+            services,
+        })
+    }
+
+    /// A configuration for tests and embedding: one service with the given backends,
+    /// everything else default, listening on an ephemeral loopback port with an ephemeral
+    /// admin port.
+    pub fn for_backends(backends: &[SocketAddr]) -> Config {
+        let env = |_: &str| None;
+        let mut args = RunArgs::default();
+        args.service.listen = Some(AddressList(vec!["127.0.0.1:0".into()]));
+        args.global.admin = Some("127.0.0.1:0".into());
+        args.service.backends =
+            Some(BackendList(backends.iter().map(|a| BackendSpec::Address(a.to_string())).collect()));
+        match Config::resolve(&args, &env) {
+            Ok(config) => config,
+            Err(e) => panic!("Config::for_backends needs at least one distinct backend: {e}"),
+        }
+    }
+
+    /// The first service (the only one, or `default`), for tests and single-service callers.
+    pub fn service_mut(&mut self) -> &mut ServiceConfig {
+        match self.services.first_mut() {
+            Some(service) => service,
+            None => panic!("a validated Config has at least one service"),
+        }
+    }
+
+    /// The effective configuration as TOML-like `key = value` lines, for `harbor check`.
+    pub fn describe(&self) -> String {
+        let value = serde_json::to_value(self).unwrap_or_default();
+        let mut out = String::new();
+        if let serde_json::Value::Object(map) = value {
+            let sorted: BTreeMap<_, _> = map.into_iter().collect();
+            for (key, v) in sorted {
+                if key == "services" {
+                    continue;
+                }
+                out.push_str(&format!("{key} = {v}\n"));
+            }
+        }
+        for service in &self.services {
+            out.push_str(&format!("\n[[service]]\nname = {:?}\n", service.name));
+            if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(service) {
+                let sorted: BTreeMap<_, _> = map.into_iter().collect();
+                for (key, v) in sorted {
+                    match (key.as_str(), v) {
+                        ("name", _) => {}
+                        ("tunables", serde_json::Value::Object(t)) => {
+                            for (k, v) in t.into_iter().collect::<BTreeMap<_, _>>() {
+                                out.push_str(&format!("{k} = {v}\n"));
+                            }
+                        }
+                        (_, v) => out.push_str(&format!("{key} = {v}\n")),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every setting, documented: for `harbor check --settings` and the README.
+    pub fn settings_docs() -> impl Iterator<Item = &'static SettingDoc> {
+        Globals::DOCS.iter().chain(ServiceDefinition::DOCS).chain(Tunables::DOCS)
+    }
+}
+
+impl ServiceDefinition {
+    fn empty() -> ServiceDefinition {
+        ServiceDefinition { listen: None, backends: None, strategy: None, watch: None, strategy_config: None }
+    }
+}
+
+fn prefix(service: &str, error: ConfigError) -> ConfigError {
+    match error {
+        ConfigError::Invalid { setting, message } => invalid(format!("service {service}: {setting}"), message),
+        other => other,
+    }
+}
+
+fn parse_error(path: &Path, message: &str) -> ConfigError {
+    ConfigError::ParseFile { path: path.to_path_buf(), message: message.to_string() }
+}
+
+fn unknown_keys(table: &toml::Table, known: &HashSet<&str>, place: &str, path: &Path) -> Result<(), ConfigError> {
+    match table.keys().find(|k| !known.contains(k.as_str())) {
+        None => Ok(()),
+        Some(key) => Err(parse_error(
+            path,
+            &format!("unknown field `{key}`{}", if place.is_empty() { String::new() } else { format!(" in {place}") }),
+        )),
+    }
+}
+
+fn read_token(path: &Path) -> Result<String, ConfigError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| invalid("admin-token-file", format!("cannot read {}: {e}", path.display())))?;
+    if meta.len() > 4096 || !meta.is_file() {
+        return Err(invalid("admin-token-file", format!("{} is not a small regular file", path.display())));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid("admin-token-file", format!("cannot read {}: {e}", path.display())))?;
+    let token = text.trim().to_string();
+    if token.len() < 16 || token.contains(char::is_whitespace) {
+        return Err(invalid("admin-token-file", "the token must be one word of at least 16 characters"));
+    }
+    Ok(token)
+}
+
+/// Validates a service's definition.
+fn service_config(
+    name: String,
+    definition: ServiceDefinition,
+    tunables: Tunables,
+    health: Option<HealthConfig>,
+    backends_setting: &str,
+) -> Result<ServiceConfig, ConfigError> {
+    let listen_setting = if name == DEFAULT_SERVICE { "listen".to_string() } else { format!("service {name}: listen") };
+    let listen_list = definition.listen.unwrap_or_else(|| AddressList(vec![DEFAULT_LISTEN.into()]));
+    if listen_list.0.is_empty() || listen_list.0.len() > 64 {
+        return Err(invalid(listen_setting, "give 1 to 64 addresses"));
+    }
+    let listen = listen_list.0.iter().map(|a| parse_addr(&listen_setting, a)).collect::<Result<Vec<_>, _>>()?;
+    let specs = definition.backends.map(|b| b.0).unwrap_or_default();
+    if specs.len() > MAX_BACKENDS {
+        return Err(invalid(backends_setting, format!("more than {MAX_BACKENDS} backends")));
+    }
+    let backends = specs
+        .iter()
+        .map(|spec| match spec {
+            BackendSpec::Address(text) => parse_backend(backends_setting, text),
+            BackendSpec::Weighted { address, weight } => {
+                parse_backend(backends_setting, &format!("{address}={weight}"))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut seen = HashSet::new();
+    for b in &backends {
+        if !seen.insert(b.address) {
+            return Err(invalid(backends_setting, format!("{} is listed twice", b.address)));
+        }
+    }
+    if let Some(path) = &definition.strategy {
+        if !path.is_file() {
+            return Err(invalid(prefixed(&name, "strategy"), format!("{} is not a readable file", path.display())));
+        }
+    }
+    if let Some(dir) = &definition.watch {
+        if dir.exists() && !dir.is_dir() {
+            return Err(invalid(prefixed(&name, "watch"), format!("{} exists and is not a directory", dir.display())));
+        }
+    }
+    Ok(ServiceConfig {
+        name,
+        listen,
+        backends,
+        strategy: definition.strategy,
+        watch: definition.watch,
+        strategy_config: definition.strategy_config.unwrap_or_default(),
+        health,
+        tunables,
+    })
+}
+
+fn prefixed(service: &str, key: &str) -> String {
+    if service == DEFAULT_SERVICE {
+        key.to_string()
+    } else {
+        format!("service {service}: {key}")
+    }
+}
+
+/// Parses `host:port`; a name is resolved once, and its first address is used.
+pub fn parse_addr(setting: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let mut resolved =
+        text.to_socket_addrs().map_err(|e| invalid(setting, format!("{text:?} is not a host:port address ({e})")))?;
+    resolved.next().ok_or_else(|| invalid(setting, format!("{text:?} resolves to no address")))
+}
+
+/// Parses `host:port[=weight]`.
+pub fn parse_backend(setting: &str, item: &str) -> Result<BackendConfig, ConfigError> {
+    let item = item.trim();
+    if item.is_empty() {
+        return Err(invalid(setting, "empty entry in the list"));
+    }
+    let (addr_text, weight) = match item.rsplit_once('=') {
+        Some((addr, w)) => {
+            let weight =
+                w.trim().parse::<u32>().ok().filter(|w| (1..=10_000).contains(w)).ok_or_else(|| {
+                    invalid(setting, format!("{item:?}: weight must be a whole number from 1 to 10000"))
+                })?;
+            (addr, weight)
+        }
+        None => (item, 1),
+    };
+    let address = parse_addr(setting, addr_text)?;
+    if address.port() == 0 {
+        return Err(invalid(setting, format!("{item:?}: port 0 is not a backend")));
+    }
+    Ok(BackendConfig { address, weight })
+}
+
+/// Parses `host:port[=weight],...`; empty items are errors.
+pub fn parse_backend_list(text: &str) -> Result<Vec<BackendConfig>, ConfigError> {
+    let items: Vec<&str> = text.split(',').collect();
+    if items.len() > MAX_BACKENDS {
+        return Err(invalid("backends", format!("more than {MAX_BACKENDS} backends")));
+    }
+    items.iter().map(|item| parse_backend("backends", item)).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,267 @@
+//! The one declaration of every setting: [`settings!`] turns a list of settings into the CLI
+//! and `HARBOR_*` flags, the TOML keys, the defaults, the range checks and the help text, so a
+//! setting is written once and every source resolves it the same way.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::ValueEnum;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{invalid, ConfigError, EnvLookup};
+
+/// Where a file value is looked up: a table of the TOML file and how to name it in messages.
+pub struct Layer<'a> {
+    pub table: &'a toml::Table,
+    /// `""` for the top level, `"service web"` for a `[[service]]` entry.
+    pub place: &'a str,
+}
+
+/// The value of `key` in the first layer that has it.
+pub fn from_layers<T: DeserializeOwned>(
+    key: &'static str,
+    layers: &[&Layer<'_>],
+    file: &std::path::Path,
+) -> Result<Option<T>, ConfigError> {
+    for layer in layers {
+        if let Some(value) = layer.table.get(key) {
+            return value.clone().try_into::<T>().map(Some).map_err(|e| ConfigError::ParseFile {
+                path: file.to_path_buf(),
+                message: format!(
+                    "{key}{}: {}",
+                    if layer.place.is_empty() { String::new() } else { format!(" ({})", layer.place) },
+                    e.message()
+                ),
+            });
+        }
+    }
+    Ok(None)
+}
+
+/// A legacy variable of the Go project, parsed as the setting's type; empty counts as unset.
+pub fn from_legacy<T: FromStr>(env: EnvLookup<'_>, name: &'static str) -> Result<Option<T>, ConfigError> {
+    match env(name).filter(|v| !v.trim().is_empty()) {
+        None => Ok(None),
+        Some(v) => v.trim().parse::<T>().map(Some).map_err(|_| invalid(name, format!("cannot use {v:?} here"))),
+    }
+}
+
+/// Checks that a number lies in `min..=max`.
+pub fn ranged(setting: &str, value: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(setting, format!("{value} is out of range: must be between {min} and {max}")))
+    }
+}
+
+/// A number, or an optional one, that must lie in a range.
+pub trait InRange: Sized {
+    fn in_range(self, setting: &str, min: u64, max: u64) -> Result<Self, ConfigError>;
+}
+
+impl InRange for u64 {
+    fn in_range(self, setting: &str, min: u64, max: u64) -> Result<Self, ConfigError> {
+        ranged(setting, self, min, max)
+    }
+}
+
+impl InRange for Option<u64> {
+    fn in_range(self, setting: &str, min: u64, max: u64) -> Result<Self, ConfigError> {
+        self.map(|v| ranged(setting, v, min, max)).transpose()
+    }
+}
+
+/// One setting as documented: `harbor check --settings` and the README's table come from these.
+#[derive(Debug, Clone, Copy)]
+pub struct SettingDoc {
+    pub key: &'static str,
+    pub env: &'static str,
+    pub legacy: Option<&'static str>,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Declares a group of settings. Each line gives the key (the TOML key; the flag is the key
+/// with dashes), its type, its default (none for an optional setting), its `HARBOR_*`
+/// variable, an optional legacy variable of the Go project and an optional range.
+///
+/// It generates `$args` (the clap flags, all optional), `$resolved` (the values after
+/// resolution) and `$resolved::resolve`, which takes the first of: the flag or variable, the
+/// legacy variable, the file layers in order, the default.
+macro_rules! settings {
+    (
+        $(#[$args_meta:meta])* $args:ident;
+        $(#[$resolved_meta:meta])* $resolved:ident;
+        $(
+            #[doc = $doc:literal]
+            $field:ident : $ty:ty $(= $default:expr)?, env $env:literal
+                $(, legacy $legacy:literal)? $(, range $min:literal ..= $max:expr)? $(, shown $shown:literal)?;
+        )*
+    ) => {
+        $(#[$args_meta])*
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct $args {
+            $(
+                #[arg(long, env = $env, help = concat!($doc, settings!(@shown $($default)? $(; $shown)?)))]
+                pub $field: Option<$ty>,
+            )*
+        }
+
+        $(#[$resolved_meta])*
+        #[derive(Debug, Clone, PartialEq, serde::Serialize)]
+        pub struct $resolved {
+            $( #[doc = $doc] pub $field: settings!(@ty $ty $(, $default)?), )*
+        }
+
+        impl $resolved {
+            /// The TOML keys of this group.
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+            /// How each setting is documented.
+            pub const DOCS: &'static [$crate::config::settings::SettingDoc] = &[$(
+                $crate::config::settings::SettingDoc {
+                    key: stringify!($field),
+                    env: $env,
+                    legacy: settings!(@opt $($legacy)?),
+                    default: settings!(@shown_plain $($default)? $(; $shown)?),
+                    help: $doc,
+                }
+            ),*];
+
+            /// Resolves every setting of the group: the `first` layers, then the flag or
+            /// variable (`args` `None`: flags do not apply here), the legacy variable, the
+            /// other `layers`, and the default.
+            #[allow(unused_variables)]
+            pub fn resolve(
+                first: &[&$crate::config::settings::Layer<'_>],
+                args: Option<&$args>,
+                env: $crate::config::EnvLookup<'_>,
+                layers: &[&$crate::config::settings::Layer<'_>],
+                file: &std::path::Path,
+            ) -> Result<Self, $crate::config::ConfigError> {
+                $(
+                    let mut $field: Option<$ty> =
+                        $crate::config::settings::from_layers::<$ty>(stringify!($field), first, file)?;
+                    if $field.is_none() {
+                        $field = args.and_then(|a| a.$field.clone());
+                    }
+                    $(
+                        if $field.is_none() && args.is_some() {
+                            $field = $crate::config::settings::from_legacy::<$ty>(env, $legacy)?;
+                        }
+                    )?
+                    if $field.is_none() {
+                        $field = $crate::config::settings::from_layers::<$ty>(stringify!($field), layers, file)?;
+                    }
+                    let $field = settings!(@finish $field $(, $default)?);
+                    $(
+                        let $field = $crate::config::settings::InRange::in_range(
+                            $field,
+                            &stringify!($field).replace('_', "-"),
+                            $min,
+                            $max,
+                        )?;
+                    )?
+                )*
+                Ok($resolved { $($field),* })
+            }
+        }
+    };
+    (@ty $ty:ty) => { Option<$ty> };
+    (@ty $ty:ty, $default:expr) => { $ty };
+    (@finish $v:ident) => { $v };
+    (@finish $v:ident, $default:expr) => { $v.unwrap_or_else(|| $default) };
+    (@opt) => { None };
+    (@opt $v:literal) => { Some($v) };
+    (@shown) => { "" };
+    (@shown $default:expr) => { concat!(" [default: ", stringify!($default), "]") };
+    (@shown $default:expr; $shown:literal) => { concat!(" [default: ", $shown, "]") };
+    (@shown ; $shown:literal) => { concat!(" [default: ", $shown, "]") };
+    (@shown_plain) => { "-" };
+    (@shown_plain $default:expr) => { stringify!($default) };
+    (@shown_plain $default:expr; $shown:literal) => { $shown };
+    (@shown_plain ; $shown:literal) => { $shown };
+}
+
+pub(crate) use settings;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// What a service does with new clients when every backend fails its health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllUnhealthy {
+    /// Close new clients at once, and count them (`no_backend`).
+    Close,
+    /// Send traffic anyway, as if no check had failed (Envoy's panic mode).
+    IgnoreChecks,
+}
+
+/// One address or a list: `listen = "127.0.0.1:80"`, `listen = ["0.0.0.0:80", "[::]:80"]`,
+/// or `--listen 127.0.0.1:80,[::1]:80`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AddressList(pub Vec<String>);
+
+impl FromStr for AddressList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(AddressList(s.split(',').map(|a| a.trim().to_string()).collect()))
+    }
+}
+
+impl<'de> Deserialize<'de> for AddressList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(a) => AddressList(vec![a]),
+            OneOrMany::Many(list) => AddressList(list),
+        })
+    }
+}
+
+/// One backend as written: `"host:port"`, `"host:port=weight"` (flags), or in the file
+/// `{ address = "host:port", weight = 2 }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BackendSpec {
+    Address(String),
+    Weighted {
+        address: String,
+        #[serde(default = "one")]
+        weight: u32,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The backends of a service as written: a comma-separated list on the command line, an
+/// array in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BackendList(pub Vec<BackendSpec>);
+
+impl FromStr for BackendList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(BackendList(s.split(',').map(|item| BackendSpec::Address(item.to_string())).collect()))
+    }
+}
+
+/// A path setting (`--strategy`, `--watch`, ...).
+pub type Path = PathBuf;

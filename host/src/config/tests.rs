@@ -1,0 +1,250 @@
+use super::*;
+
+fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+    move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+}
+
+fn with_backends(list: &str) -> RunArgs {
+    let mut args = RunArgs::default();
+    args.service.backends = Some(list.parse().unwrap());
+    args
+}
+
+fn from_toml(text: &str, args: RunArgs) -> Result<Config, ConfigError> {
+    let file = FileConfig::parse(text, Path::new("test.toml"))?;
+    Config::resolve_with(&args, &env_of(&[]), file)
+}
+
+#[test]
+fn defaults_match_the_documented_values() {
+    let c = Config::resolve(&with_backends("127.0.0.1:9001"), &env_of(&[])).unwrap();
+    let s = &c.services[0];
+    assert_eq!(s.name, "default");
+    assert_eq!(s.listen, ["127.0.0.1:9090".parse().unwrap()]);
+    assert_eq!(c.admin, Some("127.0.0.1:9100".parse().unwrap()));
+    let t = &s.tunables;
+    assert_eq!(t.connect_timeout(), Duration::from_millis(1500));
+    assert_eq!(t.idle_timeout(), Some(Duration::from_secs(10)));
+    assert_eq!(t.cooldown(), Duration::from_secs(5));
+    assert_eq!(t.max_cooldown(), Duration::from_secs(60));
+    assert_eq!(t.connect_attempts, 2);
+    assert_eq!(t.max_connections, 1024);
+    assert_eq!(t.all_unhealthy, AllUnhealthy::Close);
+    assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+    assert!(c.workers >= 1);
+}
+
+#[test]
+fn legacy_variables_are_honoured_and_cli_wins() {
+    let env = env_of(&[
+        ("BACKENDS", "127.0.0.1:7001,127.0.0.1:7002=3"),
+        ("LB_DIAL_TIMEOUT_MS", "250"),
+        ("LB_IO_TIMEOUT_MS", "0"),
+        ("LB_BACKEND_COOLDOWN_MS", "100"),
+        ("LB_MAX_INFLIGHT", "7"),
+        ("LB_SHUTDOWN_GRACE_MS", "900"),
+        ("LB_METRICS_ADDR", "127.0.0.1:7100"),
+        ("LB_ADDR", "127.0.0.1:7090"),
+    ]);
+    let c = Config::resolve(&RunArgs::default(), &env).unwrap();
+    let s = &c.services[0];
+    assert_eq!(s.backends.len(), 2);
+    assert_eq!(s.backends[1].weight, 3);
+    assert_eq!(s.tunables.connect_timeout(), Duration::from_millis(250));
+    assert_eq!(s.tunables.idle_timeout(), None);
+    assert_eq!(s.tunables.cooldown(), Duration::from_millis(100));
+    assert_eq!(s.tunables.max_connections, 7);
+    assert_eq!(c.shutdown_grace, Duration::from_millis(900));
+    assert_eq!(c.admin, Some("127.0.0.1:7100".parse().unwrap()));
+    assert_eq!(s.listen, ["127.0.0.1:7090".parse().unwrap()]);
+
+    let mut args = RunArgs::default();
+    args.tunables.max_connections = Some(9);
+    args.service.listen = Some("127.0.0.1:1".parse().unwrap());
+    let c = Config::resolve(&args, &env).unwrap();
+    assert_eq!(c.services[0].tunables.max_connections, 9);
+    assert_eq!(c.services[0].listen, ["127.0.0.1:1".parse().unwrap()]);
+}
+
+#[test]
+fn dev_seed_gives_two_local_backends() {
+    let c = Config::resolve(&RunArgs::default(), &env_of(&[("LB_ALLOW_DEV_SEED", "1")])).unwrap();
+    let addrs: Vec<String> = c.services[0].backends.iter().map(|b| b.address.to_string()).collect();
+    assert_eq!(addrs, ["127.0.0.1:9001", "127.0.0.1:9002"]);
+    let err = Config::resolve(&RunArgs::default(), &env_of(&[])).unwrap_err();
+    assert!(err.to_string().starts_with("backends: no backends"), "{err}");
+}
+
+#[test]
+fn bad_values_name_the_setting() {
+    for (list, needle) in [
+        ("127.0.0.1:9001,", "empty entry"),
+        ("127.0.0.1:9001=0", "weight"),
+        ("nonsense", "not a host:port"),
+        ("127.0.0.1:9001,127.0.0.1:9001", "listed twice"),
+        ("127.0.0.1:0", "port 0"),
+    ] {
+        let err = Config::resolve(&with_backends(list), &env_of(&[])).unwrap_err().to_string();
+        assert!(err.starts_with("backends:") && err.contains(needle), "{list}: {err}");
+    }
+    let mut args = with_backends("127.0.0.1:1");
+    args.tunables.connect_attempts = Some(0);
+    assert!(Config::resolve(&args, &env_of(&[])).unwrap_err().to_string().starts_with("connect-attempts"));
+    let err =
+        Config::resolve(&RunArgs::default(), &env_of(&[("BACKENDS", "127.0.0.1:1"), ("LB_DIAL_TIMEOUT_MS", "x")]))
+            .unwrap_err();
+    assert!(err.to_string().starts_with("LB_DIAL_TIMEOUT_MS"), "{err}");
+    let mut args = with_backends("127.0.0.1:1");
+    args.tunables.cooldown_ms = Some(10_000);
+    args.tunables.max_cooldown_ms = Some(5000);
+    assert!(Config::resolve(&args, &env_of(&[])).unwrap_err().to_string().starts_with("max-cooldown-ms"));
+    // A cooldown longer than the default maximum raises the maximum with it.
+    args.tunables.max_cooldown_ms = None;
+    args.tunables.cooldown_ms = Some(90_000);
+    let c = Config::resolve(&args, &env_of(&[])).unwrap();
+    assert_eq!(c.services[0].tunables.max_cooldown(), Duration::from_secs(90));
+}
+
+#[test]
+fn a_non_ascii_log_filter_is_an_error_not_a_panic() {
+    // The directive the fuzzer found: a multi-byte character where the parser slices.
+    let mut args = with_backends("127.0.0.1:1");
+    args.global.log_level = Some(" sebackends\nlisten\u{fffd}= \u{fffd}\"254.0.0.1:9090\"".into());
+    let err = Config::resolve(&args, &env_of(&[])).unwrap_err().to_string();
+    assert!(err.starts_with("log-level:"), "{err}");
+}
+
+#[test]
+fn file_values_apply_below_cli_and_unknown_keys_are_named() {
+    let dir = std::env::temp_dir().join(format!("harbor-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "listen = \"127.0.0.1:7000\"\nbackends = [\"127.0.0.1:7001\", { address = \"127.0.0.1:7002\", weight = 4 }]\nidle_timeout_ms = 1234\n",
+    )
+    .unwrap();
+    let mut args = RunArgs { config: Some(good.clone()), ..Default::default() };
+    args.tunables.idle_timeout_ms = Some(99);
+    let c = Config::resolve(&args, &env_of(&[])).unwrap();
+    let s = &c.services[0];
+    assert_eq!(s.listen, ["127.0.0.1:7000".parse().unwrap()]);
+    assert_eq!(s.backends[1], BackendConfig { address: "127.0.0.1:7002".parse().unwrap(), weight: 4 });
+    assert_eq!(s.tunables.idle_timeout(), Some(Duration::from_millis(99)));
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "backends = [\"127.0.0.1:7001\"]\nlisten_addr = \"x\"\n").unwrap();
+    let args = RunArgs { config: Some(bad), ..Default::default() };
+    let err = Config::resolve(&args, &env_of(&[])).unwrap_err().to_string();
+    assert!(err.contains("unknown field `listen_addr`"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+const TWO_SERVICES: &str = r#"
+idle_timeout_ms = 2000
+connect_attempts = 3
+
+[[service]]
+name = "web"
+listen = ["127.0.0.1:18080", "[::1]:18080"]
+backends = ["127.0.0.1:18001", { address = "127.0.0.1:18002", weight = 2 }]
+idle_timeout_ms = 500
+
+[service.health]
+kind = "http"
+path = "/healthz"
+interval_ms = 1000
+
+[[service]]
+name = "cache"
+listen = "127.0.0.1:16379"
+backends = ["127.0.0.1:16380"]
+health = { kind = "send-expect", send = "PING\r\n", expect = "+PONG", fall = 2 }
+"#;
+
+#[test]
+fn services_take_their_own_values_then_the_global_ones() {
+    let c = from_toml(TWO_SERVICES, RunArgs::default()).unwrap();
+    let names: Vec<&str> = c.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["web", "cache"], "no default service without flags or top-level backends");
+    let web = &c.services[0];
+    assert_eq!(web.listen, ["127.0.0.1:18080".parse().unwrap(), "[::1]:18080".parse().unwrap()]);
+    assert_eq!(web.backends[1].weight, 2);
+    assert_eq!(web.tunables.idle_timeout_ms, 500, "the service's own value");
+    assert_eq!(web.tunables.connect_attempts, 3, "the file's global value");
+    assert_eq!(web.tunables.connect_timeout_ms, 1500, "the default");
+    let health = web.health.as_ref().unwrap();
+    assert_eq!((health.kind, health.interval_ms, health.rise, health.fall), (HealthKind::Http, 1000, 2, 3));
+    let cache = &c.services[1];
+    assert_eq!(cache.tunables.idle_timeout_ms, 2000);
+    assert_eq!(cache.health.as_ref().unwrap().send, "PING\r\n");
+
+    // A flag sets the global value: it beats the file's global value, not a service's own.
+    let mut args = RunArgs::default();
+    args.tunables.idle_timeout_ms = Some(42);
+    let c = from_toml(TWO_SERVICES, args).unwrap();
+    assert_eq!(c.services[0].tunables.idle_timeout_ms, 500);
+    assert_eq!(c.services[1].tunables.idle_timeout_ms, 42);
+
+    // Flags that define a service add `default` beside the file's.
+    let c = from_toml(TWO_SERVICES, with_backends("127.0.0.1:19001")).unwrap();
+    assert_eq!(c.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["default", "web", "cache"]);
+    assert!(c.describe().contains("[[service]]\nname = \"cache\""));
+}
+
+#[test]
+fn bad_services_are_one_clear_error() {
+    for (text, needle) in [
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\ncolour = 1\n", "unknown field `colour` in service a"),
+        ("[[service]]\nlisten = \"127.0.0.1:1\"\nbackends = []\n", "has no name"),
+        ("[[service]]\nname = \"a b\"\nlisten = \"127.0.0.1:1\"\nbackends = []\n", "not a service name"),
+        ("[[service]]\nname = \"a\"\nbackends = []\n", "service a: listen: missing"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n", "service a: backends: missing"),
+        (
+            "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\n[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:2\"\nbackends = []\n",
+            "a is declared twice",
+        ),
+        (
+            "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\n[[service]]\nname = \"b\"\nlisten = \"127.0.0.1:1\"\nbackends = []\n",
+            "taken by another service",
+        ),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\nidle_timeout_ms = -1\n", "idle_timeout_ms (service a)"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\nconnect_attempts = 99\n", "connect-attempts"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\nhealth = { kind = \"send-expect\" }\n", "health.expect"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\nhealth = { kind = \"ping\" }\n", "health"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\nhealth = { kind = \"tcp\", fall = 0 }\n", "health.fall"),
+        ("service = 3\n", "array of tables"),
+    ] {
+        let err = from_toml(text, RunArgs::default()).unwrap_err().to_string();
+        assert!(err.contains(needle), "{text:?}: {err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+}
+
+#[test]
+fn a_public_admin_address_needs_a_token() {
+    let mut args = with_backends("127.0.0.1:1");
+    args.global.admin = Some("0.0.0.0:0".into());
+    let err = Config::resolve(&args, &env_of(&[])).unwrap_err().to_string();
+    assert!(err.starts_with("admin:") && err.contains("admin-token-file"), "{err}");
+    let dir = std::env::temp_dir().join(format!("harbor-token-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "short\n").unwrap();
+    args.global.admin_token_file = Some(token.clone());
+    assert!(Config::resolve(&args, &env_of(&[])).unwrap_err().to_string().contains("at least 16"));
+    std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+    let c = Config::resolve(&args, &env_of(&[])).unwrap();
+    assert_eq!(c.admin_token.as_deref(), Some("0123456789abcdef0123"));
+    assert!(!c.describe().contains("0123456789abcdef0123"), "the token is never printed");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn every_setting_is_in_the_readme() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for doc in Config::settings_docs() {
+        let flag = format!("--{}", doc.key.replace('_', "-"));
+        assert!(readme.contains(&format!("`{flag}`")), "README does not document {flag}");
+    }
+}

@@ -1,0 +1,211 @@
+//! Active health checks: one probe task per backend of a service that has a check, off the
+//! relay's path, spread with jitter. `fall` failures in a row make a backend unhealthy in
+//! every snapshot; `rise` successes in a row bring it back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, Health};
+use crate::config::{HealthConfig, HealthKind};
+use crate::connect::{connect, SocketOptions};
+use crate::metrics::Metrics;
+
+/// The first probe of a backend comes within this time (or its interval, if shorter): a new
+/// backend takes traffic after one good probe.
+pub const FIRST_PROBE_WITHIN: Duration = Duration::from_millis(200);
+/// Each interval is stretched or shrunk by up to this share, so probes never line up.
+pub const JITTER: f64 = 0.1;
+/// Most bytes read from a backend's reply.
+const MAX_REPLY: usize = 4096;
+
+/// Why a probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Connect(#[from] crate::connect::ConnectError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("unexpected reply {0:?}")]
+    Reply(String),
+}
+
+/// Probes `backend` until `stop` is cancelled or the backend retires.
+pub fn spawn_probe(
+    backend: Arc<Backend>,
+    check: HealthConfig,
+    service: String,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let handles = metrics.probe_handles(&service, &backend.address.to_string());
+        let retired = backend.retired.clone();
+        let first = FIRST_PROBE_WITHIN.min(check.interval()).mul_f64(rand::rng().random::<f64>());
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = retired.cancelled() => return,
+            _ = tokio::time::sleep(first) => {}
+        }
+        let (mut passed, mut failed) = (0u32, 0u32);
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = retired.cancelled() => return,
+                result = probe(&check, backend.address) => result,
+            };
+            handles.record(result.is_ok(), started.elapsed());
+            match &result {
+                Ok(()) => {
+                    passed = passed.saturating_add(1);
+                    failed = 0;
+                }
+                Err(_) => {
+                    failed = failed.saturating_add(1);
+                    passed = 0;
+                }
+            }
+            let next = judge(backend.health(), passed, failed, &check);
+            if backend.set_health(next) {
+                match (&result, next) {
+                    (Err(error), Health::Failing) => {
+                        tracing::warn!(%service, backend = %backend.address, failed, "backend unhealthy: {error}")
+                    }
+                    (_, Health::Passing) => {
+                        tracing::info!(%service, backend = %backend.address, passed, "backend healthy")
+                    }
+                    _ => {}
+                }
+            }
+            let jitter = 1.0 + JITTER * (2.0 * rand::rng().random::<f64>() - 1.0);
+            let wait = check.interval().mul_f64(jitter).saturating_sub(started.elapsed());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = retired.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    });
+}
+
+/// The health after a probe, given the streaks so far.
+pub fn judge(now: Health, passed: u32, failed: u32, check: &HealthConfig) -> Health {
+    match now {
+        // A new backend: one good probe lets it in; `fall` failures mark it down.
+        Health::Pending if passed >= 1 => Health::Passing,
+        Health::Pending | Health::Passing | Health::Unchecked if failed >= check.fall => Health::Failing,
+        Health::Failing if passed >= check.rise => Health::Passing,
+        Health::Unchecked => Health::Passing,
+        other => other,
+    }
+}
+
+/// One probe, under the check's timeout.
+pub async fn probe(check: &HealthConfig, address: SocketAddr) -> Result<(), ProbeError> {
+    let timeout = check.timeout();
+    match tokio::time::timeout(timeout, probe_unbounded(check, address)).await {
+        Ok(result) => result,
+        Err(_) => Err(ProbeError::Timeout(timeout)),
+    }
+}
+
+async fn probe_unbounded(check: &HealthConfig, address: SocketAddr) -> Result<(), ProbeError> {
+    let options = SocketOptions { nodelay: true, keepalive: None };
+    let mut stream = connect(address, check.timeout(), &options).await?;
+    // Close with a reset: a prober that probes 1,000 backends every second must not pile up
+    // TIME_WAIT sockets.
+    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    match check.kind {
+        HealthKind::Tcp => Ok(()),
+        HealthKind::SendExpect => {
+            if !check.send.is_empty() {
+                stream.write_all(check.send.as_bytes()).await?;
+            }
+            let reply = read_at_least(&mut stream, check.expect.len()).await?;
+            if reply.starts_with(check.expect.as_bytes()) {
+                Ok(())
+            } else {
+                Err(ProbeError::Reply(String::from_utf8_lossy(&reply).into_owned()))
+            }
+        }
+        HealthKind::Http => {
+            let request = format!(
+                "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: harbor-health-check\r\nConnection: close\r\n\r\n",
+                check.path, check.host
+            );
+            stream.write_all(request.as_bytes()).await?;
+            let reply = read_status_line(&mut stream).await?;
+            let status = std::str::from_utf8(&reply)
+                .ok()
+                .and_then(|line| line.strip_prefix("HTTP/1."))
+                .and_then(|rest| rest.get(2..5))
+                .and_then(|code| code.parse::<u16>().ok());
+            match status {
+                Some(code) if (check.status[0]..=check.status[1]).contains(&code) => Ok(()),
+                _ => Err(ProbeError::Reply(String::from_utf8_lossy(&reply).into_owned())),
+            }
+        }
+    }
+}
+
+/// Reads until `want` bytes have come (or the peer closes, or [`MAX_REPLY`]).
+async fn read_at_least(stream: &mut TcpStream, want: usize) -> std::io::Result<Vec<u8>> {
+    let mut reply = Vec::with_capacity(want.min(MAX_REPLY));
+    let mut buf = [0u8; 512];
+    while reply.len() < want.min(MAX_REPLY) {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+    }
+    Ok(reply)
+}
+
+/// Reads the first line of an HTTP reply.
+async fn read_status_line(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 512];
+    while !reply.contains(&b'\n') && reply.len() < MAX_REPLY {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+    }
+    if let Some(end) = reply.iter().position(|&b| b == b'\n') {
+        reply.truncate(end);
+    }
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(rise: u32, fall: u32) -> HealthConfig {
+        let text = format!("kind = \"tcp\"\nrise = {rise}\nfall = {fall}\n");
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn fall_failures_mark_down_and_rise_successes_bring_back() {
+        let c = check(2, 3);
+        assert_eq!(judge(Health::Pending, 1, 0, &c), Health::Passing, "one good probe lets a new backend in");
+        assert_eq!(judge(Health::Pending, 0, 2, &c), Health::Pending);
+        assert_eq!(judge(Health::Pending, 0, 3, &c), Health::Failing);
+        assert_eq!(judge(Health::Passing, 0, 2, &c), Health::Passing);
+        assert_eq!(judge(Health::Passing, 0, 3, &c), Health::Failing);
+        assert_eq!(judge(Health::Failing, 1, 0, &c), Health::Failing);
+        assert_eq!(judge(Health::Failing, 2, 0, &c), Health::Passing);
+    }
+}

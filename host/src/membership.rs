@@ -1,0 +1,375 @@
+//! A service's membership: which backends it has, from which sources (the static list, the
+//! admin API), and what happens when that changes. Every change builds a whole new
+//! [`BackendPool`] and swaps it in; live state follows each backend's address; a removed
+//! backend drains (no new connection, its connections finish) and then leaves.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, BackendPool, BackendState, BackendView, Health, Member, Source};
+use crate::config::{BackendConfig, HealthConfig, MAX_BACKENDS};
+use crate::health;
+use crate::metrics::Metrics;
+
+/// How often removed backends are checked for connections still open.
+pub const REAP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Why a membership change was refused. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    #[error("{0} is already a backend of this service")]
+    Duplicate(SocketAddr),
+    #[error("{0} is not a backend of this service")]
+    NotFound(SocketAddr),
+    #[error("a service has at most {MAX_BACKENDS} backends")]
+    TooMany,
+}
+
+/// An operator's change to one backend, through the admin API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Override {
+    pub weight: Option<u32>,
+    /// `Some(true)`: draining (no new connections); `Some(false)`: ready again.
+    pub draining: Option<bool>,
+}
+
+/// A backend on its way out.
+struct Removal {
+    member: Member,
+    since: Instant,
+}
+
+struct State {
+    static_list: Vec<BackendConfig>,
+    /// Added through the API, in the order added.
+    api: BTreeMap<SocketAddr, (u64, u32)>,
+    api_order: u64,
+    overrides: HashMap<SocketAddr, Override>,
+    /// Configured backends the API removed (until the next reload).
+    deleted: HashSet<SocketAddr>,
+    removing: HashMap<SocketAddr, Removal>,
+    /// The probe of each backend, stopped when it leaves or the check changes.
+    probes: HashMap<SocketAddr, CancellationToken>,
+    health: Option<HealthConfig>,
+    drain_timeout: Option<Duration>,
+    generation: u64,
+}
+
+/// A service's membership and the pool it publishes.
+pub struct Membership {
+    service: String,
+    metrics: Arc<Metrics>,
+    pool: Arc<ArcSwap<BackendPool>>,
+    state: Mutex<State>,
+    /// Parent of every backend's cut token: cancelled when Harbor's grace period ends.
+    cut: CancellationToken,
+    /// Stops the probes and the reaper.
+    background: CancellationToken,
+}
+
+impl Membership {
+    /// A membership holding the configured backends, publishing generation 1.
+    pub fn new(
+        service: &str,
+        backends: &[BackendConfig],
+        health: Option<HealthConfig>,
+        drain_timeout: Option<Duration>,
+        metrics: Arc<Metrics>,
+        cut: CancellationToken,
+        background: CancellationToken,
+    ) -> Arc<Membership> {
+        let membership = Arc::new(Membership {
+            service: service.to_string(),
+            metrics,
+            pool: Arc::new(ArcSwap::from_pointee(BackendPool::default())),
+            state: Mutex::new(State {
+                static_list: backends.to_vec(),
+                api: BTreeMap::new(),
+                api_order: 0,
+                overrides: HashMap::new(),
+                deleted: HashSet::new(),
+                removing: HashMap::new(),
+                probes: HashMap::new(),
+                health,
+                drain_timeout,
+                generation: 0,
+            }),
+            cut,
+            background,
+        });
+        membership.rebuild(&mut membership.lock());
+        membership
+    }
+
+    /// The pool connections read (shared with the service's context).
+    pub fn pool(&self) -> Arc<ArcSwap<BackendPool>> {
+        Arc::clone(&self.pool)
+    }
+
+    /// Runs the reaper until the service stops: removed backends leave once their
+    /// connections are done, or are cut at their drain timeout.
+    pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let membership = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REAP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = membership.background.cancelled() => return,
+                    _ = tick.tick() => membership.reap(),
+                }
+            }
+        })
+    }
+
+    /// Adds a backend through the API.
+    pub fn add(&self, address: SocketAddr, weight: u32) -> Result<(), MembershipError> {
+        let mut state = self.lock();
+        let pool = self.pool.load();
+        if pool.find(address).is_some_and(|(_, m)| !m.removing) {
+            self.metrics.membership_change(&self.service, "duplicate");
+            return Err(MembershipError::Duplicate(address));
+        }
+        if pool.len() >= MAX_BACKENDS {
+            return Err(MembershipError::TooMany);
+        }
+        state.api_order += 1;
+        let order = state.api_order;
+        state.api.insert(address, (order, weight));
+        state.deleted.remove(&address);
+        state.overrides.remove(&address);
+        self.rebuild(&mut state);
+        Ok(())
+    }
+
+    /// Changes a backend's weight or state through the API.
+    pub fn patch(&self, address: SocketAddr, change: Override) -> Result<(), MembershipError> {
+        let mut state = self.lock();
+        if self.pool.load().find(address).is_none_or(|(_, m)| m.removing) {
+            return Err(MembershipError::NotFound(address));
+        }
+        let entry = state.overrides.entry(address).or_default();
+        if change.weight.is_some() {
+            entry.weight = change.weight;
+        }
+        if change.draining.is_some() {
+            entry.draining = change.draining;
+        }
+        self.rebuild(&mut state);
+        Ok(())
+    }
+
+    /// Drains a backend, then removes it, through the API.
+    pub fn remove(&self, address: SocketAddr) -> Result<(), MembershipError> {
+        let mut state = self.lock();
+        if self.pool.load().find(address).is_none_or(|(_, m)| m.removing) {
+            return Err(MembershipError::NotFound(address));
+        }
+        if state.api.remove(&address).is_none() {
+            state.deleted.insert(address);
+        }
+        state.overrides.remove(&address);
+        self.rebuild(&mut state);
+        Ok(())
+    }
+
+    /// Applies a reloaded configuration: its backends replace the static list, and every
+    /// change made through the API is dropped (the file is applied again).
+    pub fn reconfigure(
+        &self,
+        backends: &[BackendConfig],
+        health: Option<HealthConfig>,
+        drain_timeout: Option<Duration>,
+    ) {
+        let mut state = self.lock();
+        state.static_list = backends.to_vec();
+        state.api.clear();
+        state.overrides.clear();
+        state.deleted.clear();
+        state.drain_timeout = drain_timeout;
+        if state.health != health {
+            let adding_checks = state.health.is_none();
+            state.health = health;
+            // Restart every probe under the new check. Backends already serving stay in
+            // rotation until the new check fails them; without a check they are unchecked.
+            for (_, probe) in state.probes.drain() {
+                probe.cancel();
+            }
+            let pool = self.pool.load();
+            for member in pool.members() {
+                let backend = &member.backend;
+                match (&state.health, adding_checks) {
+                    (None, _) => {
+                        backend.set_health(Health::Unchecked);
+                    }
+                    (Some(_), true) => {
+                        backend.set_health(Health::Passing);
+                    }
+                    (Some(_), false) => {}
+                }
+            }
+            let members: Vec<Arc<Backend>> = pool.iter().cloned().collect();
+            for backend in members {
+                self.start_probe(&mut state, &backend);
+            }
+        }
+        self.rebuild(&mut state);
+    }
+
+    /// The backends as `GET /backends` shows them.
+    pub fn views(&self) -> Vec<BackendView> {
+        let pool = self.pool.load();
+        pool.members().iter().enumerate().map(|(i, m)| BackendView::of(i, m)).collect()
+    }
+
+    /// Stops every probe (the service is going away).
+    pub fn stop(&self) {
+        let mut state = self.lock();
+        for (_, probe) in state.probes.drain() {
+            probe.cancel();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Lets removed backends leave once idle, and cuts those past their drain timeout.
+    fn reap(&self) {
+        let mut state = self.lock();
+        if state.removing.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let timeout = state.drain_timeout;
+        let mut gone = Vec::new();
+        for (address, removal) in &state.removing {
+            let backend = &removal.member.backend;
+            if backend.active() == 0 {
+                gone.push(*address);
+            } else if timeout.is_some_and(|t| now.duration_since(removal.since) >= t) && !backend.cut.is_cancelled() {
+                tracing::warn!(service = %self.service, backend = %address, active = backend.active(), "drain timeout: cutting the backend's connections");
+                backend.cut.cancel();
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        for address in gone {
+            if let Some(removal) = state.removing.remove(&address) {
+                self.retire(&mut state, &removal.member.backend);
+                tracing::info!(service = %self.service, backend = %address, "backend drained and removed");
+                self.metrics.membership_change(&self.service, "removed");
+            }
+        }
+        self.rebuild(&mut state);
+    }
+
+    fn retire(&self, state: &mut State, backend: &Arc<Backend>) {
+        backend.retired.cancel();
+        if let Some(probe) = state.probes.remove(&backend.address) {
+            probe.cancel();
+        }
+        self.metrics.remove_backend(&self.service, &backend.address.to_string());
+    }
+
+    fn start_probe(&self, state: &mut State, backend: &Arc<Backend>) {
+        let Some(check) = state.health.clone() else { return };
+        let stop = self.background.child_token();
+        if let Some(old) = state.probes.insert(backend.address, stop.clone()) {
+            old.cancel();
+        }
+        health::spawn_probe(Arc::clone(backend), check, self.service.clone(), Arc::clone(&self.metrics), stop);
+    }
+
+    /// Builds the membership the sources describe and publishes it if it differs.
+    fn rebuild(&self, state: &mut State) {
+        let current = self.pool.load_full();
+        let live: HashMap<SocketAddr, &Member> = current.members().iter().map(|m| (m.backend.address, m)).collect();
+
+        // Sources in order of precedence; a later listing of an address is a duplicate.
+        let mut listed: Vec<(SocketAddr, u32, Source)> = Vec::new();
+        let mut seen = HashSet::new();
+        for b in &state.static_list {
+            if !state.deleted.contains(&b.address) && seen.insert(b.address) {
+                listed.push((b.address, b.weight, Source::Static));
+            }
+        }
+        let mut api: Vec<(&SocketAddr, &(u64, u32))> = state.api.iter().collect();
+        api.sort_by_key(|(_, (order, _))| *order);
+        for (address, (_, weight)) in api {
+            if seen.insert(*address) {
+                listed.push((*address, *weight, Source::Api));
+            } else {
+                tracing::warn!(service = %self.service, backend = %address, "listed twice: kept once");
+            }
+        }
+
+        let mut members = Vec::with_capacity(listed.len() + state.removing.len());
+        for (address, weight, source) in listed {
+            let change = state.overrides.get(&address).copied().unwrap_or_default();
+            let backend = match live.get(&address) {
+                Some(member) => Arc::clone(&member.backend),
+                None => {
+                    let backend =
+                        Backend::new(address, &self.service, &self.metrics, state.health.is_some(), &self.cut);
+                    self.start_probe(state, &backend);
+                    self.metrics.membership_change(&self.service, "added");
+                    tracing::info!(service = %self.service, backend = %address, ?source, "backend added");
+                    backend
+                }
+            };
+            if state.removing.remove(&address).is_some() {
+                tracing::info!(service = %self.service, backend = %address, "backend listed again: drain called off");
+            }
+            let draining = change.draining.unwrap_or(false);
+            backend.set_admin_state(if draining { BackendState::Draining } else { BackendState::Healthy });
+            members.push(Member { backend, weight: change.weight.unwrap_or(weight), source, removing: false });
+        }
+        // Backends no longer listed drain: they stay visible, take no new connection, and
+        // leave when their connections are done.
+        let kept: HashSet<SocketAddr> = members.iter().map(|m| m.backend.address).collect();
+        for member in current.members() {
+            let address = member.backend.address;
+            if kept.contains(&address) || state.removing.contains_key(&address) {
+                continue;
+            }
+            member.backend.set_admin_state(BackendState::Draining);
+            let member = Member { removing: true, ..member.clone() };
+            if member.backend.active() == 0 {
+                self.retire(state, &member.backend);
+                self.metrics.membership_change(&self.service, "removed");
+                tracing::info!(service = %self.service, backend = %address, "backend removed");
+            } else {
+                self.metrics.membership_change(&self.service, "draining");
+                tracing::info!(service = %self.service, backend = %address, active = member.backend.active(), "backend removed: draining its connections");
+                state.removing.insert(address, Removal { member, since: Instant::now() });
+            }
+        }
+        let mut removing: Vec<&Removal> = state.removing.values().collect();
+        removing.sort_by_key(|r| r.member.backend.address);
+        members.extend(removing.into_iter().map(|r| r.member.clone()));
+
+        let unchanged = state.generation > 0
+            && members.len() == current.len()
+            && members.iter().zip(current.members()).all(|(a, b)| {
+                Arc::ptr_eq(&a.backend, &b.backend)
+                    && a.weight == b.weight
+                    && a.removing == b.removing
+                    && a.source == b.source
+            });
+        if unchanged {
+            return;
+        }
+        state.generation += 1;
+        self.pool.store(Arc::new(BackendPool::from_members(members, state.generation)));
+    }
+}

@@ -1,0 +1,233 @@
+//! One service at run time: the small context each of its connections gets (pool, strategy,
+//! limits, metrics), its admission caps, and the accept loops of its listeners.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::accept::accept_loop;
+use crate::backend::BackendPool;
+use crate::config::{AllUnhealthy, ServiceConfig, Tunables};
+use crate::connect::SocketOptions;
+use crate::logging::RateLimitedLog;
+use crate::membership::Membership;
+use crate::metrics::ServiceMetrics;
+use crate::relay::RelayLimits;
+use crate::source_limit::SourceLimiter;
+use crate::strategy::StrategyHost;
+
+/// The limits one connection runs under, fixed when it is accepted.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    pub connect_timeout: Duration,
+    pub connect_attempts: u32,
+    pub cooldown: Duration,
+    pub max_cooldown: Duration,
+    pub relay: RelayLimits,
+    pub socket: SocketOptions,
+    /// `all_unhealthy = "ignore-checks"`: when the checks fail every backend, ignore them.
+    pub ignore_checks_when_all_fail: bool,
+}
+
+impl ConnectionLimits {
+    pub fn from_tunables(t: &Tunables) -> Self {
+        ConnectionLimits {
+            connect_timeout: t.connect_timeout(),
+            connect_attempts: t.connect_attempts as u32,
+            cooldown: t.cooldown(),
+            max_cooldown: t.max_cooldown(),
+            relay: RelayLimits {
+                idle: t.idle_timeout(),
+                lifetime: t.max_lifetime(),
+                half_close: t.half_close_timeout(),
+            },
+            socket: SocketOptions { nodelay: t.nodelay, keepalive: t.keepalive() },
+            ignore_checks_when_all_fail: t.all_unhealthy == AllUnhealthy::IgnoreChecks,
+        }
+    }
+}
+
+/// Everything one connection needs, and nothing more. A reload builds a new context; a
+/// connection keeps the one it was accepted with.
+pub struct ServiceContext {
+    pub name: String,
+    pub pool: Arc<ArcSwap<BackendPool>>,
+    pub strategy: Arc<StrategyHost>,
+    pub limits: ConnectionLimits,
+    pub metrics: ServiceMetrics,
+    pub hot_path_log: Arc<RateLimitedLog>,
+}
+
+/// A service's caps at accept: `max_connections` for the whole service (shared by its
+/// listeners, resized in place by a reload) and the per-source cap.
+pub struct Admission {
+    pub slots: Arc<Semaphore>,
+    capacity: Mutex<usize>,
+    pub source_limiter: ArcSwap<Option<Arc<SourceLimiter>>>,
+}
+
+impl Admission {
+    pub fn new(t: &Tunables) -> Admission {
+        Admission {
+            slots: Arc::new(Semaphore::new(t.max_connections as usize)),
+            capacity: Mutex::new(t.max_connections as usize),
+            source_limiter: ArcSwap::from_pointee(source_limiter(t)),
+        }
+    }
+
+    /// Applies new caps to new connections. Slots held now stay held; a smaller cap takes
+    /// effect as they are given back.
+    pub fn update(&self, t: &Tunables) {
+        let mut capacity = match self.capacity.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let want = t.max_connections as usize;
+        if want > *capacity {
+            self.slots.add_permits(want - *capacity);
+        } else if want < *capacity {
+            let mut to_forget = *capacity - want;
+            to_forget -= self.slots.forget_permits(to_forget);
+            if to_forget > 0 {
+                // Held now: forget them as they come back.
+                let slots = Arc::clone(&self.slots);
+                tokio::spawn(async move {
+                    if let Ok(permits) = slots.acquire_many(to_forget as u32).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
+        *capacity = want;
+        let current = self.source_limiter.load();
+        let same = match (current.as_ref(), t.max_connections_per_source) {
+            (None, 0) => true,
+            (Some(l), n) => l.max_per_source() == n as u32 && l.ipv6_prefix() == t.source_ipv6_prefix as u8,
+            (None, _) => false,
+        };
+        if !same {
+            self.source_limiter.store(Arc::new(source_limiter(t)));
+        }
+    }
+
+    pub fn max_connections(&self) -> usize {
+        match self.capacity.lock() {
+            Ok(guard) => *guard,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+}
+
+fn source_limiter(t: &Tunables) -> Option<Arc<SourceLimiter>> {
+    (t.max_connections_per_source > 0)
+        .then(|| Arc::new(SourceLimiter::new(t.max_connections_per_source as u32, t.source_ipv6_prefix as u8)))
+}
+
+/// One listening address of a service and the task accepting on it.
+struct Listening {
+    /// As configured (port 0 stays 0), for reloads to compare.
+    configured: SocketAddr,
+    /// As bound.
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// A service: its current context, membership and admission, and its listeners.
+pub struct Service {
+    pub name: String,
+    pub context: ArcSwap<ServiceContext>,
+    pub config: ArcSwap<ServiceConfig>,
+    pub membership: Arc<Membership>,
+    pub admission: Arc<Admission>,
+    listeners: Mutex<Vec<Listening>>,
+    /// Stops the service's background work (watcher, probes, drains).
+    pub background: CancellationToken,
+    pub watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Service {
+    pub fn new(
+        context: ServiceContext,
+        config: ServiceConfig,
+        membership: Arc<Membership>,
+        background: CancellationToken,
+    ) -> Service {
+        Service {
+            name: config.name.clone(),
+            admission: Arc::new(Admission::new(&config.tunables)),
+            context: ArcSwap::from_pointee(context),
+            config: ArcSwap::from_pointee(config),
+            membership,
+            listeners: Mutex::new(Vec::new()),
+            background,
+            watcher: Mutex::new(None),
+        }
+    }
+
+    /// Starts accepting on a bound listener. Each connection runs on `tracker`.
+    pub fn serve(self: &Arc<Self>, listener: TcpListener, configured: SocketAddr, tracker: &TaskTracker) {
+        let addr = listener.local_addr().unwrap_or(configured);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let service = Arc::clone(self);
+            let tracker = tracker.clone();
+            let stop = stop.clone();
+            async move {
+                let result = accept_loop(&listener, &service, &tracker, &stop).await;
+                if let Err(error) = &result {
+                    tracing::error!(service = %service.name, listen = %addr, "accepting failed for good: {error}");
+                }
+                result
+            }
+        });
+        self.lock_listeners().push(Listening { configured, addr, stop, task });
+    }
+
+    /// The addresses the service accepts on now.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.lock_listeners().iter().map(|l| l.addr).collect()
+    }
+
+    /// Stops accepting on a configured address (the socket closes once its loop returns).
+    pub async fn stop_listening_on(&self, configured: SocketAddr) {
+        let stopped: Vec<Listening> = {
+            let mut listeners = self.lock_listeners();
+            let (stop, keep) = listeners.drain(..).partition(|l| l.configured == configured);
+            *listeners = keep;
+            stop
+        };
+        for l in stopped {
+            l.stop.cancel();
+            let _ = l.task.await;
+        }
+    }
+
+    /// Stops every accept loop and waits for each listening socket to close.
+    pub async fn stop_listening(&self) -> std::io::Result<()> {
+        let all: Vec<Listening> = self.lock_listeners().drain(..).collect();
+        let mut outcome = Ok(());
+        for l in all {
+            l.stop.cancel();
+            match l.task.await {
+                Ok(Err(error)) => outcome = Err(error),
+                Ok(Ok(())) => {}
+                Err(join) => outcome = Err(std::io::Error::other(join.to_string())),
+            }
+        }
+        outcome
+    }
+
+    fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Vec<Listening>> {
+        match self.listeners.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
