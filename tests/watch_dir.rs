@@ -32,7 +32,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 }
 
 async fn admin_metric(admin: std::net::SocketAddr, series: &str) -> f64 {
-    Scrape::fetch(admin).await.samples.iter().find(|(s, _)| s == series).map(|(_, v)| *v).unwrap_or(0.0)
+    Scrape::fetch(admin).await.try_get(series).unwrap_or(0.0)
 }
 
 /// A newer broken file, a FIFO and a symlink to /dev/zero beside an older good strategy: the

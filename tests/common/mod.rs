@@ -227,11 +227,12 @@ impl Scrape {
     /// the `default` service may be named without its service label:
     /// `harbor_accepts_total`, `harbor_backend_picks_total{backend="127.0.0.1:1"}`.
     pub fn get(&self, series: &str) -> f64 {
-        self.samples
-            .iter()
-            .find(|(s, _)| s == series || default_service_series(s) == series)
-            .map(|(_, v)| *v)
-            .unwrap_or_else(|| panic!("no series {series}"))
+        self.try_get(series).unwrap_or_else(|| panic!("no series {series}"))
+    }
+
+    /// [`Scrape::get`], or `None` if the series is not there.
+    pub fn try_get(&self, series: &str) -> Option<f64> {
+        self.samples.iter().find(|(s, _)| s == series || default_service_series(s) == series).map(|(_, v)| *v)
     }
 
     /// Sum over all series of a metric name (any labels).

@@ -1,0 +1,505 @@
+//! The control plane over real sockets: several services in one Harbor, backends added and
+//! removed through the admin API and by reloads while clients keep going, drains, health
+//! checks against a backend that hangs, and bad admin input that changes nothing.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+fn backends_json(admin_body: &str) -> Vec<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(admin_body).expect("JSON").as_array().cloned().expect("an array")
+}
+
+fn addresses(body: &str) -> Vec<String> {
+    backends_json(body).iter().map(|b| b["address"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_services_listen_apart_with_their_own_pools_and_labels() {
+    let (web, _s1) = echo_backend("web-1").await;
+    let (cache, _s2) = echo_backend("cache-1").await;
+    let (config, _) = config_from_toml(&format!(
+        "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\nbackends = [\"{web}\"]\n\n\
+         [[service]]\nname = \"cache\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{cache}\"]\nidle_timeout_ms = 700\n"
+    ));
+    let harbor = start(config).await;
+    let admin = harbor.admin_addr.unwrap();
+    let web_addr = harbor.addr_of("web").unwrap();
+    let cache_addr = harbor.addr_of("cache").unwrap();
+    for _ in 0..3 {
+        assert_eq!(echo_roundtrip(web_addr, b"to web").await, "web-1");
+        assert_eq!(echo_roundtrip(cache_addr, b"to cache").await, "cache-1");
+    }
+    let (status, body) = admin_get(admin, "/services").await;
+    assert_eq!(status, 200);
+    let services: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<&str> = services.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["web", "cache"]);
+    let (status, body) = admin_get(admin, "/services/cache/backends").await;
+    assert_eq!(status, 200);
+    assert_eq!(addresses(&body), [cache.to_string()]);
+    assert_eq!(backends_json(&body)[0]["source"], "static");
+    // Several services and none named default: the single-service endpoints say so.
+    assert_eq!(admin_get(admin, "/backends").await.0, 404);
+    let m = Scrape::fetch_until(admin, |m| m.get("harbor_accepts_total{service=\"cache\"}") >= 3.0).await;
+    assert_eq!(m.get("harbor_accepts_total{service=\"web\"}"), 3.0);
+    assert_eq!(m.get("harbor_accepts_total{service=\"cache\"}"), 3.0);
+    assert_eq!(m.get(&format!("harbor_backend_picks_total{{service=\"web\",backend=\"{web}\"}}")), 3.0);
+    // Each service has its own sequence and strategy host.
+    let web_service = harbor.control.service("web").unwrap();
+    let cache_service = harbor.control.service("cache").unwrap();
+    assert!(!Arc::ptr_eq(&web_service.context.load().strategy, &cache_service.context.load().strategy));
+    assert_eq!(cache_service.context.load().limits.relay.idle, Some(Duration::from_millis(700)));
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_added_and_removed_through_the_api_while_four_clients_keep_going() {
+    let (backends, _stops) = echo_backends(3).await;
+    let harbor = start(config(&backends[..1])).await;
+    let admin = harbor.admin_addr.unwrap();
+    let load = ClientLoad::start(harbor.addr, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for (i, added) in backends[1..].iter().enumerate() {
+        let body = format!("{{\"address\": \"{added}\", \"weight\": 2}}");
+        let (status, reply) = admin_request(admin, "POST", "/services/default/backends", Some(&body), None).await;
+        assert_eq!(status, 201, "{reply}");
+        let (_, list) = admin_get(admin, "/backends").await;
+        assert_eq!(addresses(&list).len(), 2 + i);
+        let entry = backends_json(&list).into_iter().find(|b| b["address"] == added.to_string()).unwrap();
+        assert_eq!((entry["source"].as_str(), entry["weight"].as_u64()), (Some("api"), Some(2)));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Listing it again is reported, not doubled.
+    let body = format!("{{\"address\": \"{}\"}}", backends[1]);
+    let (status, reply) = admin_request(admin, "POST", "/services/default/backends", Some(&body), None).await;
+    assert_eq!(status, 409, "{reply}");
+    assert!(reply.contains("already a backend"), "{reply}");
+
+    let removed_path = format!("/services/default/backends/{}", backends[0]);
+    let (status, reply) = admin_request(admin, "DELETE", &removed_path, None, None).await;
+    assert_eq!(status, 202, "{reply}");
+    let removed_at = Instant::now();
+    // Round trips are short: the drain ends and the backend leaves `/backends` and `/metrics`.
+    let gone = eventually(Duration::from_secs(5), || harbor.pool().iter().all(|b| b.address != backends[0])).await;
+    assert!(gone.is_some(), "the removed backend never left the pool");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let tally = load.stop().await;
+
+    assert!(
+        tally.failures.is_empty(),
+        "{} failed connections: {:?}",
+        tally.failures.len(),
+        &tally.failures[..tally.failures.len().min(5)]
+    );
+    let names: HashSet<&str> = tally.answers.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains("b1") && names.contains("b2"), "each new backend gets traffic: {names:?}");
+    // A connection that started before the DELETE may still be answered by b0 just after
+    // it; none that started later.
+    let late_b0 =
+        tally.answers.iter().filter(|(n, at)| n == "b0" && *at > removed_at + Duration::from_millis(500)).count();
+    assert_eq!(late_b0, 0, "the removed backend got traffic after its removal");
+    let (_, list) = admin_get(admin, "/backends").await;
+    assert!(!addresses(&list).contains(&backends[0].to_string()));
+    let m = Scrape::fetch(admin).await;
+    assert!(
+        !m.samples.iter().any(|(s, _)| s.contains(&format!("backend=\"{}\"", backends[0]))),
+        "the removed backend's series are gone from /metrics"
+    );
+    assert!(m.get("harbor_backend_membership_changes_total{service=\"default\",change=\"added\"}") >= 3.0);
+    assert_eq!(m.get("harbor_backend_membership_changes_total{service=\"default\",change=\"duplicate\"}"), 1.0);
+    println!("api membership changes: {} round trips, 0 failed", tally.ok);
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_backend_finishes_its_long_connection_byte_exact_and_gets_no_new_one() {
+    let (backends, _stops) = echo_backends(2).await;
+    let harbor = start(config(&backends[..1])).await;
+    let admin = harbor.admin_addr.unwrap();
+    let (name, long) = connect_and_greet(harbor.addr).await;
+    assert_eq!(name, "b0");
+    let body = format!("{{\"address\": \"{}\"}}", backends[1]);
+    assert_eq!(admin_request(admin, "POST", "/services/default/backends", Some(&body), None).await.0, 201);
+    let path = format!("/services/default/backends/{}", backends[0]);
+    assert_eq!(admin_request(admin, "DELETE", &path, None, None).await.0, 202);
+
+    // Still listed, as draining and being removed, while its connection runs.
+    let (_, list) = admin_get(admin, "/backends").await;
+    let b0 = backends_json(&list).into_iter().find(|b| b["address"] == backends[0].to_string()).unwrap();
+    assert_eq!(
+        (b0["state"].as_str(), b0["removing"].as_bool(), b0["active"].as_u64()),
+        (Some("draining"), Some(true), Some(1))
+    );
+    for _ in 0..10 {
+        assert_eq!(echo_roundtrip(harbor.addr, b"new").await, "b1", "a draining backend takes no new connection");
+    }
+    // The long connection goes on, byte-exact, across the change.
+    let payload = pattern(3 << 20, 9);
+    let reader = {
+        let (mut rd, mut wr) = long.into_split();
+        let payload = payload.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in payload.chunks(64 << 10) {
+                wr.write_all(chunk).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            wr.shutdown().await.unwrap();
+        });
+        let mut echoed = Vec::new();
+        tokio::time::timeout(STEP, rd.read_to_end(&mut echoed)).await.unwrap().unwrap();
+        writer.await.unwrap();
+        echoed
+    };
+    assert_eq!(sha256(&reader), sha256(&payload));
+    let gone = eventually(Duration::from_secs(3), || harbor.pool().iter().all(|b| b.address != backends[0])).await;
+    assert!(gone.is_some(), "drained backend left");
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_keeps_its_counts_across_a_membership_change() {
+    let (backends, _stops) = echo_backends(2).await;
+    let mut cfg = config(&backends[..1]);
+    cfg.service_mut().strategy = Some(strategy("least_conn"));
+    let harbor = start(cfg).await;
+    let admin = harbor.admin_addr.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(connect_and_greet(harbor.addr).await.1);
+    }
+    let before = harbor.pool().generation();
+    let body = format!("{{\"address\": \"{}\"}}", backends[1]);
+    assert_eq!(admin_request(admin, "POST", "/services/default/backends", Some(&body), None).await.0, 201);
+    let pool = harbor.pool();
+    assert!(pool.generation() > before, "a change is a new generation");
+    let (_, list) = admin_get(admin, "/backends").await;
+    let b0 = backends_json(&list).into_iter().find(|b| b["address"] == backends[0].to_string()).unwrap();
+    assert_eq!(b0["active"], 5, "the backend holding 5 connections still shows 5 after the change");
+    // least_conn sees the 5 and sends the next 5 to the new backend.
+    let mut names = Vec::new();
+    for _ in 0..5 {
+        let (name, stream) = connect_and_greet(harbor.addr).await;
+        names.push(name);
+        held.push(stream);
+    }
+    assert_eq!(names, ["b1"; 5]);
+    drop(held);
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_admin_input_gets_a_4xx_naming_the_field_and_changes_nothing() {
+    let (backends, _stops) = echo_backends(1).await;
+    let dir = temp_dir("token");
+    let token_file = dir.join("token");
+    let token = "s3cret-token-0123456789";
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let mut cfg = config(&backends);
+    cfg.admin_token = Some(token.to_string());
+    let harbor = start(cfg).await;
+    let admin = harbor.admin_addr.unwrap();
+    let (_, before) = admin_get(admin, "/backends").await;
+    let post = "/services/default/backends";
+    let good = "{\"address\": \"127.0.0.1:1\"}";
+
+    let (status, body) = admin_request(admin, "POST", post, Some(good), None).await;
+    assert_eq!(status, 401, "no token: {body}");
+    assert!(body.contains("\"field\": \"authorization\""), "{body}");
+    assert_eq!(admin_request(admin, "POST", post, Some(good), Some("wrong-token-0123456789")).await.0, 401);
+
+    let big = format!("{{\"address\": \"127.0.0.1:1\", \"pad\": \"{}\"}}", "x".repeat(70 << 10));
+    for (method, path, body, status, field) in [
+        ("POST", post, "{not json", 400, None),
+        ("POST", post, "[1, 2]", 400, None),
+        ("POST", "/services/nope/backends", good, 404, Some("service")),
+        ("POST", post, "{\"address\": \"not an address\"}", 400, Some("address")),
+        ("POST", post, "{\"address\": \"127.0.0.1:0\"}", 400, Some("address")),
+        ("POST", post, "{\"address\": 7}", 400, Some("address")),
+        ("POST", post, "{\"weight\": 2}", 400, Some("address")),
+        ("POST", post, "{\"address\": \"127.0.0.1:1\", \"weight\": 0}", 400, Some("weight")),
+        ("POST", post, "{\"address\": \"127.0.0.1:1\", \"weight\": 99999}", 400, Some("weight")),
+        ("POST", post, "{\"address\": \"127.0.0.1:1\", \"colour\": 1}", 400, Some("colour")),
+        ("POST", post, big.as_str(), 413, None),
+        ("PATCH", "/services/default/backends/127.0.0.1:1", "{\"weight\": 2}", 404, Some("address")),
+        ("PATCH", &format!("{post}/{}", backends[0]), "{\"state\": \"sleepy\"}", 400, Some("state")),
+        ("PATCH", &format!("{post}/{}", backends[0]), "{\"weight\": -1}", 400, Some("weight")),
+        ("PATCH", &format!("{post}/{}", backends[0]), "{}", 400, None),
+        ("DELETE", "/services/default/backends/nonsense", "", 400, Some("address")),
+        ("DELETE", "/services/default/backends/127.0.0.1:1", "", 404, Some("address")),
+    ] {
+        let (got, reply) = admin_request(admin, method, path, Some(body), Some(token)).await;
+        assert_eq!(got, status, "{method} {path} {:.60}: {reply}", body);
+        let reply: serde_json::Value =
+            serde_json::from_str(&reply).unwrap_or_else(|_| panic!("JSON error for {method} {path}: {reply}"));
+        assert!(reply["error"].is_string(), "{reply}");
+        if let Some(field) = field {
+            assert_eq!(reply["field"], field, "{method} {path} {body:.60}");
+        }
+    }
+    let (_, after) = admin_get(admin, "/backends").await;
+    assert_eq!(addresses(&before), addresses(&after), "state unchanged");
+    assert_eq!(backends_json(&before)[0]["weight"], backends_json(&after)[0]["weight"]);
+    assert_eq!(harbor.pool().generation(), 1, "no new membership was published");
+
+    // The right token works.
+    let (status, reply) = admin_request(admin, "POST", post, Some(good), Some(token)).await;
+    assert_eq!(status, 201, "{reply}");
+    let path = format!("{post}/{}", backends[0]);
+    assert_eq!(admin_request(admin, "PATCH", &path, Some("{\"weight\": 3}"), Some(token)).await.0, 200);
+    let (_, list) = admin_get(admin, "/backends").await;
+    assert_eq!(backends_json(&list)[0]["weight"], 3);
+    harbor.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A backend that greets like the echo backends while `hang` is false, and accepts but never
+/// answers while it is true.
+async fn toggling_backend(name: &'static str, hang: Arc<AtomicBool>, stop: CancellationToken) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut stream, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+            };
+            if hang.load(Ordering::Relaxed) {
+                held.push(stream); // accepted, never answered
+                continue;
+            }
+            tokio::spawn(async move {
+                if stream.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = vec![0u8; 16 << 10];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if stream.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_hangs_is_marked_unhealthy_gets_no_client_and_comes_back() {
+    let (steady, _s) = echo_backend("steady").await;
+    let hang = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
+    let flaky = toggling_backend("flaky", Arc::clone(&hang), stop.clone()).await;
+    let (interval, timeout, fall, rise) = (100u64, 100u64, 3u64, 2u64);
+    let (config, _) = config_from_toml(&format!(
+        "listen = \"127.0.0.1:0\"\nbackends = [\"{steady}\", \"{flaky}\"]\n\
+         [[service]]\nname = \"probed\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{steady}\", \"{flaky}\"]\n\
+         health = {{ kind = \"send-expect\", send = \"\", expect = \"flaky\", interval_ms = {interval}, timeout_ms = {timeout}, fall = {fall}, rise = {rise} }}\n"
+    ));
+    // `expect = "flaky"` fails on `steady` (it greets "steady"): only one service probes, and
+    // there the steady backend is down for good; the test's subject is the flaky one.
+    let harbor = start(config).await;
+    let addr = harbor.addr_of("probed").unwrap();
+    let service = harbor.control.service("probed").unwrap();
+    let flaky_backend = || {
+        let pool = service.context.load().pool.load_full();
+        let backend = pool.iter().find(|b| b.address == flaky).cloned();
+        backend.unwrap()
+    };
+    let healthy =
+        eventually(Duration::from_secs(3), || flaky_backend().health() == harbor::backend::Health::Passing).await;
+    assert!(healthy.is_some(), "the flaky backend passes its first probes");
+    assert_eq!(echo_roundtrip(addr, b"hello").await, "flaky");
+
+    hang.store(true, Ordering::Relaxed);
+    let hung_at = Instant::now();
+    let marked =
+        eventually(Duration::from_secs(5), || flaky_backend().health() == harbor::backend::Health::Failing).await;
+    let took = hung_at.elapsed();
+    let bound = Duration::from_millis(fall * interval * 11 / 10 + timeout + 300);
+    assert!(marked.is_some() && took <= bound, "marked unhealthy after {took:?}, bound {bound:?}");
+    println!("hang to unhealthy: {took:?} (fall {fall} x interval {interval} ms + timeout {timeout} ms)");
+
+    // While unhealthy: every backend of `probed` fails its check, and the default is to
+    // close new clients fast.
+    let started = Instant::now();
+    let result = try_echo_roundtrip(addr, b"x").await;
+    assert!(result.is_err(), "no client reaches an unhealthy backend: {result:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "closed fast");
+
+    hang.store(false, Ordering::Relaxed);
+    let back_at = Instant::now();
+    let back =
+        eventually(Duration::from_secs(5), || flaky_backend().health() == harbor::backend::Health::Passing).await;
+    assert!(back.is_some(), "the backend comes back after {rise} good probes");
+    println!("recovery to healthy: {:?}", back_at.elapsed());
+    assert_eq!(echo_roundtrip(addr, b"again").await, "flaky");
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    assert!(
+        m.get(&format!("harbor_backend_health_transitions_total{{service=\"probed\",backend=\"{flaky}\"}}")) >= 3.0
+    );
+    assert!(
+        m.get(&format!("harbor_health_probes_total{{service=\"probed\",backend=\"{flaky}\",result=\"failed\"}}"))
+            >= fall as f64
+    );
+    // The unprobed default service never stopped using both.
+    let mut names = HashSet::new();
+    for _ in 0..6 {
+        names.insert(echo_roundtrip(harbor.addr_of("default").unwrap(), b"d").await);
+    }
+    assert_eq!(names.len(), 2);
+    stop.cancel();
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_mode_sends_traffic_when_every_check_fails() {
+    let (backend, _s) = echo_backend("only").await;
+    let (config, _) = config_from_toml(&format!(
+        "listen = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\nall_unhealthy = \"ignore-checks\"\n\
+         [[service]]\nname = \"panic\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n\
+         health = {{ kind = \"send-expect\", expect = \"never this\", interval_ms = 50, timeout_ms = 50, fall = 1 }}\n"
+    ));
+    let harbor = start(config).await;
+    let service = harbor.control.service("panic").unwrap();
+    let failing = eventually(Duration::from_secs(3), || {
+        service.context.load().pool.load().iter().all(|b| b.health() == harbor::backend::Health::Failing)
+    })
+    .await;
+    assert!(failing.is_some());
+    assert_eq!(echo_roundtrip(harbor.addr_of("panic").unwrap(), b"anyway").await, "only");
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_1000_connections_in_flight_cuts_none_and_a_bad_file_changes_nothing() {
+    let (backends, _stops) = echo_backends(3).await;
+    let write = |path: &std::path::Path, backends: &[std::net::SocketAddr], idle: u64| {
+        let list = backends.iter().map(|b| format!("\"{b}\"")).collect::<Vec<_>>().join(", ");
+        std::fs::write(
+            path,
+            format!("max_connections = 5000\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackends = [{list}]\nidle_timeout_ms = {idle}\n"),
+        )
+        .unwrap();
+    };
+    let dir = temp_dir("reload");
+    let path = dir.join("harbor.toml");
+    write(&path, &backends[..2], 30_000);
+    let config = resolve_file(&path).unwrap();
+    let harbor = start(config).await;
+    let source_path = path.clone();
+    harbor.control.set_config_source(Box::new(move || resolve_file(&source_path)));
+    let admin = harbor.admin_addr.unwrap();
+    let addr = harbor.addr_of("web").unwrap();
+
+    let mut open = Vec::new();
+    for _ in 0..1000 {
+        open.push(connect_and_greet(addr).await.1);
+    }
+    // A good file: a third backend, b0 removed, a new idle timeout.
+    write(&path, &backends[1..], 20_000);
+    let report = harbor.control.reload().await.expect("a good file applies");
+    assert_eq!(report.changed, ["web"]);
+    let service = harbor.control.service("web").unwrap();
+    assert_eq!(service.context.load().limits.relay.idle, Some(Duration::from_millis(20_000)));
+    // Every connection in flight still relays, byte-exact.
+    for (i, stream) in open.iter_mut().enumerate() {
+        let payload = format!("conn {i} after the reload");
+        stream.write_all(payload.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; payload.len()];
+        tokio::time::timeout(STEP, stream.read_exact(&mut back)).await.unwrap().unwrap();
+        assert_eq!(back, payload.as_bytes());
+    }
+    let (_, list) = admin_get(admin, "/services/web/backends").await;
+    let listed = addresses(&list);
+    assert!(
+        listed.contains(&backends[2].to_string()) && listed.contains(&backends[0].to_string()),
+        "b0 drains, listed: {listed:?}"
+    );
+    let mut names = HashSet::new();
+    for _ in 0..12 {
+        names.insert(echo_roundtrip(addr, b"new").await);
+    }
+    assert_eq!(names, HashSet::from(["b1".to_string(), "b2".to_string()]), "new connections follow the file");
+
+    // A bad file: one clear error, counted, and nothing changes.
+    let generation = service.context.load().pool.load().generation();
+    std::fs::write(&path, "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\nidle_timeout_ms = \"soon\"\n").unwrap();
+    let error = harbor.control.reload().await.unwrap_err().to_string();
+    assert!(error.contains("idle_timeout_ms"), "{error}");
+    assert_eq!(service.context.load().pool.load().generation(), generation);
+    assert_eq!(service.context.load().limits.relay.idle, Some(Duration::from_millis(20_000)));
+    let m = Scrape::fetch(admin).await;
+    assert_eq!(m.get("harbor_config_reloads_total{outcome=\"applied\"}"), 1.0);
+    assert_eq!(m.get("harbor_config_reloads_total{outcome=\"rejected\"}"), 1.0);
+    for stream in open.iter_mut() {
+        stream.write_all(b"still here").await.unwrap();
+        let mut back = [0u8; 10];
+        tokio::time::timeout(STEP, stream.read_exact(&mut back)).await.unwrap().unwrap();
+        assert_eq!(&back, b"still here");
+    }
+    drop(open);
+    harbor.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_services_and_moves_a_listener_without_a_gap() {
+    let (backends, _stops) = echo_backends(2).await;
+    let dir = temp_dir("reload-services");
+    let path = dir.join("harbor.toml");
+    let old_port = free_port();
+    let new_port = free_port();
+    let write = |text: String| std::fs::write(&path, text).unwrap();
+    write(format!("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:{old_port}\"\nbackends = [\"{}\"]\n", backends[0]));
+    let harbor = start(resolve_file(&path).unwrap()).await;
+    let source_path = path.clone();
+    harbor.control.set_config_source(Box::new(move || resolve_file(&source_path)));
+    let old_addr: std::net::SocketAddr = format!("127.0.0.1:{old_port}").parse().unwrap();
+    let new_addr: std::net::SocketAddr = format!("127.0.0.1:{new_port}").parse().unwrap();
+    let (name, mut held) = connect_and_greet(old_addr).await;
+    assert_eq!(name, "b0");
+
+    write(format!(
+        "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:{new_port}\"\nbackends = [\"{}\"]\n\
+         [[service]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n",
+        backends[0], backends[1]
+    ));
+    let report = harbor.control.reload().await.unwrap();
+    assert_eq!((report.added.as_slice(), report.changed.as_slice()), (&["b".to_string()][..], &["a".to_string()][..]));
+    assert_eq!(echo_roundtrip(new_addr, b"moved").await, "b0");
+    assert!(TcpStream::connect(old_addr).await.is_err(), "the old address is closed");
+    let b_addr = harbor.control.service("b").unwrap().local_addrs()[0];
+    assert_eq!(echo_roundtrip(b_addr, b"new service").await, "b1");
+    held.write_all(b"across").await.unwrap();
+    let mut back = [0u8; 6];
+    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"across");
+
+    // Removing a service stops its listener; its connection in flight drains on.
+    write(format!("[[service]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n", backends[1]));
+    let report = harbor.control.reload().await.unwrap();
+    assert_eq!(report.removed, ["a"]);
+    assert!(TcpStream::connect(new_addr).await.is_err());
+    held.write_all(b"still!").await.unwrap();
+    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still!");
+    drop(held);
+    harbor.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
