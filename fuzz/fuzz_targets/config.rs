@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use clap::Parser;
-use harbor::config::{Config, FileBackend, FileConfig, RunArgs};
+use harbor::config::{Config, FileConfig, RunArgs};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Parser)]
@@ -36,6 +36,9 @@ const FLAGS: &[&str] = &[
     "--log-format",
     "--log-level",
     "--strategy-config",
+    "--drain-timeout-ms",
+    "--all-unhealthy",
+    "--watch-config",
 ];
 
 /// True if `text` is a literal `ip:port`, optionally `=weight`: never a name to resolve.
@@ -49,13 +52,39 @@ fn check(result: Result<Config, harbor::config::ConfigError>) {
         Ok(config) => {
             // What later code relies on: every deadline can be added to a clock.
             let now = std::time::Instant::now();
-            for d in [config.connect_timeout, config.shutdown_grace, config.cooldown, config.max_cooldown] {
-                assert!(now.checked_add(d).is_some(), "{d:?}");
+            assert!(now.checked_add(config.shutdown_grace).is_some());
+            assert!(config.workers >= 1 && !config.services.is_empty());
+            for service in &config.services {
+                let t = &service.tunables;
+                for d in [t.connect_timeout(), t.cooldown(), t.max_cooldown()] {
+                    assert!(now.checked_add(d).is_some(), "{d:?}");
+                }
+                assert!(t.max_connections >= 1);
+                if let Some(health) = &service.health {
+                    assert!(now.checked_add(health.interval()).is_some() && now.checked_add(health.timeout()).is_some());
+                }
             }
-            assert!(config.max_connections >= 1 && config.workers >= 1);
             let _ = config.describe();
         }
         Err(error) => assert!(!error.to_string().contains('\n'), "a multi-line error: {error}"),
+    }
+}
+
+/// Keeps a table off the network and the disk: loopback listeners, literal backends only, no
+/// strategy files, no token file.
+fn sanitize(table: &mut toml::Table) {
+    for key in ["strategy", "watch", "admin_token_file"] {
+        table.remove(key);
+    }
+    if table.contains_key("listen") || table.contains_key("backends") {
+        table.insert("listen".into(), toml::Value::String("127.0.0.1:0".into()));
+    }
+    if let Some(toml::Value::Array(backends)) = table.get_mut("backends") {
+        backends.retain(|b| match b {
+            toml::Value::String(a) => literal_backend(a),
+            toml::Value::Table(t) => t.get("address").and_then(|a| a.as_str()).is_some_and(literal_backend),
+            _ => true,
+        });
     }
 }
 
@@ -74,20 +103,14 @@ fuzz_target!(|data: &[u8]| {
     }
     let Ok(text) = std::str::from_utf8(data.get(1..).unwrap_or_default()) else { return };
     let Ok(mut file) = FileConfig::parse(text, Path::new("fuzz.toml")) else { return };
-    file.listen = Some("127.0.0.1:0".into());
-    file.admin = Some("off".into());
-    file.strategy = None;
-    file.watch = None;
-    let backends: Vec<FileBackend> = file
-        .backends
-        .take()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|b| match b {
-            FileBackend::Address(a) => literal_backend(a),
-            FileBackend::Weighted { address, .. } => literal_backend(address),
-        })
-        .collect();
-    file.backends = Some(backends);
+    sanitize(&mut file.table);
+    file.table.insert("admin".into(), toml::Value::String("off".into()));
+    if let Some(toml::Value::Array(services)) = file.table.get_mut("service") {
+        for service in services.iter_mut() {
+            if let toml::Value::Table(t) = service {
+                sanitize(t);
+            }
+        }
+    }
     check(Config::resolve_with(&RunArgs::default(), &env, file));
 });
