@@ -6,7 +6,8 @@
 //! `connection.rs` (one client, start to end) → `strategy/` (which backend?) → `connect.rs`
 //! (dial under a timeout; retries and cooldown in `connection.rs` and `backend.rs`) →
 //! `relay.rs` (bytes both ways, half-close, deadlines; `splice.rs` for bulk) → back in `connection.rs` to count and
-//! report. Beside it: `membership.rs` (which backends a service has, drains),
+//! report. Beside it: `membership.rs` (which backends a service has, drains), `discovery.rs`
+//! (DNS backends),
 //! `health.rs` (active checks), `admin.rs` (the admin API), `config/` (every setting, once);
 //! `server.rs` ties it together, applies reloads and drains on shutdown.
 
@@ -16,6 +17,7 @@ pub mod backend;
 pub mod config;
 pub mod connect;
 pub mod connection;
+pub mod discovery;
 pub mod echo;
 pub mod health;
 pub mod logging;

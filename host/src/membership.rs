@@ -1,5 +1,5 @@
-//! A service's membership: which backends it has, from which sources (the static list, the
-//! admin API), and what happens when that changes. Every change builds a whole new
+//! A service's membership: which backends it has, from which sources (the static list, DNS
+//! names, the admin API), and what happens when that changes. Every change builds a whole new
 //! [`BackendPool`] and swaps it in; live state follows each backend's address; a removed
 //! backend drains (no new connection, its connections finish) and then leaves.
 
@@ -12,9 +12,11 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, BackendPool, BackendState, BackendView, Health, Member, Source};
-use crate::config::{BackendConfig, HealthConfig, MAX_BACKENDS};
-use crate::health;
+use hickory_resolver::TokioResolver;
+
+use crate::config::{BackendConfig, DnsBackend, HealthConfig, MAX_BACKENDS};
 use crate::metrics::Metrics;
+use crate::{discovery, health};
 
 /// How often removed backends are checked for connections still open.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(100);
@@ -52,6 +54,12 @@ struct State {
     overrides: HashMap<SocketAddr, Override>,
     /// Configured backends the API removed (until the next reload).
     deleted: HashSet<SocketAddr>,
+    /// The last good answer of each DNS name, by [`DnsBackend::key`].
+    dns: BTreeMap<String, Vec<(SocketAddr, u32)>>,
+    /// The follower of each DNS name.
+    followers: Vec<CancellationToken>,
+    /// Addresses already reported as listed twice, so a refresh does not report them again.
+    reported_twice: HashSet<SocketAddr>,
     removing: HashMap<SocketAddr, Removal>,
     /// The probe of each backend, stopped when it leaves or the check changes.
     probes: HashMap<SocketAddr, CancellationToken>,
@@ -93,6 +101,9 @@ impl Membership {
                 api_order: 0,
                 overrides: HashMap::new(),
                 deleted: HashSet::new(),
+                dns: BTreeMap::new(),
+                followers: Vec::new(),
+                reported_twice: HashSet::new(),
                 removing: HashMap::new(),
                 probes: HashMap::new(),
                 health,
@@ -221,6 +232,49 @@ impl Membership {
         self.rebuild(&mut state);
     }
 
+    /// Follows `entries` (replacing the followers it had). Answers of names no longer listed
+    /// are dropped; the others stay until their first new answer.
+    pub fn follow_dns(
+        self: &Arc<Self>,
+        entries: &[DnsBackend],
+        resolver: Option<Arc<TokioResolver>>,
+        refresh: Duration,
+    ) {
+        let mut state = self.lock();
+        for follower in state.followers.drain(..) {
+            follower.cancel();
+        }
+        let keys: HashSet<String> = entries.iter().map(DnsBackend::key).collect();
+        state.dns.retain(|key, _| keys.contains(key));
+        if let Some(resolver) = resolver {
+            for entry in entries {
+                let stop = self.background.child_token();
+                state.followers.push(stop.clone());
+                discovery::spawn_follower(
+                    entry.clone(),
+                    self.service.clone(),
+                    Arc::clone(self),
+                    Arc::clone(&resolver),
+                    refresh,
+                    Arc::clone(&self.metrics),
+                    stop,
+                );
+            }
+        }
+        self.rebuild(&mut state);
+    }
+
+    /// A DNS name's new answer.
+    pub fn set_dns(&self, key: &str, backends: Vec<(SocketAddr, u32)>) {
+        let mut state = self.lock();
+        if state.dns.get(key) == Some(&backends) {
+            return;
+        }
+        tracing::info!(service = %self.service, name = %key, backends = backends.len(), "DNS answer changed");
+        state.dns.insert(key.to_string(), backends);
+        self.rebuild(&mut state);
+    }
+
     /// The backends as `GET /backends` shows them.
     pub fn views(&self) -> Vec<BackendView> {
         let pool = self.pool.load();
@@ -232,6 +286,9 @@ impl Membership {
         let mut state = self.lock();
         for (_, probe) in state.probes.drain() {
             probe.cancel();
+        }
+        for follower in state.followers.drain(..) {
+            follower.cancel();
         }
     }
 
@@ -303,15 +360,34 @@ impl Membership {
                 listed.push((b.address, b.weight, Source::Static));
             }
         }
+        let mut twice = Vec::new();
+        for (address, weight) in state.dns.values().flatten() {
+            if state.deleted.contains(address) {
+                continue;
+            }
+            if seen.insert(*address) {
+                listed.push((*address, *weight, Source::Dns));
+            } else {
+                twice.push(*address);
+            }
+        }
         let mut api: Vec<(&SocketAddr, &(u64, u32))> = state.api.iter().collect();
         api.sort_by_key(|(_, (order, _))| *order);
         for (address, (_, weight)) in api {
             if seen.insert(*address) {
                 listed.push((*address, *weight, Source::Api));
             } else {
-                tracing::warn!(service = %self.service, backend = %address, "listed twice: kept once");
+                twice.push(*address);
             }
         }
+        // A backend listed twice is one backend; the second listing is reported once.
+        for address in &twice {
+            if !state.reported_twice.contains(address) {
+                tracing::warn!(service = %self.service, backend = %address, "listed by two sources (or twice by one): kept once");
+                self.metrics.membership_change(&self.service, "duplicate");
+            }
+        }
+        state.reported_twice = twice.into_iter().collect();
 
         let mut members = Vec::with_capacity(listed.len() + state.removing.len());
         for (address, weight, source) in listed {

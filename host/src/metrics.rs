@@ -52,6 +52,14 @@ pub struct ChangeLabel {
     pub change: &'static str,
 }
 
+/// Labels of DNS lookups of backends.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabel {
+    pub service: String,
+    pub name: String,
+    pub outcome: &'static str,
+}
+
 /// Labels of whole-configuration reloads.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -187,6 +195,7 @@ pub struct Metrics {
     probes: Family<ProbeLabel, Counter>,
     probe_duration: Family<BackendLabel, Histogram, fn() -> Histogram>,
     membership_changes: Family<ChangeLabel, Counter>,
+    dns_lookups: Family<DnsLabel, Counter>,
     connection_duration: HistogramFamily,
     pick_duration: HistogramFamily,
     strategy_fallbacks: Family<FallbackLabel, Counter>,
@@ -226,6 +235,7 @@ impl Metrics {
             probes: Family::default(),
             probe_duration: Family::new_with_constructor(probe_duration_histogram),
             membership_changes: Family::default(),
+            dns_lookups: Family::default(),
             connection_duration: Family::new_with_constructor(connection_duration_histogram),
             pick_duration: Family::new_with_constructor(pick_duration_histogram),
             strategy_fallbacks: Family::default(),
@@ -304,6 +314,11 @@ impl Metrics {
             m.membership_changes.clone(),
         );
         registry.register(
+            "dns_lookups",
+            "DNS lookups of backend names by outcome (ok, failed: the last good answer is kept)",
+            m.dns_lookups.clone(),
+        );
+        registry.register(
             "connection_duration_seconds",
             "Lifetime of relayed connections",
             m.connection_duration.clone(),
@@ -376,6 +391,14 @@ impl Metrics {
     /// Counts a configuration reload (`applied` or `rejected`).
     pub fn config_reload(&self, outcome: &'static str) {
         self.config_reloads.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Counts a DNS lookup of a backend name.
+    pub fn dns_lookup(&self, service: &str, name: &str, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.dns_lookups
+            .get_or_create(&DnsLabel { service: service.to_string(), name: name.to_string(), outcome })
+            .inc();
     }
 
     /// Counts a membership change of a service.

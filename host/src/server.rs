@@ -12,7 +12,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin;
+use hickory_resolver::TokioResolver;
+
 use crate::backend::BackendPool;
 use crate::config::{Config, ConfigError, ServiceConfig, DEFAULT_SERVICE};
 use crate::logging::RateLimitedLog;
@@ -21,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::service::{ConnectionLimits, Service, ServiceContext};
 use crate::strategy::watch::{spawn_watcher, WatchError, WatchTarget};
 use crate::strategy::{GuestLimits, StrategyError, StrategyHost};
+use crate::{admin, discovery};
 
 /// Why Harbor could not start, could not apply a reload, or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,8 @@ pub enum HarborError {
     Config(#[from] ConfigError),
     #[error("Harbor is draining")]
     Draining,
+    #[error("cannot set up the DNS resolver: {0}")]
+    Dns(hickory_resolver::ResolveError),
 }
 
 /// How a run ended.
@@ -74,6 +78,8 @@ pub struct Control {
     background: CancellationToken,
     config: Mutex<Config>,
     source: Mutex<Option<Arc<ConfigSource>>>,
+    /// The resolver of DNS backends, made when a service first needs one.
+    resolver: Mutex<Option<Arc<TokioResolver>>>,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -170,6 +176,7 @@ impl Control {
             for (what, changed) in [
                 ("admin", old.admin != new.admin),
                 ("workers", old.workers != new.workers),
+                ("dns_servers", old.dns_servers != new.dns_servers),
                 ("log_format", old.log_format != new.log_format),
                 ("log_level", old.log_level != new.log_level),
             ] {
@@ -187,6 +194,7 @@ impl Control {
             config: ServiceConfig,
             listeners: Vec<(SocketAddr, TcpListener)>,
             strategy: Option<Arc<StrategyHost>>,
+            resolver: Option<Arc<TokioResolver>>,
             is_new: bool,
         }
         let mut prepared = Vec::new();
@@ -198,6 +206,7 @@ impl Control {
                     for addr in cfg.listen.iter().filter(|a| !old.listen.contains(a)) {
                         listeners.push((*addr, bind(*addr, cfg.tunables.nodelay).await?));
                     }
+                    let resolver = self.resolver_for(cfg)?;
                     let strategy = if strategy_changed(&old, cfg) {
                         let host = self.strategy_host(cfg, workers)?;
                         load_strategy(&host, cfg).await?;
@@ -211,6 +220,7 @@ impl Control {
                         config: cfg.clone(),
                         listeners,
                         strategy,
+                        resolver,
                         is_new: false,
                     });
                 }
@@ -220,7 +230,14 @@ impl Control {
                         listeners.push((*addr, bind(*addr, cfg.tunables.nodelay).await?));
                     }
                     let service = self.build_service(cfg, workers).await?;
-                    prepared.push(Prepared { service, config: cfg.clone(), listeners, strategy: None, is_new: true });
+                    prepared.push(Prepared {
+                        service,
+                        config: cfg.clone(),
+                        listeners,
+                        strategy: None,
+                        resolver: None,
+                        is_new: true,
+                    });
                 }
             }
         }
@@ -229,7 +246,7 @@ impl Control {
         let mut report = ReloadReport::default();
         let mut next: Vec<Arc<Service>> = Vec::new();
         for p in prepared {
-            let Prepared { service, config, listeners, strategy, is_new } = p;
+            let Prepared { service, config, listeners, strategy, resolver, is_new } = p;
             if is_new {
                 report.added.push(service.name.clone());
                 for (configured, listener) in listeners {
@@ -244,6 +261,9 @@ impl Control {
                 report.changed.push(service.name.clone());
             }
             service.membership.reconfigure(&config.backends, config.health.clone(), config.tunables.drain_timeout());
+            if old.dns != config.dns || old.tunables.dns_refresh_ms != config.tunables.dns_refresh_ms {
+                service.membership.follow_dns(&config.dns, resolver, config.tunables.dns_refresh());
+            }
             service.admission.update(&config.tunables);
             let context = service.context.load_full();
             let replaced = strategy.is_some();
@@ -287,6 +307,24 @@ impl Control {
         Ok(report)
     }
 
+    /// The shared resolver, if `cfg` has DNS backends.
+    fn resolver_for(&self, cfg: &ServiceConfig) -> Result<Option<Arc<TokioResolver>>, HarborError> {
+        if cfg.dns.is_empty() {
+            return Ok(None);
+        }
+        let mut slot = match self.resolver.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(resolver) = slot.as_ref() {
+            return Ok(Some(Arc::clone(resolver)));
+        }
+        let servers = self.lock_config().dns_servers.clone();
+        let resolver = Arc::new(discovery::resolver(&servers).map_err(HarborError::Dns)?);
+        *slot = Some(Arc::clone(&resolver));
+        Ok(Some(resolver))
+    }
+
     fn strategy_host(&self, cfg: &ServiceConfig, workers: usize) -> Result<Arc<StrategyHost>, HarborError> {
         let limits = GuestLimits {
             call_timeout: cfg.tunables.strategy_timeout(),
@@ -314,6 +352,7 @@ impl Control {
             background.clone(),
         );
         membership.spawn_reaper();
+        membership.follow_dns(&cfg.dns, self.resolver_for(cfg)?, cfg.tunables.dns_refresh());
         let context = ServiceContext {
             name: cfg.name.clone(),
             pool: membership.pool(),
@@ -399,6 +438,7 @@ impl Harbor {
             background: CancellationToken::new(),
             config: Mutex::new(config.clone()),
             source: Mutex::new(None),
+            resolver: Mutex::new(None),
             reload_lock: tokio::sync::Mutex::new(()),
         });
         let mut listeners = Vec::new();

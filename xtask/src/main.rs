@@ -210,8 +210,35 @@ fn cargo_bin(name: &str) -> PathBuf {
 }
 
 /// Everything CI checks, in the order that fails fastest.
+/// Installs the Debian packages whose programs the tests run as real peers, if missing:
+/// dnsmasq (a real DNS server for the DNS-backend tests).
+fn install_test_peers() -> Result<()> {
+    let missing: Vec<&str> = [("dnsmasq-base", "/usr/sbin/dnsmasq")]
+        .into_iter()
+        .filter(|(_, binary)| !Path::new(binary).exists())
+        .map(|(package, _)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // Root runs apt-get itself; anyone else goes through sudo.
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let apt = |args: &[&str]| {
+        let mut cmd = if root { Command::new("apt-get") } else { Command::new("sudo") };
+        if !root {
+            cmd.arg("apt-get");
+        }
+        cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        cmd
+    };
+    run(&mut apt(&["update", "-qq"]))?;
+    run(apt(&["install", "-y", "-qq", "--no-install-recommends"]).args(&missing))
+        .with_context(|| format!("installing {missing:?} for the tests"))
+}
+
 fn test(root: &Path) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    install_test_peers()?;
     build_strategies(root)?;
     build_polyglot()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;

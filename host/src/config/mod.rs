@@ -14,7 +14,9 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use settings::{settings, Layer};
-pub use settings::{AddressList, AllUnhealthy, BackendList, BackendSpec, LogFormat, SettingDoc};
+pub use settings::{
+    AddressList, AllUnhealthy, BackendList, BackendSpec, DnsSpec, LogFormat, SettingDoc, SrvSpec, WeightedSpec,
+};
 
 /// Everything that can be wrong with a configuration. Each message is one line that names the
 /// setting at fault.
@@ -63,6 +65,8 @@ settings! {
     admin: String = "127.0.0.1:9100".to_string(), env "HARBOR_ADMIN", legacy "LB_METRICS_ADDR", shown "127.0.0.1:9100";
     /// File holding the bearer token that admin API writes must present.
     admin_token_file: PathBuf, env "HARBOR_ADMIN_TOKEN_FILE";
+    /// Name servers for DNS backends, ip:port,...; without it, the system's (/etc/resolv.conf).
+    dns_servers: AddressList, env "HARBOR_DNS_SERVERS", shown "the system's";
     /// Reload the configuration when the config file changes on disk (SIGHUP always reloads).
     watch_config: bool = false, env "HARBOR_WATCH_CONFIG";
     /// Grace period for connections in flight after SIGINT/SIGTERM, in ms.
@@ -127,6 +131,8 @@ settings! {
     keepalive_secs: u64 = 0, env "HARBOR_KEEPALIVE_SECS", range 0..=MAX_KEEPALIVE_SECS;
     /// How long a removed backend's connections may go on before they are cut, in ms; 0 for no limit.
     drain_timeout_ms: u64 = 0, env "HARBOR_DRAIN_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS;
+    /// How often DNS backends are resolved again, in ms (sooner if their records' TTL is shorter).
+    dns_refresh_ms: u64 = 5000, env "HARBOR_DNS_REFRESH_MS", range 100..=MAX_TIMEOUT_MS;
     /// When every backend fails its health check: close new clients, or ignore the checks.
     all_unhealthy: AllUnhealthy = AllUnhealthy::Close, env "HARBOR_ALL_UNHEALTHY", shown "close";
 }
@@ -158,6 +164,9 @@ impl Tunables {
     }
     pub fn keepalive(&self) -> Option<Duration> {
         (self.keepalive_secs > 0).then(|| Duration::from_secs(self.keepalive_secs))
+    }
+    pub fn dns_refresh(&self) -> Duration {
+        Duration::from_millis(self.dns_refresh_ms)
     }
     pub fn drain_timeout(&self) -> Option<Duration> {
         nonzero_ms(self.drain_timeout_ms)
@@ -338,12 +347,34 @@ pub struct BackendConfig {
     pub weight: u32,
 }
 
+/// A name whose records give backends, followed while Harbor runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DnsBackend {
+    /// Every A and AAAA record of `name`, at `port`.
+    A { name: String, port: u16, weight: u32 },
+    /// The SRV records of `name`: each target's addresses, at its port, with its weight.
+    Srv { name: String },
+}
+
+impl DnsBackend {
+    /// How the entry is named in logs, metrics and the membership.
+    pub fn key(&self) -> String {
+        match self {
+            DnsBackend::A { name, port, .. } => format!("{name}:{port}"),
+            DnsBackend::Srv { name } => format!("srv:{name}"),
+        }
+    }
+}
+
 /// One service, validated.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ServiceConfig {
     pub name: String,
     pub listen: Vec<SocketAddr>,
     pub backends: Vec<BackendConfig>,
+    /// Names resolved again every `dns_refresh_ms`.
+    pub dns: Vec<DnsBackend>,
     pub strategy: Option<PathBuf>,
     pub watch: Option<PathBuf>,
     pub strategy_config: String,
@@ -361,6 +392,8 @@ pub struct Config {
     /// The bearer token from `admin_token_file`; never printed.
     #[serde(skip)]
     pub admin_token: Option<String>,
+    /// Name servers for DNS backends; empty: the system's.
+    pub dns_servers: Vec<SocketAddr>,
     pub watch_config: bool,
     #[serde(with = "millis")]
     pub shutdown_grace: Duration,
@@ -530,6 +563,10 @@ impl Config {
                 ));
             }
         }
+        let dns_servers = match &globals.dns_servers {
+            None => Vec::new(),
+            Some(list) => list.0.iter().map(|a| literal_addr("dns-servers", a)).collect::<Result<Vec<_>, _>>()?,
+        };
         let workers = match globals.workers {
             0 => std::thread::available_parallelism().map(usize::from).unwrap_or(2),
             n => n as usize,
@@ -545,6 +582,7 @@ impl Config {
             admin,
             admin_token_file: globals.admin_token_file,
             admin_token,
+            dns_servers,
             watch_config: globals.watch_config,
             shutdown_grace: Duration::from_millis(globals.shutdown_grace_ms),
             workers,
@@ -677,15 +715,37 @@ fn service_config(
     if specs.len() > MAX_BACKENDS {
         return Err(invalid(backends_setting, format!("more than {MAX_BACKENDS} backends")));
     }
-    let backends = specs
-        .iter()
-        .map(|spec| match spec {
-            BackendSpec::Address(text) => parse_backend(backends_setting, text),
-            BackendSpec::Weighted { address, weight } => {
-                parse_backend(backends_setting, &format!("{address}={weight}"))
+    let mut backends = Vec::new();
+    let mut dns = Vec::new();
+    for spec in &specs {
+        match spec {
+            BackendSpec::Address(text) => backends.push(parse_backend(backends_setting, text)?),
+            BackendSpec::Weighted(WeightedSpec { address, weight }) => {
+                backends.push(parse_backend(backends_setting, &format!("{address}={weight}"))?)
             }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+            BackendSpec::Dns(DnsSpec { dns: text, weight }) => {
+                let (name, port) = text
+                    .rsplit_once(':')
+                    .and_then(|(n, p)| Some((n.trim(), p.trim().parse::<u16>().ok().filter(|p| *p > 0)?)))
+                    .ok_or_else(|| invalid(backends_setting, format!("dns {text:?}: write name:port")))?;
+                check_dns_name(backends_setting, name)?;
+                if !(1..=10_000).contains(weight) {
+                    return Err(invalid(backends_setting, format!("dns {text:?}: weight must be from 1 to 10000")));
+                }
+                dns.push(DnsBackend::A { name: name.to_string(), port, weight: *weight });
+            }
+            BackendSpec::Srv(SrvSpec { srv }) => {
+                check_dns_name(backends_setting, srv.trim())?;
+                dns.push(DnsBackend::Srv { name: srv.trim().to_string() });
+            }
+        }
+    }
+    let mut seen_dns = HashSet::new();
+    for entry in &dns {
+        if !seen_dns.insert(entry.key()) {
+            return Err(invalid(backends_setting, format!("{} is listed twice", entry.key())));
+        }
+    }
     let mut seen = HashSet::new();
     for b in &backends {
         if !seen.insert(b.address) {
@@ -706,6 +766,7 @@ fn service_config(
         name,
         listen,
         backends,
+        dns,
         strategy: definition.strategy,
         watch: definition.watch,
         strategy_config: definition.strategy_config.unwrap_or_default(),
@@ -714,12 +775,31 @@ fn service_config(
     })
 }
 
+fn check_dns_name(setting: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .split('.')
+            .filter(|l| !l.is_empty())
+            .all(|label| label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(setting, format!("{name:?} is not a DNS name")))
+    }
+}
+
 fn prefixed(service: &str, key: &str) -> String {
     if service == DEFAULT_SERVICE {
         key.to_string()
     } else {
         format!("service {service}: {key}")
     }
+}
+
+/// Parses a literal `ip:port`.
+fn literal_addr(setting: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.trim().parse::<SocketAddr>().map_err(|_| invalid(setting, format!("{text:?} is not an ip:port address")))
 }
 
 /// Parses `host:port`; a name is resolved once, and its first address is used.

@@ -234,16 +234,40 @@ impl<'de> Deserialize<'de> for AddressList {
 }
 
 /// One backend as written: `"host:port"`, `"host:port=weight"` (flags), or in the file
-/// `{ address = "host:port", weight = 2 }`.
+/// `{ address = "host:port", weight = 2 }`, `{ dns = "name:port" }` (every A and AAAA
+/// record, followed) or `{ srv = "_service._tcp.name" }` (hosts, ports and weights).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum BackendSpec {
     Address(String),
-    Weighted {
-        address: String,
-        #[serde(default = "one")]
-        weight: u32,
-    },
+    Weighted(WeightedSpec),
+    Dns(DnsSpec),
+    Srv(SrvSpec),
+}
+
+/// `{ address = "host:port", weight = 2 }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedSpec {
+    pub address: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+/// `{ dns = "name:port", weight = 1 }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSpec {
+    pub dns: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+/// `{ srv = "_service._tcp.name" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SrvSpec {
+    pub srv: String,
 }
 
 fn one() -> u32 {

@@ -248,3 +248,39 @@ fn every_setting_is_in_the_readme() {
         assert!(readme.contains(&format!("`{flag}`")), "README does not document {flag}");
     }
 }
+
+#[test]
+fn dns_and_srv_backends_are_parsed_and_checked() {
+    let c = from_toml(
+        "dns_servers = [\"127.0.0.1:5353\"]\n[[service]]\nname = \"db\"\nlisten = \"127.0.0.1:1\"\ndns_refresh_ms = 250\n\
+         backends = [\"127.0.0.1:7001\", { dns = \"db.internal:5432\", weight = 3 }, { srv = \"_pg._tcp.db.internal\" }]\n",
+        RunArgs::default(),
+    )
+    .unwrap();
+    assert_eq!(c.dns_servers, ["127.0.0.1:5353".parse().unwrap()]);
+    let s = &c.services[0];
+    assert_eq!(s.backends.len(), 1);
+    assert_eq!(
+        s.dns,
+        [
+            DnsBackend::A { name: "db.internal".into(), port: 5432, weight: 3 },
+            DnsBackend::Srv { name: "_pg._tcp.db.internal".into() }
+        ]
+    );
+    assert_eq!(s.tunables.dns_refresh(), Duration::from_millis(250));
+    for (entry, needle) in [
+        ("{ dns = \"db.internal\" }", "write name:port"),
+        ("{ dns = \"db.internal:0\" }", "write name:port"),
+        ("{ dns = \"bad name:80\" }", "not a DNS name"),
+        ("{ dns = \"a:80\", weight = 0 }", "weight"),
+        ("{ dns = \"a:80\", colour = 1 }", "backends"),
+        ("{ srv = \"_x._tcp.a\" }, { srv = \"_x._tcp.a\" }", "listed twice"),
+    ] {
+        let text = format!("[[service]]\nname = \"db\"\nlisten = \"127.0.0.1:1\"\nbackends = [{entry}]\n");
+        let err = from_toml(&text, RunArgs::default()).unwrap_err().to_string();
+        assert!(err.contains(needle), "{entry}: {err}");
+    }
+    let err =
+        from_toml("dns_servers = [\"localhost\"]\nbackends = [\"127.0.0.1:1\"]\n", RunArgs::default()).unwrap_err();
+    assert!(err.to_string().starts_with("dns-servers"), "{err}");
+}
