@@ -113,3 +113,134 @@ async fn echo_subcommand_greets_and_echoes() {
     let _ = child.wait();
     assert_eq!(name.as_deref(), Ok("hi-there"));
 }
+
+/// Kills a spawned Harbor when the test ends, even by a panic (its inherited stderr would
+/// otherwise keep the test runner waiting).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ctl(admin: std::net::SocketAddr, args: &[&str]) -> Output {
+    let mut full = vec!["ctl", "--admin"];
+    let admin = admin.to_string();
+    full.push(&admin);
+    full.extend_from_slice(args);
+    harbor(&full, &[])
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn web_backends(admin: std::net::SocketAddr) -> Vec<String> {
+    let (_, body) = common::admin_get(admin, "/services/web/backends").await;
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut out: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["removing"] == false)
+        .map(|b| b["address"].as_str().unwrap().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+async fn wait_for_web_backends(admin: std::net::SocketAddr, want: &[String]) -> bool {
+    for _ in 0..150 {
+        if web_backends(admin).await == want {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// The real binary: `harbor ctl` against its admin API, a reload on SIGHUP, a reload when the
+/// watched config file changes, and a bad file that changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harbor_ctl_sighup_and_a_watched_config_file_drive_the_real_binary() {
+    let (backends, _stops) = common::echo_backends(2).await;
+    let (b0, b1) = (backends[0].to_string(), backends[1].to_string());
+    let dir = common::temp_dir("cli-reload");
+    let file = dir.join("harbor.toml");
+    let web_port = common::free_port();
+    let write = |list: &[&str]| {
+        let list = list.iter().map(|b| format!("\"{b}\"")).collect::<Vec<_>>().join(", ");
+        std::fs::write(
+            &file,
+            format!("[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:{web_port}\"\nbackends = [{list}]\n"),
+        )
+        .unwrap();
+    };
+    write(&[&b0]);
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    let (child, _addr, first) = common::spawn_binary(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--backends",
+        &b0,
+        "--admin",
+        &admin.to_string(),
+        "--watch-config",
+        "true",
+    ])
+    .await;
+    drop(first);
+    let child = KillOnDrop(child);
+    let out = ctl(admin, &["services"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(table.starts_with("NAME") && table.contains("web") && table.contains("default"), "{table}");
+
+    let out = ctl(admin, &["add", "web", &b1, "--weight", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = ctl(admin, &["backends", "web", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("ctl --json prints JSON");
+    let added = list.as_array().unwrap().iter().find(|b| b["address"] == b1.as_str()).expect("added");
+    assert_eq!((added["weight"].as_u64(), added["source"].as_str()), (Some(2), Some("api")));
+    let out = ctl(admin, &["drain", "web", &b1]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&ctl(admin, &["backends", "web"]));
+    assert!(table.lines().any(|l| l.contains(&b1) && l.contains("draining")), "{table}");
+    assert!(ctl(admin, &["remove", "web", &b1]).status.success());
+    assert!(wait_for_web_backends(admin, std::slice::from_ref(&b0)).await);
+    let out = ctl(admin, &["add", "web", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("400") && stderr(&out).contains("(address)"), "{}", stderr(&out));
+
+    // SIGHUP: the file is applied again.
+    write(&[&b1]);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) };
+    assert!(wait_for_web_backends(admin, std::slice::from_ref(&b1)).await, "SIGHUP reloaded the file");
+    // A change to the watched file reloads it with no signal.
+    let mut both = vec![b0.clone(), b1.clone()];
+    both.sort();
+    write(&[&b0, &b1]);
+    assert!(wait_for_web_backends(admin, &both).await, "the watched file reloaded");
+    // A bad file changes nothing, and is counted.
+    std::fs::write(&file, "[[service]]\nname = \"web\"\nlisten = 5\n").unwrap();
+    let mut rejected = 0.0;
+    for _ in 0..100 {
+        rejected = common::Scrape::fetch(admin)
+            .await
+            .try_get("harbor_config_reloads_total{outcome=\"rejected\"}")
+            .unwrap_or(0.0);
+        if rejected >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(rejected >= 1.0, "the bad file was counted as rejected");
+    assert_eq!(web_backends(admin).await, both);
+    let web: std::net::SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+    common::echo_roundtrip(web, b"still serving").await;
+    drop(child);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -92,7 +92,7 @@ struct CtlArgs {
     #[arg(long, env = "HARBOR_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     command: CtlCommand,
