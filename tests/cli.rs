@@ -244,3 +244,81 @@ async fn harbor_ctl_sighup_and_a_watched_config_file_drive_the_real_binary() {
     drop(child);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The systemd notify protocol against a real datagram socket bound as `NOTIFY_SOCKET`:
+/// READY=1 (with MAINPID) once listening, RELOADING=1 and READY=1 around a SIGHUP reload,
+/// STOPPING=1 at drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_notify_reports_ready_reloading_and_stopping() {
+    let (backend, _stop) = common::echo_backend("n").await;
+    let dir = common::temp_dir("notify");
+    let socket_path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let port = common::free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--backends", &backend.to_string(), "--admin", "off"])
+        .args(["--log-level", "warn"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let child = KillOnDrop(child);
+    let mut buf = [0u8; 512];
+    let mut next = || {
+        let n = socket.recv(&mut buf).expect("a notification in time");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.contains("READY=1") && ready.contains(&format!("MAINPID={pid}")), "{ready}");
+    // Listening by the time it says so.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    common::echo_roundtrip(addr, b"ready").await;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    let reloading = next();
+    assert!(reloading.contains("RELOADING=1") && reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    let reloaded = next();
+    assert!(reloaded.contains("READY=1") && reloaded.contains("applied"), "{reloaded}");
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let stopping = next();
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+    drop(child);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Socket activation: a listening socket passed as fd 3 with LISTEN_FDS/LISTEN_PID is the one
+/// Harbor serves on (binding the address again would fail: the test holds it too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_serves_on_the_passed_listener() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let (backend, _stop) = common::echo_backend("activated").await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    // `exec` keeps the shell's pid, so LISTEN_PID=$$ names Harbor.
+    cmd.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_harbor")])
+        .args(["--listen", &addr.to_string(), "--backends", &backend.to_string(), "--admin", "off"])
+        .env("LISTEN_FDS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; fd 3 is the passed listener, without CLOEXEC.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = KillOnDrop(cmd.spawn().unwrap());
+    let echoed =
+        common::echo_roundtrip_within(addr, b"through the passed socket", std::time::Duration::from_secs(10)).await;
+    assert_eq!(echoed.as_deref(), Ok("activated"));
+    drop(child);
+    drop(listener);
+}

@@ -411,9 +411,25 @@ async fn a_reload_with_1000_connections_in_flight_cuts_none_and_a_bad_file_chang
     for _ in 0..1000 {
         open.push(connect_and_greet(addr).await.1);
     }
-    // A good file: a third backend, b0 removed, a new idle timeout.
+    // A good file: a third backend, b0 removed, a new idle timeout; four clients keep going.
+    let load = ClientLoad::start(addr, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     write(&path, &backends[1..], 20_000);
+    let reloaded_at = Instant::now();
     let report = harbor.control.reload().await.expect("a good file applies");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally = load.stop().await;
+    assert!(
+        tally.failures.is_empty(),
+        "{} failed across the reload: {:?}",
+        tally.failures.len(),
+        &tally.failures[..tally.failures.len().min(5)]
+    );
+    assert!(tally.answers.iter().any(|(n, at)| n == "b2" && *at > reloaded_at), "the new backend gets traffic");
+    let late_b0 =
+        tally.answers.iter().filter(|(n, at)| n == "b0" && *at > reloaded_at + Duration::from_millis(200)).count();
+    assert_eq!(late_b0, 0, "the removed backend got traffic after the reload");
+    println!("reload with 1000 connections in flight: {} round trips by 4 clients across it, 0 failed", tally.ok);
     assert_eq!(report.changed, ["web"]);
     let service = harbor.control.service("web").unwrap();
     assert_eq!(service.context.load().limits.relay.idle, Some(Duration::from_millis(20_000)));
@@ -502,4 +518,27 @@ async fn a_reload_adds_and_removes_services_and_moves_a_listener_without_a_gap()
     drop(held);
     harbor.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_backend_past_its_drain_timeout_has_its_connections_cut() {
+    let (backends, _stops) = echo_backends(2).await;
+    let mut cfg = config(&backends);
+    cfg.service_mut().tunables.drain_timeout_ms = 300;
+    cfg.service_mut().tunables.idle_timeout_ms = 0;
+    let harbor = start(cfg).await;
+    let admin = harbor.admin_addr.unwrap();
+    let (name, mut held) = connect_and_greet(harbor.addr).await;
+    let victim = if name == "b0" { backends[0] } else { backends[1] };
+    let path = format!("/services/default/backends/{victim}");
+    assert_eq!(admin_request(admin, "DELETE", &path, None, None).await.0, 202);
+    let removed_at = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), held.read(&mut buf)).await.expect("cut in time");
+    let took = removed_at.elapsed();
+    assert!(matches!(read, Ok(0) | Err(_)), "the held connection was cut: {read:?}");
+    assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(2), "cut after {took:?}");
+    let gone = eventually(Duration::from_secs(3), || harbor.pool().iter().all(|b| b.address != victim)).await;
+    assert!(gone.is_some());
+    harbor.stop().await.unwrap();
 }

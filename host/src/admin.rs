@@ -159,6 +159,7 @@ async fn route(req: Request<Incoming>, control: &Control) -> Reply {
                 respond(StatusCode::OK, "text/plain", "ok\n".into())
             }
         }
+        (true, ["readyz"]) => readiness(control),
         (true, ["services"]) => {
             let views: Vec<ServiceView> = control.services.load().iter().map(|s| service_view(s)).collect();
             json(&views)
@@ -180,11 +181,35 @@ async fn route(req: Request<Incoming>, control: &Control) -> Reply {
         (true, _) => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /services, /services/{service}/backends, /backends, /strategy, /healthz\n".into(),
+            "not found: try /metrics, /services, /services/{service}/backends, /backends, /strategy, /healthz, /readyz\n".into(),
         ),
         (false, _) => {
             error(StatusCode::METHOD_NOT_ALLOWED, None, format!("{method} {path} is not a write the API has"))
         }
+    }
+}
+
+/// `/readyz`: 200 while accepting with at least one healthy backend in every service; 503
+/// naming what is missing otherwise.
+fn readiness(control: &Control) -> Reply {
+    if control.draining.load(Ordering::Relaxed) {
+        return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into());
+    }
+    let empty: Vec<String> = control
+        .services
+        .load()
+        .iter()
+        .filter(|s| {
+            let pool = s.context.load().pool.load_full();
+            let healthy = pool.iter().any(|b| b.state() == crate::backend::BackendState::Healthy);
+            !healthy
+        })
+        .map(|s| s.name.clone())
+        .collect();
+    if empty.is_empty() {
+        respond(StatusCode::OK, "text/plain", "ready\n".into())
+    } else {
+        respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("no healthy backend in: {}\n", empty.join(", ")))
     }
 }
 

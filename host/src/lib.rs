@@ -31,6 +31,7 @@ pub mod source_limit;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod strategy;
+pub mod systemd;
 
 pub use config::{Config, RunArgs};
 pub use server::{DrainReport, Harbor, HarborError, RunningHarbor};

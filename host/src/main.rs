@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(
     name = "harbor",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("HARBOR_COMMIT"), ")"),
     about = "An L4 (TCP) load balancer whose backend choice is made by a hot-swappable WebAssembly strategy",
     args_conflicts_with_subcommands = true
 )]
@@ -195,6 +195,8 @@ fn raise_fd_limit() {
 fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     harbor::logging::init(config.log_format, &config.log_level);
     raise_fd_limit();
+    // Before any thread starts: the variables are read and removed.
+    let inherited = harbor::systemd::take_listen_fds();
     // One worker: a current-thread runtime saves the cross-thread wake-ups of the
     // multi-thread scheduler.
     let mut builder = if config.workers == 1 {
@@ -207,7 +209,7 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     let runtime = builder.enable_all().build().context("starting the async runtime")?;
     let (watch_config, config_file) = (config.watch_config, config.config_file.clone());
     runtime.block_on(async move {
-        let harbor = match Harbor::bind(config).await {
+        let harbor = match Harbor::bind_with(config, inherited).await {
             Ok(h) => h,
             Err(harbor::HarborError::Strategy { path, error }) => {
                 eprintln!("harbor: configuration error: strategy {path}: {error}");
@@ -216,6 +218,7 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
             Err(e) => return Err(e).context("starting"),
         };
         let control = harbor.control();
+        control.set_notifier(harbor::systemd::Notifier::from_env());
         // A reload reads the same flags, environment and file again.
         control.set_config_source(Box::new(move || {
             let env = |name: &str| std::env::var(name).ok();

@@ -60,6 +60,17 @@ pub struct DnsLabel {
     pub outcome: &'static str,
 }
 
+/// Labels of `harbor_build_info`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    pub version: &'static str,
+    pub commit: &'static str,
+}
+
+/// The version and commit Harbor was built from.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("HARBOR_COMMIT");
+
 /// Labels of whole-configuration reloads.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -339,6 +350,9 @@ impl Metrics {
             "Configuration reloads by outcome (applied, rejected)",
             m.config_reloads.clone(),
         );
+        let build_info: Family<BuildLabel, Gauge> = Family::default();
+        build_info.get_or_create(&BuildLabel { version: VERSION, commit: COMMIT }).set(1);
+        registry.register("build_info", "The version and commit of this Harbor (always 1)", build_info);
         Metrics { registry, ..m }
     }
 

@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::service::{ConnectionLimits, Service, ServiceContext};
 use crate::strategy::watch::{spawn_watcher, WatchError, WatchTarget};
 use crate::strategy::{GuestLimits, StrategyError, StrategyHost};
+use crate::systemd::Notifier;
 use crate::{admin, discovery};
 
 /// Why Harbor could not start, could not apply a reload, or had to stop.
@@ -80,6 +81,10 @@ pub struct Control {
     source: Mutex<Option<Arc<ConfigSource>>>,
     /// The resolver of DNS backends, made when a service first needs one.
     resolver: Mutex<Option<Arc<TokioResolver>>>,
+    /// Tells a service manager (systemd) about readiness, reloads and draining.
+    notifier: Mutex<Notifier>,
+    /// Listening sockets handed over by socket activation, not yet claimed by a service.
+    inherited: Mutex<Vec<(SocketAddr, std::net::TcpListener)>>,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -137,6 +142,8 @@ impl Control {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
+        let notifier = self.notifier();
+        notifier.reloading();
         let result = match source {
             None => Err(HarborError::Config(ConfigError::Invalid {
                 setting: "config".into(),
@@ -158,6 +165,7 @@ impl Control {
                 tracing::error!("configuration reload rejected, the running configuration stays: {error}");
             }
         }
+        notifier.reloaded(if result.is_ok() { "applied" } else { "rejected" });
         result
     }
 
@@ -227,7 +235,7 @@ impl Control {
                 None => {
                     let mut listeners = Vec::new();
                     for addr in &cfg.listen {
-                        listeners.push((*addr, bind(*addr, cfg.tunables.nodelay).await?));
+                        listeners.push((*addr, self.bind_or_inherit(*addr, cfg.tunables.nodelay).await?));
                     }
                     let service = self.build_service(cfg, workers).await?;
                     prepared.push(Prepared {
@@ -305,6 +313,39 @@ impl Control {
         self.services.store(Arc::new(next));
         *self.lock_config() = new;
         Ok(report)
+    }
+
+    /// Sets where readiness, reloads and draining are announced.
+    pub fn set_notifier(&self, notifier: Notifier) {
+        *match self.notifier.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        } = notifier;
+    }
+
+    fn notifier(&self) -> Notifier {
+        match self.notifier.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// A listener for `addr`: the socket passed in for it, if there is one, else a new one.
+    async fn bind_or_inherit(&self, addr: SocketAddr, nodelay: bool) -> Result<TcpListener, HarborError> {
+        let taken = {
+            let mut inherited = match self.inherited.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            inherited.iter().position(|(a, _)| *a == addr).map(|i| inherited.remove(i).1)
+        };
+        match taken {
+            Some(listener) => {
+                tracing::info!(listen = %addr, "listening on a socket passed in by the service manager");
+                TcpListener::from_std(listener).map_err(|error| HarborError::Bind { addr, error })
+            }
+            None => bind(addr, nodelay).await,
+        }
     }
 
     /// The shared resolver, if `cfg` has DNS backends.
@@ -429,6 +470,15 @@ pub struct Harbor {
 impl Harbor {
     /// Binds every listener and loads every strategy. Nothing is accepted until `run`.
     pub async fn bind(config: Config) -> Result<Harbor, HarborError> {
+        Harbor::bind_with(config, Vec::new()).await
+    }
+
+    /// [`Harbor::bind`], taking listening sockets passed in (socket activation) for the
+    /// listen addresses they are bound to.
+    pub async fn bind_with(
+        config: Config,
+        inherited: Vec<(SocketAddr, std::net::TcpListener)>,
+    ) -> Result<Harbor, HarborError> {
         let control = Arc::new(Control {
             services: ArcSwap::from_pointee(Vec::new()),
             metrics: Arc::new(Metrics::new()),
@@ -439,6 +489,8 @@ impl Harbor {
             config: Mutex::new(config.clone()),
             source: Mutex::new(None),
             resolver: Mutex::new(None),
+            notifier: Mutex::new(Notifier::none()),
+            inherited: Mutex::new(inherited),
             reload_lock: tokio::sync::Mutex::new(()),
         });
         let mut listeners = Vec::new();
@@ -446,7 +498,11 @@ impl Harbor {
         for cfg in &config.services {
             let service = control.build_service(cfg, config.workers).await?;
             for addr in &cfg.listen {
-                listeners.push((Arc::clone(&service), *addr, bind(*addr, cfg.tunables.nodelay).await?));
+                listeners.push((
+                    Arc::clone(&service),
+                    *addr,
+                    control.bind_or_inherit(*addr, cfg.tunables.nodelay).await?,
+                ));
             }
             services.push(service);
         }
@@ -499,8 +555,17 @@ impl Harbor {
         for service in control.services.load().iter() {
             tracing::info!(service = %service.name, listen = ?service.local_addrs(), backends = service.membership.views().len(), strategy = %service.context.load().strategy.status().name, "harbor is serving");
         }
+        let unclaimed: Vec<SocketAddr> = match control.inherited.lock() {
+            Ok(mut guard) => guard.drain(..).map(|(a, _)| a).collect(),
+            Err(poisoned) => poisoned.into_inner().drain(..).map(|(a, _)| a).collect(),
+        };
+        if !unclaimed.is_empty() {
+            tracing::warn!(?unclaimed, "sockets passed in for no configured listen address: closed");
+        }
+        control.notifier().ready();
 
         shutdown.cancelled().await;
+        control.notifier().stopping();
         // Refuse new connections from here on; no reload may start.
         let _serial = control.reload_lock.lock().await;
         control.draining.store(true, Ordering::Relaxed);

@@ -226,7 +226,9 @@ impl<'de> Deserialize<'de> for AddressList {
             One(String),
             Many(Vec<String>),
         }
-        Ok(match OneOrMany::deserialize(d)? {
+        let value = OneOrMany::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected \"ip:port\" or a list of them"))?;
+        Ok(match value {
             OneOrMany::One(a) => AddressList(vec![a]),
             OneOrMany::Many(list) => AddressList(list),
         })
@@ -236,13 +238,36 @@ impl<'de> Deserialize<'de> for AddressList {
 /// One backend as written: `"host:port"`, `"host:port=weight"` (flags), or in the file
 /// `{ address = "host:port", weight = 2 }`, `{ dns = "name:port" }` (every A and AAAA
 /// record, followed) or `{ srv = "_service._tcp.name" }` (hosts, ports and weights).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum BackendSpec {
     Address(String),
     Weighted(WeightedSpec),
     Dns(DnsSpec),
     Srv(SrvSpec),
+}
+
+impl<'de> Deserialize<'de> for BackendSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Any {
+            Address(String),
+            Weighted(WeightedSpec),
+            Dns(DnsSpec),
+            Srv(SrvSpec),
+        }
+        Ok(match Any::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "each backend is \"host:port\", { address = \"host:port\", weight = N }, { dns = \"name:port\", weight = N } or { srv = \"_service._tcp.name\" }",
+            )
+        })? {
+            Any::Address(a) => BackendSpec::Address(a),
+            Any::Weighted(w) => BackendSpec::Weighted(w),
+            Any::Dns(d) => BackendSpec::Dns(d),
+            Any::Srv(s) => BackendSpec::Srv(s),
+        })
+    }
 }
 
 /// `{ address = "host:port", weight = 2 }`.
