@@ -542,3 +542,49 @@ async fn a_removed_backend_past_its_drain_timeout_has_its_connections_cut() {
     assert!(gone.is_some());
     harbor.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_one_json_line_per_connection_at_its_end() {
+    let (backend, _s) = echo_backend("logged").await;
+    let dead = dead_addr().await;
+    let dir = temp_dir("access-log");
+    let log = dir.join("access.log");
+    let (mut config, _) = config_from_toml(&format!(
+        "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n\
+         [[service]]\nname = \"dead\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{dead}\"]\nconnect_attempts = 1\n"
+    ));
+    config.access_log = Some(log.to_string_lossy().into_owned());
+    config.access_log_format = harbor::config::LogFormat::Json;
+    let harbor = start(config).await;
+    for i in 0..3 {
+        echo_roundtrip(harbor.addr_of("web").unwrap(), format!("hello {i}").as_bytes()).await;
+    }
+    assert!(try_echo_roundtrip(harbor.addr_of("dead").unwrap(), b"x").await.is_err());
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&log).unwrap_or_default().lines().map(String::from).collect();
+        if lines.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let parsed: Vec<serde_json::Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let web: Vec<&serde_json::Value> = parsed.iter().filter(|v| v["service"] == "web").collect();
+    assert_eq!(web.len(), 3);
+    for v in &web {
+        assert_eq!(v["end"], "completed");
+        assert_eq!(v["backend"], backend.to_string());
+        assert_eq!(v["strategy"], "builtin");
+        assert_eq!(v["bytes_to_backend"], 7);
+        assert_eq!(v["bytes_to_client"], "logged\n".len() + 7);
+        assert!(v["time"].as_str().unwrap().ends_with('Z') && v["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    }
+    let refused = parsed.iter().find(|v| v["service"] == "dead").unwrap();
+    assert_eq!(
+        (refused["end"].as_str(), refused["backend"].as_str()),
+        (Some("backend_refused"), Some(dead.to_string().as_str()))
+    );
+    harbor.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -3,40 +3,72 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::accept::Admitted;
+use crate::access_log::{End, PlacedBy, Record};
 use crate::connect::connect;
 use crate::relay::{relay, RelayEnd};
 use crate::service::ServiceContext;
 use crate::strategy::bindings::ConnectionOutcome;
-use crate::strategy::{failed_outcome, micros, millis, PickRequest};
+use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest};
 
 /// Serves one accepted client. The admission holds its places under the caps until the end.
 pub async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<ServiceContext>, admission: Admitted) {
     let span = tracing::info_span!("conn", service = %service.name, client = %peer, backend = tracing::field::Empty);
     async move {
         service.metrics.active_connections.inc();
-        proxy(client, peer, &service).await;
+        let started = Instant::now();
+        let outcome = proxy(client, peer, &service, started).await;
         service.metrics.active_connections.dec();
         drop(admission);
+        if let Some(log) = &service.access_log {
+            log.log(Record {
+                at: SystemTime::now(),
+                service: Arc::clone(&service.name),
+                client: peer,
+                backend: outcome.backend,
+                bytes_to_backend: outcome.bytes_to_backend,
+                bytes_to_client: outcome.bytes_to_client,
+                connect_micros: outcome.connect_micros,
+                duration: started.elapsed(),
+                end: outcome.end,
+                placed_by: outcome.pick.map_or(PlacedBy::Nobody, |pick| service.strategy.placed_by(&pick)),
+            });
+        }
     }
     .instrument(span)
     .await
 }
 
-async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext) {
+/// How a connection went, for the access log.
+struct Outcome {
+    end: End,
+    backend: Option<SocketAddr>,
+    bytes_to_backend: u64,
+    bytes_to_client: u64,
+    connect_micros: u32,
+    pick: Option<Pick>,
+}
+
+impl Outcome {
+    fn failed(end: End, pick: Option<Pick>, backend: Option<SocketAddr>) -> Outcome {
+        Outcome { end, backend, bytes_to_backend: 0, bytes_to_client: 0, connect_micros: 0, pick }
+    }
+}
+
+async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext, started: Instant) -> Outcome {
     let limits = &service.limits;
     let metrics = &service.metrics;
     if let Err(e) = limits.socket.apply_to_client(&client) {
         tracing::debug!("client socket options: {e}");
     }
     // Clock reads are shared between measurements: each phase ends where the next begins.
-    let started = Instant::now();
     let mut phase_start = started;
+    let mut last: Option<(Pick, SocketAddr)> = None;
     // The membership of the moment: indices stay valid for this connection's attempts even if
     // a change swaps in a new pool meanwhile.
     let pool = service.pool.load_full();
@@ -56,7 +88,10 @@ async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext) {
             if service.hot_path_log.allow() {
                 tracing::warn!(attempt, "no eligible backend: closing the client");
             }
-            return;
+            return match last {
+                Some((pick, backend)) => Outcome::failed(End::BackendRefused, Some(pick), Some(backend)),
+                None => Outcome::failed(End::NoBackend, Some(pick), None),
+            };
         };
         debug_assert!(!excluded.contains(&index), "a backend already tried was picked again");
         tracing::Span::current().record("backend", tracing::field::display(backend.address));
@@ -97,7 +132,14 @@ async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext) {
                         bytes_to_client: stats.to_client,
                     },
                 );
-                return;
+                return Outcome {
+                    end: End::Relay(RelayEnd::LABELS[stats.end.ordinal()]),
+                    backend: Some(backend.address),
+                    bytes_to_backend: stats.to_backend,
+                    bytes_to_client: stats.to_client,
+                    connect_micros: micros(connect_time),
+                    pick: Some(pick),
+                };
             }
             Err(error) if error.is_local() => {
                 // Out of descriptors or memory here: the backend is not at fault, and another
@@ -106,7 +148,7 @@ async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext) {
                 if service.hot_path_log.allow() {
                     tracing::warn!(backend = %backend.address, "{error}: local resources exhausted, closing the client");
                 }
-                break;
+                return Outcome::failed(End::LocalError, Some(pick), Some(backend.address));
             }
             Err(error) => {
                 let cooldown = backend.record_connect_failure(limits.cooldown, limits.max_cooldown);
@@ -120,9 +162,12 @@ async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext) {
                 if attempt + 1 < limits.connect_attempts {
                     metrics.retries.inc();
                 }
+                last = Some((pick, backend.address));
             }
         }
     }
     // Every attempt failed: the client gets nothing but a close.
     metrics.no_backend.inc();
+    let (pick, backend) = last.map_or((None, None), |(p, b)| (Some(p), Some(b)));
+    Outcome::failed(End::BackendRefused, pick, backend)
 }

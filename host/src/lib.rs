@@ -12,6 +12,7 @@
 //! `server.rs` ties it together, applies reloads and drains on shutdown.
 
 pub mod accept;
+pub mod access_log;
 pub mod admin;
 pub mod backend;
 pub mod config;

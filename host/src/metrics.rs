@@ -188,6 +188,7 @@ pub struct Metrics {
     accept_errors: Family<ServiceLabel, Counter>,
     capacity_drops: Family<ServiceLabel, Counter>,
     pub admin_connection_drops: Counter,
+    pub access_log_dropped: Counter,
     active_connections: Family<ServiceLabel, Gauge>,
     dials: Family<ServiceLabel, Counter>,
     dial_failures: Family<ServiceLabel, Counter>,
@@ -228,6 +229,7 @@ impl Metrics {
             accept_errors: Family::default(),
             capacity_drops: Family::default(),
             admin_connection_drops: Counter::default(),
+            access_log_dropped: Counter::default(),
             active_connections: Family::default(),
             dials: Family::default(),
             dial_failures: Family::default(),
@@ -269,6 +271,11 @@ impl Metrics {
             "admin_connection_drops",
             "Admin connections closed at accept because the admin connection cap was reached",
             m.admin_connection_drops.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer's queue was full",
+            m.access_log_dropped.clone(),
         );
         registry.register("active_connections", "Client connections open now", m.active_connections.clone());
         registry.register("dials", "Connect attempts to backends", m.dials.clone());

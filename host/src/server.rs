@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use hickory_resolver::TokioResolver;
 
+use crate::access_log::AccessLog;
 use crate::backend::BackendPool;
 use crate::config::{Config, ConfigError, ServiceConfig, DEFAULT_SERVICE};
 use crate::logging::RateLimitedLog;
@@ -42,6 +43,8 @@ pub enum HarborError {
     Config(#[from] ConfigError),
     #[error("Harbor is draining")]
     Draining,
+    #[error("cannot open the access log {target}: {error}")]
+    AccessLog { target: String, error: std::io::Error },
     #[error("cannot set up the DNS resolver: {0}")]
     Dns(hickory_resolver::ResolveError),
 }
@@ -83,6 +86,8 @@ pub struct Control {
     resolver: Mutex<Option<Arc<TokioResolver>>>,
     /// Tells a service manager (systemd) about readiness, reloads and draining.
     notifier: Mutex<Notifier>,
+    /// The access log, if on (opened at start; a reload cannot turn it on or off).
+    access_log: Option<Arc<AccessLog>>,
     /// Listening sockets handed over by socket activation, not yet claimed by a service.
     inherited: Mutex<Vec<(SocketAddr, std::net::TcpListener)>>,
     reload_lock: tokio::sync::Mutex<()>,
@@ -185,6 +190,7 @@ impl Control {
                 ("admin", old.admin != new.admin),
                 ("workers", old.workers != new.workers),
                 ("dns_servers", old.dns_servers != new.dns_servers),
+                ("access_log", old.access_log != new.access_log || old.access_log_format != new.access_log_format),
                 ("log_format", old.log_format != new.log_format),
                 ("log_level", old.log_level != new.log_level),
             ] {
@@ -277,12 +283,13 @@ impl Control {
             let replaced = strategy.is_some();
             let strategy = strategy.unwrap_or_else(|| Arc::clone(&context.strategy));
             service.context.store(Arc::new(ServiceContext {
-                name: service.name.clone(),
+                name: Arc::clone(&context.name),
                 pool: Arc::clone(&context.pool),
                 strategy,
                 limits: ConnectionLimits::from_tunables(&config.tunables),
                 metrics: context.metrics.clone(),
                 hot_path_log: Arc::clone(&context.hot_path_log),
+                access_log: context.access_log.clone(),
             }));
             let retired_addrs: Vec<SocketAddr> =
                 old.listen.iter().filter(|a| !config.listen.contains(a)).copied().collect();
@@ -395,12 +402,13 @@ impl Control {
         membership.spawn_reaper();
         membership.follow_dns(&cfg.dns, self.resolver_for(cfg)?, cfg.tunables.dns_refresh());
         let context = ServiceContext {
-            name: cfg.name.clone(),
+            name: Arc::from(cfg.name.as_str()),
             pool: membership.pool(),
             strategy,
             limits: ConnectionLimits::from_tunables(&cfg.tunables),
             metrics: self.metrics.service(&cfg.name),
             hot_path_log: Arc::new(RateLimitedLog::new(10, Duration::from_secs(10))),
+            access_log: self.access_log.clone(),
         };
         Ok(Arc::new(Service::new(context, cfg.clone(), membership, background)))
     }
@@ -479,9 +487,18 @@ impl Harbor {
         config: Config,
         inherited: Vec<(SocketAddr, std::net::TcpListener)>,
     ) -> Result<Harbor, HarborError> {
+        let metrics = Arc::new(Metrics::new());
+        let access_log = match &config.access_log {
+            None => None,
+            Some(target) => Some(
+                AccessLog::open(target, config.access_log_format, metrics.access_log_dropped.clone())
+                    .map_err(|error| HarborError::AccessLog { target: target.clone(), error })?,
+            ),
+        };
         let control = Arc::new(Control {
             services: ArcSwap::from_pointee(Vec::new()),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
+            access_log,
             tracker: TaskTracker::new(),
             cut: CancellationToken::new(),
             draining: AtomicBool::new(false),

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::accept_loop;
+use crate::access_log::AccessLog;
 use crate::backend::BackendPool;
 use crate::config::{AllUnhealthy, ServiceConfig, Tunables};
 use crate::connect::SocketOptions;
@@ -56,12 +57,14 @@ impl ConnectionLimits {
 /// Everything one connection needs, and nothing more. A reload builds a new context; a
 /// connection keeps the one it was accepted with.
 pub struct ServiceContext {
-    pub name: String,
+    pub name: Arc<str>,
     pub pool: Arc<ArcSwap<BackendPool>>,
     pub strategy: Arc<StrategyHost>,
     pub limits: ConnectionLimits,
     pub metrics: ServiceMetrics,
     pub hot_path_log: Arc<RateLimitedLog>,
+    /// Where each connection's line goes at its end, if the access log is on.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// A service's caps at accept: `max_connections` for the whole service (shared by its

@@ -75,6 +75,10 @@ settings! {
     workers: u64 = 0, env "HARBOR_WORKERS", range 0..=512, shown "0 (one per CPU)";
     /// Log format.
     log_format: LogFormat = LogFormat::Human, env "HARBOR_LOG_FORMAT", shown "human";
+    /// Access log, one line per connection at its end: a file (appended to) or `stderr`; off without it.
+    access_log: String, env "HARBOR_ACCESS_LOG", shown "off";
+    /// Access log format.
+    access_log_format: LogFormat = LogFormat::Human, env "HARBOR_ACCESS_LOG_FORMAT", shown "human";
     /// Log filter, e.g. `info`, `warn`, `harbor=debug`.
     log_level: String = "info".to_string(), env "HARBOR_LOG_LEVEL", shown "info";
 }
@@ -400,6 +404,9 @@ pub struct Config {
     pub workers: usize,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// `stderr` or a file; `None`: off.
+    pub access_log: Option<String>,
+    pub access_log_format: LogFormat,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -588,6 +595,8 @@ impl Config {
             workers,
             log_format: globals.log_format,
             log_level,
+            access_log: globals.access_log.filter(|t| !t.trim().is_empty() && t.trim() != "off"),
+            access_log_format: globals.access_log_format,
             services,
         })
     }

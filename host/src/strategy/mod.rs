@@ -232,6 +232,24 @@ impl StrategyHost {
         })
     }
 
+    /// Who placed a pick, for the access log.
+    pub fn placed_by(&self, pick: &Pick) -> crate::access_log::PlacedBy {
+        use crate::access_log::PlacedBy;
+        match pick.source {
+            PickSource::Builtin => PlacedBy::Builtin,
+            PickSource::Fallback(reason) => PlacedBy::Fallback(reason),
+            PickSource::Strategy(id) => {
+                let active = self.active.load();
+                let placed = [active.current.as_ref(), active.previous.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .find(|s| s.id == id)
+                    .map_or(PlacedBy::Nobody, |s| PlacedBy::Strategy(Arc::clone(s)));
+                placed
+            }
+        }
+    }
+
     /// Tells the strategy that picked a connection how it ended (if it asked for reports).
     pub fn report(&self, pick: &Pick, outcome: ConnectionOutcome) {
         let PickSource::Strategy(id) = pick.source else { return };

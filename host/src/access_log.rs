@@ -1,0 +1,252 @@
+//! The access log: one line per connection, at its end, human or JSON, written by its own
+//! thread. A relay never waits for it: records go through a bounded queue, and those that do
+//! not fit are dropped and counted.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+
+use crate::config::LogFormat;
+use crate::metrics::FallbackReason;
+use crate::strategy::LoadedStrategy;
+
+/// Records queued for the writer at most; more are dropped (and counted).
+pub const QUEUE: usize = 16_384;
+/// The writer flushes at least this often while lines come in.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// How a connection ended, as the log says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The relay ended: `completed`, `idle`, `lifetime`, `half_close`, `shutdown` (cut at
+    /// drain, or at a removed backend's drain timeout), `reset` or `error`.
+    Relay(&'static str),
+    /// Every connect attempt failed.
+    BackendRefused,
+    /// No backend was eligible.
+    NoBackend,
+    /// Harbor ran out of descriptors or memory dialing.
+    LocalError,
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Relay(label) => label,
+            End::BackendRefused => "backend_refused",
+            End::NoBackend => "no_backend",
+            End::LocalError => "local_error",
+        }
+    }
+}
+
+/// Who placed the connection.
+#[derive(Debug, Clone)]
+pub enum PlacedBy {
+    Strategy(Arc<LoadedStrategy>),
+    Builtin,
+    Fallback(FallbackReason),
+    Nobody,
+}
+
+/// One connection, at its end.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub at: SystemTime,
+    pub service: Arc<str>,
+    pub client: SocketAddr,
+    pub backend: Option<SocketAddr>,
+    pub bytes_to_backend: u64,
+    pub bytes_to_client: u64,
+    pub connect_micros: u32,
+    pub duration: Duration,
+    pub end: End,
+    pub placed_by: PlacedBy,
+}
+
+/// Where access-log lines go.
+pub struct AccessLog {
+    queue: SyncSender<Record>,
+    dropped: Counter,
+}
+
+/// The line as JSON.
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    time: &'a str,
+    service: &'a str,
+    client: String,
+    backend: Option<String>,
+    bytes_to_backend: u64,
+    bytes_to_client: u64,
+    connect_micros: u32,
+    duration_ms: f64,
+    end: &'static str,
+    strategy: &'a str,
+}
+
+impl AccessLog {
+    /// Opens `target` (`stderr`, or a file appended to) and starts the writer thread.
+    /// `dropped` counts records that found the queue full.
+    pub fn open(target: &str, format: LogFormat, dropped: Counter) -> std::io::Result<Arc<AccessLog>> {
+        let out: Box<dyn Write + Send> = if target == "stderr" {
+            Box::new(std::io::stderr())
+        } else {
+            Box::new(std::fs::OpenOptions::new().create(true).append(true).open(target)?)
+        };
+        let (queue, records) = sync_channel::<Record>(QUEUE);
+        std::thread::Builder::new().name("harbor-access-log".into()).spawn(move || {
+            let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
+            let mut line = String::with_capacity(256);
+            loop {
+                match records.recv_timeout(FLUSH_EVERY) {
+                    Ok(record) => {
+                        line.clear();
+                        render(&record, format, &mut line);
+                        if out.write_all(line.as_bytes()).is_err() {
+                            // A full disk or a closed pipe: keep draining the queue so relays
+                            // never wait; lines are lost until writing works again.
+                            continue;
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        let _ = out.flush();
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        let _ = out.flush();
+                        return;
+                    }
+                }
+            }
+        })?;
+        Ok(Arc::new(AccessLog { queue, dropped }))
+    }
+
+    /// Queues a record; never blocks.
+    pub fn log(&self, record: Record) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.queue.try_send(record) {
+            self.dropped.inc();
+        }
+    }
+}
+
+fn strategy_name(placed_by: &PlacedBy) -> std::borrow::Cow<'_, str> {
+    match placed_by {
+        PlacedBy::Strategy(s) => std::borrow::Cow::Borrowed(s.name.as_str()),
+        PlacedBy::Builtin => "builtin".into(),
+        PlacedBy::Fallback(reason) => format!("fallback:{}", reason.as_str()).into(),
+        PlacedBy::Nobody => "-".into(),
+    }
+}
+
+/// Renders one line (with its newline).
+pub fn render(r: &Record, format: LogFormat, out: &mut String) {
+    use std::fmt::Write as _;
+    let time = rfc3339(r.at);
+    let strategy = strategy_name(&r.placed_by);
+    match format {
+        LogFormat::Human => {
+            let backend = r.backend.map_or_else(|| "-".to_string(), |b| b.to_string());
+            let _ = writeln!(
+                out,
+                "{time} {} {} -> {backend} {} up={} down={} connect_us={} duration_ms={:.3} strategy={strategy}",
+                r.service,
+                r.client,
+                r.end.as_str(),
+                r.bytes_to_backend,
+                r.bytes_to_client,
+                r.connect_micros,
+                r.duration.as_secs_f64() * 1e3,
+            );
+        }
+        LogFormat::Json => {
+            let line = JsonLine {
+                time: &time,
+                service: &r.service,
+                client: r.client.to_string(),
+                backend: r.backend.map(|b| b.to_string()),
+                bytes_to_backend: r.bytes_to_backend,
+                bytes_to_client: r.bytes_to_client,
+                connect_micros: r.connect_micros,
+                duration_ms: (r.duration.as_secs_f64() * 1e6).round() / 1e3,
+                end: r.end.as_str(),
+                strategy: &strategy,
+            };
+            if let Ok(text) = serde_json::to_string(&line) {
+                out.push_str(&text);
+                out.push('\n');
+            }
+        }
+    }
+}
+
+/// `2026-12-01T23:50:00.123Z`.
+pub fn rfc3339(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(951_782_400_123)), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(1_796_169_000)), "2026-12-01T23:50:00.000Z");
+    }
+
+    #[test]
+    fn lines_carry_every_field() {
+        let r = Record {
+            at: UNIX_EPOCH,
+            service: "web".into(),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            backend: Some("127.0.0.1:9001".parse().unwrap()),
+            bytes_to_backend: 12,
+            bytes_to_client: 34,
+            connect_micros: 56,
+            duration: Duration::from_micros(7_890),
+            end: End::Relay("completed"),
+            placed_by: PlacedBy::Builtin,
+        };
+        let mut human = String::new();
+        render(&r, LogFormat::Human, &mut human);
+        assert_eq!(
+            human,
+            "1970-01-01T00:00:00.000Z web 127.0.0.1:5000 -> 127.0.0.1:9001 completed up=12 down=34 connect_us=56 duration_ms=7.890 strategy=builtin\n"
+        );
+        let mut json = String::new();
+        render(&r, LogFormat::Json, &mut json);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (v["service"].as_str(), v["end"].as_str(), v["bytes_to_client"].as_u64()),
+            (Some("web"), Some("completed"), Some(34))
+        );
+        assert_eq!(v["duration_ms"].as_f64(), Some(7.89));
+    }
+}
