@@ -475,6 +475,8 @@ class Bench:
                             ("--workers", str(self.server_ncpus))):
             if flag in helptext:
                 self.harbor_extra += [flag, value]
+        # Extra flags from the command line, e.g. --harbor-arg=--access-log=/tmp/access.log
+        self.harbor_extra += list(self.a.harbor_arg or [])
         for flag in ("--listen", "--backends", "--strategy", "--admin", "--max-connections"):
             if flag not in helptext:
                 self.warn(f"`harbor --help` does not mention {flag}; starting it may fail")
@@ -928,6 +930,8 @@ def parse_args(argv):
     ap.add_argument("--strategy", default=os.path.join(REPO, "strategies", "least_conn.wasm"),
                     help="Harbor's strategy component (default strategies/least_conn.wasm)")
     ap.add_argument("--harbor-max-connections", type=int, default=20000, help="Harbor --max-connections")
+    ap.add_argument("--harbor-arg", action="append", default=[],
+                    help="an extra Harbor flag, repeatable: --harbor-arg=--access-log=/tmp/a.log")
     ap.add_argument("--no-build", action="store_true",
                     help="run.sh: do not `cargo build --release -p harbor` (implied by --harbor)")
     ap.add_argument("--workdir", help=argparse.SUPPRESS)  # scratch directory, made by run.sh

@@ -588,3 +588,49 @@ async fn the_access_log_has_one_json_line_per_connection_at_its_end() {
     harbor.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_cannot_bind_changes_nothing_and_leaves_nothing_behind() {
+    let (backends, _stops) = echo_backends(1).await;
+    let dir = temp_dir("reload-bind");
+    let path = dir.join("harbor.toml");
+    std::fs::write(
+        &path,
+        format!("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n", backends[0]),
+    )
+    .unwrap();
+    let harbor = start(resolve_file(&path).unwrap()).await;
+    let source_path = path.clone();
+    harbor.control.set_config_source(Box::new(move || resolve_file(&source_path)));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let x_port = free_port();
+    std::fs::write(
+        &path,
+        format!(
+            "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{b}\"]\n\
+             [[service]]\nname = \"x\"\nlisten = \"127.0.0.1:{x_port}\"\nbackends = [\"{b}\"]\nhealth = {{ kind = \"tcp\", interval_ms = 50 }}\n\
+             [[service]]\nname = \"y\"\nlisten = \"{}\"\nbackends = [\"{b}\"]\n",
+            taken.local_addr().unwrap(),
+            b = backends[0]
+        ),
+    )
+    .unwrap();
+    let error = harbor.control.reload().await.unwrap_err().to_string();
+    assert!(error.contains("cannot listen"), "{error}");
+    assert!(harbor.control.service("x").is_none() && harbor.control.service("y").is_none());
+    assert!(TcpStream::connect(("127.0.0.1", x_port)).await.is_err(), "x's listener was dropped");
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    let probes_then = m
+        .try_get(&format!("harbor_health_probes_total{{service=\"x\",backend=\"{}\",result=\"ok\"}}", backends[0]))
+        .unwrap_or(0.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    let probes_now = m
+        .try_get(&format!("harbor_health_probes_total{{service=\"x\",backend=\"{}\",result=\"ok\"}}", backends[0]))
+        .unwrap_or(0.0);
+    assert_eq!(probes_then, probes_now, "the abandoned service's probes stopped");
+    assert_eq!(echo_roundtrip(harbor.addr_of("a").unwrap(), b"a still").await, "b0");
+    drop(taken);
+    harbor.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -67,6 +67,16 @@ pub struct ReloadReport {
     pub changed: Vec<String>,
 }
 
+/// What a reload binds and loads before it changes anything.
+struct Prepared {
+    service: Arc<Service>,
+    config: ServiceConfig,
+    listeners: Vec<(SocketAddr, TcpListener)>,
+    strategy: Option<Arc<StrategyHost>>,
+    resolver: Option<Arc<TokioResolver>>,
+    is_new: bool,
+}
+
 /// The state the admin server and reloads work on. Connections never see it: each gets its
 /// service's [`ServiceContext`].
 pub struct Control {
@@ -91,6 +101,8 @@ pub struct Control {
     /// Listening sockets handed over by socket activation, not yet claimed by a service.
     inherited: Mutex<Vec<(SocketAddr, std::net::TcpListener)>>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Cancelled when draining begins: a reload still preparing (binding, compiling) gives up.
+    stopping: CancellationToken,
 }
 
 impl Control {
@@ -202,58 +214,19 @@ impl Control {
         let current = self.services.load_full();
         let workers = self.lock_config().workers;
 
-        // Prepare: bind and load everything new. A failure here drops what was prepared.
-        struct Prepared {
-            service: Arc<Service>,
-            config: ServiceConfig,
-            listeners: Vec<(SocketAddr, TcpListener)>,
-            strategy: Option<Arc<StrategyHost>>,
-            resolver: Option<Arc<TokioResolver>>,
-            is_new: bool,
-        }
+        // Prepare: bind and load everything new. A failure (or the start of a drain) drops
+        // what was prepared, and stops the background work of services built for it.
         let mut prepared = Vec::new();
-        for cfg in &new.services {
-            match current.iter().find(|s| s.name == cfg.name) {
-                Some(service) => {
-                    let old = service.config.load_full();
-                    let mut listeners = Vec::new();
-                    for addr in cfg.listen.iter().filter(|a| !old.listen.contains(a)) {
-                        listeners.push((*addr, bind(*addr, cfg.tunables.nodelay).await?));
-                    }
-                    let resolver = self.resolver_for(cfg)?;
-                    let strategy = if strategy_changed(&old, cfg) {
-                        let host = self.strategy_host(cfg, workers)?;
-                        load_strategy(&host, cfg).await?;
-                        host.continue_sequence_of(&service.context.load().strategy);
-                        Some(host)
-                    } else {
-                        None
-                    };
-                    prepared.push(Prepared {
-                        service: Arc::clone(service),
-                        config: cfg.clone(),
-                        listeners,
-                        strategy,
-                        resolver,
-                        is_new: false,
-                    });
-                }
-                None => {
-                    let mut listeners = Vec::new();
-                    for addr in &cfg.listen {
-                        listeners.push((*addr, self.bind_or_inherit(*addr, cfg.tunables.nodelay).await?));
-                    }
-                    let service = self.build_service(cfg, workers).await?;
-                    prepared.push(Prepared {
-                        service,
-                        config: cfg.clone(),
-                        listeners,
-                        strategy: None,
-                        resolver: None,
-                        is_new: true,
-                    });
-                }
+        let outcome = tokio::select! {
+            _ = self.stopping.cancelled() => Err(HarborError::Draining),
+            result = self.prepare(&new, &current, workers, &mut prepared) => result,
+        };
+        if let Err(error) = outcome {
+            for p in prepared.iter().filter(|p| p.is_new) {
+                p.service.background.cancel();
+                p.service.membership.stop();
             }
+            return Err(error);
         }
 
         // Commit: nothing below fails.
@@ -371,6 +344,60 @@ impl Control {
         let resolver = Arc::new(discovery::resolver(&servers).map_err(HarborError::Dns)?);
         *slot = Some(Arc::clone(&resolver));
         Ok(Some(resolver))
+    }
+
+    /// Binds and loads what `new` needs beyond what runs now, into `out`.
+    async fn prepare(
+        &self,
+        new: &Config,
+        current: &[Arc<Service>],
+        workers: usize,
+        out: &mut Vec<Prepared>,
+    ) -> Result<(), HarborError> {
+        for cfg in &new.services {
+            match current.iter().find(|s| s.name == cfg.name) {
+                Some(service) => {
+                    let old = service.config.load_full();
+                    let mut listeners = Vec::new();
+                    for addr in cfg.listen.iter().filter(|a| !old.listen.contains(a)) {
+                        listeners.push((*addr, bind(*addr, cfg.tunables.nodelay).await?));
+                    }
+                    let resolver = self.resolver_for(cfg)?;
+                    let strategy = if strategy_changed(&old, cfg) {
+                        let host = self.strategy_host(cfg, workers)?;
+                        load_strategy(&host, cfg).await?;
+                        host.continue_sequence_of(&service.context.load().strategy);
+                        Some(host)
+                    } else {
+                        None
+                    };
+                    out.push(Prepared {
+                        service: Arc::clone(service),
+                        config: cfg.clone(),
+                        listeners,
+                        strategy,
+                        resolver,
+                        is_new: false,
+                    });
+                }
+                None => {
+                    let mut listeners = Vec::new();
+                    for addr in &cfg.listen {
+                        listeners.push((*addr, self.bind_or_inherit(*addr, cfg.tunables.nodelay).await?));
+                    }
+                    let service = self.build_service(cfg, workers).await?;
+                    out.push(Prepared {
+                        service,
+                        config: cfg.clone(),
+                        listeners,
+                        strategy: None,
+                        resolver: None,
+                        is_new: true,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn strategy_host(&self, cfg: &ServiceConfig, workers: usize) -> Result<Arc<StrategyHost>, HarborError> {
@@ -509,6 +536,7 @@ impl Harbor {
             notifier: Mutex::new(Notifier::none()),
             inherited: Mutex::new(inherited),
             reload_lock: tokio::sync::Mutex::new(()),
+            stopping: CancellationToken::new(),
         });
         let mut listeners = Vec::new();
         let mut services = Vec::new();
@@ -583,6 +611,7 @@ impl Harbor {
 
         shutdown.cancelled().await;
         control.notifier().stopping();
+        control.stopping.cancel();
         // Refuse new connections from here on; no reload may start.
         let _serial = control.reload_lock.lock().await;
         control.draining.store(true, Ordering::Relaxed);
