@@ -89,6 +89,7 @@ def main():
     ap.add_argument("--interval-ms", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--kind", default="tcp", choices=["tcp", "send-expect", "http"])
+    ap.add_argument("--haproxy", action="store_true", help="also measure HAProxy checking the same backends (tcp)")
     args = ap.parse_args()
 
     import resource
@@ -107,6 +108,7 @@ def main():
         sys.exit("backends did not start")
 
     tmp = tempfile.mkdtemp(prefix="harbor-cp-cost-")
+    print(f"scratch: {tmp}", file=sys.stderr)
     results = {}
     procs = []
 
@@ -147,12 +149,54 @@ def main():
         results["rss_with_checks_kib"] = rss_kib(p.pid)
         p.kill()
         p.wait()
+
+        # Harbor with the same backends and no checks: what it costs when idle.
+        cfg = os.path.join(tmp, "idle.toml")
+        write_config(cfg, ports, args.kind, args.interval_ms, False)
+        p = start_harbor(args.harbor, cfg)
+        procs.append(p)
+        time.sleep(3)
+        c0, t0 = cpu_seconds(p.pid), time.time()
+        time.sleep(min(args.seconds, 10))
+        results["idle_share_of_one_core"] = (cpu_seconds(p.pid) - c0) / (time.time() - t0)
+        p.kill()
+        p.wait()
+
+        if args.haproxy:
+            servers = "\n".join(
+                f"    server s{i} 127.0.0.1:{port} check inter {args.interval_ms} rise 2 fall 3"
+                for i, port in enumerate(ports)
+            )
+            conf = os.path.join(tmp, "haproxy.cfg")
+            with open(conf, "w") as f:
+                f.write(
+                    "global\n    maxconn 4000\n    nbthread 1\n"
+                    "defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 10s\n"
+                    "    timeout server 10s\n    timeout check 1s\n"
+                    f"listen fleet\n    bind 127.0.0.1:{free_port()}\n    balance leastconn\n{servers}\n"
+                )
+            p = subprocess.Popen(["haproxy", "-db", "-f", conf], stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "haproxy.log"), "w"))
+            procs.append(p)
+            time.sleep(3)
+            c0, t0 = cpu_seconds(p.pid), time.time()
+            time.sleep(args.seconds)
+            results["haproxy_share_of_one_core"] = (cpu_seconds(p.pid) - c0) / (time.time() - t0)
+            p.kill()
+            p.wait()
     finally:
         stop_all()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"control-plane cost, {args.backends} backends, {args.kind} checks every {args.interval_ms} ms:")
     print(f"  health checks: {results['cpu_share_of_one_core'] * 100:.2f} % of one core "
           f"({results['probes_per_second']:.0f} probes/s, over {args.seconds:.0f} s)")
+    print(f"  Harbor idle with the same backends and no checks: {results['idle_share_of_one_core'] * 100:.2f} % of one core")
+    if "haproxy_share_of_one_core" in results:
+        h = results["haproxy_share_of_one_core"]
+        print(f"  HAProxy, the same checks (tcp, nbthread 1): {h * 100:.2f} % of one core; "
+              f"Harbor / HAProxy = {results['cpu_share_of_one_core'] / h:.2f}")
     print(f"  memory: {results['bytes_per_backend'] / 1024:.1f} KiB per backend "
           f"(RSS {results['rss_1_kib']} KiB with 1 backend, {results[f'rss_{args.backends}_kib']} KiB with {args.backends}; "
           f"{results['rss_with_checks_kib']} KiB with checks running)")
