@@ -103,8 +103,8 @@ async fn backends_added_and_removed_through_the_api_while_four_clients_keep_goin
     );
     let names: HashSet<&str> = tally.answers.iter().map(|(n, _)| n.as_str()).collect();
     assert!(names.contains("b1") && names.contains("b2"), "each new backend gets traffic: {names:?}");
-    // A connection that started before the DELETE may still be answered by b0 just after
-    // it; none that started later.
+    // A connection that started before the DELETE may still be served by b0; none that
+    // started after it (the pool is swapped before the API answers).
     let late_b0 =
         tally.answers.iter().filter(|(n, at)| n == "b0" && *at > removed_at + Duration::from_millis(500)).count();
     assert_eq!(late_b0, 0, "the removed backend got traffic after its removal");
@@ -331,7 +331,8 @@ async fn a_backend_that_hangs_is_marked_unhealthy_gets_no_client_and_comes_back(
     let marked =
         eventually(Duration::from_secs(5), || flaky_backend().health() == harbor::backend::Health::Failing).await;
     let took = hung_at.elapsed();
-    let bound = Duration::from_millis(fall * interval * 11 / 10 + timeout + 300);
+    // The margin is for a loaded CI machine; measured ~410 ms on a quiet one.
+    let bound = Duration::from_millis(fall * interval * 11 / 10 + timeout + 1500);
     assert!(marked.is_some() && took <= bound, "marked unhealthy after {took:?}, bound {bound:?}");
     println!("hang to unhealthy: {took:?} (fall {fall} x interval {interval} ms + timeout {timeout} ms)");
 
@@ -415,8 +416,8 @@ async fn a_reload_with_1000_connections_in_flight_cuts_none_and_a_bad_file_chang
     let load = ClientLoad::start(addr, 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
     write(&path, &backends[1..], 20_000);
-    let reloaded_at = Instant::now();
     let report = harbor.control.reload().await.expect("a good file applies");
+    let reloaded_at = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let tally = load.stop().await;
     assert!(
@@ -427,7 +428,7 @@ async fn a_reload_with_1000_connections_in_flight_cuts_none_and_a_bad_file_chang
     );
     assert!(tally.answers.iter().any(|(n, at)| n == "b2" && *at > reloaded_at), "the new backend gets traffic");
     let late_b0 =
-        tally.answers.iter().filter(|(n, at)| n == "b0" && *at > reloaded_at + Duration::from_millis(200)).count();
+        tally.answers.iter().filter(|(n, at)| n == "b0" && *at > reloaded_at + Duration::from_millis(50)).count();
     assert_eq!(late_b0, 0, "the removed backend got traffic after the reload");
     println!("reload with 1000 connections in flight: {} round trips by 4 clients across it, 0 failed", tally.ok);
     assert_eq!(report.changed, ["web"]);

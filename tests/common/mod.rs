@@ -366,7 +366,7 @@ pub struct ClientLoad {
 pub struct ClientTally {
     pub ok: u64,
     pub failures: Vec<String>,
-    /// (backend name, when) for each round trip.
+    /// (backend name, when the round trip started) for each round trip.
     pub answers: Vec<(String, std::time::Instant)>,
 }
 
@@ -384,10 +384,11 @@ impl ClientLoad {
                         if stop.is_cancelled() {
                             break;
                         }
+                        let started = std::time::Instant::now();
                         match try_echo_roundtrip(addr, &payload).await {
                             Ok(name) => {
                                 tally.ok += 1;
-                                tally.answers.push((name, std::time::Instant::now()));
+                                tally.answers.push((name, started));
                             }
                             Err(e) => tally.failures.push(e),
                         }
