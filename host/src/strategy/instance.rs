@@ -9,7 +9,8 @@ use wasmtime::Store;
 use super::answer::STATS_STRIDE;
 use super::bindings::{BackendInfo, Connection, ConnectionOutcome, Strategy, StrategyInfo};
 use super::engine::{
-    deadline_ticks, fuel_per_call, GuestLimiter, GuestState, StrategyEngine, FUEL_PER_INIT, SET_BACKENDS_FACTOR,
+    deadline_ticks, fuel_per_call, GuestLimiter, GuestState, Running, StrategyEngine, FUEL_PER_INIT,
+    SET_BACKENDS_FACTOR,
 };
 use super::loaded::LoadedStrategy;
 use super::StrategyError;
@@ -50,14 +51,17 @@ fn classify(error: wasmtime::Error) -> CallFault {
 impl Instance {
     /// Sets the limits for the next call: a fresh deadline and fuel. A store that cannot take
     /// fuel must not run at all (it would run without its instruction limit).
-    fn arm(&mut self, fuel: u64) -> Result<(), CallFault> {
+    fn arm(&mut self, fuel: u64) -> Result<Running, CallFault> {
         self.arm_for(fuel, self.ticks)
     }
 
-    fn arm_for(&mut self, fuel: u64, ticks: u64) -> Result<(), CallFault> {
+    /// Sets the call's fuel and deadline; the deadline clock runs while the guard is held.
+    fn arm_for(&mut self, fuel: u64, ticks: u64) -> Result<Running, CallFault> {
+        let running = Running::start();
         self.store.set_epoch_deadline(ticks);
         self.armed_fuel = fuel;
-        self.store.set_fuel(fuel).map_err(|e| CallFault::Trap(format!("cannot set the fuel limit: {e:#}")))
+        self.store.set_fuel(fuel).map_err(|e| CallFault::Trap(format!("cannot set the fuel limit: {e:#}")))?;
+        Ok(running)
     }
 
     /// Fuel (about one unit per wasm instruction) the last call used.
@@ -78,6 +82,7 @@ impl Instance {
         // Instantiation and `init` may build tables, and never run on a relay thread: they get
         // a deadline of their own.
         let init_ticks = deadline_ticks(INIT_DEADLINE);
+        let _running = Running::start();
         store.set_epoch_deadline(init_ticks);
         store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let bindings = loaded.pre.instantiate(&mut store).map_err(|e| StrategyError::Instantiate(format!("{e:#}")))?;
@@ -113,7 +118,8 @@ impl Instance {
 
     /// Calls `set-backends`.
     pub fn set_backends(&mut self, generation: u64, infos: &[BackendInfo]) -> Result<(), CallFault> {
-        self.arm_for(fuel_per_call(infos.len()) * SET_BACKENDS_FACTOR, self.ticks * SET_BACKENDS_FACTOR)?;
+        let _running =
+            self.arm_for(fuel_per_call(infos.len()) * SET_BACKENDS_FACTOR, self.ticks * SET_BACKENDS_FACTOR)?;
         self.bindings.call_set_backends(&mut self.store, generation, infos).map_err(classify)?;
         self.backends_generation = generation;
         self.backends = infos.len();
@@ -122,13 +128,13 @@ impl Instance {
 
     /// Calls `pick`.
     pub fn pick(&mut self, conn: Connection, stats: &[u32]) -> Result<Option<u32>, CallFault> {
-        self.arm(fuel_per_call(stats.len() / STATS_STRIDE))?;
+        let _running = self.arm(fuel_per_call(stats.len() / STATS_STRIDE))?;
         self.bindings.call_pick(&mut self.store, conn, stats).map_err(classify)
     }
 
     /// Calls `report`.
     pub fn report(&mut self, outcome: ConnectionOutcome) -> Result<(), CallFault> {
-        self.arm(fuel_per_call(self.backends))?;
+        let _running = self.arm(fuel_per_call(self.backends))?;
         self.bindings.call_report(&mut self.store, outcome).map_err(classify)
     }
 }
