@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -137,28 +137,19 @@ impl Control {
     }
 
     fn lock_config(&self) -> std::sync::MutexGuard<'_, Config> {
-        match self.config.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        self.config.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sets where reloads read the configuration from.
     pub fn set_config_source(&self, source: ConfigSource) {
-        *match self.source.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        } = Some(Arc::new(source));
+        *self.source.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(source));
     }
 
     /// Reads the configuration again and applies it. A bad file, or one that cannot be
     /// applied (a listen address taken, a strategy that does not load), changes nothing: it
     /// is logged, counted as rejected, and the running configuration stays.
     pub async fn reload(&self) -> Result<ReloadReport, HarborError> {
-        let source = match self.source.lock() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
+        let source = self.source.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let notifier = self.notifier();
         notifier.reloading();
         let result = match source {
@@ -297,26 +288,17 @@ impl Control {
 
     /// Sets where readiness, reloads and draining are announced.
     pub fn set_notifier(&self, notifier: Notifier) {
-        *match self.notifier.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        } = notifier;
+        *self.notifier.lock().unwrap_or_else(PoisonError::into_inner) = notifier;
     }
 
     fn notifier(&self) -> Notifier {
-        match self.notifier.lock() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.notifier.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// A listener for `addr`: the socket passed in for it, if there is one, else a new one.
     async fn bind_or_inherit(&self, addr: SocketAddr, nodelay: bool) -> Result<TcpListener, HarborError> {
         let taken = {
-            let mut inherited = match self.inherited.lock() {
-                Ok(guard) => guard,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut inherited = self.inherited.lock().unwrap_or_else(PoisonError::into_inner);
             inherited.iter().position(|(a, _)| *a == addr).map(|i| inherited.remove(i).1)
         };
         match taken {
@@ -333,10 +315,7 @@ impl Control {
         if cfg.dns.is_empty() {
             return Ok(None);
         }
-        let mut slot = match self.resolver.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut slot = self.resolver.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(resolver) = slot.as_ref() {
             return Ok(Some(Arc::clone(resolver)));
         }
@@ -460,10 +439,7 @@ impl Control {
             }
             None => None,
         };
-        let mut slot = match service.watcher.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut slot = service.watcher.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(old) = std::mem::replace(&mut *slot, handle) {
             old.abort();
         }
@@ -600,10 +576,8 @@ impl Harbor {
         for service in control.services.load().iter() {
             tracing::info!(service = %service.name, listen = ?service.local_addrs(), backends = service.membership.views().len(), strategy = %service.context.load().strategy.status().name, "harbor is serving");
         }
-        let unclaimed: Vec<SocketAddr> = match control.inherited.lock() {
-            Ok(mut guard) => guard.drain(..).map(|(a, _)| a).collect(),
-            Err(poisoned) => poisoned.into_inner().drain(..).map(|(a, _)| a).collect(),
-        };
+        let unclaimed: Vec<SocketAddr> =
+            control.inherited.lock().unwrap_or_else(PoisonError::into_inner).drain(..).map(|(a, _)| a).collect();
         if !unclaimed.is_empty() {
             tracing::warn!(?unclaimed, "sockets passed in for no configured listen address: closed");
         }
@@ -641,10 +615,7 @@ impl Harbor {
             let _ = task.await;
         }
         for service in control.services.load().iter() {
-            let watcher = match service.watcher.lock() {
-                Ok(mut guard) => guard.take(),
-                Err(poisoned) => poisoned.into_inner().take(),
-            };
+            let watcher = service.watcher.lock().unwrap_or_else(PoisonError::into_inner).take();
             if let Some(task) = watcher {
                 // It may be waiting for a file to hold still: stop it where it is.
                 task.abort();

@@ -2,7 +2,7 @@
 //! limits, metrics), its admission caps, and the accept loops of its listeners.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -87,10 +87,7 @@ impl Admission {
     /// Applies new caps to new connections. Slots held now stay held; a smaller cap takes
     /// effect as they are given back.
     pub fn update(&self, t: &Tunables) {
-        let mut capacity = match self.capacity.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut capacity = self.capacity.lock().unwrap_or_else(PoisonError::into_inner);
         let want = t.max_connections as usize;
         if want > *capacity {
             self.slots.add_permits(want - *capacity);
@@ -120,10 +117,7 @@ impl Admission {
     }
 
     pub fn max_connections(&self) -> usize {
-        match self.capacity.lock() {
-            Ok(guard) => *guard,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
+        *self.capacity.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -228,9 +222,6 @@ impl Service {
     }
 
     fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Vec<Listening>> {
-        match self.listeners.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        self.listeners.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
