@@ -88,6 +88,24 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Reply {
     response
 }
 
+/// An embedded page asset, with headers that keep it from being framed, sniffed or mixed
+/// with anything from elsewhere.
+fn page(asset: &crate::status_page::Asset) -> Reply {
+    let mut reply = respond(StatusCode::OK, asset.content_type, asset.body.to_string());
+    let headers = reply.headers_mut();
+    for (name, value) in [
+        ("content-security-policy", crate::status_page::CONTENT_SECURITY_POLICY),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+        ("cache-control", "no-cache"),
+    ] {
+        if let Ok(value) = value.parse() {
+            headers.insert(name, value);
+        }
+    }
+    reply
+}
+
 fn json_with<T: Serialize>(status: StatusCode, value: &T) -> Reply {
     match serde_json::to_string_pretty(value) {
         Ok(body) => respond(status, "application/json", body + "\n"),
@@ -160,6 +178,11 @@ async fn route(req: Request<Incoming>, control: &Control) -> Reply {
             }
         }
         (true, ["readyz"]) => readiness(control),
+        (true, ["status"]) => json(&crate::status_page::status(control)),
+        (true, [] | ["ui", _]) => match crate::status_page::asset(&path) {
+            Some(asset) => page(asset),
+            None => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        },
         (true, ["services"]) => {
             let views: Vec<ServiceView> = control.services.load().iter().map(|s| service_view(s)).collect();
             json(&views)
@@ -181,7 +204,7 @@ async fn route(req: Request<Incoming>, control: &Control) -> Reply {
         (true, _) => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /services, /services/{service}/backends, /backends, /strategy, /healthz, /readyz\n".into(),
+            "not found: try /, /status, /metrics, /services, /services/{service}/backends, /backends, /strategy, /healthz, /readyz\n".into(),
         ),
         (false, _) => {
             error(StatusCode::METHOD_NOT_ALLOWED, None, format!("{method} {path} is not a write the API has"))

@@ -329,6 +329,8 @@ pub struct BackendView {
     pub connect_latency_micros: u32,
     pub picks: u64,
     pub dial_failures: u64,
+    pub bytes_to_backend: u64,
+    pub bytes_to_client: u64,
 }
 
 impl BackendView {
@@ -347,6 +349,8 @@ impl BackendView {
             connect_latency_micros: b.connect_latency_micros(),
             picks: b.metrics.picks.get(),
             dial_failures: b.metrics.dial_failures.get(),
+            bytes_to_backend: b.metrics.bytes_to_backend.get(),
+            bytes_to_client: b.metrics.bytes_to_client.get(),
         }
     }
 }

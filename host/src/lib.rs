@@ -31,8 +31,10 @@ pub mod service;
 pub mod source_limit;
 #[cfg(target_os = "linux")]
 pub mod splice;
+pub mod status_page;
 pub mod strategy;
 pub mod systemd;
+pub mod upgrade;
 
 pub use config::{Config, RunArgs};
 pub use server::{DrainReport, Harbor, HarborError, RunningHarbor};

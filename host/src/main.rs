@@ -196,7 +196,9 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     harbor::logging::init(config.log_format, &config.log_level);
     raise_fd_limit();
     // Before any thread starts: the variables are read and removed.
-    let inherited = harbor::systemd::take_listen_fds();
+    let mut handover = harbor::upgrade::take_handover();
+    handover.listeners.extend(harbor::systemd::take_listen_fds());
+    let upgrader = harbor::upgrade::Upgrader::of_this_process(config.upgrade_timeout);
     // One worker: a current-thread runtime saves the cross-thread wake-ups of the
     // multi-thread scheduler.
     let mut builder = if config.workers == 1 {
@@ -209,7 +211,7 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     let runtime = builder.enable_all().build().context("starting the async runtime")?;
     let (watch_config, config_file) = (config.watch_config, config.config_file.clone());
     runtime.block_on(async move {
-        let harbor = match Harbor::bind_with(config, inherited).await {
+        let harbor = match Harbor::bind_with(config, handover).await {
             Ok(h) => h,
             Err(harbor::HarborError::Strategy { path, error }) => {
                 eprintln!("harbor: configuration error: strategy {path}: {error}");
@@ -232,6 +234,12 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_signals(shutdown.clone()));
+        match upgrader {
+            Ok(upgrader) => {
+                tokio::spawn(harbor::upgrade::upgrade_on_signal(Arc::clone(&control), shutdown.clone(), upgrader));
+            }
+            Err(e) => tracing::error!("cannot find this binary's path: binary upgrades (SIGUSR2) are off: {e}"),
+        }
         tokio::spawn(reload_on_hangup(control));
         let report = harbor.run(shutdown).await?;
         if report.cut_connections > 0 {

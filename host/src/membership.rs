@@ -40,6 +40,24 @@ pub struct Override {
     pub draining: Option<bool>,
 }
 
+/// The changes made through the admin API since the last reload, carried to the new process
+/// of a binary upgrade.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RuntimeChanges {
+    /// Backends added, in the order added, with their weights.
+    pub added: Vec<(SocketAddr, u32)>,
+    /// Weight and drain changes: (address, weight, draining).
+    pub overrides: Vec<(SocketAddr, Option<u32>, Option<bool>)>,
+    /// Configured backends removed.
+    pub deleted: Vec<SocketAddr>,
+}
+
+impl RuntimeChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.overrides.is_empty() && self.deleted.is_empty()
+    }
+}
+
 /// A backend on its way out.
 struct Removal {
     member: Member,
@@ -187,6 +205,37 @@ impl Membership {
         state.overrides.remove(&address);
         self.rebuild(&mut state);
         Ok(())
+    }
+
+    /// The changes made through the API since the last reload.
+    pub fn runtime_changes(&self) -> RuntimeChanges {
+        let state = self.lock();
+        let mut added: Vec<(u64, SocketAddr, u32)> = state.api.iter().map(|(a, (o, w))| (*o, *a, *w)).collect();
+        added.sort_unstable();
+        let mut overrides: Vec<_> = state.overrides.iter().map(|(a, o)| (*a, o.weight, o.draining)).collect();
+        overrides.sort_unstable();
+        let mut deleted: Vec<SocketAddr> = state.deleted.iter().copied().collect();
+        deleted.sort_unstable();
+        RuntimeChanges { added: added.into_iter().map(|(_, a, w)| (a, w)).collect(), overrides, deleted }
+    }
+
+    /// Makes the changes of a previous process again (a binary upgrade). At most
+    /// [`MAX_BACKENDS`] additions are taken; the rest is reported and dropped.
+    pub fn restore(&self, changes: &RuntimeChanges) {
+        let mut state = self.lock();
+        if changes.added.len() > MAX_BACKENDS {
+            tracing::warn!(service = %self.service, added = changes.added.len(), "more backends handed over than a service may have: the first {MAX_BACKENDS} kept");
+        }
+        for (address, weight) in changes.added.iter().take(MAX_BACKENDS) {
+            state.api_order += 1;
+            let order = state.api_order;
+            state.api.insert(*address, (order, *weight));
+        }
+        for (address, weight, draining) in &changes.overrides {
+            state.overrides.insert(*address, Override { weight: *weight, draining: *draining });
+        }
+        state.deleted.extend(changes.deleted.iter().copied());
+        self.rebuild(&mut state);
     }
 
     /// Applies a reloaded configuration: its backends replace the static list, and every

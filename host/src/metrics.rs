@@ -213,6 +213,7 @@ pub struct Metrics {
     strategy_fallbacks: Family<FallbackLabel, Counter>,
     strategy_reloads: Family<ReloadLabel, Counter>,
     config_reloads: Family<OutcomeLabel, Counter>,
+    upgrades: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -254,6 +255,7 @@ impl Metrics {
             strategy_fallbacks: Family::default(),
             strategy_reloads: Family::default(),
             config_reloads: Family::default(),
+            upgrades: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -357,6 +359,11 @@ impl Metrics {
             "Configuration reloads by outcome (applied, rejected)",
             m.config_reloads.clone(),
         );
+        registry.register(
+            "upgrades",
+            "Binary upgrades by outcome (handed_over, failed), as counted by the process upgraded",
+            m.upgrades.clone(),
+        );
         let build_info: Family<BuildLabel, Gauge> = Family::default();
         build_info.get_or_create(&BuildLabel { version: VERSION, commit: COMMIT }).set(1);
         registry.register("build_info", "The version and commit of this Harbor (always 1)", build_info);
@@ -407,6 +414,25 @@ impl Metrics {
         self.strategy_reloads
             .get_or_create(&ReloadLabel { service: service.to_string(), outcome: outcome.as_str() })
             .inc();
+    }
+
+    /// Counts a binary upgrade (`handed_over` or `failed`).
+    pub fn upgrade(&self, outcome: &'static str) {
+        self.upgrades.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// Picks of `service` where the strategy's answer was not used through its own fault.
+    pub fn strategy_faults(&self, service: &str) -> u64 {
+        use FallbackReason::*;
+        [Trap, Timeout, OutOfRange, Ineligible, NoneWhileEligible, InstantiateFailed]
+            .into_iter()
+            .filter(|r| r.is_strategy_fault())
+            .map(|reason| {
+                self.strategy_fallbacks
+                    .get(&FallbackLabel { service: service.to_string(), reason: reason.as_str() })
+                    .map_or(0, |c| c.get())
+            })
+            .sum()
     }
 
     /// Counts a configuration reload (`applied` or `rejected`).

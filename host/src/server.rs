@@ -3,6 +3,7 @@
 //! and drains on shutdown within the grace period.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -24,6 +25,7 @@ use crate::service::{ConnectionLimits, Service, ServiceContext};
 use crate::strategy::watch::{spawn_watcher, WatchError, WatchTarget};
 use crate::strategy::{GuestLimits, StrategyError, StrategyHost};
 use crate::systemd::Notifier;
+use crate::upgrade::Handover;
 use crate::{admin, discovery};
 
 /// Why Harbor could not start, could not apply a reload, or had to stop.
@@ -98,11 +100,19 @@ pub struct Control {
     notifier: Mutex<Notifier>,
     /// The access log, if on (opened at start; a reload cannot turn it on or off).
     access_log: Option<Arc<AccessLog>>,
-    /// Listening sockets handed over by socket activation, not yet claimed by a service.
-    inherited: Mutex<Vec<(SocketAddr, std::net::TcpListener)>>,
     reload_lock: tokio::sync::Mutex<()>,
     /// Cancelled when draining begins: a reload still preparing (binding, compiling) gives up.
     stopping: CancellationToken,
+    /// Held while a binary upgrade runs: one at a time.
+    pub(crate) upgrade_lock: tokio::sync::Mutex<()>,
+    /// A second descriptor of the admin listener (and its configured address), for an upgrade.
+    admin_handoff: Mutex<Option<(SocketAddr, OwnedFd)>>,
+    /// Stops the admin server: at the end of the drain, or at once when an upgrade hands over.
+    admin_stop: CancellationToken,
+    /// What the previous process handed over; its readiness pipe is written once serving.
+    handover: Mutex<Handover>,
+    /// When this process started serving, for the status page.
+    pub started_at: std::time::SystemTime,
 }
 
 impl Control {
@@ -119,6 +129,30 @@ impl Control {
             [only] => Some(Arc::clone(only)),
             _ => None,
         })
+    }
+
+    /// True once draining has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed) || self.stopping.is_cancelled()
+    }
+
+    /// A new descriptor of the admin listener, by configured address, for an upgrade.
+    pub fn admin_handoff(&self) -> std::io::Result<Option<(SocketAddr, OwnedFd)>> {
+        let slot = self.admin_handoff.lock().unwrap_or_else(PoisonError::into_inner);
+        match slot.as_ref() {
+            None => Ok(None),
+            Some((configured, fd)) => Ok(Some((*configured, fd.try_clone()?))),
+        }
+    }
+
+    /// A binary upgrade succeeded: process `pid` serves now. The service manager is told that
+    /// it is the main process, this process announces nothing more, and its admin server
+    /// stops so that every admin request reaches the new process.
+    pub fn hand_over(&self, pid: u32) {
+        let notifier = self.notifier();
+        notifier.notify(&format!("MAINPID={pid}\nREADY=1\nSTATUS=serving (upgraded)"));
+        self.set_notifier(Notifier::none());
+        self.admin_stop.cancel();
     }
 
     /// Cancelled once draining is over: background work stops.
@@ -291,6 +325,10 @@ impl Control {
         *self.notifier.lock().unwrap_or_else(PoisonError::into_inner) = notifier;
     }
 
+    fn lock_handover(&self) -> std::sync::MutexGuard<'_, Handover> {
+        self.handover.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn notifier(&self) -> Notifier {
         self.notifier.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
@@ -298,12 +336,13 @@ impl Control {
     /// A listener for `addr`: the socket passed in for it, if there is one, else a new one.
     async fn bind_or_inherit(&self, addr: SocketAddr, nodelay: bool) -> Result<TcpListener, HarborError> {
         let taken = {
-            let mut inherited = self.inherited.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut handover = self.handover.lock().unwrap_or_else(PoisonError::into_inner);
+            let inherited = &mut handover.listeners;
             inherited.iter().position(|(a, _)| *a == addr).map(|i| inherited.remove(i).1)
         };
         match taken {
             Some(listener) => {
-                tracing::info!(listen = %addr, "listening on a socket passed in by the service manager");
+                tracing::info!(listen = %addr, "listening on a socket passed in (socket activation or upgrade)");
                 TcpListener::from_std(listener).map_err(|error| HarborError::Bind { addr, error })
             }
             None => bind(addr, nodelay).await,
@@ -481,15 +520,13 @@ pub struct Harbor {
 impl Harbor {
     /// Binds every listener and loads every strategy. Nothing is accepted until `run`.
     pub async fn bind(config: Config) -> Result<Harbor, HarborError> {
-        Harbor::bind_with(config, Vec::new()).await
+        Harbor::bind_with(config, Handover::default()).await
     }
 
-    /// [`Harbor::bind`], taking listening sockets passed in (socket activation) for the
-    /// listen addresses they are bound to.
-    pub async fn bind_with(
-        config: Config,
-        inherited: Vec<(SocketAddr, std::net::TcpListener)>,
-    ) -> Result<Harbor, HarborError> {
+    /// [`Harbor::bind`], taking what was passed in: listening sockets (socket activation, or
+    /// the previous process of a binary upgrade) for the listen addresses they are keyed by,
+    /// the admin listener, and the backend changes made through the API.
+    pub async fn bind_with(config: Config, mut handover: Handover) -> Result<Harbor, HarborError> {
         let metrics = Arc::new(Metrics::new());
         let access_log = match &config.access_log {
             None => None,
@@ -498,6 +535,9 @@ impl Harbor {
                     .map_err(|error| HarborError::AccessLog { target: target.clone(), error })?,
             ),
         };
+        let inherited_admin = handover.admin.take();
+        let changes = std::mem::take(&mut handover.changes);
+        let background = CancellationToken::new();
         let control = Arc::new(Control {
             services: ArcSwap::from_pointee(Vec::new()),
             metrics,
@@ -505,14 +545,18 @@ impl Harbor {
             tracker: TaskTracker::new(),
             cut: CancellationToken::new(),
             draining: AtomicBool::new(false),
-            background: CancellationToken::new(),
+            admin_stop: background.child_token(),
+            background,
             config: Mutex::new(config.clone()),
             source: Mutex::new(None),
             resolver: Mutex::new(None),
             notifier: Mutex::new(Notifier::none()),
-            inherited: Mutex::new(inherited),
             reload_lock: tokio::sync::Mutex::new(()),
             stopping: CancellationToken::new(),
+            upgrade_lock: tokio::sync::Mutex::new(()),
+            admin_handoff: Mutex::new(None),
+            handover: Mutex::new(handover),
+            started_at: std::time::SystemTime::now(),
         });
         let mut listeners = Vec::new();
         let mut services = Vec::new();
@@ -525,12 +569,28 @@ impl Harbor {
                     control.bind_or_inherit(*addr, cfg.tunables.nodelay).await?,
                 ));
             }
+            if let Some(made) = changes.get(&cfg.name) {
+                tracing::info!(service = %cfg.name, added = made.added.len(), changed = made.overrides.len(), removed = made.deleted.len(), "backend changes made through the API before the upgrade are kept");
+                service.membership.restore(made);
+            }
             services.push(service);
         }
-        let admin = match config.admin {
-            Some(addr) => Some(bind(addr, false).await?),
-            None => None,
+        for name in changes.keys().filter(|n| !config.services.iter().any(|s| &s.name == *n)) {
+            tracing::warn!(service = %name, "backend changes handed over for a service no longer configured: dropped");
+        }
+        let admin = match (config.admin, inherited_admin) {
+            (None, _) => None,
+            (Some(addr), Some((configured, listener))) if configured == addr => {
+                Some(TcpListener::from_std(listener).map_err(|error| HarborError::Bind { addr, error })?)
+            }
+            (Some(addr), _) => Some(bind(addr, false).await?),
         };
+        if let (Some(addr), Some(listener)) = (config.admin, admin.as_ref()) {
+            match listener.as_fd().try_clone_to_owned() {
+                Ok(fd) => *control.admin_handoff.lock().unwrap_or_else(PoisonError::into_inner) = Some((addr, fd)),
+                Err(error) => tracing::warn!("cannot keep the admin socket for a binary upgrade: {error}"),
+            }
+        }
         control.services.store(Arc::new(services));
         // Watch from here on, so nothing that lands after `bind` returns is missed.
         for service in control.services.load().iter() {
@@ -569,17 +629,23 @@ impl Harbor {
     /// period to finish, and are cut after it.
     pub async fn run(self, shutdown: CancellationToken) -> Result<DrainReport, HarborError> {
         let Harbor { control, listeners, admin } = self;
-        let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&control), control.background.clone())));
+        let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&control), control.admin_stop.clone())));
         for (service, configured, listener) in listeners {
             service.serve(listener, configured, &control.tracker);
         }
         for service in control.services.load().iter() {
             tracing::info!(service = %service.name, listen = ?service.local_addrs(), backends = service.membership.views().len(), strategy = %service.context.load().strategy.status().name, "harbor is serving");
         }
-        let unclaimed: Vec<SocketAddr> =
-            control.inherited.lock().unwrap_or_else(PoisonError::into_inner).drain(..).map(|(a, _)| a).collect();
-        if !unclaimed.is_empty() {
-            tracing::warn!(?unclaimed, "sockets passed in for no configured listen address: closed");
+        {
+            let mut handover = control.lock_handover();
+            let unclaimed: Vec<SocketAddr> = handover.listeners.drain(..).map(|(a, _)| a).collect();
+            if !unclaimed.is_empty() {
+                tracing::warn!(?unclaimed, "sockets passed in for no configured listen address: closed");
+            }
+            if handover.is_upgrade() {
+                tracing::info!(pid = std::process::id(), "upgrade: serving; the previous process stops accepting");
+            }
+            handover.announce_ready();
         }
         control.notifier().ready();
 

@@ -2,6 +2,7 @@
 //! limits, metrics), its admission caps, and the accept loops of its listeners.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -134,6 +135,9 @@ struct Listening {
     addr: SocketAddr,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// A second descriptor of the listening socket, to hand to the process of a binary
+    /// upgrade. Closed with this entry, so a retired address is not kept open.
+    handoff: Option<OwnedFd>,
 }
 
 /// A service: its current context, membership and admission, and its listeners.
@@ -171,6 +175,13 @@ impl Service {
     /// Starts accepting on a bound listener. Each connection runs on `tracker`.
     pub fn serve(self: &Arc<Self>, listener: TcpListener, configured: SocketAddr, tracker: &TaskTracker) {
         let addr = listener.local_addr().unwrap_or(configured);
+        let handoff = match listener.as_fd().try_clone_to_owned() {
+            Ok(fd) => Some(fd),
+            Err(error) => {
+                tracing::warn!(service = %self.name, listen = %addr, "cannot keep this socket for a binary upgrade: {error}");
+                None
+            }
+        };
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let service = Arc::clone(self);
@@ -184,7 +195,20 @@ impl Service {
                 result
             }
         });
-        self.lock_listeners().push(Listening { configured, addr, stop, task });
+        self.lock_listeners().push(Listening { configured, addr, stop, task, handoff });
+    }
+
+    /// A new descriptor of each listening socket, by configured address, for a binary upgrade.
+    pub fn handoff_fds(&self) -> std::io::Result<Vec<(SocketAddr, OwnedFd)>> {
+        let listeners = self.lock_listeners();
+        let mut fds = Vec::with_capacity(listeners.len());
+        for l in listeners.iter() {
+            let Some(fd) = &l.handoff else {
+                return Err(std::io::Error::other(format!("no descriptor kept for {}", l.addr)));
+            };
+            fds.push((l.configured, fd.try_clone()?));
+        }
+        Ok(fds)
     }
 
     /// The addresses the service accepts on now.

@@ -71,6 +71,8 @@ settings! {
     watch_config: bool = false, env "HARBOR_WATCH_CONFIG";
     /// Grace period for connections in flight after SIGINT/SIGTERM, in ms.
     shutdown_grace_ms: u64 = 5000, env "HARBOR_SHUTDOWN_GRACE_MS", legacy "LB_SHUTDOWN_GRACE_MS", range 0..=MAX_TIMEOUT_MS;
+    /// How long a binary upgrade (SIGUSR2) waits for the new process to serve before giving up on it, in ms.
+    upgrade_timeout_ms: u64 = 60_000, env "HARBOR_UPGRADE_TIMEOUT_MS", range 100..=MAX_TIMEOUT_MS;
     /// Runtime worker threads; 0 for one per CPU.
     workers: u64 = 0, env "HARBOR_WORKERS", range 0..=512, shown "0 (one per CPU)";
     /// Log format.
@@ -401,6 +403,8 @@ pub struct Config {
     pub watch_config: bool,
     #[serde(with = "millis")]
     pub shutdown_grace: Duration,
+    #[serde(with = "millis")]
+    pub upgrade_timeout: Duration,
     pub workers: usize,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -592,6 +596,7 @@ impl Config {
             dns_servers,
             watch_config: globals.watch_config,
             shutdown_grace: Duration::from_millis(globals.shutdown_grace_ms),
+            upgrade_timeout: Duration::from_millis(globals.upgrade_timeout_ms),
             workers,
             log_format: globals.log_format,
             log_level,

@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -122,7 +122,26 @@ pub struct StrategyStatus {
     pub compile_millis: Option<f64>,
     pub wants_reports: bool,
     pub previous: Option<String>,
+    /// Picks whose answer was not used through the strategy's fault, since start.
+    pub faults: u64,
+    /// The last loads, swaps and reverts, newest last.
+    pub history: Vec<SwapRecord>,
 }
+
+/// One load attempt, swap or revert, for the status page and `GET /strategy`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapRecord {
+    pub at_unix_ms: u64,
+    /// `loaded`, `rejected` or `reverted`.
+    pub outcome: &'static str,
+    pub source: String,
+    pub strategy: Option<String>,
+    pub sha256: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Swap records kept per service.
+pub const HISTORY_LEN: usize = 20;
 
 /// What a load did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +169,7 @@ pub struct StrategyHost {
     service: String,
     log: RateLimitedLog,
     load_lock: tokio::sync::Mutex<()>,
+    history: std::sync::Mutex<std::collections::VecDeque<SwapRecord>>,
     /// Cancelled when Harbor starts draining: loads in progress are abandoned, none activates.
     stopping: CancellationToken,
 }
@@ -173,6 +193,7 @@ impl StrategyHost {
             metrics,
             log: RateLimitedLog::new(5, Duration::from_secs(10)),
             load_lock: tokio::sync::Mutex::new(()),
+            history: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(HISTORY_LEN)),
             stopping: CancellationToken::new(),
         })
     }
@@ -293,6 +314,14 @@ impl StrategyHost {
         });
         if let Some(to) = reverted_to {
             self.metrics.reload(&self.service, ReloadOutcome::Reverted);
+            self.record(SwapRecord {
+                at_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                outcome: "reverted",
+                source: failing.source.display().to_string(),
+                strategy: Some(failing.name.clone()),
+                sha256: Some(failing.sha256.clone()),
+                error: Some(format!("faulted {MAX_FAULTS} times within {FAULT_WINDOW:?}; reverted to {to}")),
+            });
             tracing::error!(strategy = %failing.name, sha256 = %short(&failing.sha256), "strategy faulted {MAX_FAULTS} times within {FAULT_WINDOW:?}; reverted to {to}");
         }
     }
@@ -358,12 +387,42 @@ impl StrategyHost {
     /// watcher sums up bursts).
     pub async fn try_load(&self, bytes: Vec<u8>, sha: String, source: &Path) -> Result<LoadResult, StrategyError> {
         let result = self.load_uncounted(bytes, sha, source).await;
-        self.count_outcome(&result);
+        self.count_outcome(source, &result);
         result
     }
 
-    /// Counts a load's outcome in `harbor_strategy_reloads_total`.
-    pub fn count_outcome(&self, result: &Result<LoadResult, StrategyError>) {
+    fn record(&self, record: SwapRecord) {
+        let mut history = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if history.len() == HISTORY_LEN {
+            history.pop_front();
+        }
+        history.push_back(record);
+    }
+
+    /// Counts a load's outcome in `harbor_strategy_reloads_total` and keeps it in the history.
+    pub fn count_outcome(&self, source: &Path, result: &Result<LoadResult, StrategyError>) {
+        let at_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let source_text = source.display().to_string();
+        match result {
+            Ok(LoadResult::Loaded { name, sha256 }) => self.record(SwapRecord {
+                at_unix_ms,
+                outcome: "loaded",
+                source: source_text,
+                strategy: Some(name.clone()),
+                sha256: Some(sha256.clone()),
+                error: None,
+            }),
+            Ok(LoadResult::Unchanged) => {}
+            Err(StrategyError::ShuttingDown) => {}
+            Err(error) => self.record(SwapRecord {
+                at_unix_ms,
+                outcome: "rejected",
+                source: source_text,
+                strategy: None,
+                sha256: None,
+                error: Some(error.to_string()),
+            }),
+        }
         self.metrics.reload(
             &self.service,
             match result {
@@ -432,6 +491,9 @@ impl StrategyHost {
     pub fn status(&self) -> StrategyStatus {
         let active = self.active.load();
         let previous = active.previous.as_ref().map(|p| p.name.clone());
+        let faults = self.metrics.strategy_faults(&self.service);
+        let history: Vec<SwapRecord> =
+            self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect();
         match active.current.as_ref() {
             None => StrategyStatus {
                 kind: "builtin",
@@ -443,6 +505,8 @@ impl StrategyHost {
                 compile_millis: None,
                 wants_reports: false,
                 previous,
+                faults,
+                history,
             },
             Some(s) => StrategyStatus {
                 kind: "wasm",
@@ -454,6 +518,8 @@ impl StrategyHost {
                 compile_millis: Some(s.compile_time.as_secs_f64() * 1e3),
                 wants_reports: s.wants_reports,
                 previous,
+                faults,
+                history,
             },
         }
     }

@@ -193,7 +193,7 @@ pub fn spawn_watcher(
                         let key = format!("{error}");
                         if rejected.get(&path) != Some(&key) {
                             burst.rejected(&host, &path, &error);
-                            host.count_outcome(&Err(error));
+                            host.count_outcome(&path, &Err(error));
                             rejected.insert(path, key);
                         }
                         continue;
@@ -219,7 +219,7 @@ pub fn spawn_watcher(
                         _ => break,
                     }
                 }
-                host.count_outcome(&result);
+                host.count_outcome(&path, &result);
                 match result {
                     Ok(LoadResult::Loaded { .. }) | Ok(LoadResult::Unchanged) => {
                         rejected.remove(&path);

@@ -1,0 +1,106 @@
+//! The live status page on the admin listener: `GET /` serves a page (HTML, CSS and script
+//! embedded in the binary, no CDN) that polls `GET /status` once a second and draws each
+//! service's backends, strategy and small charts; drain/ready buttons use the admin API.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::backend::BackendView;
+use crate::metrics::{COMMIT, VERSION};
+use crate::server::Control;
+use crate::strategy::StrategyStatus;
+
+/// One embedded file: its path on the admin listener, content type and bytes.
+pub struct Asset {
+    pub path: &'static str,
+    pub content_type: &'static str,
+    pub body: &'static str,
+}
+
+/// The page and what it loads. Scripts and styles are files, never inline, so the page works
+/// under a strict Content-Security-Policy.
+pub const ASSETS: &[Asset] = &[
+    Asset { path: "/", content_type: "text/html; charset=utf-8", body: include_str!("status_page/index.html") },
+    Asset {
+        path: "/ui/app.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("status_page/app.js"),
+    },
+    Asset {
+        path: "/ui/style.css",
+        content_type: "text/css; charset=utf-8",
+        body: include_str!("status_page/style.css"),
+    },
+];
+
+/// The policy every page response carries: nothing from anywhere but this listener.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// The asset at `path`, if there is one.
+pub fn asset(path: &str) -> Option<&'static Asset> {
+    ASSETS.iter().find(|a| a.path == path)
+}
+
+/// `GET /status`: everything the page shows, in one read.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pid: u32,
+    pub version: &'static str,
+    pub commit: &'static str,
+    pub started_at_unix_ms: u64,
+    pub now_unix_ms: u64,
+    pub draining: bool,
+    /// `open` (loopback, no token), `token` (writes need the bearer token) or `off`.
+    pub writes: &'static str,
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub listen: Vec<String>,
+    pub active_connections: i64,
+    pub generation: u64,
+    pub strategy: StrategyStatus,
+    pub backends: Vec<BackendView>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The status of the moment.
+pub fn status(control: &Control) -> Status {
+    let writes = match (control.admin_token().is_some(), control.admin_is_loopback()) {
+        (true, _) => "token",
+        (false, true) => "open",
+        (false, false) => "off",
+    };
+    let services = control
+        .services
+        .load()
+        .iter()
+        .map(|service| {
+            let context = service.context.load();
+            ServiceStatus {
+                name: service.name.clone(),
+                listen: service.local_addrs().iter().map(|a| a.to_string()).collect(),
+                active_connections: context.metrics.active_connections.get(),
+                generation: context.pool.load().generation(),
+                strategy: context.strategy.status(),
+                backends: service.membership.views(),
+            }
+        })
+        .collect();
+    Status {
+        pid: std::process::id(),
+        version: VERSION,
+        commit: COMMIT,
+        started_at_unix_ms: unix_ms(control.started_at),
+        now_unix_ms: unix_ms(SystemTime::now()),
+        draining: control.is_draining(),
+        writes,
+        services,
+    }
+}
