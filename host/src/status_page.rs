@@ -32,6 +32,7 @@ pub const ASSETS: &[Asset] = &[
         content_type: "text/css; charset=utf-8",
         body: include_str!("status_page/style.css"),
     },
+    Asset { path: "/ui/icon.svg", content_type: "image/svg+xml", body: include_str!("status_page/icon.svg") },
 ];
 
 /// The policy every page response carries: nothing from anywhere but this listener.

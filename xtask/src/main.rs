@@ -212,8 +212,23 @@ fn cargo_bin(name: &str) -> PathBuf {
 /// Everything CI checks, in the order that fails fastest.
 /// Installs the Debian packages whose programs the tests run as real peers, if missing:
 /// dnsmasq (a real DNS server for the DNS-backend tests).
-fn install_test_peers() -> Result<()> {
-    let missing: Vec<&str> = [("dnsmasq-base", "/usr/sbin/dnsmasq")]
+/// The real peers the tests run against: dnsmasq (DNS backends), Debian's chromium and
+/// playwright-core from npm (the status page's browser test).
+fn install_test_peers(root: &Path) -> Result<()> {
+    install_debian_packages()?;
+    let browser = root.join("target").join("browser-test");
+    if !browser.join("node_modules").join("playwright-core").is_dir() {
+        std::fs::create_dir_all(&browser)?;
+        run(Command::new("npm")
+            .args(["install", "--no-save", "--no-audit", "--no-fund", "--loglevel=error", "playwright-core@1"])
+            .current_dir(&browser))
+        .context("installing playwright-core for the status page test")?;
+    }
+    Ok(())
+}
+
+fn install_debian_packages() -> Result<()> {
+    let missing: Vec<&str> = [("dnsmasq-base", "/usr/sbin/dnsmasq"), ("chromium", "/usr/bin/chromium")]
         .into_iter()
         .filter(|(_, binary)| !Path::new(binary).exists())
         .map(|(package, _)| package)
@@ -238,7 +253,7 @@ fn install_test_peers() -> Result<()> {
 
 fn test(root: &Path) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    install_test_peers()?;
+    install_test_peers(root)?;
     build_strategies(root)?;
     build_polyglot()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
