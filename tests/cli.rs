@@ -322,3 +322,37 @@ async fn socket_activation_serves_on_the_passed_listener() {
     drop(child);
     drop(listener);
 }
+
+#[test]
+fn check_lists_every_problem_in_the_file_at_once() {
+    let dir = common::temp_dir("check-all");
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "backends = [\"127.0.0.1:1\"]\nidle_timeout_ms = \"soon\"\nlog_level = \"ünï\"\nmax_conections = 3\n\
+         [[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:9091\"]\nbackends = [\"nope\"]\n\
+         [[service]]\nname = \"api\"\nbackends = [\"127.0.0.1:2\"]\nconnect_attempts = 0\n",
+    )
+    .unwrap();
+    let out = harbor(&["check", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = stderr(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    let expected = [
+        "unknown field `max_conections`",
+        "idle_timeout_ms: invalid type",
+        "service web: backends: \"nope\"",
+        "service api: connect-attempts: 0 is out of range",
+        "service api: listen: missing",
+        "log-level:",
+    ];
+    for needle in expected {
+        assert_eq!(lines.iter().filter(|l| l.contains(needle)).count(), 1, "{needle:?} once in:\n{text}");
+    }
+    assert_eq!(lines.last(), Some(&"harbor: 6 problems found"), "{text}");
+    // Running it still says only the first, in one line.
+    let out = harbor(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -147,13 +147,22 @@ fn main() -> ExitCode {
     };
     let env = |name: &str| std::env::var(name).ok();
     match cli.command {
-        Some(Command::Check(args)) => match Config::resolve(&args, &env) {
+        Some(Command::Check(args)) => match Config::check(&args, &env) {
             Ok(config) => {
                 print!("{}", config.describe());
                 println!("# configuration is valid");
                 ExitCode::SUCCESS
             }
-            Err(e) => config_error(&e),
+            Err(problems) => {
+                // Every problem, one line each, so one run of `check` fixes them all.
+                for problem in &problems {
+                    eprintln!("harbor: configuration error: {problem}");
+                }
+                if problems.len() > 1 {
+                    eprintln!("harbor: {} problems found", problems.len());
+                }
+                ExitCode::from(2)
+            }
         },
         Some(Command::Echo(args)) => finish(run_echo(args)),
         Some(Command::Ctl(args)) => harbor_ctl::run(args),

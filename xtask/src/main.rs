@@ -8,6 +8,8 @@
 //! - `cargo xtask bench`: build, then the side-by-side benchmark in `bench/`.
 //! - `cargo xtask fuzz [SECONDS]`: every cargo-fuzz target in `fuzz/` for SECONDS (default
 //!   60) each, from a seed corpus of the shipped strategies and the test fixtures.
+//! - `cargo xtask dist`: the release binary, stripped, beside its debug info
+//!   (`target/dist/harbor` and `target/dist/harbor.debug`, linked by `.gnu_debuglink`).
 //! - `cargo xtask soak`:  build, then the release binary under a million mixed connections
 //!   with swaps and backend kills (`tests/soak.rs`; not part of `test`).
 
@@ -38,15 +40,70 @@ fn main() -> Result<()> {
             build_strategies(&root)?;
             run(cargo().args(["test", "--release", "-p", "harbor", "--test", "soak", "--", "--ignored", "--nocapture"]))
         }
+        Some("dist") => dist(&root),
         Some("bench") => {
             build_strategies(&root)?;
             run(Command::new("bash").arg("bench/run.sh").args(&args[1..]))
         }
         _ => {
-            eprintln!("usage: cargo xtask <build|polyglot|demo|test|bench|fuzz [SECONDS]|soak>");
+            eprintln!("usage: cargo xtask <build|polyglot|demo|test|bench|dist|fuzz [SECONDS]|soak>");
             std::process::exit(2);
         }
     }
+}
+
+/// Builds the release binary and splits it: a stripped `harbor` (symbols kept, so a
+/// backtrace still names functions) and `harbor.debug` with the line tables, found through
+/// `.gnu_debuglink` when both sit in one directory (or the debug file in `/usr/lib/debug`).
+fn dist(root: &Path) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "harbor"]))?;
+    let target = target_dir(root);
+    let binary = target.join("release").join("harbor");
+    let (whole, stripped, debug) = split_debug_info(&binary, &target.join("dist"))?;
+    println!(
+        "target/dist/harbor: {:.1} MB (was {:.1} MB); target/dist/harbor.debug: {:.1} MB",
+        stripped as f64 / 1e6,
+        whole as f64 / 1e6,
+        debug as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// Copies `binary` into `out` as a stripped `harbor` and its `harbor.debug`. Returns the sizes
+/// (original, stripped, debug).
+fn split_debug_info(binary: &Path, out: &Path) -> Result<(u64, u64, u64)> {
+    std::fs::create_dir_all(out)?;
+    let debug = out.join("harbor.debug");
+    let stripped = out.join("harbor");
+    run(Command::new("objcopy").arg("--only-keep-debug").arg(binary).arg(&debug))?;
+    run(Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg("--add-gnu-debuglink=harbor.debug")
+        .arg(binary)
+        .arg(&stripped)
+        .current_dir(out))?;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).with_context(|| format!("{}", p.display()));
+    Ok((size(binary)?, size(&stripped)?, size(&debug)?))
+}
+
+/// The split of `dist`, checked on the debug binary the tests built (the same steps, without
+/// a release build in CI): the stripped binary is a fraction of the size, names its debug
+/// file, and runs.
+fn check_split_debug_info(root: &Path) -> Result<()> {
+    let target = target_dir(root);
+    let out = target.join("dist-check");
+    let (whole, stripped, debug) = split_debug_info(&target.join("debug").join("harbor"), &out)?;
+    let binary = std::fs::read(out.join("harbor"))?;
+    if stripped * 3 > whole || debug == 0 || !binary.windows(14).any(|w| w == b".gnu_debuglink") {
+        bail!("split debug info: stripped {stripped} B of {whole} B, debug {debug} B, debuglink missing?");
+    }
+    let version = Command::new(out.join("harbor")).arg("--version").output()?;
+    if !version.status.success() || !String::from_utf8_lossy(&version.stdout).starts_with("harbor ") {
+        bail!("the stripped binary does not run: {version:?}");
+    }
+    eprintln!("xtask: split debug info: {whole} B -> {stripped} B + {debug} B of debug info");
+    std::fs::remove_dir_all(&out)?;
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {
@@ -228,11 +285,12 @@ fn install_test_peers(root: &Path) -> Result<()> {
 }
 
 fn install_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = [("dnsmasq-base", "/usr/sbin/dnsmasq"), ("chromium", "/usr/bin/chromium")]
-        .into_iter()
-        .filter(|(_, binary)| !Path::new(binary).exists())
-        .map(|(package, _)| package)
-        .collect();
+    let missing: Vec<&str> =
+        [("dnsmasq-base", "/usr/sbin/dnsmasq"), ("chromium", "/usr/bin/chromium"), ("binutils", "/usr/bin/objcopy")]
+            .into_iter()
+            .filter(|(_, binary)| !Path::new(binary).exists())
+            .map(|(package, _)| package)
+            .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -258,6 +316,7 @@ fn test(root: &Path) -> Result<()> {
     build_polyglot()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(cargo().args(["test", "--workspace"]))?;
+    check_split_debug_info(root)?;
     // A short run of every fuzz target (no panic, no hang, bounded memory).
     fuzz(root, 60)
 }

@@ -425,17 +425,43 @@ mod millis {
 const SERVICE_ONLY_KEYS: &[&str] = &["name", "health"];
 
 impl Config {
-    /// Merges CLI/`HARBOR_*` values, legacy variables, the file (if any) and defaults, then validates.
+    /// Merges CLI/`HARBOR_*` values, legacy variables, the file (if any) and defaults, then
+    /// validates. The error is the first problem found (`harbor` says it in one line).
     pub fn resolve(args: &RunArgs, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+        Config::check(args, env).map_err(|mut problems| problems.swap_remove(0))
+    }
+
+    /// [`Config::resolve`], finding every problem at once (for `harbor check`). The list is
+    /// never empty.
+    pub fn check(args: &RunArgs, env: EnvLookup<'_>) -> Result<Config, Vec<ConfigError>> {
         let file = match &args.config {
-            Some(path) => FileConfig::load(path)?,
+            Some(path) => FileConfig::load(path).map_err(|e| vec![e])?,
             None => FileConfig::default(),
         };
-        Config::resolve_with(args, env, file)
+        Config::check_with(args, env, file)
     }
 
     /// [`Config::resolve`] with the file already parsed.
     pub fn resolve_with(args: &RunArgs, env: EnvLookup<'_>, file: FileConfig) -> Result<Config, ConfigError> {
+        Config::check_with(args, env, file).map_err(|mut problems| problems.swap_remove(0))
+    }
+
+    /// [`Config::check`] with the file already parsed.
+    pub fn check_with(args: &RunArgs, env: EnvLookup<'_>, file: FileConfig) -> Result<Config, Vec<ConfigError>> {
+        let mut problems = Vec::new();
+        match Config::resolve_noting(args, env, file, &mut problems) {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ if problems.is_empty() => Err(vec![invalid("config", "invalid")]),
+            _ => Err(problems),
+        }
+    }
+
+    fn resolve_noting(
+        args: &RunArgs,
+        env: EnvLookup<'_>,
+        file: FileConfig,
+        problems: &mut Vec<ConfigError>,
+    ) -> Option<Config> {
         let path = args.config.clone().unwrap_or_else(|| PathBuf::from("(no file)"));
         let top = &file.table;
         let services_value = top.get("service");
@@ -446,16 +472,17 @@ impl Config {
             .chain(["service"].iter())
             .copied()
             .collect();
-        unknown_keys(top, &known_top, "", &path)?;
+        note(problems, unknown_keys(top, &known_top, "", &path));
         let top_layer = Layer { table: top, place: "" };
 
-        let globals = Globals::resolve(&[], Some(&args.global), env, &[&top_layer], &path)?;
-        let global_tunables = Tunables::resolve(&[], Some(&args.tunables), env, &[&top_layer], &path)?;
-        global_tunables.check()?;
+        let globals = Globals::resolve_noting(&[], Some(&args.global), env, &[&top_layer], &path, problems);
+        let global_tunables = Tunables::resolve_noting(&[], Some(&args.tunables), env, &[&top_layer], &path, problems);
+        note(problems, global_tunables.check());
 
         let mut services = Vec::new();
         // The service the flags (and the file's top-level keys) describe.
-        let default_definition = ServiceDefinition::resolve(&[], Some(&args.service), env, &[&top_layer], &path)?;
+        let default_definition =
+            ServiceDefinition::resolve_noting(&[], Some(&args.service), env, &[&top_layer], &path, problems);
         let dev_seed = env("LB_ALLOW_DEV_SEED").is_some_and(|v| v.trim() == "1");
         let has_file_services = services_value.is_some();
         let default_defined = default_definition != ServiceDefinition::empty() || dev_seed || !has_file_services;
@@ -464,78 +491,96 @@ impl Config {
             if definition.backends.is_none() && dev_seed {
                 definition.backends = DEV_SEED_BACKENDS.parse().ok();
             }
-            let Some(backends) = definition.backends.clone() else {
-                return Err(invalid(
+            match definition.backends.clone() {
+                None => problems.push(invalid(
                     "backends",
                     "no backends: pass --backends host:port,host:port (or BACKENDS=..., or LB_ALLOW_DEV_SEED=1 for 127.0.0.1:9001,127.0.0.1:9002)",
-                ));
-            };
-            if backends.0.is_empty() {
-                return Err(invalid("backends", "no backends"));
+                )),
+                Some(backends) if backends.0.is_empty() => problems.push(invalid("backends", "no backends")),
+                Some(_) => {
+                    let service = service_config(
+                        DEFAULT_SERVICE.to_string(),
+                        definition,
+                        global_tunables.clone(),
+                        None,
+                        "backends",
+                    );
+                    services.extend(note(problems, service));
+                }
             }
-            services.push(service_config(
-                DEFAULT_SERVICE.to_string(),
-                definition,
-                global_tunables.clone(),
-                None,
-                "backends",
-            )?);
         }
 
-        if let Some(value) = services_value {
-            let Some(list) = value.as_array() else {
-                return Err(parse_error(&path, "service must be an array of tables: write [[service]]"));
-            };
-            if list.len() > MAX_SERVICES {
-                return Err(parse_error(&path, &format!("more than {MAX_SERVICES} services")));
+        let list = match services_value.map(|v| v.as_array()) {
+            None => None,
+            Some(None) => {
+                problems.push(parse_error(&path, "service must be an array of tables: write [[service]]"));
+                None
             }
+            Some(Some(list)) if list.len() > MAX_SERVICES => {
+                problems.push(parse_error(&path, &format!("more than {MAX_SERVICES} services")));
+                None
+            }
+            Some(Some(list)) => Some(list),
+        };
+        if let Some(list) = list {
             let known_service: HashSet<&str> =
                 ServiceDefinition::KEYS.iter().chain(Tunables::KEYS).chain(SERVICE_ONLY_KEYS).copied().collect();
             for (i, entry) in list.iter().enumerate() {
                 let Some(table) = entry.as_table() else {
-                    return Err(parse_error(&path, "each service must be a table: write [[service]]"));
+                    problems.push(parse_error(&path, "each service must be a table: write [[service]]"));
+                    continue;
                 };
                 let name = match table.get("name") {
                     Some(toml::Value::String(name)) => name.clone(),
-                    Some(_) => return Err(parse_error(&path, &format!("service #{}: name must be a string", i + 1))),
-                    None => return Err(parse_error(&path, &format!("service #{}: has no name", i + 1))),
+                    Some(_) => {
+                        problems.push(parse_error(&path, &format!("service #{}: name must be a string", i + 1)));
+                        continue;
+                    }
+                    None => {
+                        problems.push(parse_error(&path, &format!("service #{}: has no name", i + 1)));
+                        continue;
+                    }
                 };
                 if name.is_empty()
                     || name.len() > 64
                     || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
                 {
-                    return Err(invalid(
-                        "service",
-                        format!("{name:?} is not a service name: 1-64 of A-Z a-z 0-9 - _ ."),
-                    ));
+                    problems
+                        .push(invalid("service", format!("{name:?} is not a service name: 1-64 of A-Z a-z 0-9 - _ .")));
+                    continue;
                 }
                 let place = format!("service {name}");
-                unknown_keys(table, &known_service, &place, &path)?;
+                note(problems, unknown_keys(table, &known_service, &place, &path));
                 let layer = Layer { table, place: &place };
-                let definition = ServiceDefinition::resolve(&[&layer], None, env, &[], &path)?;
-                let tunables = Tunables::resolve(&[&layer], Some(&args.tunables), env, &[&top_layer], &path)?;
-                tunables.check().map_err(|e| prefix(&name, e))?;
+                let mut own = Vec::new();
+                let definition = ServiceDefinition::resolve_noting(&[&layer], None, env, &[], &path, &mut own);
+                let tunables =
+                    Tunables::resolve_noting(&[&layer], Some(&args.tunables), env, &[&top_layer], &path, &mut own);
+                note(&mut own, tunables.check());
+                problems.extend(own.into_iter().map(|e| prefix(&name, e)));
                 let health = match table.get("health") {
                     None => None,
                     Some(value) => {
-                        let health: HealthConfig = value.clone().try_into().map_err(|e: toml::de::Error| {
+                        let health = value.clone().try_into::<HealthConfig>().map_err(|e: toml::de::Error| {
                             parse_error(&path, &format!("{place}: health: {}", e.message()))
-                        })?;
-                        health.check(&name)?;
-                        Some(health)
+                        });
+                        note(problems, health).filter(|h| note(problems, h.check(&name)).is_some())
                     }
                 };
                 if definition.backends.is_none() {
-                    return Err(invalid(
+                    problems.push(invalid(
                         format!("service {name}: backends"),
                         "missing: write backends = [...] (an empty list for backends added through the admin API)",
                     ));
                 }
                 if definition.listen.is_none() {
-                    return Err(invalid(format!("service {name}: listen"), "missing"));
+                    problems.push(invalid(format!("service {name}: listen"), "missing"));
+                }
+                if definition.backends.is_none() || definition.listen.is_none() {
+                    continue;
                 }
                 let setting = format!("service {name}: backends");
-                services.push(service_config(name, definition, tunables, health, &setting)?);
+                services.extend(note(problems, service_config(name, definition, tunables, health, &setting)));
             }
         }
 
@@ -544,11 +589,11 @@ impl Config {
         let mut addresses = HashSet::new();
         for service in &services {
             if !names.insert(service.name.as_str()) {
-                return Err(invalid("service", format!("{} is declared twice", service.name)));
+                problems.push(invalid("service", format!("{} is declared twice", service.name)));
             }
             for addr in &service.listen {
                 if addr.port() != 0 && !addresses.insert(*addr) {
-                    return Err(invalid(
+                    problems.push(invalid(
                         format!("service {}: listen", service.name),
                         format!("{addr} is taken by another service"),
                     ));
@@ -558,15 +603,15 @@ impl Config {
 
         let admin = match globals.admin.trim() {
             "" | "off" | "none" => None,
-            text => Some(parse_addr("admin", text)?),
+            text => note(problems, parse_addr("admin", text)),
         };
         let admin_token = match &globals.admin_token_file {
             None => None,
-            Some(file) => Some(read_token(file)?),
+            Some(file) => note(problems, read_token(file)),
         };
         if let Some(addr) = admin {
-            if !addr.ip().is_loopback() && admin_token.is_none() {
-                return Err(invalid(
+            if !addr.ip().is_loopback() && globals.admin_token_file.is_none() {
+                problems.push(invalid(
                     "admin",
                     format!(
                         "{addr} is not a loopback address: set --admin-token-file so that admin writes need a token"
@@ -576,7 +621,7 @@ impl Config {
         }
         let dns_servers = match &globals.dns_servers {
             None => Vec::new(),
-            Some(list) => list.0.iter().map(|a| literal_addr("dns-servers", a)).collect::<Result<Vec<_>, _>>()?,
+            Some(list) => list.0.iter().filter_map(|a| note(problems, literal_addr("dns-servers", a))).collect(),
         };
         let workers = match globals.workers {
             0 => std::thread::available_parallelism().map(usize::from).unwrap_or(2),
@@ -586,9 +631,15 @@ impl Config {
         // multi-byte character (found by the `config` fuzz target).
         let log_level = globals.log_level;
         if !log_level.is_ascii() || tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            return Err(invalid("log-level", format!("{log_level:?} is not a valid filter (try info, warn, debug)")));
+            problems.push(invalid("log-level", format!("{log_level:?} is not a valid filter (try info, warn, debug)")));
         }
-        Ok(Config {
+        if !problems.is_empty() {
+            // A top-level setting at fault is met again by every service: say it once.
+            let mut seen = HashSet::new();
+            problems.retain(|p| seen.insert(p.to_string()));
+            return None;
+        }
+        Some(Config {
             config_file: args.config.clone(),
             admin,
             admin_token_file: globals.admin_token_file,
@@ -672,6 +723,17 @@ impl Config {
 impl ServiceDefinition {
     fn empty() -> ServiceDefinition {
         ServiceDefinition { listen: None, backends: None, strategy: None, watch: None, strategy_config: None }
+    }
+}
+
+/// The value, or `None` with the problem noted.
+fn note<T>(problems: &mut Vec<ConfigError>, result: Result<T, ConfigError>) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(problem) => {
+            problems.push(problem);
+            None
+        }
     }
 }
 

@@ -131,8 +131,7 @@ macro_rules! settings {
 
             /// Resolves every setting of the group: the `first` layers, then the flag or
             /// variable (`args` `None`: flags do not apply here), the legacy variable, the
-            /// other `layers`, and the default.
-            #[allow(unused_variables)]
+            /// other `layers`, and the default. The first problem is the error.
             pub fn resolve(
                 first: &[&$crate::config::settings::Layer<'_>],
                 args: Option<&$args>,
@@ -140,34 +139,65 @@ macro_rules! settings {
                 layers: &[&$crate::config::settings::Layer<'_>],
                 file: &std::path::Path,
             ) -> Result<Self, $crate::config::ConfigError> {
+                let mut problems = Vec::new();
+                let resolved = Self::resolve_noting(first, args, env, layers, file, &mut problems);
+                match problems.into_iter().next() {
+                    Some(problem) => Err(problem),
+                    None => Ok(resolved),
+                }
+            }
+
+            /// [`Self::resolve`], noting every problem in `problems` (a setting at fault
+            /// takes its default meanwhile), so that `harbor check` can list them all.
+            #[allow(unused_variables)]
+            pub fn resolve_noting(
+                first: &[&$crate::config::settings::Layer<'_>],
+                args: Option<&$args>,
+                env: $crate::config::EnvLookup<'_>,
+                layers: &[&$crate::config::settings::Layer<'_>],
+                file: &std::path::Path,
+                problems: &mut Vec<$crate::config::ConfigError>,
+            ) -> Self {
                 $(
-                    let mut $field: Option<$ty> =
-                        $crate::config::settings::from_layers::<$ty>(stringify!($field), first, file)?;
-                    if $field.is_none() {
-                        $field = args.and_then(|a| a.$field.clone());
-                    }
-                    $(
-                        if $field.is_none() && args.is_some() {
-                            $field = $crate::config::settings::from_legacy::<$ty>(env, $legacy)?;
+                    let resolved = (|| -> Result<settings!(@ty $ty $(, $default)?), $crate::config::ConfigError> {
+                        let mut $field: Option<$ty> =
+                            $crate::config::settings::from_layers::<$ty>(stringify!($field), first, file)?;
+                        if $field.is_none() {
+                            $field = args.and_then(|a| a.$field.clone());
                         }
-                    )?
-                    if $field.is_none() {
-                        $field = $crate::config::settings::from_layers::<$ty>(stringify!($field), layers, file)?;
-                    }
-                    let $field = settings!(@finish $field $(, $default)?);
-                    $(
-                        let $field = $crate::config::settings::InRange::in_range(
-                            $field,
-                            &stringify!($field).replace('_', "-"),
-                            $min,
-                            $max,
-                        )?;
-                    )?
+                        $(
+                            if $field.is_none() && args.is_some() {
+                                $field = $crate::config::settings::from_legacy::<$ty>(env, $legacy)?;
+                            }
+                        )?
+                        if $field.is_none() {
+                            $field = $crate::config::settings::from_layers::<$ty>(stringify!($field), layers, file)?;
+                        }
+                        let $field = settings!(@finish $field $(, $default)?);
+                        $(
+                            let $field = $crate::config::settings::InRange::in_range(
+                                $field,
+                                &stringify!($field).replace('_', "-"),
+                                $min,
+                                $max,
+                            )?;
+                        )?
+                        Ok($field)
+                    })();
+                    let $field = match resolved {
+                        Ok(value) => value,
+                        Err(problem) => {
+                            problems.push(problem);
+                            settings!(@fallback $($default)?)
+                        }
+                    };
                 )*
-                Ok($resolved { $($field),* })
+                $resolved { $($field),* }
             }
         }
     };
+    (@fallback) => { None };
+    (@fallback $default:expr) => { $default };
     (@ty $ty:ty) => { Option<$ty> };
     (@ty $ty:ty, $default:expr) => { $ty };
     (@finish $v:ident) => { $v };
