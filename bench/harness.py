@@ -39,11 +39,15 @@ REPO = os.path.dirname(HERE)
 CONF = os.path.join(HERE, "conf")
 TICK = os.sysconf("SC_CLK_TCK")
 ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-rr"]
+# Not in the default set: ask for it with --targets.
+EXTRA_TARGETS = ["harbor-accesslog"]
 LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-stream", "harbor": "Harbor",
-          "harbor-rr": "Harbor, built-in round-robin"}
+          "harbor-rr": "Harbor, built-in round-robin",
+          "harbor-accesslog": "Harbor with --access-log (tmpfs)"}
 # Targets measured in the keep-alive and new-connection phases only: harbor-rr is the same
 # binary and data path as harbor without the wasm strategy, there to price the strategy call.
-THROUGHPUT_ONLY = {"harbor-rr"}
+# harbor-accesslog is harbor with the access log on (to tmpfs), to price the log in the same run.
+THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog"}
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 # (key, column title, better, decimals)
@@ -439,8 +443,11 @@ class Bench:
                           backend1=b1, backend2=b2, load_module=load, nofile=self.nofile,
                           worker_connections=self.nofile - 64)
             argv = ["nginx", "-p", run_dir, "-c", conf, "-e", os.path.join(run_dir, "error.log")]
-        elif target in ("harbor", "harbor-rr"):
-            strategy = ["--strategy", self.a.strategy] if target == "harbor" else []
+        elif target in ("harbor", "harbor-rr", "harbor-accesslog"):
+            strategy = ["--strategy", self.a.strategy] if target != "harbor-rr" else []
+            if target == "harbor-accesslog":
+                logdir = "/dev/shm" if os.path.isdir("/dev/shm") else run_dir
+                strategy += ["--access-log", os.path.join(logdir, f"harbor-bench-access-{os.getpid()}-{tag}.log")]
             argv = [self.a.harbor, "--listen", f"127.0.0.1:{port}", "--backends", f"127.0.0.1:{b1},127.0.0.1:{b2}",
                     "--admin", f"127.0.0.1:{pick_ports(1)[0]}",
                     "--max-connections", str(self.a.harbor_max_connections)] + strategy + self.harbor_extra
@@ -456,7 +463,7 @@ class Bench:
         return srv, port
 
     def check_harbor(self):
-        if "harbor" not in self.targets and "harbor-rr" not in self.targets:
+        if not any(t.startswith("harbor") for t in self.targets):
             return
         if not (os.path.isfile(self.a.harbor) and os.access(self.a.harbor, os.X_OK)):
             raise BenchError(f"Harbor binary {self.a.harbor} is missing (run: cargo build --release -p harbor)")
@@ -651,6 +658,10 @@ class Bench:
         rc = srv.stop()
         if target.startswith("harbor") and rc != 0:
             self.warn(f"{tag} harbor exited {rc} on SIGTERM (expected 0)")
+        if target == "harbor-accesslog":
+            for arg in srv.cmd:
+                if arg.startswith("/dev/shm/harbor-bench-access-") and os.path.exists(arg):
+                    os.unlink(arg)
 
     # ---- the run
 
@@ -844,7 +855,7 @@ def markdown(bench, meta):
         lines.append("| ratio | " + " | ".join(c[1] for c in cols) + " |")
         lines.append("|---|" + "---:|" * len(cols))
         hb = bench.results["harbor"]["median"]
-        for other in ["haproxy", "nginx", "direct", "harbor-rr"]:
+        for other in ["haproxy", "nginx", "direct", "harbor-rr", "harbor-accesslog"]:
             if other not in bench.targets:
                 continue
             om = bench.results[other]["median"]
@@ -945,9 +956,9 @@ def parse_args(argv):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    bad = [t for t in args.targets if t not in ALL_TARGETS]
+    bad = [t for t in args.targets if t not in ALL_TARGETS + EXTRA_TARGETS]
     if bad or not args.targets:
-        ap.error(f"unknown target(s) {bad}; choose from {ALL_TARGETS}")
+        ap.error(f"unknown target(s) {bad}; choose from {ALL_TARGETS + EXTRA_TARGETS}")
     args.idle = [int(x) for x in args.idle.split(",") if x.strip()]
     if args.rounds < 1 or args.duration < 1 or args.rounds > 50 or args.duration > 600:
         ap.error("--rounds must be 1..50 and --duration 1..600")

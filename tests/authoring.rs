@@ -16,13 +16,14 @@ fn text(out: &Output) -> (String, String) {
 
 #[test]
 fn check_passes_the_shipped_strategies() {
-    for name in ["round_robin", "least_conn"] {
+    for name in ["round_robin", "least_conn", "maglev"] {
         let path = strategy(name);
         let out = harbor(&["strategy", "check", path.to_str().unwrap(), "--backends", "16"]);
         let (stdout, stderr) = text(&out);
         assert!(out.status.success(), "{name}: {stdout}{stderr}");
         assert!(stdout.contains(&format!("name:          {name}")), "{stdout}");
-        assert!(stdout.contains("imports:       harbor:strategy/types@0.1.0"), "{stdout}");
+        assert!(stdout.contains("world:         harbor:strategy@0.2.0"), "{stdout}");
+        assert!(stdout.contains("imports:       harbor:strategy/types@0.2.0"), "{stdout}");
         assert!(stdout.contains("exports:       init, set-backends, pick, report"), "{stdout}");
         assert!(stdout.contains("picks checked: 500"), "{stdout}");
         assert!(stdout.contains("result:        ok"), "{stdout}");
@@ -37,7 +38,7 @@ fn check_explains_what_is_wrong() {
         ("trap.wat", "trapped"),
         ("infinite_loop.wat", "deadline or its fuel"),
         ("wasi_import.wat", "wasi:random/random@0.2.0"),
-        ("wrong_world.wat", "does not implement the harbor:strategy/strategy@0.1.0 world"),
+        ("wrong_world.wat", "does not implement the world"),
         ("init_fails.wat", "init rejected the configuration: bad config"),
         ("garbage.wasm", "not a WebAssembly component"),
         ("empty.wasm", "the file is empty"),

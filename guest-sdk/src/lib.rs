@@ -1,5 +1,6 @@
 //! Write Harbor load-balancing strategies in Rust: implement [`Strategy`], then call
-//! [`export_strategy!`]. The WIT plumbing (`wit/strategy.wit`) stays hidden.
+//! [`export_strategy!`]. The WIT plumbing (`wit/v0.2/strategy.wit`, the
+//! `harbor:strategy@0.2.0` world) stays hidden.
 //!
 //! A complete strategy, "random among the healthy backends, weighted":
 //!
@@ -34,27 +35,184 @@
 //!
 //! Harbor runs one instance of the component per worker thread and replaces an instance after
 //! a trap, so `self` is per-instance scratch state. Anything that must hold across instances
-//! (a rotation, say) should be derived from [`Pick::sequence`] and [`Pick::seed`].
+//! (a rotation, say) should be derived from [`Pick::sequence`] and [`Pick::seed`], or kept in
+//! the store of [`kv`], which every instance shares and which survives hot swaps.
+//!
+//! Precompute what depends only on the backends (a hash table, a ring) in
+//! [`Strategy::set_backends`]: it runs once per membership change, not per pick.
+//!
+//! ```
+//! use harbor_guest_sdk::{export_strategy, log, BackendList, LogLevel, Pick, Strategy};
+//!
+//! /// Only backends tagged with the configured zone, least loaded first.
+//! struct ZoneOnly { zone: String, in_zone: Vec<bool> }
+//!
+//! impl Strategy for ZoneOnly {
+//!     const NAME: &'static str = "zone-only";
+//!
+//!     fn init(config: &str) -> Result<Self, String> {
+//!         Ok(ZoneOnly { zone: config.trim().to_string(), in_zone: Vec::new() })
+//!     }
+//!
+//!     fn set_backends(&mut self, backends: &BackendList<'_>) {
+//!         self.in_zone = backends.iter().map(|b| b.has_tag(&self.zone)).collect();
+//!         log(LogLevel::Info, &format!("{} backends in {}", self.in_zone.iter().filter(|z| **z).count(), self.zone));
+//!     }
+//!
+//!     fn pick(&mut self, pick: &Pick<'_>) -> Option<u32> {
+//!         let zoned = pick.eligible().filter(|b| self.in_zone.get(b.index as usize) == Some(&true));
+//!         zoned.min_by_key(|b| b.active).or_else(|| pick.eligible().min_by_key(|b| b.active)).map(|b| b.index)
+//!     }
+//! }
+//!
+//! export_strategy!(ZoneOnly);
+//! # fn main() {}
+//! ```
 
 use std::cell::RefCell;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         world: "strategy",
-        path: "../wit",
+        path: "../wit/v0.2/strategy.wit",
         pub_export_macro: true,
         export_macro_name: "__export_strategy_world",
         default_bindings_module: "harbor_guest_sdk::bindings",
     });
 }
 
+use bindings::harbor::strategy::host as wit_host;
 use bindings::harbor::strategy::types as wit;
 
-/// Numbers per backend in the `stats` list of `pick` (see `wit/strategy.wit`).
-pub const STATS_STRIDE: usize = 4;
+/// Numbers per backend in the `stats` list of `pick` (see `wit/v0.2/strategy.wit`).
+pub const STATS_STRIDE: usize = 5;
+
+pub use wit::LogLevel;
+
+/// Writes a line to Harbor's log, tagged with this strategy's name and sha256. Harbor
+/// rate-limits it per strategy: over the limit, lines are dropped (and counted), never
+/// slowing a pick.
+pub fn log(level: LogLevel, message: &str) {
+    wit_host::log(level, message);
+}
+
+/// A small key-value store shared by every instance of this strategy (one per Harbor worker
+/// thread), kept across hot swaps to a strategy of the same name. Bounded by the operator
+/// (`strategy_kv_entries`, `strategy_kv_bytes`): [`kv::set`] says when it is full. Not
+/// available during the very first `init` of a load (Harbor learns the strategy's name there).
+pub mod kv {
+    use super::wit_host;
+
+    /// The value under `key`, unless absent or expired.
+    pub fn get(key: &str) -> Option<Vec<u8>> {
+        wit_host::kv_get(key)
+    }
+
+    /// Stores `value` under `key`, until `ttl_millis` passes (never without one).
+    pub fn set(key: &str, value: &[u8], ttl_millis: Option<u64>) -> Result<(), String> {
+        wit_host::kv_set(key, value, ttl_millis)
+    }
+
+    /// Removes `key`.
+    pub fn delete(key: &str) {
+        wit_host::kv_delete(key)
+    }
+
+    /// A `u64` under `key` (stored as 8 little-endian bytes).
+    pub fn get_u64(key: &str) -> Option<u64> {
+        get(key).and_then(|v| v.try_into().ok()).map(u64::from_le_bytes)
+    }
+
+    /// Stores a `u64` under `key`.
+    pub fn set_u64(key: &str, value: u64, ttl_millis: Option<u64>) -> Result<(), String> {
+        set(key, &value.to_le_bytes(), ttl_millis)
+    }
+}
+
+/// Where a backend came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The configuration's `backends` list.
+    Static,
+    /// A DNS name of the configuration.
+    Dns,
+    /// Added through the admin API.
+    Api,
+}
+
+impl From<wit::BackendSource> for Source {
+    fn from(s: wit::BackendSource) -> Self {
+        match s {
+            wit::BackendSource::StaticList => Source::Static,
+            wit::BackendSource::Dns => Source::Dns,
+            wit::BackendSource::Api => Source::Api,
+        }
+    }
+}
+
+/// A backend's static facts, as `set-backends` gives them.
+#[derive(Debug, Clone, Copy)]
+pub struct Member<'a> {
+    info: &'a wit::BackendInfo,
+}
+
+impl<'a> Member<'a> {
+    pub fn index(&self) -> u32 {
+        self.info.index
+    }
+    pub fn address(&self) -> &'a str {
+        &self.info.address
+    }
+    pub fn weight(&self) -> u32 {
+        self.info.weight.max(1)
+    }
+    pub fn tags(&self) -> &'a [String] {
+        &self.info.tags
+    }
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.info.tags.iter().any(|t| t == tag)
+    }
+    pub fn source(&self) -> Source {
+        self.info.source.into()
+    }
+}
+
+/// The backends as `set-backends` gives them, in index order.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendList<'a> {
+    infos: &'a [wit::BackendInfo],
+}
+
+impl<'a> BackendList<'a> {
+    pub fn new(infos: &'a [wit::BackendInfo]) -> Self {
+        BackendList { infos }
+    }
+    pub fn len(&self) -> usize {
+        self.infos.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.infos.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = Member<'a>> + 'a {
+        self.infos.iter().map(|info| Member { info })
+    }
+    pub fn get(&self, index: usize) -> Option<Member<'a>> {
+        self.infos.get(index).map(|info| Member { info })
+    }
+}
+
+thread_local! {
+    static SERVICE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// The name of the service this strategy places connections for (`default` for the one the
+/// flags describe), known from `init` on.
+pub fn service_name() -> String {
+    SERVICE.with(|s| s.borrow().clone())
+}
 
 /// The state of a backend at pick time. Only [`BackendState::Healthy`] backends are eligible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +255,13 @@ pub struct Backend<'a> {
     pub connect_latency_micros: u32,
     /// Connect failures in a row.
     pub failures: u32,
+    /// How long it has been healthy without a break, in ms (0 while not healthy): ramp a
+    /// backend that just came back up with this (slow start).
+    pub healthy_for_millis: u32,
+    /// The operator's tags.
+    pub tags: &'a [String],
+    /// Where it came from.
+    pub source: Source,
 }
 
 impl Backend<'_> {
@@ -104,6 +269,22 @@ impl Backend<'_> {
     pub fn is_eligible(&self) -> bool {
         self.state == BackendState::Healthy
     }
+
+    /// True if the operator tagged it `tag`.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+}
+
+fn ip_of(ip: wit::IpAddress) -> IpAddr {
+    match ip {
+        wit::IpAddress::Ipv4(v4) => IpAddr::from(v4.to_be_bytes()),
+        wit::IpAddress::Ipv6((hi, lo)) => IpAddr::from(((u128::from(hi) << 64) | u128::from(lo)).to_be_bytes()),
+    }
+}
+
+fn socket_of(addr: &wit::SocketAddress) -> SocketAddr {
+    SocketAddr::new(ip_of(addr.ip), addr.port)
 }
 
 /// How a connection ended, given to [`Strategy::report`] when [`Strategy::WANTS_REPORTS`] is set.
@@ -138,12 +319,39 @@ impl<'a> Pick<'a> {
         self.conn.attempt
     }
 
-    /// The client's address.
+    /// The client's address: the TCP peer (see [`Pick::proxied_client`] behind a proxy).
     pub fn client_ip(&self) -> IpAddr {
-        match self.conn.client_ip {
-            wit::IpAddress::Ipv4(v4) => IpAddr::from(v4.to_be_bytes()),
-            wit::IpAddress::Ipv6((hi, lo)) => IpAddr::from(((u128::from(hi) << 64) | u128::from(lo)).to_be_bytes()),
-        }
+        ip_of(self.conn.client_ip)
+    }
+
+    /// The address and port the client connected to.
+    pub fn local_addr(&self) -> SocketAddr {
+        socket_of(&self.conn.local)
+    }
+
+    /// The original client from a trusted PROXY protocol header, if there was one.
+    pub fn proxied_client(&self) -> Option<SocketAddr> {
+        self.conn.proxied_client.as_ref().map(socket_of)
+    }
+
+    /// Milliseconds on a monotonic clock every instance shares, for decaying averages.
+    pub fn now_millis(&self) -> u64 {
+        self.conn.now_millis
+    }
+
+    /// The TLS server name (SNI), lower-cased, when the service peeks for TLS.
+    pub fn server_name(&self) -> Option<&'a str> {
+        self.conn.tls.as_ref().and_then(|t| t.server_name.as_deref())
+    }
+
+    /// The ALPN protocols the client offered, when the service peeks for TLS.
+    pub fn alpn(&self) -> &'a [String] {
+        self.conn.tls.as_ref().map_or(&[], |t| t.alpn.as_slice())
+    }
+
+    /// The first bytes the client sent, up to the service's `peek_bytes` (empty without a peek).
+    pub fn first_bytes(&self) -> &'a [u8] {
+        &self.conn.first_bytes
     }
 
     /// The client's source port.
@@ -183,6 +391,9 @@ impl<'a> Pick<'a> {
             state: BackendState::from_ordinal(s[1]),
             connect_latency_micros: s[2],
             failures: s[3],
+            healthy_for_millis: s[4],
+            tags: info.tags.as_slice(),
+            source: info.source.into(),
         })
     }
 
@@ -246,6 +457,10 @@ pub trait Strategy: Sized + 'static {
     /// An `Err` rejects the strategy; Harbor keeps the one it had and logs the message.
     fn init(config: &str) -> Result<Self, String>;
 
+    /// The backends changed (and once before the first pick): precompute per-backend values
+    /// here, once per membership change, instead of on every pick.
+    fn set_backends(&mut self, _backends: &BackendList<'_>) {}
+
     /// Chooses a backend: return the `index` of an eligible backend, or `None` if there is none.
     fn pick(&mut self, pick: &Pick<'_>) -> Option<u32>;
 
@@ -275,14 +490,24 @@ pub mod __private {
         }
     }
 
-    pub fn init<S: Strategy>(slot: &RefCell<Slot<S>>, config: String) -> Result<wit::StrategyInfo, String> {
+    pub fn init<S: Strategy>(
+        slot: &RefCell<Slot<S>>,
+        config: String,
+        service: wit::ServiceInfo,
+    ) -> Result<wit::StrategyInfo, String> {
+        SERVICE.with(|s| *s.borrow_mut() = service.name);
         let strategy = S::init(&config)?;
         slot.borrow_mut().strategy = Some(strategy);
         Ok(wit::StrategyInfo { name: S::NAME.to_string(), wants_reports: S::WANTS_REPORTS })
     }
 
     pub fn set_backends<S: Strategy>(slot: &RefCell<Slot<S>>, backends: Vec<wit::BackendInfo>) {
-        slot.borrow_mut().backends = backends;
+        let mut slot = slot.borrow_mut();
+        let Slot { strategy, backends: kept } = &mut *slot;
+        *kept = backends;
+        if let Some(strategy) = strategy.as_mut() {
+            strategy.set_backends(&BackendList::new(kept));
+        }
     }
 
     pub fn pick<S: Strategy>(slot: &RefCell<Slot<S>>, conn: wit::Connection, stats: Vec<u32>) -> Option<u32> {
@@ -317,8 +542,9 @@ macro_rules! export_strategy {
             impl $crate::bindings::Guest for __HarborExports {
                 fn init(
                     config: ::std::string::String,
+                    service: __wit::ServiceInfo,
                 ) -> ::std::result::Result<__wit::StrategyInfo, ::std::string::String> {
-                    __HARBOR_SLOT.with(|slot| $crate::__private::init::<$strategy>(slot, config))
+                    __HARBOR_SLOT.with(|slot| $crate::__private::init::<$strategy>(slot, config, service))
                 }
                 fn set_backends(_generation: u64, backends: ::std::vec::Vec<__wit::BackendInfo>) {
                     __HARBOR_SLOT.with(|slot| $crate::__private::set_backends::<$strategy>(slot, backends))
@@ -338,5 +564,7 @@ macro_rules! export_strategy {
 
 /// WIT types, re-exported for native unit tests of strategies.
 pub mod types {
-    pub use super::wit::{BackendInfo, Connection, ConnectionOutcome, IpAddress};
+    pub use super::wit::{
+        BackendInfo, BackendSource, Connection, ConnectionOutcome, IpAddress, ServiceInfo, SocketAddress, TlsHello,
+    };
 }

@@ -11,9 +11,8 @@ use harbor::metrics::Metrics;
 use harbor::strategy::{GuestLimits, PickRequest, StrategyHost};
 
 fn pool(n: usize) -> BackendPool {
-    let configs: Vec<BackendConfig> = (0..n)
-        .map(|i| BackendConfig { address: format!("127.0.0.1:{}", 20_000 + i).parse().expect("addr"), weight: 1 })
-        .collect();
+    let configs: Vec<BackendConfig> =
+        (0..n).map(|i| BackendConfig::new(format!("127.0.0.1:{}", 20_000 + i).parse().expect("addr"), 1)).collect();
     let pool = BackendPool::new(&configs, &Metrics::new(), 1);
     // Uneven load, as in production, so least_conn has work to do.
     let guards: Vec<_> =
@@ -46,6 +45,7 @@ fn bench_pick(c: &mut Criterion) {
             let req = PickRequest {
                 pool: &pool,
                 client: "127.0.0.1:40000".parse().expect("addr"),
+                local: "127.0.0.1:9090".parse().expect("addr"),
                 attempt: 0,
                 excluded: &[],
                 ignore_checks_when_all_fail: false,

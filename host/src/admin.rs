@@ -79,6 +79,21 @@ pub async fn serve(listener: TcpListener, control: Arc<Control>, shutdown: Cance
     }
 }
 
+/// `"tags": ["eu-west", "canary"]`, by the configuration's rule.
+fn parse_tags(value: &Value) -> Result<std::sync::Arc<[String]>, Refusal> {
+    let Some(list) = value.as_array() else {
+        return Err(refuse(StatusCode::BAD_REQUEST, Some("tags"), "give a list of strings"));
+    };
+    let mut tags = Vec::with_capacity(list.len());
+    for tag in list {
+        match tag.as_str() {
+            Some(text) => tags.push(text.to_string()),
+            None => return Err(refuse(StatusCode::BAD_REQUEST, Some("tags"), format!("{tag} is not a string"))),
+        }
+    }
+    crate::config::check_tags("tags", &tags).map_err(|e| refuse(StatusCode::BAD_REQUEST, Some("tags"), e.to_string()))
+}
+
 fn respond(status: StatusCode, content_type: &str, body: String) -> Reply {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -254,7 +269,7 @@ async fn service_route(req: Request<Incoming>, method: &Method, service: &Servic
                 Ok(body) => body,
                 Err(reply) => return *reply,
             };
-            if let Err(reply) = only_fields(&body, &["address", "weight"]) {
+            if let Err(reply) = only_fields(&body, &["address", "weight", "tags"]) {
                 return *reply;
             }
             let address = match body.get("address") {
@@ -268,8 +283,15 @@ async fn service_route(req: Request<Incoming>, method: &Method, service: &Servic
                 Ok(weight) => weight.unwrap_or(1),
                 Err(reply) => return *reply,
             };
-            match service.membership.add(address, weight) {
-                Ok(()) => json_with(StatusCode::CREATED, &json!({ "added": address.to_string(), "weight": weight })),
+            let tags = match body.get("tags").map(parse_tags).transpose() {
+                Ok(tags) => tags.unwrap_or_else(|| std::sync::Arc::from([])),
+                Err(reply) => return *reply,
+            };
+            match service.membership.add(address, weight, std::sync::Arc::clone(&tags)) {
+                Ok(()) => json_with(
+                    StatusCode::CREATED,
+                    &json!({ "added": address.to_string(), "weight": weight, "tags": tags.to_vec() }),
+                ),
                 Err(e) => membership_error(e),
             }
         }

@@ -80,6 +80,9 @@ pub struct Backend {
     cooldown_until_ms: AtomicU64,
     failures_in_row: AtomicU32,
     connect_latency_micros: AtomicU32,
+    /// 1 + the ms on its clock since when it has been healthy without a break, as last seen
+    /// by a pick; 0 while not healthy.
+    healthy_since_ms: AtomicU64,
     pub metrics: BackendMetrics,
     clock: Instant,
     /// Cancelled when a removed backend's drain timeout passes, or Harbor's grace period
@@ -177,6 +180,27 @@ impl Backend {
         self.connect_latency_micros.load(Ordering::Relaxed)
     }
 
+    /// How long the backend has been healthy without a break, in ms (saturating), given its
+    /// state at this pick: the run starts at the first pick that sees it healthy, and any
+    /// other state ends it. For slow start.
+    pub fn healthy_for_millis(&self, state: BackendState) -> u32 {
+        if state != BackendState::Healthy {
+            if self.healthy_since_ms.load(Ordering::Relaxed) != 0 {
+                self.healthy_since_ms.store(0, Ordering::Relaxed);
+            }
+            return 0;
+        }
+        let now = self.now_ms().saturating_add(1);
+        let since = match self.healthy_since_ms.load(Ordering::Relaxed) {
+            0 => match self.healthy_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => now,
+                Err(other) => other,
+            },
+            since => since,
+        };
+        now.saturating_sub(since).min(u64::from(u32::MAX)) as u32
+    }
+
     /// Counts a connection to this backend until the guard drops.
     pub fn track_active(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
@@ -226,6 +250,7 @@ impl Backend {
             cooldown_until_ms: AtomicU64::new(0),
             failures_in_row: AtomicU32::new(0),
             connect_latency_micros: AtomicU32::new(0),
+            healthy_since_ms: AtomicU64::new(0),
             metrics: BackendMetrics::register(metrics, service, &address.to_string()),
             clock: Instant::now(),
             cut: cut.child_token(),
@@ -243,6 +268,8 @@ pub struct Member {
     pub backend: Arc<Backend>,
     pub weight: u32,
     pub source: Source,
+    /// The operator's tags, in the order given.
+    pub tags: Arc<[String]>,
     /// True while the backend is being removed: it takes no new connection, and leaves the
     /// pool once its connections are done.
     pub removing: bool,
@@ -269,6 +296,7 @@ impl BackendPool {
                 backend: Backend::new(c.address, "default", metrics, false, &CancellationToken::new()),
                 weight: c.weight.max(1),
                 source: Source::Static,
+                tags: Arc::clone(&c.tags),
                 removing: false,
             })
             .collect();
@@ -321,6 +349,7 @@ pub struct BackendView {
     pub address: String,
     pub weight: u32,
     pub source: Source,
+    pub tags: Vec<String>,
     pub state: BackendState,
     pub health: Health,
     pub removing: bool,
@@ -341,6 +370,7 @@ impl BackendView {
             address: b.address.to_string(),
             weight: m.weight,
             source: m.source,
+            tags: m.tags.to_vec(),
             state: b.state(),
             health: b.health(),
             removing: m.removing,
@@ -361,9 +391,8 @@ pub(crate) mod tests {
 
     /// `n` backends 127.0.0.1:7000.., weight 1.
     pub(crate) fn pool(n: usize) -> BackendPool {
-        let configs: Vec<BackendConfig> = (0..n)
-            .map(|i| BackendConfig { address: format!("127.0.0.1:{}", 7000 + i).parse().unwrap(), weight: 1 })
-            .collect();
+        let configs: Vec<BackendConfig> =
+            (0..n).map(|i| BackendConfig::new(format!("127.0.0.1:{}", 7000 + i).parse().unwrap(), 1)).collect();
         BackendPool::new(&configs, &Metrics::new(), 1)
     }
 

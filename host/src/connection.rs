@@ -73,10 +73,17 @@ async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext, st
     // a change swaps in a new pool meanwhile.
     let pool = service.pool.load_full();
     let mut excluded: Vec<usize> = Vec::new(); // allocates only if a connect fails
+                                               // The address the client reached: one getsockname, only for a strategy that is shown it.
+    let local = if service.strategy.wants_local_address() {
+        client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    };
     for attempt in 0..limits.connect_attempts {
         let pick = service.strategy.pick(&PickRequest {
             pool: &pool,
             client: peer,
+            local,
             attempt,
             excluded: &excluded,
             ignore_checks_when_all_fail: limits.ignore_checks_when_all_fail,

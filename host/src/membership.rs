@@ -44,8 +44,8 @@ pub struct Override {
 /// of a binary upgrade.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RuntimeChanges {
-    /// Backends added, in the order added, with their weights.
-    pub added: Vec<(SocketAddr, u32)>,
+    /// Backends added, in the order added, with their weights and tags.
+    pub added: Vec<(SocketAddr, u32, Vec<String>)>,
     /// Weight and drain changes: (address, weight, draining).
     pub overrides: Vec<(SocketAddr, Option<u32>, Option<bool>)>,
     /// Configured backends removed.
@@ -58,6 +58,9 @@ impl RuntimeChanges {
     }
 }
 
+/// A backend's tags, shared by every pool it is in.
+pub type Tags = Arc<[String]>;
+
 /// A backend on its way out.
 struct Removal {
     member: Member,
@@ -67,7 +70,7 @@ struct Removal {
 struct State {
     static_list: Vec<BackendConfig>,
     /// Added through the API, in the order added.
-    api: BTreeMap<SocketAddr, (u64, u32)>,
+    api: BTreeMap<SocketAddr, (u64, u32, Tags)>,
     api_order: u64,
     overrides: HashMap<SocketAddr, Override>,
     /// Configured backends the API removed (until the next reload).
@@ -157,7 +160,7 @@ impl Membership {
     }
 
     /// Adds a backend through the API.
-    pub fn add(&self, address: SocketAddr, weight: u32) -> Result<(), MembershipError> {
+    pub fn add(&self, address: SocketAddr, weight: u32, tags: Tags) -> Result<(), MembershipError> {
         let mut state = self.lock();
         let pool = self.pool.load();
         if pool.find(address).is_some_and(|(_, m)| !m.removing) {
@@ -169,7 +172,7 @@ impl Membership {
         }
         state.api_order += 1;
         let order = state.api_order;
-        state.api.insert(address, (order, weight));
+        state.api.insert(address, (order, weight, tags));
         state.deleted.remove(&address);
         state.overrides.remove(&address);
         self.rebuild(&mut state);
@@ -210,13 +213,14 @@ impl Membership {
     /// The changes made through the API since the last reload.
     pub fn runtime_changes(&self) -> RuntimeChanges {
         let state = self.lock();
-        let mut added: Vec<(u64, SocketAddr, u32)> = state.api.iter().map(|(a, (o, w))| (*o, *a, *w)).collect();
+        let mut added: Vec<(u64, SocketAddr, u32, Vec<String>)> =
+            state.api.iter().map(|(a, (o, w, t))| (*o, *a, *w, t.to_vec())).collect();
         added.sort_unstable();
         let mut overrides: Vec<_> = state.overrides.iter().map(|(a, o)| (*a, o.weight, o.draining)).collect();
         overrides.sort_unstable();
         let mut deleted: Vec<SocketAddr> = state.deleted.iter().copied().collect();
         deleted.sort_unstable();
-        RuntimeChanges { added: added.into_iter().map(|(_, a, w)| (a, w)).collect(), overrides, deleted }
+        RuntimeChanges { added: added.into_iter().map(|(_, a, w, t)| (a, w, t)).collect(), overrides, deleted }
     }
 
     /// Makes the changes of a previous process again (a binary upgrade). At most
@@ -226,10 +230,10 @@ impl Membership {
         if changes.added.len() > MAX_BACKENDS {
             tracing::warn!(service = %self.service, added = changes.added.len(), "more backends handed over than a service may have: the first {MAX_BACKENDS} kept");
         }
-        for (address, weight) in changes.added.iter().take(MAX_BACKENDS) {
+        for (address, weight, tags) in changes.added.iter().take(MAX_BACKENDS) {
             state.api_order += 1;
             let order = state.api_order;
-            state.api.insert(*address, (order, *weight));
+            state.api.insert(*address, (order, *weight, Arc::from(tags.as_slice())));
         }
         for (address, weight, draining) in &changes.overrides {
             state.overrides.insert(*address, Override { weight: *weight, draining: *draining });
@@ -399,29 +403,30 @@ impl Membership {
         let live: HashMap<SocketAddr, &Member> = current.members().iter().map(|m| (m.backend.address, m)).collect();
 
         // Sources in order of precedence; a later listing of an address is a duplicate.
-        let mut listed: Vec<(SocketAddr, u32, Source)> = Vec::new();
+        let mut listed: Vec<(SocketAddr, u32, Source, Tags)> = Vec::new();
         let mut seen = HashSet::new();
         for b in &state.static_list {
             if !state.deleted.contains(&b.address) && seen.insert(b.address) {
-                listed.push((b.address, b.weight, Source::Static));
+                listed.push((b.address, b.weight, Source::Static, Arc::clone(&b.tags)));
             }
         }
+        let untagged: Tags = Arc::from([]);
         let mut twice = Vec::new();
         for (address, weight) in state.dns.values().flatten() {
             if state.deleted.contains(address) {
                 continue;
             }
             if seen.insert(*address) {
-                listed.push((*address, *weight, Source::Dns));
+                listed.push((*address, *weight, Source::Dns, Arc::clone(&untagged)));
             } else {
                 twice.push(*address);
             }
         }
-        let mut api: Vec<(&SocketAddr, &(u64, u32))> = state.api.iter().collect();
-        api.sort_by_key(|(_, (order, _))| *order);
-        for (address, (_, weight)) in api {
+        let mut api: Vec<(&SocketAddr, &(u64, u32, Tags))> = state.api.iter().collect();
+        api.sort_by_key(|(_, (order, _, _))| *order);
+        for (address, (_, weight, tags)) in api {
             if seen.insert(*address) {
-                listed.push((*address, *weight, Source::Api));
+                listed.push((*address, *weight, Source::Api, Arc::clone(tags)));
             } else {
                 twice.push(*address);
             }
@@ -436,7 +441,7 @@ impl Membership {
         state.reported_twice = twice.into_iter().collect();
 
         let mut members = Vec::with_capacity(listed.len() + state.removing.len());
-        for (address, weight, source) in listed {
+        for (address, weight, source, tags) in listed {
             let change = state.overrides.get(&address).copied().unwrap_or_default();
             let backend = match live.get(&address) {
                 Some(member) => Arc::clone(&member.backend),
@@ -454,7 +459,7 @@ impl Membership {
             }
             let draining = change.draining.unwrap_or(false);
             backend.set_admin_state(if draining { BackendState::Draining } else { BackendState::Healthy });
-            members.push(Member { backend, weight: change.weight.unwrap_or(weight), source, removing: false });
+            members.push(Member { backend, weight: change.weight.unwrap_or(weight), source, tags, removing: false });
         }
         // Backends no longer listed drain: they stay visible, take no new connection, and
         // leave when their connections are done.

@@ -214,6 +214,7 @@ pub struct Metrics {
     strategy_reloads: Family<ReloadLabel, Counter>,
     config_reloads: Family<OutcomeLabel, Counter>,
     upgrades: Family<OutcomeLabel, Counter>,
+    strategy_log_dropped: Family<ServiceLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -256,6 +257,7 @@ impl Metrics {
             strategy_reloads: Family::default(),
             config_reloads: Family::default(),
             upgrades: Family::default(),
+            strategy_log_dropped: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -360,6 +362,11 @@ impl Metrics {
             m.config_reloads.clone(),
         );
         registry.register(
+            "strategy_log_dropped",
+            "Lines a strategy logged over its rate limit, dropped",
+            m.strategy_log_dropped.clone(),
+        );
+        registry.register(
             "upgrades",
             "Binary upgrades by outcome (handed_over, failed), as counted by the process upgraded",
             m.upgrades.clone(),
@@ -419,6 +426,11 @@ impl Metrics {
     /// Counts a binary upgrade (`handed_over` or `failed`).
     pub fn upgrade(&self, outcome: &'static str) {
         self.upgrades.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// The counter of a service's strategy log lines dropped over the rate limit.
+    pub fn strategy_log_dropped(&self, service: &str) -> Counter {
+        self.strategy_log_dropped.get_or_create(&ServiceLabel { service: service.to_string() }).clone()
     }
 
     /// Picks of `service` where the strategy's answer was not used through its own fault.

@@ -382,7 +382,8 @@ impl Control {
                     }
                     let resolver = self.resolver_for(cfg)?;
                     let strategy = if strategy_changed(&old, cfg) {
-                        let host = self.strategy_host(cfg, workers)?;
+                        let host =
+                            self.strategy_host(cfg, workers, Some(service.context.load().strategy.kv_stores()))?;
                         load_strategy(&host, cfg).await?;
                         host.continue_sequence_of(&service.context.load().strategy);
                         Some(host)
@@ -418,21 +419,38 @@ impl Control {
         Ok(())
     }
 
-    fn strategy_host(&self, cfg: &ServiceConfig, workers: usize) -> Result<Arc<StrategyHost>, HarborError> {
+    fn strategy_host(
+        &self,
+        cfg: &ServiceConfig,
+        workers: usize,
+        kv: Option<Arc<crate::strategy::guest_host::KvStores>>,
+    ) -> Result<Arc<StrategyHost>, HarborError> {
         let limits = GuestLimits {
             call_timeout: cfg.tunables.strategy_timeout(),
             memory_bytes: cfg.tunables.strategy_memory_bytes(),
             ready_instances: workers,
+            kv_entries: cfg.tunables.strategy_kv_entries as usize,
+            kv_bytes: cfg.tunables.strategy_kv_bytes as usize,
         };
-        StrategyHost::new(limits, cfg.strategy_config.clone(), Arc::clone(&self.metrics), &cfg.name)
-            .map(Arc::new)
-            .map_err(HarborError::Engine)
+        let host = StrategyHost::new(limits, cfg.strategy_config.clone(), Arc::clone(&self.metrics), &cfg.name)
+            .map_err(HarborError::Engine)?;
+        // Same limits: the stores go on (a change of limits starts them afresh).
+        let same_limits = kv.is_some()
+            && self.service(&cfg.name).is_some_and(|s| {
+                let old = s.config.load();
+                old.tunables.strategy_kv_entries == cfg.tunables.strategy_kv_entries
+                    && old.tunables.strategy_kv_bytes == cfg.tunables.strategy_kv_bytes
+            });
+        Ok(Arc::new(match kv {
+            Some(kv) if same_limits => host.with_kv_stores(kv),
+            _ => host,
+        }))
     }
 
     /// Builds a service: its strategy (loaded), membership, context and reaper. It accepts
     /// nothing until its listeners are served.
     async fn build_service(&self, cfg: &ServiceConfig, workers: usize) -> Result<Arc<Service>, HarborError> {
-        let strategy = self.strategy_host(cfg, workers)?;
+        let strategy = self.strategy_host(cfg, workers, None)?;
         load_strategy(&strategy, cfg).await?;
         let background = self.background.child_token();
         let membership = Membership::new(
@@ -492,6 +510,8 @@ fn strategy_changed(old: &ServiceConfig, new: &ServiceConfig) -> bool {
         || old.strategy_config != new.strategy_config
         || old.tunables.strategy_timeout_ms != new.tunables.strategy_timeout_ms
         || old.tunables.strategy_memory_mb != new.tunables.strategy_memory_mb
+        || old.tunables.strategy_kv_entries != new.tunables.strategy_kv_entries
+        || old.tunables.strategy_kv_bytes != new.tunables.strategy_kv_bytes
 }
 
 /// Loads a service's strategy: a named file must load; in a watched directory the newest

@@ -111,6 +111,10 @@ settings! {
     strategy_timeout_ms: u64 = 10, env "HARBOR_STRATEGY_TIMEOUT_MS", range 1..=1000;
     /// Memory limit for one strategy instance, all its linear memories and tables summed, in MiB.
     strategy_memory_mb: u64 = 64, env "HARBOR_STRATEGY_MEMORY_MB", range 1..=4096;
+    /// Most entries in each strategy's key-value store (0.2 strategies).
+    strategy_kv_entries: u64 = 10_000, env "HARBOR_STRATEGY_KV_ENTRIES", range 0..=1_000_000;
+    /// Most bytes (keys and values) in each strategy's key-value store.
+    strategy_kv_bytes: u64 = 16_777_216, env "HARBOR_STRATEGY_KV_BYTES", range 0..=1_073_741_824;
     /// Backend connect timeout, in ms.
     connect_timeout_ms: u64 = 1500, env "HARBOR_CONNECT_TIMEOUT_MS", legacy "LB_DIAL_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS;
     /// Sliding idle timeout, refreshed by traffic either way, in ms; 0 turns it off.
@@ -351,6 +355,40 @@ impl FileConfig {
 pub struct BackendConfig {
     pub address: SocketAddr,
     pub weight: u32,
+    /// The operator's tags (`tags = ["eu-west", "canary"]`), shown to 0.2 strategies.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub tags: std::sync::Arc<[String]>,
+}
+
+impl BackendConfig {
+    /// An untagged backend.
+    pub fn new(address: SocketAddr, weight: u32) -> BackendConfig {
+        BackendConfig { address, weight, tags: std::sync::Arc::from([]) }
+    }
+}
+
+/// Most tags a backend may carry.
+pub const MAX_TAGS: usize = 16;
+
+/// Checks a backend's tags: at most [`MAX_TAGS`], each 1 to 64 of `A-Z a-z 0-9 - _ . : /`, none
+/// twice. One rule for the file and the admin API.
+pub fn check_tags(setting: &str, tags: &[String]) -> Result<std::sync::Arc<[String]>, ConfigError> {
+    if tags.len() > MAX_TAGS {
+        return Err(invalid(setting, format!("{} tags: at most {MAX_TAGS}", tags.len())));
+    }
+    let mut seen = HashSet::new();
+    for tag in tags {
+        if tag.is_empty()
+            || tag.len() > 64
+            || !tag.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'))
+        {
+            return Err(invalid(setting, format!("{tag:?} is not a tag: 1-64 of A-Z a-z 0-9 - _ . : /")));
+        }
+        if !seen.insert(tag.as_str()) {
+            return Err(invalid(setting, format!("tag {tag:?} is given twice")));
+        }
+    }
+    Ok(std::sync::Arc::from(tags))
 }
 
 /// A name whose records give backends, followed while Harbor runs.
@@ -796,8 +834,10 @@ fn service_config(
     for spec in &specs {
         match spec {
             BackendSpec::Address(text) => backends.push(parse_backend(backends_setting, text)?),
-            BackendSpec::Weighted(WeightedSpec { address, weight }) => {
-                backends.push(parse_backend(backends_setting, &format!("{address}={weight}"))?)
+            BackendSpec::Weighted(WeightedSpec { address, weight, tags }) => {
+                let mut backend = parse_backend(backends_setting, &format!("{address}={weight}"))?;
+                backend.tags = check_tags(backends_setting, tags)?;
+                backends.push(backend)
             }
             BackendSpec::Dns(DnsSpec { dns: text, weight }) => {
                 let (name, port) = text
@@ -909,7 +949,7 @@ pub fn parse_backend(setting: &str, item: &str) -> Result<BackendConfig, ConfigE
     if address.port() == 0 {
         return Err(invalid(setting, format!("{item:?}: port 0 is not a backend")));
     }
-    Ok(BackendConfig { address, weight })
+    Ok(BackendConfig::new(address, weight))
 }
 
 /// Parses `host:port[=weight],...`; empty items are errors.

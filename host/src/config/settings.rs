@@ -289,7 +289,7 @@ impl<'de> Deserialize<'de> for BackendSpec {
         }
         Ok(match Any::deserialize(d).map_err(|_| {
             serde::de::Error::custom(
-                "each backend is \"host:port\", { address = \"host:port\", weight = N }, { dns = \"name:port\", weight = N } or { srv = \"_service._tcp.name\" }",
+                "each backend is \"host:port\", { address = \"host:port\", weight = N, tags = [...] }, { dns = \"name:port\", weight = N } or { srv = \"_service._tcp.name\" }",
             )
         })? {
             Any::Address(a) => BackendSpec::Address(a),
@@ -307,6 +307,9 @@ pub struct WeightedSpec {
     pub address: String,
     #[serde(default = "one")]
     pub weight: u32,
+    /// `tags = ["eu-west", "canary"]`, shown to 0.2 strategies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// `{ dns = "name:port", weight = 1 }`.

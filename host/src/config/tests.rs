@@ -129,7 +129,7 @@ fn file_values_apply_below_cli_and_unknown_keys_are_named() {
     let c = Config::resolve(&args, &env_of(&[])).unwrap();
     let s = &c.services[0];
     assert_eq!(s.listen, ["127.0.0.1:7000".parse().unwrap()]);
-    assert_eq!(s.backends[1], BackendConfig { address: "127.0.0.1:7002".parse().unwrap(), weight: 4 });
+    assert_eq!(s.backends[1], BackendConfig::new("127.0.0.1:7002".parse().unwrap(), 4));
     assert_eq!(s.tunables.idle_timeout(), Some(Duration::from_millis(99)));
 
     let bad = dir.join("bad.toml");

@@ -9,7 +9,7 @@ use super::instance::{CallFault, InstanceFault};
 use crate::backend::BackendState;
 use crate::metrics::FallbackReason;
 
-/// Numbers per backend in the `stats` list passed to `pick`.
+/// Numbers per backend in the `stats` list passed to a 0.1 `pick` (0.2 passes five).
 pub const STATS_STRIDE: usize = 4;
 
 /// One backend's numbers at pick time, in the order the WIT `stats` list carries them.
@@ -19,6 +19,8 @@ pub struct BackendStats {
     pub state: BackendState,
     pub connect_latency_micros: u32,
     pub failures_in_row: u32,
+    /// How long it has been healthy, in ms (0.2 only).
+    pub healthy_for_millis: u32,
 }
 
 /// The snapshot of every backend for one pick: written and read through [`BackendStats`],
@@ -27,13 +29,16 @@ pub struct BackendStats {
 pub struct Snapshot {
     flat: Vec<u32>,
     eligible: usize,
+    /// Numbers per backend: 4 (0.1) or 5 (0.2).
+    stride: usize,
 }
 
 impl Snapshot {
-    /// Empties the snapshot, keeping its allocation.
-    pub fn clear(&mut self) {
+    /// Empties the snapshot, keeping its allocation, for `stride` numbers per backend (4 or 5).
+    pub fn clear(&mut self, stride: usize) {
         self.flat.clear();
         self.eligible = 0;
+        self.stride = stride.clamp(STATS_STRIDE, STATS_STRIDE + 1);
     }
 
     /// Appends the next backend (index = backends pushed before it).
@@ -45,11 +50,18 @@ impl Snapshot {
             backend.connect_latency_micros,
             backend.failures_in_row,
         ]);
+        if self.stride > STATS_STRIDE {
+            self.flat.push(backend.healthy_for_millis);
+        }
+    }
+
+    fn stride(&self) -> usize {
+        self.stride.max(STATS_STRIDE)
     }
 
     /// Backends in the snapshot.
     pub fn len(&self) -> usize {
-        self.flat.len() / STATS_STRIDE
+        self.flat.len() / self.stride()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -63,7 +75,7 @@ impl Snapshot {
 
     /// The state of backend `index`, if there is one.
     pub fn state(&self, index: usize) -> Option<BackendState> {
-        let ordinal = *self.flat.get(index.checked_mul(STATS_STRIDE)?.checked_add(1)?)?;
+        let ordinal = *self.flat.get(index.checked_mul(self.stride())?.checked_add(1)?)?;
         Some(match ordinal {
             0 => BackendState::Healthy,
             1 => BackendState::CoolingDown,
@@ -151,7 +163,13 @@ mod tests {
     fn snapshot(states: &[BackendState]) -> Snapshot {
         let mut s = Snapshot::default();
         for (i, state) in states.iter().enumerate() {
-            s.push(BackendStats { active: i as u32, state: *state, connect_latency_micros: 0, failures_in_row: 0 });
+            s.push(BackendStats {
+                active: i as u32,
+                state: *state,
+                connect_latency_micros: 0,
+                failures_in_row: 0,
+                healthy_for_millis: 0,
+            });
         }
         s
     }

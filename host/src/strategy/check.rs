@@ -9,17 +9,18 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::answer::{judge, BackendStats, Snapshot, Verdict};
-use super::bindings::{BackendInfo, Connection};
+use super::bindings::{BackendFacts, ConnectionFacts, World};
 use super::engine::{fuel_per_call, StrategyEngine};
 use super::instance::InstanceFault;
 use super::instance::{CallFault, Instance};
-use super::{ip_address, loaded::sha256_hex, GuestLimits, LoadedStrategy, StrategyError};
+use super::{loaded::sha256_hex, GuestEnv, GuestLimits, LoadedStrategy, StrategyError};
 use crate::backend::BackendState;
 
 /// What `check` found.
 #[derive(Debug)]
 pub struct CheckReport {
     pub name: String,
+    pub world: World,
     pub sha256: String,
     pub size: usize,
     pub compile_time: Duration,
@@ -40,6 +41,11 @@ pub struct CheckReport {
 impl std::fmt::Display for CheckReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "name:          {}", self.name)?;
+        let world = match self.world {
+            World::V1 => "harbor:strategy@0.1.0",
+            World::V2 => "harbor:strategy@0.2.0",
+        };
+        writeln!(f, "world:         {world}")?;
         writeln!(f, "sha256:        {}", self.sha256)?;
         writeln!(f, "size:          {} bytes", self.size)?;
         writeln!(f, "compile time:  {:.1} ms", self.compile_time.as_secs_f64() * 1e3)?;
@@ -73,24 +79,38 @@ impl std::fmt::Display for CheckReport {
 }
 
 /// Synthetic backends `127.0.0.1:9001`, ... with weights 1, 2, 3, 1, 2, 3, ...
-pub fn sample_backends(n: usize) -> Vec<BackendInfo> {
+pub fn sample_backends(n: usize) -> Vec<BackendFacts> {
     (0..n)
-        .map(|i| BackendInfo {
-            index: i as u32,
-            address: format!("127.0.0.1:{}", 9001 + i),
-            weight: 1 + (i % 3) as u32,
+        .map(|i| {
+            let mut facts = BackendFacts::plain(format!("127.0.0.1:{}", 9001 + i), 1 + (i % 3) as u32);
+            // Tags as operators write them: a zone each, every fourth a canary.
+            let zone = if i % 2 == 0 { "zone-a" } else { "zone-b" };
+            let tags: Vec<String> =
+                std::iter::once(zone.to_string()).chain((i % 4 == 3).then(|| "canary".to_string())).collect();
+            facts.tags = std::sync::Arc::from(tags);
+            facts
         })
         .collect()
 }
 
 /// A connection as Harbor would send it.
-pub fn sample_connection(sequence: u64, seed: u64) -> Connection {
+pub fn sample_connection(sequence: u64, seed: u64) -> ConnectionFacts<'static> {
     let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 40_000 + (sequence % 20_000) as u16);
-    Connection { sequence, seed, client_ip: ip_address(client.ip()), client_port: client.port(), attempt: 0 }
+    ConnectionFacts {
+        sequence,
+        seed,
+        client,
+        attempt: 0,
+        local: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9090),
+        proxied_client: None,
+        now_millis: sequence,
+        tls: None,
+        first_bytes: &[],
+    }
 }
 
-fn call(instance: &mut Instance, conn: Connection, stats: &[u32]) -> Result<Option<u32>, String> {
-    instance.pick(conn, stats).map_err(|fault| match fault {
+fn call(instance: &mut Instance, conn: ConnectionFacts<'_>, stats: &[u32]) -> Result<Option<u32>, String> {
+    instance.pick(&conn, stats).map_err(|fault| match fault {
         CallFault::Timeout => "exceeded its time or fuel limit".to_string(),
         CallFault::Trap(message) => format!("trapped: {message}"),
     })
@@ -107,13 +127,15 @@ pub fn check_component(
 ) -> Result<CheckReport, StrategyError> {
     let engine = StrategyEngine::global()?;
     let limits = GuestLimits::default();
-    let loaded = LoadedStrategy::from_bytes(engine, bytes, sha256_hex(bytes), source, limits, config)?;
+    let loaded =
+        LoadedStrategy::from_bytes(engine, bytes, sha256_hex(bytes), source, limits, config, &GuestEnv::default())?;
     let ty = loaded.component().component_type();
     let imports = ty.imports(&engine.engine).map(|(name, _)| name.to_string()).collect();
     let exports = ty.exports(&engine.engine).map(|(name, _)| name.to_string()).collect();
 
     let mut report = CheckReport {
         name: loaded.name.clone(),
+        world: loaded.world(),
         sha256: loaded.sha256.clone(),
         size: bytes.len(),
         compile_time: loaded.compile_time,
@@ -144,7 +166,7 @@ pub fn check_component(
             1 => Some(Some(rng.random_range(0..n))), // exactly one healthy backend
             _ => None,
         };
-        snapshot.clear();
+        snapshot.clear(instance.stats_stride());
         for i in 0..n {
             let state = match healthy_only {
                 Some(Some(only)) if i == only => BackendState::Healthy,
@@ -159,11 +181,12 @@ pub fn check_component(
                 state,
                 connect_latency_micros: rng.random_range(0..5000),
                 failures_in_row: u32::from(state == BackendState::CoolingDown),
+                healthy_for_millis: if state == BackendState::Healthy { rng.random_range(0..600_000) } else { 0 },
             });
         }
         report.picks += 1;
         let pick_started = Instant::now();
-        let answer = instance.pick(sample_connection(round as u64, rng.random()), snapshot.as_flat());
+        let answer = instance.pick(&sample_connection(round as u64, rng.random()), snapshot.as_flat());
         report.slowest_pick = report.slowest_pick.max(pick_started.elapsed());
         let trapped = answer.is_err();
         report.max_fuel_per_pick = report.max_fuel_per_pick.max(instance.fuel_used());
@@ -185,13 +208,14 @@ pub fn check_component(
     }
 
     // Latency on an all-healthy snapshot, as on a quiet production pool.
-    snapshot.clear();
+    snapshot.clear(instance.stats_stride());
     for i in 0..n {
         snapshot.push(BackendStats {
             active: (i % 7) as u32,
             state: BackendState::Healthy,
             connect_latency_micros: 0,
             failures_in_row: 0,
+            healthy_for_millis: 60_000,
         });
     }
     let timed = 2000;

@@ -134,6 +134,8 @@ impl ResourceLimiter for GuestLimiter {
 /// Host state of one guest store.
 pub struct GuestState {
     pub limiter: GuestLimiter,
+    /// The strategy's log budget, name and store (0.2 imports).
+    pub context: Option<Arc<super::guest_host::GuestContext>>,
 }
 
 /// Most components kept compiled in memory (swapping back to one of them is instant)...
@@ -255,7 +257,13 @@ impl StrategyEngine {
         let _ = TICKER.set(ticker.thread().clone());
         let compiles = WorkQueue::start("harbor-compile")?;
         let instantiations = WorkQueue::start("harbor-instance")?;
-        let linker = Linker::new(&engine);
+        let mut linker = Linker::new(&engine);
+        // The 0.2 world's imports; a 0.1 component simply does not use them.
+        super::bindings::v2::Strategy::add_to_linker::<GuestState, wasmtime::component::HasSelf<GuestState>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(|e| format!("cannot link the strategy host interface: {e:#}"))?;
         Ok(StrategyEngine { engine, linker, compiled: Mutex::new(VecDeque::new()), compiles, instantiations })
     }
 
@@ -317,7 +325,7 @@ impl StrategyEngine {
             .component_type()
             .imports(&self.engine)
             .map(|(name, _)| name.to_string())
-            .filter(|name| !name.starts_with("harbor:strategy/types"))
+            .filter(|name| !name.starts_with("harbor:strategy/types@") && name != super::bindings::HOST_INTERFACE_V2)
             .collect()
     }
 }

@@ -6,13 +6,12 @@ use std::sync::{Arc, Weak};
 
 use wasmtime::Store;
 
-use super::answer::STATS_STRIDE;
-use super::bindings::{BackendInfo, Connection, ConnectionOutcome, Strategy, StrategyInfo};
+use super::bindings::{outcome_v2, v1, v2, BackendFacts, ConnectionFacts, ConnectionOutcome, StrategyInfo};
 use super::engine::{
     deadline_ticks, fuel_per_call, GuestLimiter, GuestState, Running, StrategyEngine, FUEL_PER_INIT,
     SET_BACKENDS_FACTOR,
 };
-use super::loaded::LoadedStrategy;
+use super::loaded::{LoadedStrategy, StrategyPre};
 use super::StrategyError;
 use crate::backend::BackendPool;
 
@@ -20,9 +19,17 @@ use crate::backend::BackendPool;
 pub const INIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A strategy instance and its store.
+/// The instance's exports, in its world.
+enum Bindings {
+    V1(v1::Strategy),
+    V2(v2::Strategy),
+}
+
 pub struct Instance {
     store: Store<GuestState>,
-    bindings: Strategy,
+    bindings: Bindings,
+    /// Numbers per backend in `stats`.
+    stride: usize,
     ticks: u64,
     /// Generation of the backend list this instance was last told about (0 = none yet).
     backends_generation: u64,
@@ -74,7 +81,8 @@ impl Instance {
     pub fn new(loaded: &LoadedStrategy) -> Result<(Instance, StrategyInfo), StrategyError> {
         // The memory limit covers every memory and table of the instance, summed.
         let limiter = GuestLimiter::new(loaded.limits.memory_bytes);
-        let mut store = Store::new(loaded.pre.engine(), GuestState { limiter });
+        let mut store =
+            Store::new(loaded.pre.engine(), GuestState { limiter, context: Some(Arc::clone(&loaded.context)) });
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
         let ticks = deadline_ticks(loaded.limits.call_timeout);
@@ -85,12 +93,27 @@ impl Instance {
         let _running = Running::start();
         store.set_epoch_deadline(init_ticks);
         store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
-        let bindings = loaded.pre.instantiate(&mut store).map_err(|e| StrategyError::Instantiate(format!("{e:#}")))?;
+        let instantiate_error = |e: wasmtime::Error| StrategyError::Instantiate(format!("{e:#}"));
+        let bindings = match &loaded.pre {
+            StrategyPre::V1(pre) => Bindings::V1(pre.instantiate(&mut store).map_err(instantiate_error)?),
+            StrategyPre::V2(pre) => Bindings::V2(pre.instantiate(&mut store).map_err(instantiate_error)?),
+        };
+        let stride = loaded.world().stats_stride();
         let mut instance =
-            Instance { store, bindings, ticks, backends_generation: 0, armed_fuel: FUEL_PER_INIT, backends: 0 };
+            Instance { store, bindings, stride, ticks, backends_generation: 0, armed_fuel: FUEL_PER_INIT, backends: 0 };
         instance.store.set_epoch_deadline(init_ticks);
         instance.store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
-        let info = match instance.bindings.call_init(&mut instance.store, &loaded.init_config) {
+        let answer = match &instance.bindings {
+            Bindings::V1(b) => b
+                .call_init(&mut instance.store, &loaded.init_config)
+                .map(|r| r.map(|i| StrategyInfo { name: i.name, wants_reports: i.wants_reports })),
+            Bindings::V2(b) => {
+                let service = v2::ServiceInfo { name: loaded.service.clone() };
+                b.call_init(&mut instance.store, &loaded.init_config, &service)
+                    .map(|r| r.map(|i| StrategyInfo { name: i.name, wants_reports: i.wants_reports }))
+            }
+        };
+        let info = match answer {
             Ok(Ok(info)) => info,
             Ok(Err(message)) => return Err(StrategyError::InitRejected(message)),
             Err(e) => return Err(StrategyError::InitTrapped(format!("{:?}", classify(e)))),
@@ -103,39 +126,62 @@ impl Instance {
         if self.backends_generation == pool.generation() {
             return Ok(());
         }
-        let infos: Vec<BackendInfo> = pool
+        let facts: Vec<BackendFacts> = pool
             .members()
             .iter()
-            .enumerate()
-            .map(|(index, m)| BackendInfo {
-                index: index as u32,
+            .map(|m| BackendFacts {
                 address: m.backend.address.to_string(),
                 weight: m.weight,
+                tags: std::sync::Arc::clone(&m.tags),
+                source: m.source,
             })
             .collect();
-        self.set_backends(pool.generation(), &infos)
+        self.set_backends(pool.generation(), &facts)
     }
 
     /// Calls `set-backends`.
-    pub fn set_backends(&mut self, generation: u64, infos: &[BackendInfo]) -> Result<(), CallFault> {
+    pub fn set_backends(&mut self, generation: u64, facts: &[BackendFacts]) -> Result<(), CallFault> {
         let _running =
-            self.arm_for(fuel_per_call(infos.len()) * SET_BACKENDS_FACTOR, self.ticks * SET_BACKENDS_FACTOR)?;
-        self.bindings.call_set_backends(&mut self.store, generation, infos).map_err(classify)?;
+            self.arm_for(fuel_per_call(facts.len()) * SET_BACKENDS_FACTOR, self.ticks * SET_BACKENDS_FACTOR)?;
+        match &self.bindings {
+            Bindings::V1(b) => {
+                let infos: Vec<v1::BackendInfo> = facts.iter().enumerate().map(|(i, f)| f.v1(i)).collect();
+                b.call_set_backends(&mut self.store, generation, &infos)
+            }
+            Bindings::V2(b) => {
+                let infos: Vec<v2::BackendInfo> = facts.iter().enumerate().map(|(i, f)| f.v2(i)).collect();
+                b.call_set_backends(&mut self.store, generation, &infos)
+            }
+        }
+        .map_err(classify)?;
         self.backends_generation = generation;
-        self.backends = infos.len();
+        self.backends = facts.len();
         Ok(())
     }
 
-    /// Calls `pick`.
-    pub fn pick(&mut self, conn: Connection, stats: &[u32]) -> Result<Option<u32>, CallFault> {
-        let _running = self.arm(fuel_per_call(stats.len() / STATS_STRIDE))?;
-        self.bindings.call_pick(&mut self.store, conn, stats).map_err(classify)
+    /// Numbers per backend this instance's `pick` takes.
+    pub fn stats_stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Calls `pick`. `stats` must have this instance's stride.
+    pub fn pick(&mut self, conn: &ConnectionFacts<'_>, stats: &[u32]) -> Result<Option<u32>, CallFault> {
+        let _running = self.arm(fuel_per_call(stats.len() / self.stride))?;
+        match &self.bindings {
+            Bindings::V1(b) => b.call_pick(&mut self.store, conn.v1(), stats),
+            Bindings::V2(b) => b.call_pick(&mut self.store, &conn.v2(), stats),
+        }
+        .map_err(classify)
     }
 
     /// Calls `report`.
     pub fn report(&mut self, outcome: ConnectionOutcome) -> Result<(), CallFault> {
         let _running = self.arm(fuel_per_call(self.backends))?;
-        self.bindings.call_report(&mut self.store, outcome).map_err(classify)
+        match &self.bindings {
+            Bindings::V1(b) => b.call_report(&mut self.store, outcome),
+            Bindings::V2(b) => b.call_report(&mut self.store, outcome_v2(&outcome)),
+        }
+        .map_err(classify)
     }
 }
 

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
-use super::bindings::StrategyPre;
+use super::bindings::{v1, v2, World};
 use super::engine::{GuestState, StrategyEngine};
+use super::guest_host::{GuestContext, KvStores};
 use super::instance::Instance;
 use super::StrategyError;
 
@@ -25,11 +26,20 @@ pub struct GuestLimits {
     /// Instances made (and `init` run) when the strategy loads, before it goes live: one per
     /// worker thread, so no pick ever waits for an instantiation.
     pub ready_instances: usize,
+    /// Entries and bytes each strategy's key-value store may hold (0.2).
+    pub kv_entries: usize,
+    pub kv_bytes: usize,
 }
 
 impl Default for GuestLimits {
     fn default() -> Self {
-        GuestLimits { call_timeout: DEFAULT_CALL_TIMEOUT, memory_bytes: 64 << 20, ready_instances: 1 }
+        GuestLimits {
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            memory_bytes: 64 << 20,
+            ready_instances: 1,
+            kv_entries: 10_000,
+            kv_bytes: 16 << 20,
+        }
     }
 }
 
@@ -40,11 +50,64 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(10);
 /// takes one at once, and a new spare is made on the compile thread.
 const SPARES_KEPT: usize = 1;
 
+/// A component made ready to instantiate, in the world it implements.
+pub enum StrategyPre {
+    V1(v1::StrategyPre<GuestState>),
+    V2(v2::StrategyPre<GuestState>),
+}
+
+impl StrategyPre {
+    pub fn engine(&self) -> &wasmtime::Engine {
+        match self {
+            StrategyPre::V1(p) => p.engine(),
+            StrategyPre::V2(p) => p.engine(),
+        }
+    }
+
+    pub fn component(&self) -> &wasmtime::component::Component {
+        match self {
+            StrategyPre::V1(p) => p.instance_pre().component(),
+            StrategyPre::V2(p) => p.instance_pre().component(),
+        }
+    }
+
+    pub fn world(&self) -> World {
+        match self {
+            StrategyPre::V1(_) => World::V1,
+            StrategyPre::V2(_) => World::V2,
+        }
+    }
+}
+
+/// Where a strategy's instances run: the service (for log lines), the stores of its
+/// strategies (by name), and the counter of log lines dropped over the limit.
+#[derive(Clone)]
+pub struct GuestEnv {
+    pub service: String,
+    pub kv: Arc<KvStores>,
+    pub log_dropped: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for GuestEnv {
+    /// For `check` and `simulate`: a small store of their own.
+    fn default() -> Self {
+        GuestEnv {
+            service: "default".into(),
+            kv: Arc::new(KvStores::new(10_000, 16 << 20)),
+            log_dropped: Default::default(),
+        }
+    }
+}
+
 /// A compiled, validated strategy ready to be instantiated on any thread.
 pub struct LoadedStrategy {
     /// Unique in this process; instances are cached per thread under it.
     pub id: u64,
-    pub pre: StrategyPre<GuestState>,
+    pub pre: StrategyPre,
+    /// Shared by every instance: name, log budget, store.
+    pub context: Arc<GuestContext>,
+    /// The service's name, given to a 0.2 `init`.
+    pub service: String,
     pub name: String,
     pub sha256: String,
     pub source: PathBuf,
@@ -124,6 +187,7 @@ impl LoadedStrategy {
         source: &Path,
         limits: GuestLimits,
         init_config: &str,
+        env: &GuestEnv,
     ) -> Result<LoadedStrategy, StrategyError> {
         if bytes.is_empty() {
             return Err(StrategyError::Empty);
@@ -146,10 +210,28 @@ impl LoadedStrategy {
         }
         let instance_pre =
             engine.linker.instantiate_pre(&component).map_err(|e| StrategyError::Compile(format!("{e:#}")))?;
-        let pre = StrategyPre::new(instance_pre).map_err(|e| StrategyError::WrongWorld(format!("{e:#}")))?;
+        // The world is the one whose types the component imports; one that imports neither
+        // (a component with no types in its signatures) is tried as 0.2, then 0.1.
+        let imports: Vec<String> =
+            component.component_type().imports(&engine.engine).map(|(name, _)| name.to_string()).collect();
+        let says = |version: &str| imports.iter().any(|i| i == &format!("harbor:strategy/types@{version}"));
+        let as_v1 =
+            |pre| v1::StrategyPre::new(pre).map(StrategyPre::V1).map_err(|e| format!("harbor:strategy@0.1.0: {e:#}"));
+        let as_v2 =
+            |pre| v2::StrategyPre::new(pre).map(StrategyPre::V2).map_err(|e| format!("harbor:strategy@0.2.0: {e:#}"));
+        let pre = match (says("0.1.0"), says("0.2.0")) {
+            (true, false) => as_v1(instance_pre),
+            (false, true) => as_v2(instance_pre),
+            _ => as_v2(instance_pre.clone()).or_else(|v2_error| {
+                as_v1(instance_pre).map_err(|v1_error| format!("neither {v2_error}, nor {v1_error}"))
+            }),
+        }
+        .map_err(StrategyError::WrongWorld)?;
         let mut loaded = LoadedStrategy {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             pre,
+            context: Arc::new(GuestContext::new(&env.service, &sha256, env.log_dropped.clone())),
+            service: env.service.clone(),
             name: String::new(),
             sha256,
             source: source.to_path_buf(),
@@ -169,6 +251,7 @@ impl LoadedStrategy {
         let (probe, info) = Instance::new(&loaded)?;
         loaded.name = sanitize_name(&info.name, source);
         loaded.wants_reports = info.wants_reports;
+        loaded.context.bind(&loaded.name, env.kv.for_strategy(&loaded.name));
         let mut ready = vec![probe];
         while ready.len() < limits.ready_instances.max(1) {
             ready.push(Instance::new(&loaded)?.0);
@@ -214,7 +297,12 @@ impl LoadedStrategy {
     /// Records a fault; true if there were at least `max` within `window` (the strategy should go).
     /// The compiled component.
     pub fn component(&self) -> &wasmtime::component::Component {
-        self.pre.instance_pre().component()
+        self.pre.component()
+    }
+
+    /// The world the component implements.
+    pub fn world(&self) -> World {
+        self.pre.world()
     }
 
     pub fn record_fault(&self, max: usize, window: Duration) -> bool {

@@ -6,13 +6,14 @@ pub mod answer;
 pub mod bindings;
 pub mod check;
 pub mod engine;
+pub mod guest_host;
 pub mod instance;
 pub mod loaded;
 pub mod simulate;
 pub mod watch;
 
 use std::cell::RefCell;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backend, BackendPool, BackendState};
 use crate::logging::RateLimitedLog;
 use crate::metrics::{FallbackReason, Metrics, ReloadOutcome};
-use bindings::{Connection, ConnectionOutcome, IpAddress};
+use bindings::{ConnectionFacts, ConnectionOutcome, World};
 use engine::StrategyEngine;
 use instance::{with_thread_instance, CallFault, InstanceFault};
-pub use loaded::{GuestLimits, LoadedStrategy};
+pub use loaded::{GuestEnv, GuestLimits, LoadedStrategy};
 
 pub use answer::{builtin_round_robin, judge, BackendStats, Snapshot, Verdict, STATS_STRIDE};
 
@@ -53,7 +54,7 @@ pub enum StrategyError {
     Compile(String),
     #[error("the component imports what Harbor does not provide ({0}); a strategy must be pure logic: build without WASI (wasm32-unknown-unknown + wit-component for Rust, componentize-py --stub-wasi, componentize-js --disable stdio random clocks http fetch-event)")]
     ForeignImports(String),
-    #[error("the component does not implement the harbor:strategy/strategy@0.1.0 world: {0}")]
+    #[error("the component does not implement the world it names: {0}")]
     WrongWorld(String),
     #[error("instantiation failed: {0}")]
     Instantiate(String),
@@ -74,6 +75,9 @@ pub enum StrategyError {
 pub struct PickRequest<'a> {
     pub pool: &'a BackendPool,
     pub client: SocketAddr,
+    /// The address the client connected to (shown to 0.2 strategies; see
+    /// [`StrategyHost::wants_local_address`]).
+    pub local: SocketAddr,
     /// 0 for the first try, then 1, 2, … after failed connects.
     pub attempt: u32,
     /// Backends already tried for this connection: shown to the strategy as cooling down.
@@ -115,6 +119,8 @@ struct Active {
 pub struct StrategyStatus {
     pub kind: &'static str,
     pub name: String,
+    /// The world a wasm strategy implements (`harbor:strategy@0.1.0` or `@0.2.0`).
+    pub world: Option<World>,
     pub sha256: Option<String>,
     pub source: Option<String>,
     pub loaded_at_unix: Option<u64>,
@@ -167,6 +173,8 @@ pub struct StrategyHost {
     metrics: Arc<Metrics>,
     /// The service this host picks for, as its metrics label.
     service: String,
+    /// What the strategies' instances share: stores by strategy name, log budget.
+    guest_env: GuestEnv,
     log: RateLimitedLog,
     load_lock: tokio::sync::Mutex<()>,
     history: std::sync::Mutex<std::collections::VecDeque<SwapRecord>>,
@@ -183,7 +191,13 @@ impl StrategyHost {
         metrics: Arc<Metrics>,
         service: &str,
     ) -> Result<StrategyHost, StrategyError> {
+        let guest_env = GuestEnv {
+            service: service.to_string(),
+            kv: Arc::new(guest_host::KvStores::new(limits.kv_entries, limits.kv_bytes)),
+            log_dropped: metrics.strategy_log_dropped(service),
+        };
         Ok(StrategyHost {
+            guest_env,
             service: service.to_string(),
             engine: Arc::clone(StrategyEngine::global()?),
             active: ArcSwap::from_pointee(Active::default()),
@@ -204,6 +218,24 @@ impl StrategyHost {
         self.sequence.store(other.sequence.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
+    /// The stores of this host's strategies, by name.
+    pub fn kv_stores(&self) -> Arc<guest_host::KvStores> {
+        Arc::clone(&self.guest_env.kv)
+    }
+
+    /// Uses `kv` as the stores of this host's strategies: a reload that replaces a service's
+    /// strategy host keeps the state its strategies stored. Call before the first load.
+    pub fn with_kv_stores(mut self, kv: Arc<guest_host::KvStores>) -> StrategyHost {
+        self.guest_env.kv = kv;
+        self
+    }
+
+    /// True if the active strategy is shown the connection's local address (0.2): the
+    /// caller reads it (one `getsockname`) only then.
+    pub fn wants_local_address(&self) -> bool {
+        self.active.load().current.as_ref().is_some_and(|s| s.world() == World::V2)
+    }
+
     /// The service this host picks for.
     pub fn service(&self) -> &str {
         &self.service
@@ -221,20 +253,25 @@ impl StrategyHost {
         let active = self.active.load();
         SNAPSHOT.with(|cell| {
             let mut snapshot = cell.borrow_mut();
-            fill_snapshot(&mut snapshot, req);
+            let world = active.current.as_ref().map_or(World::V1, |s| s.world());
+            fill_snapshot(&mut snapshot, req, world);
             let Some(strategy) = active.current.as_ref() else {
                 return Pick { index: builtin_round_robin(&snapshot, sequence), sequence, source: PickSource::Builtin };
             };
-            let conn = Connection {
+            let conn = ConnectionFacts {
                 sequence,
                 seed: rand::random(),
-                client_ip: ip_address(req.client.ip()),
-                client_port: req.client.port(),
+                client: req.client,
                 attempt: req.attempt,
+                local: req.local,
+                proxied_client: None,
+                now_millis: now_millis(),
+                tls: None,
+                first_bytes: &[],
             };
             let answer = with_thread_instance(strategy, |instance| {
                 instance.sync_backends(req.pool)?;
-                instance.pick(conn, snapshot.as_flat())
+                instance.pick(&conn, snapshot.as_flat())
             });
             match judge(&snapshot, answer, self.limits.call_timeout) {
                 Verdict::Backend(index) => {
@@ -450,9 +487,10 @@ impl StrategyHost {
         }
         let engine = Arc::clone(&self.engine);
         let (limits, config, source_owned) = (self.limits, self.init_config.clone(), source.to_path_buf());
+        let env = self.guest_env.clone();
         let job = engine.run_on_compile_thread({
             let engine = Arc::clone(&engine);
-            move || LoadedStrategy::from_bytes(&engine, &bytes, sha, &source_owned, limits, &config)
+            move || LoadedStrategy::from_bytes(&engine, &bytes, sha, &source_owned, limits, &config, &env)
         })?;
         let loaded = tokio::select! {
             _ = self.stopping.cancelled() => return Err(StrategyError::ShuttingDown),
@@ -498,6 +536,7 @@ impl StrategyHost {
             None => StrategyStatus {
                 kind: "builtin",
                 name: "round-robin".into(),
+                world: None,
                 sha256: None,
                 source: None,
                 loaded_at_unix: None,
@@ -511,6 +550,7 @@ impl StrategyHost {
             Some(s) => StrategyStatus {
                 kind: "wasm",
                 name: s.name.clone(),
+                world: Some(s.world()),
                 sha256: Some(s.sha256.clone()),
                 source: Some(s.source.display().to_string()),
                 loaded_at_unix: s.loaded_at.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs()),
@@ -534,38 +574,38 @@ fn short(sha: &str) -> &str {
     sha.get(..12).unwrap_or(sha)
 }
 
-pub(crate) fn ip_address(ip: IpAddr) -> IpAddress {
-    match ip {
-        IpAddr::V4(v4) => IpAddress::Ipv4(u32::from(v4)),
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            IpAddress::Ipv6(((bits >> 64) as u64, bits as u64))
-        }
-    }
+/// Milliseconds on the clock every strategy instance shares (`now-millis`): monotonic, from
+/// the first reading in this process.
+pub fn now_millis() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    millis(start.elapsed())
 }
 
-/// Writes every backend's numbers into `snapshot`. Backends already tried for this connection
-/// are shown as cooling down.
-pub fn fill_snapshot(snapshot: &mut Snapshot, req: &PickRequest<'_>) {
-    fill(snapshot, req, Backend::state);
+/// Writes every backend's numbers into `snapshot`, laid out for `world`. Backends already
+/// tried for this connection are shown as cooling down.
+pub fn fill_snapshot(snapshot: &mut Snapshot, req: &PickRequest<'_>, world: World) {
+    fill(snapshot, req, world, Backend::state);
     if snapshot.eligible() == 0
         && req.ignore_checks_when_all_fail
         && req.pool.iter().any(|b| b.health().blocks() && b.cooldown_state() == BackendState::Healthy)
     {
         // Every backend fails its check: panic mode sends traffic anyway.
-        fill(snapshot, req, Backend::cooldown_state);
+        fill(snapshot, req, world, Backend::cooldown_state);
     }
 }
 
-fn fill(snapshot: &mut Snapshot, req: &PickRequest<'_>, state_of: fn(&Backend) -> BackendState) {
-    snapshot.clear();
+fn fill(snapshot: &mut Snapshot, req: &PickRequest<'_>, world: World, state_of: fn(&Backend) -> BackendState) {
+    snapshot.clear(world.stats_stride());
     for (index, backend) in req.pool.iter().enumerate() {
         let state = if req.excluded.contains(&index) { BackendState::CoolingDown } else { state_of(backend) };
+        let healthy_for_millis = if world == World::V2 { backend.healthy_for_millis(state) } else { 0 };
         snapshot.push(BackendStats {
             active: backend.active(),
             state,
             connect_latency_micros: backend.connect_latency_micros(),
             failures_in_row: backend.failures_in_row(),
+            healthy_for_millis,
         });
     }
 }
@@ -606,6 +646,7 @@ mod tests {
         let req = PickRequest {
             pool: &pool,
             client: "127.0.0.1:5000".parse().unwrap(),
+            local: "127.0.0.1:80".parse().unwrap(),
             attempt: 0,
             excluded: &[],
             ignore_checks_when_all_fail: false,

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
 use super::answer::{judge, placement, BackendStats, Snapshot, Verdict};
-use super::bindings::BackendInfo;
+use super::bindings::BackendFacts;
 use super::check::sample_connection;
 use super::engine::StrategyEngine;
 use super::instance::Instance;
@@ -212,14 +212,19 @@ impl SimReport {
 pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) -> Result<SimReport, SimulateError> {
     let wrap = |source_err| SimulateError::Strategy { path: source.to_path_buf(), source: source_err };
     let engine = StrategyEngine::global().map_err(wrap)?;
-    let loaded = LoadedStrategy::from_bytes(engine, bytes, sha256_hex(bytes), source, GuestLimits::default(), config)
-        .map_err(wrap)?;
-    let infos: Vec<BackendInfo> = scenario
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| BackendInfo { index: i as u32, address: format!("sim-{i}"), weight: b.weight })
-        .collect();
+    let limits = GuestLimits::default();
+    let loaded = LoadedStrategy::from_bytes(
+        engine,
+        bytes,
+        sha256_hex(bytes),
+        source,
+        limits,
+        config,
+        &super::GuestEnv::default(),
+    )
+    .map_err(wrap)?;
+    let infos: Vec<BackendFacts> =
+        scenario.backends.iter().enumerate().map(|(i, b)| BackendFacts::plain(format!("sim-{i}"), b.weight)).collect();
     let new_instance = || -> Result<Instance, StrategyError> {
         let (mut instance, _) = Instance::new(&loaded)?;
         instance.set_backends(1, &infos).map_err(|f| StrategyError::InitTrapped(format!("{f:?}")))?;
@@ -259,7 +264,7 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
         }
         let mut excluded: Option<usize> = None;
         for attempt in 0..2 {
-            snapshot.clear();
+            snapshot.clear(instance.stats_stride());
             for (i, b) in scenario.backends.iter().enumerate() {
                 let state = if b.drain_at.is_some_and(|d| now >= d * horizon) {
                     BackendState::Draining
@@ -273,12 +278,19 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
                     state,
                     connect_latency_micros: (200.0 / b.speed) as u32,
                     failures_in_row: failures[i],
+                    // Healthy since its last cooldown ended (or the start).
+                    healthy_for_millis: if state == BackendState::Healthy {
+                        (now - cooldown_until[i].min(now)) as u32
+                    } else {
+                        0
+                    },
                 });
             }
             let mut conn = sample_connection(sequence, traffic.seeds[k]);
             conn.attempt = attempt;
+            conn.now_millis = now as u64;
             let started = Instant::now();
-            let answer = instance.pick(conn, snapshot.as_flat());
+            let answer = instance.pick(&conn, snapshot.as_flat());
             pick_ns += started.elapsed().as_nanos();
             let trapped = answer.is_err();
             // Judged by the same rule as in Harbor; a refused answer is placed by the built-in.
