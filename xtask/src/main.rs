@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 /// The Rust guest crates under `strategies/`, each built to `strategies/<name>.wasm`.
-const RUST_STRATEGIES: &[&str] = &["round_robin", "least_conn", "maglev"];
+const RUST_STRATEGIES: &[&str] = &["round_robin", "least_conn", "maglev", "canary", "slow_start"];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
