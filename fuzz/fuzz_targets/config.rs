@@ -39,6 +39,12 @@ const FLAGS: &[&str] = &[
     "--drain-timeout-ms",
     "--all-unhealthy",
     "--watch-config",
+    "--peek",
+    "--peek-bytes",
+    "--peek-timeout-ms",
+    "--strategy-kv-entries",
+    "--strategy-kv-bytes",
+    "--upgrade-timeout-ms",
 ];
 
 /// True if `text` is a literal `ip:port`, optionally `=weight`: never a name to resolve.

@@ -49,6 +49,8 @@ fn bench_pick(c: &mut Criterion) {
                 attempt: 0,
                 excluded: &[],
                 ignore_checks_when_all_fail: false,
+                tls: None,
+                first_bytes: &[],
             };
             // Warm the thread's instance and its backend list.
             assert!(host.pick(&req).index.is_some());

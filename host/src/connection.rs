@@ -11,10 +11,12 @@ use tracing::Instrument;
 use crate::accept::Admitted;
 use crate::access_log::{End, PlacedBy, Record};
 use crate::connect::connect;
+use crate::peek::{peek, Peeked};
 use crate::relay::{relay, RelayEnd};
 use crate::service::ServiceContext;
 use crate::strategy::bindings::ConnectionOutcome;
 use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest};
+use tokio::io::AsyncWriteExt;
 
 /// Serves one accepted client. The admission holds its places under the caps until the end.
 pub async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<ServiceContext>, admission: Admitted) {
@@ -60,7 +62,7 @@ impl Outcome {
     }
 }
 
-async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext, started: Instant) -> Outcome {
+async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext, started: Instant) -> Outcome {
     let limits = &service.limits;
     let metrics = &service.metrics;
     if let Err(e) = limits.socket.apply_to_client(&client) {
@@ -73,7 +75,10 @@ async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext, st
     // a change swaps in a new pool meanwhile.
     let pool = service.pool.load_full();
     let mut excluded: Vec<usize> = Vec::new(); // allocates only if a connect fails
-                                               // The address the client reached: one getsockname, only for a strategy that is shown it.
+                                               // What the client says first, if the service peeks: read before the strategy chooses,
+                                               // sent to the backend before the relay.
+    let peeked = if limits.peek.is_on() { peek(&mut client, &limits.peek).await } else { Peeked::default() };
+    // The address the client reached: one getsockname, only for a strategy that is shown it.
     let local = if service.strategy.wants_local_address() {
         client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
     } else {
@@ -87,6 +92,8 @@ async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext, st
             attempt,
             excluded: &excluded,
             ignore_checks_when_all_fail: limits.ignore_checks_when_all_fail,
+            tls: peeked.tls.as_ref(),
+            first_bytes: peeked.first_bytes(&limits.peek),
         });
         let dial_started = Instant::now();
         metrics.pick_duration.observe((dial_started - phase_start).as_secs_f64());
@@ -105,12 +112,27 @@ async fn proxy(client: TcpStream, peer: SocketAddr, service: &ServiceContext, st
         backend.metrics.picks.inc();
         metrics.dials.inc();
         match connect(backend.address, limits.connect_timeout, &limits.socket).await {
-            Ok(stream) => {
+            Ok(mut stream) => {
                 let relay_started = Instant::now();
                 let connect_time = relay_started - dial_started;
                 backend.record_connect_success(connect_time);
                 let _active = backend.track_active();
-                let stats = relay(client, stream, relay_started.into(), &limits.relay, &backend.cut).await;
+                if !peeked.bytes.is_empty() {
+                    let sent = tokio::time::timeout(limits.connect_timeout, stream.write_all(&peeked.bytes)).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        tracing::debug!("the backend did not take the peeked bytes: closing the client");
+                        return Outcome {
+                            end: End::Relay("error"),
+                            backend: Some(backend.address),
+                            bytes_to_backend: 0,
+                            bytes_to_client: 0,
+                            connect_micros: micros(connect_time),
+                            pick: Some(pick),
+                        };
+                    }
+                }
+                let mut stats = relay(client, stream, relay_started.into(), &limits.relay, &backend.cut).await;
+                stats.to_backend += peeked.bytes.len() as u64;
                 let ended = Instant::now();
                 backend.metrics.bytes_to_backend.inc_by(stats.to_backend);
                 backend.metrics.bytes_to_client.inc_by(stats.to_client);

@@ -15,11 +15,12 @@ use tokio_util::task::TaskTracker;
 use crate::accept::accept_loop;
 use crate::access_log::AccessLog;
 use crate::backend::BackendPool;
-use crate::config::{AllUnhealthy, ServiceConfig, Tunables};
+use crate::config::{AllUnhealthy, PeekMode, ServiceConfig, Tunables};
 use crate::connect::SocketOptions;
 use crate::logging::RateLimitedLog;
 use crate::membership::Membership;
 use crate::metrics::ServiceMetrics;
+use crate::peek::PeekPolicy;
 use crate::relay::RelayLimits;
 use crate::source_limit::SourceLimiter;
 use crate::strategy::StrategyHost;
@@ -35,6 +36,8 @@ pub struct ConnectionLimits {
     pub socket: SocketOptions,
     /// `all_unhealthy = "ignore-checks"`: when the checks fail every backend, ignore them.
     pub ignore_checks_when_all_fail: bool,
+    /// What to read from the client before choosing.
+    pub peek: PeekPolicy,
 }
 
 impl ConnectionLimits {
@@ -51,6 +54,11 @@ impl ConnectionLimits {
             },
             socket: SocketOptions { nodelay: t.nodelay, keepalive: t.keepalive() },
             ignore_checks_when_all_fail: t.all_unhealthy == AllUnhealthy::IgnoreChecks,
+            peek: PeekPolicy {
+                tls: t.peek == PeekMode::Tls,
+                bytes: t.peek_bytes as usize,
+                timeout: Duration::from_millis(t.peek_timeout_ms),
+            },
         }
     }
 }

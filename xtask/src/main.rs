@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 /// The Rust guest crates under `strategies/`, each built to `strategies/<name>.wasm`.
-const RUST_STRATEGIES: &[&str] = &["round_robin", "least_conn", "maglev", "canary", "slow_start"];
+const RUST_STRATEGIES: &[&str] = &["round_robin", "least_conn", "maglev", "canary", "slow_start", "sni_router"];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -196,7 +196,7 @@ fn demo(root: &Path, extra: &[String]) -> Result<()> {
 }
 
 /// The fuzz targets, each in its own seed corpus directory under `target/fuzz-corpus/`.
-const FUZZ_TARGETS: &[&str] = &["config", "component_loader", "component_from_smith"];
+const FUZZ_TARGETS: &[&str] = &["config", "component_loader", "component_from_smith", "client_hello"];
 /// The cargo-fuzz release that builds with this toolchain.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -228,6 +228,12 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
                 .flatten()
                 .map(|e| e.path())
                 .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("config")))
+                .collect(),
+            // Real ClientHellos (Python's ssl, with SNI and ALPN).
+            "client_hello" => std::fs::read_dir(root.join("fuzz/seeds"))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("client_hello")))
                 .collect(),
             _ => Vec::new(), // wasm-smith makes its modules from any bytes
         };

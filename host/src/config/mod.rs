@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use settings::{settings, Layer};
 pub use settings::{
-    AddressList, AllUnhealthy, BackendList, BackendSpec, DnsSpec, LogFormat, SettingDoc, SrvSpec, WeightedSpec,
+    AddressList, AllUnhealthy, BackendList, BackendSpec, DnsSpec, LogFormat, PeekMode, SettingDoc, SrvSpec,
+    WeightedSpec,
 };
 
 /// Everything that can be wrong with a configuration. Each message is one line that names the
@@ -145,6 +146,12 @@ settings! {
     dns_refresh_ms: u64 = 5000, env "HARBOR_DNS_REFRESH_MS", range 100..=MAX_TIMEOUT_MS;
     /// When every backend fails its health check: close new clients, or ignore the checks.
     all_unhealthy: AllUnhealthy = AllUnhealthy::Close, env "HARBOR_ALL_UNHEALTHY", shown "close";
+    /// Read the client's TLS ClientHello before choosing (`tls`), so 0.2 strategies see its SNI and ALPN; never for server-speaks-first protocols.
+    peek: PeekMode = PeekMode::Off, env "HARBOR_PEEK", shown "off";
+    /// Show 0.2 strategies up to this many first bytes of the client (0 = none; at most 16384); never for server-speaks-first protocols.
+    peek_bytes: u64 = 0, env "HARBOR_PEEK_BYTES", range 0..=16384;
+    /// How long a peek waits for the client's first bytes before placing it without them, in ms.
+    peek_timeout_ms: u64 = 1000, env "HARBOR_PEEK_TIMEOUT_MS", range 1..=60000;
 }
 
 impl Tunables {

@@ -236,6 +236,16 @@ pub enum AllUnhealthy {
     IgnoreChecks,
 }
 
+/// What a service reads from a client before its strategy chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeekMode {
+    /// Nothing (unless `peek_bytes` is set).
+    Off,
+    /// A TLS ClientHello: its server name (SNI) and ALPN go to the strategy.
+    Tls,
+}
+
 /// One address or a list: `listen = "127.0.0.1:80"`, `listen = ["0.0.0.0:80", "[::]:80"]`,
 /// or `--listen 127.0.0.1:80,[::1]:80`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -85,6 +85,10 @@ pub struct PickRequest<'a> {
     /// When health checks fail every backend, show the backends as if unchecked
     /// (`all_unhealthy = "ignore-checks"`).
     pub ignore_checks_when_all_fail: bool,
+    /// What the client's ClientHello said, if the service peeks for TLS (0.2 strategies).
+    pub tls: Option<&'a bindings::TlsFacts>,
+    /// The client's first bytes, up to `peek_bytes` (0.2 strategies).
+    pub first_bytes: &'a [u8],
 }
 
 /// Who made a pick.
@@ -266,8 +270,8 @@ impl StrategyHost {
                 local: req.local,
                 proxied_client: None,
                 now_millis: now_millis(),
-                tls: None,
-                first_bytes: &[],
+                tls: req.tls,
+                first_bytes: req.first_bytes,
             };
             let answer = with_thread_instance(strategy, |instance| {
                 instance.sync_backends(req.pool)?;
@@ -650,6 +654,8 @@ mod tests {
             attempt: 0,
             excluded: &[],
             ignore_checks_when_all_fail: false,
+            tls: None,
+            first_bytes: &[],
         };
         let picks: Vec<_> = (0..6).map(|_| host.pick(&req).index.unwrap()).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);

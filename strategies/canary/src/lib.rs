@@ -35,7 +35,8 @@ impl Strategy for Canary {
         for item in config.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()) {
             match item.split_once('=') {
                 Some(("share", v)) => {
-                    share = v.trim().trim_end_matches('%').parse().map_err(|_| format!("share {v:?} is not a number"))?;
+                    share =
+                        v.trim().trim_end_matches('%').parse().map_err(|_| format!("share {v:?} is not a number"))?;
                     if !(0.0..=100.0).contains(&share) {
                         return Err(format!("share {share} must be from 0 to 100 (percent)"));
                     }

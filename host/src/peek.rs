@@ -1,0 +1,87 @@
+//! Reading what a client says first, before the strategy chooses (`peek = "tls"`,
+//! `peek_bytes = N`): until a whole ClientHello, or N bytes, or the peek timeout, whichever
+//! comes first. What is read is sent to the backend before the relay starts, so the backend
+//! sees the exact stream. A client that sends nothing in time is placed without peek data.
+//! Server-speaks-first protocols (SMTP, MySQL) must not peek: their clients wait for the
+//! server, so each connection would wait out the timeout.
+
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::client_hello::{self, Hello, MAX_HELLO_BYTES};
+use crate::strategy::bindings::TlsFacts;
+
+/// Most bytes `peek_bytes` may ask for.
+pub const MAX_PEEK_BYTES: usize = 16 << 10;
+
+/// What a service reads first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeekPolicy {
+    /// Parse a TLS ClientHello.
+    pub tls: bool,
+    /// Show the strategy up to this many first bytes (0: none).
+    pub bytes: usize,
+    pub timeout: Duration,
+}
+
+impl PeekPolicy {
+    pub fn is_on(&self) -> bool {
+        self.tls || self.bytes > 0
+    }
+}
+
+/// What the client sent before it was placed.
+#[derive(Debug, Default)]
+pub struct Peeked {
+    /// Every byte read: the backend gets them first.
+    pub bytes: Vec<u8>,
+    pub tls: Option<TlsFacts>,
+    /// The client closed or failed before it was placed.
+    pub closed: bool,
+}
+
+impl Peeked {
+    /// The first bytes the strategy is shown.
+    pub fn first_bytes(&self, policy: &PeekPolicy) -> &[u8] {
+        &self.bytes[..self.bytes.len().min(policy.bytes)]
+    }
+}
+
+/// Reads what `policy` asks for from `client`, within its timeout.
+pub async fn peek(client: &mut TcpStream, policy: &PeekPolicy) -> Peeked {
+    let limit = if policy.tls { MAX_HELLO_BYTES.max(policy.bytes) } else { policy.bytes }.min(MAX_PEEK_BYTES);
+    let mut peeked = Peeked { bytes: Vec::with_capacity(limit.min(4096)), tls: None, closed: false };
+    let mut tls_settled = !policy.tls;
+    let deadline = tokio::time::Instant::now() + policy.timeout;
+    let mut chunk = [0u8; 4096];
+    // Bounded by the byte limit (each read adds at least one byte) and by the deadline.
+    while peeked.bytes.len() < limit {
+        let room = (limit - peeked.bytes.len()).min(chunk.len());
+        let read = match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await {
+            Err(_) => break, // timeout: place what we have
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                peeked.closed = true;
+                break;
+            }
+            Ok(Ok(n)) => n,
+        };
+        peeked.bytes.extend_from_slice(&chunk[..read]);
+        if !tls_settled {
+            match client_hello::parse(&peeked.bytes) {
+                Hello::Incomplete => {}
+                Hello::NotTls => tls_settled = true,
+                Hello::Done(facts) => {
+                    peeked.tls = Some(facts);
+                    tls_settled = true;
+                }
+            }
+        }
+        // Whichever comes first: the ClientHello is settled, or the bytes are there.
+        if (policy.tls && tls_settled) || (policy.bytes > 0 && peeked.bytes.len() >= policy.bytes) {
+            break;
+        }
+    }
+    peeked
+}
