@@ -1,5 +1,9 @@
 //! The pick path, per connection: snapshot of the pool, strategy call, validation. Built-in
-//! round-robin against the wasm round_robin and least_conn, at 4, 16, 64 and 256 backends.
+//! round-robin against the wasm round_robin and least_conn (0.2 builds), least_conn given a
+//! TLS peek (server name, ALPN, 512 first bytes), at 4, 16, 64 and 256 backends.
+//!
+//! `HARBOR_PICK_BENCH_EXTRA=label=path.wasm,...` adds components, e.g. a 0.1 build of
+//! least_conn from an older checkout, to compare the worlds on the same host in one run.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,11 +25,10 @@ fn pool(n: usize) -> BackendPool {
     pool
 }
 
-fn host(strategy: Option<&str>) -> StrategyHost {
+fn host(strategy: Option<PathBuf>) -> StrategyHost {
     let host = StrategyHost::new(GuestLimits::default(), String::new(), Arc::new(Metrics::new()), "bench")
         .expect("wasm engine");
-    if let Some(name) = strategy {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("strategies").join(format!("{name}.wasm"));
+    if let Some(path) = strategy {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         runtime
             .block_on(host.load_file(&path))
@@ -36,9 +39,27 @@ fn host(strategy: Option<&str>) -> StrategyHost {
 
 fn bench_pick(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
-    for (label, strategy) in
-        [("builtin", None), ("wasm_round_robin", Some("round_robin")), ("wasm_least_conn", Some("least_conn"))]
-    {
+    let shipped = |name: &str| {
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("strategies").join(format!("{name}.wasm")))
+    };
+    let mut cases: Vec<(String, Option<PathBuf>, bool)> = vec![
+        ("builtin".into(), None, false),
+        ("wasm_round_robin".into(), shipped("round_robin"), false),
+        ("wasm_least_conn".into(), shipped("least_conn"), false),
+        ("wasm_least_conn_tls_peek".into(), shipped("least_conn"), true),
+    ];
+    for extra in std::env::var("HARBOR_PICK_BENCH_EXTRA").unwrap_or_default().split(',').filter(|e| !e.is_empty()) {
+        if let Some((label, path)) = extra.split_once('=') {
+            cases.push((label.to_string(), Some(PathBuf::from(path)), false));
+        }
+    }
+    let tls = harbor::strategy::bindings::TlsFacts {
+        server_name: Some("api.example.com".into()),
+        alpn: vec!["h2".into(), "http/1.1".into()],
+    };
+    let first_bytes = vec![0x16u8; 512];
+    for (label, strategy, peeked) in cases {
+        let label = label.as_str();
         let host = host(strategy);
         for n in [4usize, 16, 64, 256] {
             let pool = pool(n);
@@ -49,8 +70,9 @@ fn bench_pick(c: &mut Criterion) {
                 attempt: 0,
                 excluded: &[],
                 ignore_checks_when_all_fail: false,
-                tls: None,
-                first_bytes: &[],
+                tls: peeked.then_some(&tls),
+                first_bytes: if peeked { &first_bytes } else { &[] },
+                proxied_client: None,
             };
             // Warm the thread's instance and its backend list.
             assert!(host.pick(&req).index.is_some());

@@ -32,6 +32,8 @@ pub enum End {
     NoBackend,
     /// Harbor ran out of descriptors or memory dialing.
     LocalError,
+    /// A trusted source sent no PROXY header, or a bad one.
+    BadProxyHeader,
 }
 
 impl End {
@@ -41,6 +43,7 @@ impl End {
             End::BackendRefused => "backend_refused",
             End::NoBackend => "no_backend",
             End::LocalError => "local_error",
+            End::BadProxyHeader => "bad_proxy_header",
         }
     }
 }

@@ -10,8 +10,10 @@ use tracing::Instrument;
 
 use crate::accept::Admitted;
 use crate::access_log::{End, PlacedBy, Record};
+use crate::config::ProxyVersion;
 use crate::connect::connect;
 use crate::peek::{peek, Peeked};
+use crate::proxy_protocol;
 use crate::relay::{relay, RelayEnd};
 use crate::service::ServiceContext;
 use crate::strategy::bindings::ConnectionOutcome;
@@ -74,12 +76,32 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
     // The membership of the moment: indices stay valid for this connection's attempts even if
     // a change swaps in a new pool meanwhile.
     let pool = service.pool.load_full();
-    let mut excluded: Vec<usize> = Vec::new(); // allocates only if a connect fails
-                                               // What the client says first, if the service peeks: read before the strategy chooses,
-                                               // sent to the backend before the relay.
-    let peeked = if limits.peek.is_on() { peek(&mut client, &limits.peek).await } else { Peeked::default() };
+    // Allocates only if a connect fails.
+    let mut excluded: Vec<usize> = Vec::new();
+    // A trusted source says who the client is first (PROXY protocol); nobody else may.
+    let mut proxied_client = None;
+    let mut after_header = Vec::new();
+    if limits.proxy_from.trusts(peer.ip()) {
+        match proxy_protocol::read_header(&mut client, limits.proxy_timeout).await {
+            Ok((source, rest)) => (proxied_client, after_header) = (source, rest),
+            Err(error) => {
+                metrics.proxy_header_errors.inc();
+                if service.hot_path_log.allow() {
+                    tracing::warn!("{error}: closing a connection from a trusted PROXY source");
+                }
+                return Outcome::failed(End::BadProxyHeader, None, None);
+            }
+        }
+    }
+    // What the client says first, if the service peeks: read before the strategy chooses,
+    // sent to the backend before the relay.
+    let peeked = if limits.peek.is_on() {
+        peek(&mut client, &limits.peek, after_header).await
+    } else {
+        Peeked { bytes: after_header, ..Peeked::default() }
+    };
     // The address the client reached: one getsockname, only for a strategy that is shown it.
-    let local = if service.strategy.wants_local_address() {
+    let local = if service.strategy.wants_local_address() || limits.proxy_to_backend != ProxyVersion::Off {
         client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
     } else {
         SocketAddr::from(([0, 0, 0, 0], 0))
@@ -94,6 +116,7 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
             ignore_checks_when_all_fail: limits.ignore_checks_when_all_fail,
             tls: peeked.tls.as_ref(),
             first_bytes: peeked.first_bytes(&limits.peek),
+            proxied_client,
         });
         let dial_started = Instant::now();
         metrics.pick_duration.observe((dial_started - phase_start).as_secs_f64());
@@ -117,8 +140,17 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
                 let connect_time = relay_started - dial_started;
                 backend.record_connect_success(connect_time);
                 let _active = backend.track_active();
-                if !peeked.bytes.is_empty() {
-                    let sent = tokio::time::timeout(limits.connect_timeout, stream.write_all(&peeked.bytes)).await;
+                // The PROXY header for the backend, then what the client already sent.
+                let first = if limits.proxy_to_backend == ProxyVersion::Off {
+                    std::borrow::Cow::Borrowed(peeked.bytes.as_slice())
+                } else {
+                    let mut first =
+                        proxy_protocol::header(limits.proxy_to_backend, proxied_client.unwrap_or(peer), local);
+                    first.extend_from_slice(&peeked.bytes);
+                    std::borrow::Cow::Owned(first)
+                };
+                if !first.is_empty() {
+                    let sent = tokio::time::timeout(limits.connect_timeout, stream.write_all(&first)).await;
                     if !matches!(sent, Ok(Ok(()))) {
                         tracing::debug!("the backend did not take the peeked bytes: closing the client");
                         return Outcome {

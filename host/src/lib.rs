@@ -26,6 +26,7 @@ pub mod logging;
 pub mod membership;
 pub mod metrics;
 pub mod peek;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod reload;
 pub mod server;

@@ -215,6 +215,7 @@ pub struct Metrics {
     config_reloads: Family<OutcomeLabel, Counter>,
     upgrades: Family<OutcomeLabel, Counter>,
     strategy_log_dropped: Family<ServiceLabel, Counter>,
+    proxy_header_errors: Family<ServiceLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -258,6 +259,7 @@ impl Metrics {
             config_reloads: Family::default(),
             upgrades: Family::default(),
             strategy_log_dropped: Family::default(),
+            proxy_header_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -362,6 +364,11 @@ impl Metrics {
             m.config_reloads.clone(),
         );
         registry.register(
+            "proxy_header_errors",
+            "Connections from trusted sources closed for a missing or bad PROXY protocol header",
+            m.proxy_header_errors.clone(),
+        );
+        registry.register(
             "strategy_log_dropped",
             "Lines a strategy logged over its rate limit, dropped",
             m.strategy_log_dropped.clone(),
@@ -401,6 +408,7 @@ impl Metrics {
             retries: self.retries.get_or_create(&label).clone(),
             no_backend: self.no_backend.get_or_create(&label).clone(),
             spliced_directions: self.spliced_directions.get_or_create(&label).clone(),
+            proxy_header_errors: self.proxy_header_errors.get_or_create(&label).clone(),
             backends_cooling_down: self.backends_cooling_down.get_or_create(&label).clone(),
             connection_duration: self.connection_duration.get_or_create(&label).clone(),
             pick_duration: self.pick_duration.get_or_create(&label).clone(),
@@ -519,6 +527,8 @@ pub struct ServiceMetrics {
     pub retries: Counter,
     pub no_backend: Counter,
     pub spliced_directions: Counter,
+    /// Connections from trusted sources closed for a missing or bad PROXY header.
+    pub proxy_header_errors: Counter,
     pub backends_cooling_down: Gauge,
     pub connection_duration: Histogram,
     pub pick_duration: Histogram,

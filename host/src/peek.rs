@@ -49,10 +49,17 @@ impl Peeked {
     }
 }
 
-/// Reads what `policy` asks for from `client`, within its timeout.
-pub async fn peek(client: &mut TcpStream, policy: &PeekPolicy) -> Peeked {
+/// Reads what `policy` asks for from `client`, within its timeout. `already` holds bytes of
+/// the client's stream read before (after a PROXY header): they come first.
+pub async fn peek(client: &mut TcpStream, policy: &PeekPolicy, already: Vec<u8>) -> Peeked {
     let limit = if policy.tls { MAX_HELLO_BYTES.max(policy.bytes) } else { policy.bytes }.min(MAX_PEEK_BYTES);
-    let mut peeked = Peeked { bytes: Vec::with_capacity(limit.min(4096)), tls: None, closed: false };
+    let mut peeked = Peeked { bytes: already, tls: None, closed: false };
+    if policy.tls && !peeked.bytes.is_empty() {
+        if let Hello::Done(facts) = client_hello::parse(&peeked.bytes) {
+            peeked.tls = Some(facts);
+            return peeked;
+        }
+    }
     let mut tls_settled = !policy.tls;
     let deadline = tokio::time::Instant::now() + policy.timeout;
     let mut chunk = [0u8; 4096];

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::accept::accept_loop;
 use crate::access_log::AccessLog;
 use crate::backend::BackendPool;
-use crate::config::{AllUnhealthy, PeekMode, ServiceConfig, Tunables};
+use crate::config::{parse_cidr, AllUnhealthy, PeekMode, ProxyVersion, ServiceConfig, Tunables};
 use crate::connect::SocketOptions;
 use crate::logging::RateLimitedLog;
 use crate::membership::Membership;
@@ -38,6 +38,40 @@ pub struct ConnectionLimits {
     pub ignore_checks_when_all_fail: bool,
     /// What to read from the client before choosing.
     pub peek: PeekPolicy,
+    /// Sources whose connections start with a PROXY header, and the time they have to send it.
+    pub proxy_from: TrustedSources,
+    pub proxy_timeout: Duration,
+    /// The PROXY header sent to backends.
+    pub proxy_to_backend: ProxyVersion,
+}
+
+/// Source addresses trusted to send a PROXY header (CIDRs).
+#[derive(Debug, Clone, Default)]
+pub struct TrustedSources(Vec<(std::net::IpAddr, u8)>);
+
+impl TrustedSources {
+    /// True if `ip` is in one of the CIDRs (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        if self.0.is_empty() {
+            return false;
+        }
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.0.iter().any(|(net, bits)| match (ip, net) {
+            (IpAddr::V4(a), IpAddr::V4(n)) => {
+                let mask = if *bits == 0 { 0 } else { u32::MAX << (32 - u32::from(*bits)) };
+                u32::from(a) & mask == u32::from(*n) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(n)) => {
+                let mask = if *bits == 0 { 0 } else { u128::MAX << (128 - u32::from(*bits)) };
+                u128::from(a) & mask == u128::from(*n) & mask
+            }
+            _ => false,
+        })
+    }
 }
 
 impl ConnectionLimits {
@@ -54,6 +88,13 @@ impl ConnectionLimits {
             },
             socket: SocketOptions { nodelay: t.nodelay, keepalive: t.keepalive() },
             ignore_checks_when_all_fail: t.all_unhealthy == AllUnhealthy::IgnoreChecks,
+            proxy_from: TrustedSources(
+                t.proxy_protocol_from
+                    .as_ref()
+                    .map_or(Vec::new(), |l| l.0.iter().filter_map(|c| parse_cidr(c)).collect()),
+            ),
+            proxy_timeout: Duration::from_millis(t.proxy_protocol_timeout_ms),
+            proxy_to_backend: t.proxy_protocol,
             peek: PeekPolicy {
                 tls: t.peek == PeekMode::Tls,
                 bytes: t.peek_bytes as usize,

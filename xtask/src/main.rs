@@ -275,7 +275,7 @@ fn cargo_bin(name: &str) -> PathBuf {
 /// Everything CI checks, in the order that fails fastest.
 /// Installs the Debian packages whose programs the tests run as real peers, if missing:
 /// dnsmasq (a real DNS server for the DNS-backend tests).
-/// The real peers the tests run against: dnsmasq (DNS backends), Debian's chromium and
+/// The real peers the tests run against: dnsmasq (DNS backends), nginx (PROXY protocol), Debian's chromium and
 /// playwright-core from npm (the status page's browser test).
 fn install_test_peers(root: &Path) -> Result<()> {
     install_debian_packages()?;
@@ -291,12 +291,16 @@ fn install_test_peers(root: &Path) -> Result<()> {
 }
 
 fn install_debian_packages() -> Result<()> {
-    let missing: Vec<&str> =
-        [("dnsmasq-base", "/usr/sbin/dnsmasq"), ("chromium", "/usr/bin/chromium"), ("binutils", "/usr/bin/objcopy")]
-            .into_iter()
-            .filter(|(_, binary)| !Path::new(binary).exists())
-            .map(|(package, _)| package)
-            .collect();
+    let missing: Vec<&str> = [
+        ("dnsmasq-base", "/usr/sbin/dnsmasq"),
+        ("chromium", "/usr/bin/chromium"),
+        ("binutils", "/usr/bin/objcopy"),
+        ("nginx", "/usr/sbin/nginx"),
+    ]
+    .into_iter()
+    .filter(|(_, binary)| !Path::new(binary).exists())
+    .map(|(package, _)| package)
+    .collect();
     if missing.is_empty() {
         return Ok(());
     }

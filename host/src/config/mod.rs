@@ -6,13 +6,14 @@
 pub mod settings;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+pub use crate::proxy_protocol::ProxyVersion;
 use settings::{settings, Layer};
 pub use settings::{
     AddressList, AllUnhealthy, BackendList, BackendSpec, DnsSpec, LogFormat, PeekMode, SettingDoc, SrvSpec,
@@ -150,6 +151,12 @@ settings! {
     peek: PeekMode = PeekMode::Off, env "HARBOR_PEEK", shown "off";
     /// Show 0.2 strategies up to this many first bytes of the client (0 = none; at most 16384); never for server-speaks-first protocols.
     peek_bytes: u64 = 0, env "HARBOR_PEEK_BYTES", range 0..=16384;
+    /// Send backends a PROXY protocol header naming the client: `v1`, `v2`, or `off`.
+    proxy_protocol: ProxyVersion = ProxyVersion::Off, env "HARBOR_PROXY_PROTOCOL", shown "off";
+    /// Sources (CIDRs, comma-separated) whose connections must start with a PROXY header (v1 or v2), read before anything else; none by default.
+    proxy_protocol_from: AddressList, env "HARBOR_PROXY_PROTOCOL_FROM", shown "none";
+    /// How long a trusted source has to send its whole PROXY header, in ms.
+    proxy_protocol_timeout_ms: u64 = 3000, env "HARBOR_PROXY_PROTOCOL_TIMEOUT_MS", range 1..=60000;
     /// How long a peek waits for the client's first bytes before placing it without them, in ms.
     peek_timeout_ms: u64 = 1000, env "HARBOR_PEEK_TIMEOUT_MS", range 1..=60000;
 }
@@ -196,6 +203,16 @@ impl Tunables {
                 return Err(invalid("max-cooldown-ms", format!("must be at least cooldown-ms ({})", self.cooldown_ms)));
             }
         }
+        if let Some(list) = &self.proxy_protocol_from {
+            for text in &list.0 {
+                parse_cidr(text).ok_or_else(|| {
+                    invalid(
+                        "proxy-protocol-from",
+                        format!("{text:?} is not an IP address or CIDR (10.0.0.0/8, ::1/128)"),
+                    )
+                })?;
+            }
+        }
         if self.max_connections_per_source > self.max_connections {
             return Err(invalid(
                 "max-connections-per-source",
@@ -204,6 +221,20 @@ impl Tunables {
         }
         Ok(())
     }
+}
+
+/// `10.0.0.0/8`, `::1/128`, or a bare address (a /32 or /128).
+pub fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+    let text = text.trim();
+    let (ip, bits) = match text.split_once('/') {
+        Some((ip, bits)) => (ip.parse::<IpAddr>().ok()?, bits.parse::<u8>().ok()?),
+        None => {
+            let ip = text.parse::<IpAddr>().ok()?;
+            (ip, if ip.is_ipv4() { 32 } else { 128 })
+        }
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (bits <= max).then_some((ip, bits))
 }
 
 fn nonzero_ms(ms: u64) -> Option<Duration> {

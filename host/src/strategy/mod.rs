@@ -89,6 +89,8 @@ pub struct PickRequest<'a> {
     pub tls: Option<&'a bindings::TlsFacts>,
     /// The client's first bytes, up to `peek_bytes` (0.2 strategies).
     pub first_bytes: &'a [u8],
+    /// The original client, from a trusted PROXY header.
+    pub proxied_client: Option<SocketAddr>,
 }
 
 /// Who made a pick.
@@ -268,7 +270,7 @@ impl StrategyHost {
                 client: req.client,
                 attempt: req.attempt,
                 local: req.local,
-                proxied_client: None,
+                proxied_client: req.proxied_client,
                 now_millis: now_millis(),
                 tls: req.tls,
                 first_bytes: req.first_bytes,
@@ -656,6 +658,7 @@ mod tests {
             ignore_checks_when_all_fail: false,
             tls: None,
             first_bytes: &[],
+            proxied_client: None,
         };
         let picks: Vec<_> = (0..6).map(|_| host.pick(&req).index.unwrap()).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
