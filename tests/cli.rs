@@ -356,3 +356,59 @@ fn check_lists_every_problem_in_the_file_at_once() {
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The compile cache on disk: the second start loads the strategy from it; a damaged entry is
+/// compiled again (and rewritten), never trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_strategies_are_cached_on_disk_and_a_damaged_entry_is_recompiled() {
+    let dir = common::temp_dir("cache");
+    let cache = dir.join("cache");
+    let (backends, _stops) = common::echo_backends(1).await;
+    let strategy = common::strategy("least_conn");
+    let origin_after_start = || {
+        let cache = cache.clone();
+        let strategy = strategy.clone();
+        let backend = backends[0].to_string();
+        async move {
+            let admin = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+            let (child, _addr, _first) = common::spawn_binary(&[
+                "--backends",
+                &backend,
+                "--strategy",
+                strategy.to_str().unwrap(),
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--admin",
+                &admin.to_string(),
+            ])
+            .await;
+            let child = KillOnDrop(child);
+            let (_, body) = common::admin_get(admin, "/strategy").await;
+            let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+            drop(child);
+            (
+                status["compiled_from"].as_str().unwrap_or("").to_string(),
+                status["compile_millis"].as_f64().unwrap_or(0.0),
+            )
+        }
+    };
+    let (first, first_ms) = origin_after_start().await;
+    assert_eq!(first, "compiled");
+    let (second, second_ms) = origin_after_start().await;
+    assert_eq!(second, "disk", "the second start should find it on disk");
+    println!("compile cache: least_conn {first_ms:.1} ms compiled, {second_ms:.1} ms from disk");
+    // Damage the entry: it is compiled again, then found again.
+    let entry = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .expect("an entry")
+        .path();
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&entry, &bytes).unwrap();
+    assert_eq!(origin_after_start().await.0, "compiled", "a damaged entry must not be used");
+    assert_eq!(origin_after_start().await.0, "disk", "the damaged entry is rewritten");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -53,3 +53,49 @@ async fn javascript_strategy_places_connections() {
 async fn wat_strategy_places_connections() {
     run_polyglot("random_two_choices.wasm", "wat-p2c").await;
 }
+
+/// A long compile (an 18 MB Python component) shows as `loading` in `GET /strategy`, with its
+/// source, while the active strategy goes on serving; it goes away once the load is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strategy_still_compiling_shows_as_loading() {
+    let original = workspace_root().join("strategies").join("py_p2c.wasm");
+    assert!(original.is_file(), "{} is missing: run `cargo xtask polyglot`", original.display());
+    // A custom section at the end makes a new sha, so no compile cached by another test helps.
+    let mut bytes = std::fs::read(&original).unwrap();
+    let name = b"harbor-test-loading";
+    bytes.push(0);
+    bytes.push((1 + name.len() + 8) as u8);
+    bytes.push(name.len() as u8);
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(&std::process::id().to_le_bytes());
+    bytes.extend_from_slice(&0u32.to_le_bytes());
+    let dir = temp_dir("loading");
+    let path = dir.join("p2c_copy.wasm");
+    std::fs::write(&path, &bytes).unwrap();
+
+    let (backends, _stops) = echo_backends(2).await;
+    let harbor = start(config(&backends)).await;
+    let host = harbor.strategy();
+    let load = tokio::spawn({
+        let host = std::sync::Arc::clone(&host);
+        let path = path.clone();
+        async move { host.load_file(&path).await }
+    });
+    let seen = eventually(std::time::Duration::from_secs(20), || {
+        host.status().loading.as_ref().is_some_and(|l| l.source.ends_with("p2c_copy.wasm"))
+    })
+    .await;
+    assert!(seen.is_some(), "never shown as loading");
+    let (_, body) = admin_get(harbor.admin_addr.unwrap(), "/strategy").await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(status["loading"]["source"].as_str().is_some_and(|s| s.ends_with("p2c_copy.wasm")), "{body}");
+    // The active strategy serves meanwhile.
+    assert_eq!(status["name"], "round-robin", "{body}");
+    try_echo_roundtrip(harbor.addr, b"while compiling").await.unwrap();
+    let result = tokio::time::timeout(std::time::Duration::from_secs(120), load).await.expect("load in time");
+    assert!(result.expect("load task").is_ok());
+    assert!(host.status().loading.is_none());
+    assert_eq!(host.status().name, "py-p2c");
+    harbor.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -22,6 +22,7 @@ use crate::logging::RateLimitedLog;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::service::{ConnectionLimits, Service, ServiceContext};
+use crate::strategy::engine::StrategyEngine;
 use crate::strategy::watch::{spawn_watcher, WatchError, WatchTarget};
 use crate::strategy::{GuestLimits, StrategyError, StrategyHost};
 use crate::systemd::Notifier;
@@ -555,6 +556,7 @@ impl Harbor {
                     .map_err(|error| HarborError::AccessLog { target: target.clone(), error })?,
             ),
         };
+        StrategyEngine::global().map_err(HarborError::Engine)?.set_disk_cache(config.cache_dir.as_deref());
         let inherited_admin = handover.admin.take();
         let changes = std::mem::take(&mut handover.changes);
         let background = CancellationToken::new();

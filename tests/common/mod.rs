@@ -76,6 +76,8 @@ pub async fn start(config: Config) -> RunningHarbor {
     if let Ok(filter) = std::env::var("HARBOR_TEST_LOG") {
         harbor::logging::init(harbor::config::LogFormat::Human, &filter);
     }
+    // Tests compile what they load: nothing cached from other runs, nothing written in $HOME.
+    let config = Config { cache_dir: None, ..config };
     Harbor::bind(config).await.expect("harbor binds").spawn()
 }
 

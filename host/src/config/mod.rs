@@ -83,6 +83,8 @@ settings! {
     access_log: String, env "HARBOR_ACCESS_LOG", shown "off";
     /// Access log format.
     access_log_format: LogFormat = LogFormat::Human, env "HARBOR_ACCESS_LOG_FORMAT", shown "human";
+    /// Directory of compiled strategies, so a restart skips the compile; `off` disables it.
+    cache_dir: String, env "HARBOR_CACHE_DIR", shown "$XDG_CACHE_HOME/harbor or ~/.cache/harbor";
     /// Log filter, e.g. `info`, `warn`, `harbor=debug`.
     log_level: String = "info".to_string(), env "HARBOR_LOG_LEVEL", shown "info";
 }
@@ -487,6 +489,8 @@ pub struct Config {
     /// `stderr` or a file; `None`: off.
     pub access_log: Option<String>,
     pub access_log_format: LogFormat,
+    /// Where compiled strategies are kept; `None`: nowhere (`cache_dir = "off"`, or no home).
+    pub cache_dir: Option<PathBuf>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -729,6 +733,11 @@ impl Config {
             log_level,
             access_log: globals.access_log.filter(|t| !t.trim().is_empty() && t.trim() != "off"),
             access_log_format: globals.access_log_format,
+            cache_dir: match globals.cache_dir.as_deref().map(str::trim) {
+                Some("off") | Some("none") => None,
+                Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir)),
+                _ => crate::strategy::disk_cache::default_dir(),
+            },
             services,
         })
     }

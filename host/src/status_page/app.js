@@ -141,7 +141,10 @@ function strategyBox(s) {
     el("dt", { text: "source" }), el("dd", { text: st.source || "built in" }),
     el("dt", { text: "loaded" }), el("dd", { text: st.loaded_at_unix ? time(st.loaded_at_unix * 1000) : "–" }),
     el("dt", { text: "faults" }), el("dd", { class: "strategy-faults", text: String(st.faults) }),
-    el("dt", { text: "previous" }), el("dd", { text: st.previous || "–" }));
+    el("dt", { text: "previous" }), el("dd", { text: st.previous || "–" }),
+    el("dt", { text: "world" }), el("dd", { text: st.world || "built in" }),
+    st.loading ? el("dt", { text: "loading" }) : null,
+    st.loading ? el("dd", { class: "strategy-loading", text: `${st.loading.source} (${(st.loading.elapsed_ms / 1000).toFixed(1)} s)` }) : null);
   const rows = (st.history || []).slice().reverse().map(h => el("tr", {},
     el("td", { text: time(h.at_unix_ms) }),
     el("td", { class: "outcome-" + h.outcome, text: h.outcome }),

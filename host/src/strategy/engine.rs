@@ -188,12 +188,26 @@ impl WorkQueue {
     }
 }
 
+/// Where a load's machine code came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompiledFrom {
+    /// Compiled now.
+    Compiled,
+    /// An earlier compile in this process.
+    Memory,
+    /// The compile cache on disk (`cache_dir`).
+    Disk,
+}
+
 /// Shared compilation machinery.
 pub struct StrategyEngine {
     pub engine: Engine,
     pub linker: Linker<GuestState>,
     /// Compiled components, oldest first.
     compiled: Mutex<VecDeque<(String, Component, usize)>>,
+    /// Compiled components on disk, if configured.
+    disk: Mutex<Option<super::disk_cache::DiskCache>>,
     /// Loads: compile, check, first instances. One at a time.
     compiles: WorkQueue,
     /// Spare instances for worker threads, made beside (not behind) a long compile.
@@ -264,7 +278,14 @@ impl StrategyEngine {
             |state| state,
         )
         .map_err(|e| format!("cannot link the strategy host interface: {e:#}"))?;
-        Ok(StrategyEngine { engine, linker, compiled: Mutex::new(VecDeque::new()), compiles, instantiations })
+        Ok(StrategyEngine {
+            engine,
+            linker,
+            compiled: Mutex::new(VecDeque::new()),
+            disk: Mutex::new(None),
+            compiles,
+            instantiations,
+        })
     }
 
     /// Runs `job` on the compile thread (one job at a time, at low priority) and returns a
@@ -285,20 +306,55 @@ impl StrategyEngine {
         self.instantiations.run(job)
     }
 
+    /// Keeps compiled components in `dir` too (`None`: memory only). A directory that cannot
+    /// be made is logged, and only the memory cache is used.
+    pub fn set_disk_cache(&self, dir: Option<&std::path::Path>) {
+        let cache = dir.and_then(|dir| match super::disk_cache::DiskCache::open(dir, &self.engine) {
+            Ok(cache) => Some(cache),
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), "cannot use the strategy compile cache: {error}; compiling every load");
+                None
+            }
+        });
+        if let Ok(mut slot) = self.disk.lock() {
+            *slot = cache;
+        }
+    }
+
     /// Compiles `bytes` (blocking: call it from the compile thread), reusing an earlier compile
-    /// of the same content.
-    pub fn compile(&self, sha256: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
+    /// of the same content, in memory or on disk. Also says where the code came from.
+    pub fn compile(&self, sha256: &str, bytes: &[u8]) -> wasmtime::Result<(Component, CompiledFrom)> {
         if let Ok(mut cache) = self.compiled.lock() {
             if let Some(position) = cache.iter().position(|(sha, _, _)| sha == sha256) {
                 // Most recently used goes to the back.
                 if let Some(entry) = cache.remove(position) {
                     let component = entry.1.clone();
                     cache.push_back(entry);
-                    return Ok(component);
+                    return Ok((component, CompiledFrom::Memory));
                 }
             }
         }
-        let component = Component::new(&self.engine, bytes)?;
+        let disk = self.disk.lock().ok().and_then(|d| d.clone());
+        let (cached, lookup) = match &disk {
+            Some(disk) => disk.load(&self.engine, sha256),
+            None => (None, super::disk_cache::Lookup::Miss),
+        };
+        if lookup == super::disk_cache::Lookup::Corrupt {
+            tracing::warn!(sha256 = %&sha256[..sha256.len().min(12)], "a damaged entry in the strategy compile cache: compiling again");
+        }
+        let from = if cached.is_some() { CompiledFrom::Disk } else { CompiledFrom::Compiled };
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component = Component::new(&self.engine, bytes)?;
+                if let Some(disk) = &disk {
+                    if let Err(error) = disk.store(sha256, &component) {
+                        tracing::warn!("cannot write the strategy compile cache: {error}");
+                    }
+                }
+                component
+            }
+        };
         let image = component.image_range();
         let size = (image.end as usize).saturating_sub(image.start as usize);
         if let Ok(mut cache) = self.compiled.lock() {
@@ -310,7 +366,7 @@ impl StrategyEngine {
                 }
             }
         }
-        Ok(component)
+        Ok((component, from))
     }
 
     /// Entries and bytes of compiled code in the cache.

@@ -113,6 +113,8 @@ pub struct LoadedStrategy {
     pub source: PathBuf,
     pub size: usize,
     pub compile_time: Duration,
+    /// Compiled now, or found compiled in memory or on disk.
+    pub compiled_from: super::engine::CompiledFrom,
     pub loaded_at: SystemTime,
     pub wants_reports: bool,
     pub limits: GuestLimits,
@@ -202,7 +204,8 @@ impl LoadedStrategy {
             return Err(StrategyError::NotWasm);
         }
         let started = Instant::now();
-        let component = engine.compile(&sha256, bytes).map_err(|e| StrategyError::Compile(format!("{e:#}")))?;
+        let (component, compiled_from) =
+            engine.compile(&sha256, bytes).map_err(|e| StrategyError::Compile(format!("{e:#}")))?;
         let compile_time = started.elapsed();
         let foreign = engine.foreign_imports(&component);
         if !foreign.is_empty() {
@@ -237,6 +240,7 @@ impl LoadedStrategy {
             source: source.to_path_buf(),
             size: bytes.len(),
             compile_time,
+            compiled_from,
             loaded_at: SystemTime::now(),
             wants_reports: false,
             limits,

@@ -5,6 +5,7 @@
 pub mod answer;
 pub mod bindings;
 pub mod check;
+pub mod disk_cache;
 pub mod engine;
 pub mod guest_host;
 pub mod instance;
@@ -132,12 +133,24 @@ pub struct StrategyStatus {
     pub loaded_at_unix: Option<u64>,
     pub size_bytes: Option<usize>,
     pub compile_millis: Option<f64>,
+    /// `compiled`, `memory` (an earlier compile in this process) or `disk` (the compile cache).
+    pub compiled_from: Option<engine::CompiledFrom>,
     pub wants_reports: bool,
     pub previous: Option<String>,
     /// Picks whose answer was not used through the strategy's fault, since start.
     pub faults: u64,
     /// The last loads, swaps and reverts, newest last.
     pub history: Vec<SwapRecord>,
+    /// A strategy being compiled now (it is not active until it has loaded).
+    pub loading: Option<LoadingStatus>,
+}
+
+/// A load in progress, as `GET /strategy` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadingStatus {
+    pub source: String,
+    pub size_bytes: usize,
+    pub elapsed_ms: u64,
 }
 
 /// One load attempt, swap or revert, for the status page and `GET /strategy`.
@@ -184,6 +197,8 @@ pub struct StrategyHost {
     log: RateLimitedLog,
     load_lock: tokio::sync::Mutex<()>,
     history: std::sync::Mutex<std::collections::VecDeque<SwapRecord>>,
+    /// The load in progress: its source, size and start.
+    loading: std::sync::Mutex<Option<(String, usize, std::time::Instant)>>,
     /// Cancelled when Harbor starts draining: loads in progress are abandoned, none activates.
     stopping: CancellationToken,
 }
@@ -214,6 +229,7 @@ impl StrategyHost {
             log: RateLimitedLog::new(5, Duration::from_secs(10)),
             load_lock: tokio::sync::Mutex::new(()),
             history: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(HISTORY_LEN)),
+            loading: std::sync::Mutex::new(None),
             stopping: CancellationToken::new(),
         })
     }
@@ -492,6 +508,8 @@ impl StrategyHost {
             return Ok(LoadResult::Unchanged);
         }
         let engine = Arc::clone(&self.engine);
+        tracing::info!(service = %self.service, source = %source.display(), bytes = bytes.len(), "strategy loading (compiling; the active one serves meanwhile)");
+        let _loading = LoadingGuard::start(&self.loading, source, bytes.len());
         let (limits, config, source_owned) = (self.limits, self.init_config.clone(), source.to_path_buf());
         let env = self.guest_env.clone();
         let job = engine.run_on_compile_thread({
@@ -516,6 +534,7 @@ impl StrategyHost {
             source = %source.display(),
             bytes = loaded.size,
             compile_ms = loaded.compile_time.as_secs_f64() * 1e3,
+            compiled_from = ?loaded.compiled_from,
             "strategy loaded"
         );
         self.activate(loaded.clone());
@@ -536,6 +555,13 @@ impl StrategyHost {
         let active = self.active.load();
         let previous = active.previous.as_ref().map(|p| p.name.clone());
         let faults = self.metrics.strategy_faults(&self.service);
+        let loading = self.loading.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(
+            |(source, size, started)| LoadingStatus {
+                source: source.clone(),
+                size_bytes: *size,
+                elapsed_ms: millis(started.elapsed()),
+            },
+        );
         let history: Vec<SwapRecord> =
             self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect();
         match active.current.as_ref() {
@@ -548,10 +574,12 @@ impl StrategyHost {
                 loaded_at_unix: None,
                 size_bytes: None,
                 compile_millis: None,
+                compiled_from: None,
                 wants_reports: false,
                 previous,
                 faults,
                 history,
+                loading: loading.clone(),
             },
             Some(s) => StrategyStatus {
                 kind: "wasm",
@@ -562,10 +590,12 @@ impl StrategyHost {
                 loaded_at_unix: s.loaded_at.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs()),
                 size_bytes: Some(s.size),
                 compile_millis: Some(s.compile_time.as_secs_f64() * 1e3),
+                compiled_from: Some(s.compiled_from),
                 wants_reports: s.wants_reports,
                 previous,
                 faults,
                 history,
+                loading,
             },
         }
     }
@@ -573,6 +603,27 @@ impl StrategyHost {
     /// The sha256 of the active wasm strategy, if any.
     pub fn active_sha256(&self) -> Option<String> {
         self.active.load().current.as_ref().map(|c| c.sha256.clone())
+    }
+}
+
+/// Marks a load in progress for as long as it lives.
+struct LoadingGuard<'a>(&'a std::sync::Mutex<Option<(String, usize, std::time::Instant)>>);
+
+impl<'a> LoadingGuard<'a> {
+    fn start(
+        slot: &'a std::sync::Mutex<Option<(String, usize, std::time::Instant)>>,
+        source: &Path,
+        size: usize,
+    ) -> Self {
+        *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((source.display().to_string(), size, std::time::Instant::now()));
+        LoadingGuard(slot)
+    }
+}
+
+impl Drop for LoadingGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 }
 
