@@ -79,7 +79,15 @@ fuzz_target!(|data: &[u8]| {
     let engine = StrategyEngine::global().expect("the engine builds with its limits");
     let limits = GuestLimits { call_timeout: Duration::from_millis(10), memory_bytes: 16 << 20, ready_instances: 1 };
     let sha = sha256_hex(&component);
-    let Ok(loaded) = LoadedStrategy::from_bytes(engine, &component, sha, Path::new("smith.wasm"), limits, "") else {
+    let Ok(loaded) = LoadedStrategy::from_bytes(
+        engine,
+        &component,
+        sha,
+        Path::new("smith.wasm"),
+        limits,
+        "",
+        &harbor::strategy::GuestEnv::default(),
+    ) else {
         return;
     };
     harbor_fuzz::pick_and_judge(loaded, 4);

@@ -14,7 +14,15 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let engine = StrategyEngine::global().expect("the engine builds with its limits");
     let limits = GuestLimits { call_timeout: Duration::from_millis(10), memory_bytes: 16 << 20, ready_instances: 1 };
-    if let Ok(loaded) = LoadedStrategy::from_bytes(engine, data, sha256_hex(data), Path::new("fuzz.wasm"), limits, "") {
+    if let Ok(loaded) = LoadedStrategy::from_bytes(
+        engine,
+        data,
+        sha256_hex(data),
+        Path::new("fuzz.wasm"),
+        limits,
+        "",
+        &harbor::strategy::GuestEnv::default(),
+    ) {
         harbor_fuzz::pick_and_judge(loaded, 8);
     }
 });

@@ -67,7 +67,9 @@ fn check(result: Result<Config, harbor::config::ConfigError>) {
                 }
                 assert!(t.max_connections >= 1);
                 if let Some(health) = &service.health {
-                    assert!(now.checked_add(health.interval()).is_some() && now.checked_add(health.timeout()).is_some());
+                    assert!(
+                        now.checked_add(health.interval()).is_some() && now.checked_add(health.timeout()).is_some()
+                    );
                 }
             }
             let _ = config.describe();

@@ -22,12 +22,19 @@ pub fn pick_and_judge(loaded: LoadedStrategy, picks: u64) {
         return;
     }
     let mut snapshot = Snapshot::default();
+    snapshot.clear(instance.stats_stride());
     for i in 0..BACKENDS {
         let state = if i == INELIGIBLE { BackendState::Draining } else { BackendState::Healthy };
-        snapshot.push(BackendStats { active: i, state, connect_latency_micros: 100, failures_in_row: 0 });
+        snapshot.push(BackendStats {
+            active: i,
+            state,
+            connect_latency_micros: 100,
+            failures_in_row: 0,
+            healthy_for_millis: 1000,
+        });
     }
     for k in 0..picks {
-        let answer = instance.pick(sample_connection(k, k), snapshot.as_flat());
+        let answer = instance.pick(&sample_connection(k, k), snapshot.as_flat());
         let trapped = answer.is_err();
         let verdict = judge(&snapshot, answer.map_err(InstanceFault::Call), loaded.limits.call_timeout);
         if let Verdict::Backend(index) = verdict {

@@ -182,6 +182,8 @@ async fn route(req: Request<Incoming>, control: &Control) -> Reply {
             for service in control.services.load().iter() {
                 let context = service.context.load();
                 context.metrics.backends_cooling_down.set(context.pool.load().cooling_down() as i64);
+                let shadow = context.strategy.shadow_status();
+                control.metrics.set_shadow(&service.name, shadow.as_ref().map(|s| (s.picks, s.agreed, s.faults)));
             }
             respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", control.metrics.encode())
         }
@@ -264,6 +266,49 @@ async fn service_route(req: Request<Incoming>, method: &Method, service: &Servic
         ("GET" | "HEAD", []) => json(&service_view(service)),
         ("GET" | "HEAD", ["backends"]) => json(&service.membership.views()),
         ("GET" | "HEAD", ["strategy"]) => json(&service.context.load().strategy.status()),
+        ("GET" | "HEAD", ["shadow"]) => match service.context.load().strategy.shadow_status() {
+            Some(status) => json(&status),
+            None => error(StatusCode::NOT_FOUND, Some("shadow"), "no shadow strategy runs"),
+        },
+        ("POST" | "PUT", ["shadow"]) => {
+            let body = match read_json(req).await {
+                Ok(body) => body,
+                Err(reply) => return *reply,
+            };
+            if let Err(reply) = only_fields(&body, &["path", "sample_percent"]) {
+                return *reply;
+            }
+            let Some(path) = body.get("path").and_then(Value::as_str).filter(|p| !p.is_empty()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    Some("path"),
+                    "give the candidate's file: {\"path\": \"/x.wasm\"}",
+                );
+            };
+            let sample = match body.get("sample_percent") {
+                None => service.config.load().tunables.shadow_sample as u32,
+                Some(v) => match v.as_u64().filter(|p| *p <= 100) {
+                    Some(p) => p as u32,
+                    None => return error(StatusCode::BAD_REQUEST, Some("sample_percent"), "give 0 to 100"),
+                },
+            };
+            let host = std::sync::Arc::clone(&service.context.load().strategy);
+            match host.load_shadow_file(std::path::Path::new(path), sample).await {
+                Ok(()) => json(&host.shadow_status()),
+                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, Some("path"), e.to_string()),
+            }
+        }
+        ("DELETE", ["shadow"]) => {
+            if service.context.load().strategy.drop_shadow() {
+                json(&json!({ "shadow": "stopped" }))
+            } else {
+                error(StatusCode::NOT_FOUND, Some("shadow"), "no shadow strategy runs")
+            }
+        }
+        ("POST", ["shadow", "promote"]) => match service.context.load().strategy.promote_shadow() {
+            Some(name) => json(&json!({ "promoted": name })),
+            None => error(StatusCode::NOT_FOUND, Some("shadow"), "no shadow strategy to promote"),
+        },
         ("POST", ["backends"]) => {
             let body = match read_json(req).await {
                 Ok(body) => body,

@@ -216,6 +216,9 @@ pub struct Metrics {
     upgrades: Family<OutcomeLabel, Counter>,
     strategy_log_dropped: Family<ServiceLabel, Counter>,
     proxy_header_errors: Family<ServiceLabel, Counter>,
+    shadow_picks: Family<ServiceLabel, Gauge>,
+    shadow_agreed: Family<ServiceLabel, Gauge>,
+    shadow_faults: Family<ServiceLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -260,6 +263,9 @@ impl Metrics {
             upgrades: Family::default(),
             strategy_log_dropped: Family::default(),
             proxy_header_errors: Family::default(),
+            shadow_picks: Family::default(),
+            shadow_agreed: Family::default(),
+            shadow_faults: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -364,6 +370,21 @@ impl Metrics {
             m.config_reloads.clone(),
         );
         registry.register(
+            "shadow_picks",
+            "Picks the shadow strategy answered (since it was loaded)",
+            m.shadow_picks.clone(),
+        );
+        registry.register(
+            "shadow_agreed",
+            "Shadow picks that chose what the active strategy chose",
+            m.shadow_agreed.clone(),
+        );
+        registry.register(
+            "shadow_faults",
+            "Shadow answers refused (traps, timeouts, bad indices); never used",
+            m.shadow_faults.clone(),
+        );
+        registry.register(
             "proxy_header_errors",
             "Connections from trusted sources closed for a missing or bad PROXY protocol header",
             m.proxy_header_errors.clone(),
@@ -434,6 +455,23 @@ impl Metrics {
     /// Counts a binary upgrade (`handed_over` or `failed`).
     pub fn upgrade(&self, outcome: &'static str) {
         self.upgrades.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// A service's shadow counts (picks, agreed, faults), or none to clear them.
+    pub fn set_shadow(&self, service: &str, counts: Option<(u64, u64, u64)>) {
+        let label = ServiceLabel { service: service.to_string() };
+        match counts {
+            Some((picks, agreed, faults)) => {
+                self.shadow_picks.get_or_create(&label).set(picks as i64);
+                self.shadow_agreed.get_or_create(&label).set(agreed as i64);
+                self.shadow_faults.get_or_create(&label).set(faults as i64);
+            }
+            None => {
+                self.shadow_picks.remove(&label);
+                self.shadow_agreed.remove(&label);
+                self.shadow_faults.remove(&label);
+            }
+        }
     }
 
     /// The counter of a service's strategy log lines dropped over the rate limit.

@@ -513,6 +513,8 @@ fn strategy_changed(old: &ServiceConfig, new: &ServiceConfig) -> bool {
         || old.tunables.strategy_memory_mb != new.tunables.strategy_memory_mb
         || old.tunables.strategy_kv_entries != new.tunables.strategy_kv_entries
         || old.tunables.strategy_kv_bytes != new.tunables.strategy_kv_bytes
+        || old.shadow != new.shadow
+        || old.tunables.shadow_sample != new.tunables.shadow_sample
 }
 
 /// Loads a service's strategy: a named file must load; in a watched directory the newest
@@ -526,6 +528,11 @@ async fn load_strategy(host: &StrategyHost, cfg: &ServiceConfig) -> Result<(), H
         if host.load_newest_in(dir).await.is_none() {
             tracing::warn!(service = %cfg.name, dir = %dir.display(), "no loadable strategy in the watched directory yet: built-in round-robin until one lands");
         }
+    }
+    if let Some(path) = &cfg.shadow {
+        host.load_shadow_file(path, cfg.tunables.shadow_sample as u32)
+            .await
+            .map_err(|error| HarborError::Strategy { path: format!("{} (shadow)", path.display()), error })?;
     }
     Ok(())
 }

@@ -104,6 +104,8 @@ settings! {
     watch: PathBuf, env "HARBOR_WATCH";
     /// Configuration string passed to the strategy's `init`.
     strategy_config: String, env "HARBOR_STRATEGY_CONFIG";
+    /// A candidate strategy run beside the active one on `shadow_sample` % of picks: its answers are recorded (agreement, spread), never used.
+    shadow: PathBuf, env "HARBOR_SHADOW";
 }
 
 settings! {
@@ -153,6 +155,8 @@ settings! {
     peek: PeekMode = PeekMode::Off, env "HARBOR_PEEK", shown "off";
     /// Show 0.2 strategies up to this many first bytes of the client (0 = none; at most 16384); never for server-speaks-first protocols.
     peek_bytes: u64 = 0, env "HARBOR_PEEK_BYTES", range 0..=16384;
+    /// Share of picks the shadow strategy is asked too, in percent.
+    shadow_sample: u64 = 100, env "HARBOR_SHADOW_SAMPLE", range 0..=100;
     /// Send backends a PROXY protocol header naming the client: `v1`, `v2`, or `off`.
     proxy_protocol: ProxyVersion = ProxyVersion::Off, env "HARBOR_PROXY_PROTOCOL", shown "off";
     /// Sources (CIDRs, comma-separated) whose connections must start with a PROXY header (v1 or v2), read before anything else; none by default.
@@ -462,6 +466,8 @@ pub struct ServiceConfig {
     pub strategy: Option<PathBuf>,
     pub watch: Option<PathBuf>,
     pub strategy_config: String,
+    /// The shadow candidate, if any.
+    pub shadow: Option<PathBuf>,
     pub health: Option<HealthConfig>,
     pub tunables: Tunables,
 }
@@ -807,7 +813,14 @@ impl Config {
 
 impl ServiceDefinition {
     fn empty() -> ServiceDefinition {
-        ServiceDefinition { listen: None, backends: None, strategy: None, watch: None, strategy_config: None }
+        ServiceDefinition {
+            listen: None,
+            backends: None,
+            strategy: None,
+            watch: None,
+            strategy_config: None,
+            shadow: None,
+        }
     }
 }
 
@@ -933,6 +946,7 @@ fn service_config(
         strategy: definition.strategy,
         watch: definition.watch,
         strategy_config: definition.strategy_config.unwrap_or_default(),
+        shadow: definition.shadow,
         health,
         tunables,
     })

@@ -143,6 +143,8 @@ function strategyBox(s) {
     el("dt", { text: "faults" }), el("dd", { class: "strategy-faults", text: String(st.faults) }),
     el("dt", { text: "previous" }), el("dd", { text: st.previous || "–" }),
     el("dt", { text: "world" }), el("dd", { text: st.world || "built in" }),
+    st.shadow ? el("dt", { text: "shadow" }) : null,
+    st.shadow ? el("dd", { class: "strategy-shadow", text: `${st.shadow.name}: ${st.shadow.agreement == null ? "–" : (st.shadow.agreement * 100).toFixed(1) + " %"} agreement over ${st.shadow.picks} picks, ${st.shadow.faults} faults` }) : null,
     st.loading ? el("dt", { text: "loading" }) : null,
     st.loading ? el("dd", { class: "strategy-loading", text: `${st.loading.source} (${(st.loading.elapsed_ms / 1000).toFixed(1)} s)` }) : null);
   const rows = (st.history || []).slice().reverse().map(h => el("tr", {},

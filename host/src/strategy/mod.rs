@@ -10,6 +10,7 @@ pub mod engine;
 pub mod guest_host;
 pub mod instance;
 pub mod loaded;
+pub mod shadow;
 pub mod simulate;
 pub mod watch;
 
@@ -143,6 +144,8 @@ pub struct StrategyStatus {
     pub history: Vec<SwapRecord>,
     /// A strategy being compiled now (it is not active until it has loaded).
     pub loading: Option<LoadingStatus>,
+    /// The shadow candidate and its agreement with the active strategy, if one runs.
+    pub shadow: Option<shadow::ShadowStatus>,
 }
 
 /// A load in progress, as `GET /strategy` shows it.
@@ -199,6 +202,8 @@ pub struct StrategyHost {
     history: std::sync::Mutex<std::collections::VecDeque<SwapRecord>>,
     /// The load in progress: its source, size and start.
     loading: std::sync::Mutex<Option<(String, usize, std::time::Instant)>>,
+    /// A candidate run beside the active strategy, its answers only recorded.
+    shadow: arc_swap::ArcSwapOption<shadow::Shadow>,
     /// Cancelled when Harbor starts draining: loads in progress are abandoned, none activates.
     stopping: CancellationToken,
 }
@@ -230,6 +235,7 @@ impl StrategyHost {
             load_lock: tokio::sync::Mutex::new(()),
             history: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(HISTORY_LEN)),
             loading: std::sync::Mutex::new(None),
+            shadow: arc_swap::ArcSwapOption::empty(),
             stopping: CancellationToken::new(),
         })
     }
@@ -277,9 +283,6 @@ impl StrategyHost {
             let mut snapshot = cell.borrow_mut();
             let world = active.current.as_ref().map_or(World::V1, |s| s.world());
             fill_snapshot(&mut snapshot, req, world);
-            let Some(strategy) = active.current.as_ref() else {
-                return Pick { index: builtin_round_robin(&snapshot, sequence), sequence, source: PickSource::Builtin };
-            };
             let conn = ConnectionFacts {
                 sequence,
                 seed: rand::random(),
@@ -291,11 +294,38 @@ impl StrategyHost {
                 tls: req.tls,
                 first_bytes: req.first_bytes,
             };
+            let pick = self.pick_active(&active, &snapshot, &conn, req, sequence);
+            if let Some(shadow) = self.shadow.load().as_ref() {
+                if shadow.sampled(sequence) {
+                    let shadow_world = shadow.strategy.world();
+                    if shadow_world != world {
+                        fill_snapshot(&mut snapshot, req, shadow_world);
+                    }
+                    shadow.pick(&snapshot, &conn, req.pool, pick.index, self.limits.call_timeout);
+                }
+            }
+            pick
+        })
+    }
+
+    /// The active strategy's (or the built-in's) pick.
+    fn pick_active(
+        &self,
+        active: &Active,
+        snapshot: &Snapshot,
+        conn: &ConnectionFacts<'_>,
+        req: &PickRequest<'_>,
+        sequence: u64,
+    ) -> Pick {
+        {
+            let Some(strategy) = active.current.as_ref() else {
+                return Pick { index: builtin_round_robin(snapshot, sequence), sequence, source: PickSource::Builtin };
+            };
             let answer = with_thread_instance(strategy, |instance| {
                 instance.sync_backends(req.pool)?;
-                instance.pick(&conn, snapshot.as_flat())
+                instance.pick(conn, snapshot.as_flat())
             });
-            match judge(&snapshot, answer, self.limits.call_timeout) {
+            match judge(snapshot, answer, self.limits.call_timeout) {
                 Verdict::Backend(index) => {
                     Pick { index: Some(index), sequence, source: PickSource::Strategy(strategy.id) }
                 }
@@ -303,13 +333,13 @@ impl StrategyHost {
                 Verdict::Fault(reason, detail) => {
                     self.on_fault(strategy, reason, &detail);
                     Pick {
-                        index: builtin_round_robin(&snapshot, sequence),
+                        index: builtin_round_robin(snapshot, sequence),
                         sequence,
                         source: PickSource::Fallback(reason),
                     }
                 }
             }
-        })
+        }
     }
 
     /// Who placed a pick, for the access log.
@@ -507,6 +537,13 @@ impl StrategyHost {
         if self.active.load().current.as_ref().is_some_and(|c| c.sha256 == sha) {
             return Ok(LoadResult::Unchanged);
         }
+        let loaded = self.compile(bytes, sha, source).await?;
+        self.activate(loaded.clone());
+        Ok(LoadResult::Loaded { name: loaded.name.clone(), sha256: loaded.sha256.clone() })
+    }
+
+    /// Compiles, checks and runs `init` on the compile thread; activates nothing.
+    async fn compile(&self, bytes: Vec<u8>, sha: String, source: &Path) -> Result<Arc<LoadedStrategy>, StrategyError> {
         let engine = Arc::clone(&self.engine);
         tracing::info!(service = %self.service, source = %source.display(), bytes = bytes.len(), "strategy loading (compiling; the active one serves meanwhile)");
         let _loading = LoadingGuard::start(&self.loading, source, bytes.len());
@@ -537,8 +574,47 @@ impl StrategyHost {
             compiled_from = ?loaded.compiled_from,
             "strategy loaded"
         );
-        self.activate(loaded.clone());
-        Ok(LoadResult::Loaded { name: loaded.name.clone(), sha256: loaded.sha256.clone() })
+        Ok(loaded)
+    }
+
+    /// Loads `path` as the shadow candidate: it gets the same inputs as the active strategy on
+    /// `sample_percent` of the picks, and its answers are recorded, never used. Replaces the
+    /// shadow there was (and its counts).
+    pub async fn load_shadow_file(&self, path: &Path, sample_percent: u32) -> Result<(), StrategyError> {
+        let owned = path.to_path_buf();
+        let (bytes, sha) = tokio::task::spawn_blocking(move || loaded::read_component_file(&owned))
+            .await
+            .unwrap_or_else(|join| Err(StrategyError::Read { path: path.to_path_buf(), message: join.to_string() }))?;
+        let loaded = {
+            let _serial = self.load_lock.lock().await;
+            self.compile(bytes, sha, path).await?
+        };
+        tracing::info!(service = %self.service, strategy = %loaded.name, sample_percent, "shadow strategy running beside the active one; its answers are only recorded");
+        self.shadow.store(Some(Arc::new(shadow::Shadow::new(loaded, sample_percent))));
+        Ok(())
+    }
+
+    /// Stops the shadow candidate, if there is one.
+    pub fn drop_shadow(&self) -> bool {
+        self.shadow.swap(None).is_some()
+    }
+
+    /// Makes the shadow candidate the active strategy (and stops shadowing).
+    pub fn promote_shadow(&self) -> Option<String> {
+        let shadow = self.shadow.swap(None)?;
+        let loaded = Arc::clone(&shadow.strategy);
+        tracing::info!(service = %self.service, strategy = %loaded.name, agreement = ?shadow.status().agreement, "shadow strategy promoted to active");
+        self.count_outcome(
+            &loaded.source,
+            &Ok(LoadResult::Loaded { name: loaded.name.clone(), sha256: loaded.sha256.clone() }),
+        );
+        self.activate(Arc::clone(&loaded));
+        Some(loaded.name.clone())
+    }
+
+    /// The shadow candidate's counts, if there is one.
+    pub fn shadow_status(&self) -> Option<shadow::ShadowStatus> {
+        self.shadow.load().as_ref().map(|s| s.status())
     }
 
     fn activate(&self, new: Arc<LoadedStrategy>) {
@@ -580,6 +656,7 @@ impl StrategyHost {
                 faults,
                 history,
                 loading: loading.clone(),
+                shadow: self.shadow_status(),
             },
             Some(s) => StrategyStatus {
                 kind: "wasm",
@@ -596,6 +673,7 @@ impl StrategyHost {
                 faults,
                 history,
                 loading,
+                shadow: self.shadow_status(),
             },
         }
     }
