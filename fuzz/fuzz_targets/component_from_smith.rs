@@ -77,7 +77,12 @@ fuzz_target!(|data: &[u8]| {
     let Ok(component) = encoder.encode() else { return };
 
     let engine = StrategyEngine::global().expect("the engine builds with its limits");
-    let limits = GuestLimits { call_timeout: Duration::from_millis(10), memory_bytes: 16 << 20, ready_instances: 1 };
+    let limits = GuestLimits {
+        call_timeout: Duration::from_millis(10),
+        memory_bytes: 16 << 20,
+        ready_instances: 1,
+        ..GuestLimits::default()
+    };
     let sha = sha256_hex(&component);
     let Ok(loaded) = LoadedStrategy::from_bytes(
         engine,

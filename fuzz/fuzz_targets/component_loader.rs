@@ -13,7 +13,12 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let engine = StrategyEngine::global().expect("the engine builds with its limits");
-    let limits = GuestLimits { call_timeout: Duration::from_millis(10), memory_bytes: 16 << 20, ready_instances: 1 };
+    let limits = GuestLimits {
+        call_timeout: Duration::from_millis(10),
+        memory_bytes: 16 << 20,
+        ready_instances: 1,
+        ..GuestLimits::default()
+    };
     if let Ok(loaded) = LoadedStrategy::from_bytes(
         engine,
         data,
