@@ -40,14 +40,15 @@ CONF = os.path.join(HERE, "conf")
 TICK = os.sysconf("SC_CLK_TCK")
 ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-rr"]
 # Not in the default set: ask for it with --targets.
-EXTRA_TARGETS = ["harbor-accesslog"]
+EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek"]
 LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-stream", "harbor": "Harbor",
           "harbor-rr": "Harbor, built-in round-robin",
-          "harbor-accesslog": "Harbor with --access-log (tmpfs)"}
+          "harbor-accesslog": "Harbor with --access-log (tmpfs)",
+          "harbor-peek": "Harbor with --peek tls (plaintext clients)"}
 # Targets measured in the keep-alive and new-connection phases only: harbor-rr is the same
 # binary and data path as harbor without the wasm strategy, there to price the strategy call.
 # harbor-accesslog is harbor with the access log on (to tmpfs), to price the log in the same run.
-THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog"}
+THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog", "harbor-peek"}
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 # (key, column title, better, decimals)
@@ -443,8 +444,10 @@ class Bench:
                           backend1=b1, backend2=b2, load_module=load, nofile=self.nofile,
                           worker_connections=self.nofile - 64)
             argv = ["nginx", "-p", run_dir, "-c", conf, "-e", os.path.join(run_dir, "error.log")]
-        elif target in ("harbor", "harbor-rr", "harbor-accesslog"):
+        elif target in ("harbor", "harbor-rr", "harbor-accesslog", "harbor-peek"):
             strategy = ["--strategy", self.a.strategy] if target != "harbor-rr" else []
+            if target == "harbor-peek":
+                strategy += ["--peek", "tls"]
             if target == "harbor-accesslog":
                 logdir = "/dev/shm" if os.path.isdir("/dev/shm") else run_dir
                 strategy += ["--access-log", os.path.join(logdir, f"harbor-bench-access-{os.getpid()}-{tag}.log")]
@@ -855,7 +858,7 @@ def markdown(bench, meta):
         lines.append("| ratio | " + " | ".join(c[1] for c in cols) + " |")
         lines.append("|---|" + "---:|" * len(cols))
         hb = bench.results["harbor"]["median"]
-        for other in ["haproxy", "nginx", "direct", "harbor-rr", "harbor-accesslog"]:
+        for other in ["haproxy", "nginx", "direct", "harbor-rr", "harbor-accesslog", "harbor-peek"]:
             if other not in bench.targets:
                 continue
             om = bench.results[other]["median"]

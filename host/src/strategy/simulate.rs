@@ -38,6 +38,12 @@ pub struct SimBackend {
     /// Fraction of the run after which it drains.
     #[serde(default)]
     pub drain_at: Option<f64>,
+    /// Fraction of the run at which it dies (unhealthy: takes no connection)...
+    #[serde(default)]
+    pub down_at: Option<f64>,
+    /// ... and at which it comes back.
+    #[serde(default)]
+    pub up_at: Option<f64>,
 }
 
 fn one() -> u32 {
@@ -62,8 +68,16 @@ pub struct Scenario {
     pub mean_duration_ms: f64,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Distinct client addresses the connections come from (10.0.0.1, 10.0.0.2, …), drawn
+    /// uniformly; affinity is measured over them.
+    #[serde(default = "default_clients")]
+    pub clients: usize,
     #[serde(rename = "backend")]
     pub backends: Vec<SimBackend>,
+}
+
+fn default_clients() -> usize {
+    1000
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,9 +100,19 @@ impl Scenario {
                 fail_rate: if i == n - 1 && n > 1 { 0.05 } else { 0.0 },
                 cooldown_ms: 500.0,
                 drain_at: (i == 1 && n >= 3).then_some(0.5),
+                // Backend 0 dies at 60 % of the run and comes back at 80 % (with 2 or more).
+                down_at: (i == 0 && n >= 2).then_some(0.6),
+                up_at: (i == 0 && n >= 2).then_some(0.8),
             })
             .collect();
-        Scenario { connections, arrival_per_sec: 2000.0, mean_duration_ms: 50.0, seed, backends }
+        Scenario {
+            connections,
+            arrival_per_sec: 2000.0,
+            mean_duration_ms: 50.0,
+            seed,
+            clients: default_clients(),
+            backends,
+        }
     }
 
     pub fn load(path: &Path) -> Result<Scenario, SimulateError> {
@@ -103,6 +127,9 @@ impl Scenario {
         if self.backends.is_empty() || self.backends.len() > 4096 {
             return Err("needs 1 to 4096 [[backend]] tables".into());
         }
+        if self.clients == 0 || self.clients > 16_000_000 {
+            return Err("clients must be between 1 and 16000000".into());
+        }
         if self.connections == 0 || self.connections > 10_000_000 {
             return Err("connections must be between 1 and 10000000".into());
         }
@@ -113,6 +140,11 @@ impl Scenario {
         for (i, b) in self.backends.iter().enumerate() {
             if b.weight == 0 || !positive(b.speed) || !(0.0..=1.0).contains(&b.fail_rate) || b.cooldown_ms < 0.0 {
                 return Err(format!("backend {i}: weight >= 1, speed > 0, fail_rate in 0..=1, cooldown_ms >= 0"));
+            }
+            let fraction = |v: Option<f64>| v.is_none_or(|v| (0.0..=1.0).contains(&v));
+            if !fraction(b.down_at) || !fraction(b.up_at) || matches!((b.down_at, b.up_at), (Some(d), Some(u)) if u < d)
+            {
+                return Err(format!("backend {i}: down_at and up_at are fractions of the run, up_at after down_at"));
             }
         }
         Ok(())
@@ -126,6 +158,8 @@ struct Traffic {
     /// Uniform draws deciding connect failures (two attempts per connection).
     fail_draws: Vec<[f64; 2]>,
     seeds: Vec<u64>,
+    /// Which client each connection comes from.
+    clients: Vec<u32>,
 }
 
 impl Traffic {
@@ -133,13 +167,20 @@ impl Traffic {
         let mut rng = StdRng::seed_from_u64(s.seed);
         let mut t = 0.0;
         let exp = |rng: &mut StdRng, mean: f64| -mean * (1.0 - rng.random::<f64>()).ln();
-        let mut traffic = Traffic { arrivals_ms: vec![], base_duration_ms: vec![], fail_draws: vec![], seeds: vec![] };
+        let mut traffic = Traffic {
+            arrivals_ms: vec![],
+            base_duration_ms: vec![],
+            fail_draws: vec![],
+            seeds: vec![],
+            clients: vec![],
+        };
         for _ in 0..s.connections {
             t += exp(&mut rng, 1000.0 / s.arrival_per_sec);
             traffic.arrivals_ms.push(t);
             traffic.base_duration_ms.push(exp(&mut rng, s.mean_duration_ms));
             traffic.fail_draws.push([rng.random(), rng.random()]);
             traffic.seeds.push(rng.random());
+            traffic.clients.push(rng.random_range(0..s.clients.max(1)) as u32);
         }
         traffic
     }
@@ -157,6 +198,22 @@ pub struct SimReport {
     pub faults: u64,
     pub unplaced: u64,
     pub ns_per_pick: f64,
+    /// Clients with two or more connections, and those of them that always got one backend.
+    pub returning_clients: u64,
+    pub sticky_clients: u64,
+    /// Clients whose backend changed while a backend was down, and after it came back
+    /// (of those seen in that period with a backend before it).
+    pub moved_when_down: (u64, u64),
+    pub moved_when_up: (u64, u64),
+}
+
+/// `part` of `whole`, in percent.
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / whole as f64
+    }
 }
 
 impl SimReport {
@@ -204,6 +261,20 @@ impl SimReport {
             self.unplaced,
             self.ns_per_pick
         ));
+        out.push_str(&format!(
+            "  affinity: {:.1}% of {} returning clients always got the same backend\n",
+            percent(self.sticky_clients, self.returning_clients),
+            self.returning_clients
+        ));
+        if scenario.backends.iter().any(|b| b.down_at.is_some()) {
+            out.push_str(&format!(
+                "  moved when a backend died: {:.1}% of {} clients; when it came back: {:.1}% of {}\n",
+                percent(self.moved_when_down.0, self.moved_when_down.1),
+                self.moved_when_down.1,
+                percent(self.moved_when_up.0, self.moved_when_up.1),
+                self.moved_when_up.1
+            ));
+        }
         out
     }
 }
@@ -244,7 +315,23 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
         faults: 0,
         unplaced: 0,
         ns_per_pick: 0.0,
+        returning_clients: 0,
+        sticky_clients: 0,
+        moved_when_down: (0, 0),
+        moved_when_up: (0, 0),
     };
+    // Per client: the backend of its last connection, whether it ever changed, and what was
+    // counted for it in the current down/up period.
+    let population = scenario.clients.max(1);
+    let mut last_backend: Vec<Option<usize>> = vec![None; population];
+    let mut connections_of: Vec<u32> = vec![0; population];
+    let mut changed: Vec<bool> = vec![false; population];
+    let down_at = scenario.backends.iter().filter_map(|b| b.down_at).fold(f64::INFINITY, f64::min);
+    let up_at = scenario.backends.iter().filter_map(|b| b.up_at).fold(f64::INFINITY, f64::min);
+    // Backend before the period began, per client, and whether it has been counted in it.
+    let mut period = 0u8;
+    let mut before_period: Vec<Option<usize>> = vec![None; population];
+    let mut counted: Vec<bool> = vec![false; population];
     let mut active = vec![0u32; n];
     let mut cooldown_until = vec![0.0f64; n];
     let mut failures = vec![0u32; n];
@@ -262,11 +349,28 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
             ends.pop();
             active[b] -= 1;
         }
+        let client = traffic.clients[k] as usize;
+        let progress = if horizon > 0.0 { now / horizon } else { 0.0 };
+        let now_period = if progress >= up_at {
+            2
+        } else if progress >= down_at {
+            1
+        } else {
+            0
+        };
+        if now_period != period {
+            period = now_period;
+            before_period.clone_from(&last_backend);
+            counted.iter_mut().for_each(|c| *c = false);
+        }
         let mut excluded: Option<usize> = None;
         for attempt in 0..2 {
             snapshot.clear(instance.stats_stride());
             for (i, b) in scenario.backends.iter().enumerate() {
-                let state = if b.drain_at.is_some_and(|d| now >= d * horizon) {
+                let dead = b.down_at.is_some_and(|d| now >= d * horizon) && b.up_at.is_none_or(|u| now < u * horizon);
+                let state = if dead {
+                    BackendState::Unhealthy
+                } else if b.drain_at.is_some_and(|d| now >= d * horizon) {
                     BackendState::Draining
                 } else if excluded == Some(i) || cooldown_until[i] > now {
                     BackendState::CoolingDown
@@ -288,6 +392,10 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
             }
             let mut conn = sample_connection(sequence, traffic.seeds[k]);
             conn.attempt = attempt;
+            conn.client = std::net::SocketAddr::new(
+                std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0001u32.wrapping_add(client as u32))),
+                conn.client.port(),
+            );
             conn.now_millis = now as u64;
             let started = Instant::now();
             let answer = instance.pick(&conn, snapshot.as_flat());
@@ -322,6 +430,19 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
                 continue;
             }
             failures[b] = 0;
+            connections_of[client] += 1;
+            if last_backend[client].is_some_and(|previous| previous != b) {
+                changed[client] = true;
+            }
+            last_backend[client] = Some(b);
+            if period > 0 && !counted[client] {
+                if let Some(previous) = before_period[client] {
+                    counted[client] = true;
+                    let tally = if period == 1 { &mut report.moved_when_down } else { &mut report.moved_when_up };
+                    tally.1 += 1;
+                    tally.0 += u64::from(previous != b);
+                }
+            }
             active[b] += 1;
             report.peak_active[b] = report.peak_active[b].max(active[b]);
             let end_ms = now + traffic.base_duration_ms[k] / spec.speed;
@@ -330,5 +451,11 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
         }
     }
     report.ns_per_pick = pick_ns as f64 / sequence.max(1) as f64;
+    for (n, moved) in connections_of.iter().zip(&changed) {
+        if *n >= 2 {
+            report.returning_clients += 1;
+            report.sticky_clients += u64::from(!moved);
+        }
+    }
     Ok(report)
 }
