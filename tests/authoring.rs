@@ -74,6 +74,8 @@ fn simulate_compares_two_strategies_on_the_same_traffic() {
     for block in stdout.split("strategy ").skip(2) {
         let total: f64 = block
             .lines()
+            // Backend rows only: they start with the backend's index.
+            .filter(|l| l.split_whitespace().next().is_some_and(|t| t.parse::<usize>().is_ok()))
             .filter_map(|l| l.split_whitespace().nth(5))
             .filter_map(|share| share.strip_suffix('%'))
             .filter_map(|v| v.parse::<f64>().ok())

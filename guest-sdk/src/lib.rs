@@ -295,13 +295,32 @@ pub struct Pick<'a> {
     conn: &'a wit::Connection,
     backends: &'a [wit::BackendInfo],
     stats: &'a [u32],
+    /// Asked of Harbor on first use only (`current-connection`).
+    details: std::cell::OnceCell<wit::ConnectionDetails>,
 }
 
 impl<'a> Pick<'a> {
     /// Builds a pick from its parts. Harbor's exports do this for you; it is public so that
     /// strategies can be unit-tested natively.
     pub fn new(conn: &'a wit::Connection, backends: &'a [wit::BackendInfo], stats: &'a [u32]) -> Self {
-        Pick { conn, backends, stats }
+        Pick { conn, backends, stats, details: std::cell::OnceCell::new() }
+    }
+
+    /// [`Pick::new`] with the connection's details given (native tests; in Harbor they are
+    /// asked for on first use).
+    pub fn with_details(
+        conn: &'a wit::Connection,
+        backends: &'a [wit::BackendInfo],
+        stats: &'a [u32],
+        details: wit::ConnectionDetails,
+    ) -> Self {
+        let pick = Pick::new(conn, backends, stats);
+        let _ = pick.details.set(details);
+        pick
+    }
+
+    fn details(&self) -> &wit::ConnectionDetails {
+        self.details.get_or_init(wit_host::current_connection)
     }
 
     /// Grows by one per pick across every instance and hot swap: use it for rotations.
@@ -324,14 +343,15 @@ impl<'a> Pick<'a> {
         ip_of(self.conn.client_ip)
     }
 
-    /// The address and port the client connected to.
+    /// The address and port the client connected to. (This and the peek data below are
+    /// asked of Harbor on first use, once per pick: a strategy that never looks pays nothing.)
     pub fn local_addr(&self) -> SocketAddr {
-        socket_of(&self.conn.local)
+        socket_of(&self.details().local)
     }
 
     /// The original client from a trusted PROXY protocol header, if there was one.
     pub fn proxied_client(&self) -> Option<SocketAddr> {
-        self.conn.proxied_client.as_ref().map(socket_of)
+        self.details().proxied_client.as_ref().map(socket_of)
     }
 
     /// Milliseconds on a monotonic clock every instance shares, for decaying averages.
@@ -340,18 +360,18 @@ impl<'a> Pick<'a> {
     }
 
     /// The TLS server name (SNI), lower-cased, when the service peeks for TLS.
-    pub fn server_name(&self) -> Option<&'a str> {
-        self.conn.tls.as_ref().and_then(|t| t.server_name.as_deref())
+    pub fn server_name(&self) -> Option<&str> {
+        self.details().tls.as_ref().and_then(|t| t.server_name.as_deref())
     }
 
     /// The ALPN protocols the client offered, when the service peeks for TLS.
-    pub fn alpn(&self) -> &'a [String] {
-        self.conn.tls.as_ref().map_or(&[], |t| t.alpn.as_slice())
+    pub fn alpn(&self) -> &[String] {
+        self.details().tls.as_ref().map_or(&[], |t| t.alpn.as_slice())
     }
 
     /// The first bytes the client sent, up to the service's `peek_bytes` (empty without a peek).
-    pub fn first_bytes(&self) -> &'a [u8] {
-        &self.conn.first_bytes
+    pub fn first_bytes(&self) -> &[u8] {
+        &self.details().first_bytes
     }
 
     /// The client's source port.
@@ -565,6 +585,7 @@ macro_rules! export_strategy {
 /// WIT types, re-exported for native unit tests of strategies.
 pub mod types {
     pub use super::wit::{
-        BackendInfo, BackendSource, Connection, ConnectionOutcome, IpAddress, ServiceInfo, SocketAddress, TlsHello,
+        BackendInfo, BackendSource, Connection, ConnectionDetails, ConnectionOutcome, IpAddress, ServiceInfo,
+        SocketAddress, TlsHello,
     };
 }

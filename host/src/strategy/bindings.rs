@@ -147,9 +147,15 @@ impl ConnectionFacts<'_> {
             client_ip: ip_v2(self.client.ip()),
             client_port: self.client.port(),
             attempt: self.attempt,
+            now_millis: self.now_millis,
+        }
+    }
+
+    /// What `connection-details` answers during this pick.
+    pub fn v2_details(&self) -> v2::ConnectionDetails {
+        v2::ConnectionDetails {
             local: socket_v2(self.local),
             proxied_client: self.proxied_client.map(socket_v2),
-            now_millis: self.now_millis,
             tls: self.tls.map(|t| v2::TlsHello { server_name: t.server_name.clone(), alpn: t.alpn.clone() }),
             first_bytes: self.first_bytes.to_vec(),
         }

@@ -136,6 +136,8 @@ pub struct GuestState {
     pub limiter: GuestLimiter,
     /// The strategy's log budget, name and store (0.2 imports).
     pub context: Option<Arc<super::guest_host::GuestContext>>,
+    /// The connection being placed, for `current-connection` (0.2, during `pick` only).
+    pub details: Option<super::guest_host::PendingDetails>,
 }
 
 /// Most components kept compiled in memory (swapping back to one of them is instant)...

@@ -186,6 +186,26 @@ fn clean(message: &str) -> String {
     message.chars().filter(|c| !c.is_control() || *c == '\t').take(MAX_LOG_CHARS).collect()
 }
 
+/// The facts `current-connection` answers during one pick, kept cheap: addresses are copied,
+/// the peek data only when there is some.
+pub struct PendingDetails {
+    local: std::net::SocketAddr,
+    proxied_client: Option<std::net::SocketAddr>,
+    tls: Option<super::bindings::TlsFacts>,
+    first_bytes: Vec<u8>,
+}
+
+impl PendingDetails {
+    pub fn of(conn: &super::bindings::ConnectionFacts<'_>) -> PendingDetails {
+        PendingDetails {
+            local: conn.local,
+            proxied_client: conn.proxied_client,
+            tls: conn.tls.cloned(),
+            first_bytes: conn.first_bytes.to_vec(),
+        }
+    }
+}
+
 impl v2::harbor::strategy::types::Host for GuestState {}
 
 impl v2::Host for GuestState {
@@ -214,6 +234,23 @@ impl v2::Host for GuestState {
                 tracing::error!(target: "harbor::guest", strategy = name, sha256 = sha, service, "{message}")
             }
         }
+    }
+
+    fn current_connection(&mut self) -> v2::ConnectionDetails {
+        let unspecified = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+        let details = self.details.as_ref();
+        let facts = super::bindings::ConnectionFacts {
+            sequence: 0,
+            seed: 0,
+            client: unspecified,
+            attempt: 0,
+            local: details.map_or(unspecified, |d| d.local),
+            proxied_client: details.and_then(|d| d.proxied_client),
+            now_millis: 0,
+            tls: details.and_then(|d| d.tls.as_ref()),
+            first_bytes: details.map_or(&[], |d| d.first_bytes.as_slice()),
+        };
+        facts.v2_details()
     }
 
     fn kv_get(&mut self, key: String) -> Option<Vec<u8>> {

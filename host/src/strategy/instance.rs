@@ -81,8 +81,10 @@ impl Instance {
     pub fn new(loaded: &LoadedStrategy) -> Result<(Instance, StrategyInfo), StrategyError> {
         // The memory limit covers every memory and table of the instance, summed.
         let limiter = GuestLimiter::new(loaded.limits.memory_bytes);
-        let mut store =
-            Store::new(loaded.pre.engine(), GuestState { limiter, context: Some(Arc::clone(&loaded.context)) });
+        let mut store = Store::new(
+            loaded.pre.engine(),
+            GuestState { limiter, context: Some(Arc::clone(&loaded.context)), details: None },
+        );
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
         let ticks = deadline_ticks(loaded.limits.call_timeout);
@@ -169,7 +171,13 @@ impl Instance {
         let _running = self.arm(fuel_per_call(stats.len() / self.stride))?;
         match &self.bindings {
             Bindings::V1(b) => b.call_pick(&mut self.store, conn.v1(), stats),
-            Bindings::V2(b) => b.call_pick(&mut self.store, &conn.v2(), stats),
+            Bindings::V2(b) => {
+                // Only what cannot be built later is copied now: the peek data, if any.
+                self.store.data_mut().details = Some(super::guest_host::PendingDetails::of(conn));
+                let answer = b.call_pick(&mut self.store, conn.v2(), stats);
+                self.store.data_mut().details = None;
+                answer
+            }
         }
         .map_err(classify)
     }
