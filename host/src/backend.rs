@@ -80,8 +80,8 @@ pub struct Backend {
     cooldown_until_ms: AtomicU64,
     failures_in_row: AtomicU32,
     connect_latency_micros: AtomicU32,
-    /// 1 + the ms on its clock since when it has been healthy without a break, as last seen
-    /// by a pick; 0 while not healthy.
+    /// 1 + the ms (on the strategies' clock, `strategy::now_millis`) since when it has been
+    /// healthy without a break, as last seen by a pick; 0 while not healthy.
     healthy_since_ms: AtomicU64,
     pub metrics: BackendMetrics,
     clock: Instant,
@@ -183,14 +183,14 @@ impl Backend {
     /// How long the backend has been healthy without a break, in ms (saturating), given its
     /// state at this pick: the run starts at the first pick that sees it healthy, and any
     /// other state ends it. For slow start.
-    pub fn healthy_for_millis(&self, state: BackendState) -> u32 {
+    pub fn healthy_for_millis(&self, state: BackendState, now_ms: u64) -> u32 {
         if state != BackendState::Healthy {
             if self.healthy_since_ms.load(Ordering::Relaxed) != 0 {
                 self.healthy_since_ms.store(0, Ordering::Relaxed);
             }
             return 0;
         }
-        let now = self.now_ms().saturating_add(1);
+        let now = now_ms.saturating_add(1);
         let since = match self.healthy_since_ms.load(Ordering::Relaxed) {
             0 => match self.healthy_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => now,

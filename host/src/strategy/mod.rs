@@ -732,9 +732,11 @@ pub fn fill_snapshot(snapshot: &mut Snapshot, req: &PickRequest<'_>, world: Worl
 
 fn fill(snapshot: &mut Snapshot, req: &PickRequest<'_>, world: World, state_of: fn(&Backend) -> BackendState) {
     snapshot.clear(world.stats_stride());
+    // One clock reading per pick, not one per backend.
+    let now_ms = if world == World::V2 { now_millis() } else { 0 };
     for (index, backend) in req.pool.iter().enumerate() {
         let state = if req.excluded.contains(&index) { BackendState::CoolingDown } else { state_of(backend) };
-        let healthy_for_millis = if world == World::V2 { backend.healthy_for_millis(state) } else { 0 };
+        let healthy_for_millis = if world == World::V2 { backend.healthy_for_millis(state, now_ms) } else { 0 };
         snapshot.push(BackendStats {
             active: backend.active(),
             state,
