@@ -18,7 +18,7 @@ pub mod v2 {
         world: "strategy",
         path: "../wit/v0.2/strategy.wit",
     });
-    pub use harbor::strategy::host::Host;
+    pub use self::harbor::strategy::host::Host;
 }
 
 /// The name of the host interface 0.2 components import.
