@@ -66,7 +66,7 @@ fn bench_pick(c: &mut Criterion) {
             let req = PickRequest {
                 pool: &pool,
                 client: "127.0.0.1:40000".parse().expect("addr"),
-                local: "127.0.0.1:9090".parse().expect("addr"),
+                local: harbor::strategy::bindings::LocalAddr::Known("127.0.0.1:9090".parse().expect("addr")),
                 attempt: 0,
                 excluded: &[],
                 ignore_checks_when_all_fail: false,

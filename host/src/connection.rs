@@ -17,6 +17,7 @@ use crate::proxy_protocol;
 use crate::relay::{relay, RelayEnd};
 use crate::service::ServiceContext;
 use crate::strategy::bindings::ConnectionOutcome;
+use crate::strategy::bindings::LocalAddr;
 use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest};
 use tokio::io::AsyncWriteExt;
 
@@ -100,11 +101,12 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
     } else {
         Peeked { bytes: after_header, ..Peeked::default() }
     };
-    // The address the client reached: one getsockname, only for a strategy that is shown it.
-    let local = if service.strategy.wants_local_address() || limits.proxy_to_backend != ProxyVersion::Off {
-        client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+    // The address the client reached: read now only for an outbound PROXY header; for a
+    // strategy, only if it asks.
+    let local = if limits.proxy_to_backend != ProxyVersion::Off {
+        LocalAddr::Known(client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))))
     } else {
-        SocketAddr::from(([0, 0, 0, 0], 0))
+        LocalAddr::Socket(std::os::fd::AsRawFd::as_raw_fd(&client))
     };
     for attempt in 0..limits.connect_attempts {
         let pick = service.strategy.pick(&PickRequest {
@@ -144,8 +146,11 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
                 let first = if limits.proxy_to_backend == ProxyVersion::Off {
                     std::borrow::Cow::Borrowed(peeked.bytes.as_slice())
                 } else {
-                    let mut first =
-                        proxy_protocol::header(limits.proxy_to_backend, proxied_client.unwrap_or(peer), local);
+                    let mut first = proxy_protocol::header(
+                        limits.proxy_to_backend,
+                        proxied_client.unwrap_or(peer),
+                        local.resolve(),
+                    );
                     first.extend_from_slice(&peeked.bytes);
                     std::borrow::Cow::Owned(first)
                 };

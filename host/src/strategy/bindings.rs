@@ -90,6 +90,32 @@ pub struct TlsFacts {
     pub alpn: Vec<String>,
 }
 
+/// The address a client reached: known, or to be read from its socket (one `getsockname`)
+/// only if a strategy asks (`current-connection`).
+#[derive(Debug, Clone, Copy)]
+pub enum LocalAddr {
+    Known(SocketAddr),
+    /// The client's socket, open for as long as the pick runs.
+    Socket(std::os::fd::RawFd),
+}
+
+impl LocalAddr {
+    pub fn resolve(self) -> SocketAddr {
+        match self {
+            LocalAddr::Known(addr) => addr,
+            LocalAddr::Socket(fd) => {
+                // SAFETY: the connection owns the socket and picks run while it holds it.
+                let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                socket2::SockRef::from(&socket)
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+            }
+        }
+    }
+}
+
 /// Everything a pick may tell the strategy about the connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionFacts<'a> {
@@ -97,8 +123,8 @@ pub struct ConnectionFacts<'a> {
     pub seed: u64,
     pub client: SocketAddr,
     pub attempt: u32,
-    /// The address the client connected to (0.2 only).
-    pub local: SocketAddr,
+    /// The address the client connected to (0.2 only, resolved on demand).
+    pub local: LocalAddr,
     pub proxied_client: Option<SocketAddr>,
     pub now_millis: u64,
     pub tls: Option<&'a TlsFacts>,
@@ -154,7 +180,7 @@ impl ConnectionFacts<'_> {
     /// What `connection-details` answers during this pick.
     pub fn v2_details(&self) -> v2::ConnectionDetails {
         v2::ConnectionDetails {
-            local: socket_v2(self.local),
+            local: socket_v2(self.local.resolve()),
             proxied_client: self.proxied_client.map(socket_v2),
             tls: self.tls.map(|t| v2::TlsHello { server_name: t.server_name.clone(), alpn: t.alpn.clone() }),
             first_bytes: self.first_bytes.to_vec(),
@@ -179,4 +205,20 @@ pub fn outcome_v2(o: &ConnectionOutcome) -> v2::ConnectionOutcome {
 pub struct StrategyInfo {
     pub name: String,
     pub wants_reports: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LocalAddr;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_local_address_is_read_from_the_socket_only_when_asked() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert_eq!(LocalAddr::Socket(accepted.as_raw_fd()).resolve(), listener.local_addr().unwrap());
+        let known = client.local_addr().unwrap();
+        assert_eq!(LocalAddr::Known(known).resolve(), known);
+    }
 }

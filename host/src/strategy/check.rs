@@ -101,7 +101,7 @@ pub fn sample_connection(sequence: u64, seed: u64) -> ConnectionFacts<'static> {
         seed,
         client,
         attempt: 0,
-        local: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9090),
+        local: super::bindings::LocalAddr::Known(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9090)),
         proxied_client: None,
         now_millis: sequence,
         tls: None,

@@ -189,7 +189,7 @@ fn clean(message: &str) -> String {
 /// The facts `current-connection` answers during one pick, kept cheap: addresses are copied,
 /// the peek data only when there is some.
 pub struct PendingDetails {
-    local: std::net::SocketAddr,
+    local: super::bindings::LocalAddr,
     proxied_client: Option<std::net::SocketAddr>,
     tls: Option<super::bindings::TlsFacts>,
     first_bytes: Vec<u8>,
@@ -238,13 +238,14 @@ impl v2::Host for GuestState {
 
     fn current_connection(&mut self) -> v2::ConnectionDetails {
         let unspecified = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+        let nowhere = super::bindings::LocalAddr::Known(unspecified);
         let details = self.details.as_ref();
         let facts = super::bindings::ConnectionFacts {
             sequence: 0,
             seed: 0,
             client: unspecified,
             attempt: 0,
-            local: details.map_or(unspecified, |d| d.local),
+            local: details.map_or(nowhere, |d| d.local),
             proxied_client: details.and_then(|d| d.proxied_client),
             now_millis: 0,
             tls: details.and_then(|d| d.tls.as_ref()),

@@ -77,9 +77,8 @@ pub enum StrategyError {
 pub struct PickRequest<'a> {
     pub pool: &'a BackendPool,
     pub client: SocketAddr,
-    /// The address the client connected to (shown to 0.2 strategies; see
-    /// [`StrategyHost::wants_local_address`]).
-    pub local: SocketAddr,
+    /// The address the client connected to (shown to 0.2 strategies that ask for it).
+    pub local: bindings::LocalAddr,
     /// 0 for the first try, then 1, 2, … after failed connects.
     pub attempt: u32,
     /// Backends already tried for this connection: shown to the strategy as cooling down.
@@ -256,12 +255,6 @@ impl StrategyHost {
     pub fn with_kv_stores(mut self, kv: Arc<guest_host::KvStores>) -> StrategyHost {
         self.guest_env.kv = kv;
         self
-    }
-
-    /// True if the active strategy is shown the connection's local address (0.2): the
-    /// caller reads it (one `getsockname`) only then.
-    pub fn wants_local_address(&self) -> bool {
-        self.active.load().current.as_ref().is_some_and(|s| s.world() == World::V2)
     }
 
     /// The service this host picks for.
@@ -783,7 +776,7 @@ mod tests {
         let req = PickRequest {
             pool: &pool,
             client: "127.0.0.1:5000".parse().unwrap(),
-            local: "127.0.0.1:80".parse().unwrap(),
+            local: bindings::LocalAddr::Known("127.0.0.1:80".parse().unwrap()),
             attempt: 0,
             excluded: &[],
             ignore_checks_when_all_fail: false,
