@@ -198,7 +198,7 @@ async fn assert_rejected(path: &Path, needle: &str) -> StrategyError {
 async fn bad_components_are_rejected_with_a_clear_message_and_the_old_strategy_stays() {
     assert_rejected(&fixture("wrong_world.wat"), "does not implement the world").await;
     assert_rejected(&fixture("wrong_signature.wat"), "does not implement").await;
-    assert_rejected(&fixture("wasi_import.wat"), "wasi:random/random@0.2.0").await;
+    assert_rejected(&fixture("foreign_import.wat"), "wasi:http/outgoing-handler@0.2.0").await;
     assert_rejected(&fixture("garbage.wasm"), "not a WebAssembly component").await;
     assert_rejected(&fixture("empty.wasm"), "empty").await;
     assert_rejected(&fixture("init_fails.wat"), "bad config").await;

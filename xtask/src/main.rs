@@ -21,6 +21,10 @@ use anyhow::{bail, Context, Result};
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 /// The Rust guest crates under `strategies/`, each built to `strategies/<name>.wasm`.
 const RUST_STRATEGIES: &[&str] = &["round_robin", "least_conn", "maglev", "canary", "slow_start", "sni_router"];
+/// Rust guests also built with the toolchain's defaults (`wasm32-wasip2`, std: the component
+/// imports WASI 0.2 and runs in Harbor's sandbox), to `strategies/wasi/<name>.wasm`.
+const WASIP2_TARGET: &str = "wasm32-wasip2";
+const WASIP2_STRATEGIES: &[&str] = &["least_conn", "wasi_probe"];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -152,6 +156,26 @@ fn build_strategies(root: &Path) -> Result<()> {
         let out = root.join("strategies").join(format!("{name}.wasm"));
         std::fs::write(&out, &component).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("xtask: wrote {} ({} bytes)", out.display(), component.len());
+    }
+    build_wasip2_strategies(root)
+}
+
+/// The default `wasm32-wasip2` builds: rustc's linker makes the component, no wit-component.
+fn build_wasip2_strategies(root: &Path) -> Result<()> {
+    run(Command::new("rustup").args(["target", "add", WASIP2_TARGET]))?;
+    let mut build = cargo();
+    build.args(["build", "--target", WASIP2_TARGET, "--profile", "guest"]);
+    for name in WASIP2_STRATEGIES {
+        build.args(["-p", name]);
+    }
+    run(&mut build)?;
+    let out_dir = root.join("strategies").join("wasi");
+    std::fs::create_dir_all(&out_dir)?;
+    for name in WASIP2_STRATEGIES {
+        let built = target_dir(root).join(WASIP2_TARGET).join("guest").join(format!("{name}.wasm"));
+        let out = out_dir.join(format!("{name}.wasm"));
+        std::fs::copy(&built, &out).with_context(|| format!("copying {} to {}", built.display(), out.display()))?;
+        eprintln!("xtask: wrote {}", out.display());
     }
     Ok(())
 }

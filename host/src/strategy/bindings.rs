@@ -21,6 +21,29 @@ pub mod v2 {
     pub use self::harbor::strategy::host::Host;
 }
 
+/// The same worlds for components in the WASI sandbox (`super::wasi`): exports called
+/// asynchronously, types and host interface shared with the pure bindings above.
+pub mod v1_wasi {
+    wasmtime::component::bindgen!({
+        world: "strategy",
+        path: "../wit/strategy.wit",
+        exports: { default: async },
+        with: { "harbor:strategy/types": super::v1::harbor::strategy::types },
+    });
+}
+
+pub mod v2_wasi {
+    wasmtime::component::bindgen!({
+        world: "strategy",
+        path: "../wit/v0.2/strategy.wit",
+        exports: { default: async },
+        with: {
+            "harbor:strategy/types": super::v2::harbor::strategy::types,
+            "harbor:strategy/host": super::v2::harbor::strategy::host,
+        },
+    });
+}
+
 /// The name of the host interface 0.2 components import.
 pub const HOST_INTERFACE_V2: &str = "harbor:strategy/host@0.2.0";
 

@@ -138,6 +138,8 @@ pub struct GuestState {
     pub context: Option<Arc<super::guest_host::GuestContext>>,
     /// The connection being placed, for `current-connection` (0.2, during `pick` only).
     pub details: Option<super::guest_host::PendingDetails>,
+    /// The WASI sandbox of a component that imports WASI; `None` for a pure one.
+    pub sandbox: Option<Box<super::wasi::Sandbox>>,
 }
 
 /// Most components kept compiled in memory (swapping back to one of them is instant)...
@@ -205,7 +207,10 @@ pub enum CompiledFrom {
 /// Shared compilation machinery.
 pub struct StrategyEngine {
     pub engine: Engine,
+    /// Harbor's host interface only: pure components.
     pub linker: Linker<GuestState>,
+    /// The same, and WASI 0.2 (`super::wasi`): components built with a toolchain's defaults.
+    pub sandbox_linker: Linker<GuestState>,
     /// Compiled components, oldest first.
     compiled: Mutex<VecDeque<(String, Component, usize)>>,
     /// Compiled components on disk, if configured.
@@ -280,9 +285,12 @@ impl StrategyEngine {
             |state| state,
         )
         .map_err(|e| format!("cannot link the strategy host interface: {e:#}"))?;
+        let mut sandbox_linker = linker.clone();
+        super::wasi::add_to_linker(&mut sandbox_linker).map_err(|e| format!("cannot link the WASI sandbox: {e:#}"))?;
         Ok(StrategyEngine {
             engine,
             linker,
+            sandbox_linker,
             compiled: Mutex::new(VecDeque::new()),
             disk: Mutex::new(None),
             compiles,
@@ -376,15 +384,22 @@ impl StrategyEngine {
         self.compiled.lock().map(|c| (c.len(), c.iter().map(|(_, _, size)| size).sum())).unwrap_or((0, 0))
     }
 
-    /// The names of everything the component imports that Harbor does not provide. Type-only
-    /// imports of Harbor's own `types` interface are fine.
+    /// The names of everything the component imports that Harbor does not provide: neither
+    /// Harbor's interfaces nor the WASI 0.2 ones of the sandbox.
     pub fn foreign_imports(&self, component: &Component) -> Vec<String> {
-        component
-            .component_type()
-            .imports(&self.engine)
-            .map(|(name, _)| name.to_string())
-            .filter(|name| !name.starts_with("harbor:strategy/types@") && name != super::bindings::HOST_INTERFACE_V2)
+        self.imports(component)
+            .into_iter()
+            .filter(|name| {
+                !name.starts_with("harbor:strategy/types@")
+                    && name != super::bindings::HOST_INTERFACE_V2
+                    && !super::wasi::is_sandbox_import(name)
+            })
             .collect()
+    }
+
+    /// The names of everything the component imports.
+    pub fn imports(&self, component: &Component) -> Vec<String> {
+        component.component_type().imports(&self.engine).map(|(name, _)| name.to_string()).collect()
     }
 }
 

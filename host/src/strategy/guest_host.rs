@@ -177,6 +177,35 @@ impl GuestContext {
         let _ = self.kv.set(kv);
     }
 
+    /// One line of the strategy's log (`log`, or its stdout and stderr under WASI): a tracing
+    /// event tagged with its name, sha and service, within the log's budget; lines over it
+    /// are counted as dropped.
+    pub fn log(&self, level: v2::LogLevel, message: &str) {
+        if !self.log.allow() {
+            self.log_dropped.inc();
+            return;
+        }
+        let (name, sha, service) = (self.name(), super::short(&self.sha256), self.service.as_str());
+        let message = clean(message);
+        match level {
+            v2::LogLevel::Trace => {
+                tracing::trace!(target: "harbor::guest", strategy = name, sha256 = sha, service, "{message}")
+            }
+            v2::LogLevel::Debug => {
+                tracing::debug!(target: "harbor::guest", strategy = name, sha256 = sha, service, "{message}")
+            }
+            v2::LogLevel::Info => {
+                tracing::info!(target: "harbor::guest", strategy = name, sha256 = sha, service, "{message}")
+            }
+            v2::LogLevel::Warn => {
+                tracing::warn!(target: "harbor::guest", strategy = name, sha256 = sha, service, "{message}")
+            }
+            v2::LogLevel::Error => {
+                tracing::error!(target: "harbor::guest", strategy = name, sha256 = sha, service, "{message}")
+            }
+        }
+    }
+
     fn name(&self) -> &str {
         self.name.get().map_or("(initialising)", String::as_str)
     }
@@ -210,29 +239,8 @@ impl v2::harbor::strategy::types::Host for GuestState {}
 
 impl v2::Host for GuestState {
     fn log(&mut self, level: v2::LogLevel, message: String) {
-        let Some(context) = self.context.as_ref() else { return };
-        if !context.log.allow() {
-            context.log_dropped.inc();
-            return;
-        }
-        let (name, sha, service) = (context.name(), super::short(&context.sha256), context.service.as_str());
-        let message = clean(&message);
-        match level {
-            v2::LogLevel::Trace => {
-                tracing::trace!(target: "harbor::guest", strategy = name, sha256 = sha, service, "{message}")
-            }
-            v2::LogLevel::Debug => {
-                tracing::debug!(target: "harbor::guest", strategy = name, sha256 = sha, service, "{message}")
-            }
-            v2::LogLevel::Info => {
-                tracing::info!(target: "harbor::guest", strategy = name, sha256 = sha, service, "{message}")
-            }
-            v2::LogLevel::Warn => {
-                tracing::warn!(target: "harbor::guest", strategy = name, sha256 = sha, service, "{message}")
-            }
-            v2::LogLevel::Error => {
-                tracing::error!(target: "harbor::guest", strategy = name, sha256 = sha, service, "{message}")
-            }
+        if let Some(context) = self.context.as_ref() {
+            context.log(level, &message);
         }
     }
 

@@ -6,25 +6,30 @@ use std::sync::{Arc, Weak};
 
 use wasmtime::Store;
 
-use super::bindings::{outcome_v2, v1, v2, BackendFacts, ConnectionFacts, ConnectionOutcome, StrategyInfo};
+use super::bindings::{
+    outcome_v2, v1, v1_wasi, v2, v2_wasi, BackendFacts, ConnectionFacts, ConnectionOutcome, StrategyInfo,
+};
 use super::engine::{
     deadline_ticks, fuel_per_call, GuestLimiter, GuestState, Running, StrategyEngine, FUEL_PER_INIT,
     SET_BACKENDS_FACTOR,
 };
 use super::loaded::{LoadedStrategy, StrategyPre};
+use super::wasi::{finish, Sandbox};
 use super::StrategyError;
 use crate::backend::BackendPool;
 
 /// Wall-clock limit for instantiation and for `init`, each.
 pub const INIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A strategy instance and its store.
-/// The instance's exports, in its world.
+/// The instance's exports, in its world, pure or sandboxed.
 enum Bindings {
     V1(v1::Strategy),
     V2(v2::Strategy),
+    V1Wasi(v1_wasi::Strategy),
+    V2Wasi(v2_wasi::Strategy),
 }
 
+/// A strategy instance and its store.
 pub struct Instance {
     store: Store<GuestState>,
     bindings: Bindings,
@@ -55,6 +60,13 @@ fn classify(error: wasmtime::Error) -> CallFault {
     }
 }
 
+/// The answer of a sandboxed call, which must not wait (`super::wasi::finish`).
+fn finished<T>(call: impl std::future::Future<Output = wasmtime::Result<T>>) -> wasmtime::Result<T> {
+    finish(call).unwrap_or_else(|_| {
+        Err(wasmtime::Error::msg("the strategy waited for I/O or a timer; a sandboxed strategy's call must not wait"))
+    })
+}
+
 impl Instance {
     /// Sets the limits for the next call: a fresh deadline and fuel. A store that cannot take
     /// fuel must not run at all (it would run without its instruction limit).
@@ -83,7 +95,12 @@ impl Instance {
         let limiter = GuestLimiter::new(loaded.limits.memory_bytes);
         let mut store = Store::new(
             loaded.pre.engine(),
-            GuestState { limiter, context: Some(Arc::clone(&loaded.context)), details: None },
+            GuestState {
+                limiter,
+                context: Some(Arc::clone(&loaded.context)),
+                details: None,
+                sandbox: loaded.pre.sandboxed().then(|| Box::new(Sandbox::new(Some(Arc::clone(&loaded.context))))),
+            },
         );
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
@@ -99,6 +116,12 @@ impl Instance {
         let bindings = match &loaded.pre {
             StrategyPre::V1(pre) => Bindings::V1(pre.instantiate(&mut store).map_err(instantiate_error)?),
             StrategyPre::V2(pre) => Bindings::V2(pre.instantiate(&mut store).map_err(instantiate_error)?),
+            StrategyPre::V1Wasi(pre) => {
+                Bindings::V1Wasi(finished(pre.instantiate_async(&mut store)).map_err(instantiate_error)?)
+            }
+            StrategyPre::V2Wasi(pre) => {
+                Bindings::V2Wasi(finished(pre.instantiate_async(&mut store)).map_err(instantiate_error)?)
+            }
         };
         let stride = loaded.world().stats_stride();
         let mut instance =
@@ -112,6 +135,13 @@ impl Instance {
             Bindings::V2(b) => {
                 let service = v2::ServiceInfo { name: loaded.service.clone() };
                 b.call_init(&mut instance.store, &loaded.init_config, &service)
+                    .map(|r| r.map(|i| StrategyInfo { name: i.name, wants_reports: i.wants_reports }))
+            }
+            Bindings::V1Wasi(b) => finished(b.call_init(&mut instance.store, &loaded.init_config))
+                .map(|r| r.map(|i| StrategyInfo { name: i.name, wants_reports: i.wants_reports })),
+            Bindings::V2Wasi(b) => {
+                let service = v2::ServiceInfo { name: loaded.service.clone() };
+                finished(b.call_init(&mut instance.store, &loaded.init_config, &service))
                     .map(|r| r.map(|i| StrategyInfo { name: i.name, wants_reports: i.wants_reports }))
             }
         };
@@ -154,6 +184,14 @@ impl Instance {
                 let infos: Vec<v2::BackendInfo> = facts.iter().enumerate().map(|(i, f)| f.v2(i)).collect();
                 b.call_set_backends(&mut self.store, generation, &infos)
             }
+            Bindings::V1Wasi(b) => {
+                let infos: Vec<v1::BackendInfo> = facts.iter().enumerate().map(|(i, f)| f.v1(i)).collect();
+                finished(b.call_set_backends(&mut self.store, generation, &infos))
+            }
+            Bindings::V2Wasi(b) => {
+                let infos: Vec<v2::BackendInfo> = facts.iter().enumerate().map(|(i, f)| f.v2(i)).collect();
+                finished(b.call_set_backends(&mut self.store, generation, &infos))
+            }
         }
         .map_err(classify)?;
         self.backends_generation = generation;
@@ -178,6 +216,13 @@ impl Instance {
                 self.store.data_mut().details = None;
                 answer
             }
+            Bindings::V1Wasi(b) => finished(b.call_pick(&mut self.store, conn.v1(), stats)),
+            Bindings::V2Wasi(b) => {
+                self.store.data_mut().details = Some(super::guest_host::PendingDetails::of(conn));
+                let answer = finished(b.call_pick(&mut self.store, conn.v2(), stats));
+                self.store.data_mut().details = None;
+                answer
+            }
         }
         .map_err(classify)
     }
@@ -188,6 +233,8 @@ impl Instance {
         match &self.bindings {
             Bindings::V1(b) => b.call_report(&mut self.store, outcome),
             Bindings::V2(b) => b.call_report(&mut self.store, outcome_v2(&outcome)),
+            Bindings::V1Wasi(b) => finished(b.call_report(&mut self.store, outcome)),
+            Bindings::V2Wasi(b) => finished(b.call_report(&mut self.store, outcome_v2(&outcome))),
         }
         .map_err(classify)
     }

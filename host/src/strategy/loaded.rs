@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
-use super::bindings::{v1, v2, World};
+use super::bindings::{v1, v1_wasi, v2, v2_wasi, World};
 use super::engine::{GuestState, StrategyEngine};
 use super::guest_host::{GuestContext, KvStores};
 use super::instance::Instance;
@@ -50,32 +50,39 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(10);
 /// takes one at once, and a new spare is made on the compile thread.
 const SPARES_KEPT: usize = 1;
 
-/// A component made ready to instantiate, in the world it implements.
+/// A component made ready to instantiate, in the world it implements, pure or in the WASI
+/// sandbox.
 pub enum StrategyPre {
     V1(v1::StrategyPre<GuestState>),
     V2(v2::StrategyPre<GuestState>),
+    V1Wasi(v1_wasi::StrategyPre<GuestState>),
+    V2Wasi(v2_wasi::StrategyPre<GuestState>),
 }
 
 impl StrategyPre {
     pub fn engine(&self) -> &wasmtime::Engine {
-        match self {
-            StrategyPre::V1(p) => p.engine(),
-            StrategyPre::V2(p) => p.engine(),
-        }
+        self.component().engine()
     }
 
     pub fn component(&self) -> &wasmtime::component::Component {
         match self {
             StrategyPre::V1(p) => p.instance_pre().component(),
             StrategyPre::V2(p) => p.instance_pre().component(),
+            StrategyPre::V1Wasi(p) => p.instance_pre().component(),
+            StrategyPre::V2Wasi(p) => p.instance_pre().component(),
         }
     }
 
     pub fn world(&self) -> World {
         match self {
-            StrategyPre::V1(_) => World::V1,
-            StrategyPre::V2(_) => World::V2,
+            StrategyPre::V1(_) | StrategyPre::V1Wasi(_) => World::V1,
+            StrategyPre::V2(_) | StrategyPre::V2Wasi(_) => World::V2,
         }
+    }
+
+    /// True if the component imports WASI and runs in the sandbox.
+    pub fn sandboxed(&self) -> bool {
+        matches!(self, StrategyPre::V1Wasi(_) | StrategyPre::V2Wasi(_))
     }
 }
 
@@ -211,17 +218,29 @@ impl LoadedStrategy {
         if !foreign.is_empty() {
             return Err(StrategyError::ForeignImports(foreign.join(", ")));
         }
-        let instance_pre =
-            engine.linker.instantiate_pre(&component).map_err(|e| StrategyError::Compile(format!("{e:#}")))?;
         // The world is the one whose types the component imports; one that imports neither
         // (a component with no types in its signatures) is tried as 0.2, then 0.1.
-        let imports: Vec<String> =
-            component.component_type().imports(&engine.engine).map(|(name, _)| name.to_string()).collect();
+        let imports = engine.imports(&component);
+        let sandboxed = super::wasi::needs_sandbox(imports.iter().map(String::as_str));
+        let linker = if sandboxed { &engine.sandbox_linker } else { &engine.linker };
+        let instance_pre = linker.instantiate_pre(&component).map_err(|e| StrategyError::Compile(format!("{e:#}")))?;
         let says = |version: &str| imports.iter().any(|i| i == &format!("harbor:strategy/types@{version}"));
-        let as_v1 =
-            |pre| v1::StrategyPre::new(pre).map(StrategyPre::V1).map_err(|e| format!("harbor:strategy@0.1.0: {e:#}"));
-        let as_v2 =
-            |pre| v2::StrategyPre::new(pre).map(StrategyPre::V2).map_err(|e| format!("harbor:strategy@0.2.0: {e:#}"));
+        let as_v1 = |pre| {
+            if sandboxed {
+                v1_wasi::StrategyPre::new(pre).map(StrategyPre::V1Wasi)
+            } else {
+                v1::StrategyPre::new(pre).map(StrategyPre::V1)
+            }
+            .map_err(|e| format!("harbor:strategy@0.1.0: {e:#}"))
+        };
+        let as_v2 = |pre| {
+            if sandboxed {
+                v2_wasi::StrategyPre::new(pre).map(StrategyPre::V2Wasi)
+            } else {
+                v2::StrategyPre::new(pre).map(StrategyPre::V2)
+            }
+            .map_err(|e| format!("harbor:strategy@0.2.0: {e:#}"))
+        };
         let pre = match (says("0.1.0"), says("0.2.0")) {
             (true, false) => as_v1(instance_pre),
             (false, true) => as_v2(instance_pre),

@@ -12,6 +12,7 @@ pub mod instance;
 pub mod loaded;
 pub mod shadow;
 pub mod simulate;
+pub mod wasi;
 pub mod watch;
 
 use std::cell::RefCell;
@@ -54,7 +55,7 @@ pub enum StrategyError {
     CoreModule,
     #[error("not a valid WebAssembly component: {0}")]
     Compile(String),
-    #[error("the component imports what Harbor does not provide ({0}); a strategy must be pure logic: build without WASI (wasm32-unknown-unknown + wit-component for Rust, componentize-py --stub-wasi, componentize-js --disable stdio random clocks http fetch-event)")]
+    #[error("the component imports what Harbor does not provide ({0}); a strategy may import Harbor's interfaces and WASI 0.2 (cli, clocks, io, random; filesystem and sockets, which deny everything), nothing else")]
     ForeignImports(String),
     #[error("the component does not implement the world it names: {0}")]
     WrongWorld(String),
@@ -135,6 +136,8 @@ pub struct StrategyStatus {
     pub compile_millis: Option<f64>,
     /// `compiled`, `memory` (an earlier compile in this process) or `disk` (the compile cache).
     pub compiled_from: Option<engine::CompiledFrom>,
+    /// The component imports WASI 0.2 and runs in the sandbox (`strategy::wasi`).
+    pub wasi_sandbox: bool,
     pub wants_reports: bool,
     pub previous: Option<String>,
     /// Picks whose answer was not used through the strategy's fault, since start.
@@ -565,6 +568,7 @@ impl StrategyHost {
             bytes = loaded.size,
             compile_ms = loaded.compile_time.as_secs_f64() * 1e3,
             compiled_from = ?loaded.compiled_from,
+            wasi_sandbox = loaded.pre.sandboxed(),
             "strategy loaded"
         );
         Ok(loaded)
@@ -644,6 +648,7 @@ impl StrategyHost {
                 size_bytes: None,
                 compile_millis: None,
                 compiled_from: None,
+                wasi_sandbox: false,
                 wants_reports: false,
                 previous,
                 faults,
@@ -661,6 +666,7 @@ impl StrategyHost {
                 size_bytes: Some(s.size),
                 compile_millis: Some(s.compile_time.as_secs_f64() * 1e3),
                 compiled_from: Some(s.compiled_from),
+                wasi_sandbox: s.pre.sandboxed(),
                 wants_reports: s.wants_reports,
                 previous,
                 faults,
