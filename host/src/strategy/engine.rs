@@ -1,5 +1,5 @@
-//! The process-wide wasmtime engine: epoch ticker for wall-clock deadlines, a linker that
-//! provides nothing (no WASI), a limiter that sums every memory and table of an instance, one
+//! The process-wide wasmtime engine: epoch ticker for wall-clock deadlines, a linker with
+//! Harbor's host interface only (and one with the WASI sandbox too, `super::wasi`), a limiter that sums every memory and table of an instance, one
 //! low-priority compile thread, and a bounded cache of compiled components keyed by content hash.
 
 use std::collections::VecDeque;
