@@ -1,6 +1,7 @@
 //! The process-wide wasmtime engine: epoch ticker for wall-clock deadlines, a linker with
-//! Harbor's host interface only (and one with the WASI sandbox too, `super::wasi`), a limiter that sums every memory and table of an instance, one
-//! low-priority compile thread, and a bounded cache of compiled components keyed by content hash.
+//! Harbor's host interface only (and one with the WASI sandbox too, `super::wasi`), a limiter
+//! that sums every memory and table of an instance, one low-priority compile thread, and a
+//! bounded cache of compiled components keyed by content hash.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
