@@ -147,3 +147,56 @@ fn simulate_reports_affinity_across_a_backend_death_and_revival() {
     assert!(share(least_conn.moved_when_down) > 0.5, "{:?}", least_conn.moved_when_down);
     assert!(maglev.render(&scenario).contains("moved when a backend died"));
 }
+
+/// The `spread:` line of a check report, as shares in percent per backend.
+fn spread_of(stdout: &str) -> Vec<f64> {
+    let line = stdout.lines().find(|l| l.starts_with("spread:")).expect("a spread line");
+    line.trim_start_matches("spread:")
+        .split(',')
+        .map(|part| part.split(':').nth(1).unwrap().trim().trim_end_matches('%').parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn check_draws_clients_from_a_population_and_follows_a_schedule() {
+    let maglev = strategy("maglev");
+    let maglev = maglev.to_str().unwrap();
+    // Consistent hashing by client IP: 1000 clients spread over 4 backends, one client does not.
+    let out = harbor(&["strategy", "check", maglev, "--backends", "4", "--clients", "1000"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("picks checked: 500 from 1000 client addresses"), "{stdout}");
+    let spread = spread_of(&stdout);
+    assert!(spread.iter().all(|s| (15.0..35.0).contains(s)), "1000 clients should spread: {stdout}");
+    let out = harbor(&["strategy", "check", maglev, "--backends", "4", "--clients", "1"]);
+    let (stdout, _) = text(&out);
+    assert!(out.status.success(), "{stdout}");
+    assert!(spread_of(&stdout).iter().any(|s| *s > 50.0), "one client should mostly stay on one backend: {stdout}");
+
+    // A schedule: backend 0 is dead for the first 90 % of the picks; it may only get picks after.
+    let dir = temp_dir("check-scenario");
+    let scenario = dir.join("schedule.toml");
+    std::fs::write(
+        &scenario,
+        "connections = 10\narrival_per_sec = 10\nmean_duration_ms = 10\nclients = 200\n\
+         [[backend]]\ndown_at = 0.0\nup_at = 0.9\n[[backend]]\nweight = 2\n[[backend]]\n[[backend]]\n",
+    )
+    .unwrap();
+    let out = harbor(&["strategy", "check", maglev, "--scenario", scenario.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("from 200 client addresses"), "{stdout}");
+    let spread = spread_of(&stdout);
+    assert_eq!(spread.len(), 4, "{stdout}");
+    assert!(spread[0] < 10.0, "backend 0 was dead for 90 % of the picks: {stdout}");
+    // Bad answers are still caught under a scenario.
+    let bad = fixture("out_of_range.wat");
+    let out = harbor(&["strategy", "check", bad.to_str().unwrap(), "--scenario", scenario.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    // A bad scenario: one clear error, status 2.
+    std::fs::write(&scenario, "connections = 10\n").unwrap();
+    let out = harbor(&["strategy", "check", maglev, "--scenario", scenario.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    assert!(text(&out).1.contains("scenario"), "{:?}", text(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}

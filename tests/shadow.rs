@@ -86,3 +86,101 @@ async fn shadows_are_compared_never_used_and_promoted_with_one_call() {
     assert_eq!(status, 200);
     harbor.stop().await.unwrap();
 }
+
+/// Runs `harbor` with `args` and returns its exit success, stdout and stderr.
+fn harbor_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_harbor")).args(args).output().expect("run harbor");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// The agreement line of a replay report, as a number.
+fn agreement_of(report: &str) -> Option<f64> {
+    let line = report.lines().find(|l| l.trim_start().starts_with("agreement:"))?;
+    line.split_whitespace().nth(1)?.trim_end_matches('%').parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_picks_replay_against_candidates() {
+    let (b, _stops) = echo_backends(3).await;
+    let text = format!(
+        "listen = [\"127.0.0.1:0\"]\nstrategy = {:?}\nbackends = [\"{}\", {{ address = \"{}\", tags = [\"canary\"] }}, \"{}\"]\n",
+        strategy("round_robin").display().to_string(),
+        b[0],
+        b[1],
+        b[2]
+    );
+    let (cfg, _) = config_from_toml(&text);
+    let harbor = start(cfg).await;
+    let admin = harbor.admin_addr.unwrap();
+    let dir = common::temp_dir("record");
+    let trace = dir.join("trace.jsonl");
+
+    // `harbor strategy record` in the background: it starts the recording and waits for 60 picks.
+    let recorder = std::process::Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["strategy", "record", "--picks", "60", "--wait-secs", "60", "--admin", &admin.to_string()])
+        .arg("--out")
+        .arg(&trace)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn harbor strategy record");
+    let started = common::eventually(common::STEP, || harbor.strategy().recording_status().is_some()).await;
+    assert!(started.is_some(), "the recording never started");
+    let mut placed = Vec::new();
+    for _ in 0..60 {
+        placed.push(echo_roundtrip(harbor.addr, b"recorded").await);
+    }
+    let out = tokio::task::spawn_blocking(move || recorder.wait_with_output()).await.unwrap().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "record failed: {stdout}{stderr}");
+    assert!(stdout.contains("recorded 60 picks"), "{stdout}");
+    assert!(harbor.strategy().recording_status().is_none(), "record ends the recording once written");
+
+    // The trace says where each connection really went, in order.
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&trace).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["kind"], "header");
+    assert_eq!(lines[0]["strategy"], "round_robin");
+    assert_eq!(lines[1]["kind"], "backends");
+    assert_eq!(lines[1]["backends"][1]["tags"][0], "canary");
+    let picks: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "pick").collect();
+    assert_eq!(picks.len(), 60);
+    let recorded: Vec<String> =
+        picks.iter().map(|p| format!("b{}", p["chosen"].as_u64().expect("every pick placed"))).collect();
+    assert_eq!(recorded, placed, "the trace's choices are not where the connections went");
+    assert!(picks.iter().all(|p| p["placed_by"] == "strategy" && p["stats"].as_array().unwrap().len() == 3));
+    harbor.stop().await.unwrap();
+
+    let trace_arg = trace.display().to_string();
+    // The same strategy agrees on every pick.
+    let rr = strategy("round_robin").display().to_string();
+    let (ok, report, err) = harbor_cli(&["strategy", "simulate", "--trace", &trace_arg, &rr]);
+    assert!(ok, "{report}{err}");
+    assert_eq!(agreement_of(&report), Some(100.0), "{report}");
+    // canary at 100 % sends everything to b1, so it agrees only where round-robin chose b1.
+    let canary = strategy("canary").display().to_string();
+    let (ok, report, err) =
+        harbor_cli(&["strategy", "simulate", "--trace", &trace_arg, "--config", "share=100", &canary]);
+    assert!(ok, "{report}{err}");
+    let on_b1 = recorded.iter().filter(|n| *n == "b1").count() as f64;
+    let expected = (100.0 * on_b1 / 60.0 * 10.0).round() / 10.0;
+    assert_eq!(agreement_of(&report), Some(expected), "{report}");
+    let b1_line = report.lines().find(|l| l.contains(&b[1].to_string())).expect("b1 in the spread");
+    assert!(b1_line.trim_end().ends_with("100.0%"), "the candidate would have sent all to b1: {report}");
+    // A trapping candidate: every pick a fault, no agreement to speak of, the replay still ends.
+    let trap = fixture("trap.wat").display().to_string();
+    let (ok, report, err) = harbor_cli(&["strategy", "simulate", "--trace", &trace_arg, &trap]);
+    assert!(ok, "{report}{err}");
+    assert!(report.contains("candidate faults: 60"), "{report}");
+
+    // A damaged trace: one clear error naming the line.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let damaged = dir.join("damaged.jsonl");
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[5] = "{\"kind\":\"pick\",\"stats\":\"oops\"}";
+    std::fs::write(&damaged, lines.join("\n")).unwrap();
+    let (ok, _, err) = harbor_cli(&["strategy", "simulate", "--trace", &damaged.display().to_string(), &rr]);
+    assert!(!ok);
+    assert!(err.contains("line 6"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

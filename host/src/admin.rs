@@ -305,6 +305,46 @@ async fn service_route(req: Request<Incoming>, method: &Method, service: &Servic
                 error(StatusCode::NOT_FOUND, Some("shadow"), "no shadow strategy runs")
             }
         }
+        ("GET" | "HEAD", ["record"]) => match service.context.load().strategy.recording_status() {
+            Some(status) => json(&status),
+            None => error(StatusCode::NOT_FOUND, Some("record"), "no recording: POST {\"picks\": N} to start one"),
+        },
+        ("GET" | "HEAD", ["record", "trace"]) => match service.context.load().strategy.recorded_trace() {
+            Some(trace) => respond(StatusCode::OK, "application/x-ndjson", trace),
+            None => error(StatusCode::NOT_FOUND, Some("record"), "no recording: POST {\"picks\": N} to start one"),
+        },
+        ("POST" | "PUT", ["record"]) => {
+            let body = match read_json(req).await {
+                Ok(body) => body,
+                Err(reply) => return *reply,
+            };
+            if let Err(reply) = only_fields(&body, &["picks"]) {
+                return *reply;
+            }
+            let limit = match body.get("picks") {
+                None => 10_000,
+                Some(v) => {
+                    match v.as_u64().filter(|p| (1..=crate::strategy::trace::MAX_TRACE_PICKS as u64).contains(p)) {
+                        Some(p) => p as usize,
+                        None => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                Some("picks"),
+                                format!("give 1 to {}", crate::strategy::trace::MAX_TRACE_PICKS),
+                            )
+                        }
+                    }
+                }
+            };
+            json(&service.context.load().strategy.start_recording(limit))
+        }
+        ("DELETE", ["record"]) => {
+            if service.context.load().strategy.stop_recording() {
+                json(&json!({ "record": "stopped" }))
+            } else {
+                error(StatusCode::NOT_FOUND, Some("record"), "no recording")
+            }
+        }
         ("POST", ["shadow", "promote"]) => match service.context.load().strategy.promote_shadow() {
             Some(name) => json(&json!({ "promoted": name })),
             None => error(StatusCode::NOT_FOUND, Some("shadow"), "no shadow strategy to promote"),

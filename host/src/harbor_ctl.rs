@@ -107,6 +107,21 @@ fn request(
     body: Option<&Value>,
     token: Option<&str>,
 ) -> Result<(u16, Value), String> {
+    let (status, payload) = request_raw(admin, method, path, body, token, MAX_ANSWER)?;
+    let payload = String::from_utf8_lossy(&payload);
+    let value = serde_json::from_str(&payload).unwrap_or(Value::String(payload.trim().to_string()));
+    Ok((status, value))
+}
+
+/// One HTTP/1.1 request; returns the status and at most `max` bytes of the body.
+fn request_raw(
+    admin: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+    max: u64,
+) -> Result<(u16, Vec<u8>), String> {
     let addr = admin
         .to_socket_addrs()
         .map_err(|e| e.to_string())?
@@ -123,12 +138,86 @@ fn request(
     );
     stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(body.as_bytes())).map_err(|e| e.to_string())?;
     let mut answer = Vec::new();
-    stream.take(MAX_ANSWER).read_to_end(&mut answer).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&answer);
-    let status = text.get(9..12).and_then(|s| s.parse::<u16>().ok()).ok_or("not an HTTP answer")?;
-    let payload = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let value = serde_json::from_str(payload).unwrap_or(Value::String(payload.trim().to_string()));
-    Ok((status, value))
+    stream.take(max.saturating_add(64 << 10)).read_to_end(&mut answer).map_err(|e| e.to_string())?;
+    let status = std::str::from_utf8(answer.get(9..12).unwrap_or_default())
+        .ok()
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or("not an HTTP answer")?;
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").map_or(answer.len(), |at| at + 4);
+    Ok((status, answer.split_off(split)))
+}
+
+/// How `harbor strategy record` was asked to record.
+pub struct RecordArgs {
+    pub admin: String,
+    pub admin_token_file: Option<std::path::PathBuf>,
+    pub service: String,
+    pub picks: usize,
+    pub wait: Duration,
+    pub out: std::path::PathBuf,
+}
+
+/// `harbor strategy record`: starts a recording in the running Harbor, waits until it holds
+/// `picks` picks (or `wait` has passed), writes the trace to `out` and ends the recording.
+pub fn record(args: RecordArgs) -> ExitCode {
+    let token = match &args.admin_token_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Some(text.trim().to_string()),
+            Err(e) => {
+                eprintln!("harbor strategy record: cannot read {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let fail = |what: String| {
+        eprintln!("harbor strategy record: {}: {what}", args.admin);
+        ExitCode::FAILURE
+    };
+    let path = format!("/services/{}/record", args.service);
+    let refused = |status: u16, value: &Value| {
+        let message = value.get("error").and_then(Value::as_str).unwrap_or("request refused");
+        format!("{status}: {message}")
+    };
+    match request(&args.admin, "POST", &path, Some(&json!({ "picks": args.picks })), token.as_deref()) {
+        Ok((200, _)) => {}
+        Ok((status, value)) => return fail(refused(status, &value)),
+        Err(e) => return fail(e),
+    }
+    eprintln!("recording up to {} picks of service {} (at most {:?})", args.picks, args.service, args.wait);
+    let deadline = std::time::Instant::now() + args.wait;
+    let picks = loop {
+        let picks = match request(&args.admin, "GET", &path, None, token.as_deref()) {
+            Ok((200, value)) => {
+                let picks = value.get("picks").and_then(Value::as_u64).unwrap_or(0);
+                if value.get("complete").and_then(Value::as_bool) == Some(true) {
+                    break picks;
+                }
+                picks
+            }
+            Ok((status, value)) => return fail(refused(status, &value)),
+            Err(e) => return fail(e),
+        };
+        if std::time::Instant::now() >= deadline {
+            eprintln!("waited {:?}: writing the {picks} picks recorded so far", args.wait);
+            break picks;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let max = harbor::strategy::trace::MAX_TRACE_BYTES as u64;
+    let trace = match request_raw(&args.admin, "GET", &format!("{path}/trace"), None, token.as_deref(), max) {
+        Ok((200, trace)) => trace,
+        Ok((status, body)) => return fail(format!("{status}: {}", String::from_utf8_lossy(&body).trim())),
+        Err(e) => return fail(e),
+    };
+    // The recording is done with; ending it costs the data plane nothing any more.
+    let _ = request(&args.admin, "DELETE", &path, None, token.as_deref());
+    if let Err(e) = std::fs::write(&args.out, &trace) {
+        eprintln!("harbor strategy record: cannot write {}: {e}", args.out.display());
+        return ExitCode::FAILURE;
+    }
+    println!("recorded {picks} picks ({} bytes) to {}", trace.len(), args.out.display());
+    ExitCode::SUCCESS
 }
 
 fn cell(value: Option<&Value>) -> String {

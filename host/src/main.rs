@@ -54,6 +54,13 @@ enum StrategyCommand {
         /// Picks to check.
         #[arg(long, default_value_t = 500)]
         picks: usize,
+        /// Distinct client addresses the picks come from (10.0.0.1, 10.0.0.2, …).
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// A scenario TOML file (as for `simulate`): its backends' weights, deaths, revivals
+        /// and drains over the picks, and its `clients`, replace the synthetic ones.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
         /// Configuration string for `init`.
         #[arg(long, default_value = "")]
         config: String,
@@ -77,9 +84,35 @@ enum StrategyCommand {
         /// Random seed of the built-in scenario.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Replay a trace of real picks (from `harbor strategy record`) instead of synthetic
+        /// traffic, and report agreement with what was actually chosen.
+        #[arg(long, conflicts_with_all = ["vs", "scenario"])]
+        trace: Option<PathBuf>,
         /// Configuration string for `init`.
         #[arg(long, default_value = "")]
         config: String,
+    },
+    /// Record the next picks of a running Harbor (inputs and answers) into a trace file, for
+    /// `simulate --trace`.
+    Record {
+        /// The trace file to write (JSON lines).
+        #[arg(long)]
+        out: PathBuf,
+        /// Picks to record (at most 1000000; the trace is also bounded to 64 MiB).
+        #[arg(long, default_value_t = 10_000)]
+        picks: usize,
+        /// The service whose picks are recorded.
+        #[arg(long, default_value = "default")]
+        service: String,
+        /// Write what was recorded after this many seconds, even if fewer picks came.
+        #[arg(long, default_value_t = 300)]
+        wait_secs: u64,
+        /// The admin address of the running Harbor.
+        #[arg(long, env = "HARBOR_ADMIN", default_value = "127.0.0.1:9100")]
+        admin: String,
+        /// File holding the admin token (sent as a bearer token).
+        #[arg(long, env = "HARBOR_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
     },
 }
 
@@ -324,12 +357,26 @@ fn read_component(path: &std::path::Path) -> Result<Vec<u8>, ExitCode> {
 fn strategy_tool(command: StrategyCommand) -> ExitCode {
     use harbor::strategy::{check, simulate};
     match command {
-        StrategyCommand::Check { file, backends, picks, config } => {
+        StrategyCommand::Check { file, backends, picks, clients, scenario, config } => {
+            let mut plan = check::CheckPlan::new(backends.clamp(1, 4096), picks.clamp(1, 1_000_000));
+            plan.clients = clients.clamp(1, 16_000_000);
+            if let Some(path) = scenario {
+                match simulate::Scenario::load(&path) {
+                    Ok(s) => {
+                        plan.clients = s.clients;
+                        plan.scenario = Some(s);
+                    }
+                    Err(e) => {
+                        eprintln!("harbor: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             let bytes = match read_component(&file) {
                 Ok(b) => b,
                 Err(code) => return code,
             };
-            match check::check_component(&bytes, &file, backends.clamp(1, 4096), picks.clamp(1, 1_000_000), &config) {
+            match check::check_component(&bytes, &file, &plan, &config) {
                 Ok(report) if report.problems.is_empty() => {
                     println!("{report}");
                     ExitCode::SUCCESS
@@ -345,7 +392,33 @@ fn strategy_tool(command: StrategyCommand) -> ExitCode {
                 }
             }
         }
-        StrategyCommand::Simulate { file, vs, backends, connections, scenario, seed, config } => {
+        StrategyCommand::Record { out, picks, service, wait_secs, admin, admin_token_file } => {
+            harbor_ctl::record(harbor_ctl::RecordArgs {
+                admin,
+                admin_token_file,
+                service,
+                picks: picks.clamp(1, harbor::strategy::trace::MAX_TRACE_PICKS),
+                wait: std::time::Duration::from_secs(wait_secs.min(86_400)),
+                out,
+            })
+        }
+        StrategyCommand::Simulate { file, trace: Some(trace), config, .. } => {
+            let bytes = match read_component(&file) {
+                Ok(b) => b,
+                Err(code) => return code,
+            };
+            match harbor::strategy::trace::replay(&bytes, &file, &trace, &config) {
+                Ok(report) => {
+                    print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("harbor: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        StrategyCommand::Simulate { file, vs, backends, connections, scenario, seed, config, trace: None } => {
             let scenario = match scenario {
                 Some(path) => match simulate::Scenario::load(&path) {
                     Ok(s) => s,

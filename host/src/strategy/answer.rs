@@ -84,6 +84,24 @@ impl Snapshot {
         })
     }
 
+    /// Backend `index`'s numbers (`healthy_for_millis` is 0 in a 0.1 snapshot).
+    pub fn get(&self, index: usize) -> Option<BackendStats> {
+        let stride = self.stride();
+        let row = self.flat.get(index.checked_mul(stride)?..index.checked_mul(stride)?.checked_add(stride)?)?;
+        Some(BackendStats {
+            active: row[0],
+            state: self.state(index)?,
+            connect_latency_micros: row[2],
+            failures_in_row: row[3],
+            healthy_for_millis: row.get(4).copied().unwrap_or(0),
+        })
+    }
+
+    /// Numbers per backend: 4 (0.1) or 5 (0.2).
+    pub fn stride_of(&self) -> usize {
+        self.stride()
+    }
+
     /// The list the guest receives.
     pub fn as_flat(&self) -> &[u32] {
         &self.flat

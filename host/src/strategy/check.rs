@@ -34,6 +34,10 @@ pub struct CheckReport {
     pub fuel_limit: u64,
     /// The slowest checked pick: the most one pick of this strategy stalls a worker thread.
     pub slowest_pick: Duration,
+    /// Distinct client addresses the picks came from.
+    pub clients: usize,
+    /// Picks answered per backend (of the checked picks, not the timed ones).
+    pub spread: Vec<u64>,
     /// Everything wrong with the answers; empty means the strategy passed.
     pub problems: Vec<String>,
 }
@@ -56,7 +60,15 @@ impl std::fmt::Display for CheckReport {
         )?;
         writeln!(f, "exports:       {}", self.exports.join(", "))?;
         writeln!(f, "wants reports: {}", self.wants_reports)?;
-        writeln!(f, "picks checked: {}", self.picks)?;
+        writeln!(f, "picks checked: {} from {} client addresses", self.picks, self.clients)?;
+        let answered = self.spread.iter().sum::<u64>().max(1);
+        let shares: Vec<String> = self
+            .spread
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{i}: {:.1}%", 100.0 * *n as f64 / answered as f64))
+            .collect();
+        writeln!(f, "spread:        {}", shares.join(", "))?;
         writeln!(f, "pick latency:  {:.0} ns", self.ns_per_pick)?;
         writeln!(f, "slowest pick:  {:.0} µs", self.slowest_pick.as_secs_f64() * 1e6)?;
         writeln!(
@@ -93,6 +105,29 @@ pub fn sample_backends(n: usize) -> Vec<BackendFacts> {
         .collect()
 }
 
+/// Client `index` of a population: 10.0.0.1, 10.0.0.2, … (`check` and `simulate`).
+pub fn population_client(index: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a00_0001u32.wrapping_add(index)))
+}
+
+/// What `check` runs: how many backends and picks, the client population, and optionally a
+/// scenario whose backends (weights, deaths and revivals) replace the synthetic ones.
+#[derive(Debug, Clone)]
+pub struct CheckPlan {
+    pub backends: usize,
+    pub picks: usize,
+    /// Distinct client addresses drawn from (10.0.0.1, …).
+    pub clients: usize,
+    pub scenario: Option<super::simulate::Scenario>,
+}
+
+impl CheckPlan {
+    /// `backends` synthetic backends, `picks` picks, 1000 clients, no schedule.
+    pub fn new(backends: usize, picks: usize) -> CheckPlan {
+        CheckPlan { backends, picks, clients: 1000, scenario: None }
+    }
+}
+
 /// A connection as Harbor would send it.
 pub fn sample_connection(sequence: u64, seed: u64) -> ConnectionFacts<'static> {
     let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 40_000 + (sequence % 20_000) as u16);
@@ -121,10 +156,11 @@ fn call(instance: &mut Instance, conn: ConnectionFacts<'_>, stats: &[u32]) -> Re
 pub fn check_component(
     bytes: &[u8],
     source: &Path,
-    backends: usize,
-    picks: usize,
+    plan: &CheckPlan,
     config: &str,
 ) -> Result<CheckReport, StrategyError> {
+    let backends = plan.scenario.as_ref().map_or(plan.backends, |s| s.backends.len());
+    let picks = plan.picks;
     let engine = StrategyEngine::global()?;
     let limits = GuestLimits::default();
     let loaded =
@@ -147,10 +183,17 @@ pub fn check_component(
         max_fuel_per_pick: 0,
         fuel_limit: fuel_per_call(backends.max(1)),
         slowest_pick: Duration::ZERO,
+        clients: plan.clients.clamp(1, 16_000_000),
+        spread: vec![0; backends.max(1)],
         problems: Vec::new(),
     };
     let (mut instance, _) = Instance::new(&loaded)?;
-    let infos = sample_backends(backends.max(1));
+    let mut infos = sample_backends(backends.max(1));
+    if let Some(scenario) = &plan.scenario {
+        for (info, b) in infos.iter_mut().zip(&scenario.backends) {
+            info.weight = b.weight;
+        }
+    }
     if let Err(fault) = instance.set_backends(1, &infos) {
         report.problems.push(format!("set-backends failed: {fault:?}"));
         return Ok(report);
@@ -167,6 +210,7 @@ pub fn check_component(
             _ => None,
         };
         snapshot.clear(instance.stats_stride());
+        let progress = round as f64 / picks.max(1) as f64;
         for i in 0..n {
             let state = match healthy_only {
                 Some(Some(only)) if i == only => BackendState::Healthy,
@@ -175,6 +219,14 @@ pub fn check_component(
                 None => {
                     [BackendState::CoolingDown, BackendState::Draining, BackendState::Unhealthy][rng.random_range(0..3)]
                 }
+            };
+            // The scenario's schedule overrides: dead between down_at and up_at, draining after drain_at.
+            let state = match plan.scenario.as_ref().and_then(|s| s.backends.get(i)) {
+                Some(b) if b.is_down_at(progress) => BackendState::Unhealthy,
+                Some(b) if b.drain_at.is_some_and(|d| progress >= d) && state == BackendState::Healthy => {
+                    BackendState::Draining
+                }
+                _ => state,
             };
             snapshot.push(BackendStats {
                 active: rng.random_range(0..200),
@@ -186,15 +238,18 @@ pub fn check_component(
         }
         report.picks += 1;
         let pick_started = Instant::now();
-        let answer = instance.pick(&sample_connection(round as u64, rng.random()), snapshot.as_flat());
+        let mut conn = sample_connection(round as u64, rng.random());
+        let client = rng.random_range(0..report.clients) as u32;
+        conn.client = SocketAddr::new(population_client(client), conn.client.port());
+        let answer = instance.pick(&conn, snapshot.as_flat());
         report.slowest_pick = report.slowest_pick.max(pick_started.elapsed());
         let trapped = answer.is_err();
         report.max_fuel_per_pick = report.max_fuel_per_pick.max(instance.fuel_used());
         // Judged by the same rule as in Harbor, with the same deadline.
-        if let Verdict::Fault(reason, detail) =
-            judge(&snapshot, answer.map_err(InstanceFault::Call), limits.call_timeout)
-        {
-            problems.push(format!("pick {round}: {detail} ({})", reason.as_str()));
+        match judge(&snapshot, answer.map_err(InstanceFault::Call), limits.call_timeout) {
+            Verdict::Fault(reason, detail) => problems.push(format!("pick {round}: {detail} ({})", reason.as_str())),
+            Verdict::Backend(index) => report.spread[index] += 1,
+            Verdict::NoBackend => {}
         }
         if trapped {
             // A trapped instance cannot be entered again: start a fresh one.

@@ -12,6 +12,7 @@ pub mod instance;
 pub mod loaded;
 pub mod shadow;
 pub mod simulate;
+pub mod trace;
 pub mod wasi;
 pub mod watch;
 
@@ -206,6 +207,8 @@ pub struct StrategyHost {
     loading: std::sync::Mutex<Option<(String, usize, std::time::Instant)>>,
     /// A candidate run beside the active strategy, its answers only recorded.
     shadow: arc_swap::ArcSwapOption<shadow::Shadow>,
+    /// A recording of picks in progress (or finished, until it is fetched and stopped).
+    recorder: arc_swap::ArcSwapOption<trace::Recorder>,
     /// Cancelled when Harbor starts draining: loads in progress are abandoned, none activates.
     stopping: CancellationToken,
 }
@@ -238,6 +241,7 @@ impl StrategyHost {
             history: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(HISTORY_LEN)),
             loading: std::sync::Mutex::new(None),
             shadow: arc_swap::ArcSwapOption::empty(),
+            recorder: arc_swap::ArcSwapOption::empty(),
             stopping: CancellationToken::new(),
         })
     }
@@ -299,6 +303,13 @@ impl StrategyHost {
                     }
                     shadow.pick(&snapshot, &conn, req.pool, pick.index, self.limits.call_timeout);
                 }
+            }
+            if let Some(recorder) = self.recorder.load().as_ref().filter(|r| !r.is_complete()) {
+                // A trace always carries five numbers per backend, whichever world is active.
+                if snapshot.stride_of() != World::V2.stats_stride() {
+                    fill_snapshot(&mut snapshot, req, World::V2);
+                }
+                recorder.record(req.pool, &snapshot, &conn, &pick);
             }
             pick
         })
@@ -607,6 +618,35 @@ impl StrategyHost {
         );
         self.activate(Arc::clone(&loaded));
         Some(loaded.name.clone())
+    }
+
+    /// Starts recording the next `limit` picks (replacing a recording there was).
+    pub fn start_recording(&self, limit: usize) -> trace::RecordStatus {
+        let active = self.active.load();
+        let (name, sha) = match active.current.as_ref() {
+            Some(s) => (s.name.clone(), Some(s.sha256.clone())),
+            None => ("round-robin".to_string(), None),
+        };
+        let recorder = Arc::new(trace::Recorder::new(limit, &self.service, &name, sha));
+        let status = recorder.status();
+        self.recorder.store(Some(recorder));
+        tracing::info!(service = %self.service, limit = status.limit, "recording picks");
+        status
+    }
+
+    /// The recording's counts, if there is one.
+    pub fn recording_status(&self) -> Option<trace::RecordStatus> {
+        self.recorder.load().as_ref().map(|r| r.status())
+    }
+
+    /// The recorded trace so far, if there is a recording.
+    pub fn recorded_trace(&self) -> Option<String> {
+        self.recorder.load().as_ref().map(|r| r.trace())
+    }
+
+    /// Stops and discards the recording, if there is one.
+    pub fn stop_recording(&self) -> bool {
+        self.recorder.swap(None).is_some()
     }
 
     /// The shadow candidate's counts, if there is one.

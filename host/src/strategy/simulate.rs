@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::answer::{judge, placement, BackendStats, Snapshot, Verdict};
 use super::bindings::BackendFacts;
-use super::check::sample_connection;
+use super::check::{population_client, sample_connection};
 use super::engine::StrategyEngine;
 use super::instance::Instance;
 use super::instance::InstanceFault;
@@ -44,6 +44,13 @@ pub struct SimBackend {
     /// ... and at which it comes back.
     #[serde(default)]
     pub up_at: Option<f64>,
+}
+
+impl SimBackend {
+    /// Dead (unhealthy) at `progress`, a fraction of the run: from `down_at` until `up_at`.
+    pub fn is_down_at(&self, progress: f64) -> bool {
+        self.down_at.is_some_and(|d| progress >= d) && self.up_at.is_none_or(|u| progress < u)
+    }
 }
 
 fn one() -> u32 {
@@ -367,8 +374,7 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
         for attempt in 0..2 {
             snapshot.clear(instance.stats_stride());
             for (i, b) in scenario.backends.iter().enumerate() {
-                let dead = b.down_at.is_some_and(|d| now >= d * horizon) && b.up_at.is_none_or(|u| now < u * horizon);
-                let state = if dead {
+                let state = if b.is_down_at(progress) {
                     BackendState::Unhealthy
                 } else if b.drain_at.is_some_and(|d| now >= d * horizon) {
                     BackendState::Draining
@@ -392,10 +398,7 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
             }
             let mut conn = sample_connection(sequence, traffic.seeds[k]);
             conn.attempt = attempt;
-            conn.client = std::net::SocketAddr::new(
-                std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0001u32.wrapping_add(client as u32))),
-                conn.client.port(),
-            );
+            conn.client = std::net::SocketAddr::new(population_client(client as u32), conn.client.port());
             conn.now_millis = now as u64;
             let started = Instant::now();
             let answer = instance.pick(&conn, snapshot.as_flat());
