@@ -131,9 +131,9 @@ async fn dns_backends_follow_a_real_dns_server_and_keep_the_last_answer_when_it_
     let (config, _) = config_from_toml(&format!(
         "dns_servers = [\"{}\"]\n\
          [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\ndns_refresh_ms = {refresh_ms}\n\
-         backends = [{{ dns = \"web.harbor.test:{port}\" }}]\n\
+         backends = [{{ dns = \"web.harbor.test:{port}\", tags = [\"eu-west\", \"canary\"] }}]\n\
          [[service]]\nname = \"srv\"\nlisten = \"127.0.0.1:0\"\ndns_refresh_ms = {refresh_ms}\n\
-         backends = [{{ srv = \"_web._tcp.harbor.test\" }}]\n",
+         backends = [{{ srv = \"_web._tcp.harbor.test\", tags = [\"srv-pool\"] }}]\n",
         dns.addr()
     ));
     let harbor = start(config).await;
@@ -148,6 +148,11 @@ async fn dns_backends_follow_a_real_dns_server_and_keep_the_last_answer_when_it_
     );
     let (_, list) = admin_get(harbor.admin_addr.unwrap(), "/services/web/backends").await;
     assert!(list.contains("\"source\": \"dns\""), "{list}");
+    // Every address of the name carries the entry's tags, as strategies see them.
+    let web_pool = harbor.control.service("web").unwrap().context.load().pool.load_full();
+    for member in web_pool.members() {
+        assert_eq!(&member.tags[..], ["eu-west", "canary"], "{list}");
+    }
 
     // SRV: the target's address, at the record's port, with its weight.
     let srv_ok = eventually(Duration::from_secs(10), || !backend_addrs(&harbor, "srv").is_empty()).await;
@@ -155,6 +160,7 @@ async fn dns_backends_follow_a_real_dns_server_and_keep_the_last_answer_when_it_
     let srv_pool = harbor.control.service("srv").unwrap().context.load().pool.load_full();
     let member = &srv_pool.members()[0];
     assert_eq!((member.backend.address.to_string(), member.weight), (format!("127.0.0.5:{port}"), 7));
+    assert_eq!(&member.tags[..], ["srv-pool"]);
     assert_eq!(echo_roundtrip(harbor.addr_of("srv").unwrap(), b"srv").await, "b5");
 
     // The answer changes while four clients keep going.

@@ -64,14 +64,14 @@ pub async fn lookup(
     let now = std::time::Instant::now();
     let mut found = Vec::new();
     let valid_for = match entry {
-        DnsBackend::A { name, port, weight } => {
+        DnsBackend::A { name, port, weight, .. } => {
             let answer = resolver.lookup_ip(fqdn(name)).await?;
             for ip in answer.iter().take(MAX_ANSWERS) {
                 found.push((SocketAddr::new(ip, *port), *weight));
             }
             answer.valid_until().saturating_duration_since(now)
         }
-        DnsBackend::Srv { name } => {
+        DnsBackend::Srv { name, .. } => {
             let answer = resolver.srv_lookup(fqdn(name)).await?;
             let mut valid_for = answer.as_lookup().valid_until().saturating_duration_since(now);
             // The lowest priority present is the one in use (RFC 2782); weights share it.

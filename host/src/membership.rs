@@ -77,6 +77,8 @@ struct State {
     deleted: HashSet<SocketAddr>,
     /// The last good answer of each DNS name, by [`DnsBackend::key`].
     dns: BTreeMap<String, Vec<(SocketAddr, u32)>>,
+    /// The tags of each DNS name's backends, by key.
+    dns_tags: HashMap<String, Tags>,
     /// The follower of each DNS name.
     followers: Vec<CancellationToken>,
     /// Addresses already reported as listed twice, so a refresh does not report them again.
@@ -123,6 +125,7 @@ impl Membership {
                 overrides: HashMap::new(),
                 deleted: HashSet::new(),
                 dns: BTreeMap::new(),
+                dns_tags: HashMap::new(),
                 followers: Vec::new(),
                 reported_twice: HashSet::new(),
                 removing: HashMap::new(),
@@ -299,6 +302,7 @@ impl Membership {
         }
         let keys: HashSet<String> = entries.iter().map(DnsBackend::key).collect();
         state.dns.retain(|key, _| keys.contains(key));
+        state.dns_tags = entries.iter().map(|e| (e.key(), Arc::clone(e.tags()))).collect();
         if let Some(resolver) = resolver {
             for entry in entries {
                 let stop = self.background.child_token();
@@ -412,14 +416,17 @@ impl Membership {
         }
         let untagged: Tags = Arc::from([]);
         let mut twice = Vec::new();
-        for (address, weight) in state.dns.values().flatten() {
-            if state.deleted.contains(address) {
-                continue;
-            }
-            if seen.insert(*address) {
-                listed.push((*address, *weight, Source::Dns, Arc::clone(&untagged)));
-            } else {
-                twice.push(*address);
+        for (key, answer) in &state.dns {
+            let tags = state.dns_tags.get(key).unwrap_or(&untagged);
+            for (address, weight) in answer {
+                if state.deleted.contains(address) {
+                    continue;
+                }
+                if seen.insert(*address) {
+                    listed.push((*address, *weight, Source::Dns, Arc::clone(tags)));
+                } else {
+                    twice.push(*address);
+                }
             }
         }
         let mut api: Vec<(&SocketAddr, &(u64, u32, Tags))> = state.api.iter().collect();
@@ -492,6 +499,7 @@ impl Membership {
                     && a.weight == b.weight
                     && a.removing == b.removing
                     && a.source == b.source
+                    && a.tags == b.tags
             });
         if unchanged {
             return;

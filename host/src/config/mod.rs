@@ -440,9 +440,9 @@ pub fn check_tags(setting: &str, tags: &[String]) -> Result<std::sync::Arc<[Stri
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum DnsBackend {
     /// Every A and AAAA record of `name`, at `port`.
-    A { name: String, port: u16, weight: u32 },
+    A { name: String, port: u16, weight: u32, tags: std::sync::Arc<[String]> },
     /// The SRV records of `name`: each target's addresses, at its port, with its weight.
-    Srv { name: String },
+    Srv { name: String, tags: std::sync::Arc<[String]> },
 }
 
 impl DnsBackend {
@@ -450,7 +450,14 @@ impl DnsBackend {
     pub fn key(&self) -> String {
         match self {
             DnsBackend::A { name, port, .. } => format!("{name}:{port}"),
-            DnsBackend::Srv { name } => format!("srv:{name}"),
+            DnsBackend::Srv { name, .. } => format!("srv:{name}"),
+        }
+    }
+
+    /// The tags every backend the name gives carries.
+    pub fn tags(&self) -> &std::sync::Arc<[String]> {
+        match self {
+            DnsBackend::A { tags, .. } | DnsBackend::Srv { tags, .. } => tags,
         }
     }
 }
@@ -899,7 +906,7 @@ fn service_config(
                 backend.tags = check_tags(backends_setting, tags)?;
                 backends.push(backend)
             }
-            BackendSpec::Dns(DnsSpec { dns: text, weight }) => {
+            BackendSpec::Dns(DnsSpec { dns: text, weight, tags }) => {
                 let (name, port) = text
                     .rsplit_once(':')
                     .and_then(|(n, p)| Some((n.trim(), p.trim().parse::<u16>().ok().filter(|p| *p > 0)?)))
@@ -908,11 +915,13 @@ fn service_config(
                 if !(1..=10_000).contains(weight) {
                     return Err(invalid(backends_setting, format!("dns {text:?}: weight must be from 1 to 10000")));
                 }
-                dns.push(DnsBackend::A { name: name.to_string(), port, weight: *weight });
+                let tags = check_tags(backends_setting, tags)?;
+                dns.push(DnsBackend::A { name: name.to_string(), port, weight: *weight, tags });
             }
-            BackendSpec::Srv(SrvSpec { srv }) => {
+            BackendSpec::Srv(SrvSpec { srv, tags }) => {
                 check_dns_name(backends_setting, srv.trim())?;
-                dns.push(DnsBackend::Srv { name: srv.trim().to_string() });
+                let tags = check_tags(backends_setting, tags)?;
+                dns.push(DnsBackend::Srv { name: srv.trim().to_string(), tags });
             }
         }
     }

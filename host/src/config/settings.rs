@@ -329,6 +329,9 @@ pub struct DnsSpec {
     pub dns: String,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Tags every address of the name carries.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// `{ srv = "_service._tcp.name" }`.
@@ -336,6 +339,9 @@ pub struct DnsSpec {
 #[serde(deny_unknown_fields)]
 pub struct SrvSpec {
     pub srv: String,
+    /// Tags every target of the name carries.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 fn one() -> u32 {

@@ -253,7 +253,7 @@ fn every_setting_is_in_the_readme() {
 fn dns_and_srv_backends_are_parsed_and_checked() {
     let c = from_toml(
         "dns_servers = [\"127.0.0.1:5353\"]\n[[service]]\nname = \"db\"\nlisten = \"127.0.0.1:1\"\ndns_refresh_ms = 250\n\
-         backends = [\"127.0.0.1:7001\", { dns = \"db.internal:5432\", weight = 3 }, { srv = \"_pg._tcp.db.internal\" }]\n",
+         backends = [\"127.0.0.1:7001\", { dns = \"db.internal:5432\", weight = 3, tags = [\"eu\"] }, { srv = \"_pg._tcp.db.internal\" }]\n",
         RunArgs::default(),
     )
     .unwrap();
@@ -263,13 +263,20 @@ fn dns_and_srv_backends_are_parsed_and_checked() {
     assert_eq!(
         s.dns,
         [
-            DnsBackend::A { name: "db.internal".into(), port: 5432, weight: 3 },
-            DnsBackend::Srv { name: "_pg._tcp.db.internal".into() }
+            DnsBackend::A {
+                name: "db.internal".into(),
+                port: 5432,
+                weight: 3,
+                tags: std::sync::Arc::from(["eu".to_string()])
+            },
+            DnsBackend::Srv { name: "_pg._tcp.db.internal".into(), tags: std::sync::Arc::from([]) }
         ]
     );
     assert_eq!(s.tunables.dns_refresh(), Duration::from_millis(250));
     for (entry, needle) in [
         ("{ dns = \"db.internal\" }", "write name:port"),
+        ("{ dns = \"db.internal:1\", tags = [\"bad tag\"] }", "tag"),
+        ("{ srv = \"_a._tcp.x\", tags = [\"\"] }", "tag"),
         ("{ dns = \"db.internal:0\" }", "write name:port"),
         ("{ dns = \"bad name:80\" }", "not a DNS name"),
         ("{ dns = \"a:80\", weight = 0 }", "weight"),
