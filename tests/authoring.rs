@@ -37,7 +37,7 @@ fn check_explains_what_is_wrong() {
         ("out_of_range.wat", "out of range (16 backends)"),
         ("trap.wat", "trapped"),
         ("infinite_loop.wat", "deadline or its fuel"),
-        ("foreign_import.wat", "wasi:http/outgoing-handler@0.2.0"),
+        ("foreign_import.wat", "wasi:keyvalue/store@0.2.0-draft"),
         ("wrong_world.wat", "does not implement the world"),
         ("init_fails.wat", "init rejected the configuration: bad config"),
         ("garbage.wasm", "not a WebAssembly component"),

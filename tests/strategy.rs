@@ -119,6 +119,12 @@ async fn a_trapping_guest_costs_no_connection() {
     assert_fallback("trap.wat", "trap", |_| {}).await;
 }
 
+/// `wasi:http` is linked, because toolchains import it by default, but every call traps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_calling_http_faults_and_costs_no_connection() {
+    assert_fallback("http_call.wat", "trap", |_| {}).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_infinite_loop_is_cut_by_the_deadline() {
     assert_fallback("infinite_loop.wat", "timeout", |_| {}).await;
@@ -198,7 +204,7 @@ async fn assert_rejected(path: &Path, needle: &str) -> StrategyError {
 async fn bad_components_are_rejected_with_a_clear_message_and_the_old_strategy_stays() {
     assert_rejected(&fixture("wrong_world.wat"), "does not implement the world").await;
     assert_rejected(&fixture("wrong_signature.wat"), "does not implement").await;
-    assert_rejected(&fixture("foreign_import.wat"), "wasi:http/outgoing-handler@0.2.0").await;
+    assert_rejected(&fixture("foreign_import.wat"), "wasi:keyvalue/store@0.2.0-draft").await;
     assert_rejected(&fixture("garbage.wasm"), "not a WebAssembly component").await;
     assert_rejected(&fixture("empty.wasm"), "empty").await;
     assert_rejected(&fixture("init_fails.wat"), "bad config").await;

@@ -223,7 +223,14 @@ impl LoadedStrategy {
         let imports = engine.imports(&component);
         let sandboxed = super::wasi::needs_sandbox(imports.iter().map(String::as_str));
         let linker = if sandboxed { &engine.sandbox_linker } else { &engine.linker };
-        let instance_pre = linker.instantiate_pre(&component).map_err(|e| StrategyError::Compile(format!("{e:#}")))?;
+        let instance_pre = if imports.iter().any(|i| super::wasi::is_trapping_import(i)) {
+            super::wasi::with_trapping_imports(linker, &component, &engine.engine)
+                .map_err(|e| StrategyError::Compile(format!("{e:#}")))?
+                .instantiate_pre(&component)
+        } else {
+            linker.instantiate_pre(&component)
+        }
+        .map_err(|e| StrategyError::Compile(format!("{e:#}")))?;
         let says = |version: &str| imports.iter().any(|i| i == &format!("harbor:strategy/types@{version}"));
         let as_v1 = |pre| {
             if sandboxed {

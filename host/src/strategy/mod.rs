@@ -56,7 +56,7 @@ pub enum StrategyError {
     CoreModule,
     #[error("not a valid WebAssembly component: {0}")]
     Compile(String),
-    #[error("the component imports what Harbor does not provide ({0}); a strategy may import Harbor's interfaces and WASI 0.2 (cli, clocks, io, random; filesystem and sockets, which deny everything), nothing else")]
+    #[error("the component imports what Harbor does not provide ({0}); a strategy may import Harbor's interfaces and WASI 0.2 (cli, clocks, io, random; filesystem and sockets, which deny everything; http, whose calls trap), nothing else")]
     ForeignImports(String),
     #[error("the component does not implement the world it names: {0}")]
     WrongWorld(String),

@@ -56,17 +56,81 @@ const INTERFACES: &[&str] = &[
     "wasi:sockets/udp-create-socket",
 ];
 
-/// True for an import the sandbox provides: `wasi:<package>/<interface>@0.2.<patch>`.
+/// WASI 0.2 interfaces the sandbox does not implement but lets a component import, because
+/// toolchains import them by default (componentize-js: `wasi:http`): every function of them
+/// traps when called, so a strategy that tries an HTTP request faults, and one that only
+/// imports them loads.
+const TRAPPING_INTERFACES: &[&str] = &["wasi:http/types", "wasi:http/outgoing-handler"];
+
+/// `name` split into interface and patch version, if it is `<interface>@0.2.<patch>`.
+fn wasi_0_2(name: &str) -> Option<&str> {
+    let (interface, version) = name.split_once('@')?;
+    let patch = version.strip_prefix("0.2.")?;
+    (!patch.is_empty() && patch.bytes().all(|b| b.is_ascii_digit())).then_some(interface)
+}
+
+/// True for an import the sandbox accepts: `wasi:<package>/<interface>@0.2.<patch>`,
+/// implemented (denying files and network) or trapping (`wasi:http`).
 pub fn is_sandbox_import(name: &str) -> bool {
-    let Some((interface, version)) = name.split_once('@') else { return false };
-    let patch = version.strip_prefix("0.2.");
-    INTERFACES.contains(&interface) && patch.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    wasi_0_2(name).is_some_and(|i| INTERFACES.contains(&i) || TRAPPING_INTERFACES.contains(&i))
+}
+
+/// True for an import the sandbox links as functions that trap.
+pub fn is_trapping_import(name: &str) -> bool {
+    wasi_0_2(name).is_some_and(|i| TRAPPING_INTERFACES.contains(&i))
 }
 
 /// True if any of `imports` is a WASI one: the component needs the sandbox.
 pub fn needs_sandbox<'a>(mut imports: impl Iterator<Item = &'a str>) -> bool {
     imports.any(|name| name.starts_with("wasi:"))
 }
+
+/// Defines, in a copy of `linker`, every function of the trapping interfaces `component`
+/// imports as one that traps, and their resources; the resources they take from `wasi:io`
+/// are wasmtime-wasi's own, so the component's other imports still match.
+pub fn with_trapping_imports(
+    linker: &Linker<GuestState>,
+    component: &wasmtime::component::Component,
+    engine: &wasmtime::Engine,
+) -> wasmtime::Result<Linker<GuestState>> {
+    use wasmtime::component::types::ComponentItem;
+    use wasmtime::component::ResourceType;
+    let mut linker = linker.clone();
+    for (name, item) in component.component_type().imports(engine) {
+        let ComponentItem::ComponentInstance(instance) = item.ty else { continue };
+        if !is_trapping_import(name) {
+            continue;
+        }
+        let mut defined = linker.instance(name)?;
+        for (export, item) in instance.exports(engine) {
+            match item.ty {
+                ComponentItem::ComponentFunc(_) => {
+                    let what = format!("{name}#{export}");
+                    defined.func_new(export, move |_, _, _, _| {
+                        wasmtime::bail!(
+                            "{what}: a strategy may not make HTTP requests (Harbor's sandbox has no network)"
+                        )
+                    })?;
+                }
+                ComponentItem::Resource(_) => {
+                    let ty = match export {
+                        "input-stream" => ResourceType::host::<wasmtime_wasi::p2::DynInputStream>(),
+                        "output-stream" => ResourceType::host::<wasmtime_wasi::p2::DynOutputStream>(),
+                        "pollable" => ResourceType::host::<wasmtime_wasi::p2::DynPollable>(),
+                        "io-error" => ResourceType::host::<wasmtime_wasi::p2::IoError>(),
+                        _ => ResourceType::host::<TrappingResource>(),
+                    };
+                    defined.resource(export, ty, |_, _| Ok(()))?;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(linker)
+}
+
+/// The resources of a trapping interface: none is ever made, since every function traps.
+struct TrappingResource;
 
 /// Adds the WASI interfaces to `linker` (asynchronous: see the module's notes).
 pub fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
@@ -224,7 +288,11 @@ mod tests {
     fn only_wasi_0_2_interfaces_the_sandbox_has_are_accepted() {
         assert!(is_sandbox_import("wasi:cli/stdout@0.2.0"));
         assert!(is_sandbox_import("wasi:io/streams@0.2.6"));
-        assert!(!is_sandbox_import("wasi:http/outgoing-handler@0.2.0"));
+        assert!(is_sandbox_import("wasi:http/outgoing-handler@0.2.0"));
+        assert!(is_trapping_import("wasi:http/types@0.2.10"));
+        assert!(!is_trapping_import("wasi:io/streams@0.2.6"));
+        assert!(!is_sandbox_import("wasi:http/incoming-handler@0.2.0"));
+        assert!(!is_sandbox_import("wasi:keyvalue/store@0.2.0"));
         assert!(!is_sandbox_import("wasi:cli/stdout@0.3.0"));
         assert!(!is_sandbox_import("wasi:cli/stdout@0.2."));
         assert!(!is_sandbox_import("wasi:cli/stdout"));
