@@ -2,12 +2,15 @@
 # Build Harbor's polyglot strategy components:
 #   strategies/py_p2c.wasm      Python,     componentize-py  (strategies/python/p2c/app.py)
 #   strategies/js_fastest.wasm  JavaScript, componentize-js  (strategies/js/fastest/strategy.js)
+# and the same two with each toolchain's defaults, which import WASI 0.2 (and wasi:http) and
+# run in Harbor's sandbox: strategies/wasi/py_p2c.wasm and strategies/wasi/js_fastest.wasm.
 #
 # Installs the pinned toolchains from the package registries when missing:
 #   - componentize-py + wasmtime (wasmtime-py, for the checks) into a venv at
 #     target/polyglot-venv (override with POLYGLOT_VENV);
 #   - componentize-js + jco into strategies/js/node_modules with `npm ci` (package-lock.json).
-# Both components are built without WASI imports; the script fails if one shows up.
+# The pure builds have no WASI imports, and the default ones only WASI 0.2 and Harbor's types;
+# the script fails if anything else shows up.
 # Then it loads both in wasmtime (wasmtime-py) and in node (jco transpile), checks their
 # picks and prints rough per-pick timings (skip with --no-test).
 #
@@ -89,14 +92,18 @@ install_js_tools() {
 
 # ------------------------------------------------------------- import check
 # Prints the component's imports; fails unless the only one is the type-only
-# harbor:strategy/types interface (which every strategy, Rust ones too, has).
+# harbor:strategy/types interface (which every strategy, Rust ones too, has), and, with
+# `wasi` as the second argument, WASI 0.2 interfaces.
 check_imports() {
-    local wasm="$1" wit imports bad
+    local wasm="$1" allow_wasi="${2:-}" wit imports bad
     wit="$("$JS/node_modules/.bin/jco" wit "$wasm")" || die "jco wit could not read $wasm"
     imports="$(printf '%s\n' "$wit" | sed -n 's/^  import \(.*\);$/\1/p; s/^  import \([^:;]*\):.*/\1/p')"
     echo "    imports: $(printf '%s' "$imports" | tr '\n' ' ')"
     echo "    exports: $(printf '%s\n' "$wit" | sed -n 's/^  export \([^:;]*\)[:;].*/\1/p' | tr '\n' ' ')"
     bad="$(printf '%s\n' "$imports" | grep -v '^harbor:strategy/types@0\.1\.0$' | grep -v '^$' || true)"
+    if [ "$allow_wasi" = wasi ]; then
+        bad="$(printf '%s\n' "$bad" | grep -v '^wasi:[a-z-]*/[a-z-]*@0\.2\.[0-9]*$' | grep -v '^$' || true)"
+    fi
     [ -z "$bad" ] || die "$(basename "$wasm") still imports: $(printf '%s' "$bad" | tr '\n' ' ')"
 }
 
@@ -111,6 +118,15 @@ build_py() {
         || die "componentize-py failed to build $out"
     echo "    built in $(elapsed "$t"), $(size_of "$out")"
     check_imports "$out"
+    out="$HERE/wasi/py_p2c.wasm"
+    step "componentize-py, its defaults (WASI) -> strategies/wasi/py_p2c.wasm"
+    t="$(now)"
+    mkdir -p "$HERE/wasi"
+    "$VENV/bin/componentize-py" -d "$WIT" -w strategy componentize \
+        -p "$HERE/python/p2c" app -o "$out" \
+        || die "componentize-py failed to build $out"
+    echo "    built in $(elapsed "$t"), $(size_of "$out")"
+    check_imports "$out" wasi
 }
 
 build_js() {
@@ -124,6 +140,15 @@ build_js() {
         || die "componentize-js failed to build $out"
     echo "    built in $(elapsed "$t"), $(size_of "$out")"
     check_imports "$out"
+    out="$HERE/wasi/js_fastest.wasm"
+    step "componentize-js, its defaults (WASI) -> strategies/wasi/js_fastest.wasm"
+    t="$(now)"
+    mkdir -p "$HERE/wasi"
+    (cd "$JS" && node node_modules/@bytecodealliance/componentize-js/src/cli.js \
+        fastest/strategy.js --wit "$WIT" --world-name strategy -o "$out") \
+        || die "componentize-js failed to build $out"
+    echo "    built in $(elapsed "$t"), $(size_of "$out")"
+    check_imports "$out" wasi
 }
 
 T0="$(now)"
