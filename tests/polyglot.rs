@@ -1,5 +1,7 @@
 //! Strategies written in Python (componentize-py), JavaScript (componentize-js) and WAT, built
 //! by `cargo xtask polyglot`, loaded into a running Harbor with connections pushed through.
+//! The Python and JavaScript strategies are also built with each toolchain's defaults
+//! (`strategies/wasi/`), which import WASI 0.2 and wasi:http: those load in the sandbox.
 //! A missing component fails the test: these never skip.
 
 mod common;
@@ -8,7 +10,8 @@ use std::collections::HashMap;
 
 use common::*;
 
-async fn run_polyglot(file: &str, expected_name: &str) {
+/// `file` is under `strategies/`; `sandboxed` says whether it imports WASI.
+async fn run_polyglot(file: &str, expected_name: &str, sandboxed: bool) {
     let path = workspace_root().join("strategies").join(file);
     assert!(path.is_file(), "{} is missing: run `cargo xtask polyglot` (cargo xtask test does)", path.display());
     let (backends, _stops) = echo_backends(3).await;
@@ -17,6 +20,7 @@ async fn run_polyglot(file: &str, expected_name: &str) {
     let harbor = start(cfg).await;
     let status = harbor.strategy().status();
     assert_eq!((status.kind, status.name.as_str()), ("wasm", expected_name));
+    assert_eq!(status.wasi_sandbox, sandboxed, "{file}: wasi_sandbox");
 
     let mut counts: HashMap<String, usize> = HashMap::new();
     for i in 0..30 {
@@ -41,17 +45,29 @@ async fn run_polyglot(file: &str, expected_name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_strategy_places_connections() {
-    run_polyglot("py_p2c.wasm", "py-p2c").await;
+    run_polyglot("py_p2c.wasm", "py-p2c", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn javascript_strategy_places_connections() {
-    run_polyglot("js_fastest.wasm", "js-fastest").await;
+    run_polyglot("js_fastest.wasm", "js-fastest", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wat_strategy_places_connections() {
-    run_polyglot("random_two_choices.wasm", "wat-p2c").await;
+    run_polyglot("random_two_choices.wasm", "wat-p2c", false).await;
+}
+
+/// componentize-py without `--stub-wasi`: imports WASI 0.2 (filesystem, sockets, cli ...).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_default_wasi_build_places_connections_in_the_sandbox() {
+    run_polyglot("wasi/py_p2c.wasm", "py-p2c", true).await;
+}
+
+/// componentize-js without `--disable`: imports WASI 0.2 and wasi:http (linked as traps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn javascript_default_wasi_build_places_connections_in_the_sandbox() {
+    run_polyglot("wasi/js_fastest.wasm", "js-fastest", true).await;
 }
 
 /// A long compile (an 18 MB Python component) shows as `loading` in `GET /strategy`, with its
