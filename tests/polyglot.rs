@@ -1,4 +1,4 @@
-//! Strategies written in Python (componentize-py), JavaScript (componentize-js) and WAT, built
+//! Strategies written in Python (componentize-py), JavaScript (componentize-js), WAT and C, built
 //! by `cargo xtask polyglot`, loaded into a running Harbor with connections pushed through.
 //! The Python and JavaScript strategies are also built with each toolchain's defaults
 //! (`strategies/wasi/`), which import WASI 0.2 and wasi:http: those load in the sandbox.
@@ -116,4 +116,58 @@ async fn a_strategy_still_compiling_shows_as_loading() {
     assert_eq!(host.status().name, "py-p2c");
     harbor.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The C strategy (smooth weighted round-robin, clang + wasi-libc + `wit-bindgen c`): weights
+/// 3:1:1 give 3:1:1 of the connections, and an unhealthy backend gets none. `sandboxed` is the
+/// build whose stderr goes through wasi-libc and the preview1 adapter (WASI 0.2 imports).
+async fn run_c_swrr(file: &str, sandboxed: bool) {
+    let path = workspace_root().join("strategies").join(file);
+    assert!(path.is_file(), "{} is missing: run `cargo xtask polyglot` (cargo xtask test does)", path.display());
+    let (backends, _stops) = echo_backends(3).await;
+    let (config, _) = config_from_toml(&format!(
+        "[[service]]\nname = \"default\"\nlisten = \"127.0.0.1:0\"\nstrategy = \"{}\"\n\
+         backends = [{{ address = \"{}\", weight = 3 }}, \"{}\", \"{}\"]\n",
+        path.display(),
+        backends[0],
+        backends[1],
+        backends[2]
+    ));
+    let harbor = start(config).await;
+    let status = harbor.strategy().status();
+    assert_eq!((status.kind, status.name.as_str(), status.wasi_sandbox), ("wasm", "c-swrr", sandboxed));
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for i in 0..100 {
+        let name = try_echo_roundtrip(harbor.addr, &pattern(256, i)).await.unwrap_or_else(|e| panic!("{file}: {e}"));
+        *counts.entry(name).or_default() += 1;
+    }
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    assert_eq!(m.sum("harbor_strategy_fallbacks_total"), 0.0, "{file} faulted: {counts:?}");
+    // Each worker's instance keeps its own scores and is exact within a few picks; the
+    // workers' interleaving adds at most a few more per backend.
+    let share = |name: &str| counts.get(name).copied().unwrap_or(0);
+    assert!((54..=66).contains(&share("b0")), "weight 3 of 5: {counts:?}");
+    assert!((14..=26).contains(&share("b1")) && (14..=26).contains(&share("b2")), "weight 1 of 5: {counts:?}");
+
+    harbor.pool().get(0).unwrap().set_admin_state(harbor::backend::BackendState::Unhealthy);
+    let mut after: HashMap<String, usize> = HashMap::new();
+    for i in 0..20 {
+        let name = try_echo_roundtrip(harbor.addr, &pattern(64, i)).await.unwrap();
+        *after.entry(name).or_default() += 1;
+    }
+    assert_eq!(after.get("b0"), None, "{file} picked an unhealthy backend: {after:?}");
+    assert!(after.get("b1").is_some_and(|&n| (7..=13).contains(&n)), "equal weights share evenly: {after:?}");
+    harbor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_strategy_places_connections_by_weight() {
+    run_c_swrr("swrr_c.wasm", false).await;
+}
+
+/// The same C source with `fprintf(stderr, ...)` at init: wasi-libc plus the preview1 adapter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_wasi_libc_build_places_connections_in_the_sandbox() {
+    run_c_swrr("wasi/swrr_c.wasm", true).await;
 }

@@ -33,6 +33,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("build") => build_strategies(&root),
         Some("polyglot") => build_polyglot(),
+        Some("wasi-adapter") => write_wasi_adapter(args.get(1).context("wasi-adapter: give the output path")?),
         Some("demo") => demo(&root, &args[1..]),
         Some("test") => test(&root),
         Some("fuzz") => {
@@ -50,7 +51,7 @@ fn main() -> Result<()> {
             run(Command::new("bash").arg("bench/run.sh").args(&args[1..]))
         }
         _ => {
-            eprintln!("usage: cargo xtask <build|polyglot|demo|test|bench|dist|fuzz [SECONDS]|soak>");
+            eprintln!("usage: cargo xtask <build|polyglot|wasi-adapter OUT|demo|test|bench|dist|fuzz [SECONDS]|soak>");
             std::process::exit(2);
         }
     }
@@ -180,11 +181,21 @@ fn build_wasip2_strategies(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Python (componentize-py), JavaScript (componentize-js) and WAT strategies. Fails loudly
+/// Python (componentize-py), JavaScript (componentize-js), WAT and C strategies. Fails loudly
 /// if a toolchain cannot be installed: the tests that load them must never skip silently.
 fn build_polyglot() -> Result<()> {
     run(Command::new("bash").args(["strategies/build-polyglot.sh", "--no-test"]))?;
-    run(Command::new("bash").arg("strategies/wat/build.sh"))
+    run(Command::new("bash").arg("strategies/wat/build.sh"))?;
+    run(Command::new("bash").arg("strategies/c/build.sh"))
+}
+
+/// Writes the WASI preview1 reactor adapter of the pinned wasmtime (for `wasm-tools component
+/// new --adapt`), so a core module built against wasi-libc becomes a WASI 0.2 component.
+fn write_wasi_adapter(out: &str) -> Result<()> {
+    let adapter = wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER;
+    std::fs::write(out, adapter).with_context(|| format!("writing {out}"))?;
+    eprintln!("xtask: wrote {out} ({} bytes)", adapter.len());
+    Ok(())
 }
 
 /// Runs Harbor with least_conn in front of two echo backends until Ctrl-C.
@@ -320,6 +331,11 @@ fn install_debian_packages() -> Result<()> {
         ("chromium", "/usr/bin/chromium"),
         ("binutils", "/usr/bin/objcopy"),
         ("nginx", "/usr/sbin/nginx"),
+        // The C strategy (strategies/c/build.sh checks these too, when run on its own).
+        ("clang", "/usr/bin/clang"),
+        ("lld", "/usr/bin/wasm-ld"),
+        ("wasi-libc", "/usr/include/wasm32-wasi/stdio.h"),
+        ("libclang-rt-dev-wasm32", "/usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi/libclang_rt.builtins-wasm32.a"),
     ]
     .into_iter()
     .filter(|(_, binary)| !Path::new(binary).exists())
