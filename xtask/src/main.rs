@@ -331,11 +331,6 @@ fn install_debian_packages() -> Result<()> {
         ("chromium", "/usr/bin/chromium"),
         ("binutils", "/usr/bin/objcopy"),
         ("nginx", "/usr/sbin/nginx"),
-        // The C strategy (strategies/c/build.sh checks these too, when run on its own).
-        ("clang", "/usr/bin/clang"),
-        ("lld", "/usr/bin/wasm-ld"),
-        ("wasi-libc", "/usr/include/wasm32-wasi/stdio.h"),
-        ("libclang-rt-dev-wasm32", "/usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi/libclang_rt.builtins-wasm32.a"),
     ]
     .into_iter()
     .filter(|(_, binary)| !Path::new(binary).exists())
