@@ -10,10 +10,16 @@ use std::collections::HashMap;
 
 use common::*;
 
-/// `file` is under `strategies/`; `sandboxed` says whether it imports WASI.
-async fn run_polyglot(file: &str, expected_name: &str, sandboxed: bool) {
+/// A built component under `strategies/`; a missing one fails the test.
+fn built(file: &str) -> std::path::PathBuf {
     let path = workspace_root().join("strategies").join(file);
     assert!(path.is_file(), "{} is missing: run `cargo xtask polyglot` (cargo xtask test does)", path.display());
+    path
+}
+
+/// `file` is under `strategies/`; `sandboxed` says whether it imports WASI.
+async fn run_polyglot(file: &str, expected_name: &str, sandboxed: bool) {
+    let path = built(file);
     let (backends, _stops) = echo_backends(3).await;
     let mut cfg = config(&backends);
     cfg.service_mut().strategy = Some(path);
@@ -51,6 +57,24 @@ async fn python_strategy_places_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn javascript_strategy_places_connections() {
     run_polyglot("js_fastest.wasm", "js-fastest", false).await;
+}
+
+/// componentize-js's engine runs a major garbage collection every ~7 500 picks, which costs
+/// ~5M fuel: 20 000 picks must pass `check` with no fault, in both builds (a 3M budget once
+/// made every such collection a fault, and the strategy was reverted under load).
+#[test]
+fn javascript_strategy_survives_its_major_garbage_collections() {
+    for file in ["js_fastest.wasm", "wasi/js_fastest.wasm"] {
+        let path = built(file);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_harbor"))
+            .args(["strategy", "check", "--backends", "16", "--picks", "20000"])
+            .arg(&path)
+            .output()
+            .expect("run harbor strategy check");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{file}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("picks checked: 20000") && stdout.contains("result:        ok"), "{file}: {stdout}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,8 +146,7 @@ async fn a_strategy_still_compiling_shows_as_loading() {
 /// 3:1:1 give 3:1:1 of the connections, and an unhealthy backend gets none. `sandboxed` is the
 /// build whose stderr goes through wasi-libc and the preview1 adapter (WASI 0.2 imports).
 async fn run_c_swrr(file: &str, sandboxed: bool) {
-    let path = workspace_root().join("strategies").join(file);
-    assert!(path.is_file(), "{} is missing: run `cargo xtask polyglot` (cargo xtask test does)", path.display());
+    let path = built(file);
     let (backends, _stops) = echo_backends(3).await;
     let (config, _) = config_from_toml(&format!(
         "[[service]]\nname = \"default\"\nlisten = \"127.0.0.1:0\"\nstrategy = \"{}\"\n\

@@ -136,6 +136,31 @@ async fn a_memory_bomb_is_stopped_by_the_limit() {
     assert_fallback("memory_bomb.wat", "trap", |cfg| cfg.service_mut().tunables.strategy_memory_mb = 8).await;
 }
 
+/// A guest that never frees (128 KiB a pick; componentize-js does ~0.8 KB) is swapped for a
+/// fresh instance before it reaches the limit: no fault, no fallback, every connection placed
+/// by the strategy. Without recycling it would trap at the 8 MiB limit every ~60 picks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_frees_is_recycled_before_its_memory_limit() {
+    let (backends, _stops) = echo_backends(2).await;
+    let mut cfg = config(&backends);
+    cfg.service_mut().tunables.strategy_memory_mb = 8;
+    let harbor = start(cfg).await;
+    let host = &harbor.strategy();
+    host.load_file(&fixture("leaky.wat")).await.expect("leaky.wat loads");
+    for i in 0..300 {
+        let name =
+            try_echo_roundtrip(harbor.addr, &pattern(256, i)).await.unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(name, "b0", "connection {i} was not placed by the strategy (first healthy)");
+    }
+    let status = host.status();
+    assert_eq!((status.kind, status.name.as_str()), ("wasm", "leaky"));
+    // ~48 picks per instance before three quarters of its room is used: 300 picks, >= 4 swaps.
+    assert!(status.recycled_instances >= 4, "{} instances recycled", status.recycled_instances);
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    assert_eq!(m.sum("harbor_strategy_fallbacks_total"), 0.0, "a recycled guest faulted");
+    harbor.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_limit_covers_every_memory_of_an_instance_summed() {
     // Four memories of 3 MiB each: none over the 8 MiB limit, 12 MiB together.

@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use harbor::backend::BackendPool;
 use harbor::config::BackendConfig;
 use harbor::metrics::Metrics;
-use harbor::strategy::{GuestLimits, PickRequest, StrategyHost};
+use harbor::strategy::{GuestLimits, PickRequest, PickSource, StrategyHost};
 
 fn pool(n: usize) -> BackendPool {
     let configs: Vec<BackendConfig> =
@@ -37,7 +37,27 @@ fn host(strategy: Option<PathBuf>) -> StrategyHost {
     host
 }
 
+/// Every timed pick must come from the case's own strategy: a fault reverts to the built-in
+/// round-robin, which is 5x cheaper, and would be timed as the guest.
+fn assert_placed_by_strategy(host: &StrategyHost, pick: &harbor::strategy::Pick, label: &str, loaded: bool) {
+    let expected = if loaded { "a wasm strategy" } else { "the built-in" };
+    let ok = match pick.source {
+        PickSource::Strategy(_) => loaded,
+        PickSource::Builtin => !loaded,
+        PickSource::Fallback(_) => false,
+    };
+    let faults = host.status().faults;
+    assert!(
+        ok && pick.index.is_some() && faults == 0,
+        "{label}: pick placed by {:?}, expected {expected}; {faults} faults: the figure would not be the guest's",
+        pick.source
+    );
+}
+
 fn bench_pick(c: &mut Criterion) {
+    // A guest's fault is logged with its reason (a warning), which the assertion below cannot
+    // carry.
+    let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::WARN).with_writer(std::io::stderr).try_init();
     let mut group = c.benchmark_group("pick");
     let shipped = |name: &str| {
         Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("strategies").join(format!("{name}.wasm")))
@@ -60,6 +80,7 @@ fn bench_pick(c: &mut Criterion) {
     let first_bytes = vec![0x16u8; 512];
     for (label, strategy, peeked) in cases {
         let label = label.as_str();
+        let loaded = strategy.is_some();
         let host = host(strategy);
         for n in [4usize, 16, 64, 256] {
             let pool = pool(n);
@@ -75,10 +96,13 @@ fn bench_pick(c: &mut Criterion) {
                 proxied_client: None,
             };
             // Warm the thread's instance and its backend list.
-            assert!(host.pick(&req).index.is_some());
+            assert_placed_by_strategy(&host, &host.pick(&req), label, loaded);
             group.bench_with_input(BenchmarkId::new(label, n), &n, |b, _| {
                 b.iter(|| host.pick(std::hint::black_box(&req)))
             });
+            // A guest that faulted mid-run was timed as the built-in fallback: that figure
+            // would be a lie, so the run stops instead.
+            assert_placed_by_strategy(&host, &host.pick(&req), label, loaded);
         }
     }
     group.finish();

@@ -14,13 +14,16 @@ use wasmtime::{Config, Engine, ResourceLimiter};
 use super::StrategyError;
 
 /// Fuel (about one unit per wasm instruction) one call may use, at least...
-pub const FUEL_PER_CALL_BASE: u64 = 3_000_000;
+pub const FUEL_PER_CALL_BASE: u64 = 12_000_000;
 /// ... plus this much per backend in the pool, since a strategy may look at every one.
-/// Measured with `harbor strategy check` (2 100 picks, garbage collections included):
-/// componentize-js's `fastest` needs up to 1.1M at 4 backends and 3.3M at 256 (a collection
-/// every ~1 500 picks; 0.27M and 1.8M without), componentize-py's p2c up to 0.13M and 4.0M,
-/// the Rust guests 1.3k and 39k. The budget is 2.3-2.8 times the worst of them; a guest that
-/// burns all of it in a tight loop stalls its worker thread 5.5 ms (at 4 backends, release).
+/// Measured with `harbor strategy check --picks 20000`, garbage collections included:
+/// componentize-js's `fastest` needs up to 5.2M at 4 backends and 6.0M at 256 (a major
+/// collection every ~7 500 picks; 1.1M and 3.3M at most between them), componentize-py's p2c
+/// up to 0.3M at 16, the Rust guests 1.3k and 39k. The budget is 2.3-3.0 times the worst of
+/// them. (It was 3M + 24k per backend until the JS guest was seen faulting at each major
+/// collection.) A guest that spins in a tight loop at 4 backends is stopped after 12.5 ms
+/// (release build): its fuel and the 10 ms default deadline, counted in 2 ms ticks, end about
+/// together.
 pub const FUEL_PER_BACKEND: u64 = 24_000;
 /// `init` may do more (build tables, parse configuration); it never runs on the relay's
 /// threads.
@@ -95,6 +98,11 @@ impl GuestLimiter {
     /// Bytes of memory and table the instance holds now.
     pub fn used_bytes(&self) -> usize {
         self.used_bytes
+    }
+
+    /// Bytes the instance may hold at most.
+    pub fn limit_bytes(&self) -> usize {
+        self.limit_bytes
     }
 
     fn grow(&mut self, what: &str, by_bytes: usize) -> wasmtime::Result<bool> {

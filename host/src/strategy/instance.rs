@@ -42,7 +42,15 @@ pub struct Instance {
     armed_fuel: u64,
     /// Backends in the list last sent (sizes the fuel of `report`).
     backends: usize,
+    /// Bytes of memory and tables the instance held once `init` had run.
+    initial_bytes: usize,
 }
+
+/// Share of its room to grow (from its size after `init` to the memory limit) that an instance
+/// may fill before it is swapped for a fresh one, in quarters. Some toolchains' runtimes never
+/// give memory back: componentize-js's instances grow by ~0.8 KB a pick and would trap at the
+/// limit after ~70 000 picks, a fault each time.
+const RECYCLE_AT_QUARTERS: usize = 3;
 
 /// What went wrong inside a call.
 #[derive(Debug)]
@@ -81,6 +89,14 @@ impl Instance {
         self.armed_fuel = fuel;
         self.store.set_fuel(fuel).map_err(|e| CallFault::Trap(format!("cannot set the fuel limit: {e:#}")))?;
         Ok(running)
+    }
+
+    /// The instance has filled most of its room to grow: it should be swapped for a fresh one
+    /// before it traps at the memory limit.
+    pub fn near_memory_limit(&self) -> bool {
+        let limiter = &self.store.data().limiter;
+        let room = limiter.limit_bytes().saturating_sub(self.initial_bytes);
+        limiter.used_bytes().saturating_sub(self.initial_bytes) > room / 4 * RECYCLE_AT_QUARTERS
     }
 
     /// Fuel (about one unit per wasm instruction) the last call used.
@@ -124,8 +140,16 @@ impl Instance {
             }
         };
         let stride = loaded.world().stats_stride();
-        let mut instance =
-            Instance { store, bindings, stride, ticks, backends_generation: 0, armed_fuel: FUEL_PER_INIT, backends: 0 };
+        let mut instance = Instance {
+            store,
+            bindings,
+            stride,
+            ticks,
+            backends_generation: 0,
+            armed_fuel: FUEL_PER_INIT,
+            backends: 0,
+            initial_bytes: 0,
+        };
         instance.store.set_epoch_deadline(init_ticks);
         instance.store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let answer = match &instance.bindings {
@@ -150,6 +174,7 @@ impl Instance {
             Ok(Err(message)) => return Err(StrategyError::InitRejected(message)),
             Err(e) => return Err(StrategyError::InitTrapped(format!("{:?}", classify(e)))),
         };
+        instance.initial_bytes = instance.store.data().limiter.used_bytes();
         Ok((instance, info))
     }
 
@@ -282,7 +307,19 @@ pub fn with_thread_instance<R>(
             }
         };
         match f(&mut cache[position].instance) {
-            Ok(value) => Ok(value),
+            Ok(value) => {
+                if cache[position].instance.near_memory_limit() {
+                    // Swap for a fresh spare if one is ready; otherwise keep this one (it has a
+                    // quarter of its room left) while a spare is made, and try again next call.
+                    if let Ok(engine) = StrategyEngine::global() {
+                        if let Ok(Some(fresh)) = loaded.take_ready_instance(engine) {
+                            cache[position].instance = fresh;
+                            loaded.count_recycled();
+                        }
+                    }
+                }
+                Ok(value)
+            }
             Err(fault) => {
                 cache.remove(position);
                 Err(InstanceFault::Call(fault))

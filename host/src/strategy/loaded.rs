@@ -134,6 +134,8 @@ pub struct LoadedStrategy {
     refilling: AtomicBool,
     /// The last refill failed: the next worker that needs an instance reports it as a fault.
     refill_error: Mutex<Option<StrategyError>>,
+    /// Instances swapped for fresh ones because they had nearly filled their memory limit.
+    recycled: AtomicU64,
 }
 
 impl std::fmt::Debug for LoadedStrategy {
@@ -275,6 +277,7 @@ impl LoadedStrategy {
             spares: Mutex::new(Vec::new()),
             refilling: AtomicBool::new(false),
             refill_error: Mutex::new(None),
+            recycled: AtomicU64::new(0),
         };
         // A trial instance proves that instantiation and `init` work before going live; it
         // and the others made here are the workers' first instances.
@@ -324,7 +327,16 @@ impl LoadedStrategy {
         Ok(instance)
     }
 
-    /// Records a fault; true if there were at least `max` within `window` (the strategy should go).
+    /// Counts an instance swapped for a fresh one near its memory limit.
+    pub fn count_recycled(&self) {
+        self.recycled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Instances swapped for fresh ones near their memory limit, since this strategy loaded.
+    pub fn recycled_instances(&self) -> u64 {
+        self.recycled.load(Ordering::Relaxed)
+    }
+
     /// The compiled component.
     pub fn component(&self) -> &wasmtime::component::Component {
         self.pre.component()
@@ -335,6 +347,7 @@ impl LoadedStrategy {
         self.pre.world()
     }
 
+    /// Records a fault; true if there were at least `max` within `window` (the strategy should go).
     pub fn record_fault(&self, max: usize, window: Duration) -> bool {
         let now = Instant::now();
         let Ok(mut faults) = self.faults.lock() else { return true };

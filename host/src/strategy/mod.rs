@@ -143,6 +143,9 @@ pub struct StrategyStatus {
     pub previous: Option<String>,
     /// Picks whose answer was not used through the strategy's fault, since start.
     pub faults: u64,
+    /// Instances of the active strategy swapped for fresh ones because they had filled three
+    /// quarters of their room to grow (a runtime that never frees memory); not faults.
+    pub recycled_instances: u64,
     /// The last loads, swaps and reverts, newest last.
     pub history: Vec<SwapRecord>,
     /// A strategy being compiled now (it is not active until it has loaded).
@@ -692,6 +695,7 @@ impl StrategyHost {
                 wants_reports: false,
                 previous,
                 faults,
+                recycled_instances: 0,
                 history,
                 loading: loading.clone(),
                 shadow: self.shadow_status(),
@@ -710,6 +714,7 @@ impl StrategyHost {
                 wants_reports: s.wants_reports,
                 previous,
                 faults,
+                recycled_instances: s.recycled_instances(),
                 history,
                 loading,
                 shadow: self.shadow_status(),
