@@ -22,6 +22,7 @@ pub mod connection;
 pub mod discovery;
 pub mod echo;
 pub mod health;
+pub mod listener;
 pub mod logging;
 pub mod membership;
 pub mod metrics;

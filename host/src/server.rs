@@ -18,6 +18,7 @@ use hickory_resolver::TokioResolver;
 use crate::access_log::AccessLog;
 use crate::backend::BackendPool;
 use crate::config::{Config, ConfigError, ServiceConfig, DEFAULT_SERVICE};
+use crate::listener::{bind, ListenerOptions};
 use crate::logging::RateLimitedLog;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
@@ -335,7 +336,7 @@ impl Control {
     }
 
     /// A listener for `addr`: the socket passed in for it, if there is one, else a new one.
-    async fn bind_or_inherit(&self, addr: SocketAddr, nodelay: bool) -> Result<TcpListener, HarborError> {
+    async fn bind_or_inherit(&self, addr: SocketAddr, options: ListenerOptions) -> Result<TcpListener, HarborError> {
         let taken = {
             let mut handover = self.handover.lock().unwrap_or_else(PoisonError::into_inner);
             let inherited = &mut handover.listeners;
@@ -346,7 +347,7 @@ impl Control {
                 tracing::info!(listen = %addr, "listening on a socket passed in (socket activation or upgrade)");
                 TcpListener::from_std(listener).map_err(|error| HarborError::Bind { addr, error })
             }
-            None => bind(addr, nodelay).await,
+            None => bind(addr, options).await,
         }
     }
 
@@ -379,7 +380,7 @@ impl Control {
                     let old = service.config.load_full();
                     let mut listeners = Vec::new();
                     for addr in cfg.listen.iter().filter(|a| !old.listen.contains(a)) {
-                        listeners.push((*addr, bind(*addr, cfg.tunables.nodelay).await?));
+                        listeners.push((*addr, bind(*addr, ListenerOptions::of(&cfg.tunables)).await?));
                     }
                     let resolver = self.resolver_for(cfg)?;
                     let strategy = if strategy_changed(&old, cfg) {
@@ -403,7 +404,7 @@ impl Control {
                 None => {
                     let mut listeners = Vec::new();
                     for addr in &cfg.listen {
-                        listeners.push((*addr, self.bind_or_inherit(*addr, cfg.tunables.nodelay).await?));
+                        listeners.push((*addr, self.bind_or_inherit(*addr, ListenerOptions::of(&cfg.tunables)).await?));
                     }
                     let service = self.build_service(cfg, workers).await?;
                     out.push(Prepared {
@@ -595,7 +596,7 @@ impl Harbor {
                 listeners.push((
                     Arc::clone(&service),
                     *addr,
-                    control.bind_or_inherit(*addr, cfg.tunables.nodelay).await?,
+                    control.bind_or_inherit(*addr, ListenerOptions::of(&cfg.tunables)).await?,
                 ));
             }
             if let Some(made) = changes.get(&cfg.name) {
@@ -612,7 +613,7 @@ impl Harbor {
             (Some(addr), Some((configured, listener))) if configured == addr => {
                 Some(TcpListener::from_std(listener).map_err(|error| HarborError::Bind { addr, error })?)
             }
-            (Some(addr), _) => Some(bind(addr, false).await?),
+            (Some(addr), _) => Some(bind(addr, ListenerOptions::default()).await?),
         };
         if let (Some(addr), Some(listener)) = (config.admin, admin.as_ref()) {
             match listener.as_fd().try_clone_to_owned() {
@@ -780,20 +781,3 @@ impl RunningHarbor {
     }
 }
 
-/// Binds a listener. With `nodelay`, TCP_NODELAY is set on the listening socket: accepted
-/// sockets inherit it on Linux, which saves one setsockopt per connection.
-pub async fn bind(addr: SocketAddr, nodelay: bool) -> Result<TcpListener, HarborError> {
-    let bind_error = |error| HarborError::Bind { addr, error };
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-        .map_err(bind_error)?;
-    socket.set_reuseaddr(true).map_err(bind_error)?;
-    if addr.is_ipv6() {
-        // `[::]` means IPv6 only, so that `0.0.0.0` can be listed beside it.
-        let _ = socket2::SockRef::from(&socket).set_only_v6(true);
-    }
-    if nodelay {
-        socket.set_nodelay(true).map_err(bind_error)?;
-    }
-    socket.bind(addr).map_err(bind_error)?;
-    socket.listen(4096).map_err(bind_error)
-}

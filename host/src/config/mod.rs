@@ -143,6 +143,8 @@ settings! {
     source_ipv6_prefix: u64 = 64, env "HARBOR_SOURCE_IPV6_PREFIX", range 1..=128;
     /// Set TCP_NODELAY on both sockets.
     nodelay: bool = true, env "HARBOR_NODELAY";
+    /// Bind listeners with SO_REUSEPORT, so several Harbor processes share one address and the kernel spreads clients among them.
+    reuse_port: bool = false, env "HARBOR_REUSE_PORT", alone "true";
     /// TCP keepalive idle time on both sockets, in seconds; 0 turns it off.
     keepalive_secs: u64 = 0, env "HARBOR_KEEPALIVE_SECS", range 0..=MAX_KEEPALIVE_SECS;
     /// How long a removed backend's connections may go on before they are cut, in ms; 0 for no limit.

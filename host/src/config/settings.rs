@@ -85,7 +85,8 @@ pub struct SettingDoc {
 
 /// Declares a group of settings. Each line gives the key (the TOML key; the flag is the key
 /// with dashes), its type, its default (none for an optional setting), its `HARBOR_*`
-/// variable, an optional legacy variable of the Go project and an optional range.
+/// variable, an optional legacy variable of the Go project, an optional range, and, for a
+/// switch, the value its flag means when given alone (`alone "true"`: `--reuse-port`).
 ///
 /// It generates `$args` (the clap flags, all optional), `$resolved` (the values after
 /// resolution) and `$resolved::resolve`, which takes the first of: the flag or variable, the
@@ -97,14 +98,16 @@ macro_rules! settings {
         $(
             #[doc = $doc:literal]
             $field:ident : $ty:ty $(= $default:expr)?, env $env:literal
-                $(, legacy $legacy:literal)? $(, range $min:literal ..= $max:expr)? $(, shown $shown:literal)?;
+                $(, legacy $legacy:literal)? $(, range $min:literal ..= $max:expr)? $(, shown $shown:literal)?
+                $(, alone $alone:literal)?;
         )*
     ) => {
         $(#[$args_meta])*
         #[derive(Debug, Clone, Default, clap::Args)]
         pub struct $args {
             $(
-                #[arg(long, env = $env, help = concat!($doc, settings!(@shown $($default)? $(; $shown)?)))]
+                #[arg(long, env = $env, help = concat!($doc, settings!(@shown $($default)? $(; $shown)?))
+                    $(, num_args = 0..=1, default_missing_value = $alone)?)]
                 pub $field: Option<$ty>,
             )*
         }
