@@ -2,6 +2,8 @@
 //! built from a config, clients that send and hash real bytes, and a metrics reader.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

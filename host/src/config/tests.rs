@@ -291,3 +291,28 @@ fn dns_and_srv_backends_are_parsed_and_checked() {
         from_toml("dns_servers = [\"localhost\"]\nbackends = [\"127.0.0.1:1\"]\n", RunArgs::default()).unwrap_err();
     assert!(err.to_string().starts_with("dns-servers"), "{err}");
 }
+
+#[test]
+fn a_switch_alone_means_true_and_takes_an_explicit_value() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+    let parse = |argv: &[&str]| {
+        let cli = <Cli as clap::Parser>::try_parse_from(argv).unwrap();
+        let mut run = cli.run;
+        run.service.backends = Some("127.0.0.1:9001".parse().unwrap());
+        Config::resolve(&run, &env_of(&[])).unwrap().services[0].tunables.reuse_port
+    };
+    assert!(!parse(&["harbor"]));
+    assert!(parse(&["harbor", "--reuse-port"]));
+    assert!(parse(&["harbor", "--reuse-port", "--nodelay", "false"]));
+    assert!(!parse(&["harbor", "--reuse-port=false"]));
+    let from_file = from_toml(
+        "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:81\"]\nreuse_port = true\n",
+        RunArgs::default(),
+    )
+    .unwrap();
+    assert!(from_file.services[0].tunables.reuse_port);
+}
