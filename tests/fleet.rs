@@ -174,3 +174,179 @@ impl Drop for StopOnDrop {
         self.stop.cancel();
     }
 }
+
+/// Backends inside the backends' namespace: each greets with `<name> via <the address that
+/// reached it>\n` (so a client learns which Harbor carried it), then echoes until EOF.
+async fn naming_backends(addrs: Vec<SocketAddr>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (i, addr) in addrs.into_iter().enumerate() {
+        let listener = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind backend {addr}: {e}"));
+        tasks.push(tokio::spawn(async move {
+            while let Ok((mut stream, peer)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let greeting = format!("b{i} via {}\n", peer.ip());
+                    if stream.write_all(greeting.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut read, mut write) = stream.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                    let _ = write.shutdown().await;
+                });
+            }
+        }));
+    }
+    tasks
+}
+
+/// One echo round trip to `target` from source address `from`: (backend name, address of the
+/// Harbor that reached it), or what went wrong.
+async fn round_trip_from(from: std::net::IpAddr, target: SocketAddr) -> Result<(String, String), String> {
+    let run = async {
+        let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+        socket.bind(SocketAddr::new(from, 0)).map_err(|e| format!("bind {from}: {e}"))?;
+        let mut stream = socket.connect(target).await.map_err(|e| format!("connect from {from}: {e}"))?;
+        let payload = format!("hello from {from}");
+        stream.write_all(payload.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        stream.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+        let mut all = String::new();
+        stream.read_to_string(&mut all).await.map_err(|e| format!("read: {e}"))?;
+        let (greeting, echoed) = all.split_once('\n').ok_or(format!("no greeting in {all:?}"))?;
+        if echoed != payload {
+            return Err(format!("echo differs: {echoed:?}"));
+        }
+        let (backend, via) = greeting.split_once(" via ").ok_or(format!("bad greeting {greeting:?}"))?;
+        Ok((backend.to_string(), via.to_string()))
+    };
+    tokio::time::timeout(STEP, run).await.map_err(|_| format!("from {from}: timed out"))?
+}
+
+/// `rounds` round trips from each source, all sources at once: per source, its answers.
+async fn from_every_source(
+    sources: &[std::net::IpAddr],
+    target: SocketAddr,
+    rounds: usize,
+) -> BTreeMap<std::net::IpAddr, Vec<Result<(String, String), String>>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for source in sources.iter().copied() {
+        tasks.spawn(async move {
+            let mut answers = Vec::with_capacity(rounds);
+            for _ in 0..rounds {
+                answers.push(round_trip_from(source, target).await);
+            }
+            (source, answers)
+        });
+    }
+    let mut all = BTreeMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (source, answers) = joined.expect("client task");
+        all.insert(source, answers);
+    }
+    all
+}
+
+/// Three "hosts" (namespaces h1..h3), each with a Harbor on the same virtual address with the
+/// same four backends and `maglev`, behind an ECMP route in the client's namespace that hashes
+/// each flow (addresses and ports) onto one of them; the backends live in a fifth namespace.
+/// 200 client addresses connect 6 times each: every client lands on several Harbors, and
+/// always on the same backend. Then host h2 goes down (link down, Harbor killed): new
+/// connections all succeed through h1 and h3, still each client on its backend.
+#[test]
+fn harbors_behind_ecmp_send_each_client_to_the_same_backend() {
+    let mut lab = Lab::new("ec");
+    let client = lab.namespace("c");
+    let backends_ns = lab.namespace("b");
+    let hosts: Vec<String> = (1..=3).map(|i| lab.namespace(&format!("h{i}"))).collect();
+    for ns in [&client, &backends_ns].into_iter().chain(&hosts) {
+        lab.sysctl(ns, "net.ipv4.conf.all.rp_filter", "0");
+        lab.sysctl(ns, "net.ipv4.conf.default.rp_filter", "0");
+    }
+    // The client's router: hash on the 5-tuple, and stop using a next hop whose link is down.
+    lab.sysctl(&client, "net.ipv4.fib_multipath_hash_policy", "1");
+    lab.sysctl(&client, "net.ipv4.conf.all.ignore_routes_with_linkdown", "1");
+    let vip: SocketAddr = "10.80.0.1:80".parse().unwrap();
+    let backend_addrs: Vec<SocketAddr> = (1..=4).map(|k| format!("10.79.0.{k}:9000").parse().unwrap()).collect();
+    for k in 1..=4 {
+        lab.ip(&backends_ns, &["addr", "add", &format!("10.79.0.{k}/32"), "dev", "lo"]);
+    }
+    let mut nexthops = vec!["route add 10.80.0.1/32".to_string()];
+    for (i, host) in hosts.iter().enumerate().map(|(i, h)| (i + 1, h)) {
+        let (c_end, b_end) = (format!("c{i}"), format!("h{i}"));
+        lab.veth((&client, &c_end, &format!("10.77.{i}.1/24")), (host, "front", &format!("10.77.{i}.2/24")));
+        lab.veth((host, "back", &format!("10.78.{i}.2/24")), (&backends_ns, &b_end, &format!("10.78.{i}.1/24")));
+        lab.ip(host, &["addr", "add", "10.80.0.1/32", "dev", "lo"]);
+        lab.ip(host, &["route", "add", "10.79.0.0/24", "via", &format!("10.78.{i}.1")]);
+        lab.ip(host, &["route", "add", "10.90.0.0/16", "via", &format!("10.77.{i}.1")]);
+        nexthops[0].push_str(&format!(" nexthop via 10.77.{i}.2 dev {c_end}"));
+    }
+    lab.ip_batch(&client, &nexthops);
+    let sources: Vec<std::net::IpAddr> = (0..200).map(|n| format!("10.90.{}.{}", n / 250, n % 250 + 1).parse().unwrap()).collect();
+    let adds: Vec<String> = sources.iter().map(|s| format!("addr add {s}/32 dev lo")).collect();
+    lab.ip_batch(&client, &adds);
+
+    let (backends, _) = serve_in(&lab, &backends_ns, move |stop| async move {
+        let tasks = naming_backends(backend_addrs.clone()).await;
+        ((), async move {
+            stop.cancelled().await;
+            tasks.iter().for_each(tokio::task::JoinHandle::abort);
+        })
+    });
+    let list = (1..=4).map(|k| format!("10.79.0.{k}:9000")).collect::<Vec<_>>().join(",");
+    let maglev = strategy("maglev").display().to_string();
+    let pids: Vec<u32> = hosts
+        .iter()
+        .map(|host| {
+            let argv = args(&["--listen", &vip.to_string(), "--backends", &list, "--strategy", &maglev]);
+            lab.spawn(host, HARBOR, &[argv, args(&["--log-level", "warn"])].concat())
+        })
+        .collect();
+    for host in &hosts {
+        lab.run_in(host, move || wait_for_listener(vip));
+    }
+
+    // Which Harbor carried a connection: the address it reached the backend from.
+    let harbor_of = |via: &str| -> usize {
+        (1..=3).find(|i| via == format!("10.78.{i}.2")).unwrap_or_else(|| panic!("unknown harbor address {via}"))
+    };
+    let srcs = sources.clone();
+    let before = lab.run_in(&client, move || async move { from_every_source(&srcs, vip, 6).await });
+    let mut backend_of = BTreeMap::new();
+    let mut per_harbor = [0usize; 3];
+    let mut on_several = 0;
+    for (source, answers) in &before {
+        let mut seen_backends = BTreeSet::new();
+        let mut seen_harbors = BTreeSet::new();
+        for answer in answers {
+            let (backend, via) = answer.as_ref().unwrap_or_else(|e| panic!("from {source}: {e}"));
+            seen_backends.insert(backend.clone());
+            let harbor = harbor_of(via);
+            seen_harbors.insert(harbor);
+            per_harbor[harbor - 1] += 1;
+        }
+        assert_eq!(seen_backends.len(), 1, "{source} reached {seen_backends:?} through harbors {seen_harbors:?}: {answers:?}");
+        on_several += usize::from(seen_harbors.len() >= 2);
+        backend_of.insert(*source, seen_backends.into_iter().next().unwrap_or_default());
+    }
+    let spread: BTreeSet<&String> = backend_of.values().collect();
+    eprintln!("ecmp: connections per harbor {per_harbor:?}; {on_several} of 200 clients crossed several harbors, each kept one backend; backends used {spread:?}");
+    assert!(on_several >= 180, "ECMP spreads each client's connections: only {on_several} of 200 crossed harbors");
+    assert!(per_harbor.iter().all(|n| *n >= 200), "every harbor carries a share: {per_harbor:?}");
+    assert_eq!(spread.len(), 4, "maglev uses every backend");
+
+    // Host h2 goes down: its link, then its Harbor.
+    lab.ip(&hosts[1], &["link", "set", "dev", "front", "down"]);
+    lab.signal(pids[1], libc::SIGKILL);
+    assert!(!lab.wait_exit(pids[1], STEP), "a killed harbor does not exit 0");
+    let srcs = sources.clone();
+    let after = lab.run_in(&client, move || async move { from_every_source(&srcs, vip, 3).await });
+    let mut per_harbor_after = [0usize; 3];
+    for (source, answers) in &after {
+        for answer in answers {
+            let (backend, via) = answer.as_ref().unwrap_or_else(|e| panic!("from {source} with h2 down: {e}"));
+            per_harbor_after[harbor_of(via) - 1] += 1;
+            assert_eq!(Some(backend), backend_of.get(source), "{source} moved backend when h2 went down");
+        }
+    }
+    eprintln!("ecmp: with h2 down, 600 of 600 new connections succeeded, per harbor {per_harbor_after:?}, each client on its backend");
+    assert_eq!(per_harbor_after[1], 0, "nothing goes through the host that is down");
+    backends.cancel();
+}

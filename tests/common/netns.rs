@@ -41,7 +41,7 @@ impl Lab {
         self.ip(ns_a, &["link", "add", end_a, "type", "veth", "peer", "name", end_b, "netns", ns_b]);
         for (ns, end, addr) in [(ns_a, end_a, addr_a), (ns_b, end_b, addr_b)] {
             self.ip(ns, &["addr", "add", addr, "dev", end]);
-            self.ip(ns, &["link", "set", end, "up"]);
+            self.ip(ns, &["link", "set", "dev", end, "up"]);
         }
     }
 

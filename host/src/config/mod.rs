@@ -113,7 +113,7 @@ settings! {
     TunableArgs;
     /// Per-service settings, resolved: the service's own value, else the global one, else the default.
     Tunables;
-    /// Wall-clock limit for one strategy call, in ms; fuel (12M + 24k per backend) bounds it too.
+    /// Time limit for one strategy call, in ms, not counting time its thread waits for a core (up to 10x); fuel (12M + 24k per backend) bounds it too.
     strategy_timeout_ms: u64 = 10, env "HARBOR_STRATEGY_TIMEOUT_MS", range 1..=1000;
     /// Memory limit for one strategy instance, all its linear memories and tables summed, in MiB.
     strategy_memory_mb: u64 = 64, env "HARBOR_STRATEGY_MEMORY_MB", range 1..=4096;

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::answer::{judge, BackendStats, Snapshot, Verdict};
 use super::bindings::{BackendFacts, ConnectionFacts, World};
-use super::engine::{fuel_per_call, StrategyEngine};
+use super::engine::{fuel_per_call, StrategyEngine, SET_BACKENDS_FACTOR};
 use super::instance::InstanceFault;
 use super::instance::{CallFault, Instance};
 use super::{loaded::sha256_hex, GuestEnv, GuestLimits, LoadedStrategy, StrategyError};
@@ -34,6 +34,11 @@ pub struct CheckReport {
     pub fuel_limit: u64,
     /// The slowest checked pick: the most one pick of this strategy stalls a worker thread.
     pub slowest_pick: Duration,
+    /// How long `set-backends` took and the fuel it used (it runs on a worker thread, before
+    /// the first pick of each instance after a membership change), and its fuel limit.
+    pub set_backends_time: Duration,
+    pub set_backends_fuel: u64,
+    pub set_backends_fuel_limit: u64,
     /// Distinct client addresses the picks came from.
     pub clients: usize,
     /// Picks answered per backend (of the checked picks, not the timed ones).
@@ -60,6 +65,14 @@ impl std::fmt::Display for CheckReport {
         )?;
         writeln!(f, "exports:       {}", self.exports.join(", "))?;
         writeln!(f, "wants reports: {}", self.wants_reports)?;
+        writeln!(
+            f,
+            "set-backends:  {:.0} µs, fuel {} ({:.1} % of the {} limit)",
+            self.set_backends_time.as_secs_f64() * 1e6,
+            self.set_backends_fuel,
+            self.set_backends_fuel as f64 * 100.0 / self.set_backends_fuel_limit.max(1) as f64,
+            self.set_backends_fuel_limit
+        )?;
         writeln!(f, "picks checked: {} from {} client addresses", self.picks, self.clients)?;
         let answered = self.spread.iter().sum::<u64>().max(1);
         let shares: Vec<String> = self
@@ -183,6 +196,9 @@ pub fn check_component(
         max_fuel_per_pick: 0,
         fuel_limit: fuel_per_call(backends.max(1)),
         slowest_pick: Duration::ZERO,
+        set_backends_time: Duration::ZERO,
+        set_backends_fuel: 0,
+        set_backends_fuel_limit: fuel_per_call(backends.max(1)) * SET_BACKENDS_FACTOR,
         clients: plan.clients.clamp(1, 16_000_000),
         spread: vec![0; backends.max(1)],
         problems: Vec::new(),
@@ -194,10 +210,13 @@ pub fn check_component(
             info.weight = b.weight;
         }
     }
+    let started = Instant::now();
     if let Err(fault) = instance.set_backends(1, &infos) {
         report.problems.push(format!("set-backends failed: {fault:?}"));
         return Ok(report);
     }
+    report.set_backends_time = started.elapsed();
+    report.set_backends_fuel = instance.fuel_used();
     let n = infos.len();
     let mut rng = StdRng::seed_from_u64(0x4a5b_0b07);
     let mut snapshot = Snapshot::default();

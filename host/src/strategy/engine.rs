@@ -149,6 +149,63 @@ pub struct GuestState {
     pub details: Option<super::guest_host::PendingDetails>,
     /// The WASI sandbox of a component that imports WASI; `None` for a pure one.
     pub sandbox: Option<Box<super::wasi::Sandbox>>,
+    /// The running call's deadline.
+    pub clock: CallClock,
+}
+
+/// Windows a call may be given after its first, while its thread waits for a core: a call
+/// preempted for long still ends within this many times its deadline, wall-clock.
+pub const MAX_DEADLINE_EXTENSIONS: u32 = 9;
+
+/// The deadline of the call running in a store, in epoch ticks. The deadline counts wall time,
+/// and a thread that waits for a core (a loaded machine, a co-located backend) is not running
+/// its guest: faulting it then would send the client to the fallback, break a consistent
+/// hash, and count towards reverting a healthy strategy. So when the first window ends, the
+/// call gets another, and each later window ends the call only if the thread ran for at least
+/// half of it (its CPU clock says so); at most [`MAX_DEADLINE_EXTENSIONS`] more. A guest that
+/// computes for too long is stopped by its fuel first; this bounds time outside the guest's
+/// instructions (host calls) at about twice the deadline.
+#[derive(Debug, Default)]
+pub struct CallClock {
+    /// Ticks of each window of the running call.
+    window: u64,
+    /// The thread's CPU time when the last window ended; `None` during the first.
+    cpu_at_window_end: Option<Duration>,
+    extensions: u32,
+}
+
+impl CallClock {
+    /// A new call whose windows are `window` ticks; sets nothing else (no clock is read).
+    pub fn start(&mut self, window: u64) {
+        self.window = window;
+        self.cpu_at_window_end = None;
+        self.extensions = 0;
+    }
+
+    /// A window has ended: `Some(ticks)` to go on for another, `None` to stop the call.
+    pub fn window_over(&mut self) -> Option<u64> {
+        if self.extensions >= MAX_DEADLINE_EXTENSIONS {
+            return None;
+        }
+        let now = thread_cpu_time()?;
+        let ran = self.cpu_at_window_end.map(|then| now.saturating_sub(then));
+        self.cpu_at_window_end = Some(now);
+        let window = EPOCH_TICK * self.window.saturating_sub(1).max(1) as u32;
+        if ran.is_some_and(|ran| ran >= window / 2) {
+            return None;
+        }
+        self.extensions += 1;
+        Some(self.window)
+    }
+}
+
+/// CPU time of the calling thread (CLOCK_THREAD_CPUTIME_ID); read only when a deadline window
+/// ends, never per call.
+fn thread_cpu_time() -> Option<Duration> {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec that we own.
+    let read = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    (read == 0).then(|| Duration::new(now.tv_sec as u64, now.tv_nsec as u32))
 }
 
 /// Most components kept compiled in memory (swapping back to one of them is instant)...
@@ -437,6 +494,26 @@ pub fn deadline_ticks(timeout: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deadline_window_is_extended_only_while_the_thread_did_not_run() {
+        let mut clock = CallClock::default();
+        // Windows of 3 ticks (a deadline of 2 ticks, 4 ms, plus the partial first tick).
+        clock.start(3);
+        assert_eq!(clock.window_over(), Some(3), "the first window is always extended");
+        // Barely running since (as a thread waiting for a core): extended again.
+        assert_eq!(clock.window_over(), Some(3));
+        // Running on the CPU through a whole window: stopped.
+        let from = thread_cpu_time().expect("thread CPU clock");
+        while thread_cpu_time().expect("thread CPU clock") - from < EPOCH_TICK * 2 {}
+        assert_eq!(clock.window_over(), None);
+        // A call that never runs still ends, after the last extension.
+        clock.start(3);
+        for _ in 0..MAX_DEADLINE_EXTENSIONS {
+            assert_eq!(clock.window_over(), Some(3));
+        }
+        assert_eq!(clock.window_over(), None);
+    }
 
     #[test]
     fn the_limiter_sums_every_memory_and_table() {

@@ -86,6 +86,7 @@ impl Instance {
     fn arm_for(&mut self, fuel: u64, ticks: u64) -> Result<Running, CallFault> {
         let running = Running::start();
         self.store.set_epoch_deadline(ticks);
+        self.store.data_mut().clock.start(ticks);
         self.armed_fuel = fuel;
         self.store.set_fuel(fuel).map_err(|e| CallFault::Trap(format!("cannot set the fuel limit: {e:#}")))?;
         Ok(running)
@@ -116,10 +117,14 @@ impl Instance {
                 context: Some(Arc::clone(&loaded.context)),
                 details: None,
                 sandbox: loaded.pre.sandboxed().then(|| Box::new(Sandbox::new(Some(Arc::clone(&loaded.context))))),
+                clock: Default::default(),
             },
         );
         store.limiter(|state| &mut state.limiter);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(|mut store| match store.data_mut().clock.window_over() {
+            Some(ticks) => Ok(wasmtime::UpdateDeadline::Continue(ticks)),
+            None => Err(wasmtime::Trap::Interrupt.into()),
+        });
         let ticks = deadline_ticks(loaded.limits.call_timeout);
         let no_fuel = |e: wasmtime::Error| StrategyError::Engine(format!("cannot set the fuel limit: {e:#}"));
         // Instantiation and `init` may build tables, and never run on a relay thread: they get
@@ -127,6 +132,7 @@ impl Instance {
         let init_ticks = deadline_ticks(INIT_DEADLINE);
         let _running = Running::start();
         store.set_epoch_deadline(init_ticks);
+        store.data_mut().clock.start(init_ticks);
         store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let instantiate_error = |e: wasmtime::Error| StrategyError::Instantiate(format!("{e:#}"));
         let bindings = match &loaded.pre {
@@ -151,6 +157,7 @@ impl Instance {
             initial_bytes: 0,
         };
         instance.store.set_epoch_deadline(init_ticks);
+        instance.store.data_mut().clock.start(init_ticks);
         instance.store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let answer = match &instance.bindings {
             Bindings::V1(b) => b
