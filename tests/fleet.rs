@@ -136,7 +136,11 @@ async fn accepts_of(admins: &[SocketAddr]) -> Vec<f64> {
 
 /// Starts servers inside `ns` on a thread of their own: `start` gets a stop token and returns
 /// what the test needs (addresses) and a future that serves until the token is cancelled.
-fn serve_in<T, S, F>(lab: &Lab, ns: &str, start: impl FnOnce(CancellationToken) -> S + Send + 'static) -> (StopOnDrop, T)
+fn serve_in<T, S, F>(
+    lab: &Lab,
+    ns: &str,
+    start: impl FnOnce(CancellationToken) -> S + Send + 'static,
+) -> (StopOnDrop, T)
 where
     T: Send + 'static,
     S: std::future::Future<Output = (T, F)>,
@@ -279,7 +283,8 @@ fn harbors_behind_ecmp_send_each_client_to_the_same_backend() {
         nexthops[0].push_str(&format!(" nexthop via 10.77.{i}.2 dev {c_end}"));
     }
     lab.ip_batch(&client, &nexthops);
-    let sources: Vec<std::net::IpAddr> = (0..200).map(|n| format!("10.90.{}.{}", n / 250, n % 250 + 1).parse().unwrap()).collect();
+    let sources: Vec<std::net::IpAddr> =
+        (0..200).map(|n| format!("10.90.{}.{}", n / 250, n % 250 + 1).parse().unwrap()).collect();
     let adds: Vec<String> = sources.iter().map(|s| format!("addr add {s}/32 dev lo")).collect();
     lab.ip_batch(&client, &adds);
 
@@ -322,7 +327,11 @@ fn harbors_behind_ecmp_send_each_client_to_the_same_backend() {
             seen_harbors.insert(harbor);
             per_harbor[harbor - 1] += 1;
         }
-        assert_eq!(seen_backends.len(), 1, "{source} reached {seen_backends:?} through harbors {seen_harbors:?}: {answers:?}");
+        assert_eq!(
+            seen_backends.len(),
+            1,
+            "{source} reached {seen_backends:?} through harbors {seen_harbors:?}: {answers:?}"
+        );
         on_several += usize::from(seen_harbors.len() >= 2);
         backend_of.insert(*source, seen_backends.into_iter().next().unwrap_or_default());
     }
@@ -349,4 +358,147 @@ fn harbors_behind_ecmp_send_each_client_to_the_same_backend() {
     eprintln!("ecmp: with h2 down, 600 of 600 new connections succeeded, per harbor {per_harbor_after:?}, each client on its backend");
     assert_eq!(per_harbor_after[1], 0, "nothing goes through the host that is down");
     backends.cancel();
+}
+
+/// The `harbor.toml` embedded in the Kubernetes example's ConfigMap, with the image's paths
+/// (strategies, token, cache) replaced by this checkout's.
+fn kubernetes_example_config(token: &std::path::Path, cache: &std::path::Path) -> (String, String) {
+    let manifest_path = common::workspace_root().join("deploy/kubernetes/harbor.yaml");
+    let manifest = std::fs::read_to_string(&manifest_path).expect("read deploy/kubernetes/harbor.yaml");
+    let mut lines = manifest.lines().skip_while(|l| l.trim() != "harbor.toml: |").skip(1);
+    let mut toml = String::new();
+    for line in lines.by_ref() {
+        match line.strip_prefix("    ") {
+            Some(body) => toml.push_str(body),
+            None if line.trim().is_empty() => {}
+            None => break,
+        }
+        toml.push('\n');
+    }
+    assert!(toml.contains("[[service]]"), "no harbor.toml in the ConfigMap of {}", manifest_path.display());
+    let strategies = common::workspace_root().join("strategies");
+    let toml = toml
+        .replace("/usr/share/harbor/strategies", &strategies.display().to_string())
+        .replace("/etc/harbor/token/token", &token.display().to_string())
+        .replace("/var/cache/harbor", &cache.display().to_string());
+    (manifest, toml)
+}
+
+/// The Kubernetes example's own configuration, run as a pod would run it: in a namespace whose
+/// `resolv.conf` names a real DNS server (dnsmasq) that answers the headless Service's name
+/// with three backend addresses, in a second namespace (the backends' pods). Harbor resolves them, health-checks them, answers the
+/// probes the Deployment declares, and places clients with `maglev`, each client address on
+/// one backend.
+#[test]
+fn the_kubernetes_example_serves_backends_found_through_dns() {
+    let mut lab = Lab::new("k8");
+    let pod = lab.namespace("p");
+    let dir = common::temp_dir("k8s-example");
+    let token = dir.join("token");
+    std::fs::write(&token, "an-admin-token-of-32-characters!\n").expect("write token");
+    let (manifest, toml) = kubernetes_example_config(&token, &dir.join("cache"));
+    for probe in ["path: /readyz", "path: /healthz", "port: admin", "containerPort: 9100", "containerPort: 8080"] {
+        assert!(manifest.contains(probe), "the Deployment declares {probe}");
+    }
+    assert!(toml.contains("admin = \"0.0.0.0:9100\"") && toml.contains("listen = \"0.0.0.0:8080\""));
+    let config = dir.join("harbor.toml");
+    std::fs::write(&config, &toml).expect("write harbor.toml");
+
+    // The backends' pods: a namespace of their own, one address each, routed from Harbor's.
+    let backend_pods = lab.namespace("b");
+    lab.veth((&pod, "eth0", "10.61.0.1/24"), (&backend_pods, "eth0", "10.61.0.2/24"));
+    lab.ip(&pod, &["route", "add", "10.60.0.0/24", "via", "10.61.0.2"]);
+    let backend_ips = ["10.60.0.11", "10.60.0.12", "10.60.0.13"];
+    for ip in backend_ips {
+        lab.ip(&backend_pods, &["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+    }
+    let hosts = dir.join("hosts");
+    let name = "web-backends.default.svc.cluster.local";
+    std::fs::write(&hosts, backend_ips.iter().map(|ip| format!("{ip} {name}\n")).collect::<String>()).expect("hosts");
+    let dnsmasq = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("dnsmasq is missing: `cargo xtask test` installs it (Debian package dnsmasq-base)");
+    let dns_args = args(&[
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--no-resolv",
+        "--no-hosts",
+        "--local-ttl=1",
+        "--pid-file=",
+        "--user=root",
+        "--port=53",
+        &format!("--addn-hosts={}", hosts.display()),
+    ]);
+    lab.spawn(&pod, dnsmasq, &dns_args);
+    lab.resolv_conf(
+        &pod,
+        "nameserver 127.0.0.1\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
+    );
+    let addrs: Vec<SocketAddr> = backend_ips.iter().map(|ip| format!("{ip}:8080").parse().unwrap()).collect();
+    let (backends, _) = serve_in(&lab, &backend_pods, move |stop| async move {
+        let tasks = naming_backends(addrs).await;
+        ((), async move {
+            stop.cancelled().await;
+            tasks.iter().for_each(tokio::task::JoinHandle::abort);
+        })
+    });
+    lab.spawn(&pod, HARBOR, &args(&["--config", &config.display().to_string()]));
+
+    let (ready, backends_seen, answers) = lab.run_in(&pod, || async {
+        let admin: SocketAddr = "127.0.0.1:9100".parse().unwrap();
+        wait_for_listener(admin).await;
+        // Ready once the name is resolved and a backend passed its health check.
+        let mut ready = 0;
+        for _ in 0..500 {
+            ready = common::admin_get(admin, "/readyz").await.0;
+            if ready == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Every backend from DNS, and healthy (until then, maglev rightly moves the clients
+        // of a backend not yet checked to another).
+        let mut seen = Vec::new();
+        for _ in 0..500 {
+            let (_, body) = common::admin_get(admin, "/services/web/backends").await;
+            let list: serde_json::Value = serde_json::from_str(&body).expect("backends JSON");
+            seen = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| format!("{} {} {}", b["address"], b["source"], b["state"]).replace('"', ""))
+                .collect();
+            seen.sort();
+            if seen.len() == 3 && seen.iter().all(|b| b.ends_with(" healthy")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let target: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let mut answers = BTreeMap::new();
+        for client in 1..=20u8 {
+            for _ in 0..3 {
+                let from = std::net::IpAddr::from([127, 0, 1, client]);
+                let answer = round_trip_from(from, target).await.map(|(backend, _)| backend);
+                answers.entry(from).or_insert_with(Vec::new).push(answer);
+            }
+        }
+        (ready, seen, answers)
+    });
+    backends.cancel();
+    assert_eq!(ready, 200, "GET /readyz once the DNS backends are up");
+    let want = ["10.60.0.11:8080 dns healthy", "10.60.0.12:8080 dns healthy", "10.60.0.13:8080 dns healthy"];
+    assert_eq!(backends_seen, want, "the pool is the DNS answer, health-checked");
+    let mut used = BTreeSet::new();
+    for (client, answers) in &answers {
+        let distinct: BTreeSet<&String> =
+            answers.iter().map(|a| a.as_ref().unwrap_or_else(|e| panic!("from {client}: {e}"))).collect();
+        assert_eq!(distinct.len(), 1, "maglev keeps {client} on one backend: {answers:?}");
+        used.extend(distinct);
+    }
+    eprintln!("kubernetes example: ready, pool {backends_seen:?} from DNS, 60 round trips from 20 clients on backends {used:?}");
+    assert!(used.len() >= 2, "clients spread over the backends: {used:?}");
 }

@@ -66,6 +66,14 @@ impl Lab {
         assert!(out.status.success(), "ip -n {ns} -batch failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Gives processes started in the namespace their own `/etc/resolv.conf` (`ip netns exec`
+    /// mounts `/etc/netns/NS/resolv.conf` over it), as a pod gets one; removed on drop.
+    pub fn resolv_conf(&self, ns: &str, contents: &str) {
+        let dir = std::path::Path::new("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir).expect("create /etc/netns/NS");
+        std::fs::write(dir.join("resolv.conf"), contents).expect("write resolv.conf");
+    }
+
     /// Sets a sysctl inside the namespace (`net.ipv4.tcp_migrate_req`); networking sysctls
     /// are per namespace, so the host's stay as they are.
     pub fn sysctl(&self, ns: &str, key: &str, value: &str) {
@@ -156,6 +164,7 @@ impl Drop for Lab {
         for ns in self.namespaces.iter().rev() {
             // Deleting a namespace also removes its veth ends (and their peers).
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(ns));
         }
     }
 }

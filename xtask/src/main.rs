@@ -8,6 +8,8 @@
 //! - `cargo xtask bench`: build, then the side-by-side benchmark in `bench/`.
 //! - `cargo xtask fuzz [SECONDS]`: every cargo-fuzz target in `fuzz/` for SECONDS (default
 //!   60) each, from a seed corpus of the shipped strategies and the test fixtures.
+//! - `cargo xtask check-deploy`: validates `deploy/kubernetes/` against the Kubernetes schemas
+//!   (kubernetes-validate from PyPI, strict; part of `test`).
 //! - `cargo xtask dist`: the release binary, stripped, beside its debug info
 //!   (`target/dist/harbor` and `target/dist/harbor.debug`, linked by `.gnu_debuglink`).
 //! - `cargo xtask soak`:  build, then the release binary under a million mixed connections
@@ -46,12 +48,13 @@ fn main() -> Result<()> {
             run(cargo().args(["test", "--release", "-p", "harbor", "--test", "soak", "--", "--ignored", "--nocapture"]))
         }
         Some("dist") => dist(&root),
+        Some("check-deploy") => validate_kubernetes_manifests(&root),
         Some("bench") => {
             build_strategies(&root)?;
             run(Command::new("bash").arg("bench/run.sh").args(&args[1..]))
         }
         _ => {
-            eprintln!("usage: cargo xtask <build|polyglot|wasi-adapter OUT|demo|test|bench|dist|fuzz [SECONDS]|soak>");
+            eprintln!("usage: cargo xtask <build|polyglot|wasi-adapter OUT|demo|test|bench|dist|check-deploy|fuzz [SECONDS]|soak>");
             std::process::exit(2);
         }
     }
@@ -307,6 +310,64 @@ fn cargo_bin(name: &str) -> PathBuf {
     }
 }
 
+/// The Kubernetes schema validator from PyPI, pinned; its schemas are bundled, so it runs offline.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.31.0";
+
+/// Validates every manifest in `deploy/kubernetes/` strictly (an unknown field is an error)
+/// against the Kubernetes 1.31 schemas, and checks that the validator does reject a typo, so
+/// the check cannot pass by validating nothing. (The example's `harbor.toml` is run for real
+/// by `tests/fleet.rs`.)
+fn validate_kubernetes_manifests(root: &Path) -> Result<()> {
+    let venv = target_dir(root).join("deploy-venv");
+    let validator = venv.join("bin").join("kubernetes-validate");
+    if !validator.is_file() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context("python3 -m venv (python3-venv?)")?;
+        run(Command::new(venv.join("bin").join("pip")).args([
+            "install",
+            "--disable-pip-version-check",
+            "-q",
+            KUBERNETES_VALIDATE,
+        ]))
+        .context("installing kubernetes-validate from PyPI")?;
+    }
+    let dir = root.join("deploy").join("kubernetes");
+    let mut manifests: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("{}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    manifests.sort();
+    if manifests.is_empty() {
+        bail!("no manifests in {}", dir.display());
+    }
+    let validate =
+        |files: &[PathBuf]| Command::new(&validator).args(["--strict", "--quiet", "-k", "1.31.0"]).args(files).status();
+    if !validate(&manifests)?.success() {
+        bail!("deploy/kubernetes: a manifest does not validate (above)");
+    }
+    // The same manifests with one typo each must be refused.
+    let scratch = target_dir(root).join("deploy-check");
+    std::fs::create_dir_all(&scratch)?;
+    let text = std::fs::read_to_string(&manifests[0])?;
+    for (right, typo) in [
+        ("readOnlyRootFilesystem", "readOnlyRootFilesytem"),
+        ("containerPort:", "containrPort:"),
+        ("replicas: 3", "replicas: three"),
+    ] {
+        if !text.contains(right) {
+            bail!("{} no longer has {right:?}: update the typo check", manifests[0].display());
+        }
+        let bad = scratch.join("typo.yaml");
+        std::fs::write(&bad, text.replacen(right, typo, 1))?;
+        let out = Command::new(&validator).args(["--strict", "--quiet", "-k", "1.31.0"]).arg(&bad).output()?;
+        if out.status.success() {
+            bail!("kubernetes-validate accepted a manifest with {typo:?} for {right:?}: the check is not strict");
+        }
+    }
+    eprintln!("xtask: {} Kubernetes manifest(s) valid against 1.31 (strict); 3 typos refused", manifests.len());
+    Ok(())
+}
+
 /// Everything CI checks, in the order that fails fastest.
 /// Installs the Debian packages whose programs the tests run as real peers, if missing:
 /// dnsmasq (a real DNS server for the DNS-backend tests).
@@ -356,6 +417,7 @@ fn install_debian_packages() -> Result<()> {
 
 fn test(root: &Path) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    validate_kubernetes_manifests(root)?;
     install_test_peers(root)?;
     build_strategies(root)?;
     build_polyglot()?;
