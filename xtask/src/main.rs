@@ -369,9 +369,8 @@ fn validate_kubernetes_manifests(root: &Path) -> Result<()> {
 }
 
 /// Everything CI checks, in the order that fails fastest.
-/// Installs the Debian packages whose programs the tests run as real peers, if missing:
-/// dnsmasq (a real DNS server for the DNS-backend tests).
-/// The real peers the tests run against: dnsmasq (DNS backends), nginx (PROXY protocol), Debian's chromium and
+/// Installs, if missing, the real peers the tests run against: dnsmasq (DNS backends), nginx (PROXY protocol),
+/// iproute2 (the network namespaces of `tests/fleet.rs`), Debian's chromium and
 /// playwright-core from npm (the status page's browser test).
 fn install_test_peers(root: &Path) -> Result<()> {
     install_debian_packages()?;
@@ -392,6 +391,7 @@ fn install_debian_packages() -> Result<()> {
         ("chromium", "/usr/bin/chromium"),
         ("binutils", "/usr/bin/objcopy"),
         ("nginx", "/usr/sbin/nginx"),
+        ("iproute2", "/usr/sbin/ip"),
     ]
     .into_iter()
     .filter(|(_, binary)| !Path::new(binary).exists())
