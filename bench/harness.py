@@ -64,6 +64,21 @@ METRICS = [
 ]
 
 
+# How the CPUs are shared out; see mode_cpus.
+MODES = ["one-core", "all-cores"]
+
+
+def mode_cpus(mode, ncpu):
+    """(load generator CPUs, proxy-and-backend CPUs) as taskset lists; "" = not pinned."""
+    if mode == "one-core":
+        return "0", "1"
+    if ncpu >= 3:
+        return "0", f"1-{ncpu - 1}"
+    # Two CPUs: a proxy cannot have "all but the load generator's" and more than one, so
+    # nothing is pinned and everyone (load generator, proxies, backends) shares both.
+    return "", ""
+
+
 class BenchError(Exception):
     pass
 
@@ -420,7 +435,7 @@ class Bench:
         os.makedirs(run_dir, exist_ok=True)
         conf = render("nginx-backend.conf", os.path.join(run_dir, "nginx.conf"), run_dir=run_dir,
                       data_dir=self.data_dir, port1=ports[0], port2=ports[1], nofile=self.nofile,
-                      worker_connections=self.nofile - 64)
+                      worker_connections=self.nofile - 64, workers=self.server_ncpus)
         srv = Server(tag, ["nginx", "-p", run_dir, "-c", conf, "-e", os.path.join(run_dir, "error.log")],
                      run_dir, ports, self.server_cpus)
         return srv
@@ -442,7 +457,8 @@ class Bench:
             load = f"load_module {STREAM_MODULE};" if os.path.exists(STREAM_MODULE) else ""
             conf = render("nginx-stream.conf", os.path.join(run_dir, "nginx.conf"), run_dir=run_dir, port=port,
                           backend1=b1, backend2=b2, load_module=load, nofile=self.nofile,
-                          worker_connections=self.nofile - 64)
+                          worker_connections=self.nofile - 64, workers=self.server_ncpus,
+                          reuseport=" reuseport" if self.server_ncpus > 1 else "")
             argv = ["nginx", "-p", run_dir, "-c", conf, "-e", os.path.join(run_dir, "error.log")]
         elif target in ("harbor", "harbor-rr", "harbor-accesslog", "harbor-peek"):
             strategy = ["--strategy", self.a.strategy] if target != "harbor-rr" else []
@@ -830,11 +846,14 @@ def short_n(n):
 def markdown(bench, meta):
     sizes = bench.idle_sizes
     cols = METRICS + [(f"kib_per_idle_conn_{n}", f"KiB/idle conn @{short_n(n)}", "lower", 1) for n in sizes]
-    lines = [f"# Harbor side-by-side benchmark — {meta['date']}", ""]
+    lines = [f"# Harbor side-by-side benchmark, {meta['mode']} — {meta['date']}", ""]
     lines.append(f"Commit `{meta['commit']}`; {meta['rounds']} round(s), {meta['duration_s']} s per wrk run, "
                  f"wrk -t1 -c{meta['connections']}, bulk {meta['bulk_mib']} MiB, medians over rounds. "
                  f"Load generator on CPU {meta['loadgen_cpus'] or 'any'}, proxies and backends on CPU "
-                 f"{meta['server_cpus'] or 'any'}; {meta['cpus']} CPUs, kernel {meta['kernel']}.")
+                 f"{meta['server_cpus'] or 'any'}, each proxy (and the backend nginx) with "
+                 f"{meta['server_threads']} thread(s)/worker(s) (HAProxy nbthread, nginx worker_processes"
+                 f"{' + reuseport' if meta['server_threads'] > 1 else ''}, Harbor --workers); "
+                 f"{meta['cpus']} CPUs, kernel {meta['kernel']}.")
     lines.append("")
     lines.append("| target | " + " | ".join(c[1] for c in cols) + " |")
     lines.append("|---|" + "---:|" * len(cols))
@@ -936,8 +955,12 @@ def parse_args(argv):
     ap.add_argument("--pause", type=float, help="seconds between measurements (default 1)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 1 round, 3 s runs, 1 s warm-up (explicit options still win)")
-    ap.add_argument("--loadgen-cpus", default="0", help="taskset CPU list for wrk/curl/idle_conns (default 0)")
-    ap.add_argument("--server-cpus", default="1", help="taskset CPU list for proxies and backends (default 1)")
+    ap.add_argument("--mode", choices=MODES, default="one-core",
+                    help="one-core: load generator on CPU 0, proxies and backends on CPU 1 (default); "
+                         "all-cores: proxies get every CPU but the load generator's (on 2 CPUs: nothing is "
+                         "pinned and everyone shares both), with threads/workers to match")
+    ap.add_argument("--loadgen-cpus", help="taskset CPU list for wrk/curl/idle_conns (default: by --mode)")
+    ap.add_argument("--server-cpus", help="taskset CPU list for proxies and backends (default: by --mode)")
     ap.add_argument("--quiet-threshold", type=float, default=0.10,
                     help="warn when others used more than this fraction of a core (default 0.10)")
     ap.add_argument("--harbor", default=os.path.join(REPO, "target", "release", "harbor"), help="Harbor binary")
@@ -958,6 +981,11 @@ def parse_args(argv):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    loadgen, server = mode_cpus(args.mode, os.cpu_count() or 1)
+    if args.loadgen_cpus is None:
+        args.loadgen_cpus = loadgen
+    if args.server_cpus is None:
+        args.server_cpus = server
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad = [t for t in args.targets if t not in ALL_TARGETS + EXTRA_TARGETS]
     if bad or not args.targets:
@@ -997,7 +1025,8 @@ def main(argv):
         "commit": git_commit(),
         "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
         "connections": args.connections, "bulk_mib": args.bulk_mib, "idle_sizes": bench.idle_sizes,
-        "targets": args.targets, "loadgen_cpus": bench.loadgen_cpus, "server_cpus": bench.server_cpus,
+        "targets": args.targets, "mode": args.mode, "server_threads": bench.server_ncpus,
+        "loadgen_cpus": bench.loadgen_cpus, "server_cpus": bench.server_cpus,
         "cpus": os.cpu_count(), "kernel": platform.release(), "nofile": bench.nofile,
         "quiet_threshold": args.quiet_threshold,
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -1010,12 +1039,13 @@ def main(argv):
     }
     md = markdown(bench, meta)
     os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, "latest.json"), "w") as f:
+    name = f"latest-{args.mode}"
+    with open(os.path.join(args.results_dir, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "results": bench.results, "warnings": bench.warnings}, f, indent=2)
-    with open(os.path.join(args.results_dir, "latest.md"), "w") as f:
+    with open(os.path.join(args.results_dir, f"{name}.md"), "w") as f:
         f.write(md + "\n")
     print(md)
-    log(f"done in {meta['elapsed_s']:.0f} s; wrote {args.results_dir}/latest.md and latest.json")
+    log(f"done in {meta['elapsed_s']:.0f} s; wrote {args.results_dir}/{name}.md and {name}.json")
     return 0
 
 

@@ -8,7 +8,8 @@
 # This script: installs missing tools (Debian packages), raises the descriptor
 # limit, builds Harbor (release), makes a scratch directory, and hands over to
 # bench/harness.py, which starts everything on loopback, measures, and writes
-# bench/results/latest.md and latest.json. Every process it started is ended on
+# bench/results/latest-<mode>.md and .json, once per CPU mode (one-core, all-cores)
+# unless --mode is given; latest.md holds both. Every process it started is ended on
 # exit, also on failure or Ctrl-C. See bench/README.md.
 set -euo pipefail
 
@@ -21,6 +22,7 @@ die() { say "ERROR: $*"; exit 1; }
 # Which targets? (only to decide whether Harbor must be built)
 targets="direct,haproxy,nginx,harbor,harbor-rr"
 build=1
+modes=""
 prev=""
 for arg in "$@"; do
     case "$arg" in
@@ -29,8 +31,10 @@ for arg in "$@"; do
             exit 0 ;;
         --targets=*) targets="${arg#--targets=}" ;;
         --no-build|--harbor|--harbor=*) build=0 ;;  # use the binary as it is
+        --mode=*|--loadgen-cpus*|--server-cpus*) modes="given" ;;
     esac
     [[ "$prev" == "--targets" ]] && targets="$arg"
+    [[ "$prev" == "--mode" ]] && modes="given"
     prev="$arg"
 done
 
@@ -105,7 +109,18 @@ trap 'exit 143' TERM
 
 mkdir -p bench/results
 say "scratch directory $WORK"
+# Both CPU modes unless one was asked for; latest.md then holds both reports.
 # In the background so that a TERM to this script is handled at once (see cleanup).
-python3 bench/harness.py --workdir "$WORK" "$@" &
-HPID=$!
-wait "$HPID"
+if [[ -n "$modes" ]]; then
+    python3 bench/harness.py --workdir "$WORK" "$@" &
+    HPID=$!
+    wait "$HPID"
+else
+    for mode in one-core all-cores; do
+        python3 bench/harness.py --workdir "$WORK" --mode "$mode" "$@" &
+        HPID=$!
+        wait "$HPID"
+    done
+    cat bench/results/latest-one-core.md bench/results/latest-all-cores.md >bench/results/latest.md
+    say "both modes: bench/results/latest.md (and latest-one-core.*, latest-all-cores.*)"
+fi

@@ -2,24 +2,14 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
 use common::*;
-
-fn harbor(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_harbor")).args(args).output().expect("run harbor")
-}
-
-fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 #[test]
 fn check_passes_the_shipped_strategies() {
     for name in ["round_robin", "least_conn", "maglev"] {
         let path = strategy(name);
-        let out = harbor(&["strategy", "check", path.to_str().unwrap(), "--backends", "16"]);
-        let (stdout, stderr) = text(&out);
+        let out = harbor_cli(&["strategy", "check", path.to_str().unwrap(), "--backends", "16"]);
+        let (stdout, stderr) = texts(&out);
         assert!(out.status.success(), "{name}: {stdout}{stderr}");
         assert!(stdout.contains(&format!("name:          {name}")), "{stdout}");
         assert!(stdout.contains("world:         harbor:strategy@0.2.0"), "{stdout}");
@@ -45,8 +35,8 @@ fn check_explains_what_is_wrong() {
     ];
     for (file, needle) in cases {
         let path = fixture(file);
-        let out = harbor(&["strategy", "check", path.to_str().unwrap(), "--picks", "50"]);
-        let (stdout, stderr) = text(&out);
+        let out = harbor_cli(&["strategy", "check", path.to_str().unwrap(), "--picks", "50"]);
+        let (stdout, stderr) = texts(&out);
         assert!(!out.status.success(), "{file} passed the check: {stdout}");
         assert!(stdout.contains(needle) || stderr.contains(needle), "{file}: want {needle:?}\n{stdout}{stderr}");
     }
@@ -55,7 +45,7 @@ fn check_explains_what_is_wrong() {
 #[test]
 fn simulate_compares_two_strategies_on_the_same_traffic() {
     let (lc, rr) = (strategy("least_conn"), strategy("round_robin"));
-    let out = harbor(&[
+    let out = harbor_cli(&[
         "strategy",
         "simulate",
         lc.to_str().unwrap(),
@@ -66,7 +56,7 @@ fn simulate_compares_two_strategies_on_the_same_traffic() {
         "--connections",
         "4000",
     ]);
-    let (stdout, stderr) = text(&out);
+    let (stdout, stderr) = texts(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("strategy least_conn") && stdout.contains("strategy round_robin"), "{stdout}");
     assert_eq!(stdout.matches("ineligible picks: 0").count(), 2, "{stdout}");
@@ -103,8 +93,8 @@ fn simulate_reads_a_scenario_and_flags_a_bad_one() {
     )
     .unwrap();
     let none = fixture("none_always.wat");
-    let out = harbor(&["strategy", "simulate", none.to_str().unwrap(), "--scenario", good.to_str().unwrap()]);
-    let (stdout, stderr) = text(&out);
+    let out = harbor_cli(&["strategy", "simulate", none.to_str().unwrap(), "--scenario", good.to_str().unwrap()]);
+    let (stdout, stderr) = texts(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("scenario: 2000 connections"), "{stdout}");
     // A strategy that answers none is caught on every pick, and the fallback still places them.
@@ -114,9 +104,9 @@ fn simulate_reads_a_scenario_and_flags_a_bad_one() {
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "connections = 10\narrival_per_sec = 1\nmean_duration_ms = 1\nbackend = []\n").unwrap();
     let lc = strategy("least_conn");
-    let out = harbor(&["strategy", "simulate", lc.to_str().unwrap(), "--scenario", bad.to_str().unwrap()]);
+    let out = harbor_cli(&["strategy", "simulate", lc.to_str().unwrap(), "--scenario", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).1.contains("needs 1 to 4096 [[backend]] tables"), "{}", text(&out).1);
+    assert!(texts(&out).1.contains("needs 1 to 4096 [[backend]] tables"), "{}", texts(&out).1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -162,14 +152,14 @@ fn check_draws_clients_from_a_population_and_follows_a_schedule() {
     let maglev = strategy("maglev");
     let maglev = maglev.to_str().unwrap();
     // Consistent hashing by client IP: 1000 clients spread over 4 backends, one client does not.
-    let out = harbor(&["strategy", "check", maglev, "--backends", "4", "--clients", "1000"]);
-    let (stdout, stderr) = text(&out);
+    let out = harbor_cli(&["strategy", "check", maglev, "--backends", "4", "--clients", "1000"]);
+    let (stdout, stderr) = texts(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("picks checked: 500 from 1000 client addresses"), "{stdout}");
     let spread = spread_of(&stdout);
     assert!(spread.iter().all(|s| (15.0..35.0).contains(s)), "1000 clients should spread: {stdout}");
-    let out = harbor(&["strategy", "check", maglev, "--backends", "4", "--clients", "1"]);
-    let (stdout, _) = text(&out);
+    let out = harbor_cli(&["strategy", "check", maglev, "--backends", "4", "--clients", "1"]);
+    let (stdout, _) = texts(&out);
     assert!(out.status.success(), "{stdout}");
     assert!(spread_of(&stdout).iter().any(|s| *s > 50.0), "one client should mostly stay on one backend: {stdout}");
 
@@ -182,8 +172,8 @@ fn check_draws_clients_from_a_population_and_follows_a_schedule() {
          [[backend]]\ndown_at = 0.0\nup_at = 0.9\n[[backend]]\nweight = 2\n[[backend]]\n[[backend]]\n",
     )
     .unwrap();
-    let out = harbor(&["strategy", "check", maglev, "--scenario", scenario.to_str().unwrap()]);
-    let (stdout, stderr) = text(&out);
+    let out = harbor_cli(&["strategy", "check", maglev, "--scenario", scenario.to_str().unwrap()]);
+    let (stdout, stderr) = texts(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("from 200 client addresses"), "{stdout}");
     let spread = spread_of(&stdout);
@@ -191,12 +181,12 @@ fn check_draws_clients_from_a_population_and_follows_a_schedule() {
     assert!(spread[0] < 10.0, "backend 0 was dead for 90 % of the picks: {stdout}");
     // Bad answers are still caught under a scenario.
     let bad = fixture("out_of_range.wat");
-    let out = harbor(&["strategy", "check", bad.to_str().unwrap(), "--scenario", scenario.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    let out = harbor_cli(&["strategy", "check", bad.to_str().unwrap(), "--scenario", scenario.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", texts(&out));
     // A bad scenario: one clear error, status 2.
     std::fs::write(&scenario, "connections = 10\n").unwrap();
-    let out = harbor(&["strategy", "check", maglev, "--scenario", scenario.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
-    assert!(text(&out).1.contains("scenario"), "{:?}", text(&out));
+    let out = harbor_cli(&["strategy", "check", maglev, "--scenario", scenario.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", texts(&out));
+    assert!(texts(&out).1.contains("scenario"), "{:?}", texts(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -65,14 +65,10 @@ async fn javascript_strategy_places_connections() {
 #[test]
 fn javascript_strategy_survives_its_major_garbage_collections() {
     for file in ["js_fastest.wasm", "wasi/js_fastest.wasm"] {
-        let path = built(file);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_harbor"))
-            .args(["strategy", "check", "--backends", "16", "--picks", "20000"])
-            .arg(&path)
-            .output()
-            .expect("run harbor strategy check");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{file}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        let path = built(file).display().to_string();
+        let out = harbor_cli(&["strategy", "check", "--backends", "16", "--picks", "20000", &path]);
+        let (stdout, stderr) = texts(&out);
+        assert!(out.status.success(), "{file}: {stdout}{stderr}");
         assert!(stdout.contains("picks checked: 20000") && stdout.contains("result:        ok"), "{file}: {stdout}");
     }
 }

@@ -88,9 +88,10 @@ async fn shadows_are_compared_never_used_and_promoted_with_one_call() {
 }
 
 /// Runs `harbor` with `args` and returns its exit success, stdout and stderr.
-fn harbor_cli(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_harbor")).args(args).output().expect("run harbor");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+fn run_harbor(args: &[&str]) -> (bool, String, String) {
+    let out = common::harbor_cli(args);
+    let (stdout, stderr) = common::texts(&out);
+    (out.status.success(), stdout, stderr)
 }
 
 /// The agreement line of a replay report, as a number.
@@ -154,13 +155,13 @@ async fn recorded_picks_replay_against_candidates() {
     let trace_arg = trace.display().to_string();
     // The same strategy agrees on every pick.
     let rr = strategy("round_robin").display().to_string();
-    let (ok, report, err) = harbor_cli(&["strategy", "simulate", "--trace", &trace_arg, &rr]);
+    let (ok, report, err) = run_harbor(&["strategy", "simulate", "--trace", &trace_arg, &rr]);
     assert!(ok, "{report}{err}");
     assert_eq!(agreement_of(&report), Some(100.0), "{report}");
     // canary at 100 % sends everything to b1, so it agrees only where round-robin chose b1.
     let canary = strategy("canary").display().to_string();
     let (ok, report, err) =
-        harbor_cli(&["strategy", "simulate", "--trace", &trace_arg, "--config", "share=100", &canary]);
+        run_harbor(&["strategy", "simulate", "--trace", &trace_arg, "--config", "share=100", &canary]);
     assert!(ok, "{report}{err}");
     let on_b1 = recorded.iter().filter(|n| *n == "b1").count() as f64;
     let expected = (100.0 * on_b1 / 60.0 * 10.0).round() / 10.0;
@@ -169,7 +170,7 @@ async fn recorded_picks_replay_against_candidates() {
     assert!(b1_line.trim_end().ends_with("100.0%"), "the candidate would have sent all to b1: {report}");
     // A trapping candidate: every pick a fault, no agreement to speak of, the replay still ends.
     let trap = fixture("trap.wat").display().to_string();
-    let (ok, report, err) = harbor_cli(&["strategy", "simulate", "--trace", &trace_arg, &trap]);
+    let (ok, report, err) = run_harbor(&["strategy", "simulate", "--trace", &trace_arg, &trap]);
     assert!(ok, "{report}{err}");
     assert!(report.contains("candidate faults: 60"), "{report}");
 
@@ -179,7 +180,7 @@ async fn recorded_picks_replay_against_candidates() {
     let mut lines: Vec<&str> = text.lines().collect();
     lines[5] = "{\"kind\":\"pick\",\"stats\":\"oops\"}";
     std::fs::write(&damaged, lines.join("\n")).unwrap();
-    let (ok, _, err) = harbor_cli(&["strategy", "simulate", "--trace", &damaged.display().to_string(), &rr]);
+    let (ok, _, err) = run_harbor(&["strategy", "simulate", "--trace", &damaged.display().to_string(), &rr]);
     assert!(!ok);
     assert!(err.contains("line 6"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -158,6 +158,11 @@ async fn a_guest_that_never_frees_is_recycled_before_its_memory_limit() {
     assert!(status.recycled_instances >= 4, "{} instances recycled", status.recycled_instances);
     let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
     assert_eq!(m.sum("harbor_strategy_fallbacks_total"), 0.0, "a recycled guest faulted");
+    assert_eq!(
+        m.get("harbor_strategy_instance_recycles_total{service=\"default\"}"),
+        status.recycled_instances as f64,
+        "the recycles are in /metrics too"
+    );
     harbor.stop().await.unwrap();
 }
 

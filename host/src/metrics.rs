@@ -215,6 +215,7 @@ pub struct Metrics {
     config_reloads: Family<OutcomeLabel, Counter>,
     upgrades: Family<OutcomeLabel, Counter>,
     strategy_log_dropped: Family<ServiceLabel, Counter>,
+    strategy_instance_recycles: Family<ServiceLabel, Counter>,
     proxy_header_errors: Family<ServiceLabel, Counter>,
     shadow_picks: Family<ServiceLabel, Gauge>,
     shadow_agreed: Family<ServiceLabel, Gauge>,
@@ -262,6 +263,7 @@ impl Metrics {
             config_reloads: Family::default(),
             upgrades: Family::default(),
             strategy_log_dropped: Family::default(),
+            strategy_instance_recycles: Family::default(),
             proxy_header_errors: Family::default(),
             shadow_picks: Family::default(),
             shadow_agreed: Family::default(),
@@ -395,6 +397,11 @@ impl Metrics {
             m.strategy_log_dropped.clone(),
         );
         registry.register(
+            "strategy_instance_recycles",
+            "Strategy instances swapped for fresh ones near their memory limit (not faults)",
+            m.strategy_instance_recycles.clone(),
+        );
+        registry.register(
             "upgrades",
             "Binary upgrades by outcome (handed_over, failed), as counted by the process upgraded",
             m.upgrades.clone(),
@@ -477,6 +484,11 @@ impl Metrics {
     /// The counter of a service's strategy log lines dropped over the rate limit.
     pub fn strategy_log_dropped(&self, service: &str) -> Counter {
         self.strategy_log_dropped.get_or_create(&ServiceLabel { service: service.to_string() }).clone()
+    }
+
+    /// The counter of a service's strategy instances recycled near their memory limit.
+    pub fn strategy_instance_recycles(&self, service: &str) -> Counter {
+        self.strategy_instance_recycles.get_or_create(&ServiceLabel { service: service.to_string() }).clone()
     }
 
     /// Picks of `service` where the strategy's answer was not used through its own fault.

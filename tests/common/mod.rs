@@ -270,6 +270,16 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Runs the `harbor` binary with `args` to completion (`strategy check`, `simulate`, ...).
+pub fn harbor_cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_harbor")).args(args).stdin(Stdio::null()).output().expect("run harbor")
+}
+
+/// A finished command's (stdout, stderr) as text.
+pub fn texts(out: &std::process::Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Runs the real `harbor` binary listening on a free port with `args`, and returns it with
 /// its address and a first client connection once it accepts.
 pub async fn spawn_binary(args: &[&str]) -> (std::process::Child, std::net::SocketAddr, TcpStream) {

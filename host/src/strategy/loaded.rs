@@ -93,6 +93,8 @@ pub struct GuestEnv {
     pub service: String,
     pub kv: Arc<KvStores>,
     pub log_dropped: prometheus_client::metrics::counter::Counter,
+    /// Instances swapped for fresh ones near their memory limit (the service's counter).
+    pub instance_recycles: prometheus_client::metrics::counter::Counter,
 }
 
 impl Default for GuestEnv {
@@ -102,6 +104,7 @@ impl Default for GuestEnv {
             service: "default".into(),
             kv: Arc::new(KvStores::new(10_000, 16 << 20)),
             log_dropped: Default::default(),
+            instance_recycles: Default::default(),
         }
     }
 }
@@ -136,6 +139,8 @@ pub struct LoadedStrategy {
     refill_error: Mutex<Option<StrategyError>>,
     /// Instances swapped for fresh ones because they had nearly filled their memory limit.
     recycled: AtomicU64,
+    /// The service's `harbor_strategy_instance_recycles_total`, which outlives this strategy.
+    recycles_total: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for LoadedStrategy {
@@ -278,6 +283,7 @@ impl LoadedStrategy {
             refilling: AtomicBool::new(false),
             refill_error: Mutex::new(None),
             recycled: AtomicU64::new(0),
+            recycles_total: env.instance_recycles.clone(),
         };
         // A trial instance proves that instantiation and `init` work before going live; it
         // and the others made here are the workers' first instances.
@@ -330,6 +336,7 @@ impl LoadedStrategy {
     /// Counts an instance swapped for a fresh one near its memory limit.
     pub fn count_recycled(&self) {
         self.recycled.fetch_add(1, Ordering::Relaxed);
+        self.recycles_total.inc();
     }
 
     /// Instances swapped for fresh ones near their memory limit, since this strategy loaded.

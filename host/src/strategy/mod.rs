@@ -229,6 +229,7 @@ impl StrategyHost {
             service: service.to_string(),
             kv: Arc::new(guest_host::KvStores::new(limits.kv_entries, limits.kv_bytes)),
             log_dropped: metrics.strategy_log_dropped(service),
+            instance_recycles: metrics.strategy_instance_recycles(service),
         };
         Ok(StrategyHost {
             guest_env,
