@@ -40,15 +40,18 @@ CONF = os.path.join(HERE, "conf")
 TICK = os.sysconf("SC_CLK_TCK")
 ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-rr"]
 # Not in the default set: ask for it with --targets.
-EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek"]
+EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek", "harbor-x"]
 LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-stream", "harbor": "Harbor",
           "harbor-rr": "Harbor, built-in round-robin",
           "harbor-accesslog": "Harbor with --access-log (tmpfs)",
-          "harbor-peek": "Harbor with --peek tls (plaintext clients)"}
+          "harbor-peek": "Harbor with --peek tls (plaintext clients)",
+          "harbor-x": "Harbor with $HARBOR_X_ARGS (and $HARBOR_X_ENV)"}
 # Targets measured in the keep-alive and new-connection phases only: harbor-rr is the same
 # binary and data path as harbor without the wasm strategy, there to price the strategy call.
 # harbor-accesslog is harbor with the access log on (to tmpfs), to price the log in the same run.
-THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog", "harbor-peek"}
+# harbor-x is harbor plus the flags in $HARBOR_X_ARGS and the variables in $HARBOR_X_ENV
+# (space-separated), to try one change against harbor in the same run.
+THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x"}
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 # (key, column title, better, decimals)
@@ -460,7 +463,7 @@ class Bench:
                           worker_connections=self.nofile - 64, workers=self.server_ncpus,
                           reuseport=" reuseport" if self.server_ncpus > 1 else "")
             argv = ["nginx", "-p", run_dir, "-c", conf, "-e", os.path.join(run_dir, "error.log")]
-        elif target in ("harbor", "harbor-rr", "harbor-accesslog", "harbor-peek"):
+        elif target in ("harbor", "harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x"):
             strategy = ["--strategy", self.a.strategy] if target != "harbor-rr" else []
             if target == "harbor-peek":
                 strategy += ["--peek", "tls"]
@@ -473,6 +476,9 @@ class Bench:
         else:
             raise BenchError(f"unknown target {target}")
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+        if target == "harbor-x":
+            env.update(dict(x.split("=", 1) for x in os.environ.get("HARBOR_X_ENV", "").split() if "=" in x))
+            argv += os.environ.get("HARBOR_X_ARGS", "").split()
         srv = Server(f"{tag}-{target}", argv, run_dir, [port], self.server_cpus, env=env)
         try:
             probe(port)
