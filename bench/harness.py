@@ -19,6 +19,7 @@ columns are the backend nginx's own cost.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import re
 import resource
 import signal
 import socket
+import ssl
 import statistics
 import string
 import subprocess
@@ -44,7 +46,7 @@ EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek", "harbor-x"]
 LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-stream", "harbor": "Harbor",
           "harbor-rr": "Harbor, built-in round-robin",
           "harbor-accesslog": "Harbor with --access-log (tmpfs)",
-          "harbor-peek": "Harbor with --peek tls (plaintext clients)",
+          "harbor-peek": "Harbor with --peek tls",
           "harbor-x": "Harbor with $HARBOR_X_ARGS (and $HARBOR_X_ENV)"}
 # Targets measured in the keep-alive and new-connection phases only: harbor-rr is the same
 # binary and data path as harbor without the wasm strategy, there to price the strategy call.
@@ -64,6 +66,12 @@ METRICS = [
     ("cpu_us_per_req", "CPU µs/req", "lower", 2),
     ("cpu_us_per_conn", "CPU µs/conn", "lower", 1),
     ("cpu_ms_per_gib", "CPU ms/GiB", "lower", 0),
+]
+# With --tls: new connections carrying a real TLS handshake (wrk https://, the backend nginx
+# terminates TLS; the proxies only relay), so `--peek tls` reads real ClientHellos.
+TLS_METRICS = [
+    ("tls_conn_rps", "TLS conn/s", "higher", 0),
+    ("cpu_us_per_tls_conn", "CPU µs/TLS conn", "lower", 1),
 ]
 
 
@@ -433,22 +441,32 @@ class Bench:
                     break
 
     def start_backend(self, tag):
-        ports = pick_ports(2)
+        ports = pick_ports(4 if self.a.tls else 2)
         run_dir = os.path.join(self.work, tag)
         os.makedirs(run_dir, exist_ok=True)
+        tls = ""
+        if self.a.tls:
+            tls = (f"listen 127.0.0.1:{ports[2]} ssl backlog=4096;\n        "
+                   f"listen 127.0.0.1:{ports[3]} ssl backlog=4096;\n        "
+                   f"ssl_certificate {self.data_dir}/cert.pem;\n        "
+                   f"ssl_certificate_key {self.data_dir}/key.pem;\n        "
+                   f"ssl_session_tickets off;\n        ssl_session_cache off;")
         conf = render("nginx-backend.conf", os.path.join(run_dir, "nginx.conf"), run_dir=run_dir,
                       data_dir=self.data_dir, port1=ports[0], port2=ports[1], nofile=self.nofile,
-                      worker_connections=self.nofile - 64, workers=self.server_ncpus)
+                      worker_connections=self.nofile - 64, workers=self.server_ncpus, tls=tls)
         srv = Server(tag, ["nginx", "-p", run_dir, "-c", conf, "-e", os.path.join(run_dir, "error.log")],
                      run_dir, ports, self.server_cpus)
         return srv
 
-    def start_target(self, target, tag):
-        """Start a fresh instance of target; returns (Server, port to load)."""
+    def start_target(self, target, tag, tls=False):
+        """Start a fresh instance of target; returns (Server, port to load). With tls, the
+        proxy relays to the backends' TLS ports, and the probe speaks TLS."""
         if target == "direct":
+            if tls:
+                return None, self.backends.ports[2]
             srv = self.start_backend(f"{tag}-direct")
             return srv, srv.ports[0]
-        b1, b2 = self.backends.ports
+        b1, b2 = self.backends.ports[2:4] if tls else self.backends.ports[:2]
         port = pick_ports(1)[0]
         run_dir = os.path.join(self.work, f"{tag}-{target}")
         os.makedirs(run_dir, exist_ok=True)
@@ -481,7 +499,7 @@ class Bench:
             argv += os.environ.get("HARBOR_X_ARGS", "").split()
         srv = Server(f"{tag}-{target}", argv, run_dir, [port], self.server_cpus, env=env)
         try:
-            probe(port)
+            probe(port, tls=tls)
         except TargetBroken as e:
             srv.stop()
             raise TargetBroken(f"{target} listens on :{port} but does not proxy: {e}") from None
@@ -532,6 +550,8 @@ class Bench:
         self.haproxy_maxconn = (self.nofile - 100) // 2
         self.check_harbor()
         self.prepare_data()
+        if self.a.tls:
+            self.make_certificate()
         self.backends = self.start_backend("backends")
         log(f"backends: nginx on 127.0.0.1:{self.backends.ports[0]} and :{self.backends.ports[1]}")
 
@@ -578,12 +598,12 @@ class Bench:
                       f"of a core (threshold {100 * self.a.quiet_threshold:.0f}%)")
         return d
 
-    def wrk(self, srv, port, duration, close, what, check_quiet=True):
+    def wrk(self, srv, port, duration, close, what, check_quiet=True, scheme="http"):
         cmd = (["taskset", "-c", self.loadgen_cpus] if self.loadgen_cpus else []) + [
             "wrk", "-t1", f"-c{self.a.connections}", f"-d{duration}s", "--latency"]
         if close:
             cmd += ["-H", "Connection: close"]
-        cmd.append(f"http://127.0.0.1:{port}/1k")
+        cmd.append(f"{scheme}://127.0.0.1:{port}/1k")
         before = self.snapshot(srv)
         try:
             rc, out, err = run_capture(cmd, duration + 60)
@@ -675,6 +695,40 @@ class Bench:
         finally:
             self.stop_checked(target, srv, tag)
 
+    def tls_round(self, rnd, tag, per):
+        """New TLS connections through a fresh instance of each target, relaying to the
+        backends' TLS ports: every connection opens with a real ClientHello."""
+        servers = {}
+        try:
+            for t in rnd:
+                if t in self.broken or t == "harbor-rr" or t == "harbor-accesslog":
+                    continue
+                try:
+                    servers[t] = self.start_target(t, f"{tag}-tls", tls=True)
+                except TargetBroken as e:
+                    self.mark_broken(t, str(e))
+            for t in servers:
+                if self.a.warmup > 0:
+                    self.wrk(*servers[t], self.a.warmup, True, f"{tag} {t} TLS warm-up", check_quiet=False,
+                             scheme="https")
+                log(f"  {t}: new TLS connections {self.a.duration}s")
+                per[t]["tls"] = self.wrk(*servers[t], self.a.duration, True, f"{tag} {t} TLS new-connections",
+                                         scheme="https")
+                time.sleep(self.a.pause)
+        finally:
+            for t, (srv, _) in servers.items():
+                if srv is not None:
+                    self.stop_checked(t, srv, tag)
+
+    def make_certificate(self):
+        """A throwaway self-signed P-256 certificate for the backends' TLS ports."""
+        cmd = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+               "-days", "2", "-subj", "/CN=bench.harbor", "-keyout", os.path.join(self.data_dir, "key.pem"),
+               "-out", os.path.join(self.data_dir, "cert.pem")]
+        rc, out, err = run_capture(cmd, 30)
+        if rc != 0:
+            raise BenchError(f"openssl could not make a certificate: {err}")
+
     def mark_broken(self, target, why):
         self.broken[target] = why
         self.warn(f"{why}: {target} is skipped from now on")
@@ -745,22 +799,30 @@ class Bench:
                 for t, (srv, _) in servers.items():
                     if srv is not None:
                         self.stop_checked(t, srv, tag)
+            if self.a.tls:
+                self.tls_round(rnd, tag, per)
             for t in rnd:
                 per[t]["metrics"] = round_metrics(per[t], self.idle_sizes, direct=(t == "direct"))
                 self.results[t]["rounds"].append(per[t])
         for t in self.targets:
             rounds = [x["metrics"] for x in self.results[t]["rounds"]]
-            keys = [m[0] for m in METRICS] + [f"kib_per_idle_conn_{n}" for n in self.idle_sizes]
+            keys = [m[0] for m in METRICS + TLS_METRICS] + [f"kib_per_idle_conn_{n}" for n in self.idle_sizes]
             self.results[t]["median"] = {k: median([x.get(k) for x in rounds]) for k in keys}
             self.results[t]["min"] = {k: minmax([x.get(k) for x in rounds], min) for k in keys}
             self.results[t]["max"] = {k: minmax([x.get(k) for x in rounds], max) for k in keys}
 
 
-def probe(port, timeout=5.0):
-    """One GET /1k through port must answer 200 within timeout, or TargetBroken."""
+def probe(port, timeout=5.0, tls=False):
+    """One GET /1k through port (over TLS with tls) must answer 200 within timeout, or TargetBroken."""
     deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=timeout))
+            if tls:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                s = stack.enter_context(context.wrap_socket(s, server_hostname="bench.harbor"))
             s.sendall(b"GET /1k HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
             data = b""
             while len(data) < 1024 and time.monotonic() < deadline:  # bounded by time
@@ -825,6 +887,10 @@ def round_metrics(per, idle_sizes, direct):
     if cl:
         m["conn_rps"] = cl["rps"]
         m["cpu_us_per_conn"] = cpu_of(cl) * 1e6 / cl["requests"] if cl["requests"] else None
+    tls = per.get("tls")
+    if tls:
+        m["tls_conn_rps"] = tls["rps"]
+        m["cpu_us_per_tls_conn"] = cpu_of(tls) * 1e6 / tls["requests"] if tls["requests"] else None
     if bk:
         m["bulk_mib_s"] = bk["mib_s"]
         m["cpu_ms_per_gib"] = cpu_of(bk) * 1e3 / (bk["bytes"] / 2**30)
@@ -851,7 +917,8 @@ def short_n(n):
 
 def markdown(bench, meta):
     sizes = bench.idle_sizes
-    cols = METRICS + [(f"kib_per_idle_conn_{n}", f"KiB/idle conn @{short_n(n)}", "lower", 1) for n in sizes]
+    cols = METRICS + (TLS_METRICS if meta.get("tls") else []) + [
+        (f"kib_per_idle_conn_{n}", f"KiB/idle conn @{short_n(n)}", "lower", 1) for n in sizes]
     lines = [f"# Harbor side-by-side benchmark, {meta['mode']} — {meta['date']}", ""]
     lines.append(f"Commit `{meta['commit']}`; {meta['rounds']} round(s), {meta['duration_s']} s per wrk run, "
                  f"wrk -t1 -c{meta['connections']}, bulk {meta['bulk_mib']} MiB, medians over rounds. "
@@ -965,6 +1032,9 @@ def parse_args(argv):
                     help="one-core: load generator on CPU 0, proxies and backends on CPU 1 (default); "
                          "all-cores: proxies get every CPU but the load generator's (on 2 CPUs: nothing is "
                          "pinned and everyone shares both), with threads/workers to match")
+    ap.add_argument("--tls", action="store_true",
+                    help="add a phase of new TLS connections (wrk https://; the backend nginx terminates "
+                         "TLS, proxies relay): prices `--peek tls` on real ClientHellos")
     ap.add_argument("--loadgen-cpus", help="taskset CPU list for wrk/curl/idle_conns (default: by --mode)")
     ap.add_argument("--server-cpus", help="taskset CPU list for proxies and backends (default: by --mode)")
     ap.add_argument("--quiet-threshold", type=float, default=0.10,
@@ -1031,7 +1101,7 @@ def main(argv):
         "commit": git_commit(),
         "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
         "connections": args.connections, "bulk_mib": args.bulk_mib, "idle_sizes": bench.idle_sizes,
-        "targets": args.targets, "mode": args.mode, "server_threads": bench.server_ncpus,
+        "targets": args.targets, "mode": args.mode, "tls": args.tls, "server_threads": bench.server_ncpus,
         "loadgen_cpus": bench.loadgen_cpus, "server_cpus": bench.server_cpus,
         "cpus": os.cpu_count(), "kernel": platform.release(), "nofile": bench.nofile,
         "quiet_threshold": args.quiet_threshold,
