@@ -9,8 +9,9 @@
 #   - componentize-py + wasmtime (wasmtime-py, for the checks) into a venv at
 #     target/polyglot-venv (override with POLYGLOT_VENV);
 #   - componentize-js + jco into strategies/js/node_modules with `npm ci` (package-lock.json).
-# The pure builds have no WASI imports, and the default ones only WASI 0.2 and Harbor's types;
-# the script fails if anything else shows up.
+# Harbor itself checks each build (`harbor strategy check`, strategies/check_component.sh):
+# the pure builds import no WASI, the default ones WASI 0.2; anything Harbor refuses fails
+# the script.
 # Then it loads both in wasmtime (wasmtime-py) and in node (jco transpile), checks their
 # picks and prints rough per-pick timings (skip with --no-test).
 #
@@ -94,65 +95,53 @@ install_js_tools() {
 # Prints the component's imports; fails unless the only one is the type-only
 # harbor:strategy/types interface (which every strategy, Rust ones too, has), and, with
 # `wasi` as the second argument, WASI 0.2 interfaces.
-check_imports() {
-    local wasm="$1" allow_wasi="${2:-}" wit imports bad
-    wit="$("$JS/node_modules/.bin/jco" wit "$wasm")" || die "jco wit could not read $wasm"
-    imports="$(printf '%s\n' "$wit" | sed -n 's/^  import \(.*\);$/\1/p; s/^  import \([^:;]*\):.*/\1/p')"
-    echo "    imports: $(printf '%s' "$imports" | tr '\n' ' ')"
-    echo "    exports: $(printf '%s\n' "$wit" | sed -n 's/^  export \([^:;]*\)[:;].*/\1/p' | tr '\n' ' ')"
-    bad="$(printf '%s\n' "$imports" | grep -v '^harbor:strategy/types@0\.1\.0$' | grep -v '^$' || true)"
-    if [ "$allow_wasi" = wasi ]; then
-        bad="$(printf '%s\n' "$bad" | grep -v '^wasi:[a-z-]*/[a-z-]*@0\.2\.[0-9]*$' | grep -v '^$' || true)"
-    fi
-    [ -z "$bad" ] || die "$(basename "$wasm") still imports: $(printf '%s' "$bad" | tr '\n' ' ')"
-}
+# shellcheck source=check_component.sh
+source "$HERE/check_component.sh"
 
 # -------------------------------------------------------------------- builds
+# One build of OUT by "$@" (a toolchain command line), timed, then checked by Harbor as
+# KIND (pure: no WASI imports; wasi: the toolchain's defaults).
+build_one() { # OUT KIND DESCRIPTION COMMAND...
+    local out="$1" kind="$2" what="$3" t
+    shift 3
+    step "$what -> strategies/${out#"$HERE"/}"
+    t="$(now)"
+    mkdir -p "$(dirname "$out")"
+    "$@" || die "$what failed to build $out"
+    echo "    built in $(elapsed "$t"), $(size_of "$out")"
+    check_component "$out" "$kind" || die "$(basename "$out") did not pass Harbor's check"
+}
+
+componentize_py() { # OUT [FLAGS...]
+    local out="$1"
+    shift
+    "$VENV/bin/componentize-py" -d "$WIT" -w strategy componentize -p "$HERE/python/p2c" "$@" app -o "$out"
+}
+
+componentize_js() { # OUT [FLAGS...]
+    local out="$1"
+    shift
+    (cd "$JS" && node node_modules/@bytecodealliance/componentize-js/src/cli.js \
+        fastest/strategy.js --wit "$WIT" --world-name strategy "$@" -o "$out")
+}
+
 build_py() {
-    local out="$HERE/py_p2c.wasm" t
-    step "componentize-py -> strategies/py_p2c.wasm"
-    t="$(now)"
     # -s/--stub-wasi: every WASI import becomes a trapping stub, so the component imports none.
-    "$VENV/bin/componentize-py" -d "$WIT" -w strategy componentize \
-        -p "$HERE/python/p2c" --stub-wasi app -o "$out" \
-        || die "componentize-py failed to build $out"
-    echo "    built in $(elapsed "$t"), $(size_of "$out")"
-    check_imports "$out"
-    out="$HERE/wasi/py_p2c.wasm"
-    step "componentize-py, its defaults (WASI) -> strategies/wasi/py_p2c.wasm"
-    t="$(now)"
-    mkdir -p "$HERE/wasi"
-    "$VENV/bin/componentize-py" -d "$WIT" -w strategy componentize \
-        -p "$HERE/python/p2c" app -o "$out" \
-        || die "componentize-py failed to build $out"
-    echo "    built in $(elapsed "$t"), $(size_of "$out")"
-    check_imports "$out" wasi
+    build_one "$HERE/py_p2c.wasm" pure "componentize-py" componentize_py "$HERE/py_p2c.wasm" --stub-wasi
+    build_one "$HERE/wasi/py_p2c.wasm" wasi "componentize-py, its defaults (WASI)" \
+        componentize_py "$HERE/wasi/py_p2c.wasm"
 }
 
 build_js() {
-    local out="$HERE/js_fastest.wasm" t
-    step "componentize-js -> strategies/js_fastest.wasm"
-    t="$(now)"
     # --disable every WASI feature: no stdio, random, clocks, http: the component imports none.
-    (cd "$JS" && node node_modules/@bytecodealliance/componentize-js/src/cli.js \
-        fastest/strategy.js --wit "$WIT" --world-name strategy \
-        --disable stdio random clocks http fetch-event -o "$out") \
-        || die "componentize-js failed to build $out"
-    echo "    built in $(elapsed "$t"), $(size_of "$out")"
-    check_imports "$out"
-    out="$HERE/wasi/js_fastest.wasm"
-    step "componentize-js, its defaults (WASI) -> strategies/wasi/js_fastest.wasm"
-    t="$(now)"
-    mkdir -p "$HERE/wasi"
-    (cd "$JS" && node node_modules/@bytecodealliance/componentize-js/src/cli.js \
-        fastest/strategy.js --wit "$WIT" --world-name strategy -o "$out") \
-        || die "componentize-js failed to build $out"
-    echo "    built in $(elapsed "$t"), $(size_of "$out")"
-    check_imports "$out" wasi
+    build_one "$HERE/js_fastest.wasm" pure "componentize-js" componentize_js "$HERE/js_fastest.wasm" \
+        --disable stdio random clocks http fetch-event
+    build_one "$HERE/wasi/js_fastest.wasm" wasi "componentize-js, its defaults (WASI)" \
+        componentize_js "$HERE/wasi/js_fastest.wasm"
 }
 
 T0="$(now)"
-# jco (for the import check) comes with the JS toolchain, so it is installed for both.
+# jco (for the checks in node) comes with the JS toolchain, so it is installed for both.
 install_js_tools
 if want py || [ "$RUN_TEST" = 1 ]; then install_python_tools; fi
 want py && build_py

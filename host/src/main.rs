@@ -64,6 +64,9 @@ enum StrategyCommand {
         /// Configuration string for `init`.
         #[arg(long, default_value = "")]
         config: String,
+        /// Directory of compiled strategies, shared with Harbor (`off` to always compile).
+        #[arg(long, env = "HARBOR_CACHE_DIR", value_name = "DIR")]
+        cache_dir: Option<String>,
     },
     /// Drive a strategy (or two, side by side) with synthetic traffic and report its choices.
     Simulate {
@@ -357,7 +360,16 @@ fn read_component(path: &std::path::Path) -> Result<Vec<u8>, ExitCode> {
 fn strategy_tool(command: StrategyCommand) -> ExitCode {
     use harbor::strategy::{check, simulate};
     match command {
-        StrategyCommand::Check { file, backends, picks, clients, scenario, config } => {
+        StrategyCommand::Check { file, backends, picks, clients, scenario, config, cache_dir } => {
+            // A check compiles as Harbor does, through the same cache: checking a file first
+            // makes Harbor's load of it instant, and checking it again costs no compile.
+            match harbor::strategy::engine::StrategyEngine::global() {
+                Ok(engine) => engine.set_disk_cache(harbor::config::cache_dir_of(cache_dir.as_deref()).as_deref()),
+                Err(e) => {
+                    eprintln!("harbor: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
             let mut plan = check::CheckPlan::new(backends.clamp(1, 4096), picks.clamp(1, 1_000_000));
             plan.clients = clients.clamp(1, 16_000_000);
             if let Some(path) = scenario {

@@ -66,17 +66,9 @@ run clang "${cflags[@]}" -DHARBOR_WASI -o "$work/swrr_wasi.core.wasm" "${sources
 run "$tools/bin/wasm-tools" component new "$work/swrr_wasi.core.wasm" \
   --adapt "wasi_snapshot_preview1=$work/wasi_snapshot_preview1.reactor.wasm" -o "$root/strategies/wasi/swrr_c.wasm"
 
-# What each imports: none for the pure one, only wasi:*@0.2.x for the other.
-check_imports() { # FILE pure|wasi
-  local imports bad
-  imports="$("$tools/bin/wasm-tools" component wit "$1" | sed -n 's/^ *import \([^;]*\);.*/\1/p')"
-  say "$1 imports: $(printf "%s" "$imports" | tr "\n" " ")"
-  imports="$(printf "%s\n" "$imports" | grep -v "^harbor:strategy/types@" || true)"
-  if [ "$2" = pure ]; then bad="$imports"
-  else bad="$(printf '%s\n' "$imports" | grep -v '^wasi:[a-z-]*/[a-z-]*@0\.2\.[0-9]*$' | grep -v '^$' || true)"; fi
-  if [ -n "$bad" ]; then say "$1: unexpected imports: $bad"; exit 1; fi
-  if [ "$2" = wasi ] && [ -z "$imports" ]; then say "$1: expected WASI imports, found none"; exit 1; fi
-}
-check_imports "$root/strategies/swrr_c.wasm" pure
-check_imports "$root/strategies/wasi/swrr_c.wasm" wasi
+# Harbor loads both; the pure one imports no WASI, the other WASI 0.2.
+# shellcheck source=../check_component.sh
+source "$here/../check_component.sh"
+check_component "$root/strategies/swrr_c.wasm" pure
+check_component "$root/strategies/wasi/swrr_c.wasm" wasi
 say "wrote strategies/swrr_c.wasm and strategies/wasi/swrr_c.wasm"

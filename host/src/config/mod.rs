@@ -231,6 +231,17 @@ impl Tunables {
     }
 }
 
+/// Where compiled strategies are cached, from the `cache_dir` setting as written: `off` (or
+/// `none`) for nowhere, a directory, or unset for the default (`$XDG_CACHE_HOME/harbor` or
+/// `~/.cache/harbor`; nowhere without a home).
+pub fn cache_dir_of(setting: Option<&str>) -> Option<PathBuf> {
+    match setting.map(str::trim) {
+        Some("off") | Some("none") => None,
+        Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir)),
+        _ => crate::strategy::disk_cache::default_dir(),
+    }
+}
+
 /// `10.0.0.0/8`, `::1/128`, or a bare address (a /32 or /128).
 pub fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
     let text = text.trim();
@@ -748,11 +759,7 @@ impl Config {
             log_level,
             access_log: globals.access_log.filter(|t| !t.trim().is_empty() && t.trim() != "off"),
             access_log_format: globals.access_log_format,
-            cache_dir: match globals.cache_dir.as_deref().map(str::trim) {
-                Some("off") | Some("none") => None,
-                Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir)),
-                _ => crate::strategy::disk_cache::default_dir(),
-            },
+            cache_dir: cache_dir_of(globals.cache_dir.as_deref()),
             services,
         })
     }

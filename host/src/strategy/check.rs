@@ -24,6 +24,8 @@ pub struct CheckReport {
     pub sha256: String,
     pub size: usize,
     pub compile_time: Duration,
+    /// Where the machine code came from (compiled now, or the compile cache).
+    pub compiled_from: super::engine::CompiledFrom,
     pub imports: Vec<String>,
     pub exports: Vec<String>,
     pub wants_reports: bool,
@@ -57,7 +59,11 @@ impl std::fmt::Display for CheckReport {
         writeln!(f, "world:         {world}")?;
         writeln!(f, "sha256:        {}", self.sha256)?;
         writeln!(f, "size:          {} bytes", self.size)?;
-        writeln!(f, "compile time:  {:.1} ms", self.compile_time.as_secs_f64() * 1e3)?;
+        let from = match self.compiled_from {
+            super::engine::CompiledFrom::Compiled => "",
+            super::engine::CompiledFrom::Memory | super::engine::CompiledFrom::Disk => " (from the compile cache)",
+        };
+        writeln!(f, "compile time:  {:.1} ms{from}", self.compile_time.as_secs_f64() * 1e3)?;
         writeln!(
             f,
             "imports:       {}",
@@ -188,6 +194,7 @@ pub fn check_component(
         sha256: loaded.sha256.clone(),
         size: bytes.len(),
         compile_time: loaded.compile_time,
+        compiled_from: loaded.compiled_from,
         imports,
         exports,
         wants_reports: loaded.wants_reports,
