@@ -32,26 +32,9 @@ impl Dnsmasq {
     }
 
     fn start_on(port: u16, hosts: &Path, srv: &[&str]) -> Dnsmasq {
-        let binary = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("dnsmasq is missing: `cargo xtask test` installs it (Debian package dnsmasq-base)");
+        let (binary, args) = dnsmasq_command(port, hosts, 0);
         let mut cmd = Command::new(binary);
-        cmd.args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--no-resolv",
-            "--no-hosts",
-            "--local-ttl=0",
-            "--pid-file=",
-            "--user=root",
-            "--log-facility=-",
-            "--log-queries",
-        ])
-        .arg(format!("--port={port}"))
-        .arg(format!("--addn-hosts={}", hosts.display()));
+        cmd.args(args).args(["--log-facility=-", "--log-queries"]);
         for record in srv {
             cmd.arg(format!("--srv-host={record}"));
         }

@@ -415,23 +415,7 @@ fn the_kubernetes_example_serves_backends_found_through_dns() {
     let hosts = dir.join("hosts");
     let name = "web-backends.default.svc.cluster.local";
     std::fs::write(&hosts, backend_ips.iter().map(|ip| format!("{ip} {name}\n")).collect::<String>()).expect("hosts");
-    let dnsmasq = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("dnsmasq is missing: `cargo xtask test` installs it (Debian package dnsmasq-base)");
-    let dns_args = args(&[
-        "--keep-in-foreground",
-        "--conf-file=/dev/null",
-        "--listen-address=127.0.0.1",
-        "--bind-interfaces",
-        "--no-resolv",
-        "--no-hosts",
-        "--local-ttl=1",
-        "--pid-file=",
-        "--user=root",
-        "--port=53",
-        &format!("--addn-hosts={}", hosts.display()),
-    ]);
+    let (dnsmasq, dns_args) = common::dnsmasq_command(53, &hosts, 1);
     lab.spawn(&pod, dnsmasq, &dns_args);
     lab.resolv_conf(
         &pod,

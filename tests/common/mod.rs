@@ -270,6 +270,30 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// dnsmasq, a real DNS server: its binary, and the arguments that make it serve only the
+/// names in `hosts` on 127.0.0.1:`port`, in the foreground, with the given TTL.
+pub fn dnsmasq_command(port: u16, hosts: &std::path::Path, ttl: u32) -> (&'static str, Vec<String>) {
+    let binary = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("dnsmasq is missing: `cargo xtask test` installs it (Debian package dnsmasq-base)");
+    let args = [
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--no-resolv",
+        "--no-hosts",
+        "--pid-file=",
+        "--user=root",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain([format!("--local-ttl={ttl}"), format!("--port={port}"), format!("--addn-hosts={}", hosts.display())])
+    .collect();
+    (binary, args)
+}
+
 /// Runs the `harbor` binary with `args` to completion (`strategy check`, `simulate`, ...).
 pub fn harbor_cli(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_harbor")).args(args).stdin(Stdio::null()).output().expect("run harbor")
