@@ -49,6 +49,9 @@ impl Peeked {
     }
 }
 
+/// Most bytes one read of the peek asks for.
+const READ_CHUNK: usize = 4096;
+
 /// Reads what `policy` asks for from `client`, within its timeout. `already` holds bytes of
 /// the client's stream read before (after a PROXY header): they come first.
 pub async fn peek(client: &mut TcpStream, policy: &PeekPolicy, already: Vec<u8>) -> Peeked {
@@ -62,19 +65,25 @@ pub async fn peek(client: &mut TcpStream, policy: &PeekPolicy, already: Vec<u8>)
     }
     let mut tls_settled = !policy.tls;
     let deadline = tokio::time::Instant::now() + policy.timeout;
-    let mut chunk = [0u8; 4096];
+    // Read straight into the peeked bytes: a buffer on this future's stack would be held, in
+    // every connection's task, for the connection's whole life.
     // Bounded by the byte limit (each read adds at least one byte) and by the deadline.
     while peeked.bytes.len() < limit {
-        let room = (limit - peeked.bytes.len()).min(chunk.len());
-        let read = match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await {
-            Err(_) => break, // timeout: place what we have
+        let start = peeked.bytes.len();
+        let room = (limit - start).min(READ_CHUNK);
+        peeked.bytes.resize(start + room, 0);
+        let read = match tokio::time::timeout_at(deadline, client.read(&mut peeked.bytes[start..])).await {
+            Err(_) => 0, // timeout: place what we have
             Ok(Ok(0)) | Ok(Err(_)) => {
                 peeked.closed = true;
-                break;
+                0
             }
             Ok(Ok(n)) => n,
         };
-        peeked.bytes.extend_from_slice(&chunk[..read]);
+        peeked.bytes.truncate(start + read);
+        if read == 0 {
+            break;
+        }
         if !tls_settled {
             match client_hello::parse(&peeked.bytes) {
                 Hello::Incomplete => {}
