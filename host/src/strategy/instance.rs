@@ -75,6 +75,13 @@ fn finished<T>(call: impl std::future::Future<Output = wasmtime::Result<T>>) -> 
     })
 }
 
+/// A new call's deadline of `ticks`: the epoch deadline and the clock that extends it for a
+/// preempted thread, always together.
+fn set_deadline(store: &mut Store<GuestState>, ticks: u64) {
+    store.set_epoch_deadline(ticks);
+    store.data_mut().clock.start(ticks);
+}
+
 impl Instance {
     /// Sets the limits for the next call: a fresh deadline and fuel. A store that cannot take
     /// fuel must not run at all (it would run without its instruction limit).
@@ -85,8 +92,7 @@ impl Instance {
     /// Sets the call's fuel and deadline; the deadline clock runs while the guard is held.
     fn arm_for(&mut self, fuel: u64, ticks: u64) -> Result<Running, CallFault> {
         let running = Running::start();
-        self.store.set_epoch_deadline(ticks);
-        self.store.data_mut().clock.start(ticks);
+        set_deadline(&mut self.store, ticks);
         self.armed_fuel = fuel;
         self.store.set_fuel(fuel).map_err(|e| CallFault::Trap(format!("cannot set the fuel limit: {e:#}")))?;
         Ok(running)
@@ -131,8 +137,7 @@ impl Instance {
         // a deadline of their own.
         let init_ticks = deadline_ticks(INIT_DEADLINE);
         let _running = Running::start();
-        store.set_epoch_deadline(init_ticks);
-        store.data_mut().clock.start(init_ticks);
+        set_deadline(&mut store, init_ticks);
         store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let instantiate_error = |e: wasmtime::Error| StrategyError::Instantiate(format!("{e:#}"));
         let bindings = match &loaded.pre {
@@ -156,8 +161,7 @@ impl Instance {
             backends: 0,
             initial_bytes: 0,
         };
-        instance.store.set_epoch_deadline(init_ticks);
-        instance.store.data_mut().clock.start(init_ticks);
+        set_deadline(&mut instance.store, init_ticks);
         instance.store.set_fuel(FUEL_PER_INIT).map_err(no_fuel)?;
         let answer = match &instance.bindings {
             Bindings::V1(b) => b
