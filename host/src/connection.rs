@@ -14,7 +14,7 @@ use crate::config::ProxyVersion;
 use crate::connect::connect;
 use crate::peek::{peek, Peeked};
 use crate::proxy_protocol;
-use crate::relay::{relay, RelayEnd};
+use crate::relay::{relay, RelayEnd, RelayStats};
 use crate::service::ServiceContext;
 use crate::strategy::bindings::ConnectionOutcome;
 use crate::strategy::bindings::LocalAddr;
@@ -168,7 +168,7 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
                         };
                     }
                 }
-                let mut stats = relay(client, stream, relay_started.into(), &limits.relay, &backend.cut).await;
+                let mut stats = relay_either(service, client, stream, relay_started.into(), &backend.cut).await;
                 stats.to_backend += peeked.bytes.len() as u64;
                 let ended = Instant::now();
                 backend.metrics.bytes_to_backend.inc_by(stats.to_backend);
@@ -236,6 +236,35 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
     metrics.no_backend.inc();
     let (pick, backend) = last.map_or((None, None), |(p, b)| (Some(p), Some(b)));
     Outcome::failed(End::BackendRefused, pick, backend)
+}
+
+/// Relays in the kernel when the service has the kernel relay and it takes the connection,
+/// else in user space. The kernel relay's future is boxed: only its connections pay for it.
+async fn relay_either(
+    service: &ServiceContext,
+    client: TcpStream,
+    backend: TcpStream,
+    started: tokio::time::Instant,
+    cut: &tokio_util::sync::CancellationToken,
+) -> RelayStats {
+    #[cfg(target_os = "linux")]
+    if let Some(kernel) = &service.kernel_relay {
+        let relayed = Box::pin(kernel.relay(client, backend, started, &service.limits.relay, cut)).await;
+        return match relayed {
+            Ok(stats) => {
+                service.metrics.kernel_relayed.inc();
+                stats
+            }
+            Err(declined) => {
+                service.metrics.kernel_relay_declined.inc();
+                if service.hot_path_log.allow() {
+                    tracing::warn!("{}: relaying this connection in user space", declined.reason);
+                }
+                relay(declined.client, declined.backend, started, &service.limits.relay, cut).await
+            }
+        };
+    }
+    relay(client, backend, started, &service.limits.relay, cut).await
 }
 
 #[cfg(test)]

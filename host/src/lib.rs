@@ -22,6 +22,8 @@ pub mod connection;
 pub mod discovery;
 pub mod echo;
 pub mod health;
+#[cfg(target_os = "linux")]
+pub mod kernel_relay;
 pub mod listener;
 pub mod logging;
 pub mod membership;

@@ -195,6 +195,8 @@ pub struct Metrics {
     retries: Family<ServiceLabel, Counter>,
     no_backend: Family<ServiceLabel, Counter>,
     spliced_directions: Family<ServiceLabel, Counter>,
+    kernel_relayed: Family<ServiceLabel, Counter>,
+    kernel_relay_declined: Family<ServiceLabel, Counter>,
     rejections: Family<RejectionLabel, Counter>,
     relay_ends: Family<RelayEndLabel, Counter>,
     backends_cooling_down: Family<ServiceLabel, Gauge>,
@@ -243,6 +245,8 @@ impl Metrics {
             retries: Family::default(),
             no_backend: Family::default(),
             spliced_directions: Family::default(),
+            kernel_relayed: Family::default(),
+            kernel_relay_declined: Family::default(),
             rejections: Family::default(),
             relay_ends: Family::default(),
             backends_cooling_down: Family::default(),
@@ -298,6 +302,16 @@ impl Metrics {
             "relay_spliced_directions",
             "Relay directions that carried a bulk transfer zero-copy (splice through a pipe)",
             m.spliced_directions.clone(),
+        );
+        registry.register(
+            "kernel_relay_connections",
+            "Connections relayed socket to socket in the kernel (relay = kernel)",
+            m.kernel_relayed.clone(),
+        );
+        registry.register(
+            "kernel_relay_declined",
+            "Connections relay = kernel left to the user-space relay (maps full, a socket option refused)",
+            m.kernel_relay_declined.clone(),
         );
         registry.register(
             "relay_ends",
@@ -436,6 +450,8 @@ impl Metrics {
             retries: self.retries.get_or_create(&label).clone(),
             no_backend: self.no_backend.get_or_create(&label).clone(),
             spliced_directions: self.spliced_directions.get_or_create(&label).clone(),
+            kernel_relayed: self.kernel_relayed.get_or_create(&label).clone(),
+            kernel_relay_declined: self.kernel_relay_declined.get_or_create(&label).clone(),
             proxy_header_errors: self.proxy_header_errors.get_or_create(&label).clone(),
             backends_cooling_down: self.backends_cooling_down.get_or_create(&label).clone(),
             connection_duration: self.connection_duration.get_or_create(&label).clone(),
@@ -577,6 +593,9 @@ pub struct ServiceMetrics {
     pub retries: Counter,
     pub no_backend: Counter,
     pub spliced_directions: Counter,
+    /// Connections the kernel relay carried, and those it left to the user-space relay.
+    pub kernel_relayed: Counter,
+    pub kernel_relay_declined: Counter,
     /// Connections from trusted sources closed for a missing or bad PROXY header.
     pub proxy_header_errors: Counter,
     pub backends_cooling_down: Gauge,

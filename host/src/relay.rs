@@ -67,7 +67,7 @@ impl RelayEnd {
         }
     }
 
-    fn from_error(error: &io::Error) -> RelayEnd {
+    pub(crate) fn from_error(error: &io::Error) -> RelayEnd {
         match error.kind() {
             io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted => {
                 RelayEnd::Reset

@@ -102,6 +102,9 @@ pub struct Control {
     notifier: Mutex<Notifier>,
     /// The access log, if on (opened at start; a reload cannot turn it on or off).
     access_log: Option<Arc<AccessLog>>,
+    /// The kernel relay (`relay = "kernel"`), loaded at start; `None` when off or unavailable.
+    #[cfg(target_os = "linux")]
+    kernel_relay: Option<Arc<crate::kernel_relay::KernelRelay>>,
     reload_lock: tokio::sync::Mutex<()>,
     /// Cancelled when draining begins: a reload still preparing (binding, compiling) gives up.
     stopping: CancellationToken,
@@ -232,6 +235,7 @@ impl Control {
                 ("access_log", old.access_log != new.access_log || old.access_log_format != new.access_log_format),
                 ("log_format", old.log_format != new.log_format),
                 ("log_level", old.log_level != new.log_level),
+                ("relay", old.relay != new.relay),
             ] {
                 if changed {
                     tracing::warn!(setting = what, "this setting needs a restart: the running value stays");
@@ -290,6 +294,8 @@ impl Control {
                 metrics: context.metrics.clone(),
                 hot_path_log: Arc::clone(&context.hot_path_log),
                 access_log: context.access_log.clone(),
+                #[cfg(target_os = "linux")]
+                kernel_relay: context.kernel_relay.clone(),
             }));
             let retired_addrs: Vec<SocketAddr> =
                 old.listen.iter().filter(|a| !config.listen.contains(a)).copied().collect();
@@ -474,6 +480,8 @@ impl Control {
             metrics: self.metrics.service(&cfg.name),
             hot_path_log: Arc::new(RateLimitedLog::new(10, Duration::from_secs(10))),
             access_log: self.access_log.clone(),
+            #[cfg(target_os = "linux")]
+            kernel_relay: self.kernel_relay.clone(),
         };
         Ok(Arc::new(Service::new(context, cfg.clone(), membership, background)))
     }
@@ -572,6 +580,8 @@ impl Harbor {
             services: ArcSwap::from_pointee(Vec::new()),
             metrics,
             access_log,
+            #[cfg(target_os = "linux")]
+            kernel_relay: load_kernel_relay(&config),
             tracker: TaskTracker::new(),
             cut: CancellationToken::new(),
             draining: AtomicBool::new(false),
@@ -777,6 +787,28 @@ impl RunningHarbor {
         match self.task.await {
             Ok(result) => result,
             Err(join) => Err(HarborError::Accept(std::io::Error::other(join.to_string()))),
+        }
+    }
+}
+
+/// Loads the kernel relay if the configuration asks for it. When it cannot be had, says why
+/// in one line and leaves every connection to the user-space relay.
+#[cfg(target_os = "linux")]
+fn load_kernel_relay(config: &Config) -> Option<Arc<crate::kernel_relay::KernelRelay>> {
+    if config.relay != crate::config::RelayMode::Kernel {
+        return None;
+    }
+    // Room for every service's connection cap (a reload that raises one beyond it sends the
+    // extra connections through the user-space relay).
+    let connections: usize = config.services.iter().map(|s| s.tunables.max_connections as usize).sum();
+    match crate::kernel_relay::KernelRelay::load(connections) {
+        Ok(relay) => {
+            tracing::info!(connections, "relay = kernel: relayed bytes go socket to socket in the kernel (BPF sockhash)");
+            Some(Arc::new(relay))
+        }
+        Err(error) => {
+            tracing::warn!("relay = kernel is not available, relaying in user space: {error}");
+            None
         }
     }
 }

@@ -115,6 +115,9 @@ pub struct ServiceContext {
     pub hot_path_log: Arc<RateLimitedLog>,
     /// Where each connection's line goes at its end, if the access log is on.
     pub access_log: Option<Arc<AccessLog>>,
+    /// The kernel relay, when `relay = "kernel"` and it loaded.
+    #[cfg(target_os = "linux")]
+    pub kernel_relay: Option<Arc<crate::kernel_relay::KernelRelay>>,
 }
 
 /// A service's caps at accept: `max_connections` for the whole service (shared by its

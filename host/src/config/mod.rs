@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::proxy_protocol::ProxyVersion;
 use settings::{settings, Layer};
 pub use settings::{
-    AddressList, AllUnhealthy, BackendList, BackendSpec, DnsSpec, LogFormat, PeekMode, SettingDoc, SrvSpec,
+    AddressList, AllUnhealthy, BackendList, BackendSpec, DnsSpec, LogFormat, PeekMode, RelayMode, SettingDoc, SrvSpec,
     WeightedSpec,
 };
 
@@ -87,6 +87,8 @@ settings! {
     cache_dir: String, env "HARBOR_CACHE_DIR", shown "$XDG_CACHE_HOME/harbor or ~/.cache/harbor";
     /// Log filter, e.g. `info`, `warn`, `harbor=debug`.
     log_level: String = "info".to_string(), env "HARBOR_LOG_LEVEL", shown "info";
+    /// How relayed bytes travel: `user` (Harbor's relay, zero-copy for bulk) or `kernel` (experimental, Linux, root: socket to socket in the kernel through a BPF sockhash; falls back to `user`, saying why).
+    relay: RelayMode = RelayMode::User, env "HARBOR_RELAY", shown "user";
 }
 
 settings! {
@@ -515,6 +517,8 @@ pub struct Config {
     /// `stderr` or a file; `None`: off.
     pub access_log: Option<String>,
     pub access_log_format: LogFormat,
+    /// `user`, or `kernel` (`kernel_relay.rs`).
+    pub relay: RelayMode,
     /// Where compiled strategies are kept; `None`: nowhere (`cache_dir = "off"`, or no home).
     pub cache_dir: Option<PathBuf>,
     pub services: Vec<ServiceConfig>,
@@ -759,6 +763,7 @@ impl Config {
             log_level,
             access_log: globals.access_log.filter(|t| !t.trim().is_empty() && t.trim() != "off"),
             access_log_format: globals.access_log_format,
+            relay: globals.relay,
             cache_dir: cache_dir_of(globals.cache_dir.as_deref()),
             services,
         })

@@ -229,6 +229,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// How relayed bytes travel (`relay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// Harbor's own relay: copies, and splice(2) for bulk.
+    User,
+    /// Experimental: socket to socket inside the kernel (BPF sockhash, `kernel_relay.rs`).
+    Kernel,
+}
+
 /// What a service does with new clients when every backend fails its health check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
