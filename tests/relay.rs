@@ -53,6 +53,7 @@ async fn one_mib_each_way_with_half_close_is_byte_exact() {
     let relayed = |m: &Scrape| (bytes_relayed(m, backend, "to_backend"), bytes_relayed(m, backend, "to_client"));
     let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| relayed(m) == (MIB as f64, MIB as f64)).await;
     assert_eq!(relayed(&m), (MIB as f64, MIB as f64));
+    assert_relay_mode(harbor.admin_addr.unwrap(), 1.0).await;
     harbor.stop().await.unwrap();
 }
 
@@ -82,7 +83,8 @@ async fn bulk_goes_zero_copy_and_stays_byte_exact() {
     assert_eq!(sha256(&got), sha256(&download), "backend -> client bytes differ");
 
     // The spliced count is added last, after the byte counts.
-    let linux = cfg!(target_os = "linux");
+    // The kernel relay moves bulk socket to socket itself: nothing to splice.
+    let linux = cfg!(target_os = "linux") && !kernel_relay();
     let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| {
         bytes_relayed(m, backend, "to_client") > 0.0 && (!linux || m.get("harbor_relay_spliced_directions_total") > 0.0)
     })
@@ -92,6 +94,7 @@ async fn bulk_goes_zero_copy_and_stays_byte_exact() {
     }
     let bytes = (bytes_relayed(&m, backend, "to_backend"), bytes_relayed(&m, backend, "to_client"));
     assert_eq!(bytes, (SIZE as f64, SIZE as f64));
+    assert_relay_mode(harbor.admin_addr.unwrap(), 1.0).await;
     harbor.stop().await.unwrap();
 }
 
@@ -112,6 +115,7 @@ async fn backend_closing_first_reaches_the_client() {
     assert_eq!(got, b"bye now");
     assert!(started.elapsed() < Duration::from_secs(2), "close took {:?}", started.elapsed());
     // The client may still write into its half; Harbor has closed the relay.
+    assert_relay_mode(harbor.admin_addr.unwrap(), 1.0).await;
     harbor.stop().await.unwrap();
 }
 
@@ -151,6 +155,7 @@ async fn reply_and_fin_together_keep_the_other_half_open() {
     for (round, hash) in hashes.iter().enumerate() {
         assert_eq!(hash, &sha256(&upload), "round {round}: client -> backend bytes differ after the backend's FIN");
     }
+    assert_relay_mode(harbor.admin_addr.unwrap(), 1.0).await;
     harbor.stop().await.unwrap();
 }
 
@@ -179,6 +184,7 @@ async fn idle_timeout_fires_on_time_and_traffic_refreshes_it() {
     assert!(rest.is_empty());
     assert!(waited >= idle - Duration::from_millis(50), "closed too early: {waited:?}");
     assert!(waited < idle + Duration::from_millis(1500), "closed too late: {waited:?}");
+    assert_relay_mode(harbor.admin_addr.unwrap(), 1.0).await;
     harbor.stop().await.unwrap();
 }
 
@@ -207,6 +213,7 @@ async fn metrics_parse_and_match_the_traffic() {
     let views: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(views.as_array().unwrap().len(), 2);
     assert_eq!(views[0]["picks"], 5);
+    assert_relay_mode(harbor.admin_addr.unwrap(), 1.0).await;
     harbor.stop().await.unwrap();
 }
 
@@ -234,6 +241,7 @@ async fn the_lifetime_cap_closes_even_a_busy_connection() {
     let closed_after = closed_after.expect("the lifetime cap never closed the connection");
     assert!(closed_after >= Duration::from_millis(450), "closed too early: {closed_after:?}");
     assert!(closed_after < Duration::from_millis(2500), "closed too late: {closed_after:?}");
+    assert_relay_mode(harbor.admin_addr.unwrap(), 1.0).await;
     harbor.stop().await.unwrap();
 }
 
@@ -262,6 +270,9 @@ async fn the_half_close_timeout_ends_a_connection_left_half_open() {
     assert!(rest.is_empty());
     assert!(waited >= Duration::from_millis(250), "closed too early: {waited:?}");
     assert!(waited < Duration::from_millis(2000), "closed too late: {waited:?}");
+    // The client's FIN came before the backend was connected: the kernel relay leaves such a
+    // connection to the user-space relay (a sockhash takes established sockets only).
+    assert_kernel_relay_counts(harbor.admin_addr.unwrap(), 0.0, 1.0).await;
     harbor.stop().await.unwrap();
 }
 
@@ -325,6 +336,7 @@ async fn a_reset_on_either_side_is_passed_on_as_a_reset() {
     let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| m.get(resets) == 2.0).await;
     assert_eq!(m.get(resets), 2.0);
     assert_eq!(m.get("harbor_relay_ends_total{end=\"completed\"}"), 0.0);
+    assert_relay_mode(harbor.admin_addr.unwrap(), 1.0).await;
     harbor.stop().await.unwrap();
 }
 
@@ -355,5 +367,6 @@ async fn a_reply_followed_at_once_by_a_reset_is_still_a_reset() {
         }
     }
     assert_eq!(clean, 0, "{clean} of 30 reset replies reached the client as a clean EOF");
+    assert_relay_mode(harbor.admin_addr.unwrap(), 1.0).await;
     harbor.stop().await.unwrap();
 }

@@ -59,6 +59,11 @@ int relay_verdict(struct __sk_buff *skb) {
     if (!p) {
         return SK_PASS; // not a relayed socket: its bytes stay with it
     }
+    if (skb->len == 0) {
+        // The skb that carried a FIN and no data: TCP has taken the FIN already. Handed on,
+        // it would reach the peer after Harbor's shutdown and fail there with EPIPE.
+        return SK_DROP;
+    }
     __u64 peer = p->peer;
     if (bpf_sk_redirect_hash(skb, &sockets, &peer, 0) != SK_PASS) {
         // The peer is not in `sockets` (yet, or any more): keep the bytes on this socket,

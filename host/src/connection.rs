@@ -249,15 +249,15 @@ async fn relay_either(
 ) -> RelayStats {
     #[cfg(target_os = "linux")]
     if let Some(kernel) = &service.kernel_relay {
-        let relayed = Box::pin(kernel.relay(client, backend, started, &service.limits.relay, cut)).await;
+        let relayed = Box::pin(kernel.relay(client, backend, started, &service.limits.relay, cut, &service.metrics.kernel_relayed))
+                .await;
         return match relayed {
-            Ok(stats) => {
-                service.metrics.kernel_relayed.inc();
-                stats
-            }
+            Ok(stats) => stats,
             Err(declined) => {
                 service.metrics.kernel_relay_declined.inc();
-                if service.hot_path_log.allow() {
+                if !declined.warn {
+                    tracing::debug!("{}: relaying this connection in user space", declined.reason);
+                } else if service.hot_path_log.allow() {
                     tracing::warn!("{}: relaying this connection in user space", declined.reason);
                 }
                 relay(declined.client, declined.backend, started, &service.limits.relay, cut).await

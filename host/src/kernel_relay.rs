@@ -32,6 +32,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::relay::{RelayEnd, RelayLimits, RelayStats};
 
 /// The program, compiled by `build.rs`; empty when it could not be.
@@ -87,6 +89,9 @@ pub struct Declined {
     pub client: TcpStream,
     pub backend: TcpStream,
     pub reason: &'static str,
+    /// Worth a warning (the maps are full, the kernel refused), not an ordinary case (a side
+    /// had already sent its FIN: a sockhash takes only established sockets).
+    pub warn: bool,
 }
 
 impl KernelRelay {
@@ -125,7 +130,8 @@ impl KernelRelay {
     }
 
     /// Relays `client` and `backend` in the kernel until both directions end, a deadline
-    /// passes, or `cut` is cancelled. Declines (sockets untouched) when it cannot set up.
+    /// passes, or `cut` is cancelled; `taken` counts the connection once both sockets are in.
+    /// Declines (sockets untouched) when it cannot set up.
     pub async fn relay(
         &self,
         client: TcpStream,
@@ -133,12 +139,13 @@ impl KernelRelay {
         started: Instant,
         limits: &RelayLimits,
         cut: &CancellationToken,
+        taken: &Counter,
     ) -> Result<RelayStats, Declined> {
         if self.in_use.fetch_add(1, Ordering::Relaxed) >= self.capacity {
             self.in_use.fetch_sub(1, Ordering::Relaxed);
-            return Err(Declined { client, backend, reason: "the kernel relay's maps are full" });
+            return Err(Declined { client, backend, reason: "the kernel relay's maps are full", warn: true });
         }
-        let result = self.relay_in_maps(client, backend, started, limits, cut).await;
+        let result = self.relay_in_maps(client, backend, started, limits, cut, taken).await;
         self.in_use.fetch_sub(1, Ordering::Relaxed);
         result
     }
@@ -150,15 +157,24 @@ impl KernelRelay {
         started: Instant,
         limits: &RelayLimits,
         cut: &CancellationToken,
+        taken: &Counter,
     ) -> Result<RelayStats, Declined> {
         let cookies = (SockRef::from(&client).cookie(), SockRef::from(&backend).cookie());
         let (Ok(client_cookie), Ok(backend_cookie)) = cookies else {
-            return Err(Declined { client, backend, reason: "no socket cookie (SO_COOKIE)" });
+            return Err(Declined { client, backend, reason: "no socket cookie (SO_COOKIE)", warn: true });
         };
         // What each socket had been given before the kernel takes over (the backend: the
         // bytes Harbor already read from the client).
+        let (Ok(client_info), Ok(backend_info)) = (tcp_info(&client), tcp_info(&backend)) else {
+            return Err(Declined { client, backend, reason: "no TCP_INFO", warn: true });
+        };
+        const TCP_ESTABLISHED: u8 = 1; // include/net/tcp_states.h
+        let established = TCP_ESTABLISHED;
+        if client_info.tcpi_state != established || backend_info.tcpi_state != established {
+            return Err(Declined { client, backend, reason: "a side had already sent its FIN", warn: false });
+        }
         let (Ok(client_base), Ok(backend_base)) = (written(&client), written(&backend)) else {
-            return Err(Declined { client, backend, reason: "no TCP_INFO" });
+            return Err(Declined { client, backend, reason: "no SIOCOUTQ", warn: true });
         };
         let connection = Connection { relay: self, client_cookie, backend_cookie };
         {
@@ -170,20 +186,39 @@ impl KernelRelay {
             if entered.is_err() {
                 drop(maps);
                 drop(connection);
-                return Err(Declined { client, backend, reason: "the kernel relay's peer map refused an entry" });
+                return Err(Declined {
+                    client,
+                    backend,
+                    reason: "the kernel relay's peer map refused an entry",
+                    warn: true,
+                });
             }
             if maps.sockets.insert(backend_cookie, backend.as_raw_fd(), 0).is_err() {
                 drop(maps);
                 drop(connection);
-                return Err(Declined { client, backend, reason: "the sockhash refused the backend socket" });
+                return Err(Declined {
+                    client,
+                    backend,
+                    reason: "the sockhash refused the backend socket",
+                    warn: false,
+                });
             }
-            // From here on the backend socket belongs to the program: no going back to user space.
+            // Refused (the client's FIN came just now): the backend socket leaves the map again.
+            // Its bytes wait in its queue, unless the program already kept some (the client
+            // socket was not there to take them): those would be lost, so both peers are reset.
             if let Err(error) = maps.sockets.insert(client_cookie, client.as_raw_fd(), 0) {
+                let _ = maps.sockets.remove(&backend_cookie);
+                let kept = maps.peers.get(&backend_cookie, 0).map_or(0, |p: Peer| p.kept);
                 drop(maps);
-                tracing::debug!("the sockhash refused the client socket: {error}");
-                return Ok(abort(&client, &backend, RelayEnd::Error(io::ErrorKind::Other), &connection));
+                tracing::debug!(kept, "the sockhash refused the client socket: {error}");
+                if kept > 0 {
+                    return Ok(abort(&client, &backend, RelayEnd::Error(io::ErrorKind::Other), &connection));
+                }
+                drop(connection);
+                return Err(Declined { client, backend, reason: "the sockhash refused the client socket", warn: false });
             }
         }
+        taken.inc();
         // Bytes that arrived before a socket entered the map wait in its queue: run the program
         // on them now rather than at the next segment.
         let kicked = kick(&client).and_then(|()| kick(&backend));
@@ -249,20 +284,20 @@ impl KernelRelay {
                             direction.done = true;
                         }
                         Ok(_) => {}
-                        Err(error) => return RelayEnd::from_error(&error),
+                        Err(error) => return ended_by("TCP_INFO", &error),
                     }
                 }
             }
             if up.done && !down.done && !up.shut {
                 up.shut = true;
                 if let Err(error) = SockRef::from(backend).shutdown(std::net::Shutdown::Write) {
-                    return RelayEnd::from_error(&error);
+                    return ended_by("shutting down the backend", &error);
                 }
             }
             if down.done && !up.done && !down.shut {
                 down.shut = true;
                 if let Err(error) = SockRef::from(client).shutdown(std::net::Shutdown::Write) {
-                    return RelayEnd::from_error(&error);
+                    return ended_by("shutting down the client", &error);
                 }
             }
             if up.done && down.done {
@@ -304,17 +339,22 @@ impl KernelRelay {
                 seen = client.peek(&mut probe), if !up.eof => match seen {
                     Ok(0) => up.eof = true,
                     Ok(_) => return RelayEnd::Error(io::ErrorKind::InvalidData), // bytes the program kept: the backend socket left the map
-                    Err(error) => return RelayEnd::from_error(&error),
+                    Err(error) => return ended_by("the client", &error),
                 },
                 seen = backend.peek(&mut probe_back), if !down.eof => match seen {
                     Ok(0) => down.eof = true,
                     Ok(_) => return RelayEnd::Error(io::ErrorKind::InvalidData),
-                    Err(error) => return RelayEnd::from_error(&error),
+                    Err(error) => return ended_by("the backend", &error),
                 },
                 () = timer => {}
             }
         }
     }
+}
+
+fn ended_by(what: &str, error: &io::Error) -> RelayEnd {
+    tracing::debug!("kernel relay: {what}: {error}");
+    RelayEnd::from_error(error)
 }
 
 /// A side's EOF, seen while its bytes are still on the way out, is re-checked after this
@@ -384,20 +424,21 @@ fn abort(client: &TcpStream, backend: &TcpStream, end: RelayEnd, connection: &Co
 /// Bytes ever written to `socket`: acknowledged plus still queued (TCP_INFO's bytes_acked and
 /// SIOCOUTQ). Compared with its value before the relay, it says what has been handed on.
 fn written(socket: &TcpStream) -> io::Result<u64> {
-    let fd = socket.as_raw_fd();
-    let mut info: libc::tcp_info = unsafe_zeroed_tcp_info();
+    Ok(tcp_info(socket)?.tcpi_bytes_acked + outq(socket.as_raw_fd())?)
+}
+
+fn tcp_info(socket: &TcpStream) -> io::Result<libc::tcp_info> {
+    // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` is a tcp_info of `len` bytes; the kernel writes at most that much.
-    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
+    };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info.tcpi_bytes_acked + outq(fd)?)
-}
-
-fn unsafe_zeroed_tcp_info() -> libc::tcp_info {
-    // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
-    unsafe { std::mem::zeroed() }
+    Ok(info)
 }
 
 /// Bytes in `fd`'s send queue, sent or not, not yet acknowledged.

@@ -70,7 +70,37 @@ pub async fn dead_addr() -> SocketAddr {
 pub fn config(backends: &[SocketAddr]) -> Config {
     let mut config = Config::for_backends(backends);
     config.shutdown_grace = Duration::from_secs(2);
+    if kernel_relay() {
+        config.relay = harbor::config::RelayMode::Kernel;
+    }
     config
+}
+
+/// `HARBOR_TEST_RELAY=kernel`: the relay tests run against `relay = kernel` (`cargo xtask test`
+/// runs them both ways).
+pub fn kernel_relay() -> bool {
+    std::env::var("HARBOR_TEST_RELAY").is_ok_and(|v| v == "kernel")
+}
+
+/// In the kernel relay's run, every relayed connection of this Harbor must have gone through
+/// the kernel: a fallback to user space would make the run test the wrong relay.
+pub async fn assert_relay_mode(admin: SocketAddr, connections: f64) {
+    assert_kernel_relay_counts(admin, connections, 0.0).await;
+}
+
+/// As [`assert_relay_mode`], for a test whose connections the kernel relay declines by design
+/// (`declined` of them: a client that sent its FIN before the backend was connected).
+pub async fn assert_kernel_relay_counts(admin: SocketAddr, connections: f64, declined: f64) {
+    if !kernel_relay() {
+        return;
+    }
+    let m = Scrape::fetch_until(admin, |m| {
+        m.get("harbor_kernel_relay_connections_total") >= connections
+            && m.get("harbor_kernel_relay_declined_total") >= declined
+    })
+    .await;
+    assert_eq!(m.get("harbor_kernel_relay_declined_total"), declined, "connections left to the user-space relay");
+    assert!(m.get("harbor_kernel_relay_connections_total") >= connections, "the kernel relay carried too few");
 }
 
 pub async fn start(config: Config) -> RunningHarbor {
