@@ -225,6 +225,7 @@ async fn a_drain_cuts_what_outlives_the_grace_period_and_counts_it() {
     let harbor = start(cfg).await;
     let (_, mut lingering) = connect_and_greet(harbor.addr).await;
     let (_, mut finishing) = connect_and_greet(harbor.addr).await;
+    assert_relay_mode(harbor.admin_addr.unwrap(), 2.0).await;
 
     let stop_started = Instant::now();
     let stopping = tokio::spawn(harbor.stop());

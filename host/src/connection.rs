@@ -249,8 +249,15 @@ async fn relay_either(
 ) -> RelayStats {
     #[cfg(target_os = "linux")]
     if let Some(kernel) = &service.kernel_relay {
-        let relayed = Box::pin(kernel.relay(client, backend, started, &service.limits.relay, cut, &service.metrics.kernel_relayed))
-                .await;
+        let relayed = Box::pin(kernel.relay(
+            client,
+            backend,
+            started,
+            &service.limits.relay,
+            cut,
+            &service.metrics.kernel_relayed,
+        ))
+        .await;
         return match relayed {
             Ok(stats) => stats,
             Err(declined) => {

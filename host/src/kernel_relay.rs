@@ -47,7 +47,9 @@ const UNBUILT: &str = env!("HARBOR_BPF_UNBUILT");
 pub enum KernelRelayError {
     #[error("this Harbor was built without the BPF program: {0}")]
     NotBuilt(&'static str),
-    #[error("cannot load the BPF program (it needs root, or CAP_BPF and CAP_NET_ADMIN, and a kernel with sockhash): {0}")]
+    #[error(
+        "cannot load the BPF program (it needs root, or CAP_BPF and CAP_NET_ADMIN, and a kernel with sockhash): {0}"
+    )]
     Load(#[from] aya::EbpfError),
     #[error("the BPF program has no {0}")]
     Missing(&'static str),
@@ -107,10 +109,8 @@ impl KernelRelay {
             SockHash::try_from(ebpf.take_map("sockets").ok_or(KernelRelayError::Missing("sockets map"))?)?;
         let peers: BpfHashMap<MapData, u64, Peer> =
             BpfHashMap::try_from(ebpf.take_map("peers").ok_or(KernelRelayError::Missing("peers map"))?)?;
-        let program: &mut SkSkb = ebpf
-            .program_mut("relay_verdict")
-            .ok_or(KernelRelayError::Missing("relay_verdict program"))?
-            .try_into()?;
+        let program: &mut SkSkb =
+            ebpf.program_mut("relay_verdict").ok_or(KernelRelayError::Missing("relay_verdict program"))?.try_into()?;
         program.load()?;
         program.attach(sockets.fd())?;
         Ok(KernelRelay {
@@ -215,7 +215,12 @@ impl KernelRelay {
                     return Ok(abort(&client, &backend, RelayEnd::Error(io::ErrorKind::Other), &connection));
                 }
                 drop(connection);
-                return Err(Declined { client, backend, reason: "the sockhash refused the client socket", warn: false });
+                return Err(Declined {
+                    client,
+                    backend,
+                    reason: "the sockhash refused the client socket",
+                    warn: false,
+                });
             }
         }
         taken.inc();

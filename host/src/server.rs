@@ -803,7 +803,10 @@ fn load_kernel_relay(config: &Config) -> Option<Arc<crate::kernel_relay::KernelR
     let connections: usize = config.services.iter().map(|s| s.tunables.max_connections as usize).sum();
     match crate::kernel_relay::KernelRelay::load(connections) {
         Ok(relay) => {
-            tracing::info!(connections, "relay = kernel: relayed bytes go socket to socket in the kernel (BPF sockhash)");
+            tracing::info!(
+                connections,
+                "relay = kernel: relayed bytes go socket to socket in the kernel (BPF sockhash)"
+            );
             Some(Arc::new(relay))
         }
         Err(error) => {

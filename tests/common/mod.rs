@@ -340,6 +340,7 @@ pub async fn spawn_binary(args: &[&str]) -> (std::process::Child, std::net::Sock
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
+        .args(if kernel_relay() { &["--relay", "kernel"][..] } else { &[] })
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -370,7 +370,8 @@ fn validate_kubernetes_manifests(root: &Path) -> Result<()> {
 
 /// Everything CI checks, in the order that fails fastest.
 /// Installs, if missing, the real peers the tests run against: dnsmasq (DNS backends), nginx (PROXY protocol),
-/// iproute2 (the network namespaces of `tests/fleet.rs`), Debian's chromium and
+/// iproute2 (the network namespaces of `tests/fleet.rs`), clang and linux-libc-dev (the kernel
+/// relay's BPF program, built by `host/build.rs`), Debian's chromium and
 /// playwright-core from npm (the status page's browser test).
 fn install_test_peers(root: &Path) -> Result<()> {
     install_debian_packages()?;
@@ -392,6 +393,9 @@ fn install_debian_packages() -> Result<()> {
         ("binutils", "/usr/bin/objcopy"),
         ("nginx", "/usr/sbin/nginx"),
         ("iproute2", "/usr/sbin/ip"),
+        // The kernel relay's BPF program (host/build.rs): clang -target bpf, linux/bpf.h.
+        ("clang", "/usr/bin/clang"),
+        ("linux-libc-dev", "/usr/include/linux/bpf.h"),
     ]
     .into_iter()
     .filter(|(_, binary)| !Path::new(binary).exists())
@@ -423,6 +427,10 @@ fn test(root: &Path) -> Result<()> {
     build_polyglot()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(cargo().args(["test", "--workspace"]))?;
+    // The relay and drain tests again, against `relay = kernel` (BPF sockhash).
+    run(cargo()
+        .args(["test", "-p", "harbor", "--test", "relay", "--test", "resilience"])
+        .env("HARBOR_TEST_RELAY", "kernel"))?;
     check_split_debug_info(root)?;
     // A short run of every fuzz target (no panic, no hang, bounded memory).
     fuzz(root, 60)
