@@ -40,14 +40,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CONF = os.path.join(HERE, "conf")
 TICK = os.sysconf("SC_CLK_TCK")
-ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-rr"]
+ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-rr", "harbor-kernel"]
 # Not in the default set: ask for it with --targets.
 EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek", "harbor-x"]
 LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-stream", "harbor": "Harbor",
           "harbor-rr": "Harbor, built-in round-robin",
           "harbor-accesslog": "Harbor with --access-log (tmpfs)",
           "harbor-peek": "Harbor with --peek tls",
-          "harbor-x": "Harbor with $HARBOR_X_ARGS (and $HARBOR_X_ENV)"}
+          "harbor-x": "Harbor with $HARBOR_X_ARGS (and $HARBOR_X_ENV)",
+          "harbor-kernel": "Harbor with --relay kernel"}
 # Targets measured in the keep-alive and new-connection phases only: harbor-rr is the same
 # binary and data path as harbor without the wasm strategy, there to price the strategy call.
 # harbor-accesslog is harbor with the access log on (to tmpfs), to price the log in the same run.
@@ -481,8 +482,11 @@ class Bench:
                           worker_connections=self.nofile - 64, workers=self.server_ncpus,
                           reuseport=" reuseport" if self.server_ncpus > 1 else "")
             argv = ["nginx", "-p", run_dir, "-c", conf, "-e", os.path.join(run_dir, "error.log")]
-        elif target in ("harbor", "harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x"):
+        elif target in ("harbor", "harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x", "harbor-kernel"):
             strategy = ["--strategy", self.a.strategy] if target != "harbor-rr" else []
+            if target == "harbor-kernel":
+                # Every phase, like harbor: the relay is what it changes (needs root).
+                strategy += ["--relay", "kernel"]
             if target == "harbor-peek":
                 strategy += ["--peek", "tls"]
             if target == "harbor-accesslog":
@@ -959,6 +963,20 @@ def markdown(bench, meta):
                 a, b = hb.get(c[0]), om.get(c[0])
                 cells.append(f"{a / b:.2f}" if a is not None and b else "—")
             lines.append(f"| Harbor / {LABELS[other]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "harbor-kernel" in bench.targets and len(bench.targets) > 1:
+        lines.append("The kernel relay (Harbor with --relay kernel ÷ other):")
+        lines.append("")
+        lines.append("| ratio | " + " | ".join(c[1] for c in cols) + " |")
+        lines.append("|---|" + "---:|" * len(cols))
+        km = bench.results["harbor-kernel"]["median"]
+        for other in ["haproxy", "nginx", "harbor"]:
+            if other not in bench.targets:
+                continue
+            om = bench.results[other]["median"]
+            cells = [f"{km[c[0]] / om[c[0]]:.2f}" if km.get(c[0]) is not None and om.get(c[0]) else "—"
+                     for c in cols]
+            lines.append(f"| kernel relay / {LABELS[other]} | " + " | ".join(cells) + " |")
         lines.append("")
     if meta["rounds"] > 1:
         lines.append("Spread (min–max over rounds):")

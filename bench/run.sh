@@ -20,7 +20,7 @@ say() { printf '[bench] %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
 
 # Which targets? (only to decide whether Harbor must be built)
-targets="direct,haproxy,nginx,harbor,harbor-rr"
+targets="direct,haproxy,nginx,harbor,harbor-rr,harbor-kernel"
 build=1
 modes=""
 prev=""
