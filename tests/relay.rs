@@ -370,3 +370,43 @@ async fn a_reply_followed_at_once_by_a_reset_is_still_a_reset() {
     assert_relay_mode(harbor.admin_addr.unwrap(), 1.0).await;
     harbor.stop().await.unwrap();
 }
+
+/// `--relay kernel` where the BPF program cannot be loaded (here: Harbor run as an unprivileged
+/// user, if the tests run as root): Harbor says so in one line, starts anyway, and relays in
+/// user space, byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_kernel_without_privileges_says_so_once_and_relays_in_user_space() {
+    use std::os::unix::process::CommandExt;
+    let (backend, _stop) = echo_backend("b1").await;
+    let port = free_port();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_harbor"));
+    command
+        .args(["--relay", "kernel", "--admin", "off", "--cache-dir", "off", "--log-level", "info"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--backends", &backend.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } == 0 {
+        command.uid(65534).gid(65534); // nobody: no CAP_BPF
+    }
+    let mut child = command.spawn().expect("spawn harbor");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut up = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let payload = pattern(256 * 1024, 9);
+    let result = if up { Some(echo_roundtrip(addr, &payload).await) } else { None };
+    let _ = child.kill();
+    let output = child.wait_with_output().expect("harbor output");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(up, "harbor did not start: {stderr}");
+    assert_eq!(result.as_deref(), Some("b1"), "the echo round trip through the user-space relay");
+    let said: Vec<&str> = stderr.lines().filter(|l| l.contains("relay = kernel is not available")).collect();
+    assert_eq!(said.len(), 1, "one line says why the kernel relay is off: {stderr}");
+    assert!(said[0].contains("relaying in user space"), "{}", said[0]);
+}
