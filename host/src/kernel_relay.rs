@@ -351,9 +351,21 @@ impl KernelRelay {
                     Ok(_) => return RelayEnd::Error(io::ErrorKind::InvalidData),
                     Err(error) => return ended_by("the backend", &error),
                 },
+                // A side past its EOF is no longer peeked; a reset from it still ends the relay
+                // (and resets the other peer), as in the user-space relay.
+                _ = client.ready(tokio::io::Interest::ERROR), if up.eof => return reset_by("the client", client),
+                _ = backend.ready(tokio::io::Interest::ERROR), if down.eof => return reset_by("the backend", backend),
                 () = timer => {}
             }
         }
+    }
+}
+
+/// The end for a socket that reported an error after its EOF.
+fn reset_by(what: &str, socket: &TcpStream) -> RelayEnd {
+    match socket.take_error() {
+        Ok(Some(error)) => ended_by(what, &error),
+        _ => RelayEnd::Reset,
     }
 }
 

@@ -85,21 +85,11 @@ pub fn kernel_relay() -> bool {
 /// In the kernel relay's run, every relayed connection of this Harbor must have gone through
 /// the kernel: a fallback to user space would make the run test the wrong relay.
 pub async fn assert_relay_mode(admin: SocketAddr, connections: f64) {
-    assert_kernel_relay_counts(admin, connections, 0.0).await;
-}
-
-/// As [`assert_relay_mode`], for a test whose connections the kernel relay declines by design
-/// (`declined` of them: a client that sent its FIN before the backend was connected).
-pub async fn assert_kernel_relay_counts(admin: SocketAddr, connections: f64, declined: f64) {
     if !kernel_relay() {
         return;
     }
-    let m = Scrape::fetch_until(admin, |m| {
-        m.get("harbor_kernel_relay_connections_total") >= connections
-            && m.get("harbor_kernel_relay_declined_total") >= declined
-    })
-    .await;
-    assert_eq!(m.get("harbor_kernel_relay_declined_total"), declined, "connections left to the user-space relay");
+    let m = Scrape::fetch_until(admin, |m| m.get("harbor_kernel_relay_connections_total") >= connections).await;
+    assert_eq!(m.get("harbor_kernel_relay_declined_total"), 0.0, "connections left to the user-space relay");
     assert!(m.get("harbor_kernel_relay_connections_total") >= connections, "the kernel relay carried too few");
 }
 
