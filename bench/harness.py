@@ -27,6 +27,7 @@ import random
 import re
 import resource
 import signal
+import shlex
 import socket
 import ssl
 import statistics
@@ -42,19 +43,23 @@ CONF = os.path.join(HERE, "conf")
 TICK = os.sysconf("SC_CLK_TCK")
 ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-rr", "harbor-kernel"]
 # Not in the default set: ask for it with --targets.
-EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek", "harbor-x"]
+EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards"]
 LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-stream", "harbor": "Harbor",
           "harbor-rr": "Harbor, built-in round-robin",
           "harbor-accesslog": "Harbor with --access-log (tmpfs)",
           "harbor-peek": "Harbor with --peek tls",
           "harbor-x": "Harbor with $HARBOR_X_ARGS (and $HARBOR_X_ENV)",
-          "harbor-kernel": "Harbor with --relay kernel"}
+          "harbor-kernel": "Harbor with --relay kernel",
+          "harbor-shards": "Harbor, one --workers 1 process per CPU on one --reuse-port address"}
 # Targets measured in the keep-alive and new-connection phases only: harbor-rr is the same
 # binary and data path as harbor without the wasm strategy, there to price the strategy call.
 # harbor-accesslog is harbor with the access log on (to tmpfs), to price the log in the same run.
 # harbor-x is harbor plus the flags in $HARBOR_X_ARGS and the variables in $HARBOR_X_ENV
 # (space-separated), to try one change against harbor in the same run.
-THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x"}
+# harbor-shards is thread-per-core taken to its limit: as many single-threaded Harbor processes
+# as the proxy has CPUs, sharing nothing but one SO_REUSEPORT address, against harbor's one
+# work-stealing runtime of that many workers (CPU is the sum over the processes).
+THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards"}
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 # (key, column title, better, decimals)
@@ -501,6 +506,28 @@ class Bench:
                           worker_connections=self.nofile - 64, workers=self.server_ncpus,
                           reuseport=" reuseport" if self.server_ncpus > 1 else "")
             argv = ["nginx", "-p", run_dir, "-c", conf, "-e", os.path.join(run_dir, "error.log")]
+        elif target == "harbor-shards":
+            shards = max(1, self.server_ncpus)
+            admins = pick_ports(shards)
+            common = [self.a.harbor, "--listen", f"127.0.0.1:{port}", "--backends",
+                      f"127.0.0.1:{b1},127.0.0.1:{b2}", "--max-connections", str(self.a.harbor_max_connections),
+                      "--strategy", self.a.strategy, "--reuse-port"]
+            extra = list(self.harbor_extra)
+            if "--workers" in extra:
+                at = extra.index("--workers")
+                del extra[at:at + 2]
+            common += extra
+            procs = [" ".join(shlex.quote(x) for x in common + ["--admin", f"127.0.0.1:{a}", "--workers", "1"])
+                     for a in admins]
+            script = "trap 'kill 0' TERM INT\n" + "".join(f"{p} &\n" for p in procs) + "wait\n"
+            env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+            srv = Server(f"{tag}-{target}", ["sh", "-c", script], run_dir, [port] + admins, self.server_cpus, env=env)
+            try:
+                probe(port, tls=tls)
+            except TargetBroken as e:
+                srv.stop()
+                raise TargetBroken(f"{target} listens on :{port} but does not proxy: {e}") from None
+            return srv, port
         elif target in ("harbor", "harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x", "harbor-kernel"):
             strategy = ["--strategy", self.a.strategy] if target != "harbor-rr" else []
             if target == "harbor-kernel":

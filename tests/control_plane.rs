@@ -635,3 +635,68 @@ async fn a_reload_that_cannot_bind_changes_nothing_and_leaves_nothing_behind() {
     harbor.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `defer_accept_secs`: a client that has connected but said nothing is not accepted (the
+/// kernel holds it, Harbor's accept counter stays still, the backend sees nobody); its first
+/// bytes bring it in, and they reach the backend byte-exact. A reload to 0 turns it off on the
+/// listener already open: a silent client is then accepted at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defer_accept_takes_a_client_once_it_speaks_and_a_reload_turns_it_off() {
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let dialed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend_task = tokio::spawn({
+        let dialed = Arc::clone(&dialed);
+        async move {
+            loop {
+                let Ok((mut stream, _)) = backend.accept().await else { return };
+                dialed.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut received = Vec::new();
+                    if stream.read_to_end(&mut received).await.is_ok() {
+                        let _ = stream.write_all(&received).await;
+                    }
+                });
+            }
+        }
+    });
+    let write = |path: &std::path::Path, secs: u64| {
+        std::fs::write(
+            path,
+            format!("[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend_addr}\"]\ndefer_accept_secs = {secs}\n"),
+        )
+        .unwrap();
+    };
+    let dir = temp_dir("defer-accept");
+    let path = dir.join("harbor.toml");
+    write(&path, 30);
+    let harbor = start(resolve_file(&path).unwrap()).await;
+    let source_path = path.clone();
+    harbor.control.set_config_source(Box::new(move || resolve_file(&source_path)));
+    let admin = harbor.admin_addr.unwrap();
+    let addr = harbor.addr_of("web").unwrap();
+
+    // Connected from the client's side, silent: not accepted.
+    let mut quiet = TcpStream::connect(addr).await.expect("the kernel completes the handshake");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(Scrape::fetch(admin).await.sum("harbor_accepts_total"), 0.0, "accepted before it spoke");
+    assert_eq!(dialed.load(Ordering::SeqCst), 0);
+    // It speaks: accepted, relayed byte-exact.
+    let payload = pattern(64 * 1024, 7);
+    quiet.write_all(&payload).await.unwrap();
+    quiet.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    tokio::time::timeout(STEP, quiet.read_to_end(&mut echoed)).await.expect("echo in time").unwrap();
+    assert_eq!(sha256(&echoed), sha256(&payload));
+    assert_eq!(Scrape::fetch(admin).await.sum("harbor_accepts_total"), 1.0);
+
+    // Off by reload, on the same listener: a silent client is accepted and dialed through.
+    write(&path, 0);
+    harbor.control.reload().await.expect("the reload applies");
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    let m = Scrape::fetch_until(admin, |m| m.sum("harbor_accepts_total") >= 2.0).await;
+    assert_eq!(m.sum("harbor_accepts_total"), 2.0, "a silent client waits although defer-accept is off");
+    assert!(eventually(STEP, || dialed.load(Ordering::SeqCst) == 2).await.is_some(), "not dialed");
+    backend_task.abort();
+    harbor.stop().await.unwrap();
+}

@@ -1,5 +1,6 @@
 //! Listening sockets: bound with a service's options (TCP_NODELAY for the accepted sockets,
-//! SO_REUSEPORT to share an address with other Harbor processes).
+//! SO_REUSEPORT to share an address with other Harbor processes, TCP_DEFER_ACCEPT to accept a
+//! client once it has spoken).
 
 use std::net::SocketAddr;
 use std::sync::Once;
@@ -18,12 +19,19 @@ pub struct ListenerOptions {
     /// SO_REUSEPORT: other sockets (other Harbor processes) may bind the same address, and the
     /// kernel spreads new connections among them.
     pub reuse_port: bool,
+    /// TCP_DEFER_ACCEPT, in seconds (0: off): the kernel hands a connection to accept only
+    /// once its first bytes have arrived, or the wait is over.
+    pub defer_accept_secs: u64,
 }
 
 impl ListenerOptions {
     /// The options a service's settings ask for.
     pub fn of(tunables: &Tunables) -> ListenerOptions {
-        ListenerOptions { nodelay: tunables.nodelay, reuse_port: tunables.reuse_port }
+        ListenerOptions {
+            nodelay: tunables.nodelay,
+            reuse_port: tunables.reuse_port,
+            defer_accept_secs: tunables.defer_accept_secs,
+        }
     }
 }
 
@@ -52,7 +60,38 @@ pub async fn bind(addr: SocketAddr, options: ListenerOptions) -> Result<TcpListe
         socket.set_nodelay(true).map_err(bind_error)?;
     }
     socket.bind(addr).map_err(bind_error)?;
-    socket.listen(BACKLOG).map_err(bind_error)
+    let listener = socket.listen(BACKLOG).map_err(bind_error)?;
+    set_defer_accept(&listener, options.defer_accept_secs).map_err(bind_error)?;
+    Ok(listener)
+}
+
+/// Sets TCP_DEFER_ACCEPT on a listening socket (0 turns it off). It can change while the socket
+/// listens, so a reload applies it to listeners already open, and to sockets passed in.
+pub fn set_defer_accept(listener: &impl std::os::fd::AsFd, secs: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let secs = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener.as_fd());
+        // SAFETY: a valid descriptor borrowed for the call, and a pointer to a c_int of the
+        // size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&raw const secs).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    if secs > 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "defer-accept needs Linux"));
+    }
+    Ok(())
 }
 
 /// With SO_REUSEPORT, a Harbor that stops closes its listeners; the connections the kernel

@@ -283,6 +283,9 @@ impl Control {
                 service.membership.follow_dns(&config.dns, resolver, config.tunables.dns_refresh());
             }
             service.admission.update(&config.tunables);
+            if old.tunables.defer_accept_secs != config.tunables.defer_accept_secs {
+                service.set_defer_accept(config.tunables.defer_accept_secs);
+            }
             let context = service.context.load_full();
             let replaced = strategy.is_some();
             let strategy = strategy.unwrap_or_else(|| Arc::clone(&context.strategy));
@@ -351,7 +354,9 @@ impl Control {
         match taken {
             Some(listener) => {
                 tracing::info!(listen = %addr, "listening on a socket passed in (socket activation or upgrade)");
-                TcpListener::from_std(listener).map_err(|error| HarborError::Bind { addr, error })
+                let bind_error = |error| HarborError::Bind { addr, error };
+                crate::listener::set_defer_accept(&listener, options.defer_accept_secs).map_err(bind_error)?;
+                TcpListener::from_std(listener).map_err(bind_error)
             }
             None => bind(addr, options).await,
         }

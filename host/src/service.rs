@@ -263,6 +263,20 @@ impl Service {
         Ok(fds)
     }
 
+    /// Applies a new TCP_DEFER_ACCEPT to the listeners open now; one that refuses keeps its old
+    /// value and says so.
+    pub fn set_defer_accept(&self, secs: u64) {
+        for l in self.lock_listeners().iter() {
+            let applied = match &l.handoff {
+                Some(fd) => crate::listener::set_defer_accept(fd, secs),
+                None => Err(std::io::Error::other("no descriptor kept for this listener")),
+            };
+            if let Err(error) = applied {
+                tracing::warn!(service = %self.name, listen = %l.addr, "defer-accept-secs stays as it was: {error}");
+            }
+        }
+    }
+
     /// The addresses the service accepts on now.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.lock_listeners().iter().map(|l| l.addr).collect()

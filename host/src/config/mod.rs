@@ -44,6 +44,9 @@ pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const MAX_COOLDOWN_MS: u64 = 24 * 3600 * 1000;
 /// Largest TCP keepalive idle time Linux accepts (TCP_KEEPIDLE).
 pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
+/// Longest wait for a client's first bytes under TCP_DEFER_ACCEPT (Linux rounds it up to its
+/// SYN-ACK retransmission times).
+pub const MAX_DEFER_ACCEPT_SECS: u64 = 600;
 /// Most backends in one service.
 pub const MAX_BACKENDS: usize = 4096;
 /// Most services in one Harbor.
@@ -147,6 +150,8 @@ settings! {
     nodelay: bool = true, env "HARBOR_NODELAY";
     /// Bind listeners with SO_REUSEPORT, so several Harbor processes share one address and the kernel spreads clients among them.
     reuse_port: bool = false, env "HARBOR_REUSE_PORT", alone "true";
+    /// Accept a client only once its first bytes are in (TCP_DEFER_ACCEPT), waiting at most this many seconds; 0 turns it off. Never for server-speaks-first protocols.
+    defer_accept_secs: u64 = 0, env "HARBOR_DEFER_ACCEPT_SECS", range 0..=MAX_DEFER_ACCEPT_SECS;
     /// TCP keepalive idle time on both sockets, in seconds; 0 turns it off.
     keepalive_secs: u64 = 0, env "HARBOR_KEEPALIVE_SECS", range 0..=MAX_KEEPALIVE_SECS;
     /// How long a removed backend's connections may go on before they are cut, in ms; 0 for no limit.

@@ -316,3 +316,22 @@ fn a_switch_alone_means_true_and_takes_an_explicit_value() {
     .unwrap();
     assert!(from_file.services[0].tunables.reuse_port);
 }
+
+#[test]
+fn defer_accept_is_off_by_default_bounded_and_set_per_service() {
+    let defer = |c: &Config| c.services[0].tunables.defer_accept_secs;
+    let c = Config::resolve(&with_backends("127.0.0.1:9001"), &env_of(&[])).unwrap();
+    assert_eq!(defer(&c), 0);
+    let c = Config::resolve(&with_backends("127.0.0.1:9001"), &env_of(&[("HARBOR_DEFER_ACCEPT_SECS", "3")])).unwrap();
+    assert_eq!(defer(&c), 3);
+    let err = Config::resolve(&with_backends("127.0.0.1:9001"), &env_of(&[("HARBOR_DEFER_ACCEPT_SECS", "601")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("defer-accept-secs"), "{err}");
+    let c = from_toml(
+        "defer_accept_secs = 1\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:81\"]\ndefer_accept_secs = 5\n",
+        RunArgs::default(),
+    )
+    .unwrap();
+    assert_eq!(defer(&c), 5);
+}
