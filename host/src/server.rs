@@ -236,6 +236,7 @@ impl Control {
                 ("log_format", old.log_format != new.log_format),
                 ("log_level", old.log_level != new.log_level),
                 ("relay", old.relay != new.relay),
+                ("strategy_tick_ms", old.strategy_tick != new.strategy_tick),
             ] {
                 if changed {
                     tracing::warn!(setting = what, "this setting needs a restart: the running value stays");
@@ -577,6 +578,9 @@ impl Harbor {
                     .map_err(|error| HarborError::AccessLog { target: target.clone(), error })?,
             ),
         };
+        if let Err(running) = crate::strategy::engine::set_epoch_tick(config.strategy_tick) {
+            tracing::warn!(setting = "strategy_tick_ms", "{running}: this setting needs a restart");
+        }
         StrategyEngine::global().map_err(HarborError::Engine)?.set_disk_cache(config.cache_dir.as_deref());
         let inherited_admin = handover.admin.take();
         let changes = std::mem::take(&mut handover.changes);

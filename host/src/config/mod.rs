@@ -92,6 +92,8 @@ settings! {
     log_level: String = "info".to_string(), env "HARBOR_LOG_LEVEL", shown "info";
     /// How relayed bytes travel: `user` (Harbor's relay, zero-copy for bulk) or `kernel` (experimental, Linux, root: socket to socket in the kernel through a BPF sockhash; falls back to `user`, saying why).
     relay: RelayMode = RelayMode::User, env "HARBOR_RELAY", shown "user";
+    /// How often strategy deadlines are checked, in ms: a call is stopped between its deadline and one tick after it. Shorter is more precise and wakes a thread more often while strategies run. Read at start.
+    strategy_tick_ms: u64 = 5, env "HARBOR_STRATEGY_TICK_MS", range 1..=50;
 }
 
 settings! {
@@ -526,6 +528,9 @@ pub struct Config {
     pub relay: RelayMode,
     /// Where compiled strategies are kept; `None`: nowhere (`cache_dir = "off"`, or no home).
     pub cache_dir: Option<PathBuf>,
+    /// How often strategy deadlines are checked (the wasm engine's epoch tick); fixed at start.
+    #[serde(with = "millis")]
+    pub strategy_tick: Duration,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -770,6 +775,7 @@ impl Config {
             access_log_format: globals.access_log_format,
             relay: globals.relay,
             cache_dir: cache_dir_of(globals.cache_dir.as_deref()),
+            strategy_tick: Duration::from_millis(globals.strategy_tick_ms),
             services,
         })
     }

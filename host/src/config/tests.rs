@@ -322,11 +322,13 @@ fn defer_accept_is_off_by_default_bounded_and_set_per_service() {
     let defer = |c: &Config| c.services[0].tunables.defer_accept_secs;
     let c = Config::resolve(&with_backends("127.0.0.1:9001"), &env_of(&[])).unwrap();
     assert_eq!(defer(&c), 0);
-    let c = Config::resolve(&with_backends("127.0.0.1:9001"), &env_of(&[("HARBOR_DEFER_ACCEPT_SECS", "3")])).unwrap();
-    assert_eq!(defer(&c), 3);
-    let err = Config::resolve(&with_backends("127.0.0.1:9001"), &env_of(&[("HARBOR_DEFER_ACCEPT_SECS", "601")]))
-        .unwrap_err()
-        .to_string();
+    let with_defer = |secs| {
+        let mut args = with_backends("127.0.0.1:9001");
+        args.tunables.defer_accept_secs = Some(secs);
+        Config::resolve(&args, &env_of(&[]))
+    };
+    assert_eq!(defer(&with_defer(3).unwrap()), 3);
+    let err = with_defer(601).unwrap_err().to_string();
     assert!(err.contains("defer-accept-secs"), "{err}");
     let c = from_toml(
         "defer_accept_secs = 1\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:81\"]\ndefer_accept_secs = 5\n",
@@ -334,4 +336,26 @@ fn defer_accept_is_off_by_default_bounded_and_set_per_service() {
     )
     .unwrap();
     assert_eq!(defer(&c), 5);
+}
+
+#[test]
+fn the_strategy_tick_is_5_ms_by_default_bounded_and_global() {
+    let c = Config::resolve(&with_backends("127.0.0.1:9001"), &env_of(&[])).unwrap();
+    assert_eq!(c.strategy_tick, Duration::from_millis(5));
+    let with_tick = |ms| {
+        let mut args = with_backends("127.0.0.1:9001");
+        args.global.strategy_tick_ms = Some(ms);
+        Config::resolve(&args, &env_of(&[]))
+    };
+    assert_eq!(with_tick(2).unwrap().strategy_tick, Duration::from_millis(2));
+    for bad in [0, 51] {
+        let err = with_tick(bad).unwrap_err().to_string();
+        assert!(err.contains("strategy-tick-ms"), "{bad}: {err}");
+    }
+    let c = from_toml(
+        "strategy_tick_ms = 1\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:81\"]\n",
+        RunArgs::default(),
+    )
+    .unwrap();
+    assert_eq!(c.strategy_tick, Duration::from_millis(1));
 }
