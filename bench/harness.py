@@ -519,7 +519,12 @@ class Bench:
             common += extra
             procs = [" ".join(shlex.quote(x) for x in common + ["--admin", f"127.0.0.1:{a}", "--workers", "1"])
                      for a in admins]
-            script = "trap 'kill 0' TERM INT\n" + "".join(f"{p} &\n" for p in procs) + "wait\n"
+            # The harness's SIGTERM goes to the whole process group, so it reaches every Harbor
+            # itself; the shell ignores it (set after the Harbors start, so they do not inherit
+            # that) and exits with the first Harbor's failure, if any. (A `kill 0` trap re-entered
+            # itself and crashed dash with SIGSEGV.)
+            script = ("pids=''\n" + "".join(f"{p} & pids=\"$pids $!\"\n" for p in procs)
+                      + "trap '' TERM INT\nrc=0\nfor p in $pids; do wait $p; c=$?; [ $rc -ne 0 ] || rc=$c; done\nexit $rc\n")
             env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
             srv = Server(f"{tag}-{target}", ["sh", "-c", script], run_dir, [port] + admins, self.server_cpus, env=env)
             try:

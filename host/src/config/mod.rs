@@ -92,7 +92,7 @@ settings! {
     log_level: String = "info".to_string(), env "HARBOR_LOG_LEVEL", shown "info";
     /// How relayed bytes travel: `user` (Harbor's relay, zero-copy for bulk) or `kernel` (experimental, Linux, root: socket to socket in the kernel through a BPF sockhash; falls back to `user`, saying why).
     relay: RelayMode = RelayMode::User, env "HARBOR_RELAY", shown "user";
-    /// How often strategy deadlines are checked, in ms: a call is stopped between its deadline and one tick after it. Shorter is more precise and wakes a thread more often while strategies run. Read at start.
+    /// How often strategy deadlines are checked, in ms: a call is never stopped before its deadline, and at most one tick after it rounded up to whole ticks. Shorter is more precise and wakes a thread more often while strategies run. Read at start.
     strategy_tick_ms: u64 = 5, env "HARBOR_STRATEGY_TICK_MS", range 1..=50;
 }
 
