@@ -449,3 +449,49 @@ async fn a_reset_after_a_half_close_still_reaches_the_backend() {
     assert!(failed_after < Duration::from_secs(5), "the reset reached the backend after {failed_after:?}");
     harbor.stop().await.unwrap();
 }
+
+/// `runtime = "per-core"`: two shard threads, each with its own runtime, accept on the one
+/// listener and relay what they accepted. 64 clients at once each send 64 KiB and half-close,
+/// and get back exactly what they sent; both shards ran (their CPU clocks moved), and the
+/// drain at the end finds nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_core_runtime_relays_on_its_own_shards() {
+    if per_core_runtime() {
+        return; // every test of this run makes shards: this one could not tell its own apart
+    }
+    let (backend, _stop) = echo_backend("b").await;
+    let mut cfg = config(&[backend]);
+    cfg.runtime = harbor::config::RuntimeMode::PerCore;
+    cfg.workers = 2;
+    let harbor = start(cfg).await;
+    let before = shard_cpu_nanos();
+    assert_eq!(before.len(), 2, "two shard threads: {before:?}");
+
+    let clients: Vec<_> = (0..64u64)
+        .map(|i| {
+            let addr = harbor.addr;
+            tokio::spawn(async move {
+                let upload = pattern(64 * 1024, i);
+                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let mut greeting = vec![0u8; 2];
+                stream.read_exact(&mut greeting).await.unwrap();
+                stream.write_all(&upload).await.unwrap();
+                stream.shutdown().await.unwrap();
+                let mut echoed = Vec::new();
+                tokio::time::timeout(STEP, stream.read_to_end(&mut echoed)).await.unwrap().unwrap();
+                assert_eq!(sha256(&echoed), sha256(&upload), "client {i}: bytes differ");
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+    let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| m.sum("harbor_accepts_total") >= 64.0).await;
+    assert_eq!(m.sum("harbor_accepts_total"), 64.0);
+    let after = shard_cpu_nanos();
+    for ((name, was), (_, now)) in before.iter().zip(&after) {
+        assert!(now > was, "{name} did no work: {was} -> {now} ns");
+    }
+    let report = harbor.stop().await.unwrap();
+    assert_eq!(report.cut_connections, 0);
+}

@@ -34,6 +34,7 @@ pub mod relay;
 pub mod reload;
 pub mod server;
 pub mod service;
+pub mod shards;
 pub mod source_limit;
 #[cfg(target_os = "linux")]
 pub mod splice;

@@ -245,8 +245,9 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     handover.listeners.extend(harbor::systemd::take_listen_fds());
     let upgrader = harbor::upgrade::Upgrader::of_this_process(config.upgrade_timeout);
     // One worker: a current-thread runtime saves the cross-thread wake-ups of the
-    // multi-thread scheduler.
-    let mut builder = if config.workers == 1 {
+    // multi-thread scheduler. Per-core: the connections run on Harbor's own shard threads,
+    // and this runtime keeps the rest (admin, health checks, DNS, reloads).
+    let mut builder = if config.workers == 1 || config.runtime == harbor::config::RuntimeMode::PerCore {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();

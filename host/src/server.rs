@@ -17,12 +17,13 @@ use hickory_resolver::TokioResolver;
 
 use crate::access_log::AccessLog;
 use crate::backend::BackendPool;
-use crate::config::{Config, ConfigError, ServiceConfig, DEFAULT_SERVICE};
+use crate::config::{Config, ConfigError, RuntimeMode, ServiceConfig, DEFAULT_SERVICE};
 use crate::listener::{bind, ListenerOptions};
 use crate::logging::RateLimitedLog;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::service::{ConnectionLimits, Service, ServiceContext};
+use crate::shards::Shards;
 use crate::strategy::engine::StrategyEngine;
 use crate::strategy::watch::{spawn_watcher, WatchError, WatchTarget};
 use crate::strategy::{GuestLimits, StrategyError, StrategyHost};
@@ -51,6 +52,8 @@ pub enum HarborError {
     AccessLog { target: String, error: std::io::Error },
     #[error("cannot set up the DNS resolver: {0}")]
     Dns(hickory_resolver::ResolveError),
+    #[error("cannot start the per-core runtimes: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// How a run ended.
@@ -118,6 +121,8 @@ pub struct Control {
     handover: Mutex<Handover>,
     /// When this process started serving, for the status page.
     pub started_at: std::time::SystemTime,
+    /// The per-core runtimes that accept and relay (`runtime = "per-core"`); none otherwise.
+    shards: Shards,
 }
 
 impl Control {
@@ -237,6 +242,7 @@ impl Control {
                 ("log_level", old.log_level != new.log_level),
                 ("relay", old.relay != new.relay),
                 ("strategy_tick_ms", old.strategy_tick != new.strategy_tick),
+                ("runtime", old.runtime != new.runtime),
             ] {
                 if changed {
                     tracing::warn!(setting = what, "this setting needs a restart: the running value stays");
@@ -269,7 +275,7 @@ impl Control {
             if is_new {
                 report.added.push(service.name.clone());
                 for (configured, listener) in listeners {
-                    service.serve(listener, configured, &self.tracker);
+                    service.serve(listener, configured, &self.tracker, &self.shards);
                 }
                 self.start_watcher_or_log(&service);
                 next.push(service);
@@ -306,7 +312,7 @@ impl Control {
             service.config.store(Arc::new(config));
             // New addresses accept before old ones close.
             for (configured, listener) in listeners {
-                service.serve(listener, configured, &self.tracker);
+                service.serve(listener, configured, &self.tracker, &self.shards);
             }
             for addr in retired_addrs {
                 service.stop_listening_on(addr).await;
@@ -582,6 +588,10 @@ impl Harbor {
             tracing::warn!(setting = "strategy_tick_ms", "{running}: this setting needs a restart");
         }
         StrategyEngine::global().map_err(HarborError::Engine)?.set_disk_cache(config.cache_dir.as_deref());
+        let shards = match config.runtime {
+            RuntimeMode::WorkStealing => Shards::none(),
+            RuntimeMode::PerCore => Shards::start(config.workers).map_err(HarborError::Runtime)?,
+        };
         let inherited_admin = handover.admin.take();
         let changes = std::mem::take(&mut handover.changes);
         let background = CancellationToken::new();
@@ -606,6 +616,7 @@ impl Harbor {
             admin_handoff: Mutex::new(None),
             handover: Mutex::new(handover),
             started_at: std::time::SystemTime::now(),
+            shards,
         });
         let mut listeners = Vec::new();
         let mut services = Vec::new();
@@ -680,7 +691,7 @@ impl Harbor {
         let Harbor { control, listeners, admin } = self;
         let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&control), control.admin_stop.clone())));
         for (service, configured, listener) in listeners {
-            service.serve(listener, configured, &control.tracker);
+            service.serve(listener, configured, &control.tracker, &control.shards);
         }
         for service in control.services.load().iter() {
             tracing::info!(service = %service.name, listen = ?service.local_addrs(), backends = service.membership.views().len(), strategy = %service.context.load().strategy.status().name, "harbor is serving");

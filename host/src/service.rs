@@ -22,6 +22,7 @@ use crate::membership::Membership;
 use crate::metrics::ServiceMetrics;
 use crate::peek::PeekPolicy;
 use crate::relay::RelayLimits;
+use crate::shards::Shards;
 use crate::source_limit::SourceLimiter;
 use crate::strategy::StrategyHost;
 
@@ -186,7 +187,8 @@ struct Listening {
     /// As bound.
     addr: SocketAddr,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The accept loop, or one per shard (`shards.rs`).
+    tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
     /// A second descriptor of the listening socket, to hand to the process of a binary
     /// upgrade. Closed with this entry, so a retired address is not kept open.
     handoff: Option<OwnedFd>,
@@ -224,8 +226,15 @@ impl Service {
         }
     }
 
-    /// Starts accepting on a bound listener. Each connection runs on `tracker`.
-    pub fn serve(self: &Arc<Self>, listener: TcpListener, configured: SocketAddr, tracker: &TaskTracker) {
+    /// Starts accepting on a bound listener. Each connection runs on `tracker`: on this runtime,
+    /// or with shards, on the shard that accepted it (each shard accepts on the same socket).
+    pub fn serve(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        configured: SocketAddr,
+        tracker: &TaskTracker,
+        shards: &Shards,
+    ) {
         let addr = listener.local_addr().unwrap_or(configured);
         let handoff = match listener.as_fd().try_clone_to_owned() {
             Ok(fd) => Some(fd),
@@ -235,19 +244,46 @@ impl Service {
             }
         };
         let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let service = Arc::clone(self);
-            let tracker = tracker.clone();
-            let stop = stop.clone();
-            async move {
-                let result = accept_loop(&listener, &service, &tracker, &stop).await;
-                if let Err(error) = &result {
-                    tracing::error!(service = %service.name, listen = %addr, "accepting failed for good: {error}");
+        let tasks = if shards.handles().is_empty() {
+            vec![tokio::spawn(Arc::clone(self).accept_on(listener, addr, tracker.clone(), stop.clone()))]
+        } else {
+            // Out of this runtime's poller (it would wake for every client too), into each shard's.
+            let copies: std::io::Result<Vec<std::net::TcpListener>> =
+                listener.into_std().and_then(|socket| shards.handles().iter().map(|_| socket.try_clone()).collect());
+            match copies {
+                Ok(copies) => shards
+                    .handles()
+                    .iter()
+                    .zip(copies)
+                    .map(|(shard, copy)| {
+                        let (service, tracker, stop) = (Arc::clone(self), tracker.clone(), stop.clone());
+                        shard.spawn(async move {
+                            service.accept_on(TcpListener::from_std(copy)?, addr, tracker, stop).await
+                        })
+                    })
+                    .collect(),
+                Err(error) => {
+                    tracing::error!(service = %self.name, listen = %addr, "cannot accept on the shards: {error}");
+                    Vec::new()
                 }
-                result
             }
-        });
-        self.lock_listeners().push(Listening { configured, addr, stop, task, handoff });
+        };
+        self.lock_listeners().push(Listening { configured, addr, stop, tasks, handoff });
+    }
+
+    /// Accepts on `listener` until `stop`; says why if accepting failed for good.
+    async fn accept_on(
+        self: Arc<Self>,
+        listener: TcpListener,
+        addr: SocketAddr,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    ) -> std::io::Result<()> {
+        let result = accept_loop(&listener, &self, &tracker, &stop).await;
+        if let Err(error) = &result {
+            tracing::error!(service = %self.name, listen = %addr, "accepting failed for good: {error}");
+        }
+        result
     }
 
     /// A new descriptor of each listening socket, by configured address, for a binary upgrade.
@@ -292,7 +328,9 @@ impl Service {
         };
         for l in stopped {
             l.stop.cancel();
-            let _ = l.task.await;
+            for task in l.tasks {
+                let _ = task.await;
+            }
         }
     }
 
@@ -302,10 +340,12 @@ impl Service {
         let mut outcome = Ok(());
         for l in all {
             l.stop.cancel();
-            match l.task.await {
-                Ok(Err(error)) => outcome = Err(error),
-                Ok(Ok(())) => {}
-                Err(join) => outcome = Err(std::io::Error::other(join.to_string())),
+            for task in l.tasks {
+                match task.await {
+                    Ok(Err(error)) => outcome = Err(error),
+                    Ok(Ok(())) => {}
+                    Err(join) => outcome = Err(std::io::Error::other(join.to_string())),
+                }
             }
         }
         outcome

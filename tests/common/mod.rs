@@ -73,7 +73,34 @@ pub fn config(backends: &[SocketAddr]) -> Config {
     if kernel_relay() {
         config.relay = harbor::config::RelayMode::Kernel;
     }
+    if per_core_runtime() {
+        config.runtime = harbor::config::RuntimeMode::PerCore;
+        config.workers = 2;
+    }
     config
+}
+
+/// `HARBOR_TEST_RUNTIME=per-core`: the relay and drain tests run on per-core shards
+/// (`cargo xtask test` runs them that way too).
+pub fn per_core_runtime() -> bool {
+    std::env::var("HARBOR_TEST_RUNTIME").is_ok_and(|v| v == "per-core")
+}
+
+/// Nanoseconds each `harbor-shard-N` thread of this process has run on a CPU, by name.
+pub fn shard_cpu_nanos() -> Vec<(String, u64)> {
+    let mut shards = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return shards };
+    for task in tasks.flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        if !name.starts_with("harbor-shard-") {
+            continue;
+        }
+        let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        let nanos = schedstat.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        shards.push((name, nanos));
+    }
+    shards.sort();
+    shards
 }
 
 /// `HARBOR_TEST_RELAY=kernel`: the relay tests run against `relay = kernel` (`cargo xtask test`

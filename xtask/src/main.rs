@@ -431,6 +431,10 @@ fn test(root: &Path) -> Result<()> {
     run(cargo()
         .args(["test", "-p", "harbor", "--test", "relay", "--test", "resilience"])
         .env("HARBOR_TEST_RELAY", "kernel"))?;
+    // And on per-core shards (`runtime = per-core`), where each connection stays on its thread.
+    run(cargo()
+        .args(["test", "-p", "harbor", "--test", "relay", "--test", "resilience"])
+        .env("HARBOR_TEST_RUNTIME", "per-core"))?;
     check_split_debug_info(root)?;
     // A short run of every fuzz target (no panic, no hang, bounded memory).
     fuzz(root, 60)

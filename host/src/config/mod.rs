@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::proxy_protocol::ProxyVersion;
 use settings::{settings, Layer};
 pub use settings::{
-    AddressList, AllUnhealthy, BackendList, BackendSpec, DnsSpec, LogFormat, PeekMode, RelayMode, SettingDoc, SrvSpec,
-    WeightedSpec,
+    AddressList, AllUnhealthy, BackendList, BackendSpec, DnsSpec, LogFormat, PeekMode, RelayMode, RuntimeMode,
+    SettingDoc, SrvSpec, WeightedSpec,
 };
 
 /// Everything that can be wrong with a configuration. Each message is one line that names the
@@ -94,6 +94,8 @@ settings! {
     relay: RelayMode = RelayMode::User, env "HARBOR_RELAY", shown "user";
     /// How often strategy deadlines are checked, in ms: a call is never stopped before its deadline, and at most one tick after it rounded up to whole ticks. Shorter is more precise and wakes a thread more often while strategies run. Read at start.
     strategy_tick_ms: u64 = 5, env "HARBOR_STRATEGY_TICK_MS", range 1..=50;
+    /// How connections use the workers: `work-stealing` (one runtime) or `per-core` (a runtime per worker thread, each accepting and keeping its own connections). Read at start.
+    runtime: RuntimeMode = RuntimeMode::WorkStealing, env "HARBOR_RUNTIME", shown "work-stealing";
 }
 
 settings! {
@@ -531,6 +533,8 @@ pub struct Config {
     /// How often strategy deadlines are checked (the wasm engine's epoch tick); fixed at start.
     #[serde(with = "millis")]
     pub strategy_tick: Duration,
+    /// `work-stealing` or `per-core` (`shards.rs`); fixed at start.
+    pub runtime: RuntimeMode,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -776,6 +780,7 @@ impl Config {
             relay: globals.relay,
             cache_dir: cache_dir_of(globals.cache_dir.as_deref()),
             strategy_tick: Duration::from_millis(globals.strategy_tick_ms),
+            runtime: globals.runtime,
             services,
         })
     }

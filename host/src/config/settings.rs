@@ -239,6 +239,17 @@ pub enum RelayMode {
     Kernel,
 }
 
+/// How connections are spread over the worker threads (`runtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeMode {
+    /// One runtime whose workers steal each other's tasks.
+    WorkStealing,
+    /// A current-thread runtime per worker, each accepting on every listener and keeping the
+    /// connections it accepted (`shards.rs`).
+    PerCore,
+}
+
 /// What a service does with new clients when every backend fails its health check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
