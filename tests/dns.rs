@@ -21,14 +21,29 @@ struct Dnsmasq {
     port: u16,
 }
 
+/// A loopback port free for UDP and TCP both (dnsmasq takes the two), below the kernel's
+/// ephemeral range: ports that tests and Harbor take for their own connections and `:0`
+/// listeners come from that range, so none of them can take this one before dnsmasq binds it.
+fn dns_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 21_000 { (20_000u32, u32::from(low) - 1) } else { (1025, 65535) };
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.subsec_nanos());
+    (0..500u32)
+        .map(|i| (from + (seed.wrapping_add(i.wrapping_mul(7919)) % (to - from))) as u16)
+        .find(|p| {
+            std::net::UdpSocket::bind(("127.0.0.1", *p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()
+        })
+        .expect("a port free for UDP and TCP below the ephemeral range")
+}
+
 impl Dnsmasq {
     fn start(hosts: &Path, srv: &[&str]) -> Dnsmasq {
-        // A port free for UDP and TCP both (dnsmasq takes the two).
-        let port = (0..50)
-            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
-            .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-            .expect("a port free for UDP and TCP");
-        Dnsmasq::start_on(port, hosts, srv)
+        Dnsmasq::start_on(dns_port(), hosts, srv)
     }
 
     fn start_on(port: u16, hosts: &Path, srv: &[&str]) -> Dnsmasq {
@@ -41,13 +56,19 @@ impl Dnsmasq {
         let log = std::fs::File::create(hosts.with_extension("dnsmasq.log")).expect("dnsmasq log");
         let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("start dnsmasq");
         // Ready once it answers on TCP (it binds UDP first).
+        let mut mine = Dnsmasq { child, port };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
+                return mine;
+            }
+            if let Ok(Some(status)) = mine.child.try_wait() {
+                let log = std::fs::read_to_string(hosts.with_extension("dnsmasq.log")).unwrap_or_default();
+                panic!("dnsmasq on port {port} exited ({status}): {log}");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Dnsmasq { child, port }
+        mine.stop();
+        panic!("dnsmasq did not answer on port {port} within 2 s");
     }
 
     fn addr(&self) -> SocketAddr {
@@ -216,10 +237,9 @@ async fn a_dns_server_that_comes_up_late_is_followed_once_it_answers() {
     std::fs::write(&hosts, "127.0.0.2 late.harbor.test\n").unwrap();
     let port = port_free_on_four_addresses();
     let _b2 = echo_at("127.0.0.2", port, "late").await;
-    let dns_port = (0..50)
-        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
-        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .unwrap();
+    // Chosen now, served only later: below the ephemeral range, so no connection of the tests
+    // running beside this one takes it meanwhile (one did, and dnsmasq could not bind).
+    let dns_port = dns_port();
     let (config, _) = config_from_toml(&format!(
         "dns_servers = [\"127.0.0.1:{dns_port}\"]\n\
          [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\ndns_refresh_ms = 200\n\
