@@ -6,7 +6,8 @@
 //! `connection.rs` (one client, start to end) → `strategy/` (which backend?) → `connect.rs`
 //! (dial under a timeout; retries and cooldown in `connection.rs` and `backend.rs`) →
 //! `relay.rs` (bytes both ways, half-close, deadlines; `splice.rs` for bulk) → back in `connection.rs` to count and
-//! report. Beside it: `membership.rs` (which backends a service has, drains), `discovery.rs`
+//! report. With `runtime = per-core`, all of it runs on the `shards.rs` thread that accepted
+//! the client. Beside it: `membership.rs` (which backends a service has, drains), `discovery.rs`
 //! (DNS backends),
 //! `health.rs` (active checks), `admin.rs` (the admin API), `config/` (every setting, once);
 //! `server.rs` ties it together, applies reloads and drains on shutdown.
