@@ -489,6 +489,7 @@ async fn the_per_core_runtime_relays_on_its_own_shards() {
     let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| m.sum("harbor_accepts_total") >= 64.0).await;
     assert_eq!(m.sum("harbor_accepts_total"), 64.0);
     let after = shard_cpu_nanos();
+    assert_eq!(after.len(), 2, "two shard threads: {after:?}");
     for ((name, was), (_, now)) in before.iter().zip(&after) {
         assert!(now > was, "{name} did no work: {was} -> {now} ns");
     }

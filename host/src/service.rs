@@ -244,28 +244,32 @@ impl Service {
             }
         };
         let stop = CancellationToken::new();
-        let tasks = if shards.handles().is_empty() {
-            vec![tokio::spawn(Arc::clone(self).accept_on(listener, addr, tracker.clone(), stop.clone()))]
-        } else {
-            // Out of this runtime's poller (it would wake for every client too), into each shard's.
-            let copies: std::io::Result<Vec<std::net::TcpListener>> =
-                listener.into_std().and_then(|socket| shards.handles().iter().map(|_| socket.try_clone()).collect());
-            match copies {
-                Ok(copies) => shards
+        // With shards, each gets a descriptor of its own, and this runtime's registration is
+        // dropped (its poller would wake for every client too). If the descriptors cannot be
+        // had (out of them), this runtime accepts, as without shards: clients are served.
+        let copies: std::io::Result<Vec<OwnedFd>> =
+            shards.handles().iter().map(|_| listener.as_fd().try_clone_to_owned()).collect();
+        let tasks = match copies {
+            Ok(copies) if !copies.is_empty() => {
+                drop(listener);
+                shards
                     .handles()
                     .iter()
                     .zip(copies)
                     .map(|(shard, copy)| {
                         let (service, tracker, stop) = (Arc::clone(self), tracker.clone(), stop.clone());
                         shard.spawn(async move {
-                            service.accept_on(TcpListener::from_std(copy)?, addr, tracker, stop).await
+                            let listener = TcpListener::from_std(std::net::TcpListener::from(copy))?;
+                            service.accept_on(listener, addr, tracker, stop).await
                         })
                     })
-                    .collect(),
-                Err(error) => {
-                    tracing::error!(service = %self.name, listen = %addr, "cannot accept on the shards: {error}");
-                    Vec::new()
+                    .collect()
+            }
+            copies => {
+                if let Err(error) = copies {
+                    tracing::error!(service = %self.name, listen = %addr, "cannot give the shards this socket, accepting on the main runtime: {error}");
                 }
+                vec![tokio::spawn(Arc::clone(self).accept_on(listener, addr, tracker.clone(), stop.clone()))]
             }
         };
         self.lock_listeners().push(Listening { configured, addr, stop, tasks, handoff });
