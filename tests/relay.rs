@@ -450,49 +450,74 @@ async fn a_reset_after_a_half_close_still_reaches_the_backend() {
     harbor.stop().await.unwrap();
 }
 
-/// `runtime = "per-core"`: two shard threads, each with its own runtime, accept on the one
-/// listener and relay what they accepted. 64 clients at once each send 64 KiB and half-close,
-/// and get back exactly what they sent; both shards ran (their CPU clocks moved), and the
-/// drain at the end finds nothing left.
+/// `runtime = "per-core"`: two shard threads, each with its own runtime, accept and relay what
+/// they accepted. 64 clients at once each send 64 KiB and half-close, and get back exactly what
+/// they sent; both shards ran (their CPU clocks moved), and the drain at the end finds nothing
+/// left. Both layouts: the shards accept on descriptors of one socket, or with `reuse_port` each
+/// on a socket of its own in the address's SO_REUSEPORT group (the kernel hands each client to
+/// one shard, where a shared socket wakes them all); those sockets all close on stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_core_runtime_relays_on_its_own_shards() {
     if per_core_runtime() {
         return; // every test of this run makes shards: this one could not tell its own apart
     }
-    let (backend, _stop) = echo_backend("b").await;
-    let mut cfg = config(&[backend]);
-    cfg.runtime = harbor::config::RuntimeMode::PerCore;
-    cfg.workers = 2;
-    let harbor = start(cfg).await;
-    let before = shard_cpu_nanos();
-    assert_eq!(before.len(), 2, "two shard threads: {before:?}");
+    for reuse_port in [false, true] {
+        let (backend, _stop) = echo_backend("b").await;
+        let mut cfg = config(&[backend]);
+        cfg.runtime = harbor::config::RuntimeMode::PerCore;
+        cfg.workers = 2;
+        cfg.services[0].tunables.reuse_port = reuse_port;
+        let harbor = start(cfg).await;
+        let port = harbor.addr.port();
+        // The shards' own sockets are opened once the Harbor runs, just after it binds.
+        let want = if reuse_port { 2 } else { 1 };
+        let mut sockets = listening_sockets(port);
+        for _ in 0..200 {
+            if sockets.len() >= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            sockets = listening_sockets(port);
+        }
+        assert_eq!(sockets.len(), want, "reuse_port {reuse_port}: sockets {sockets:?}");
+        let before = shard_cpu_nanos();
+        assert_eq!(before.len(), 2, "two shard threads: {before:?}");
 
-    let clients: Vec<_> = (0..64u64)
-        .map(|i| {
-            let addr = harbor.addr;
-            tokio::spawn(async move {
-                let upload = pattern(64 * 1024, i);
-                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                let mut greeting = vec![0u8; 2];
-                stream.read_exact(&mut greeting).await.unwrap();
-                stream.write_all(&upload).await.unwrap();
-                stream.shutdown().await.unwrap();
-                let mut echoed = Vec::new();
-                tokio::time::timeout(STEP, stream.read_to_end(&mut echoed)).await.unwrap().unwrap();
-                assert_eq!(sha256(&echoed), sha256(&upload), "client {i}: bytes differ");
+        let clients: Vec<_> = (0..64u64)
+            .map(|i| {
+                let addr = harbor.addr;
+                tokio::spawn(async move {
+                    let upload = pattern(64 * 1024, i);
+                    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    let mut greeting = vec![0u8; 2];
+                    stream.read_exact(&mut greeting).await.unwrap();
+                    stream.write_all(&upload).await.unwrap();
+                    stream.shutdown().await.unwrap();
+                    let mut echoed = Vec::new();
+                    tokio::time::timeout(STEP, stream.read_to_end(&mut echoed)).await.unwrap().unwrap();
+                    assert_eq!(sha256(&echoed), sha256(&upload), "client {i}: bytes differ");
+                })
             })
-        })
-        .collect();
-    for client in clients {
-        client.await.unwrap();
+            .collect();
+        for client in clients {
+            client.await.unwrap();
+        }
+        let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| m.sum("harbor_accepts_total") >= 64.0).await;
+        assert_eq!(m.sum("harbor_accepts_total"), 64.0);
+        let after = shard_cpu_nanos();
+        assert_eq!(after.len(), 2, "two shard threads: {after:?}");
+        for ((name, was), (_, now)) in before.iter().zip(&after) {
+            assert!(now > was, "reuse_port {reuse_port}: {name} did no work: {was} -> {now} ns");
+        }
+        let report = harbor.stop().await.unwrap();
+        assert_eq!(report.cut_connections, 0);
+        assert_eq!(listening_sockets(port), Vec::<u64>::new(), "every socket closes on stop");
+        // The shard threads of this Harbor are gone before the next one starts its own.
+        for _ in 0..200 {
+            if shard_cpu_nanos().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
-    let m = Scrape::fetch_until(harbor.admin_addr.unwrap(), |m| m.sum("harbor_accepts_total") >= 64.0).await;
-    assert_eq!(m.sum("harbor_accepts_total"), 64.0);
-    let after = shard_cpu_nanos();
-    assert_eq!(after.len(), 2, "two shard threads: {after:?}");
-    for ((name, was), (_, now)) in before.iter().zip(&after) {
-        assert!(now > was, "{name} did no work: {was} -> {now} ns");
-    }
-    let report = harbor.stop().await.unwrap();
-    assert_eq!(report.cut_connections, 0);
 }

@@ -290,3 +290,57 @@ async fn five_upgrades_in_a_row_refuse_and_break_nothing() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A per-core Harbor with `reuse_port` listens on one socket per shard. An upgrade hands every
+/// one of them over (the same sockets listen before and after, none closes), so nothing the
+/// kernel queued on any shard's socket is lost, and clients connecting throughout all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_core_harbor_hands_every_shard_socket_over() {
+    let dir = temp_dir("upgrade-per-core");
+    let (backends, _stops) = echo_backends(2).await;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.join("harbor.toml");
+    let text = config_text(listen, admin, &backends) + "runtime = \"per-core\"\nworkers = 2\nreuse_port = true\n";
+    std::fs::write(&config, text).unwrap();
+    let log = dir.join("harbor.log");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["--config", config.to_str().unwrap(), "--log-level", "info"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start harbor");
+    let old = wait_for_new_pid(admin, None, Duration::from_secs(60)).await.expect("harbor serves");
+    let sockets = common::listening_sockets(listen.port());
+    assert_eq!(sockets.len(), 2, "one socket per shard");
+
+    let load = ClientLoad::start(listen, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(old, libc::SIGUSR2);
+    let new = wait_for_new_pid(admin, Some(old), Duration::from_secs(60)).await.expect("a new process took over");
+    let status = tokio::task::spawn_blocking(move || first.wait()).await.unwrap().expect("wait");
+    assert!(status.success(), "the old process exited with {status}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tally = load.stop().await;
+    assert_eq!(common::listening_sockets(listen.port()), sockets, "the new process listens on the same sockets");
+
+    signal(new, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !has_exited(new) {
+        assert!(Instant::now() < deadline, "the new process did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("panicked"), "{text}");
+    assert!(!text.contains("passed in for no configured"), "a socket was left over:\n{text}");
+    assert!(
+        tally.failures.is_empty(),
+        "failures across the upgrade: {:?}",
+        &tally.failures[..tally.failures.len().min(10)]
+    );
+    assert!(tally.ok > 50, "too few connections to mean anything: {}", tally.ok);
+    if std::env::var_os("HARBOR_KEEP_TEST_DIR").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Once;
 
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::config::Tunables;
@@ -36,7 +37,7 @@ impl ListenerOptions {
 }
 
 /// The backlog of each listener.
-const BACKLOG: u32 = 4096;
+const BACKLOG: i32 = 4096;
 
 /// Where Linux says whether a closing listener's queued connections move to the other
 /// sockets of its SO_REUSEPORT group (Linux 5.14+); without it they are reset.
@@ -45,24 +46,29 @@ const MIGRATE_REQ_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 /// Binds a listener on `addr`.
 pub async fn bind(addr: SocketAddr, options: ListenerOptions) -> Result<TcpListener, HarborError> {
     let bind_error = |error| HarborError::Bind { addr, error };
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-        .map_err(bind_error)?;
-    socket.set_reuseaddr(true).map_err(bind_error)?;
+    TcpListener::from_std(bind_socket(addr, options).map_err(bind_error)?).map_err(bind_error)
+}
+
+/// Binds a non-blocking listening socket on `addr` with `options`. With SO_REUSEPORT, a second
+/// one on the same address joins the first one's group: the kernel spreads connections over them.
+pub fn bind_socket(addr: SocketAddr, options: ListenerOptions) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
     if options.reuse_port {
-        socket.set_reuseport(true).map_err(bind_error)?;
+        socket.set_reuse_port(true)?;
         warn_unless_queued_connections_migrate();
     }
     if addr.is_ipv6() {
         // `[::]` means IPv6 only, so that `0.0.0.0` can be listed beside it.
-        let _ = socket2::SockRef::from(&socket).set_only_v6(true);
+        let _ = socket.set_only_v6(true);
     }
     if options.nodelay {
-        socket.set_nodelay(true).map_err(bind_error)?;
+        socket.set_tcp_nodelay(true)?;
     }
-    socket.bind(addr).map_err(bind_error)?;
-    let listener = socket.listen(BACKLOG).map_err(bind_error)?;
-    set_defer_accept(&listener, options.defer_accept_secs).map_err(bind_error)?;
-    Ok(listener)
+    socket.bind(&SockAddr::from(addr))?;
+    socket.listen(BACKLOG)?;
+    set_defer_accept(&socket, options.defer_accept_secs)?;
+    Ok(socket.into())
 }
 
 /// Sets TCP_DEFER_ACCEPT on a listening socket (0 turns it off). It can change while the socket

@@ -275,7 +275,7 @@ impl Control {
             if is_new {
                 report.added.push(service.name.clone());
                 for (configured, listener) in listeners {
-                    service.serve(listener, configured, &self.tracker, &self.shards);
+                    service.serve(listener, configured, Vec::new(), &self.tracker, &self.shards);
                 }
                 self.start_watcher_or_log(&service);
                 next.push(service);
@@ -312,7 +312,7 @@ impl Control {
             service.config.store(Arc::new(config));
             // New addresses accept before old ones close.
             for (configured, listener) in listeners {
-                service.serve(listener, configured, &self.tracker, &self.shards);
+                service.serve(listener, configured, Vec::new(), &self.tracker, &self.shards);
             }
             for addr in retired_addrs {
                 service.stop_listening_on(addr).await;
@@ -367,6 +367,15 @@ impl Control {
             }
             None => bind(addr, options).await,
         }
+    }
+
+    /// The other sockets passed in for `configured` after [`Self::bind_or_inherit`] took the
+    /// first: a per-core Harbor hands over one per shard.
+    fn take_passed_in(&self, configured: SocketAddr) -> Vec<std::net::TcpListener> {
+        let mut handover = self.lock_handover();
+        let (taken, rest) = handover.listeners.drain(..).partition(|(a, _)| *a == configured);
+        handover.listeners = rest;
+        taken.into_iter().map(|(_, socket)| socket).collect()
     }
 
     /// The shared resolver, if `cfg` has DNS backends.
@@ -691,7 +700,8 @@ impl Harbor {
         let Harbor { control, listeners, admin } = self;
         let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&control), control.admin_stop.clone())));
         for (service, configured, listener) in listeners {
-            service.serve(listener, configured, &control.tracker, &control.shards);
+            let passed_in = control.take_passed_in(configured);
+            service.serve(listener, configured, passed_in, &control.tracker, &control.shards);
         }
         for service in control.services.load().iter() {
             tracing::info!(service = %service.name, listen = ?service.local_addrs(), backends = service.membership.views().len(), strategy = %service.context.load().strategy.status().name, "harbor is serving");

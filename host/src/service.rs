@@ -17,6 +17,7 @@ use crate::access_log::AccessLog;
 use crate::backend::BackendPool;
 use crate::config::{parse_cidr, AllUnhealthy, PeekMode, ProxyVersion, ServiceConfig, Tunables};
 use crate::connect::SocketOptions;
+use crate::listener::ListenerOptions;
 use crate::logging::RateLimitedLog;
 use crate::membership::Membership;
 use crate::metrics::ServiceMetrics;
@@ -189,9 +190,10 @@ struct Listening {
     stop: CancellationToken,
     /// The accept loop, or one per shard (`shards.rs`).
     tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
-    /// A second descriptor of the listening socket, to hand to the process of a binary
-    /// upgrade. Closed with this entry, so a retired address is not kept open.
-    handoff: Option<OwnedFd>,
+    /// A second descriptor of each socket of the address (one, or one per shard), to hand to
+    /// the process of a binary upgrade. Closed with this entry, so a retired address is not
+    /// kept open.
+    handoff: Vec<OwnedFd>,
 }
 
 /// A service: its current context, membership and admission, and its listeners.
@@ -227,52 +229,117 @@ impl Service {
     }
 
     /// Starts accepting on a bound listener. Each connection runs on `tracker`: on this runtime,
-    /// or with shards, on the shard that accepted it (each shard accepts on the same socket).
+    /// or with shards, on the shard that accepted it.
+    ///
+    /// `passed_in` are more sockets of the same address from the process before a binary
+    /// upgrade (a per-core Harbor's other shard sockets): they are accepted on too, so nothing
+    /// queued on them is lost. With shards and SO_REUSEPORT, every shard gets a socket of its
+    /// own in the address's group, so the kernel hands each new client to one shard; without
+    /// SO_REUSEPORT the shards accept on descriptors of one socket.
     pub fn serve(
         self: &Arc<Self>,
         listener: TcpListener,
         configured: SocketAddr,
+        passed_in: Vec<std::net::TcpListener>,
         tracker: &TaskTracker,
         shards: &Shards,
     ) {
         let addr = listener.local_addr().unwrap_or(configured);
-        let handoff = match listener.as_fd().try_clone_to_owned() {
-            Ok(fd) => Some(fd),
+        let options = ListenerOptions::of(&self.config.load().tunables);
+        let mut siblings: Vec<OwnedFd> = Vec::with_capacity(shards.handles().len());
+        for socket in passed_in {
+            if let Err(error) = crate::listener::set_defer_accept(&socket, options.defer_accept_secs) {
+                tracing::warn!(service = %self.name, listen = %addr, "defer-accept-secs on a socket passed in: {error}");
+            }
+            siblings.push(socket.into());
+        }
+        if options.reuse_port {
+            while 1 + siblings.len() < shards.handles().len() {
+                match crate::listener::bind_socket(addr, options) {
+                    Ok(socket) => siblings.push(socket.into()),
+                    Err(error) => {
+                        tracing::warn!(service = %self.name, listen = %addr, "cannot open a socket for every shard, some share one: {error}");
+                        break;
+                    }
+                }
+            }
+        }
+        let handoff = match std::iter::once(listener.as_fd())
+            .chain(siblings.iter().map(AsFd::as_fd))
+            .map(|fd| fd.try_clone_to_owned())
+            .collect()
+        {
+            Ok(fds) => fds,
             Err(error) => {
                 tracing::warn!(service = %self.name, listen = %addr, "cannot keep this socket for a binary upgrade: {error}");
-                None
+                Vec::new()
             }
         };
         let stop = CancellationToken::new();
-        // With shards, each gets a descriptor of its own, and this runtime's registration is
-        // dropped (its poller would wake for every client too). If the descriptors cannot be
-        // had (out of them), this runtime accepts, as without shards: clients are served.
-        let copies: std::io::Result<Vec<OwnedFd>> =
-            shards.handles().iter().map(|_| listener.as_fd().try_clone_to_owned()).collect();
-        let tasks = match copies {
-            Ok(copies) if !copies.is_empty() => {
+        let tasks = match self.accept_on_shards(&listener, &mut siblings, addr, tracker, &stop, shards) {
+            Ok(tasks) => {
+                // The shards hold their own descriptors; this runtime's poller must not wake
+                // for every client too.
                 drop(listener);
-                shards
-                    .handles()
-                    .iter()
-                    .zip(copies)
-                    .map(|(shard, copy)| {
-                        let (service, tracker, stop) = (Arc::clone(self), tracker.clone(), stop.clone());
-                        shard.spawn(async move {
-                            let listener = TcpListener::from_std(std::net::TcpListener::from(copy))?;
-                            service.accept_on(listener, addr, tracker, stop).await
-                        })
-                    })
-                    .collect()
+                tasks
             }
-            copies => {
-                if let Err(error) = copies {
-                    tracing::error!(service = %self.name, listen = %addr, "cannot give the shards this socket, accepting on the main runtime: {error}");
-                }
-                vec![tokio::spawn(Arc::clone(self).accept_on(listener, addr, tracker.clone(), stop.clone()))]
+            Err(error) => {
+                // Out of descriptors: this runtime accepts, as without shards; clients are served.
+                tracing::error!(service = %self.name, listen = %addr, "cannot give the shards this socket, accepting on the main runtime: {error}");
+                let on_main = |socket: OwnedFd| {
+                    let (service, tracker, stop) = (Arc::clone(self), tracker.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
+                        service.accept_on(listener, addr, tracker, stop).await
+                    })
+                };
+                let mut tasks: Vec<_> = siblings.drain(..).map(on_main).collect();
+                tasks.push(tokio::spawn(Arc::clone(self).accept_on(listener, addr, tracker.clone(), stop.clone())));
+                tasks
             }
         };
+        if tasks.len() > 1 {
+            tracing::info!(service = %self.name, listen = %addr, sockets = handoff.len(), accept_loops = tasks.len(), "accepting on shards");
+        }
         self.lock_listeners().push(Listening { configured, addr, stop, tasks, handoff });
+    }
+
+    /// Spreads the sockets of one address over the shards: shard `i` accepts on sockets
+    /// `i, i + n, …`, and a shard left without one on a descriptor of socket `i mod count`.
+    /// With no shards, or if a descriptor cannot be had, returns an error and spawns nothing.
+    fn accept_on_shards(
+        self: &Arc<Self>,
+        listener: &TcpListener,
+        siblings: &mut Vec<OwnedFd>,
+        addr: SocketAddr,
+        tracker: &TaskTracker,
+        stop: &CancellationToken,
+        shards: &Shards,
+    ) -> std::io::Result<Vec<tokio::task::JoinHandle<std::io::Result<()>>>> {
+        let handles = shards.handles();
+        if handles.is_empty() {
+            return Err(std::io::Error::other("no shards"));
+        }
+        // Every descriptor first: on failure the siblings are still there for the main runtime.
+        let primary = listener.as_fd().try_clone_to_owned()?;
+        let count = 1 + siblings.len();
+        let spare = (count..handles.len())
+            .map(|i| match i % count {
+                0 => primary.try_clone().map(|fd| (i, fd)),
+                j => siblings[j - 1].try_clone().map(|fd| (i, fd)),
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let sockets = std::iter::once(primary).chain(siblings.drain(..));
+        let assigned = sockets.enumerate().map(|(j, socket)| (j % handles.len(), socket)).chain(spare);
+        Ok(assigned
+            .map(|(shard, socket)| {
+                let (service, tracker, stop) = (Arc::clone(self), tracker.clone(), stop.clone());
+                handles[shard].spawn(async move {
+                    let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
+                    service.accept_on(listener, addr, tracker, stop).await
+                })
+            })
+            .collect())
     }
 
     /// Accepts on `listener` until `stop`; says why if accepting failed for good.
@@ -295,10 +362,12 @@ impl Service {
         let listeners = self.lock_listeners();
         let mut fds = Vec::with_capacity(listeners.len());
         for l in listeners.iter() {
-            let Some(fd) = &l.handoff else {
+            if l.handoff.is_empty() {
                 return Err(std::io::Error::other(format!("no descriptor kept for {}", l.addr)));
-            };
-            fds.push((l.configured, fd.try_clone()?));
+            }
+            for fd in &l.handoff {
+                fds.push((l.configured, fd.try_clone()?));
+            }
         }
         Ok(fds)
     }
@@ -307,9 +376,9 @@ impl Service {
     /// value and says so.
     pub fn set_defer_accept(&self, secs: u64) {
         for l in self.lock_listeners().iter() {
-            let applied = match &l.handoff {
-                Some(fd) => crate::listener::set_defer_accept(fd, secs),
-                None => Err(std::io::Error::other("no descriptor kept for this listener")),
+            let applied = match l.handoff.as_slice() {
+                [] => Err(std::io::Error::other("no descriptor kept for this listener")),
+                fds => fds.iter().try_for_each(|fd| crate::listener::set_defer_accept(fd, secs)),
             };
             if let Err(error) = applied {
                 tracing::warn!(service = %self.name, listen = %l.addr, "defer-accept-secs stays as it was: {error}");

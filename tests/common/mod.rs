@@ -103,6 +103,27 @@ pub fn shard_cpu_nanos() -> Vec<(String, u64)> {
     shards
 }
 
+/// The inodes of the sockets listening on `port` (IPv4 and IPv6) in this network namespace,
+/// sorted: one per socket, however many descriptors point at it.
+pub fn listening_sockets(port: u16) -> Vec<u64> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) = (fields.get(1), fields.get(3), fields.get(9)) else {
+                continue;
+            };
+            let local_port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && *state == "0A" {
+                inodes.extend(inode.parse::<u64>().ok());
+            }
+        }
+    }
+    inodes.sort_unstable();
+    inodes
+}
+
 /// `HARBOR_TEST_RELAY=kernel`: the relay tests run against `relay = kernel` (`cargo xtask test`
 /// runs them both ways).
 pub fn kernel_relay() -> bool {
