@@ -276,16 +276,25 @@ impl Service {
             }
         };
         let stop = CancellationToken::new();
-        let tasks = match self.accept_on_shards(&listener, &mut siblings, addr, tracker, &stop, shards) {
-            Ok(tasks) => {
+        let on_shards = match shards.handles() {
+            [] => None,
+            _ => match self.accept_on_shards(&listener, &mut siblings, addr, tracker, &stop, shards) {
+                Ok(tasks) => Some(tasks),
+                Err(error) => {
+                    // Out of descriptors: this runtime accepts, as without shards.
+                    tracing::error!(service = %self.name, listen = %addr, "cannot give the shards this socket, accepting on the main runtime: {error}");
+                    None
+                }
+            },
+        };
+        let tasks = match on_shards {
+            Some(tasks) => {
                 // The shards hold their own descriptors; this runtime's poller must not wake
                 // for every client too.
                 drop(listener);
                 tasks
             }
-            Err(error) => {
-                // Out of descriptors: this runtime accepts, as without shards; clients are served.
-                tracing::error!(service = %self.name, listen = %addr, "cannot give the shards this socket, accepting on the main runtime: {error}");
+            None => {
                 let on_main = |socket: OwnedFd| {
                     let (service, tracker, stop) = (Arc::clone(self), tracker.clone(), stop.clone());
                     tokio::spawn(async move {
@@ -299,14 +308,14 @@ impl Service {
             }
         };
         if tasks.len() > 1 {
-            tracing::info!(service = %self.name, listen = %addr, sockets = handoff.len(), accept_loops = tasks.len(), "accepting on shards");
+            tracing::info!(service = %self.name, listen = %addr, sockets = handoff.len(), accept_loops = tasks.len(), "accepting on more than one socket or shard");
         }
         self.lock_listeners().push(Listening { configured, addr, stop, tasks, handoff });
     }
 
     /// Spreads the sockets of one address over the shards: shard `i` accepts on sockets
     /// `i, i + n, …`, and a shard left without one on a descriptor of socket `i mod count`.
-    /// With no shards, or if a descriptor cannot be had, returns an error and spawns nothing.
+    /// If a descriptor cannot be had, returns the error and spawns nothing.
     fn accept_on_shards(
         self: &Arc<Self>,
         listener: &TcpListener,
@@ -317,9 +326,6 @@ impl Service {
         shards: &Shards,
     ) -> std::io::Result<Vec<tokio::task::JoinHandle<std::io::Result<()>>>> {
         let handles = shards.handles();
-        if handles.is_empty() {
-            return Err(std::io::Error::other("no shards"));
-        }
         // Every descriptor first: on failure the siblings are still there for the main runtime.
         let primary = listener.as_fd().try_clone_to_owned()?;
         let count = 1 + siblings.len();
