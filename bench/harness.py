@@ -43,14 +43,15 @@ CONF = os.path.join(HERE, "conf")
 TICK = os.sysconf("SC_CLK_TCK")
 ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-rr", "harbor-kernel"]
 # Not in the default set: ask for it with --targets.
-EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards"]
+EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards", "harbor-percore"]
 LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-stream", "harbor": "Harbor",
           "harbor-rr": "Harbor, built-in round-robin",
           "harbor-accesslog": "Harbor with --access-log (tmpfs)",
           "harbor-peek": "Harbor with --peek tls",
           "harbor-x": "Harbor with $HARBOR_X_ARGS (and $HARBOR_X_ENV)",
           "harbor-kernel": "Harbor with --relay kernel",
-          "harbor-shards": "Harbor, one --workers 1 process per CPU on one --reuse-port address"}
+          "harbor-shards": "Harbor, one --workers 1 process per CPU on one --reuse-port address",
+          "harbor-percore": "Harbor with --runtime per-core --reuse-port"}
 # Targets measured in the keep-alive and new-connection phases only: harbor-rr is the same
 # binary and data path as harbor without the wasm strategy, there to price the strategy call.
 # harbor-accesslog is harbor with the access log on (to tmpfs), to price the log in the same run.
@@ -59,7 +60,9 @@ LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-st
 # harbor-shards is thread-per-core taken to its limit: as many single-threaded Harbor processes
 # as the proxy has CPUs, sharing nothing but one SO_REUSEPORT address, against harbor's one
 # work-stealing runtime of that many workers (CPU is the sum over the processes).
-THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards"}
+# harbor-percore is the same idea inside one process: a runtime per worker thread, each
+# accepting on its own socket of the address's SO_REUSEPORT group.
+THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards", "harbor-percore"}
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 # (key, column title, better, decimals)
@@ -533,13 +536,16 @@ class Bench:
                 srv.stop()
                 raise TargetBroken(f"{target} listens on :{port} but does not proxy: {e}") from None
             return srv, port
-        elif target in ("harbor", "harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x", "harbor-kernel"):
+        elif target in ("harbor", "harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x", "harbor-kernel",
+                        "harbor-percore"):
             strategy = ["--strategy", self.a.strategy] if target != "harbor-rr" else []
             if target == "harbor-kernel":
                 # Every phase, like harbor: the relay is what it changes (needs root).
                 strategy += ["--relay", "kernel"]
             if target == "harbor-peek":
                 strategy += ["--peek", "tls"]
+            if target == "harbor-percore":
+                strategy += ["--runtime", "per-core", "--reuse-port"]
             if target == "harbor-accesslog":
                 logdir = "/dev/shm" if os.path.isdir("/dev/shm") else run_dir
                 strategy += ["--access-log", os.path.join(logdir, f"harbor-bench-access-{os.getpid()}-{tag}.log")]
@@ -1021,20 +1027,27 @@ def markdown(bench, meta):
                 cells.append(f"{a / b:.2f}" if a is not None and b else "—")
             lines.append(f"| Harbor / {LABELS[other]} | " + " | ".join(cells) + " |")
         lines.append("")
-    if "harbor-kernel" in bench.targets and len(bench.targets) > 1:
-        lines.append("The kernel relay (Harbor with --relay kernel ÷ other):")
+    def ratio_table(subject, title, label, others):
+        if subject not in bench.targets or len(bench.targets) < 2:
+            return
+        lines.append(title)
         lines.append("")
         lines.append("| ratio | " + " | ".join(c[1] for c in cols) + " |")
         lines.append("|---|" + "---:|" * len(cols))
-        km = bench.results["harbor-kernel"]["median"]
-        for other in ["haproxy", "nginx", "harbor"]:
+        sm = bench.results[subject]["median"]
+        for other in others:
             if other not in bench.targets:
                 continue
             om = bench.results[other]["median"]
-            cells = [f"{km[c[0]] / om[c[0]]:.2f}" if km.get(c[0]) is not None and om.get(c[0]) else "—"
+            cells = [f"{sm[c[0]] / om[c[0]]:.2f}" if sm.get(c[0]) is not None and om.get(c[0]) else "—"
                      for c in cols]
-            lines.append(f"| kernel relay / {LABELS[other]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} / {LABELS[other]} | " + " | ".join(cells) + " |")
         lines.append("")
+
+    ratio_table("harbor-kernel", "The kernel relay (Harbor with --relay kernel ÷ other):", "kernel relay",
+                ["haproxy", "nginx", "harbor"])
+    ratio_table("harbor-percore", "Per-core shards (Harbor with --runtime per-core --reuse-port ÷ other):",
+                "per-core", ["haproxy", "nginx", "harbor", "harbor-shards"])
     if meta["rounds"] > 1:
         lines.append("Spread (min–max over rounds):")
         lines.append("")
