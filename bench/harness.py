@@ -43,7 +43,7 @@ CONF = os.path.join(HERE, "conf")
 TICK = os.sysconf("SC_CLK_TCK")
 ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-rr", "harbor-kernel"]
 # Not in the default set: ask for it with --targets.
-EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards", "harbor-percore"]
+EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards", "harbor-percore", "floor"]
 LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-stream", "harbor": "Harbor",
           "harbor-rr": "Harbor, built-in round-robin",
           "harbor-accesslog": "Harbor with --access-log (tmpfs)",
@@ -51,7 +51,8 @@ LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-st
           "harbor-x": "Harbor with $HARBOR_X_ARGS (and $HARBOR_X_ENV)",
           "harbor-kernel": "Harbor with --relay kernel",
           "harbor-shards": "Harbor, one --workers 1 process per CPU on one --reuse-port address",
-          "harbor-percore": "Harbor with --runtime per-core --reuse-port"}
+          "harbor-percore": "Harbor with --runtime per-core --reuse-port",
+          "floor": "floor: a bare io_uring relay (bench/floor)"}
 # Targets measured in the keep-alive and new-connection phases only: harbor-rr is the same
 # binary and data path as harbor without the wasm strategy, there to price the strategy call.
 # harbor-accesslog is harbor with the access log on (to tmpfs), to price the log in the same run.
@@ -62,7 +63,10 @@ LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-st
 # work-stealing runtime of that many workers (CPU is the sum over the processes).
 # harbor-percore is the same idea inside one process: a runtime per worker thread, each
 # accepting on its own socket of the address's SO_REUSEPORT group.
-THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards", "harbor-percore"}
+# floor is bench/floor: a relay with no feature at all on one io_uring thread, the least a
+# user-space relay costs here (one instance per proxy CPU on one SO_REUSEPORT address).
+THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards", "harbor-percore",
+                   "floor"}
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 # (key, column title, better, decimals)
@@ -509,6 +513,11 @@ class Bench:
                           worker_connections=self.nofile - 64, workers=self.server_ncpus,
                           reuseport=" reuseport" if self.server_ncpus > 1 else "")
             argv = ["nginx", "-p", run_dir, "-c", conf, "-e", os.path.join(run_dir, "error.log")]
+        elif target == "floor":
+            binary = os.path.join(REPO, "target", "release", "floor-relay")
+            if not os.access(binary, os.X_OK):
+                raise BenchError(f"{binary} is missing (run: cargo build --release -p floor-relay)")
+            argv = [binary, f"127.0.0.1:{port}", f"127.0.0.1:{b1},127.0.0.1:{b2}"]
         elif target == "harbor-shards":
             shards = max(1, self.server_ncpus)
             admins = pick_ports(shards)

@@ -74,6 +74,12 @@ if [[ ",$targets," == *",harbor"* ]]; then
     fi
 fi
 
+# 3b. The floor relay (bench/floor), only when asked for.
+if [[ ",$targets," == *",floor,"* ]] && ((build)); then
+    say "cargo build --release -p floor-relay"
+    cargo build --release -p floor-relay || die "building the floor relay failed"
+fi
+
 # 4. Scratch directory; whatever the harness started is ended on exit, however it exits.
 #    In RAM (tmpfs) when there is room: the backends then serve the 1 GiB file from memory
 #    that cannot be paged out between rounds (a file on disk gets evicted when cold, and
