@@ -295,13 +295,7 @@ impl Service {
                 tasks
             }
             None => {
-                let on_main = |socket: OwnedFd| {
-                    let (service, tracker, stop) = (Arc::clone(self), tracker.clone(), stop.clone());
-                    tokio::spawn(async move {
-                        let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
-                        service.accept_on(listener, addr, tracker, stop).await
-                    })
-                };
+                let on_main = |socket| tokio::spawn(self.accept_on_socket(socket, addr, tracker, &stop));
                 let mut tasks: Vec<_> = siblings.drain(..).map(on_main).collect();
                 tasks.push(tokio::spawn(Arc::clone(self).accept_on(listener, addr, tracker.clone(), stop.clone())));
                 tasks
@@ -338,14 +332,24 @@ impl Service {
         let sockets = std::iter::once(primary).chain(siblings.drain(..));
         let assigned = sockets.enumerate().map(|(j, socket)| (j % handles.len(), socket)).chain(spare);
         Ok(assigned
-            .map(|(shard, socket)| {
-                let (service, tracker, stop) = (Arc::clone(self), tracker.clone(), stop.clone());
-                handles[shard].spawn(async move {
-                    let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
-                    service.accept_on(listener, addr, tracker, stop).await
-                })
-            })
+            .map(|(shard, socket)| handles[shard].spawn(self.accept_on_socket(socket, addr, tracker, stop)))
             .collect())
+    }
+
+    /// Accepting on a listening socket, to run on the runtime that is to serve its clients
+    /// (the socket registers with that runtime's poller when it starts).
+    fn accept_on_socket(
+        self: &Arc<Self>,
+        socket: OwnedFd,
+        addr: SocketAddr,
+        tracker: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
+        let (service, tracker, stop) = (Arc::clone(self), tracker.clone(), stop.clone());
+        async move {
+            let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
+            service.accept_on(listener, addr, tracker, stop).await
+        }
     }
 
     /// Accepts on `listener` until `stop`; says why if accepting failed for good.

@@ -94,7 +94,7 @@ settings! {
     relay: RelayMode = RelayMode::User, env "HARBOR_RELAY", shown "user";
     /// How often strategy deadlines are checked, in ms: a call is never stopped before its deadline, and at most one tick after it rounded up to whole ticks. Shorter is more precise and wakes a thread more often while strategies run. Read at start.
     strategy_tick_ms: u64 = 5, env "HARBOR_STRATEGY_TICK_MS", range 1..=50;
-    /// How connections use the workers: `work-stealing` (one runtime) or `per-core` (a runtime per worker thread, each accepting and keeping its own connections). Read at start.
+    /// How connections use the workers: `work-stealing` (one runtime) or `per-core` (a runtime per worker thread, each accepting and keeping its own connections; with reuse-port, each on a socket of its own). Read at start.
     runtime: RuntimeMode = RuntimeMode::WorkStealing, env "HARBOR_RUNTIME", shown "work-stealing";
 }
 
@@ -152,7 +152,7 @@ settings! {
     source_ipv6_prefix: u64 = 64, env "HARBOR_SOURCE_IPV6_PREFIX", range 1..=128;
     /// Set TCP_NODELAY on both sockets.
     nodelay: bool = true, env "HARBOR_NODELAY";
-    /// Bind listeners with SO_REUSEPORT, so several Harbor processes share one address and the kernel spreads clients among them.
+    /// Bind listeners with SO_REUSEPORT, so several Harbor processes share one address and the kernel spreads clients among them; with runtime per-core, each shard also gets a socket of its own.
     reuse_port: bool = false, env "HARBOR_REUSE_PORT", alone "true";
     /// Accept a client only once its first bytes are in (TCP_DEFER_ACCEPT), waiting at most this many seconds; 0 turns it off. Never for server-speaks-first protocols.
     defer_accept_secs: u64 = 0, env "HARBOR_DEFER_ACCEPT_SECS", range 0..=MAX_DEFER_ACCEPT_SECS;
