@@ -1,11 +1,11 @@
-//! The bench's floor: a TCP relay that does nothing but relay, on one io_uring, one thread.
+//! The bench's floor: a TCP relay that does nothing but relay, on io_uring.
 //!
 //! No strategy, deadlines, limits, metrics or draining: accept (multishot), connect to the next
-//! backend in turn, copy both ways with half-close, close. Every operation of a round through
-//! the loop goes to the kernel in one `io_uring_enter`. What a real proxy costs above this is
-//! its features and its event loop; what this costs is the kernel's TCP work, which no
-//! user-space relay avoids. `floor-relay LISTEN BACKEND[,BACKEND…]`; a thread per CPU it may
-//! run on, each with its own ring and its own socket of LISTEN's SO_REUSEPORT group.
+//! backend in turn, copy both ways with half-close, close. Every read, write and connect of a
+//! round through the loop goes to the kernel in one `io_uring_enter`. What a real proxy costs
+//! above this is its features and its event loop; what this costs is the kernel's TCP work,
+//! which no user-space relay avoids. `floor-relay LISTEN BACKEND[,BACKEND…]`; a thread per CPU
+//! it may run on, each with its own ring and its own socket of LISTEN's SO_REUSEPORT group.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};
@@ -26,7 +26,6 @@ enum Op {
     Recv(usize),
     /// Bytes written to the other side of a direction (0: client → backend, 1: backend → client).
     Send(usize),
-    Shutdown,
 }
 
 impl Op {
@@ -36,7 +35,6 @@ impl Op {
             Op::Connect => 1,
             Op::Recv(side) => 2 + side as u64,
             Op::Send(direction) => 4 + direction as u64,
-            Op::Shutdown => 6,
         }
     }
 
@@ -49,7 +47,6 @@ impl Op {
             3 => Op::Recv(1),
             4 => Op::Send(0),
             5 => Op::Send(1),
-            6 => Op::Shutdown,
             _ => return None,
         };
         Some((op, slot))
@@ -186,11 +183,12 @@ impl Relay {
                 self.send(slot, side)?;
             }
             Op::Recv(side) if result == 0 => {
-                // EOF: pass it on as a half-close of the other socket.
+                // EOF: pass it on as a half-close of the other socket. A plain system call:
+                // io_uring runs IORING_OP_SHUTDOWN on a kernel worker thread (`iou-wrk`), and
+                // that hand-off cost 6 µs per connection and 8 % of the new conn/s.
                 c.ended += 1;
-                c.in_flight += 1;
-                let entry = opcode::Shutdown::new(types::Fd(c.fds[1 - side]), libc::SHUT_WR);
-                self.push(entry.build().user_data(user_data(Op::Shutdown, slot)))?;
+                // SAFETY: shutting down this connection's own socket.
+                unsafe { libc::shutdown(c.fds[1 - side], libc::SHUT_WR) };
             }
             Op::Send(direction) if result >= 0 => {
                 c.pending[direction].0 += result as usize;
@@ -200,7 +198,6 @@ impl Relay {
                     self.recv(slot, direction)?;
                 }
             }
-            Op::Shutdown => {}
             // A failed connect, read or write: both sockets are done.
             _ => {
                 if c.ended < 2 {
