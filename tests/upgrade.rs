@@ -67,6 +67,20 @@ fn has_exited(pid: u32) -> bool {
     }
 }
 
+/// The Harbor processes a test started: any still running when the test ends (a failed
+/// assertion) are killed, so none outlives it.
+#[derive(Default)]
+struct Reaper(Vec<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in self.0.iter().filter(|p| !has_exited(**p)) {
+            // SAFETY: kill sends a signal; nothing else is touched.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Replaces the file at `path` atomically, as a package manager installs a new binary.
 fn install(path: &Path, from: &Path) {
     let staged = path.with_extension("new");
@@ -178,6 +192,7 @@ async fn five_upgrades_in_a_row_refuse_and_break_nothing() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start harbor");
+    let mut reaper = Reaper(vec![first.id()]);
     let mut pids = vec![wait_for_new_pid(admin, None, Duration::from_secs(60)).await.expect("harbor serves")];
     assert_eq!(pids[0], first.id());
 
@@ -230,6 +245,7 @@ async fn five_upgrades_in_a_row_refuse_and_break_nothing() {
             .await
             .unwrap_or_else(|| panic!("upgrade {round}: no new process took over"));
         handovers.push(started.elapsed());
+        reaper.0.push(new);
         pids.push(new);
         let told = Instant::now();
         while !notes.lock().unwrap().iter().any(|n| n.contains(&format!("MAINPID={new}"))) {
@@ -311,6 +327,7 @@ async fn a_per_core_harbor_hands_every_shard_socket_over() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start harbor");
+    let mut reaper = Reaper(vec![first.id()]);
     let old = wait_for_new_pid(admin, None, Duration::from_secs(60)).await.expect("harbor serves");
     let sockets = common::listening_sockets(listen.port());
     assert_eq!(sockets.len(), 2, "one socket per shard");
@@ -319,6 +336,7 @@ async fn a_per_core_harbor_hands_every_shard_socket_over() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(old, libc::SIGUSR2);
     let new = wait_for_new_pid(admin, Some(old), Duration::from_secs(60)).await.expect("a new process took over");
+    reaper.0.push(new);
     let status = tokio::task::spawn_blocking(move || first.wait()).await.unwrap().expect("wait");
     assert!(status.success(), "the old process exited with {status}");
     tokio::time::sleep(Duration::from_millis(300)).await;
