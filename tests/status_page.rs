@@ -92,7 +92,7 @@ async fn the_status_page_shows_what_the_api_says_in_a_real_browser() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     browser.step("shot status-page").await;
     let tally = load.stop().await;
-    assert!(tally.failures.is_empty(), "{:?}", tally.failures);
+    tally.assert_all_succeeded("while the page draws", 1);
 
     // At rest, the page's numbers are the API's.
     tokio::time::sleep(Duration::from_millis(300)).await;

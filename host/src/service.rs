@@ -320,6 +320,7 @@ impl Service {
         shards: &Shards,
     ) -> std::io::Result<Vec<tokio::task::JoinHandle<std::io::Result<()>>>> {
         let handles = shards.handles();
+        debug_assert!(!handles.is_empty(), "callers accept on shards only when there are some");
         // Every descriptor first: on failure the siblings are still there for the main runtime.
         let primary = listener.as_fd().try_clone_to_owned()?;
         let count = 1 + siblings.len();

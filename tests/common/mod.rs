@@ -477,6 +477,21 @@ pub struct ClientTally {
     pub answers: Vec<(String, std::time::Instant)>,
 }
 
+impl ClientTally {
+    /// Fails the test, showing the first failures, unless every round trip succeeded and there
+    /// were at least `at_least` of them (fewer would prove nothing).
+    pub fn assert_all_succeeded(&self, during: &str, at_least: u64) {
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} round trips failed {during}: {:?}",
+            self.failures.len(),
+            self.ok + self.failures.len() as u64,
+            &self.failures[..self.failures.len().min(10)]
+        );
+        assert!(self.ok >= at_least, "too few round trips {during} to mean anything: {}", self.ok);
+    }
+}
+
 impl ClientLoad {
     pub fn start(addr: SocketAddr, clients: usize) -> ClientLoad {
         let stop = CancellationToken::new();
