@@ -959,7 +959,7 @@ def summarize(result, idle_sizes):
     result["max"] = {k: minmax([x.get(k) for x in rounds], max) for k in keys}
 
 
-def render(path):
+def saved_report(path):
     """The report of a saved run (latest-*.json or bench/reference/*.json), its metrics computed
     again from the raw measurements, so an old run gains the columns added since."""
     with open(path) as f:
@@ -1206,7 +1206,7 @@ def parse_args(argv):
 
 def main(argv):
     if len(argv) == 2 and argv[0] == "--render":
-        print(render(argv[1]))
+        print(saved_report(argv[1]))
         return 0
     args = parse_args(argv)
     def on_signal(signum, _frame):
