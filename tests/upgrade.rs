@@ -81,7 +81,6 @@ impl Drop for Reaper {
     }
 }
 
-/// Replaces the file at `path` atomically, as a package manager installs a new binary.
 /// Removes a test's scratch directory unless `HARBOR_KEEP_TEST_DIR` asks to keep it.
 fn remove_test_dir(dir: &Path) {
     if std::env::var_os("HARBOR_KEEP_TEST_DIR").is_none() {
@@ -89,6 +88,7 @@ fn remove_test_dir(dir: &Path) {
     }
 }
 
+/// Replaces the file at `path` atomically, as a package manager installs a new binary.
 fn install(path: &Path, from: &Path) {
     let staged = path.with_extension("new");
     std::fs::copy(from, &staged).expect("stage binary");
