@@ -986,22 +986,24 @@ def round_metrics(per, idle_sizes, direct):
         return cpu["backend_cpu_s"] if direct else cpu["proxy_cpu_s"] + cpu.get("kworker_cpu_s", 0.0)
 
     def cpu_with_backend_of(res):
-        cpu = res["cpu"]
-        return cpu["backend_cpu_s"] + (0.0 if direct else cpu["proxy_cpu_s"] + cpu.get("kworker_cpu_s", 0.0))
+        return cpu_of(res) + (0.0 if direct else res["cpu"]["backend_cpu_s"])
+
+    def us_per_request(cpu_s, res):
+        return cpu_s * 1e6 / res["requests"] if res["requests"] else None
     if ka:
         m["ka_rps"] = ka["rps"]
         m["ka_p50_us"] = ka["p50_us"]
         m["ka_p99_us"] = ka["p99_us"]
-        m["cpu_us_per_req"] = cpu_of(ka) * 1e6 / ka["requests"] if ka["requests"] else None
-        m["cpu_with_backend_us_per_req"] = cpu_with_backend_of(ka) * 1e6 / ka["requests"] if ka["requests"] else None
+        m["cpu_us_per_req"] = us_per_request(cpu_of(ka), ka)
+        m["cpu_with_backend_us_per_req"] = us_per_request(cpu_with_backend_of(ka), ka)
     if cl:
         m["conn_rps"] = cl["rps"]
-        m["cpu_us_per_conn"] = cpu_of(cl) * 1e6 / cl["requests"] if cl["requests"] else None
-        m["cpu_with_backend_us_per_conn"] = cpu_with_backend_of(cl) * 1e6 / cl["requests"] if cl["requests"] else None
+        m["cpu_us_per_conn"] = us_per_request(cpu_of(cl), cl)
+        m["cpu_with_backend_us_per_conn"] = us_per_request(cpu_with_backend_of(cl), cl)
     tls = per.get("tls")
     if tls:
         m["tls_conn_rps"] = tls["rps"]
-        m["cpu_us_per_tls_conn"] = cpu_of(tls) * 1e6 / tls["requests"] if tls["requests"] else None
+        m["cpu_us_per_tls_conn"] = us_per_request(cpu_of(tls), tls)
     if bk:
         m["bulk_mib_s"] = bk["mib_s"]
         m["cpu_ms_per_gib"] = cpu_of(bk) * 1e3 / (bk["bytes"] / 2**30)
@@ -1179,9 +1181,13 @@ def parse_args(argv):
                     help="an extra Harbor flag, repeatable: --harbor-arg=--access-log=/tmp/a.log")
     ap.add_argument("--no-build", action="store_true",
                     help="run.sh: do not `cargo build --release -p harbor` (implied by --harbor)")
+    ap.add_argument("--render", metavar="FILE.json",
+                    help="print the report of a saved run, its metrics computed again (runs nothing)")
     ap.add_argument("--workdir", help=argparse.SUPPRESS)  # scratch directory, made by run.sh
     ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    if args.render:
+        return args
     if not args.workdir or not os.path.isdir(args.workdir):
         ap.error("--workdir DIR is required (bench/run.sh makes one)")
     defaults = dict(rounds=1, duration=3, warmup=1, pause=0.5) if args.quick else \
@@ -1205,10 +1211,10 @@ def parse_args(argv):
 
 
 def main(argv):
-    if len(argv) == 2 and argv[0] == "--render":
-        print(saved_report(argv[1]))
-        return 0
     args = parse_args(argv)
+    if args.render:
+        print(saved_report(args.render))
+        return 0
     def on_signal(signum, _frame):
         log(f"interrupted by signal {signum}: stopping everything")
         sys.exit(128 + signum)

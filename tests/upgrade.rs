@@ -67,9 +67,21 @@ fn has_exited(pid: u32) -> bool {
     }
 }
 
+/// Fails the test unless every one of `pids` has exited within `within`.
+async fn wait_for_exit(pids: &[u32], within: Duration) {
+    let deadline = Instant::now() + within;
+    while !pids.iter().all(|p| has_exited(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "processes still running: {:?}",
+            pids.iter().filter(|p| !has_exited(**p)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The Harbor processes a test started: any still running when the test ends (a failed
 /// assertion) are killed, so none outlives it.
-#[derive(Default)]
 struct Reaper(Vec<u32>);
 
 impl Drop for Reaper {
@@ -281,15 +293,7 @@ async fn five_upgrades_in_a_row_refuse_and_break_nothing() {
     signal(last, libc::SIGTERM);
     let status = tokio::task::spawn_blocking(move || first.wait()).await.unwrap().expect("wait");
     assert!(status.success(), "the first process exited with {status}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !pids.iter().all(|p| has_exited(*p)) {
-        assert!(
-            Instant::now() < deadline,
-            "processes still running: {:?}",
-            pids.iter().filter(|p| !has_exited(**p)).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_exit(&pids, Duration::from_secs(30)).await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("panicked"), "{text}");
     assert_eq!(text.matches("drained; bye").count(), UPGRADES + 1, "every process drains and says so:\n{text}");
@@ -344,11 +348,7 @@ async fn a_per_core_harbor_hands_every_shard_socket_over() {
     assert_eq!(common::listening_sockets(listen.port()), sockets, "the new process listens on the same sockets");
 
     signal(new, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !has_exited(new) {
-        assert!(Instant::now() < deadline, "the new process did not stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_exit(&[new], Duration::from_secs(30)).await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("panicked"), "{text}");
     assert!(!text.contains("passed in for no configured"), "a socket was left over:\n{text}");
