@@ -317,14 +317,16 @@ async fn a_backend_that_hangs_is_marked_unhealthy_gets_no_client_and_comes_back(
         backend.unwrap()
     };
     let healthy =
-        eventually(Duration::from_secs(3), || flaky_backend().health() == harbor::backend::Health::Passing).await;
+        eventually(Duration::from_secs(3), || flaky_backend().health() == harbor::backends::pool::Health::Passing)
+            .await;
     assert!(healthy.is_some(), "the flaky backend passes its first probes");
     assert_eq!(echo_roundtrip(addr, b"hello").await, "flaky");
 
     hang.store(true, Ordering::Relaxed);
     let hung_at = Instant::now();
     let marked =
-        eventually(Duration::from_secs(5), || flaky_backend().health() == harbor::backend::Health::Failing).await;
+        eventually(Duration::from_secs(5), || flaky_backend().health() == harbor::backends::pool::Health::Failing)
+            .await;
     let took = hung_at.elapsed();
     // The margin is for a loaded CI machine; measured ~410 ms on a quiet one.
     let bound = Duration::from_millis(fall * interval * 11 / 10 + timeout + 1500);
@@ -341,7 +343,8 @@ async fn a_backend_that_hangs_is_marked_unhealthy_gets_no_client_and_comes_back(
     hang.store(false, Ordering::Relaxed);
     let back_at = Instant::now();
     let back =
-        eventually(Duration::from_secs(5), || flaky_backend().health() == harbor::backend::Health::Passing).await;
+        eventually(Duration::from_secs(5), || flaky_backend().health() == harbor::backends::pool::Health::Passing)
+            .await;
     assert!(back.is_some(), "the backend comes back after {rise} good probes");
     println!("recovery to healthy: {:?}", back_at.elapsed());
     assert_eq!(echo_roundtrip(addr, b"again").await, "flaky");
@@ -374,7 +377,7 @@ async fn panic_mode_sends_traffic_when_every_check_fails() {
     let harbor = start(config).await;
     let service = harbor.control.service("panic").unwrap();
     let failing = eventually(Duration::from_secs(3), || {
-        service.context.load().pool.load().iter().all(|b| b.health() == harbor::backend::Health::Failing)
+        service.context.load().pool.load().iter().all(|b| b.health() == harbor::backends::pool::Health::Failing)
     })
     .await;
     assert!(failing.is_some());

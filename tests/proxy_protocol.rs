@@ -138,7 +138,7 @@ proxy_protocol_timeout_ms = 300
     // Inbound from a trusted source, whole and byte by byte, v1 and v2: passed on.
     let trusted = IpAddr::V4(Ipv4Addr::new(127, 4, 0, 1));
     let v1 = b"PROXY TCP4 198.51.100.7 127.0.0.1 4242 80\r\n".to_vec();
-    let v2 = harbor::proxy_protocol::header(
+    let v2 = harbor::proxy::proxy_protocol::header(
         harbor::config::ProxyVersion::V2,
         "[2001:db8::5]:5555".parse().unwrap(),
         "[::1]:80".parse().unwrap(),

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use harbor::backend::BackendState;
+use harbor::backends::pool::BackendState;
 use harbor::strategy::answer::{judge, BackendStats, Snapshot, Verdict};
 use harbor::strategy::check::{sample_backends, sample_connection};
-use harbor::strategy::instance::{Instance, InstanceFault};
-use harbor::strategy::loaded::LoadedStrategy;
+use harbor::strategy::runtime::instance::{Instance, InstanceFault};
+use harbor::strategy::runtime::loaded::LoadedStrategy;
 
 /// Backends in the snapshot; `INELIGIBLE` of them is down.
 const BACKENDS: u32 = 4;

@@ -20,8 +20,8 @@ pub async fn serve_echo(
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
-                Err(e) if crate::accept::is_transient(&e) => {
-                    tokio::time::sleep(crate::accept::FIRST_BACKOFF).await;
+                Err(e) if crate::proxy::accept::is_transient(&e) => {
+                    tokio::time::sleep(crate::proxy::accept::FIRST_BACKOFF).await;
                     continue;
                 }
                 Err(e) => return Err(e),

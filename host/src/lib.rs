@@ -1,48 +1,29 @@
-//! Harbor: an L4 (TCP) load balancer whose backend choice is made by a sandboxed,
-//! hot-swappable WebAssembly component.
+//! Harbor: a load balancer whose backend choice is made by a sandboxed, hot-swappable
+//! WebAssembly component.
 //!
-//! The path of one connection, by file: `service.rs` (a service's listeners and the context
-//! its connections get) → `accept.rs` (accept loop, connection caps) →
-//! `connection.rs` (one client, start to end) → `strategy/` (which backend?) → `connect.rs`
-//! (dial under a timeout; retries and cooldown in `connection.rs` and `backend.rs`) →
-//! `relay.rs` (bytes both ways, half-close, deadlines; `splice.rs` for bulk) → back in `connection.rs` to count and
-//! report. With `runtime = per-core`, all of it runs on the `shards.rs` thread that accepted
-//! the client. Beside it: `membership.rs` (which backends a service has, drains), `discovery.rs`
-//! (DNS backends),
-//! `health.rs` (active checks), `admin.rs` (the admin API), `config/` (every setting, once);
-//! `server.rs` ties it together, applies reloads and drains on shutdown.
+//! The crate is in layers; read it in this order.
+//! - [`config`]: every setting declared once (flag, variable, file key, default, range, help),
+//!   turned from a typed file into a validated [`Config`].
+//! - `server`: a whole [`Harbor`]: binds, serves, and drains at the end of its lifecycle.
+//! - `proxy`: the data plane, one connection from accept to close (accept → connection →
+//!   strategy → connect → relay → report).
+//! - `strategy`: which backend a connection gets. The selector (pick, judge, fallback, revert,
+//!   shadow, watch) sits on `strategy::runtime`, the wasmtime engine and its guests.
+//! - `backends`: the fleet's picture: the pool, membership, DNS discovery and health checks.
+//! - `control`: the control plane: shared state, reload, admin API, status page, binary
+//!   upgrade, systemd.
+//! - Beside them: `metrics`, `logging` and `access_log`, used by every layer.
 
-pub mod accept;
 pub mod access_log;
-pub mod admin;
-pub mod backend;
-pub mod client_hello;
+pub mod backends;
 pub mod config;
-pub mod connect;
-pub mod connection;
-pub mod discovery;
+pub mod control;
 pub mod echo;
-pub mod health;
-#[cfg(target_os = "linux")]
-pub mod kernel_relay;
-pub mod listener;
 pub mod logging;
-pub mod membership;
 pub mod metrics;
-pub mod peek;
-pub mod proxy_protocol;
-pub mod relay;
-pub mod reload;
+pub mod proxy;
 pub mod server;
-pub mod service;
-pub mod shards;
-pub mod source_limit;
-#[cfg(target_os = "linux")]
-pub mod splice;
-pub mod status_page;
 pub mod strategy;
-pub mod systemd;
-pub mod upgrade;
 
 pub use config::{Config, RunArgs};
 pub use server::{DrainReport, Harbor, HarborError, RunningHarbor};

@@ -241,9 +241,9 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     harbor::logging::init(config.log_format, &config.log_level);
     raise_fd_limit();
     // Before any thread starts: the variables are read and removed.
-    let mut handover = harbor::upgrade::take_handover();
-    handover.listeners.extend(harbor::systemd::take_listen_fds());
-    let upgrader = harbor::upgrade::Upgrader::of_this_process(config.upgrade_timeout);
+    let mut handover = harbor::control::upgrade::take_handover();
+    handover.listeners.extend(harbor::control::systemd::take_listen_fds());
+    let upgrader = harbor::control::upgrade::Upgrader::of_this_process(config.upgrade_timeout);
     // One worker: a current-thread runtime saves the cross-thread wake-ups of the
     // multi-thread scheduler. Per-core: the connections run on Harbor's own shard threads,
     // and this runtime keeps the rest (admin, health checks, DNS, reloads).
@@ -266,14 +266,14 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
             Err(e) => return Err(e).context("starting"),
         };
         let control = harbor.control();
-        control.set_notifier(harbor::systemd::Notifier::from_env());
+        control.set_notifier(harbor::control::systemd::Notifier::from_env());
         // A reload reads the same flags, environment and file again.
         control.set_config_source(Box::new(move || {
             let env = |name: &str| std::env::var(name).ok();
             Config::resolve(&args, &env)
         }));
         if let (true, Some(file)) = (watch_config, config_file) {
-            match harbor::reload::watch_config_file(Arc::clone(&control), file.clone()) {
+            match harbor::control::reload::watch_config_file(Arc::clone(&control), file.clone()) {
                 Ok(()) => tracing::info!(file = %file.display(), "reloading when the config file changes"),
                 Err(e) => tracing::error!(file = %file.display(), "cannot watch the config file: {e}"),
             }
@@ -282,7 +282,11 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(watch_signals(shutdown.clone()));
         match upgrader {
             Ok(upgrader) => {
-                tokio::spawn(harbor::upgrade::upgrade_on_signal(Arc::clone(&control), shutdown.clone(), upgrader));
+                tokio::spawn(harbor::control::upgrade::upgrade_on_signal(
+                    Arc::clone(&control),
+                    shutdown.clone(),
+                    upgrader,
+                ));
             }
             Err(e) => tracing::error!("cannot find this binary's path: binary upgrades (SIGUSR2) are off: {e}"),
         }
@@ -299,7 +303,7 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// SIGHUP reloads the configuration; a bad one changes nothing.
-async fn reload_on_hangup(control: Arc<harbor::server::Control>) {
+async fn reload_on_hangup(control: Arc<harbor::control::Control>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hangup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler: reloads are off");
@@ -364,7 +368,7 @@ fn strategy_tool(command: StrategyCommand) -> ExitCode {
         StrategyCommand::Check { file, backends, picks, clients, scenario, config, cache_dir } => {
             // A check compiles as Harbor does, through the same cache: checking a file first
             // makes Harbor's load of it instant, and checking it again costs no compile.
-            match harbor::strategy::engine::StrategyEngine::global() {
+            match harbor::strategy::runtime::engine::StrategyEngine::global() {
                 Ok(engine) => engine.set_disk_cache(harbor::config::cache_dir_of(cache_dir.as_deref()).as_deref()),
                 Err(e) => {
                     eprintln!("harbor: {e}");

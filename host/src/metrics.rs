@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::relay::RelayEnd;
+use crate::proxy::relay::RelayEnd;
 
 /// Labels of per-service series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -603,7 +603,7 @@ pub struct ServiceMetrics {
     pub pick_duration: Histogram,
     /// Clients closed at accept, indexed by [`Rejection`].
     rejections: Vec<Counter>,
-    /// Relays by how they ended, indexed by [`crate::relay::RelayEnd::ordinal`].
+    /// Relays by how they ended, indexed by [`crate::proxy::relay::RelayEnd::ordinal`].
     relay_ends: Vec<Counter>,
 }
 
@@ -638,7 +638,7 @@ impl ProbeMetrics {
     }
 }
 
-/// The per-backend handles a [`crate::backend::Backend`] keeps.
+/// The per-backend handles a [`crate::backends::pool::Backend`] keeps.
 #[derive(Debug, Clone, Default)]
 pub struct BackendMetrics {
     pub picks: Counter,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-pub use crate::proxy_protocol::ProxyVersion;
+pub use crate::proxy::proxy_protocol::ProxyVersion;
 use settings::{settings, Layer};
 pub use settings::{
     AddressList, AllUnhealthy, BackendList, BackendSpec, DnsSpec, LogFormat, PeekMode, RelayMode, RuntimeMode,
@@ -249,7 +249,7 @@ pub fn cache_dir_of(setting: Option<&str>) -> Option<PathBuf> {
     match setting.map(str::trim) {
         Some("off") | Some("none") => None,
         Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir)),
-        _ => crate::strategy::disk_cache::default_dir(),
+        _ => crate::strategy::runtime::disk_cache::default_dir(),
     }
 }
 

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use super::instance::{CallFault, InstanceFault};
-use crate::backend::BackendState;
+use super::runtime::instance::{CallFault, InstanceFault};
+use crate::backends::pool::BackendState;
 use crate::metrics::FallbackReason;
 
 /// Numbers per backend in the `stats` list passed to a 0.1 `pick` (0.2 passes five).

@@ -9,12 +9,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::answer::{judge, BackendStats, Snapshot, Verdict};
-use super::bindings::{BackendFacts, ConnectionFacts, World};
-use super::engine::{fuel_per_call, StrategyEngine, SET_BACKENDS_FACTOR};
-use super::instance::InstanceFault;
-use super::instance::{CallFault, Instance};
-use super::{loaded::sha256_hex, GuestEnv, GuestLimits, LoadedStrategy, StrategyError};
-use crate::backend::BackendState;
+use super::runtime::bindings::{BackendFacts, ConnectionFacts, World};
+use super::runtime::engine::{fuel_per_call, StrategyEngine, SET_BACKENDS_FACTOR};
+use super::runtime::instance::InstanceFault;
+use super::runtime::instance::{CallFault, Instance};
+use super::runtime::loaded::sha256_hex;
+use super::{GuestEnv, GuestLimits, LoadedStrategy, StrategyError};
+use crate::backends::pool::BackendState;
 
 /// What `check` found.
 #[derive(Debug)]
@@ -25,7 +26,7 @@ pub struct CheckReport {
     pub size: usize,
     pub compile_time: Duration,
     /// Where the machine code came from (compiled now, or the compile cache).
-    pub compiled_from: super::engine::CompiledFrom,
+    pub compiled_from: super::runtime::engine::CompiledFrom,
     pub imports: Vec<String>,
     pub exports: Vec<String>,
     pub wants_reports: bool,
@@ -60,8 +61,10 @@ impl std::fmt::Display for CheckReport {
         writeln!(f, "sha256:        {}", self.sha256)?;
         writeln!(f, "size:          {} bytes", self.size)?;
         let from = match self.compiled_from {
-            super::engine::CompiledFrom::Compiled => "",
-            super::engine::CompiledFrom::Memory | super::engine::CompiledFrom::Disk => " (from the compile cache)",
+            super::runtime::engine::CompiledFrom::Compiled => "",
+            super::runtime::engine::CompiledFrom::Memory | super::runtime::engine::CompiledFrom::Disk => {
+                " (from the compile cache)"
+            }
         };
         writeln!(f, "compile time:  {:.1} ms{from}", self.compile_time.as_secs_f64() * 1e3)?;
         writeln!(
@@ -155,7 +158,10 @@ pub fn sample_connection(sequence: u64, seed: u64) -> ConnectionFacts<'static> {
         seed,
         client,
         attempt: 0,
-        local: super::bindings::LocalAddr::Known(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9090)),
+        local: super::runtime::bindings::LocalAddr::Known(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
+            9090,
+        )),
         proxied_client: None,
         now_millis: sequence,
         tls: None,

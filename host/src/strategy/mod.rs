@@ -3,17 +3,11 @@
 //! faults, and swaps strategies atomically.
 
 pub mod answer;
-pub mod bindings;
 pub mod check;
-pub mod disk_cache;
-pub mod engine;
-pub mod guest_host;
-pub mod instance;
-pub mod loaded;
+pub mod runtime;
 pub mod shadow;
 pub mod simulate;
 pub mod trace;
-pub mod wasi;
 pub mod watch;
 
 use std::cell::RefCell;
@@ -27,13 +21,13 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendPool, BackendState};
+use crate::backends::pool::{Backend, BackendPool, BackendState};
 use crate::logging::RateLimitedLog;
 use crate::metrics::{FallbackReason, Metrics, ReloadOutcome};
-use bindings::{ConnectionFacts, ConnectionOutcome, World};
-use engine::StrategyEngine;
-use instance::{with_thread_instance, CallFault, InstanceFault};
-pub use loaded::{GuestEnv, GuestLimits, LoadedStrategy};
+use runtime::bindings::{ConnectionFacts, ConnectionOutcome, World};
+use runtime::engine::StrategyEngine;
+use runtime::instance::{with_thread_instance, CallFault, InstanceFault};
+pub use runtime::loaded::{GuestEnv, GuestLimits, LoadedStrategy};
 
 pub use answer::{builtin_round_robin, judge, BackendStats, Snapshot, Verdict, STATS_STRIDE};
 
@@ -80,7 +74,7 @@ pub struct PickRequest<'a> {
     pub pool: &'a BackendPool,
     pub client: SocketAddr,
     /// The address the client connected to (shown to 0.2 strategies that ask for it).
-    pub local: bindings::LocalAddr,
+    pub local: runtime::bindings::LocalAddr,
     /// 0 for the first try, then 1, 2, … after failed connects.
     pub attempt: u32,
     /// Backends already tried for this connection: shown to the strategy as cooling down.
@@ -89,7 +83,7 @@ pub struct PickRequest<'a> {
     /// (`all_unhealthy = "ignore-checks"`).
     pub ignore_checks_when_all_fail: bool,
     /// What the client's ClientHello said, if the service peeks for TLS (0.2 strategies).
-    pub tls: Option<&'a bindings::TlsFacts>,
+    pub tls: Option<&'a runtime::bindings::TlsFacts>,
     /// The client's first bytes, up to `peek_bytes` (0.2 strategies).
     pub first_bytes: &'a [u8],
     /// The original client, from a trusted PROXY header.
@@ -136,7 +130,7 @@ pub struct StrategyStatus {
     pub size_bytes: Option<usize>,
     pub compile_millis: Option<f64>,
     /// `compiled`, `memory` (an earlier compile in this process) or `disk` (the compile cache).
-    pub compiled_from: Option<engine::CompiledFrom>,
+    pub compiled_from: Option<runtime::engine::CompiledFrom>,
     /// The component imports WASI 0.2 and runs in the sandbox (`strategy::wasi`).
     pub wasi_sandbox: bool,
     pub wants_reports: bool,
@@ -227,7 +221,7 @@ impl StrategyHost {
     ) -> Result<StrategyHost, StrategyError> {
         let guest_env = GuestEnv {
             service: service.to_string(),
-            kv: Arc::new(guest_host::KvStores::new(limits.kv_entries, limits.kv_bytes)),
+            kv: Arc::new(runtime::guest_host::KvStores::new(limits.kv_entries, limits.kv_bytes)),
             log_dropped: metrics.strategy_log_dropped(service),
             instance_recycles: metrics.strategy_instance_recycles(service),
         };
@@ -257,13 +251,13 @@ impl StrategyHost {
     }
 
     /// The stores of this host's strategies, by name.
-    pub fn kv_stores(&self) -> Arc<guest_host::KvStores> {
+    pub fn kv_stores(&self) -> Arc<runtime::guest_host::KvStores> {
         Arc::clone(&self.guest_env.kv)
     }
 
     /// Uses `kv` as the stores of this host's strategies: a reload that replaces a service's
     /// strategy host keeps the state its strategies stored. Call before the first load.
-    pub fn with_kv_stores(mut self, kv: Arc<guest_host::KvStores>) -> StrategyHost {
+    pub fn with_kv_stores(mut self, kv: Arc<runtime::guest_host::KvStores>) -> StrategyHost {
         self.guest_env.kv = kv;
         self
     }
@@ -429,7 +423,7 @@ impl StrategyHost {
     /// Loads a strategy file and makes it active. On any error the active strategy is kept.
     pub async fn load_file(&self, path: &Path) -> Result<LoadResult, StrategyError> {
         let owned = path.to_path_buf();
-        let read = tokio::task::spawn_blocking(move || loaded::read_component_file(&owned))
+        let read = tokio::task::spawn_blocking(move || runtime::loaded::read_component_file(&owned))
             .await
             .unwrap_or_else(|join| Err(StrategyError::Read { path: path.to_path_buf(), message: join.to_string() }));
         match read {
@@ -470,7 +464,7 @@ impl StrategyHost {
     /// Loads a strategy from bytes (`source` is for display). Compilation runs on the
     /// engine's compile thread, never on the async workers.
     pub async fn load_bytes(&self, bytes: Vec<u8>, source: &Path) -> Result<LoadResult, StrategyError> {
-        let sha = loaded::sha256_hex(&bytes);
+        let sha = runtime::loaded::sha256_hex(&bytes);
         self.load_hashed(bytes, sha, source).await
     }
 
@@ -566,8 +560,8 @@ impl StrategyHost {
         })?;
         let loaded = tokio::select! {
             _ = self.stopping.cancelled() => return Err(StrategyError::ShuttingDown),
-            done = tokio::time::timeout(engine::COMPILE_TIME_LIMIT, job) => match done {
-                Err(_) => return Err(StrategyError::CompileTimeout(engine::COMPILE_TIME_LIMIT)),
+            done = tokio::time::timeout(runtime::engine::COMPILE_TIME_LIMIT, job) => match done {
+                Err(_) => return Err(StrategyError::CompileTimeout(runtime::engine::COMPILE_TIME_LIMIT)),
                 Ok(Err(_)) => return Err(StrategyError::Engine("the compile thread dropped the load".into())),
                 Ok(Ok(result)) => result?,
             },
@@ -594,7 +588,7 @@ impl StrategyHost {
     /// shadow there was (and its counts).
     pub async fn load_shadow_file(&self, path: &Path, sample_percent: u32) -> Result<(), StrategyError> {
         let owned = path.to_path_buf();
-        let (bytes, sha) = tokio::task::spawn_blocking(move || loaded::read_component_file(&owned))
+        let (bytes, sha) = tokio::task::spawn_blocking(move || runtime::loaded::read_component_file(&owned))
             .await
             .unwrap_or_else(|join| Err(StrategyError::Read { path: path.to_path_buf(), message: join.to_string() }))?;
         let loaded = {
@@ -818,7 +812,7 @@ pub fn failed_outcome(pick: &Pick, index: usize, elapsed: Duration) -> Connectio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::tests::pool;
+    use crate::backends::pool::tests::pool;
 
     #[test]
     fn builtin_round_robin_starts_at_zero_and_skips_ineligible() {
@@ -828,7 +822,7 @@ mod tests {
         let req = PickRequest {
             pool: &pool,
             client: "127.0.0.1:5000".parse().unwrap(),
-            local: bindings::LocalAddr::Known("127.0.0.1:80".parse().unwrap()),
+            local: runtime::bindings::LocalAddr::Known("127.0.0.1:80".parse().unwrap()),
             attempt: 0,
             excluded: &[],
             ignore_checks_when_all_fail: false,

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::bindings::ConnectionFacts;
-use super::instance::with_thread_instance;
+use super::runtime::bindings::ConnectionFacts;
+use super::runtime::instance::with_thread_instance;
 use super::{judge, LoadedStrategy, Snapshot, Verdict};
-use crate::backend::BackendPool;
+use crate::backends::pool::BackendPool;
 
 /// A candidate and what it answered so far.
 pub struct Shadow {

@@ -12,14 +12,14 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
 use super::answer::{judge, placement, BackendStats, Snapshot, Verdict};
-use super::bindings::BackendFacts;
 use super::check::{population_client, sample_connection};
-use super::engine::StrategyEngine;
-use super::instance::Instance;
-use super::instance::InstanceFault;
-use super::loaded::sha256_hex;
+use super::runtime::bindings::BackendFacts;
+use super::runtime::engine::StrategyEngine;
+use super::runtime::instance::Instance;
+use super::runtime::instance::InstanceFault;
+use super::runtime::loaded::sha256_hex;
 use super::{GuestLimits, LoadedStrategy, StrategyError};
-use crate::backend::BackendState;
+use crate::backends::pool::BackendState;
 
 /// One simulated backend.
 #[derive(Debug, Clone, Deserialize)]

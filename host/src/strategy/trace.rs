@@ -17,12 +17,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::answer::{judge, BackendStats, Snapshot, Verdict};
-use super::bindings::{BackendFacts, ConnectionFacts, LocalAddr, TlsFacts};
-use super::engine::StrategyEngine;
-use super::instance::{Instance, InstanceFault};
-use super::loaded::sha256_hex;
+use super::runtime::bindings::{BackendFacts, ConnectionFacts, LocalAddr, TlsFacts};
+use super::runtime::engine::StrategyEngine;
+use super::runtime::instance::{Instance, InstanceFault};
+use super::runtime::loaded::sha256_hex;
 use super::{GuestEnv, GuestLimits, LoadedStrategy, Pick, PickSource, StrategyError};
-use crate::backend::{BackendPool, BackendState, Source};
+use crate::backends::pool::{BackendPool, BackendState, Source};
 
 /// The trace format's version, in its header.
 pub const TRACE_VERSION: u32 = 1;
@@ -468,7 +468,7 @@ mod tests {
 
     #[test]
     fn a_recorder_keeps_to_its_limit_and_writes_backends_once_per_generation() {
-        let pool = crate::backend::tests::pool(3);
+        let pool = crate::backends::pool::tests::pool(3);
         let recorder = Recorder::new(2, "default", "round-robin", None);
         let mut snapshot = Snapshot::default();
         snapshot.clear(5);

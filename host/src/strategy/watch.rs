@@ -13,7 +13,7 @@ use notify_debouncer_full::{new_debouncer, DebounceEventResult};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::loaded::read_component_file;
+use super::runtime::loaded::read_component_file;
 use super::{LoadResult, StrategyError, StrategyHost};
 
 /// Quiet time before a burst of file events is handled.

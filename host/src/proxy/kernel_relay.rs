@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::relay::{RelayEnd, RelayLimits, RelayStats};
+use crate::proxy::relay::{RelayEnd, RelayLimits, RelayStats};
 
 /// The program, compiled by `build.rs`; empty when it could not be.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));

@@ -14,8 +14,8 @@ use hickory_resolver::{ResolveError, TokioResolver};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backends::membership::Membership;
 use crate::config::DnsBackend;
-use crate::membership::Membership;
 use crate::metrics::Metrics;
 
 /// The soonest a name is resolved again, whatever its TTL says.

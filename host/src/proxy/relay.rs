@@ -262,14 +262,14 @@ async fn pump(
         #[cfg(target_os = "linux")]
         if bulk && !done {
             // No pipe (out of descriptors): the next turn goes on copying.
-            if let Ok(pipe) = crate::splice::Pipe::new() {
+            if let Ok(pipe) = crate::proxy::splice::Pipe::new() {
                 this.spliced.store(true, Ordering::Relaxed);
-                let burst = crate::splice::splice_burst(src, dst, &pipe, |n| {
+                let burst = crate::proxy::splice::splice_burst(src, dst, &pipe, |n| {
                     this.moved.fetch_add(n as u64, Ordering::Relaxed);
                     activity.touch();
                 })
                 .await?;
-                if burst == crate::splice::BurstEnd::Eof {
+                if burst == crate::proxy::splice::BurstEnd::Eof {
                     done = forward_eof(dst, other)?;
                 }
             }

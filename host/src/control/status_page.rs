@@ -6,9 +6,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::backend::BackendView;
+use crate::backends::pool::BackendView;
+use crate::control::Control;
 use crate::metrics::{COMMIT, VERSION};
-use crate::server::Control;
 use crate::strategy::StrategyStatus;
 
 /// One embedded file: its path on the admin listener, content type and bytes.

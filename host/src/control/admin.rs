@@ -19,9 +19,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::membership::{MembershipError, Override};
-use crate::server::Control;
-use crate::service::Service;
+use crate::backends::membership::{MembershipError, Override};
+use crate::control::Control;
+use crate::proxy::service::Service;
 
 /// Most admin connections open at once: the admin port must never eat the descriptors the
 /// data plane needs. More are closed at accept and counted.
@@ -105,11 +105,11 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Reply {
 
 /// An embedded page asset, with headers that keep it from being framed, sniffed or mixed
 /// with anything from elsewhere.
-fn page(asset: &crate::status_page::Asset) -> Reply {
+fn page(asset: &crate::control::status_page::Asset) -> Reply {
     let mut reply = respond(StatusCode::OK, asset.content_type, asset.body.to_string());
     let headers = reply.headers_mut();
     for (name, value) in [
-        ("content-security-policy", crate::status_page::CONTENT_SECURITY_POLICY),
+        ("content-security-policy", crate::control::status_page::CONTENT_SECURITY_POLICY),
         ("x-content-type-options", "nosniff"),
         ("referrer-policy", "no-referrer"),
         ("cache-control", "no-cache"),
@@ -160,7 +160,7 @@ fn service_view(service: &Service) -> ServiceView {
         name: service.name.clone(),
         listen: service.local_addrs().iter().map(|a| a.to_string()).collect(),
         backends: pool.len(),
-        eligible: pool.iter().filter(|b| b.state() == crate::backend::BackendState::Healthy).count(),
+        eligible: pool.iter().filter(|b| b.state() == crate::backends::pool::BackendState::Healthy).count(),
         active_connections: context.metrics.active_connections.get(),
         strategy: context.strategy.status().name,
         generation: pool.generation(),
@@ -195,8 +195,8 @@ async fn route(req: Request<Incoming>, control: &Control) -> Reply {
             }
         }
         (true, ["readyz"]) => readiness(control),
-        (true, ["status"]) => json(&crate::status_page::status(control)),
-        (true, [] | ["ui", _]) => match crate::status_page::asset(&path) {
+        (true, ["status"]) => json(&crate::control::status_page::status(control)),
+        (true, [] | ["ui", _]) => match crate::control::status_page::asset(&path) {
             Some(asset) => page(asset),
             None => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         },
@@ -241,7 +241,7 @@ fn readiness(control: &Control) -> Reply {
         .iter()
         .filter(|s| {
             let pool = s.context.load().pool.load_full();
-            let healthy = pool.iter().any(|b| b.state() == crate::backend::BackendState::Healthy);
+            let healthy = pool.iter().any(|b| b.state() == crate::backends::pool::BackendState::Healthy);
             !healthy
         })
         .map(|s| s.name.clone())

@@ -8,16 +8,16 @@ use std::time::{Instant, SystemTime};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::accept::Admitted;
 use crate::access_log::{End, PlacedBy, Record};
 use crate::config::ProxyVersion;
-use crate::connect::connect;
-use crate::peek::{peek, Peeked};
-use crate::proxy_protocol;
-use crate::relay::{relay, RelayEnd, RelayStats};
-use crate::service::ServiceContext;
-use crate::strategy::bindings::ConnectionOutcome;
-use crate::strategy::bindings::LocalAddr;
+use crate::proxy::accept::Admitted;
+use crate::proxy::connect::connect;
+use crate::proxy::peek::{peek, Peeked};
+use crate::proxy::proxy_protocol;
+use crate::proxy::relay::{relay, RelayEnd, RelayStats};
+use crate::proxy::service::ServiceContext;
+use crate::strategy::runtime::bindings::ConnectionOutcome;
+use crate::strategy::runtime::bindings::LocalAddr;
 use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest};
 use tokio::io::AsyncWriteExt;
 

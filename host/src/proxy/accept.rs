@@ -9,10 +9,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connection;
 use crate::metrics::Rejection;
-use crate::service::Service;
-use crate::source_limit::SourceSlot;
+use crate::proxy::connection;
+use crate::proxy::service::Service;
+use crate::proxy::source_limit::SourceSlot;
 
 /// A connection's places under the caps: a slot of `max-connections`, and one of its
 /// source's (if that cap is set). Both are given back when the connection ends.

@@ -78,13 +78,13 @@ pub struct BackendFacts {
     pub address: String,
     pub weight: u32,
     pub tags: std::sync::Arc<[String]>,
-    pub source: crate::backend::Source,
+    pub source: crate::backends::pool::Source,
 }
 
 impl BackendFacts {
     /// A static backend without tags (samples of `check` and `simulate`).
     pub fn plain(address: String, weight: u32) -> BackendFacts {
-        BackendFacts { address, weight, tags: std::sync::Arc::from([]), source: crate::backend::Source::Static }
+        BackendFacts { address, weight, tags: std::sync::Arc::from([]), source: crate::backends::pool::Source::Static }
     }
 
     pub fn v1(&self, index: usize) -> v1::BackendInfo {
@@ -98,9 +98,9 @@ impl BackendFacts {
             weight: self.weight,
             tags: self.tags.to_vec(),
             source: match self.source {
-                crate::backend::Source::Static => v2::BackendSource::StaticList,
-                crate::backend::Source::Dns => v2::BackendSource::Dns,
-                crate::backend::Source::Api => v2::BackendSource::Api,
+                crate::backends::pool::Source::Static => v2::BackendSource::StaticList,
+                crate::backends::pool::Source::Dns => v2::BackendSource::Dns,
+                crate::backends::pool::Source::Api => v2::BackendSource::Api,
             },
         }
     }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::client_hello::{self, Hello, MAX_HELLO_BYTES};
-use crate::strategy::bindings::TlsFacts;
+use crate::proxy::client_hello::{self, Hello, MAX_HELLO_BYTES};
+use crate::strategy::runtime::bindings::TlsFacts;
 
 /// Most bytes `peek_bytes` may ask for.
 pub const MAX_PEEK_BYTES: usize = 16 << 10;

@@ -12,10 +12,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, Health};
+use crate::backends::pool::{Backend, Health};
 use crate::config::{HealthConfig, HealthKind};
-use crate::connect::{connect, SocketOptions};
 use crate::metrics::Metrics;
+use crate::proxy::connect::{connect, SocketOptions};
 
 /// The first probe of a backend comes within this time (or its interval, if shorter): a new
 /// backend takes traffic after one good probe.
@@ -31,7 +31,7 @@ pub enum ProbeError {
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("{0}")]
-    Connect(#[from] crate::connect::ConnectError),
+    Connect(#[from] crate::proxy::connect::ConnectError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("unexpected reply {0:?}")]

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::membership::RuntimeChanges;
-use crate::server::Control;
+use crate::backends::membership::RuntimeChanges;
+use crate::control::Control;
 
 /// What each handed-over descriptor is, in order from fd 3: `listen=ADDR`, `admin=ADDR`,
 /// `state` or `ready`, separated by spaces.

@@ -3,7 +3,7 @@
 //! never more than [`MAX_HELLO_BYTES`], never panics, and tells apart "need more bytes",
 //! "not TLS" and "done". Fuzzed by `fuzz/fuzz_targets/client_hello.rs`.
 
-use crate::strategy::bindings::TlsFacts;
+use crate::strategy::runtime::bindings::TlsFacts;
 
 /// Most bytes read while looking for a whole ClientHello.
 pub const MAX_HELLO_BYTES: usize = 16 << 10;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, ResourceLimiter};
 
-use super::StrategyError;
+use crate::strategy::StrategyError;
 
 /// Fuel (about one unit per wasm instruction) one call may use, at least...
 pub const FUEL_PER_CALL_BASE: u64 = 12_000_000;

@@ -12,19 +12,19 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::accept::accept_loop;
 use crate::access_log::AccessLog;
-use crate::backend::BackendPool;
+use crate::backends::membership::Membership;
+use crate::backends::pool::BackendPool;
 use crate::config::{parse_cidr, AllUnhealthy, PeekMode, ProxyVersion, ServiceConfig, Tunables};
-use crate::connect::SocketOptions;
-use crate::listener::ListenerOptions;
 use crate::logging::RateLimitedLog;
-use crate::membership::Membership;
 use crate::metrics::ServiceMetrics;
-use crate::peek::PeekPolicy;
-use crate::relay::RelayLimits;
-use crate::shards::Shards;
-use crate::source_limit::SourceLimiter;
+use crate::proxy::accept::accept_loop;
+use crate::proxy::connect::SocketOptions;
+use crate::proxy::listener::ListenerOptions;
+use crate::proxy::peek::PeekPolicy;
+use crate::proxy::relay::RelayLimits;
+use crate::proxy::shards::Shards;
+use crate::proxy::source_limit::SourceLimiter;
 use crate::strategy::StrategyHost;
 
 /// The limits one connection runs under, fixed when it is accepted.
@@ -119,7 +119,7 @@ pub struct ServiceContext {
     pub access_log: Option<Arc<AccessLog>>,
     /// The kernel relay, when `relay = "kernel"` and it loaded.
     #[cfg(target_os = "linux")]
-    pub kernel_relay: Option<Arc<crate::kernel_relay::KernelRelay>>,
+    pub kernel_relay: Option<Arc<crate::proxy::kernel_relay::KernelRelay>>,
 }
 
 /// A service's caps at accept: `max_connections` for the whole service (shared by its
@@ -248,14 +248,14 @@ impl Service {
         let options = ListenerOptions::of(&self.config.load().tunables);
         let mut siblings: Vec<OwnedFd> = Vec::with_capacity(shards.handles().len());
         for socket in passed_in {
-            if let Err(error) = crate::listener::set_defer_accept(&socket, options.defer_accept_secs) {
+            if let Err(error) = crate::proxy::listener::set_defer_accept(&socket, options.defer_accept_secs) {
                 tracing::warn!(service = %self.name, listen = %addr, "defer-accept-secs on a socket passed in: {error}");
             }
             siblings.push(socket.into());
         }
         if options.reuse_port {
             while 1 + siblings.len() < shards.handles().len() {
-                match crate::listener::bind_socket(addr, options) {
+                match crate::proxy::listener::bind_socket(addr, options) {
                     Ok(socket) => siblings.push(socket.into()),
                     Err(error) => {
                         tracing::warn!(service = %self.name, listen = %addr, "cannot open a socket for every shard, some share one: {error}");
@@ -389,7 +389,7 @@ impl Service {
         for l in self.lock_listeners().iter() {
             let applied = match l.handoff.as_slice() {
                 [] => Err(std::io::Error::other("no descriptor kept for this listener")),
-                fds => fds.iter().try_for_each(|fd| crate::listener::set_defer_accept(fd, secs)),
+                fds => fds.iter().try_for_each(|fd| crate::proxy::listener::set_defer_accept(fd, secs)),
             };
             if let Err(error) = applied {
                 tracing::warn!(service = %self.name, listen = %l.addr, "defer-accept-secs stays as it was: {error}");

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendPool, BackendState, BackendView, Health, Member, Source};
+use crate::backends::pool::{Backend, BackendPool, BackendState, BackendView, Health, Member, Source};
 use hickory_resolver::TokioResolver;
 
 use crate::config::{BackendConfig, DnsBackend, HealthConfig, MAX_BACKENDS};
 use crate::metrics::Metrics;
-use crate::{discovery, health};
+use crate::{backends::discovery, backends::health};
 
 /// How often removed backends are checked for connections still open.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(100);

@@ -1,0 +1,11 @@
+//! The fleet's picture: which backends a service has and what state each is in.
+//!
+//! [`pool`] is the immutable set a connection is placed from (rebuilt whole and swapped);
+//! [`membership`] owns a service's backends and rebuilds the pool on every change (config,
+//! admin API, DNS, checks, drains); [`discovery`] follows DNS names; [`health`] runs the active
+//! checks.
+
+pub mod discovery;
+pub mod health;
+pub mod membership;
+pub mod pool;

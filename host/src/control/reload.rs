@@ -1,0 +1,331 @@
+//! Reload: a new configuration applied as a difference to the running one, on SIGHUP, from
+//! the admin API, or when the config file changes (`watch_config = true`: the file's directory
+//! is watched, so an editor's write-and-rename is seen, and a burst of events is one reload).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use tokio::net::TcpListener;
+
+use notify::RecursiveMode;
+use notify_debouncer_full::{new_debouncer, DebounceEventResult};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ConfigError, ServiceConfig};
+use crate::control::Control;
+use crate::proxy::listener::{bind, ListenerOptions};
+use crate::proxy::service::{ConnectionLimits, Service, ServiceContext};
+use crate::server::HarborError;
+use crate::strategy::StrategyHost;
+
+/// Events closer together than this are one change.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Why the config file cannot be watched.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot watch {path}: {source}")]
+pub struct ConfigWatchError {
+    path: PathBuf,
+    source: notify::Error,
+}
+
+/// Reloads `control` each time `file` changes, until Harbor stops.
+pub fn watch_config_file(control: Arc<Control>, file: PathBuf) -> Result<(), ConfigWatchError> {
+    let dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = file.file_name().map(|n| n.to_os_string());
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
+        let Ok(events) = result else { return };
+        let touched = events.iter().any(|e| e.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name));
+        if touched {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|source| ConfigWatchError { path: file.clone(), source })?;
+    debouncer
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|source| ConfigWatchError { path: dir.clone(), source })?;
+    let stop = control.background_token();
+    tokio::spawn(async move {
+        let _debouncer = debouncer; // watching until this task ends
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = rx.recv() => match changed {
+                    None => return,
+                    Some(()) => {
+                        tracing::info!("the config file changed: reloading");
+                        let _ = control.reload().await;
+                    }
+                },
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Reads the configuration again, for a reload (SIGHUP, `watch_config`, tests).
+pub type ConfigSource = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+/// What a reload binds and loads before it changes anything.
+struct Prepared {
+    service: Arc<Service>,
+    config: ServiceConfig,
+    listeners: Vec<(SocketAddr, TcpListener)>,
+    strategy: Option<Arc<StrategyHost>>,
+    resolver: Option<Arc<TokioResolver>>,
+    is_new: bool,
+}
+
+impl Control {
+    /// Reads the configuration again and applies it. A bad file, or one that cannot be
+    /// applied (a listen address taken, a strategy that does not load), changes nothing: it
+    /// is logged, counted as rejected, and the running configuration stays.
+    pub async fn reload(&self) -> Result<ReloadReport, HarborError> {
+        let source = self.source.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let notifier = self.notifier();
+        notifier.reloading();
+        let result = match source {
+            None => Err(HarborError::Config(ConfigError::Invalid {
+                setting: "config".into(),
+                message: "no configuration source to reload from".into(),
+            })),
+            Some(source) => match tokio::task::spawn_blocking(move || source()).await {
+                Ok(Ok(config)) => self.apply(config).await,
+                Ok(Err(error)) => Err(HarborError::Config(error)),
+                Err(join) => Err(HarborError::Accept(std::io::Error::other(join.to_string()))),
+            },
+        };
+        match &result {
+            Ok(report) => {
+                self.metrics.config_reload("applied");
+                tracing::info!(added = ?report.added, removed = ?report.removed, changed = ?report.changed, "configuration reloaded");
+            }
+            Err(error) => {
+                self.metrics.config_reload("rejected");
+                tracing::error!("configuration reload rejected, the running configuration stays: {error}");
+            }
+        }
+        notifier.reloaded(if result.is_ok() { "applied" } else { "rejected" });
+        result
+    }
+
+    /// Applies a validated configuration as a difference: added services start listening,
+    /// removed ones stop accepting and drain, a changed listen address is bound before the
+    /// old one closes, backends change as membership changes do, and new limits apply to new
+    /// connections. Nothing in flight is touched. Everything that can fail (binding, loading
+    /// a strategy) is done before anything changes.
+    pub async fn apply(&self, new: Config) -> Result<ReloadReport, HarborError> {
+        let _serial = self.reload_lock.lock().await;
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(HarborError::Draining);
+        }
+        {
+            let old = self.lock_config();
+            for (what, changed) in [
+                ("admin", old.admin != new.admin),
+                ("workers", old.workers != new.workers),
+                ("dns_servers", old.dns_servers != new.dns_servers),
+                ("access_log", old.access_log != new.access_log || old.access_log_format != new.access_log_format),
+                ("log_format", old.log_format != new.log_format),
+                ("log_level", old.log_level != new.log_level),
+                ("relay", old.relay != new.relay),
+                ("strategy_tick_ms", old.strategy_tick != new.strategy_tick),
+                ("runtime", old.runtime != new.runtime),
+            ] {
+                if changed {
+                    tracing::warn!(setting = what, "this setting needs a restart: the running value stays");
+                }
+            }
+        }
+        let current = self.services.load_full();
+        let workers = self.lock_config().workers;
+
+        // Prepare: bind and load everything new. A failure (or the start of a drain) drops
+        // what was prepared, and stops the background work of services built for it.
+        let mut prepared = Vec::new();
+        let outcome = tokio::select! {
+            _ = self.stopping.cancelled() => Err(HarborError::Draining),
+            result = self.prepare(&new, &current, workers, &mut prepared) => result,
+        };
+        if let Err(error) = outcome {
+            for p in prepared.iter().filter(|p| p.is_new) {
+                p.service.background.cancel();
+                p.service.membership.stop();
+            }
+            return Err(error);
+        }
+
+        // Commit: nothing below fails.
+        let mut report = ReloadReport::default();
+        let mut next: Vec<Arc<Service>> = Vec::new();
+        for p in prepared {
+            let Prepared { service, config, listeners, strategy, resolver, is_new } = p;
+            if is_new {
+                report.added.push(service.name.clone());
+                for (configured, listener) in listeners {
+                    service.serve(listener, configured, Vec::new(), &self.tracker, &self.shards);
+                }
+                self.start_watcher_or_log(&service);
+                next.push(service);
+                continue;
+            }
+            let old = service.config.load_full();
+            if *old != config {
+                report.changed.push(service.name.clone());
+            }
+            service.membership.reconfigure(&config.backends, config.health.clone(), config.tunables.drain_timeout());
+            if old.dns != config.dns || old.tunables.dns_refresh_ms != config.tunables.dns_refresh_ms {
+                service.membership.follow_dns(&config.dns, resolver, config.tunables.dns_refresh());
+            }
+            service.admission.update(&config.tunables);
+            if old.tunables.defer_accept_secs != config.tunables.defer_accept_secs {
+                service.set_defer_accept(config.tunables.defer_accept_secs);
+            }
+            let context = service.context.load_full();
+            let replaced = strategy.is_some();
+            let strategy = strategy.unwrap_or_else(|| Arc::clone(&context.strategy));
+            service.context.store(Arc::new(ServiceContext {
+                name: Arc::clone(&context.name),
+                pool: Arc::clone(&context.pool),
+                strategy,
+                limits: ConnectionLimits::from_tunables(&config.tunables),
+                metrics: context.metrics.clone(),
+                hot_path_log: Arc::clone(&context.hot_path_log),
+                access_log: context.access_log.clone(),
+                #[cfg(target_os = "linux")]
+                kernel_relay: context.kernel_relay.clone(),
+            }));
+            let retired_addrs: Vec<SocketAddr> =
+                old.listen.iter().filter(|a| !config.listen.contains(a)).copied().collect();
+            service.config.store(Arc::new(config));
+            // New addresses accept before old ones close.
+            for (configured, listener) in listeners {
+                service.serve(listener, configured, Vec::new(), &self.tracker, &self.shards);
+            }
+            for addr in retired_addrs {
+                service.stop_listening_on(addr).await;
+            }
+            if replaced {
+                context.strategy.stop_loading();
+                self.start_watcher_or_log(&service);
+            }
+            next.push(service);
+        }
+        for service in current.iter() {
+            if !next.iter().any(|s| s.name == service.name) {
+                report.removed.push(service.name.clone());
+                // Stop accepting; its connections run on and drain like any other.
+                let _ = service.stop_listening().await;
+                service.context.load().strategy.stop_loading();
+                service.background.cancel();
+                service.membership.stop();
+            }
+        }
+        self.services.store(Arc::new(next));
+        *self.lock_config() = new;
+        Ok(report)
+    }
+
+    /// Binds and loads what `new` needs beyond what runs now, into `out`.
+    async fn prepare(
+        &self,
+        new: &Config,
+        current: &[Arc<Service>],
+        workers: usize,
+        out: &mut Vec<Prepared>,
+    ) -> Result<(), HarborError> {
+        for cfg in &new.services {
+            match current.iter().find(|s| s.name == cfg.name) {
+                Some(service) => {
+                    let old = service.config.load_full();
+                    let mut listeners = Vec::new();
+                    for addr in cfg.listen.iter().filter(|a| !old.listen.contains(a)) {
+                        listeners.push((*addr, bind(*addr, ListenerOptions::of(&cfg.tunables)).await?));
+                    }
+                    let resolver = self.resolver_for(cfg)?;
+                    let strategy = if strategy_changed(&old, cfg) {
+                        let host =
+                            self.strategy_host(cfg, workers, Some(service.context.load().strategy.kv_stores()))?;
+                        load_strategy(&host, cfg).await?;
+                        host.continue_sequence_of(&service.context.load().strategy);
+                        Some(host)
+                    } else {
+                        None
+                    };
+                    out.push(Prepared {
+                        service: Arc::clone(service),
+                        config: cfg.clone(),
+                        listeners,
+                        strategy,
+                        resolver,
+                        is_new: false,
+                    });
+                }
+                None => {
+                    let mut listeners = Vec::new();
+                    for addr in &cfg.listen {
+                        listeners.push((*addr, self.bind_or_inherit(*addr, ListenerOptions::of(&cfg.tunables)).await?));
+                    }
+                    let service = self.build_service(cfg, workers).await?;
+                    out.push(Prepared {
+                        service,
+                        config: cfg.clone(),
+                        listeners,
+                        strategy: None,
+                        resolver: None,
+                        is_new: true,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn strategy_changed(old: &ServiceConfig, new: &ServiceConfig) -> bool {
+    old.strategy != new.strategy
+        || old.watch != new.watch
+        || old.strategy_config != new.strategy_config
+        || old.tunables.strategy_timeout_ms != new.tunables.strategy_timeout_ms
+        || old.tunables.strategy_memory_mb != new.tunables.strategy_memory_mb
+        || old.tunables.strategy_kv_entries != new.tunables.strategy_kv_entries
+        || old.tunables.strategy_kv_bytes != new.tunables.strategy_kv_bytes
+        || old.shadow != new.shadow
+        || old.tunables.shadow_sample != new.tunables.shadow_sample
+}
+
+/// Loads a service's strategy: a named file must load; in a watched directory the newest
+/// file that loads wins, and none is only a warning.
+pub(crate) async fn load_strategy(host: &StrategyHost, cfg: &ServiceConfig) -> Result<(), HarborError> {
+    if let Some(path) = &cfg.strategy {
+        host.load_file(path)
+            .await
+            .map_err(|error| HarborError::Strategy { path: path.display().to_string(), error })?;
+    } else if let Some(dir) = &cfg.watch {
+        if host.load_newest_in(dir).await.is_none() {
+            tracing::warn!(service = %cfg.name, dir = %dir.display(), "no loadable strategy in the watched directory yet: built-in round-robin until one lands");
+        }
+    }
+    if let Some(path) = &cfg.shadow {
+        host.load_shadow_file(path, cfg.tunables.shadow_sample as u32)
+            .await
+            .map_err(|error| HarborError::Strategy { path: format!("{} (shadow)", path.display()), error })?;
+    }
+    Ok(())
+}
