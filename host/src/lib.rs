@@ -19,6 +19,7 @@ pub mod backends;
 pub mod config;
 pub mod control;
 pub mod echo;
+mod error;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
@@ -26,4 +27,5 @@ pub mod server;
 pub mod strategy;
 
 pub use config::{Config, RunArgs};
-pub use server::{DrainReport, Harbor, HarborError, RunningHarbor};
+pub use error::HarborError;
+pub use server::{DrainReport, Harbor, RunningHarbor};

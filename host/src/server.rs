@@ -15,43 +15,18 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLog;
 use crate::backends::pool::BackendPool;
-use crate::config::{Config, ConfigError, RuntimeMode};
+use crate::config::{Config, RuntimeMode};
 use crate::control::admin;
 use crate::control::systemd::Notifier;
 use crate::control::upgrade::Handover;
 use crate::control::Control;
+use crate::error::HarborError;
 use crate::metrics::Metrics;
-use crate::proxy::listener::{bind, ListenerOptions};
+use crate::proxy::listener::{bind, BindError, ListenerOptions};
 use crate::proxy::service::Service;
 use crate::proxy::shards::Shards;
 use crate::strategy::runtime::engine::StrategyEngine;
-use crate::strategy::watch::WatchError;
-use crate::strategy::{StrategyError, StrategyHost};
-
-/// Why Harbor could not start, could not apply a reload, or had to stop.
-#[derive(Debug, thiserror::Error)]
-pub enum HarborError {
-    #[error("cannot listen on {addr}: {error}")]
-    Bind { addr: SocketAddr, error: std::io::Error },
-    #[error("strategy {path}: {error}")]
-    Strategy { path: String, error: StrategyError },
-    #[error(transparent)]
-    Watch(#[from] WatchError),
-    #[error("{0}")]
-    Engine(StrategyError),
-    #[error("accepting connections failed: {0}")]
-    Accept(std::io::Error),
-    #[error("{0}")]
-    Config(#[from] ConfigError),
-    #[error("Harbor is draining")]
-    Draining,
-    #[error("cannot open the access log {target}: {error}")]
-    AccessLog { target: String, error: std::io::Error },
-    #[error("cannot set up the DNS resolver: {0}")]
-    Dns(hickory_resolver::ResolveError),
-    #[error("cannot start the per-core runtimes: {0}")]
-    Runtime(std::io::Error),
-}
+use crate::strategy::StrategyHost;
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +118,7 @@ impl Harbor {
         let admin = match (config.admin, inherited_admin) {
             (None, _) => None,
             (Some(addr), Some((configured, listener))) if configured == addr => {
-                Some(TcpListener::from_std(listener).map_err(|error| HarborError::Bind { addr, error })?)
+                Some(TcpListener::from_std(listener).map_err(|source| BindError { addr, source })?)
             }
             (Some(addr), _) => Some(bind(addr, ListenerOptions::default()).await?),
         };
@@ -309,7 +284,7 @@ impl RunningHarbor {
         self.shutdown.cancel();
         match self.task.await {
             Ok(result) => result,
-            Err(join) => Err(HarborError::Accept(std::io::Error::other(join.to_string()))),
+            Err(join) => Err(HarborError::Task(join.to_string())),
         }
     }
 }

@@ -28,15 +28,16 @@ use crate::backends::membership::Membership;
 use crate::config::{Config, ServiceConfig, DEFAULT_SERVICE};
 use crate::logging::RateLimitedLog;
 use crate::metrics::Metrics;
-use crate::proxy::listener::{bind, ListenerOptions};
-use crate::proxy::service::{ConnectionLimits, Service, ServiceContext};
+use crate::proxy::context::{ConnectionLimits, ServiceContext};
+use crate::proxy::listener::{bind, BindError, ListenerOptions};
+use crate::proxy::service::Service;
 use crate::proxy::shards::Shards;
 use crate::strategy::watch::{spawn_watcher, WatchTarget};
 use crate::strategy::{GuestLimits, StrategyHost};
 use systemd::Notifier;
 use upgrade::Handover;
 
-use crate::server::HarborError;
+use crate::error::HarborError;
 pub use reload::{ConfigSource, ReloadReport};
 
 /// The state the admin server and reloads work on. Connections never see it: each gets its
@@ -171,11 +172,11 @@ impl Control {
         match taken {
             Some(listener) => {
                 tracing::info!(listen = %addr, "listening on a socket passed in (socket activation or upgrade)");
-                let bind_error = |error| HarborError::Bind { addr, error };
+                let bind_error = |source| BindError { addr, source };
                 crate::proxy::listener::set_defer_accept(&listener, options.defer_accept_secs).map_err(bind_error)?;
-                TcpListener::from_std(listener).map_err(bind_error)
+                Ok(TcpListener::from_std(listener).map_err(bind_error)?)
             }
-            None => bind(addr, options).await,
+            None => Ok(bind(addr, options).await?),
         }
     }
 

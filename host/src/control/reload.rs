@@ -17,9 +17,10 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError, ServiceConfig};
 use crate::control::Control;
+use crate::error::HarborError;
+use crate::proxy::context::{ConnectionLimits, ServiceContext};
 use crate::proxy::listener::{bind, ListenerOptions};
-use crate::proxy::service::{ConnectionLimits, Service, ServiceContext};
-use crate::server::HarborError;
+use crate::proxy::service::Service;
 use crate::strategy::StrategyHost;
 
 /// Events closer together than this are one change.
@@ -108,7 +109,7 @@ impl Control {
             Some(source) => match tokio::task::spawn_blocking(move || source()).await {
                 Ok(Ok(config)) => self.apply(config).await,
                 Ok(Err(error)) => Err(HarborError::Config(error)),
-                Err(join) => Err(HarborError::Accept(std::io::Error::other(join.to_string()))),
+                Err(join) => Err(HarborError::Task(join.to_string())),
             },
         };
         match &result {

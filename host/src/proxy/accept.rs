@@ -5,22 +5,15 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Rejection;
+use crate::proxy::admission::{Admission, Admitted};
 use crate::proxy::connection;
-use crate::proxy::service::Service;
-use crate::proxy::source_limit::SourceSlot;
-
-/// A connection's places under the caps: a slot of `max-connections`, and one of its
-/// source's (if that cap is set). Both are given back when the connection ends.
-#[derive(Debug)]
-pub struct Admitted {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    _source: Option<SourceSlot>,
-}
+use crate::proxy::context::ServiceContext;
 
 /// First pause after a transient accept error; doubles up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(5);
@@ -37,16 +30,16 @@ pub fn is_transient(error: &io::Error) -> bool {
     )
 }
 
-/// Accepts on one listener of `service` until `stop` is cancelled; each connection runs on
+/// Accepts on one listener of a service until `stop` is cancelled; each connection runs on
 /// `tracker` with the service's context of the moment. Returns the error that stopped it, if
 /// accepting failed for good.
 pub async fn accept_loop(
     listener: &TcpListener,
-    service: &Service,
+    admission: &Admission,
+    context: &ArcSwap<ServiceContext>,
     tracker: &TaskTracker,
     stop: &CancellationToken,
 ) -> io::Result<()> {
-    let admission = &service.admission;
     let mut backoff = FIRST_BACKOFF;
     // One waiter on the token for the whole loop, not one registered and dropped per accept.
     let stopped = stop.cancelled();
@@ -57,7 +50,7 @@ pub async fn accept_loop(
             _ = &mut stopped => return Ok(()),
             accepted = listener.accept() => accepted,
         };
-        let context = service.context.load_full();
+        let context = context.load_full();
         let metrics = &context.metrics;
         match accepted {
             Ok((stream, peer)) => {
@@ -79,7 +72,7 @@ pub async fn accept_loop(
                 };
                 match Arc::clone(&admission.slots).try_acquire_owned() {
                     Ok(permit) => {
-                        let admission = Admitted { _permit: permit, _source: source };
+                        let admission = Admitted::new(permit, source);
                         tracker.spawn(connection::serve(stream, peer, context, admission));
                     }
                     Err(_) => {

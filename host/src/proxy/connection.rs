@@ -10,12 +10,12 @@ use tracing::Instrument;
 
 use crate::access_log::{End, PlacedBy, Record};
 use crate::config::ProxyVersion;
-use crate::proxy::accept::Admitted;
+use crate::proxy::admission::Admitted;
 use crate::proxy::connect::connect;
+use crate::proxy::context::ServiceContext;
 use crate::proxy::peek::{peek, Peeked};
 use crate::proxy::proxy_protocol;
 use crate::proxy::relay::{relay, RelayEnd, RelayStats};
-use crate::proxy::service::ServiceContext;
 use crate::strategy::runtime::bindings::ConnectionOutcome;
 use crate::strategy::runtime::bindings::LocalAddr;
 use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest};

@@ -9,7 +9,6 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::config::Tunables;
-use crate::server::HarborError;
 
 /// How a listener is bound.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -43,9 +42,17 @@ const BACKLOG: i32 = 4096;
 /// sockets of its SO_REUSEPORT group (Linux 5.14+); without it they are reset.
 const MIGRATE_REQ_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
+/// A listening address that could not be had.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
 /// Binds a listener on `addr`.
-pub async fn bind(addr: SocketAddr, options: ListenerOptions) -> Result<TcpListener, HarborError> {
-    let bind_error = |error| HarborError::Bind { addr, error };
+pub async fn bind(addr: SocketAddr, options: ListenerOptions) -> Result<TcpListener, BindError> {
+    let bind_error = |source| BindError { addr, source };
     TcpListener::from_std(bind_socket(addr, options).map_err(bind_error)?).map_err(bind_error)
 }
 

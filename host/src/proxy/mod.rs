@@ -9,9 +9,11 @@
 //! caps connections per client network; [`shards`] runs all of it thread-per-core.
 
 pub mod accept;
+pub mod admission;
 pub mod client_hello;
 pub mod connect;
 pub mod connection;
+pub mod context;
 #[cfg(target_os = "linux")]
 pub mod kernel_relay;
 pub mod listener;
