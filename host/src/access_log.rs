@@ -12,8 +12,8 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use crate::config::LogFormat;
-use crate::metrics::FallbackReason;
-use crate::strategy::LoadedStrategy;
+
+use crate::strategy::Placement;
 
 /// Records queued for the writer at most; more are dropped (and counted).
 pub const QUEUE: usize = 16_384;
@@ -48,15 +48,6 @@ impl End {
     }
 }
 
-/// Who placed the connection.
-#[derive(Debug, Clone)]
-pub enum PlacedBy {
-    Strategy(Arc<LoadedStrategy>),
-    Builtin,
-    Fallback(FallbackReason),
-    Nobody,
-}
-
 /// One connection, at its end.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -69,7 +60,7 @@ pub struct Record {
     pub connect_micros: u32,
     pub duration: Duration,
     pub end: End,
-    pub placed_by: PlacedBy,
+    pub placed_by: Placement,
 }
 
 /// Where access-log lines go.
@@ -138,12 +129,12 @@ impl AccessLog {
     }
 }
 
-fn strategy_name(placed_by: &PlacedBy) -> std::borrow::Cow<'_, str> {
+fn strategy_name(placed_by: &Placement) -> std::borrow::Cow<'_, str> {
     match placed_by {
-        PlacedBy::Strategy(s) => std::borrow::Cow::Borrowed(s.name.as_str()),
-        PlacedBy::Builtin => "builtin".into(),
-        PlacedBy::Fallback(reason) => format!("fallback:{}", reason.as_str()).into(),
-        PlacedBy::Nobody => "-".into(),
+        Placement::Strategy(s) => std::borrow::Cow::Borrowed(s.name.as_str()),
+        Placement::Builtin => "builtin".into(),
+        Placement::Fallback(reason) => format!("fallback:{}", reason.as_str()).into(),
+        Placement::Retired | Placement::Unplaced => "-".into(),
     }
 }
 
@@ -235,7 +226,7 @@ mod tests {
             connect_micros: 56,
             duration: Duration::from_micros(7_890),
             end: End::Relay("completed"),
-            placed_by: PlacedBy::Builtin,
+            placed_by: Placement::Builtin,
         };
         let mut human = String::new();
         render(&r, LogFormat::Human, &mut human);

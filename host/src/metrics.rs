@@ -9,6 +9,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::proxy::relay::RelayEnd;
+use crate::strategy::fallback::FallbackReason;
 
 /// Labels of per-service series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -75,38 +76,6 @@ pub const COMMIT: &str = env!("HARBOR_COMMIT");
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub outcome: &'static str,
-}
-
-/// Why the strategy's answer was not used.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
-pub enum FallbackReason {
-    Trap,
-    Timeout,
-    OutOfRange,
-    Ineligible,
-    NoneWhileEligible,
-    InstantiateFailed,
-    /// No instance was ready on the worker thread yet (one is being made off the hot path).
-    InstanceNotReady,
-}
-
-impl FallbackReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FallbackReason::Trap => "trap",
-            FallbackReason::Timeout => "timeout",
-            FallbackReason::OutOfRange => "out_of_range",
-            FallbackReason::Ineligible => "ineligible",
-            FallbackReason::NoneWhileEligible => "none_while_eligible",
-            FallbackReason::InstantiateFailed => "instantiate_failed",
-            FallbackReason::InstanceNotReady => "instance_not_ready",
-        }
-    }
-
-    /// True if the fallback counts against the strategy (towards reverting it).
-    pub fn is_strategy_fault(self) -> bool {
-        self != FallbackReason::InstanceNotReady
-    }
 }
 
 /// Why a client was closed at accept.
@@ -638,7 +607,7 @@ impl ProbeMetrics {
     }
 }
 
-/// The per-backend handles a [`crate::backends::pool::Backend`] keeps.
+/// The per-backend handles a backend of the pool keeps.
 #[derive(Debug, Clone, Default)]
 pub struct BackendMetrics {
     pub picks: Counter,

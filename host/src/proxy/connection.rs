@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::access_log::{End, PlacedBy, Record};
+use crate::access_log::{End, Record};
 use crate::config::ProxyVersion;
 use crate::proxy::admission::Admitted;
 use crate::proxy::connect::connect;
@@ -18,6 +18,7 @@ use crate::proxy::proxy_protocol;
 use crate::proxy::relay::{relay, RelayEnd, RelayStats};
 use crate::strategy::runtime::bindings::ConnectionOutcome;
 use crate::strategy::runtime::bindings::LocalAddr;
+use crate::strategy::Placement;
 use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest};
 use tokio::io::AsyncWriteExt;
 
@@ -41,7 +42,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<ServiceCont
                 connect_micros: outcome.connect_micros,
                 duration: started.elapsed(),
                 end: outcome.end,
-                placed_by: outcome.pick.map_or(PlacedBy::Nobody, |pick| service.strategy.placed_by(&pick)),
+                placed_by: outcome.pick.map_or(Placement::Unplaced, |pick| service.strategy.placement(&pick)),
             });
         }
     }

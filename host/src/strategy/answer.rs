@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
+use super::fallback::FallbackReason;
 use super::runtime::instance::{CallFault, InstanceFault};
 use crate::backends::pool::BackendState;
-use crate::metrics::FallbackReason;
 
 /// Numbers per backend in the `stats` list passed to a 0.1 `pick` (0.2 passes five).
 pub const STATS_STRIDE: usize = 4;

@@ -4,6 +4,7 @@
 
 pub mod answer;
 pub mod check;
+pub mod fallback;
 pub mod runtime;
 pub mod shadow;
 pub mod simulate;
@@ -12,7 +13,7 @@ pub mod watch;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,50 +24,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backends::pool::{Backend, BackendPool, BackendState};
 use crate::logging::RateLimitedLog;
-use crate::metrics::{FallbackReason, Metrics, ReloadOutcome};
+use crate::metrics::{Metrics, ReloadOutcome};
+pub use fallback::FallbackReason;
 use runtime::bindings::{ConnectionFacts, ConnectionOutcome, World};
 use runtime::engine::StrategyEngine;
 use runtime::instance::{with_thread_instance, CallFault, InstanceFault};
 pub use runtime::loaded::{GuestEnv, GuestLimits, LoadedStrategy};
+pub use runtime::StrategyError;
+use runtime::{now_millis, short};
 
 pub use answer::{builtin_round_robin, judge, BackendStats, Snapshot, Verdict, STATS_STRIDE};
 
 /// Faults within [`FAULT_WINDOW`] that make Harbor drop a strategy for the previous one.
 pub const MAX_FAULTS: usize = 5;
 pub const FAULT_WINDOW: Duration = Duration::from_secs(10);
-
-/// Why a strategy could not be loaded or run. Each message says what to fix.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StrategyError {
-    #[error("cannot read {path}: {message}")]
-    Read { path: PathBuf, message: String },
-    #[error("the file is empty")]
-    Empty,
-    #[error("the file is {0} bytes, more than the 64 MiB limit")]
-    TooLarge(u64),
-    #[error("not a WebAssembly component: the file has no \\0asm header (and is not component text)")]
-    NotWasm,
-    #[error("this is a core wasm module, not a component: build for wasm32-unknown-unknown and wrap it with `wasm-tools component new` (or wit-component)")]
-    CoreModule,
-    #[error("not a valid WebAssembly component: {0}")]
-    Compile(String),
-    #[error("the component imports what Harbor does not provide ({0}); a strategy may import Harbor's interfaces and WASI 0.2 (cli, clocks, io, random; filesystem and sockets, which deny everything; http, whose calls trap), nothing else")]
-    ForeignImports(String),
-    #[error("the component does not implement the world it names: {0}")]
-    WrongWorld(String),
-    #[error("instantiation failed: {0}")]
-    Instantiate(String),
-    #[error("init rejected the configuration: {0}")]
-    InitRejected(String),
-    #[error("init trapped: {0}")]
-    InitTrapped(String),
-    #[error("the wasm engine is not usable: {0}")]
-    Engine(String),
-    #[error("compiling took longer than {0:?}; the load is abandoned")]
-    CompileTimeout(Duration),
-    #[error("Harbor is shutting down; the load is abandoned")]
-    ShuttingDown,
-}
 
 /// What the caller needs to place one connection.
 #[derive(Debug, Clone, Copy)]
@@ -99,6 +70,21 @@ pub enum PickSource {
     Builtin,
     /// The built-in round-robin, because the wasm strategy faulted.
     Fallback(FallbackReason),
+}
+
+/// What placed a connection, as whoever reports on it (the access log) names it.
+#[derive(Debug, Clone)]
+pub enum Placement {
+    /// A wasm strategy, still active or the one before it.
+    Strategy(Arc<LoadedStrategy>),
+    /// The built-in round-robin, because no wasm strategy is active.
+    Builtin,
+    /// The built-in round-robin, because the wasm strategy faulted.
+    Fallback(FallbackReason),
+    /// A wasm strategy since swapped out twice (no longer known by its id).
+    Retired,
+    /// Nothing: the connection ended before it was placed.
+    Unplaced,
 }
 
 /// A pick's result: a backend index (always eligible), or none if no backend is eligible.
@@ -347,19 +333,18 @@ impl StrategyHost {
         }
     }
 
-    /// Who placed a pick, for the access log.
-    pub fn placed_by(&self, pick: &Pick) -> crate::access_log::PlacedBy {
-        use crate::access_log::PlacedBy;
+    /// What placed a pick.
+    pub fn placement(&self, pick: &Pick) -> Placement {
         match pick.source {
-            PickSource::Builtin => PlacedBy::Builtin,
-            PickSource::Fallback(reason) => PlacedBy::Fallback(reason),
+            PickSource::Builtin => Placement::Builtin,
+            PickSource::Fallback(reason) => Placement::Fallback(reason),
             PickSource::Strategy(id) => {
                 let active = self.active.load();
                 let placed = [active.current.as_ref(), active.previous.as_ref()]
                     .into_iter()
                     .flatten()
                     .find(|s| s.id == id)
-                    .map_or(PlacedBy::Nobody, |s| PlacedBy::Strategy(Arc::clone(s)));
+                    .map_or(Placement::Retired, |s| Placement::Strategy(Arc::clone(s)));
                 placed
             }
         }
@@ -742,18 +727,6 @@ impl Drop for LoadingGuard<'_> {
     fn drop(&mut self) {
         *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
-}
-
-fn short(sha: &str) -> &str {
-    sha.get(..12).unwrap_or(sha)
-}
-
-/// Milliseconds on the clock every strategy instance shares (`now-millis`): monotonic, from
-/// the first reading in this process.
-pub fn now_millis() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let start = START.get_or_init(std::time::Instant::now);
-    millis(start.elapsed())
 }
 
 /// Writes every backend's numbers into `snapshot`, laid out for `world`. Backends already

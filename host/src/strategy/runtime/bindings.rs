@@ -21,7 +21,7 @@ pub mod v2 {
     pub use self::harbor::strategy::host::Host;
 }
 
-/// The same worlds for components in the WASI sandbox (`super::wasi`): exports called
+/// The same worlds for components in the WASI sandbox (`wasi.rs`): exports called
 /// asynchronously, types and host interface shared with the pure bindings above.
 pub mod v1_wasi {
     wasmtime::component::bindgen!({

@@ -11,7 +11,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, ResourceLimiter};
 
-use crate::strategy::StrategyError;
+use super::StrategyError;
 
 /// Fuel (about one unit per wasm instruction) one call may use, at least...
 pub const FUEL_PER_CALL_BASE: u64 = 12_000_000;
@@ -306,7 +306,7 @@ pub struct StrategyEngine {
     pub engine: Engine,
     /// Harbor's host interface only: pure components.
     pub linker: Linker<GuestState>,
-    /// The same, and WASI 0.2 (`super::wasi`): components built with a toolchain's defaults.
+    /// The same, and WASI 0.2 (`wasi.rs`): components built with a toolchain's defaults.
     pub sandbox_linker: Linker<GuestState>,
     /// Compiled components, oldest first.
     compiled: Mutex<VecDeque<(String, Component, usize)>>,

@@ -185,7 +185,7 @@ impl GuestContext {
             self.log_dropped.inc();
             return;
         }
-        let (name, sha, service) = (self.name(), crate::strategy::short(&self.sha256), self.service.as_str());
+        let (name, sha, service) = (self.name(), super::short(&self.sha256), self.service.as_str());
         let message = clean(message);
         match level {
             v2::LogLevel::Trace => {
@@ -264,14 +264,14 @@ impl v2::Host for GuestState {
 
     fn kv_get(&mut self, key: String) -> Option<Vec<u8>> {
         let store = self.context.as_ref()?.kv.get()?;
-        store.get(&key, crate::strategy::now_millis())
+        store.get(&key, super::now_millis())
     }
 
     fn kv_set(&mut self, key: String, value: Vec<u8>, ttl_millis: Option<u64>) -> Result<(), String> {
         let Some(store) = self.context.as_ref().and_then(|c| c.kv.get()) else {
             return Err("the store is not available during a strategy's first init".into());
         };
-        store.set(key, value, ttl_millis, crate::strategy::now_millis())
+        store.set(key, value, ttl_millis, super::now_millis())
     }
 
     fn kv_delete(&mut self, key: String) {

@@ -15,8 +15,8 @@ use super::engine::{
 };
 use super::loaded::{LoadedStrategy, StrategyPre};
 use super::wasi::{finish, Sandbox};
+use super::StrategyError;
 use crate::backends::pool::BackendPool;
-use crate::strategy::StrategyError;
 
 /// Wall-clock limit for instantiation and for `init`, each.
 pub const INIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);

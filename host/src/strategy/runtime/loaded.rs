@@ -13,7 +13,7 @@ use super::bindings::{v1, v1_wasi, v2, v2_wasi, World};
 use super::engine::{GuestState, StrategyEngine};
 use super::guest_host::{GuestContext, KvStores};
 use super::instance::Instance;
-use crate::strategy::StrategyError;
+use super::StrategyError;
 
 /// Largest strategy file accepted.
 pub const MAX_COMPONENT_BYTES: usize = 64 << 20;
