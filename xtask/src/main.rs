@@ -4,10 +4,10 @@
 //! - `cargo xtask polyglot`: builds the Python, JavaScript and WAT strategies (installs
 //!   componentize-py, componentize-js and jco from PyPI and npm).
 //! - `cargo xtask demo`:  build, then Harbor (release) in front of two echo backends.
-//! - `cargo xtask test`:  build, then fmt, clippy, the whole test suite, and 60 s of each fuzz target.
+//! - `cargo xtask test`:  build, then fmt, clippy and the whole test suite (the fuzz corpus replayed).
 //! - `cargo xtask bench`: build, then the side-by-side benchmark in `bench/`.
-//! - `cargo xtask fuzz [SECONDS]`: every cargo-fuzz target in `fuzz/` for SECONDS (default
-//!   60) each, from a seed corpus of the shipped strategies and the test fixtures.
+//! - `cargo xtask fuzz [SECONDS]`: explores with every cargo-fuzz target in `fuzz/` for SECONDS
+//!   (default 60) each, from the committed corpus, the shipped strategies and the test fixtures.
 //! - `cargo xtask check-deploy`: validates `deploy/kubernetes/` against the Kubernetes schemas
 //!   (kubernetes-validate from PyPI, strict; part of `test`).
 //! - `cargo xtask dist`: the release binary, stripped, beside its debug info
@@ -238,7 +238,10 @@ const FUZZ_TARGETS: &[&str] = &["config", "component_loader", "component_from_sm
 /// The cargo-fuzz release that builds with this toolchain.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-/// Runs every fuzz target for `seconds`: no panic, no input slower than 10 s, under 2 GiB.
+/// Explores with every fuzz target for `seconds`: no panic, no input slower than 10 s, under
+/// 2 GiB. Not part of `test`, which replays the committed corpus instead
+/// (`tests/fuzz_corpus.rs`): an input found here is added to `fuzz/corpus/<target>/` together
+/// with its fix. What libFuzzer finds is left in `target/fuzz-corpus/<target>/`.
 /// cargo-fuzz's instrumentation needs `-Z` flags; on this stable toolchain they are allowed
 /// for the fuzz build only (RUSTC_BOOTSTRAP), never for Harbor's own build.
 fn fuzz(root: &Path, seconds: u64) -> Result<()> {
@@ -250,31 +253,17 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
     for target in FUZZ_TARGETS {
         let corpus = corpus_root.join(target);
         std::fs::create_dir_all(&corpus)?;
-        let seeds: Vec<PathBuf> = match *target {
-            "component_loader" => {
-                let mut seeds: Vec<PathBuf> =
-                    RUST_STRATEGIES.iter().map(|n| root.join("strategies").join(format!("{n}.wasm"))).collect();
-                for entry in std::fs::read_dir(root.join("tests/fixtures"))?.flatten() {
-                    if entry.path().extension().is_some_and(|e| e == "wat" || e == "wasm") {
-                        seeds.push(entry.path());
-                    }
-                }
-                seeds
-            }
-            // A full configuration, and every input that once crashed it.
-            "config" => std::fs::read_dir(root.join("fuzz/seeds"))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("config")))
-                .collect(),
-            // Real ClientHellos (Python's ssl, with SNI and ALPN).
-            "client_hello" => std::fs::read_dir(root.join("fuzz/seeds"))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("client_hello")))
-                .collect(),
-            _ => Vec::new(), // wasm-smith makes its modules from any bytes
-        };
+        // The committed corpus, and for the component targets the shipped strategies and the
+        // test fixtures (what `tests/fuzz_corpus.rs` replays).
+        let mut seeds = files_in(&root.join("fuzz/corpus").join(target))?;
+        if *target == "component_loader" {
+            seeds.extend(RUST_STRATEGIES.iter().map(|n| root.join("strategies").join(format!("{n}.wasm"))));
+            seeds.extend(
+                files_in(&root.join("tests/fixtures"))?
+                    .into_iter()
+                    .filter(|p| p.extension().is_some_and(|e| e == "wat" || e == "wasm")),
+            );
+        }
         for seed in seeds {
             if let Some(name) = seed.file_name() {
                 std::fs::copy(&seed, corpus.join(name)).with_context(|| format!("seed {}", seed.display()))?;
@@ -297,6 +286,12 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
             ]))?;
     }
     Ok(())
+}
+
+/// The files in `dir`.
+fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))?;
+    Ok(entries.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect())
 }
 
 /// A tool cargo installs: `~/.cargo/bin/NAME` (`CARGO_HOME` honoured), else on PATH.
@@ -435,7 +430,5 @@ fn test(root: &Path) -> Result<()> {
     run(cargo()
         .args(["test", "-p", "harbor", "--test", "relay", "--test", "resilience"])
         .env("HARBOR_TEST_RUNTIME", "per-core"))?;
-    check_split_debug_info(root)?;
-    // A short run of every fuzz target (no panic, no hang, bounded memory).
-    fuzz(root, 60)
+    check_split_debug_info(root)
 }

@@ -242,6 +242,27 @@ impl Tunables {
     }
 }
 
+/// The longest `log_level` accepted: a filter is a few `target=level` directives.
+const MAX_LOG_FILTER: usize = 512;
+
+/// Accepts a log filter of levels and `target=level` directives. Refused before
+/// tracing-subscriber sees them: non-ASCII (0.3.23 panics slicing a directive inside a
+/// multi-byte character) and span or field filters (`[span{field=value}]`), whose values it
+/// compiles into regular expressions that can take minutes to build (both found by the
+/// `config` fuzz target).
+fn check_log_filter(filter: &str) -> Result<(), &'static str> {
+    if !filter.is_ascii() || filter.len() > MAX_LOG_FILTER {
+        return Err("is not a valid filter: ASCII, at most 512 characters (try info, warn, debug, harbor=debug)");
+    }
+    if filter.contains(['[', ']', '{', '}']) {
+        return Err("is not accepted: span and field filters ([...], {...}) are not supported (try info, warn, debug, harbor=debug)");
+    }
+    match tracing_subscriber::EnvFilter::try_new(filter) {
+        Ok(_) => Ok(()),
+        Err(_) => Err("is not a valid filter (try info, warn, debug, harbor=debug)"),
+    }
+}
+
 /// Where compiled strategies are cached, from the `cache_dir` setting as written: `off` (or
 /// `none`) for nowhere, a directory, or unset for the default (`$XDG_CACHE_HOME/harbor` or
 /// `~/.cache/harbor`; nowhere without a home).
@@ -751,11 +772,9 @@ impl Config {
             0 => std::thread::available_parallelism().map(usize::from).unwrap_or(2),
             n => n as usize,
         };
-        // Non-ASCII first: tracing-subscriber 0.3.23 panics slicing a directive inside a
-        // multi-byte character (found by the `config` fuzz target).
         let log_level = globals.log_level;
-        if !log_level.is_ascii() || tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            problems.push(invalid("log-level", format!("{log_level:?} is not a valid filter (try info, warn, debug)")));
+        if let Err(why) = check_log_filter(&log_level) {
+            problems.push(invalid("log-level", format!("{log_level:?} {why}")));
         }
         if !problems.is_empty() {
             // A top-level setting at fault is met again by every service: say it once.

@@ -115,6 +115,19 @@ fn a_non_ascii_log_filter_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn span_and_field_filters_are_refused_and_target_directives_kept() {
+    let mut args = with_backends("127.0.0.1:1");
+    // The shape of the input that kept the fuzzer busy for minutes: field values become regexes.
+    args.global.log_level = Some("cca[moAxooldown_ms m#pl{ kind=FFFFFFFF.....}]".into());
+    let err = Config::resolve(&args, &env_of(&[])).unwrap_err().to_string();
+    assert!(err.starts_with("log-level:") && err.contains("span and field filters"), "{err}");
+    args.global.log_level = Some("x".repeat(513));
+    assert!(Config::resolve(&args, &env_of(&[])).unwrap_err().to_string().starts_with("log-level:"));
+    args.global.log_level = Some("warn,harbor=debug".into());
+    assert_eq!(Config::resolve(&args, &env_of(&[])).unwrap().log_level, "warn,harbor=debug");
+}
+
+#[test]
 fn file_values_apply_below_cli_and_unknown_keys_are_named() {
     let dir = std::env::temp_dir().join(format!("harbor-config-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
