@@ -38,7 +38,7 @@ fn replay(name: &str, inputs: &[PathBuf], target: impl Fn(&[u8])) {
     assert!(!inputs.is_empty(), "{name}: no corpus to replay");
     for input in inputs {
         let data = std::fs::read(input).unwrap_or_else(|e| panic!("{}: {e}", input.display()));
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| target(&data)));
         let took = started.elapsed();
         assert!(outcome.is_ok(), "{name}: {} fails the target (the panic is above)", input.display());

@@ -7,7 +7,8 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use common::{config_from_toml, echo_backends, sha256, start, strategy, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

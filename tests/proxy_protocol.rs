@@ -173,7 +173,7 @@ proxy_protocol_timeout_ms = 300
     let mut stream = socket.connect(at("in")).await.unwrap();
     stream.write_all(&truncated).await.unwrap();
     let mut rest = Vec::new();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut rest)).await.expect("closed in time");
     assert!(rest.is_empty() && started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
     let after = Scrape::fetch(admin).await.get("harbor_proxy_header_errors_total{service=\"in\"}");

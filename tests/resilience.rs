@@ -4,7 +4,8 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -147,7 +147,7 @@ async fn slow_start_ramps_a_new_backend_up() {
     let harbor = start(cfg).await;
     let admin = harbor.admin_addr.unwrap();
     // The first backends ramp up too, from Harbor's start: let them finish first.
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     while started.elapsed() < Duration::from_millis(3300) {
         echo_roundtrip(harbor.addr, b"warm").await;
     }
@@ -160,7 +160,7 @@ async fn slow_start_ramps_a_new_backend_up() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    let added = std::time::Instant::now();
+    let added = tokio::time::Instant::now();
     // The new backend's share in three windows of 1.5 s: ramping (avg 25 %), ramping (75 %),
     // ramped (100 %): about 11 %, 27 % and 33 % of the connections.
     let mut windows = [(0usize, 0usize); 3];

@@ -96,7 +96,7 @@ async fn assert_fallback(fixture_name: &str, reason: &str, tune: fn(&mut harbor:
     // the hot path) its picks go to the built-in without counting as faults. So: connect until
     // the host gives up on the strategy (bounded by 20 s and 5000 connections: a loaded
     // machine makes spares slowly), and every connection must succeed.
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     for i in 0..5000 {
         let result = try_echo_roundtrip(harbor.addr, &payload).await;
         assert!(result.is_ok(), "{fixture_name}: connection {i} lost: {result:?}");
@@ -194,7 +194,7 @@ async fn a_faulting_strategy_reverts_to_the_previous_good_one() {
     // Until it is reverted, no connection is lost. Each trap costs the thread its instance,
     // and the next fault comes only once a spare is ready (made on the instance thread, which
     // a loaded machine delays): bounded by time and count, not by a fixed number of picks.
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     for _ in 0..5000 {
         try_echo_roundtrip(harbor.addr, b"x").await.expect("no connection lost");
         if host.status().name != "trap" || started.elapsed() > std::time::Duration::from_secs(20) {

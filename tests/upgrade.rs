@@ -11,7 +11,8 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use common::{echo_backends, free_port, pattern, sha256, temp_dir, ClientLoad, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

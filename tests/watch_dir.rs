@@ -5,10 +5,13 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use common::*;
 
+// File times are on the wall clock.
+#[allow(clippy::disallowed_methods)]
 fn set_mtime(path: &Path, seconds_ago: u64) {
     let when = std::time::SystemTime::now() - Duration::from_secs(seconds_ago);
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();

@@ -185,7 +185,7 @@ pub fn record(args: RecordArgs) -> ExitCode {
         Err(e) => return fail(e),
     }
     eprintln!("recording up to {} picks of service {} (at most {:?})", args.picks, args.service, args.wait);
-    let deadline = std::time::Instant::now() + args.wait;
+    let deadline = tokio::time::Instant::now() + args.wait;
     let picks = loop {
         let picks = match request(&args.admin, "GET", &path, None, token.as_deref()) {
             Ok((200, value)) => {
@@ -198,7 +198,7 @@ pub fn record(args: RecordArgs) -> ExitCode {
             Ok((status, value)) => return fail(refused(status, &value)),
             Err(e) => return fail(e),
         };
-        if std::time::Instant::now() >= deadline {
+        if tokio::time::Instant::now() >= deadline {
             eprintln!("waited {:?}: writing the {picks} picks recorded so far", args.wait);
             break picks;
         }

@@ -16,6 +16,7 @@
 
 pub mod access_log;
 pub mod backends;
+mod clock;
 pub mod config;
 pub mod control;
 pub mod echo;

@@ -1,8 +1,9 @@
 //! Logging: tracing set-up (human or JSON) and a rate limiter for errors on the hot path.
 
+use crate::clock::Instant;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::LogFormat;
 

@@ -92,7 +92,7 @@ impl Harbor {
             upgrade_lock: tokio::sync::Mutex::new(()),
             admin_handoff: Mutex::new(None),
             handover: Mutex::new(handover),
-            started_at: std::time::SystemTime::now(),
+            started_at: crate::clock::wall(),
             shards,
         });
         let mut listeners = Vec::new();

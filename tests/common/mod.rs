@@ -324,7 +324,7 @@ fn default_service_series(series: &str) -> String {
 
 /// Polls `check` every 10 ms until it holds or `limit` passes; returns how long it took.
 pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     while start.elapsed() < limit {
         if check() {
             return Some(start.elapsed());
@@ -410,10 +410,12 @@ pub fn reset_on_close(stream: &TcpStream) {
     socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
 }
 
-/// A new, empty directory under the system's temp dir, unique to this process and moment.
+/// A new, empty directory under the system's temp dir, unique to this process and call.
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let dir = std::env::temp_dir().join(format!("harbor-{tag}-{}-{nanos}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("harbor-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create a temp dir");
     dir
 }
@@ -474,7 +476,7 @@ pub struct ClientTally {
     pub ok: u64,
     pub failures: Vec<String>,
     /// (backend name, when the round trip started) for each round trip.
-    pub answers: Vec<(String, std::time::Instant)>,
+    pub answers: Vec<(String, tokio::time::Instant)>,
 }
 
 impl ClientTally {
@@ -506,7 +508,7 @@ impl ClientLoad {
                         if stop.is_cancelled() {
                             break;
                         }
-                        let started = std::time::Instant::now();
+                        let started = tokio::time::Instant::now();
                         match try_echo_roundtrip(addr, &payload).await {
                             Ok(name) => {
                                 tally.ok += 1;

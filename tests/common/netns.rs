@@ -115,8 +115,8 @@ impl Lab {
     pub fn wait_exit(&mut self, pid: u32, within: Duration) -> bool {
         let Some(at) = self.children.iter().position(|c| c.id() == pid) else { return false };
         let mut child = self.children.remove(at);
-        let deadline = std::time::Instant::now() + within;
-        while std::time::Instant::now() < deadline {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
                 return status.success();
             }

@@ -61,7 +61,8 @@ pub async fn lookup(
     resolver: &TokioResolver,
     entry: &DnsBackend,
 ) -> Result<(Vec<(SocketAddr, u32)>, Duration), LookupError> {
-    let now = std::time::Instant::now();
+    // The resolver states validity on std's clock; the one clock converts to it.
+    let now = crate::clock::Instant::now().into_std();
     let mut found = Vec::new();
     let valid_for = match entry {
         DnsBackend::A { name, port, weight, .. } => {

@@ -2,9 +2,10 @@
 //! relay's path, spread with jitter. `fall` failures in a row make a backend unhealthy in
 //! every snapshot; `rise` successes in a row bring it back.
 
+use crate::clock::Instant;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
 use socket2::SockRef;

@@ -3,10 +3,11 @@
 //! [`BackendPool`] and swaps it in; live state follows each backend's address; a removed
 //! backend drains (no new connection, its connections finish) and then leaves.
 
+use crate::clock::Instant;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;

@@ -1,10 +1,11 @@
 //! Backends and the pool: each backend's live numbers (active connections, cooldown, connect
 //! latency, failures in a row), read lock-free by every pick.
 
+use crate::clock::Instant;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -412,6 +413,25 @@ pub(crate) mod tests {
         assert_eq!(b.state(), BackendState::Healthy);
         assert_eq!(b.failures_in_row(), 0);
         assert_eq!(b.connect_latency_micros(), 80);
+    }
+
+    /// On paused time: a cooldown ends exactly when its time is up, and a failure in a row
+    /// doubles the next one.
+    #[tokio::test(start_paused = true)]
+    async fn a_cooldown_ends_when_its_time_is_up() {
+        let p = pool(1);
+        let b = p.get(0).unwrap();
+        let (base, max) = (Duration::from_millis(100), Duration::from_secs(10));
+        assert_eq!(b.record_connect_failure(base, max), base);
+        tokio::time::advance(Duration::from_millis(99)).await;
+        assert_eq!(b.state(), BackendState::CoolingDown);
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert_eq!(b.state(), BackendState::Healthy, "the cooldown is over");
+        assert_eq!(b.record_connect_failure(base, max), base * 2, "a second failure in a row doubles it");
+        tokio::time::advance(Duration::from_millis(199)).await;
+        assert_eq!(b.state(), BackendState::CoolingDown);
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert_eq!(b.state(), BackendState::Healthy);
     }
 
     #[test]

@@ -99,7 +99,7 @@ pub fn status(control: &Control) -> Status {
         version: VERSION,
         commit: COMMIT,
         started_at_unix_ms: unix_ms(control.started_at),
-        now_unix_ms: unix_ms(SystemTime::now()),
+        now_unix_ms: unix_ms(crate::clock::wall()),
         draining: control.is_draining(),
         writes,
         services,

@@ -11,6 +11,7 @@
 //! variable [`FDS_VAR`] names what each descriptor from 3 up is, and [`PARENT_VAR`] the
 //! process that handed them over (anyone else's are ignored).
 
+use crate::clock::Instant;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{Read, Seek, Write};
@@ -18,7 +19,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;

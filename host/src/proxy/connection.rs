@@ -1,9 +1,9 @@
 //! One client connection, start to end: pick a backend, connect (retrying elsewhere, with
 //! cooldown), relay, then count and report how it went.
 
+use crate::clock::Instant;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
 use tokio::net::TcpStream;
 use tracing::Instrument;
@@ -33,7 +33,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<ServiceCont
         drop(admission);
         if let Some(log) = &service.access_log {
             log.log(Record {
-                at: SystemTime::now(),
+                at: crate::clock::wall(),
                 service: Arc::clone(&service.name),
                 client: peer,
                 backend: outcome.backend,
@@ -169,7 +169,7 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
                         };
                     }
                 }
-                let mut stats = relay_either(service, client, stream, relay_started.into(), &backend.cut).await;
+                let mut stats = relay_either(service, client, stream, relay_started, &backend.cut).await;
                 stats.to_backend += peeked.bytes.len() as u64;
                 let ended = Instant::now();
                 backend.metrics.bytes_to_backend.inc_by(stats.to_backend);

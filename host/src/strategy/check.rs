@@ -1,9 +1,10 @@
 //! `harbor strategy check`: loads a component the way Harbor would, lists what it imports and
 //! exports, then runs `init` and hundreds of picks on sample snapshots and checks every answer.
 
+use crate::clock::Instant;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -187,7 +187,7 @@ pub struct StrategyHost {
     load_lock: tokio::sync::Mutex<()>,
     history: std::sync::Mutex<std::collections::VecDeque<SwapRecord>>,
     /// The load in progress: its source, size and start.
-    loading: std::sync::Mutex<Option<(String, usize, std::time::Instant)>>,
+    loading: std::sync::Mutex<Option<(String, usize, crate::clock::Instant)>>,
     /// A candidate run beside the active strategy, its answers only recorded.
     shadow: arc_swap::ArcSwapOption<shadow::Shadow>,
     /// A recording of picks in progress (or finished, until it is fetched and stopped).
@@ -394,7 +394,7 @@ impl StrategyHost {
         if let Some(to) = reverted_to {
             self.metrics.reload(&self.service, ReloadOutcome::Reverted);
             self.record(SwapRecord {
-                at_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                at_unix_ms: crate::clock::unix_ms(),
                 outcome: "reverted",
                 source: failing.source.display().to_string(),
                 strategy: Some(failing.name.clone()),
@@ -480,7 +480,7 @@ impl StrategyHost {
 
     /// Counts a load's outcome in `harbor_strategy_reloads_total` and keeps it in the history.
     pub fn count_outcome(&self, source: &Path, result: &Result<LoadResult, StrategyError>) {
-        let at_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let at_unix_ms = crate::clock::unix_ms();
         let source_text = source.display().to_string();
         match result {
             Ok(LoadResult::Loaded { name, sha256 }) => self.record(SwapRecord {
@@ -709,16 +709,16 @@ impl StrategyHost {
 }
 
 /// Marks a load in progress for as long as it lives.
-struct LoadingGuard<'a>(&'a std::sync::Mutex<Option<(String, usize, std::time::Instant)>>);
+struct LoadingGuard<'a>(&'a std::sync::Mutex<Option<(String, usize, crate::clock::Instant)>>);
 
 impl<'a> LoadingGuard<'a> {
     fn start(
-        slot: &'a std::sync::Mutex<Option<(String, usize, std::time::Instant)>>,
+        slot: &'a std::sync::Mutex<Option<(String, usize, crate::clock::Instant)>>,
         source: &Path,
         size: usize,
     ) -> Self {
         *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some((source.display().to_string(), size, std::time::Instant::now()));
+            Some((source.display().to_string(), size, crate::clock::Instant::now()));
         LoadingGuard(slot)
     }
 }

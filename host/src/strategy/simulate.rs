@@ -2,10 +2,10 @@
 //! synthetic traffic — arrivals, durations, backends of different speeds and weights, connect
 //! failures with cooldown, a draining backend — and reports how it spread the load.
 
+use crate::clock::Instant;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

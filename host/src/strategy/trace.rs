@@ -6,13 +6,13 @@
 //! The trace is JSON lines: a `header`, then a `backends` line whenever the membership changed
 //! since the last recorded pick, then one `pick` line per pick.
 
+use crate::clock::Instant;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -122,7 +122,7 @@ pub struct RecordStatus {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::clock::unix_ms()
 }
 
 fn to_hex(bytes: &[u8]) -> String {

@@ -1,11 +1,12 @@
 //! Loading a strategy: read, hash, compile (off the async runtime), check the world and the
 //! imports, and run `init` once, before the strategy may become active.
 
+use crate::clock::Instant;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -274,7 +275,7 @@ impl LoadedStrategy {
             size: bytes.len(),
             compile_time,
             compiled_from,
-            loaded_at: SystemTime::now(),
+            loaded_at: crate::clock::wall(),
             wants_reports: false,
             limits,
             init_config: init_config.to_string(),

@@ -54,7 +54,7 @@ pub(crate) fn short(sha: &str) -> &str {
 /// Milliseconds on the clock every strategy instance shares (`now-millis`): monotonic, from
 /// the first reading in this process.
 pub fn now_millis() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let start = START.get_or_init(std::time::Instant::now);
+    static START: std::sync::OnceLock<crate::clock::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(crate::clock::Instant::now);
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
