@@ -4,19 +4,17 @@
 #   strategies/wasi/swrr_c.wasm  -DHARBOR_WASI: writes to stderr through wasi-libc and the
 #                                WASI preview1 adapter, so it imports WASI 0.2 (the sandbox).
 # Toolchain, each installed here if missing: Debian's clang, lld, wasi-libc and the wasm32
-# compiler-rt (apt), wit-bindgen's C generator and wasm-tools (cargo install into
-# target/tools), the preview1 reactor adapter of wasmtime 48 (the
+# compiler-rt (apt); wit-bindgen's C generator and wit-component's `component new`, built
+# into xtask (`cargo xtask wit-bindgen-c`, `cargo xtask component-new`); the preview1
+# reactor adapter of wasmtime 48 (the
 # wasi-preview1-component-adapter-provider crate, written out by `cargo xtask wasi-adapter`).
 set -euo pipefail
 
-WIT_BINDGEN_VERSION=0.63.0
-WASM_TOOLS_VERSION=1.263.0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 target="${CARGO_TARGET_DIR:-$root/target}"
 case "$target" in /*) ;; *) target="$root/$target" ;; esac
-tools="$target/tools"
 work="$target/c-strategy"
 
 say() { echo "c/build.sh: $*" >&2; }
@@ -36,35 +34,25 @@ apt_install() {
   run "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
-cargo_tool() { # NAME CRATE VERSION [cargo install flags...]
-  local name="$1" crate="$2" version="$3"
-  shift 3
-  if [ -x "$tools/bin/$name" ] && "$tools/bin/$name" --version 2>/dev/null | grep -F "$version" >/dev/null; then
-    return 0
-  fi
-  run cargo install --locked --quiet --root "$tools" "$crate@$version" "$@"
-}
 
 apt_install
-cargo_tool wit-bindgen wit-bindgen-cli "$WIT_BINDGEN_VERSION"
-cargo_tool wasm-tools wasm-tools "$WASM_TOOLS_VERSION" --no-default-features --features component,validate,print
 mkdir -p "$work" "$root/strategies/wasi"
 
 # Bindings for harbor:strategy@0.1.0: strategy.h, strategy.c and the component type object.
-run "$tools/bin/wit-bindgen" c --world strategy --out-dir "$work" "$root/wit/strategy.wit"
+(cd "$root" && run cargo xtask wit-bindgen-c "$root/wit/strategy.wit" strategy "$work")
 
 cflags=(--target=wasm32-wasi --sysroot=/usr -O2 -Wall -Wextra -Werror -mexec-model=reactor -I "$work")
 sources=("$here/swrr.c" "$work/strategy.c" "$work/strategy_component_type.o")
 
 # Pure: a core module importing nothing, wrapped as is.
 run clang "${cflags[@]}" -o "$work/swrr_pure.core.wasm" "${sources[@]}"
-run "$tools/bin/wasm-tools" component new "$work/swrr_pure.core.wasm" -o "$root/strategies/swrr_c.wasm"
+(cd "$root" && run cargo xtask component-new "$work/swrr_pure.core.wasm" "$root/strategies/swrr_c.wasm")
 
 # WASI: wasi-libc's stderr imports wasi_snapshot_preview1, which the adapter turns into WASI 0.2.
 (cd "$root" && run cargo xtask wasi-adapter "$work/wasi_snapshot_preview1.reactor.wasm")
 run clang "${cflags[@]}" -DHARBOR_WASI -o "$work/swrr_wasi.core.wasm" "${sources[@]}"
-run "$tools/bin/wasm-tools" component new "$work/swrr_wasi.core.wasm" \
-  --adapt "wasi_snapshot_preview1=$work/wasi_snapshot_preview1.reactor.wasm" -o "$root/strategies/wasi/swrr_c.wasm"
+(cd "$root" && run cargo xtask component-new "$work/swrr_wasi.core.wasm" "$root/strategies/wasi/swrr_c.wasm" \
+  "$work/wasi_snapshot_preview1.reactor.wasm")
 
 # Harbor loads both; the pure one imports no WASI, the other WASI 0.2.
 # shellcheck source=../check_component.sh

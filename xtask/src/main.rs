@@ -36,6 +36,15 @@ fn main() -> Result<()> {
         Some("build") => build_strategies(&root),
         Some("polyglot") => build_polyglot(),
         Some("wasi-adapter") => write_wasi_adapter(args.get(1).context("wasi-adapter: give the output path")?),
+        Some("wit-bindgen-c") => match &args[1..] {
+            [wit, world, out] => wit_bindgen_c(Path::new(wit), world, Path::new(out)),
+            _ => bail!("usage: cargo xtask wit-bindgen-c WIT WORLD OUT_DIR"),
+        },
+        Some("component-new") => match &args[1..] {
+            [core, out] => component_new(Path::new(core), Path::new(out), None),
+            [core, out, adapter] => component_new(Path::new(core), Path::new(out), Some(Path::new(adapter))),
+            _ => bail!("usage: cargo xtask component-new CORE.wasm OUT.wasm [WASI_PREVIEW1_ADAPTER.wasm]"),
+        },
         Some("demo") => demo(&root, &args[1..]),
         Some("test") => test(&root),
         Some("fuzz") => {
@@ -192,12 +201,53 @@ fn build_polyglot() -> Result<()> {
     run(Command::new("bash").arg("strategies/c/build.sh"))
 }
 
+/// [`build_polyglot`], each build checked by the `harbor` binary given (not one built for it).
+fn build_polyglot_with(harbor: &Path) -> Result<()> {
+    for script in
+        [&["strategies/build-polyglot.sh", "--no-test"][..], &["strategies/wat/build.sh"], &["strategies/c/build.sh"]]
+    {
+        run(Command::new("bash").args(script).env("HARBOR", harbor))?;
+    }
+    Ok(())
+}
+
 /// Writes the WASI preview1 reactor adapter of the pinned wasmtime (for `wasm-tools component
 /// new --adapt`), so a core module built against wasi-libc becomes a WASI 0.2 component.
 fn write_wasi_adapter(out: &str) -> Result<()> {
     let adapter = wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER;
     std::fs::write(out, adapter).with_context(|| format!("writing {out}"))?;
     eprintln!("xtask: wrote {out} ({} bytes)", adapter.len());
+    Ok(())
+}
+
+/// C bindings of `world` in `wit` into `out` (what `wit-bindgen c` writes).
+fn wit_bindgen_c(wit: &Path, world: &str, out: &Path) -> Result<()> {
+    let mut resolve = wit_bindgen_core::wit_parser::Resolve::default();
+    let (package, _) = resolve.push_path(wit).with_context(|| format!("{}", wit.display()))?;
+    let world = resolve.select_world(&[package], Some(world))?;
+    let mut files = wit_bindgen_core::Files::default();
+    wit_bindgen_c::Opts::default().build().generate(&mut resolve, world, &mut files)?;
+    std::fs::create_dir_all(out)?;
+    for (name, contents) in files.iter() {
+        std::fs::write(out.join(name), contents).with_context(|| format!("writing {name}"))?;
+        eprintln!("xtask: wrote {}", out.join(name).display());
+    }
+    Ok(())
+}
+
+/// A core module with Harbor's world embedded, wrapped into a component (what `wasm-tools
+/// component new` does), with the WASI preview1 adapter if given.
+fn component_new(core: &Path, out: &Path, adapter: Option<&Path>) -> Result<()> {
+    let module = std::fs::read(core).with_context(|| format!("{}", core.display()))?;
+    let mut encoder = wit_component::ComponentEncoder::default();
+    let mut encoder = encoder.validate(true).module(&module)?;
+    if let Some(adapter) = adapter {
+        let bytes = std::fs::read(adapter).with_context(|| format!("{}", adapter.display()))?;
+        encoder = encoder.adapter("wasi_snapshot_preview1", &bytes)?;
+    }
+    let component = encoder.encode().with_context(|| format!("{}: encoding the component", core.display()))?;
+    std::fs::write(out, &component).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("xtask: wrote {} ({} bytes)", out.display(), component.len());
     Ok(())
 }
 
@@ -415,13 +465,25 @@ fn install_debian_packages() -> Result<()> {
 }
 
 fn test(root: &Path) -> Result<()> {
+    let started = std::time::Instant::now();
+    let stage = |name: &str| eprintln!("xtask: stage {name} done at {} s", started.elapsed().as_secs());
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     validate_kubernetes_manifests(root)?;
     install_test_peers(root)?;
+    stage("fmt, manifests, peers");
     build_strategies(root)?;
-    build_polyglot()?;
+    stage("Rust strategies");
+    // Everything is compiled once, with the features the tests use: the test binaries and the
+    // debug `harbor` that checks the polyglot strategies (a `cargo build -p harbor` would
+    // unify other features and build wasmtime a second time).
+    run(cargo().args(["test", "--workspace", "--no-run"]))?;
+    stage("test build");
+    build_polyglot_with(&target_dir(root).join("debug").join("harbor"))?;
+    stage("polyglot strategies");
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    stage("clippy");
     run(cargo().args(["test", "--workspace"]))?;
+    stage("tests");
     // The relay and drain tests again, against `relay = kernel` (BPF sockhash).
     run(cargo()
         .args(["test", "-p", "harbor", "--test", "relay", "--test", "resilience"])
@@ -430,5 +492,8 @@ fn test(root: &Path) -> Result<()> {
     run(cargo()
         .args(["test", "-p", "harbor", "--test", "relay", "--test", "resilience"])
         .env("HARBOR_TEST_RUNTIME", "per-core"))?;
-    check_split_debug_info(root)
+    stage("relay and drain tests on the kernel relay and on shards");
+    check_split_debug_info(root)?;
+    stage("split debug info");
+    Ok(())
 }
