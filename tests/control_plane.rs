@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use common::*;
+use harbor::{Config, Harbor};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -693,4 +694,61 @@ async fn defer_accept_takes_a_client_once_it_speaks_and_a_reload_turns_it_off() 
     assert!(eventually(STEP, || dialed.load(Ordering::SeqCst) == 2).await.is_some(), "not dialed");
     backend_task.abort();
     harbor.stop().await.unwrap();
+}
+
+/// The one lifecycle through a drain: `/healthz`, `/readyz`, the status page, systemd's
+/// notifications, the binary upgrade and the phase itself all say the same thing at each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reader_of_the_lifecycle_agrees_through_a_drain() {
+    use harbor::control::lifecycle::Phase;
+    let (backend, _stop) = echo_backend("b1").await;
+    let mut config = config(&[backend]);
+    config.admin = Some("127.0.0.1:0".parse().unwrap());
+    config.shutdown_grace = Duration::from_secs(30);
+    let dir = temp_dir("lifecycle");
+    let notify = std::os::unix::net::UnixDatagram::bind(dir.join("notify")).expect("notify socket");
+    notify.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let harbor = Harbor::bind(Config { cache_dir: None, ..config }).await.expect("harbor binds");
+    let control = harbor.control();
+    control.set_notifier(harbor::control::systemd::Notifier::to(dir.join("notify")));
+    let admin = harbor.admin_addr().unwrap();
+    assert_eq!(control.lifecycle.phase(), Phase::Starting);
+    let mut phases = control.lifecycle.watch();
+    let running = harbor.spawn();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("READY=1"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+
+    let status = |body: &str| serde_json::from_str::<serde_json::Value>(body).expect("status JSON");
+    assert_eq!(control.lifecycle.phase(), Phase::Serving);
+    assert_eq!(admin_get(admin, "/healthz").await, (200, "ok\n".to_string()));
+    assert_eq!(admin_get(admin, "/readyz").await, (200, "ready\n".to_string()));
+    let serving = status(&admin_get(admin, "/status").await.1);
+    assert_eq!((serving["phase"].as_str(), serving["draining"].as_bool()), (Some("serving"), Some(false)));
+
+    // A connection in flight keeps the drain going until it ends.
+    let (greeting, client) = connect_and_greet(running.addr).await;
+    assert_eq!(greeting, "b1");
+    let stopping = tokio::spawn(running.stop());
+    tokio::time::timeout(Duration::from_secs(5), phases.wait_for(|p| *p == Phase::Draining))
+        .await
+        .expect("draining within 5 s")
+        .expect("the phase is watched");
+    let n = notify.recv(&mut buf).expect("STOPPING=1");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("STOPPING=1"));
+    assert_eq!(admin_get(admin, "/healthz").await, (503, "draining\n".to_string()));
+    assert_eq!(admin_get(admin, "/readyz").await, (503, "draining\n".to_string()));
+    let draining = status(&admin_get(admin, "/status").await.1);
+    assert_eq!((draining["phase"].as_str(), draining["draining"].as_bool()), (Some("draining"), Some(true)));
+    let upgrader = harbor::control::upgrade::Upgrader::of_this_process(Duration::from_secs(1)).expect("this process");
+    let refused = harbor::control::upgrade::upgrade(&control, &upgrader).await;
+    assert!(matches!(refused, Err(harbor::control::upgrade::UpgradeError::Draining)), "{refused:?}");
+    assert!(!stopping.is_finished(), "the client is still connected");
+
+    drop(client);
+    let report = tokio::time::timeout(Duration::from_secs(10), stopping).await.expect("drained").unwrap().unwrap();
+    assert_eq!(report.cut_connections, 0);
+    assert_eq!(control.lifecycle.phase(), Phase::Stopped);
+    assert!(control.background_token().is_cancelled(), "background work ends when stopped");
+    let _ = std::fs::remove_dir_all(&dir);
 }

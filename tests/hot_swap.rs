@@ -174,7 +174,7 @@ async fn twenty_four_swaps_with_broken_files_lose_no_connection() {
     // broken file is rejected (and logged) once.
     assert_eq!(rejected, broken.len() as f64);
     assert!(rejected_files > broken.len());
-    // Debug builds under test load compile slowly; release figures are in the README.
+    // Debug builds under test load compile slowly; release figures are in bench/reference/history.md.
     assert!(slowest < Duration::from_secs(5), "a swap took {slowest:?}");
     assert_eq!(m.get("harbor_no_backend_total"), 0.0);
     // The compiled-component cache stays bounded however many swaps there were.

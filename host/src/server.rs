@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use crate::access_log::AccessLog;
 use crate::backends::pool::BackendPool;
 use crate::config::{Config, RuntimeMode};
 use crate::control::admin;
+use crate::control::lifecycle::{Lifecycle, Phase};
 use crate::control::systemd::Notifier;
 use crate::control::upgrade::Handover;
 use crate::control::Control;
@@ -71,7 +71,6 @@ impl Harbor {
         };
         let inherited_admin = handover.admin.take();
         let changes = std::mem::take(&mut handover.changes);
-        let background = CancellationToken::new();
         let control = Arc::new(Control {
             services: ArcSwap::from_pointee(Vec::new()),
             metrics,
@@ -79,16 +78,12 @@ impl Harbor {
             #[cfg(target_os = "linux")]
             kernel_relay: load_kernel_relay(&config),
             tracker: TaskTracker::new(),
-            cut: CancellationToken::new(),
-            draining: AtomicBool::new(false),
-            admin_stop: background.child_token(),
-            background,
+            lifecycle: Lifecycle::new(),
             config: Mutex::new(config.clone()),
             source: Mutex::new(None),
             resolver: Mutex::new(None),
             notifier: Mutex::new(Notifier::none()),
             reload_lock: tokio::sync::Mutex::new(()),
-            stopping: CancellationToken::new(),
             upgrade_lock: tokio::sync::Mutex::new(()),
             admin_handoff: Mutex::new(None),
             handover: Mutex::new(handover),
@@ -166,7 +161,8 @@ impl Harbor {
     /// period to finish, and are cut after it.
     pub async fn run(self, shutdown: CancellationToken) -> Result<DrainReport, HarborError> {
         let Harbor { control, listeners, admin } = self;
-        let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&control), control.admin_stop.clone())));
+        let admin_task =
+            admin.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&control), control.lifecycle.admin_token())));
         for (service, configured, listener) in listeners {
             let passed_in = control.take_passed_in(configured);
             service.serve(listener, configured, passed_in, &control.tracker, &control.shards);
@@ -185,14 +181,12 @@ impl Harbor {
             }
             handover.announce_ready();
         }
-        control.notifier().ready();
+        control.enter(Phase::Serving);
 
         shutdown.cancelled().await;
-        control.notifier().stopping();
-        control.stopping.cancel();
+        control.enter(Phase::Draining);
         // Refuse new connections from here on; no reload may start.
         let _serial = control.reload_lock.lock().await;
-        control.draining.store(true, Ordering::Relaxed);
         let mut accepted = Ok(());
         for service in control.services.load().iter() {
             if let Err(error) = service.stop_listening().await {
@@ -211,10 +205,10 @@ impl Harbor {
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             report.cut_connections = tracker.len();
             tracing::warn!(cut = report.cut_connections, "grace period over: cutting the remaining connections");
-            control.cut.cancel();
+            control.lifecycle.cut_connections();
             let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
         }
-        control.background.cancel();
+        control.enter(Phase::Stopped);
         if let Some(task) = admin_task {
             let _ = task.await;
         }

@@ -861,7 +861,7 @@ impl Config {
         out
     }
 
-    /// Every setting, documented: for `harbor check --settings` and the README.
+    /// Every setting, documented: for `harbor check --settings` and docs/operating.md.
     pub fn settings_docs() -> impl Iterator<Item = &'static SettingDoc> {
         Globals::DOCS.iter().chain(ServiceDefinition::DOCS).chain(Tunables::DOCS)
     }

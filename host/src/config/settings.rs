@@ -73,7 +73,7 @@ impl InRange for Option<u64> {
     }
 }
 
-/// One setting as documented: `harbor check --settings` and the README's table come from these.
+/// One setting as documented: `harbor check --settings` and the table in docs/operating.md come from these.
 #[derive(Debug, Clone, Copy)]
 pub struct SettingDoc {
     pub key: &'static str,

@@ -255,10 +255,10 @@ fn a_public_admin_address_needs_a_token() {
 
 #[test]
 fn every_setting_is_in_the_readme() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operating.md")).unwrap();
     for doc in Config::settings_docs() {
         let flag = format!("--{}", doc.key.replace('_', "-"));
-        assert!(readme.contains(&format!("`{flag}`")), "README does not document {flag}");
+        assert!(readme.contains(&format!("`{flag}`")), "docs/operating.md does not document {flag}");
     }
 }
 

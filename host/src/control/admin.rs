@@ -1,10 +1,11 @@
 //! The admin HTTP server: `/metrics` (Prometheus text); `/services`, `/services/{s}/backends`
-//! and writes to them (JSON, bearer token); `/backends` and `/strategy` for the default
-//! service; `/healthz` (200 while serving, 503 while draining).
+//! and writes to them (JSON, bearer token), `/services/{s}/shadow` (a candidate strategy) and
+//! `/services/{s}/record` (a trace of real picks); `/backends` and `/strategy` for the default
+//! service; the status page (`/`, `/status`); `/healthz` (200 until the drain, then the phase)
+//! and `/readyz` (200 while serving with a healthy backend in every service).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::backends::membership::{MembershipError, Override};
+use crate::control::lifecycle::Phase;
 use crate::control::Control;
 use crate::proxy::service::Service;
 
@@ -187,13 +189,10 @@ async fn route(req: Request<Incoming>, control: &Control) -> Reply {
             }
             respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", control.metrics.encode())
         }
-        (true, ["healthz"]) => {
-            if control.draining.load(Ordering::Relaxed) {
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into())
-            } else {
-                respond(StatusCode::OK, "text/plain", "ok\n".into())
-            }
-        }
+        (true, ["healthz"]) => match control.lifecycle.phase() {
+            Phase::Starting | Phase::Serving => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+            phase => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{}\n", phase.as_str())),
+        },
         (true, ["readyz"]) => readiness(control),
         (true, ["status"]) => json(&crate::control::status_page::status(control)),
         (true, [] | ["ui", _]) => match crate::control::status_page::asset(&path) {
@@ -232,8 +231,9 @@ async fn route(req: Request<Incoming>, control: &Control) -> Reply {
 /// `/readyz`: 200 while accepting with at least one healthy backend in every service; 503
 /// naming what is missing otherwise.
 fn readiness(control: &Control) -> Reply {
-    if control.draining.load(Ordering::Relaxed) {
-        return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".into());
+    match control.lifecycle.phase() {
+        Phase::Serving => {}
+        phase => return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{}\n", phase.as_str())),
     }
     let empty: Vec<String> = control
         .services

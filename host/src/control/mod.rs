@@ -4,6 +4,7 @@
 //! manager ([`systemd`]) all work on one [`Control`]; connections never see it.
 
 pub mod admin;
+pub mod lifecycle;
 pub mod reload;
 pub mod status_page;
 pub mod systemd;
@@ -11,7 +12,6 @@ pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ use crate::proxy::service::Service;
 use crate::proxy::shards::Shards;
 use crate::strategy::watch::{spawn_watcher, WatchTarget};
 use crate::strategy::{GuestLimits, StrategyHost};
+use lifecycle::{Lifecycle, Phase};
 use systemd::Notifier;
 use upgrade::Handover;
 
@@ -47,12 +48,8 @@ pub struct Control {
     pub metrics: Arc<Metrics>,
     /// Every connection of every service, for the drain.
     pub(crate) tracker: TaskTracker,
-    /// Cancelled when the grace period ends: every relay still running is cut.
-    pub(crate) cut: CancellationToken,
-    /// True once shutdown has begun (`/healthz` answers 503).
-    pub draining: AtomicBool,
-    /// Stops the admin server, watchers, probes and reapers once draining is over.
-    pub(crate) background: CancellationToken,
+    /// Starting, serving, draining, stopped: the one phase everything reads.
+    pub lifecycle: Lifecycle,
     pub(crate) config: Mutex<Config>,
     pub(crate) source: Mutex<Option<Arc<ConfigSource>>>,
     /// The resolver of DNS backends, made when a service first needs one.
@@ -65,14 +62,10 @@ pub struct Control {
     #[cfg(target_os = "linux")]
     pub(crate) kernel_relay: Option<Arc<crate::proxy::kernel_relay::KernelRelay>>,
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
-    /// Cancelled when draining begins: a reload still preparing (binding, compiling) gives up.
-    pub(crate) stopping: CancellationToken,
     /// Held while a binary upgrade runs: one at a time.
     pub(crate) upgrade_lock: tokio::sync::Mutex<()>,
     /// A second descriptor of the admin listener (and its configured address), for an upgrade.
     pub(crate) admin_handoff: Mutex<Option<(SocketAddr, OwnedFd)>>,
-    /// Stops the admin server: at the end of the drain, or at once when an upgrade hands over.
-    pub(crate) admin_stop: CancellationToken,
     /// What the previous process handed over; its readiness pipe is written once serving.
     pub(crate) handover: Mutex<Handover>,
     /// When this process started serving, for the status page.
@@ -99,7 +92,18 @@ impl Control {
 
     /// True once draining has begun.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed) || self.stopping.is_cancelled()
+        self.lifecycle.is_draining()
+    }
+
+    /// Moves the lifecycle forward to `phase` and tells the service manager.
+    pub(crate) fn enter(&self, phase: Phase) {
+        if self.lifecycle.enter(phase) {
+            match phase {
+                Phase::Serving => self.notifier().ready(),
+                Phase::Draining => self.notifier().stopping(),
+                Phase::Starting | Phase::Stopped => {}
+            }
+        }
     }
 
     /// A new descriptor of the admin listener, by configured address, for an upgrade.
@@ -118,12 +122,12 @@ impl Control {
         let notifier = self.notifier();
         notifier.notify(&format!("MAINPID={pid}\nREADY=1\nSTATUS=serving (upgraded)"));
         self.set_notifier(Notifier::none());
-        self.admin_stop.cancel();
+        self.lifecycle.stop_admin();
     }
 
-    /// Cancelled once draining is over: background work stops.
+    /// Cancelled once stopped: background work ends.
     pub fn background_token(&self) -> CancellationToken {
-        self.background.clone()
+        self.lifecycle.background().clone()
     }
 
     /// The bearer token admin writes need, if one is configured.
@@ -237,14 +241,14 @@ impl Control {
     pub(crate) async fn build_service(&self, cfg: &ServiceConfig, workers: usize) -> Result<Arc<Service>, HarborError> {
         let strategy = self.strategy_host(cfg, workers, None)?;
         reload::load_strategy(&strategy, cfg).await?;
-        let background = self.background.child_token();
+        let background = self.lifecycle.background().child_token();
         let membership = Membership::new(
             &cfg.name,
             &cfg.backends,
             cfg.health.clone(),
             cfg.tunables.drain_timeout(),
             Arc::clone(&self.metrics),
-            self.cut.clone(),
+            self.lifecycle.cut_token().clone(),
             background.clone(),
         );
         membership.spawn_reaper();

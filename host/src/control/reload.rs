@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use notify_debouncer_full::{new_debouncer, DebounceEventResult};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError, ServiceConfig};
+use crate::control::lifecycle::Phase;
 use crate::control::Control;
 use crate::error::HarborError;
 use crate::proxy::context::{ConnectionLimits, ServiceContext};
@@ -133,7 +133,7 @@ impl Control {
     /// a strategy) is done before anything changes.
     pub async fn apply(&self, new: Config) -> Result<ReloadReport, HarborError> {
         let _serial = self.reload_lock.lock().await;
-        if self.draining.load(Ordering::Relaxed) {
+        if self.lifecycle.is_draining() {
             return Err(HarborError::Draining);
         }
         {
@@ -161,7 +161,7 @@ impl Control {
         // what was prepared, and stops the background work of services built for it.
         let mut prepared = Vec::new();
         let outcome = tokio::select! {
-            _ = self.stopping.cancelled() => Err(HarborError::Draining),
+            _ = self.lifecycle.reached(Phase::Draining) => Err(HarborError::Draining),
             result = self.prepare(&new, &current, workers, &mut prepared) => result,
         };
         if let Err(error) = outcome {

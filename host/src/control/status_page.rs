@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::backends::pool::BackendView;
+use crate::control::lifecycle::Phase;
 use crate::control::Control;
 use crate::metrics::{COMMIT, VERSION};
 use crate::strategy::StrategyStatus;
@@ -51,6 +52,9 @@ pub struct Status {
     pub commit: &'static str,
     pub started_at_unix_ms: u64,
     pub now_unix_ms: u64,
+    /// The lifecycle's phase: starting, serving, draining or stopped.
+    pub phase: Phase,
+    /// True from the start of the drain on (the phase says the same).
     pub draining: bool,
     /// `open` (loopback, no token), `token` (writes need the bearer token) or `off`.
     pub writes: &'static str,
@@ -100,6 +104,7 @@ pub fn status(control: &Control) -> Status {
         commit: COMMIT,
         started_at_unix_ms: unix_ms(control.started_at),
         now_unix_ms: unix_ms(crate::clock::wall()),
+        phase: control.lifecycle.phase(),
         draining: control.is_draining(),
         writes,
         services,

@@ -24,6 +24,11 @@ impl Notifier {
         Notifier { target: std::env::var_os("NOTIFY_SOCKET").map(PathBuf::from) }
     }
 
+    /// To the datagram socket at `path`.
+    pub fn to(path: PathBuf) -> Notifier {
+        Notifier { target: Some(path) }
+    }
+
     /// A notifier that sends nothing.
     pub fn none() -> Notifier {
         Notifier { target: None }
