@@ -23,7 +23,7 @@ async fn run_polyglot(file: &str, expected_name: &str, sandboxed: bool) {
     let (backends, _stops) = echo_backends(3).await;
     let mut cfg = config(&backends);
     cfg.service_mut().strategy = Some(path);
-    let harbor = start(cfg).await;
+    let harbor = start_with_compile_cache(cfg).await;
     let status = harbor.strategy().status();
     assert_eq!((status.kind, status.name.as_str()), ("wasm", expected_name));
     assert_eq!(status.wasi_sandbox, sandboxed, "{file}: wasi_sandbox");

@@ -151,6 +151,17 @@ pub async fn start(config: Config) -> RunningHarbor {
     Harbor::bind(config).await.expect("harbor binds").spawn()
 }
 
+/// [`start`], with Harbor's compile cache on (its default directory): for suites that load
+/// components the test command has already compiled through Harbor (`harbor strategy check`
+/// of every polyglot build), which would otherwise compile each 10-20 MB component again.
+pub async fn start_with_compile_cache(config: Config) -> RunningHarbor {
+    if let Ok(filter) = std::env::var("HARBOR_TEST_LOG") {
+        harbor::logging::init(harbor::config::LogFormat::Human, &filter);
+    }
+    let config = Config { cache_dir: harbor::config::cache_dir_of(None), ..config };
+    Harbor::bind(config).await.expect("harbor binds").spawn()
+}
+
 /// Connects, reads the backend's greeting line, and returns it with the open stream.
 pub async fn connect_and_greet(addr: SocketAddr) -> (String, TcpStream) {
     let mut stream =

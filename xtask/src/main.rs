@@ -484,14 +484,12 @@ fn test(root: &Path) -> Result<()> {
     stage("clippy");
     run(cargo().args(["test", "--workspace"]))?;
     stage("tests");
-    // The relay and drain tests again, against `relay = kernel` (BPF sockhash).
-    run(cargo()
-        .args(["test", "-p", "harbor", "--test", "relay", "--test", "resilience"])
-        .env("HARBOR_TEST_RELAY", "kernel"))?;
-    // And on per-core shards (`runtime = per-core`), where each connection stays on its thread.
-    run(cargo()
-        .args(["test", "-p", "harbor", "--test", "relay", "--test", "resilience"])
-        .env("HARBOR_TEST_RUNTIME", "per-core"))?;
+    // The relay and drain tests again, against `relay = kernel` (BPF sockhash), and on per-core
+    // shards (`runtime = per-core`), where each connection stays on its thread. `--workspace`
+    // keeps the features of the build above, so nothing is compiled again.
+    let again = ["test", "--workspace", "--test", "relay", "--test", "resilience"];
+    run(cargo().args(again).env("HARBOR_TEST_RELAY", "kernel"))?;
+    run(cargo().args(again).env("HARBOR_TEST_RUNTIME", "per-core"))?;
     stage("relay and drain tests on the kernel relay and on shards");
     check_split_debug_info(root)?;
     stage("split debug info");
