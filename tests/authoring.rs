@@ -110,34 +110,6 @@ fn simulate_reads_a_scenario_and_flags_a_bad_one() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `simulate` draws clients from a population and kills and revives a backend on schedule:
-/// maglev keeps clients on their backend and moves about a quarter of them when one of four
-/// dies; least_conn keeps none.
-#[test]
-fn simulate_reports_affinity_across_a_backend_death_and_revival() {
-    use harbor::strategy::simulate::{simulate, Scenario};
-    let scenario: Scenario = toml::from_str(
-        "connections = 20000\narrival_per_sec = 2000.0\nmean_duration_ms = 20.0\nclients = 500\n\
-         [[backend]]\n[[backend]]\n[[backend]]\ndown_at = 0.5\nup_at = 0.75\n[[backend]]\n",
-    )
-    .unwrap();
-    scenario.validate().unwrap();
-    let run = |name: &str| {
-        let path = strategy(name);
-        simulate(&std::fs::read(&path).unwrap(), &path, &scenario, "").unwrap()
-    };
-    let maglev = run("maglev");
-    let least_conn = run("least_conn");
-    let share = |(moved, of): (u64, u64)| moved as f64 / of.max(1) as f64;
-    println!("{}{}", maglev.render(&scenario), least_conn.render(&scenario));
-    // Only the dead backend's clients move, and they come back.
-    assert!(share(maglev.moved_when_down) < 0.35, "{:?}", maglev.moved_when_down);
-    assert!(share(maglev.moved_when_up) < 0.35, "{:?}", maglev.moved_when_up);
-    assert!(maglev.sticky_clients as f64 / maglev.returning_clients as f64 > 0.6, "{maglev:?}");
-    assert!(share(least_conn.moved_when_down) > 0.5, "{:?}", least_conn.moved_when_down);
-    assert!(maglev.render(&scenario).contains("moved when a backend died"));
-}
-
 /// The `spread:` line of a check report, as shares in percent per backend.
 fn spread_of(stdout: &str) -> Vec<f64> {
     let line = stdout.lines().find(|l| l.starts_with("spread:")).expect("a spread line");

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-mod harbor_ctl;
+mod tools;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -201,7 +201,7 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Echo(args)) => finish(run_echo(args)),
-        Some(Command::Ctl(args)) => harbor_ctl::run(args),
+        Some(Command::Ctl(args)) => tools::ctl::run(args),
         Some(Command::Strategy { command }) => strategy_tool(command),
         None => match Config::resolve(&cli.run, &env) {
             Ok(config) => finish(run(config, cli.run)),
@@ -363,7 +363,7 @@ fn read_component(path: &std::path::Path) -> Result<Vec<u8>, ExitCode> {
 }
 
 fn strategy_tool(command: StrategyCommand) -> ExitCode {
-    use harbor::strategy::{check, simulate};
+    use tools::{check, simulate};
     match command {
         StrategyCommand::Check { file, backends, picks, clients, scenario, config, cache_dir } => {
             // A check compiles as Harbor does, through the same cache: checking a file first
@@ -410,11 +410,11 @@ fn strategy_tool(command: StrategyCommand) -> ExitCode {
             }
         }
         StrategyCommand::Record { out, picks, service, wait_secs, admin, admin_token_file } => {
-            harbor_ctl::record(harbor_ctl::RecordArgs {
+            tools::ctl::record(tools::ctl::RecordArgs {
                 admin,
                 admin_token_file,
                 service,
-                picks: picks.clamp(1, harbor::strategy::trace::MAX_TRACE_PICKS),
+                picks: picks.clamp(1, harbor::strategy::record::MAX_TRACE_PICKS),
                 wait: std::time::Duration::from_secs(wait_secs.min(86_400)),
                 out,
             })
@@ -424,7 +424,7 @@ fn strategy_tool(command: StrategyCommand) -> ExitCode {
                 Ok(b) => b,
                 Err(code) => return code,
             };
-            match harbor::strategy::trace::replay(&bytes, &file, &trace, &config) {
+            match tools::replay::replay(&bytes, &file, &trace, &config) {
                 Ok(report) => {
                     print!("{}", report.render());
                     ExitCode::SUCCESS

@@ -224,13 +224,20 @@ impl Backend {
     /// Returns the cooldown applied.
     pub fn record_connect_failure(&self, base: Duration, max: Duration) -> Duration {
         let streak = self.failures_in_row.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        let factor = 1u32 << (streak - 1).min(16);
-        let cooldown = base.saturating_mul(factor).min(max);
+        let cooldown = cooldown_after(streak, base, max);
         let until = self.now_ms() + cooldown.as_millis() as u64;
         self.cooldown_until_ms.store(until.max(1), Ordering::Relaxed);
         self.metrics.dial_failures.inc();
         cooldown
     }
+}
+
+/// The one cooldown rule: after the `streak`-th connect failure in a row (1, 2, …), `base`
+/// doubled per failure before it, up to `max`. The live path and `harbor strategy simulate`
+/// both use it.
+pub fn cooldown_after(streak: u32, base: Duration, max: Duration) -> Duration {
+    let factor = 1u32 << streak.saturating_sub(1).min(16);
+    base.saturating_mul(factor).min(max)
 }
 
 impl Backend {

@@ -324,13 +324,13 @@ async fn service_route(req: Request<Incoming>, method: &Method, service: &Servic
             let limit = match body.get("picks") {
                 None => 10_000,
                 Some(v) => {
-                    match v.as_u64().filter(|p| (1..=crate::strategy::trace::MAX_TRACE_PICKS as u64).contains(p)) {
+                    match v.as_u64().filter(|p| (1..=crate::strategy::record::MAX_TRACE_PICKS as u64).contains(p)) {
                         Some(p) => p as usize,
                         None => {
                             return error(
                                 StatusCode::BAD_REQUEST,
                                 Some("picks"),
-                                format!("give 1 to {}", crate::strategy::trace::MAX_TRACE_PICKS),
+                                format!("give 1 to {}", crate::strategy::record::MAX_TRACE_PICKS),
                             )
                         }
                     }

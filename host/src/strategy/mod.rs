@@ -3,12 +3,11 @@
 //! faults, and swaps strategies atomically.
 
 pub mod answer;
-pub mod check;
 pub mod fallback;
+pub mod record;
 pub mod runtime;
+pub mod samples;
 pub mod shadow;
-pub mod simulate;
-pub mod trace;
 pub mod watch;
 
 use std::cell::RefCell;
@@ -191,7 +190,7 @@ pub struct StrategyHost {
     /// A candidate run beside the active strategy, its answers only recorded.
     shadow: arc_swap::ArcSwapOption<shadow::Shadow>,
     /// A recording of picks in progress (or finished, until it is fetched and stopped).
-    recorder: arc_swap::ArcSwapOption<trace::Recorder>,
+    recorder: arc_swap::ArcSwapOption<record::Recorder>,
     /// Cancelled when Harbor starts draining: loads in progress are abandoned, none activates.
     stopping: CancellationToken,
 }
@@ -604,13 +603,13 @@ impl StrategyHost {
     }
 
     /// Starts recording the next `limit` picks (replacing a recording there was).
-    pub fn start_recording(&self, limit: usize) -> trace::RecordStatus {
+    pub fn start_recording(&self, limit: usize) -> record::RecordStatus {
         let active = self.active.load();
         let (name, sha) = match active.current.as_ref() {
             Some(s) => (s.name.clone(), Some(s.sha256.clone())),
             None => ("round-robin".to_string(), None),
         };
-        let recorder = Arc::new(trace::Recorder::new(limit, &self.service, &name, sha));
+        let recorder = Arc::new(record::Recorder::new(limit, &self.service, &name, sha));
         let status = recorder.status();
         self.recorder.store(Some(recorder));
         tracing::info!(service = %self.service, limit = status.limit, "recording picks");
@@ -618,7 +617,7 @@ impl StrategyHost {
     }
 
     /// The recording's counts, if there is one.
-    pub fn recording_status(&self) -> Option<trace::RecordStatus> {
+    pub fn recording_status(&self) -> Option<record::RecordStatus> {
         self.recorder.load().as_ref().map(|r| r.status())
     }
 

@@ -2,24 +2,25 @@
 //! synthetic traffic — arrivals, durations, backends of different speeds and weights, connect
 //! failures with cooldown, a draining backend — and reports how it spread the load.
 
-use crate::clock::Instant;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
-use super::answer::{judge, placement, BackendStats, Snapshot, Verdict};
-use super::check::{population_client, sample_connection};
-use super::runtime::bindings::BackendFacts;
-use super::runtime::engine::StrategyEngine;
-use super::runtime::instance::Instance;
-use super::runtime::instance::InstanceFault;
-use super::runtime::loaded::sha256_hex;
-use super::{GuestLimits, LoadedStrategy, StrategyError};
-use crate::backends::pool::BackendState;
+use harbor::backends::pool::{cooldown_after, BackendState};
+use harbor::strategy::answer::{judge, placement, BackendStats, Snapshot, Verdict};
+use harbor::strategy::runtime::bindings::BackendFacts;
+use harbor::strategy::runtime::engine::StrategyEngine;
+use harbor::strategy::runtime::instance::Instance;
+use harbor::strategy::runtime::instance::InstanceFault;
+use harbor::strategy::runtime::loaded::sha256_hex;
+use harbor::strategy::samples::{population_client, sample_connection};
+use harbor::strategy::{GuestLimits, LoadedStrategy, StrategyError};
 
 /// One simulated backend.
 #[derive(Debug, Clone, Deserialize)]
@@ -33,8 +34,12 @@ pub struct SimBackend {
     /// Probability that a connect to it fails.
     #[serde(default)]
     pub fail_rate: f64,
+    /// The first cooldown after a failed connect; each failure in a row doubles it up to
+    /// `max_cooldown_ms`, as in Harbor.
     #[serde(default = "default_cooldown")]
     pub cooldown_ms: f64,
+    #[serde(default = "default_max_cooldown")]
+    pub max_cooldown_ms: f64,
     /// Fraction of the run after which it drains.
     #[serde(default)]
     pub drain_at: Option<f64>,
@@ -64,6 +69,9 @@ fn default_seed() -> u64 {
 }
 fn default_cooldown() -> f64 {
     5000.0
+}
+fn default_max_cooldown() -> f64 {
+    60_000.0
 }
 
 /// A simulated run, as read from `--scenario FILE.toml`.
@@ -106,6 +114,7 @@ impl Scenario {
                 speed: [1.0, 2.0, 0.5][i % 3],
                 fail_rate: if i == n - 1 && n > 1 { 0.05 } else { 0.0 },
                 cooldown_ms: 500.0,
+                max_cooldown_ms: 60_000.0,
                 drain_at: (i == 1 && n >= 3).then_some(0.5),
                 // Backend 0 dies at 60 % of the run and comes back at 80 % (with 2 or more).
                 down_at: (i == 0 && n >= 2).then_some(0.6),
@@ -145,8 +154,15 @@ impl Scenario {
             return Err("arrival_per_sec and mean_duration_ms must be positive".into());
         }
         for (i, b) in self.backends.iter().enumerate() {
-            if b.weight == 0 || !positive(b.speed) || !(0.0..=1.0).contains(&b.fail_rate) || b.cooldown_ms < 0.0 {
-                return Err(format!("backend {i}: weight >= 1, speed > 0, fail_rate in 0..=1, cooldown_ms >= 0"));
+            if b.weight == 0
+                || !positive(b.speed)
+                || !(0.0..=1.0).contains(&b.fail_rate)
+                || b.cooldown_ms < 0.0
+                || b.max_cooldown_ms < 0.0
+            {
+                return Err(format!(
+                    "backend {i}: weight >= 1, speed > 0, fail_rate in 0..=1, cooldown_ms and max_cooldown_ms >= 0"
+                ));
             }
             let fraction = |v: Option<f64>| v.is_none_or(|v| (0.0..=1.0).contains(&v));
             if !fraction(b.down_at) || !fraction(b.up_at) || matches!((b.down_at, b.up_at), (Some(d), Some(u)) if u < d)
@@ -197,7 +213,6 @@ impl Traffic {
 #[derive(Debug, Clone)]
 pub struct SimReport {
     pub name: String,
-    pub connections: usize,
     pub picks_per_backend: Vec<u64>,
     pub peak_active: Vec<u32>,
     pub failed_connects: u64,
@@ -298,7 +313,7 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
         source,
         limits,
         config,
-        &super::GuestEnv::default(),
+        &harbor::strategy::GuestEnv::default(),
     )
     .map_err(wrap)?;
     let infos: Vec<BackendFacts> =
@@ -314,7 +329,6 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
     let horizon = traffic.arrivals_ms.last().copied().unwrap_or(0.0);
     let mut report = SimReport {
         name: loaded.name.clone(),
-        connections: scenario.connections,
         picks_per_backend: vec![0; n],
         peak_active: vec![0; n],
         failed_connects: 0,
@@ -425,7 +439,13 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
             if traffic.fail_draws[k][attempt as usize] < spec.fail_rate {
                 report.failed_connects += 1;
                 failures[b] += 1;
-                cooldown_until[b] = now + spec.cooldown_ms;
+                let cooldown = cooldown_after(
+                    failures[b],
+                    Duration::try_from_secs_f64(spec.cooldown_ms / 1000.0).unwrap_or(Duration::MAX),
+                    Duration::try_from_secs_f64(spec.max_cooldown_ms.max(spec.cooldown_ms) / 1000.0)
+                        .unwrap_or(Duration::MAX),
+                );
+                cooldown_until[b] = now + cooldown.as_secs_f64() * 1000.0;
                 excluded = Some(b);
                 if attempt == 1 {
                     report.unplaced += 1;
@@ -461,4 +481,37 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `simulate` draws clients from a population and kills and revives a backend on schedule:
+    /// maglev keeps clients on their backend and moves about a quarter of them when one of four
+    /// dies; least_conn keeps none.
+    #[test]
+    fn simulate_reports_affinity_across_a_backend_death_and_revival() {
+        let scenario: Scenario = toml::from_str(
+            "connections = 20000\narrival_per_sec = 2000.0\nmean_duration_ms = 20.0\nclients = 500\n\
+             [[backend]]\n[[backend]]\n[[backend]]\ndown_at = 0.5\nup_at = 0.75\n[[backend]]\n",
+        )
+        .unwrap();
+        scenario.validate().unwrap();
+        let run = |name: &str| {
+            let path =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../strategies").join(format!("{name}.wasm"));
+            simulate(&std::fs::read(&path).unwrap(), &path, &scenario, "").unwrap()
+        };
+        let maglev = run("maglev");
+        let least_conn = run("least_conn");
+        let share = |(moved, of): (u64, u64)| moved as f64 / of.max(1) as f64;
+        println!("{}{}", maglev.render(&scenario), least_conn.render(&scenario));
+        // Only the dead backend's clients move, and they come back.
+        assert!(share(maglev.moved_when_down) < 0.35, "{:?}", maglev.moved_when_down);
+        assert!(share(maglev.moved_when_up) < 0.35, "{:?}", maglev.moved_when_up);
+        assert!(maglev.sticky_clients as f64 / maglev.returning_clients as f64 > 0.6, "{maglev:?}");
+        assert!(share(least_conn.moved_when_down) > 0.5, "{:?}", least_conn.moved_when_down);
+        assert!(maglev.render(&scenario).contains("moved when a backend died"));
+    }
 }

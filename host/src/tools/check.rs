@@ -1,22 +1,22 @@
 //! `harbor strategy check`: loads a component the way Harbor would, lists what it imports and
 //! exports, then runs `init` and hundreds of picks on sample snapshots and checks every answer.
 
-use crate::clock::Instant;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+use tokio::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::answer::{judge, BackendStats, Snapshot, Verdict};
-use super::runtime::bindings::{BackendFacts, ConnectionFacts, World};
-use super::runtime::engine::{fuel_per_call, StrategyEngine, SET_BACKENDS_FACTOR};
-use super::runtime::instance::InstanceFault;
-use super::runtime::instance::{CallFault, Instance};
-use super::runtime::loaded::sha256_hex;
-use super::{GuestEnv, GuestLimits, LoadedStrategy, StrategyError};
-use crate::backends::pool::BackendState;
+use harbor::backends::pool::BackendState;
+use harbor::strategy::answer::{judge, BackendStats, Snapshot, Verdict};
+use harbor::strategy::runtime::bindings::{ConnectionFacts, World};
+use harbor::strategy::runtime::engine::{fuel_per_call, StrategyEngine, SET_BACKENDS_FACTOR};
+use harbor::strategy::runtime::instance::{CallFault, Instance, InstanceFault};
+use harbor::strategy::runtime::loaded::sha256_hex;
+use harbor::strategy::samples::{population_client, sample_backends, sample_connection};
+use harbor::strategy::{GuestEnv, GuestLimits, LoadedStrategy, StrategyError};
 
 /// What `check` found.
 #[derive(Debug)]
@@ -27,7 +27,7 @@ pub struct CheckReport {
     pub size: usize,
     pub compile_time: Duration,
     /// Where the machine code came from (compiled now, or the compile cache).
-    pub compiled_from: super::runtime::engine::CompiledFrom,
+    pub compiled_from: harbor::strategy::runtime::engine::CompiledFrom,
     pub imports: Vec<String>,
     pub exports: Vec<String>,
     pub wants_reports: bool,
@@ -62,10 +62,9 @@ impl std::fmt::Display for CheckReport {
         writeln!(f, "sha256:        {}", self.sha256)?;
         writeln!(f, "size:          {} bytes", self.size)?;
         let from = match self.compiled_from {
-            super::runtime::engine::CompiledFrom::Compiled => "",
-            super::runtime::engine::CompiledFrom::Memory | super::runtime::engine::CompiledFrom::Disk => {
-                " (from the compile cache)"
-            }
+            harbor::strategy::runtime::engine::CompiledFrom::Compiled => "",
+            harbor::strategy::runtime::engine::CompiledFrom::Memory
+            | harbor::strategy::runtime::engine::CompiledFrom::Disk => " (from the compile cache)",
         };
         writeln!(f, "compile time:  {:.1} ms{from}", self.compile_time.as_secs_f64() * 1e3)?;
         writeln!(
@@ -113,26 +112,6 @@ impl std::fmt::Display for CheckReport {
     }
 }
 
-/// Synthetic backends `127.0.0.1:9001`, ... with weights 1, 2, 3, 1, 2, 3, ...
-pub fn sample_backends(n: usize) -> Vec<BackendFacts> {
-    (0..n)
-        .map(|i| {
-            let mut facts = BackendFacts::plain(format!("127.0.0.1:{}", 9001 + i), 1 + (i % 3) as u32);
-            // Tags as operators write them: a zone each, every fourth a canary.
-            let zone = if i % 2 == 0 { "zone-a" } else { "zone-b" };
-            let tags: Vec<String> =
-                std::iter::once(zone.to_string()).chain((i % 4 == 3).then(|| "canary".to_string())).collect();
-            facts.tags = std::sync::Arc::from(tags);
-            facts
-        })
-        .collect()
-}
-
-/// Client `index` of a population: 10.0.0.1, 10.0.0.2, … (`check` and `simulate`).
-pub fn population_client(index: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(0x0a00_0001u32.wrapping_add(index)))
-}
-
 /// What `check` runs: how many backends and picks, the client population, and optionally a
 /// scenario whose backends (weights, deaths and revivals) replace the synthetic ones.
 #[derive(Debug, Clone)]
@@ -148,25 +127,6 @@ impl CheckPlan {
     /// `backends` synthetic backends, `picks` picks, 1000 clients, no schedule.
     pub fn new(backends: usize, picks: usize) -> CheckPlan {
         CheckPlan { backends, picks, clients: 1000, scenario: None }
-    }
-}
-
-/// A connection as Harbor would send it.
-pub fn sample_connection(sequence: u64, seed: u64) -> ConnectionFacts<'static> {
-    let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 40_000 + (sequence % 20_000) as u16);
-    ConnectionFacts {
-        sequence,
-        seed,
-        client,
-        attempt: 0,
-        local: super::runtime::bindings::LocalAddr::Known(SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
-            9090,
-        )),
-        proxied_client: None,
-        now_millis: sequence,
-        tls: None,
-        first_bytes: &[],
     }
 }
 
