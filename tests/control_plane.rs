@@ -319,16 +319,14 @@ async fn a_backend_that_hangs_is_marked_unhealthy_gets_no_client_and_comes_back(
         backend.unwrap()
     };
     let healthy =
-        eventually(Duration::from_secs(3), || flaky_backend().health() == harbor::backends::pool::Health::Passing)
-            .await;
+        eventually(Duration::from_secs(3), || flaky_backend().health() == harbor::backends::Health::Passing).await;
     assert!(healthy.is_some(), "the flaky backend passes its first probes");
     assert_eq!(echo_roundtrip(addr, b"hello").await, "flaky");
 
     hang.store(true, Ordering::Relaxed);
     let hung_at = Instant::now();
     let marked =
-        eventually(Duration::from_secs(5), || flaky_backend().health() == harbor::backends::pool::Health::Failing)
-            .await;
+        eventually(Duration::from_secs(5), || flaky_backend().health() == harbor::backends::Health::Failing).await;
     let took = hung_at.elapsed();
     // The margin is for a loaded CI machine; measured ~410 ms on a quiet one.
     let bound = Duration::from_millis(fall * interval * 11 / 10 + timeout + 1500);
@@ -345,8 +343,7 @@ async fn a_backend_that_hangs_is_marked_unhealthy_gets_no_client_and_comes_back(
     hang.store(false, Ordering::Relaxed);
     let back_at = Instant::now();
     let back =
-        eventually(Duration::from_secs(5), || flaky_backend().health() == harbor::backends::pool::Health::Passing)
-            .await;
+        eventually(Duration::from_secs(5), || flaky_backend().health() == harbor::backends::Health::Passing).await;
     assert!(back.is_some(), "the backend comes back after {rise} good probes");
     println!("recovery to healthy: {:?}", back_at.elapsed());
     assert_eq!(echo_roundtrip(addr, b"again").await, "flaky");
@@ -379,7 +376,7 @@ async fn panic_mode_sends_traffic_when_every_check_fails() {
     let harbor = start(config).await;
     let service = harbor.control.service("panic").unwrap();
     let failing = eventually(Duration::from_secs(3), || {
-        service.context.load().pool.load().iter().all(|b| b.health() == harbor::backends::pool::Health::Failing)
+        service.context.load().pool.load().iter().all(|b| b.health() == harbor::backends::Health::Failing)
     })
     .await;
     assert!(failing.is_some());
@@ -700,7 +697,7 @@ async fn defer_accept_takes_a_client_once_it_speaks_and_a_reload_turns_it_off() 
 /// notifications, the binary upgrade and the phase itself all say the same thing at each step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reader_of_the_lifecycle_agrees_through_a_drain() {
-    use harbor::control::lifecycle::Phase;
+    use harbor::control::Phase;
     let (backend, _stop) = echo_backend("b1").await;
     let mut config = config(&[backend]);
     config.admin = Some("127.0.0.1:0".parse().unwrap());
@@ -710,7 +707,7 @@ async fn every_reader_of_the_lifecycle_agrees_through_a_drain() {
     notify.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let harbor = Harbor::bind(Config { cache_dir: None, ..config }).await.expect("harbor binds");
     let control = harbor.control();
-    control.set_notifier(harbor::control::systemd::Notifier::to(dir.join("notify")));
+    control.set_notifier(harbor::control::Notifier::to(dir.join("notify")));
     let admin = harbor.admin_addr().unwrap();
     assert_eq!(control.lifecycle.phase(), Phase::Starting);
     let mut phases = control.lifecycle.watch();
@@ -740,9 +737,9 @@ async fn every_reader_of_the_lifecycle_agrees_through_a_drain() {
     assert_eq!(admin_get(admin, "/readyz").await, (503, "draining\n".to_string()));
     let draining = status(&admin_get(admin, "/status").await.1);
     assert_eq!((draining["phase"].as_str(), draining["draining"].as_bool()), (Some("draining"), Some(true)));
-    let upgrader = harbor::control::upgrade::Upgrader::of_this_process(Duration::from_secs(1)).expect("this process");
-    let refused = harbor::control::upgrade::upgrade(&control, &upgrader).await;
-    assert!(matches!(refused, Err(harbor::control::upgrade::UpgradeError::Draining)), "{refused:?}");
+    let upgrader = harbor::control::Upgrader::of_this_process(Duration::from_secs(1)).expect("this process");
+    let refused = harbor::control::upgrade(&control, &upgrader).await;
+    assert!(matches!(refused, Err(harbor::control::UpgradeError::Draining)), "{refused:?}");
     assert!(!stopping.is_finished(), "the client is still connected");
 
     drop(client);

@@ -119,7 +119,7 @@ async fn twenty_four_swaps_with_broken_files_lose_no_connection() {
         // A valid strategy, different from the active one.
         let (name, bytes) = good[round % good.len()];
         let how = landings[round % landings.len()];
-        let want = harbor::strategy::runtime::loaded::sha256_hex(bytes);
+        let want = harbor::strategy::runtime::sha256_hex(bytes);
         let landed = Instant::now();
         land(&dir, name, bytes, how).await;
         let took = eventually(Duration::from_secs(5), || host.active_sha256().as_deref() == Some(want.as_str())).await;
@@ -148,7 +148,7 @@ async fn twenty_four_swaps_with_broken_files_lose_no_connection() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     std::fs::create_dir_all(&dir).unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let want = harbor::strategy::runtime::loaded::sha256_hex(&rr);
+    let want = harbor::strategy::runtime::sha256_hex(&rr);
     assert_ne!(host.active_sha256().as_deref(), Some(want.as_str()), "test set-up: need a change");
     land(&dir, "again.wasm", &rr, Landing::Write).await;
     assert!(
@@ -178,8 +178,8 @@ async fn twenty_four_swaps_with_broken_files_lose_no_connection() {
     assert!(slowest < Duration::from_secs(5), "a swap took {slowest:?}");
     assert_eq!(m.get("harbor_no_backend_total"), 0.0);
     // The compiled-component cache stays bounded however many swaps there were.
-    let engine = harbor::strategy::runtime::engine::StrategyEngine::global().unwrap();
-    assert!(engine.cached().0 <= harbor::strategy::runtime::engine::CACHE_ENTRIES, "cache holds {:?}", engine.cached());
+    let engine = harbor::strategy::runtime::StrategyEngine::global().unwrap();
+    assert!(engine.cached().0 <= harbor::strategy::runtime::CACHE_ENTRIES, "cache holds {:?}", engine.cached());
     harbor.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

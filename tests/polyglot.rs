@@ -39,7 +39,7 @@ async fn run_polyglot(file: &str, expected_name: &str, sandboxed: bool) {
 
     // Take a backend away: the strategy must keep placing connections on the others.
     let pool = harbor.pool();
-    pool.get(0).unwrap().set_admin_state(harbor::backends::pool::BackendState::Unhealthy);
+    pool.get(0).unwrap().set_admin_state(harbor::backends::BackendState::Unhealthy);
     for i in 0..10 {
         let name = try_echo_roundtrip(harbor.addr, &pattern(64, i)).await.unwrap();
         assert_ne!(name, "b0", "{file} picked an unhealthy backend");
@@ -169,7 +169,7 @@ async fn run_c_swrr(file: &str, sandboxed: bool) {
     assert!((54..=66).contains(&share("b0")), "weight 3 of 5: {counts:?}");
     assert!((14..=26).contains(&share("b1")) && (14..=26).contains(&share("b2")), "weight 1 of 5: {counts:?}");
 
-    harbor.pool().get(0).unwrap().set_admin_state(harbor::backends::pool::BackendState::Unhealthy);
+    harbor.pool().get(0).unwrap().set_admin_state(harbor::backends::BackendState::Unhealthy);
     let mut after: HashMap<String, usize> = HashMap::new();
     for i in 0..20 {
         let name = try_echo_roundtrip(harbor.addr, &pattern(64, i)).await.unwrap();

@@ -281,13 +281,13 @@ async fn idle_admin_connections_are_capped_and_time_out() {
         }
     }
     assert!(
-        closed_at_once >= 100 - harbor::control::admin::MAX_ADMIN_CONNECTIONS,
+        closed_at_once >= 100 - harbor::control::MAX_ADMIN_CONNECTIONS,
         "only {closed_at_once} of 100 idle admin connections were refused"
     );
     // The data plane is untouched meanwhile.
     echo_roundtrip(harbor.addr, b"data plane").await;
     // After the header deadline every idle one is gone, and scraping works again.
-    tokio::time::sleep(harbor::control::admin::HEADER_DEADLINE + Duration::from_millis(500)).await;
+    tokio::time::sleep(harbor::control::HEADER_DEADLINE + Duration::from_millis(500)).await;
     let mut still_open = 0;
     for stream in &mut idle {
         let mut byte = [0u8; 1];
@@ -297,9 +297,7 @@ async fn idle_admin_connections_are_capped_and_time_out() {
     }
     assert_eq!(still_open, 0, "idle admin connections outlived the header deadline");
     let m = Scrape::fetch(admin).await;
-    assert!(
-        m.get("harbor_admin_connection_drops_total") >= (100 - harbor::control::admin::MAX_ADMIN_CONNECTIONS) as f64
-    );
+    assert!(m.get("harbor_admin_connection_drops_total") >= (100 - harbor::control::MAX_ADMIN_CONNECTIONS) as f64);
     harbor.stop().await.unwrap();
 }
 

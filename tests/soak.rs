@@ -388,7 +388,7 @@ async fn soak() {
     }
     report.push_str(&format!(
         "\nHarbor: relay ends {}; strategy reloads loaded {} / rejected {} / unchanged {}; fallbacks {}\n",
-        harbor::proxy::relay::RelayEnd::LABELS
+        harbor::proxy::RelayEnd::LABELS
             .iter()
             .map(|e| format!("{e} {}", m.get(&format!("harbor_relay_ends_total{{end=\"{e}\"}}"))))
             .collect::<Vec<_>>()

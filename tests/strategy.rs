@@ -267,10 +267,10 @@ async fn the_compiled_cache_stays_bounded_across_many_strategies() {
         host.load_bytes(variant.into_bytes(), Path::new("variant.wat")).await.unwrap();
         try_echo_roundtrip(harbor.addr, b"v").await.unwrap();
     }
-    let engine = harbor::strategy::runtime::engine::StrategyEngine::global().unwrap();
+    let engine = harbor::strategy::runtime::StrategyEngine::global().unwrap();
     let (entries, bytes) = engine.cached();
     assert!(
-        entries <= harbor::strategy::runtime::engine::CACHE_ENTRIES,
+        entries <= harbor::strategy::runtime::CACHE_ENTRIES,
         "{entries} compiled components cached ({bytes} bytes)"
     );
     assert!(entries >= 2, "the cache keeps nothing: {entries}");

@@ -57,7 +57,7 @@ async fn start_up_takes_the_newest_regular_file_that_loads() {
     let bound =
         tokio::time::timeout(STEP, harbor::Harbor::bind(cfg)).await.expect("start-up blocked on a special file");
     let harbor = bound.expect("start-up fails on a bad newer file").spawn();
-    let want = harbor::strategy::runtime::loaded::sha256_hex(&good);
+    let want = harbor::strategy::runtime::sha256_hex(&good);
     assert_eq!(harbor.strategy().active_sha256().as_deref(), Some(want.as_str()));
     for i in 0..4 {
         let name = echo_roundtrip(harbor.addr, b"x").await;
@@ -135,7 +135,7 @@ async fn a_watched_directory_replaced_in_a_blink_is_watched_again() {
         // Give the watcher time to miss it, as it did: then a file lands.
         tokio::time::sleep(Duration::from_millis(100)).await;
         std::fs::write(dir.join(format!("s{round}.wasm")), bytes).unwrap();
-        let want = harbor::strategy::runtime::loaded::sha256_hex(bytes);
+        let want = harbor::strategy::runtime::sha256_hex(bytes);
         let took = eventually(Duration::from_secs(5), || host.active_sha256().as_deref() == Some(want.as_str())).await;
         assert!(took.is_some(), "round {round}: the file in the recreated directory was never loaded");
     }
@@ -239,7 +239,7 @@ async fn a_burst_of_junk_then_a_good_file_is_handled_as_one_batch() {
     let good = std::fs::read(strategy("least_conn")).unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     std::fs::write(dir.join("good.wasm"), &good).unwrap();
-    let want = harbor::strategy::runtime::loaded::sha256_hex(&good);
+    let want = harbor::strategy::runtime::sha256_hex(&good);
     let took = eventually(Duration::from_secs(10), || host.active_sha256().as_deref() == Some(want.as_str())).await;
     let rejected =
         admin_metric(harbor.admin_addr.unwrap(), "harbor_strategy_reloads_total{outcome=\"rejected\"}").await;
@@ -268,7 +268,7 @@ async fn a_file_landing_in_slow_chunks_is_not_rejected_on_the_way() {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     drop(file);
-    let want = harbor::strategy::runtime::loaded::sha256_hex(&good);
+    let want = harbor::strategy::runtime::sha256_hex(&good);
     let host = harbor.strategy();
     let took = eventually(Duration::from_secs(10), || host.active_sha256().as_deref() == Some(want.as_str())).await;
     assert!(took.is_some(), "the slowly written file never became active");

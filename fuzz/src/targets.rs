@@ -9,14 +9,15 @@ use std::time::Duration;
 
 use arbitrary::Unstructured;
 use clap::Parser;
-use harbor::backends::pool::BackendState;
+use harbor::backends::BackendState;
 use harbor::config::{Config, FileConfig, RunArgs};
 use harbor::proxy::client_hello::{parse, Hello, MAX_HELLO_BYTES};
-use harbor::strategy::answer::{judge, BackendStats, Snapshot, Verdict};
-use harbor::strategy::runtime::engine::StrategyEngine;
-use harbor::strategy::runtime::instance::{Instance, InstanceFault};
-use harbor::strategy::runtime::loaded::{sha256_hex, GuestLimits, LoadedStrategy};
-use harbor::strategy::samples::{sample_backends, sample_connection};
+use harbor::strategy::runtime::sha256_hex;
+use harbor::strategy::runtime::StrategyEngine;
+use harbor::strategy::runtime::{Instance, InstanceFault};
+use harbor::strategy::{judge, BackendStats, Snapshot, Verdict};
+use harbor::strategy::{sample_backends, sample_connection};
+use harbor::strategy::{GuestLimits, LoadedStrategy};
 
 /// A template core module for [`component_from_smith`]: a shipped guest's module and its
 /// `component-type` custom sections, which carry the world for wit-component.

@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use harbor::backends::pool::BackendPool;
+use harbor::backends::BackendPool;
 use harbor::config::BackendConfig;
-use harbor::metrics::Metrics;
 use harbor::strategy::{GuestLimits, PickRequest, PickSource, StrategyHost};
+use harbor::Metrics;
 
 fn pool(n: usize) -> BackendPool {
     let configs: Vec<BackendConfig> =
@@ -73,7 +73,7 @@ fn bench_pick(c: &mut Criterion) {
             cases.push((label.to_string(), Some(PathBuf::from(path)), false));
         }
     }
-    let tls = harbor::strategy::runtime::bindings::TlsFacts {
+    let tls = harbor::strategy::runtime::TlsFacts {
         server_name: Some("api.example.com".into()),
         alpn: vec!["h2".into(), "http/1.1".into()],
     };
@@ -87,7 +87,7 @@ fn bench_pick(c: &mut Criterion) {
             let req = PickRequest {
                 pool: &pool,
                 client: "127.0.0.1:40000".parse().expect("addr"),
-                local: harbor::strategy::runtime::bindings::LocalAddr::Known("127.0.0.1:9090".parse().expect("addr")),
+                local: harbor::strategy::runtime::LocalAddr::Known("127.0.0.1:9090".parse().expect("addr")),
                 attempt: 0,
                 excluded: &[],
                 ignore_checks_when_all_fail: false,
@@ -111,7 +111,7 @@ fn bench_pick(c: &mut Criterion) {
 /// The key-value store of 0.2 strategies, host side (a guest's call adds the component
 /// boundary, ~0.1-0.4 µs): a get and a set of 8-byte values in a store of 10 000 entries.
 fn bench_kv(c: &mut Criterion) {
-    use harbor::strategy::runtime::guest_host::KvStore;
+    use harbor::strategy::runtime::KvStore;
     let mut group = c.benchmark_group("kv");
     let store = KvStore::new(20_000, 64 << 20);
     for i in 0..10_000u64 {

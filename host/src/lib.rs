@@ -14,7 +14,7 @@
 //!   upgrade, systemd.
 //! - Beside them: `metrics`, `logging` and `access_log`, used by every layer.
 
-pub mod access_log;
+pub(crate) mod access_log;
 pub mod backends;
 mod clock;
 pub mod config;
@@ -22,11 +22,12 @@ pub mod control;
 pub mod echo;
 mod error;
 pub mod logging;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod proxy;
-pub mod server;
+mod server;
 pub mod strategy;
 
 pub use config::{Config, RunArgs};
 pub use error::HarborError;
+pub use metrics::Metrics;
 pub use server::{DrainReport, Harbor, RunningHarbor};

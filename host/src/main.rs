@@ -241,9 +241,9 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     harbor::logging::init(config.log_format, &config.log_level);
     raise_fd_limit();
     // Before any thread starts: the variables are read and removed.
-    let mut handover = harbor::control::upgrade::take_handover();
-    handover.listeners.extend(harbor::control::systemd::take_listen_fds());
-    let upgrader = harbor::control::upgrade::Upgrader::of_this_process(config.upgrade_timeout);
+    let mut handover = harbor::control::take_handover();
+    handover.listeners.extend(harbor::control::take_listen_fds());
+    let upgrader = harbor::control::Upgrader::of_this_process(config.upgrade_timeout);
     // One worker: a current-thread runtime saves the cross-thread wake-ups of the
     // multi-thread scheduler. Per-core: the connections run on Harbor's own shard threads,
     // and this runtime keeps the rest (admin, health checks, DNS, reloads).
@@ -266,14 +266,14 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
             Err(e) => return Err(e).context("starting"),
         };
         let control = harbor.control();
-        control.set_notifier(harbor::control::systemd::Notifier::from_env());
+        control.set_notifier(harbor::control::Notifier::from_env());
         // A reload reads the same flags, environment and file again.
         control.set_config_source(Box::new(move || {
             let env = |name: &str| std::env::var(name).ok();
             Config::resolve(&args, &env)
         }));
         if let (true, Some(file)) = (watch_config, config_file) {
-            match harbor::control::reload::watch_config_file(Arc::clone(&control), file.clone()) {
+            match harbor::control::watch_config_file(Arc::clone(&control), file.clone()) {
                 Ok(()) => tracing::info!(file = %file.display(), "reloading when the config file changes"),
                 Err(e) => tracing::error!(file = %file.display(), "cannot watch the config file: {e}"),
             }
@@ -282,11 +282,7 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(watch_signals(shutdown.clone()));
         match upgrader {
             Ok(upgrader) => {
-                tokio::spawn(harbor::control::upgrade::upgrade_on_signal(
-                    Arc::clone(&control),
-                    shutdown.clone(),
-                    upgrader,
-                ));
+                tokio::spawn(harbor::control::upgrade_on_signal(Arc::clone(&control), shutdown.clone(), upgrader));
             }
             Err(e) => tracing::error!("cannot find this binary's path: binary upgrades (SIGUSR2) are off: {e}"),
         }
@@ -368,7 +364,7 @@ fn strategy_tool(command: StrategyCommand) -> ExitCode {
         StrategyCommand::Check { file, backends, picks, clients, scenario, config, cache_dir } => {
             // A check compiles as Harbor does, through the same cache: checking a file first
             // makes Harbor's load of it instant, and checking it again costs no compile.
-            match harbor::strategy::runtime::engine::StrategyEngine::global() {
+            match harbor::strategy::runtime::StrategyEngine::global() {
                 Ok(engine) => engine.set_disk_cache(harbor::config::cache_dir_of(cache_dir.as_deref()).as_deref()),
                 Err(e) => {
                     eprintln!("harbor: {e}");
@@ -414,7 +410,7 @@ fn strategy_tool(command: StrategyCommand) -> ExitCode {
                 admin,
                 admin_token_file,
                 service,
-                picks: picks.clamp(1, harbor::strategy::record::MAX_TRACE_PICKS),
+                picks: picks.clamp(1, harbor::strategy::MAX_TRACE_PICKS),
                 wait: std::time::Duration::from_secs(wait_secs.min(86_400)),
                 out,
             })

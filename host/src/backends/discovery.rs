@@ -14,7 +14,6 @@ use hickory_resolver::{ResolveError, TokioResolver};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backends::membership::Membership;
 use crate::config::DnsBackend;
 use crate::metrics::Metrics;
 
@@ -105,11 +104,12 @@ fn fqdn(name: &str) -> String {
     }
 }
 
-/// Follows one name until `stop` is cancelled.
+/// Follows one name until `stop` is cancelled, handing each good answer to `answered` (the
+/// membership's `set_dns`).
 pub fn spawn_follower(
     entry: DnsBackend,
     service: String,
-    membership: Arc<Membership>,
+    answered: impl Fn(&str, Vec<(SocketAddr, u32)>) + Send + 'static,
     resolver: Arc<TokioResolver>,
     refresh: Duration,
     metrics: Arc<Metrics>,
@@ -129,7 +129,7 @@ pub fn spawn_follower(
                     if stop.is_cancelled() {
                         return;
                     }
-                    membership.set_dns(&key, backends);
+                    answered(&key, backends);
                     refresh.min(valid_for.max(MIN_REFRESH))
                 }
                 Err(error) => {

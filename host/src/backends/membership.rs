@@ -308,10 +308,11 @@ impl Membership {
             for entry in entries {
                 let stop = self.background.child_token();
                 state.followers.push(stop.clone());
+                let membership = Arc::clone(self);
                 discovery::spawn_follower(
                     entry.clone(),
                     self.service.clone(),
-                    Arc::clone(self),
+                    move |key: &str, backends| membership.set_dns(key, backends),
                     Arc::clone(&resolver),
                     refresh,
                     Arc::clone(&self.metrics),

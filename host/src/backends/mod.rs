@@ -5,7 +5,9 @@
 //! admin API, DNS, checks, drains); [`discovery`] follows DNS names; [`health`] runs the active
 //! checks.
 
-pub mod discovery;
-pub mod health;
-pub mod membership;
-pub mod pool;
+pub(crate) mod discovery;
+pub(crate) mod health;
+pub(crate) mod membership;
+pub(crate) mod pool;
+
+pub use pool::{cooldown_after, BackendPool, BackendState, Health};

@@ -3,12 +3,12 @@
 //! ([`status_page`]), reloads ([`reload`]), binary upgrades ([`upgrade`]) and the service
 //! manager ([`systemd`]) all work on one [`Control`]; connections never see it.
 
-pub mod admin;
-pub mod lifecycle;
-pub mod reload;
-pub mod status_page;
-pub mod systemd;
-pub mod upgrade;
+pub(crate) mod admin;
+pub(crate) mod lifecycle;
+pub(crate) mod reload;
+pub(crate) mod status_page;
+pub(crate) mod systemd;
+pub(crate) mod upgrade;
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -34,12 +34,15 @@ use crate::proxy::service::Service;
 use crate::proxy::shards::Shards;
 use crate::strategy::watch::{spawn_watcher, WatchTarget};
 use crate::strategy::{GuestLimits, StrategyHost};
-use lifecycle::{Lifecycle, Phase};
-use systemd::Notifier;
+
 use upgrade::Handover;
 
 use crate::error::HarborError;
-pub use reload::{ConfigSource, ReloadReport};
+pub use admin::{HEADER_DEADLINE, MAX_ADMIN_CONNECTIONS};
+pub use lifecycle::{Lifecycle, Phase};
+pub use reload::{watch_config_file, ConfigSource, ReloadReport};
+pub use systemd::{take_listen_fds, Notifier};
+pub use upgrade::{take_handover, upgrade, upgrade_on_signal, UpgradeError, Upgrader};
 
 /// The state the admin server and reloads work on. Connections never see it: each gets its
 /// service's [`ServiceContext`].

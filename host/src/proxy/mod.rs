@@ -8,20 +8,22 @@
 //! PROXY header and [`peek`] reads the first bytes ([`client_hello`] for TLS). [`source_limit`]
 //! caps connections per client network; [`shards`] runs all of it thread-per-core.
 
-pub mod accept;
-pub mod admission;
+pub(crate) mod accept;
+pub(crate) mod admission;
 pub mod client_hello;
-pub mod connect;
-pub mod connection;
-pub mod context;
+pub(crate) mod connect;
+pub(crate) mod connection;
+pub(crate) mod context;
 #[cfg(target_os = "linux")]
-pub mod kernel_relay;
-pub mod listener;
-pub mod peek;
+pub(crate) mod kernel_relay;
+pub(crate) mod listener;
+pub(crate) mod peek;
 pub mod proxy_protocol;
-pub mod relay;
-pub mod service;
-pub mod shards;
-pub mod source_limit;
+pub(crate) mod relay;
+pub(crate) mod service;
+pub(crate) mod shards;
+pub(crate) mod source_limit;
 #[cfg(target_os = "linux")]
-pub mod splice;
+pub(crate) mod splice;
+
+pub use relay::RelayEnd;

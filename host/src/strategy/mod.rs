@@ -2,13 +2,13 @@
 //! WebAssembly strategy (or the built-in round-robin), validates every answer, falls back on
 //! faults, and swaps strategies atomically.
 
-pub mod answer;
-pub mod fallback;
-pub mod record;
+pub(crate) mod answer;
+pub(crate) mod fallback;
+pub(crate) mod record;
 pub mod runtime;
-pub mod samples;
-pub mod shadow;
-pub mod watch;
+pub(crate) mod samples;
+pub(crate) mod shadow;
+pub(crate) mod watch;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -32,7 +32,9 @@ pub use runtime::loaded::{GuestEnv, GuestLimits, LoadedStrategy};
 pub use runtime::StrategyError;
 use runtime::{now_millis, short};
 
-pub use answer::{builtin_round_robin, judge, BackendStats, Snapshot, Verdict, STATS_STRIDE};
+pub use answer::{builtin_round_robin, judge, placement, BackendStats, Snapshot, Verdict, STATS_STRIDE};
+pub use record::{from_hex, state_of, TraceLine, MAX_TRACE_BYTES, MAX_TRACE_PICKS, TRACE_VERSION};
+pub use samples::{population_client, sample_backends, sample_connection};
 
 /// Faults within [`FAULT_WINDOW`] that make Harbor drop a strategy for the previous one.
 pub const MAX_FAULTS: usize = 5;

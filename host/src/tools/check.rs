@@ -9,13 +9,13 @@ use tokio::time::Instant;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use harbor::backends::pool::BackendState;
-use harbor::strategy::answer::{judge, BackendStats, Snapshot, Verdict};
-use harbor::strategy::runtime::bindings::{ConnectionFacts, World};
-use harbor::strategy::runtime::engine::{fuel_per_call, StrategyEngine, SET_BACKENDS_FACTOR};
-use harbor::strategy::runtime::instance::{CallFault, Instance, InstanceFault};
-use harbor::strategy::runtime::loaded::sha256_hex;
-use harbor::strategy::samples::{population_client, sample_backends, sample_connection};
+use harbor::backends::BackendState;
+use harbor::strategy::runtime::sha256_hex;
+use harbor::strategy::runtime::{fuel_per_call, StrategyEngine, SET_BACKENDS_FACTOR};
+use harbor::strategy::runtime::{CallFault, Instance, InstanceFault};
+use harbor::strategy::runtime::{ConnectionFacts, World};
+use harbor::strategy::{judge, BackendStats, Snapshot, Verdict};
+use harbor::strategy::{population_client, sample_backends, sample_connection};
 use harbor::strategy::{GuestEnv, GuestLimits, LoadedStrategy, StrategyError};
 
 /// What `check` found.
@@ -27,7 +27,7 @@ pub struct CheckReport {
     pub size: usize,
     pub compile_time: Duration,
     /// Where the machine code came from (compiled now, or the compile cache).
-    pub compiled_from: harbor::strategy::runtime::engine::CompiledFrom,
+    pub compiled_from: harbor::strategy::runtime::CompiledFrom,
     pub imports: Vec<String>,
     pub exports: Vec<String>,
     pub wants_reports: bool,
@@ -62,9 +62,10 @@ impl std::fmt::Display for CheckReport {
         writeln!(f, "sha256:        {}", self.sha256)?;
         writeln!(f, "size:          {} bytes", self.size)?;
         let from = match self.compiled_from {
-            harbor::strategy::runtime::engine::CompiledFrom::Compiled => "",
-            harbor::strategy::runtime::engine::CompiledFrom::Memory
-            | harbor::strategy::runtime::engine::CompiledFrom::Disk => " (from the compile cache)",
+            harbor::strategy::runtime::CompiledFrom::Compiled => "",
+            harbor::strategy::runtime::CompiledFrom::Memory | harbor::strategy::runtime::CompiledFrom::Disk => {
+                " (from the compile cache)"
+            }
         };
         writeln!(f, "compile time:  {:.1} ms{from}", self.compile_time.as_secs_f64() * 1e3)?;
         writeln!(

@@ -204,7 +204,7 @@ pub fn record(args: RecordArgs) -> ExitCode {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let max = harbor::strategy::record::MAX_TRACE_BYTES as u64;
+    let max = harbor::strategy::MAX_TRACE_BYTES as u64;
     let trace = match request_raw(&args.admin, "GET", &format!("{path}/trace"), None, token.as_deref(), max) {
         Ok((200, trace)) => trace,
         Ok((status, body)) => return fail(format!("{status}: {}", String::from_utf8_lossy(&body).trim())),

@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use harbor::strategy::answer::{judge, BackendStats, Snapshot, Verdict};
-use harbor::strategy::record::{from_hex, state_of, TraceLine, MAX_TRACE_BYTES, TRACE_VERSION};
-use harbor::strategy::runtime::bindings::{BackendFacts, ConnectionFacts, LocalAddr, TlsFacts};
-use harbor::strategy::runtime::engine::StrategyEngine;
-use harbor::strategy::runtime::instance::{Instance, InstanceFault};
-use harbor::strategy::runtime::loaded::sha256_hex;
+use harbor::strategy::runtime::sha256_hex;
+use harbor::strategy::runtime::StrategyEngine;
+use harbor::strategy::runtime::{BackendFacts, ConnectionFacts, LocalAddr, TlsFacts};
+use harbor::strategy::runtime::{Instance, InstanceFault};
+use harbor::strategy::{from_hex, state_of, TraceLine, MAX_TRACE_BYTES, TRACE_VERSION};
+use harbor::strategy::{judge, BackendStats, Snapshot, Verdict};
 use harbor::strategy::{GuestEnv, GuestLimits, LoadedStrategy, StrategyError};
 use tokio::time::Instant;
 

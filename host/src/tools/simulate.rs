@@ -12,14 +12,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
-use harbor::backends::pool::{cooldown_after, BackendState};
-use harbor::strategy::answer::{judge, placement, BackendStats, Snapshot, Verdict};
-use harbor::strategy::runtime::bindings::BackendFacts;
-use harbor::strategy::runtime::engine::StrategyEngine;
-use harbor::strategy::runtime::instance::Instance;
-use harbor::strategy::runtime::instance::InstanceFault;
-use harbor::strategy::runtime::loaded::sha256_hex;
-use harbor::strategy::samples::{population_client, sample_connection};
+use harbor::backends::{cooldown_after, BackendState};
+use harbor::strategy::runtime::sha256_hex;
+use harbor::strategy::runtime::BackendFacts;
+use harbor::strategy::runtime::Instance;
+use harbor::strategy::runtime::InstanceFault;
+use harbor::strategy::runtime::StrategyEngine;
+use harbor::strategy::{judge, placement, BackendStats, Snapshot, Verdict};
+use harbor::strategy::{population_client, sample_connection};
 use harbor::strategy::{GuestLimits, LoadedStrategy, StrategyError};
 
 /// One simulated backend.

@@ -3,13 +3,19 @@
 //! instances ([`instance`]), the WIT bindings of each world ([`bindings`]), the host functions
 //! guests import ([`guest_host`]) and the WASI sandbox ([`wasi`]).
 
-pub mod bindings;
-pub mod disk_cache;
-pub mod engine;
-pub mod guest_host;
-pub mod instance;
-pub mod loaded;
-pub mod wasi;
+pub(crate) mod bindings;
+pub(crate) mod disk_cache;
+pub(crate) mod engine;
+pub(crate) mod guest_host;
+pub(crate) mod instance;
+pub(crate) mod loaded;
+pub(crate) mod wasi;
+
+pub use bindings::{BackendFacts, ConnectionFacts, LocalAddr, TlsFacts, World};
+pub use engine::{fuel_per_call, CompiledFrom, StrategyEngine, CACHE_ENTRIES, SET_BACKENDS_FACTOR};
+pub use guest_host::KvStore;
+pub use instance::{CallFault, Instance, InstanceFault};
+pub use loaded::sha256_hex;
 
 use std::path::PathBuf;
 use std::time::Duration;
