@@ -67,35 +67,35 @@ settings! {
     /// Harbor-wide settings, resolved.
     Globals;
     /// Admin HTTP address (/metrics, /services, /backends, /strategy, /healthz); `off` disables it.
-    admin: String = "127.0.0.1:9100".to_string(), env "HARBOR_ADMIN", legacy "LB_METRICS_ADDR", shown "127.0.0.1:9100";
+    admin: String = "127.0.0.1:9100".to_string(), env "HARBOR_ADMIN", legacy "LB_METRICS_ADDR", shown "127.0.0.1:9100", reload Restart;
     /// File holding the bearer token that admin API writes must present.
-    admin_token_file: PathBuf, env "HARBOR_ADMIN_TOKEN_FILE";
+    admin_token_file: PathBuf, env "HARBOR_ADMIN_TOKEN_FILE", reload Live;
     /// Name servers for DNS backends, ip:port,...; without it, the system's (/etc/resolv.conf).
-    dns_servers: AddressList, env "HARBOR_DNS_SERVERS", shown "the system's";
+    dns_servers: AddressList, env "HARBOR_DNS_SERVERS", shown "the system's", reload Restart;
     /// Reload the configuration when the config file changes on disk (SIGHUP always reloads).
-    watch_config: bool = false, env "HARBOR_WATCH_CONFIG";
+    watch_config: bool = false, env "HARBOR_WATCH_CONFIG", reload Restart;
     /// Grace period for connections in flight after SIGINT/SIGTERM, in ms.
-    shutdown_grace_ms: u64 = 5000, env "HARBOR_SHUTDOWN_GRACE_MS", legacy "LB_SHUTDOWN_GRACE_MS", range 0..=MAX_TIMEOUT_MS;
+    shutdown_grace_ms: u64 = 5000, env "HARBOR_SHUTDOWN_GRACE_MS", legacy "LB_SHUTDOWN_GRACE_MS", range 0..=MAX_TIMEOUT_MS, reload Live;
     /// How long a binary upgrade (SIGUSR2) waits for the new process to serve before giving up on it, in ms.
-    upgrade_timeout_ms: u64 = 60_000, env "HARBOR_UPGRADE_TIMEOUT_MS", range 100..=MAX_TIMEOUT_MS;
+    upgrade_timeout_ms: u64 = 60_000, env "HARBOR_UPGRADE_TIMEOUT_MS", range 100..=MAX_TIMEOUT_MS, reload Restart;
     /// Runtime worker threads; 0 for one per CPU.
-    workers: u64 = 0, env "HARBOR_WORKERS", range 0..=512, shown "0 (one per CPU)";
+    workers: u64 = 0, env "HARBOR_WORKERS", range 0..=512, shown "0 (one per CPU)", reload Restart;
     /// Log format.
-    log_format: LogFormat = LogFormat::Human, env "HARBOR_LOG_FORMAT", shown "human";
+    log_format: LogFormat = LogFormat::Human, env "HARBOR_LOG_FORMAT", shown "human", reload Restart;
     /// Access log, one line per connection at its end: a file (appended to) or `stderr`; off without it.
-    access_log: String, env "HARBOR_ACCESS_LOG", shown "off";
+    access_log: String, env "HARBOR_ACCESS_LOG", shown "off", reload Restart;
     /// Access log format.
-    access_log_format: LogFormat = LogFormat::Human, env "HARBOR_ACCESS_LOG_FORMAT", shown "human";
+    access_log_format: LogFormat = LogFormat::Human, env "HARBOR_ACCESS_LOG_FORMAT", shown "human", reload Restart;
     /// Directory of compiled strategies, so a restart skips the compile; `off` disables it.
-    cache_dir: String, env "HARBOR_CACHE_DIR", shown "$XDG_CACHE_HOME/harbor or ~/.cache/harbor";
+    cache_dir: String, env "HARBOR_CACHE_DIR", shown "$XDG_CACHE_HOME/harbor or ~/.cache/harbor", reload Restart;
     /// Log filter, e.g. `info`, `warn`, `harbor=debug`.
-    log_level: String = "info".to_string(), env "HARBOR_LOG_LEVEL", shown "info";
+    log_level: String = "info".to_string(), env "HARBOR_LOG_LEVEL", shown "info", reload Restart;
     /// How relayed bytes travel: `user` (Harbor's relay, zero-copy for bulk) or `kernel` (experimental, Linux, root: socket to socket in the kernel through a BPF sockhash; falls back to `user`, saying why).
-    relay: RelayMode = RelayMode::User, env "HARBOR_RELAY", shown "user";
+    relay: RelayMode = RelayMode::User, env "HARBOR_RELAY", shown "user", reload Restart;
     /// How often strategy deadlines are checked, in ms: a call is never stopped before its deadline, and at most one tick after it rounded up to whole ticks. Shorter is more precise and wakes a thread more often while strategies run. Read at start.
-    strategy_tick_ms: u64 = 5, env "HARBOR_STRATEGY_TICK_MS", range 1..=50;
+    strategy_tick_ms: u64 = 5, env "HARBOR_STRATEGY_TICK_MS", range 1..=50, reload Restart;
     /// How connections use the workers: `work-stealing` (one runtime) or `per-core` (a runtime per worker thread, each accepting and keeping its own connections; with reuse-port, each on a socket of its own). Read at start.
-    runtime: RuntimeMode = RuntimeMode::WorkStealing, env "HARBOR_RUNTIME", shown "work-stealing";
+    runtime: RuntimeMode = RuntimeMode::WorkStealing, env "HARBOR_RUNTIME", shown "work-stealing", reload Restart;
 }
 
 settings! {
@@ -104,17 +104,17 @@ settings! {
     /// What defines a service, as written (before addresses are resolved).
     ServiceDefinition;
     /// Addresses to accept clients on, comma-separated (IPv4 and IPv6).
-    listen: AddressList, env "HARBOR_LISTEN", legacy "LB_ADDR", shown "127.0.0.1:9090";
+    listen: AddressList, env "HARBOR_LISTEN", legacy "LB_ADDR", shown "127.0.0.1:9090", reload Rebind;
     /// Backends as host:port[=weight],... (LB_ALLOW_DEV_SEED=1 gives 127.0.0.1:9001,127.0.0.1:9002).
-    backends: BackendList, env "HARBOR_BACKENDS", legacy "BACKENDS";
+    backends: BackendList, env "HARBOR_BACKENDS", legacy "BACKENDS", reload Live;
     /// Strategy component (.wasm); reloaded when the file is replaced. Without it, built-in round-robin.
-    strategy: PathBuf, env "HARBOR_STRATEGY";
+    strategy: PathBuf, env "HARBOR_STRATEGY", reload Strategy;
     /// Directory to watch: the last valid .wasm that lands in it becomes the active strategy.
-    watch: PathBuf, env "HARBOR_WATCH";
+    watch: PathBuf, env "HARBOR_WATCH", reload Strategy;
     /// Configuration string passed to the strategy's `init`.
-    strategy_config: String, env "HARBOR_STRATEGY_CONFIG";
+    strategy_config: String, env "HARBOR_STRATEGY_CONFIG", reload Strategy;
     /// A candidate strategy run beside the active one on `shadow_sample` % of picks: its answers are recorded (agreement, spread), never used.
-    shadow: PathBuf, env "HARBOR_SHADOW";
+    shadow: PathBuf, env "HARBOR_SHADOW", reload Strategy;
 }
 
 settings! {
@@ -123,61 +123,61 @@ settings! {
     /// Per-service settings, resolved: the service's own value, else the global one, else the default.
     Tunables;
     /// Time limit for one strategy call, in ms, not counting time its thread waits for a core (up to 10x); fuel (12M + 24k per backend) bounds it too.
-    strategy_timeout_ms: u64 = 10, env "HARBOR_STRATEGY_TIMEOUT_MS", range 1..=1000;
+    strategy_timeout_ms: u64 = 10, env "HARBOR_STRATEGY_TIMEOUT_MS", range 1..=1000, reload Strategy;
     /// Memory limit for one strategy instance, all its linear memories and tables summed, in MiB.
-    strategy_memory_mb: u64 = 64, env "HARBOR_STRATEGY_MEMORY_MB", range 1..=4096;
+    strategy_memory_mb: u64 = 64, env "HARBOR_STRATEGY_MEMORY_MB", range 1..=4096, reload Strategy;
     /// Most entries in each strategy's key-value store (0.2 strategies).
-    strategy_kv_entries: u64 = 10_000, env "HARBOR_STRATEGY_KV_ENTRIES", range 0..=1_000_000;
+    strategy_kv_entries: u64 = 10_000, env "HARBOR_STRATEGY_KV_ENTRIES", range 0..=1_000_000, reload Strategy;
     /// Most bytes (keys and values) in each strategy's key-value store.
-    strategy_kv_bytes: u64 = 16_777_216, env "HARBOR_STRATEGY_KV_BYTES", range 0..=1_073_741_824;
+    strategy_kv_bytes: u64 = 16_777_216, env "HARBOR_STRATEGY_KV_BYTES", range 0..=1_073_741_824, reload Strategy;
     /// Backend connect timeout, in ms.
-    connect_timeout_ms: u64 = 1500, env "HARBOR_CONNECT_TIMEOUT_MS", legacy "LB_DIAL_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS;
+    connect_timeout_ms: u64 = 1500, env "HARBOR_CONNECT_TIMEOUT_MS", legacy "LB_DIAL_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
     /// Sliding idle timeout, refreshed by traffic either way, in ms; 0 turns it off.
-    idle_timeout_ms: u64 = 10_000, env "HARBOR_IDLE_TIMEOUT_MS", legacy "LB_IO_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS;
+    idle_timeout_ms: u64 = 10_000, env "HARBOR_IDLE_TIMEOUT_MS", legacy "LB_IO_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS, reload NewConnections;
     /// Cap on a connection's whole lifetime, in ms; 0 for none.
-    max_lifetime_ms: u64 = 0, env "HARBOR_MAX_LIFETIME_MS", range 0..=MAX_TIMEOUT_MS;
+    max_lifetime_ms: u64 = 0, env "HARBOR_MAX_LIFETIME_MS", range 0..=MAX_TIMEOUT_MS, reload NewConnections;
     /// Once one side has half-closed, how long the other direction may go on, in ms; 0 for no limit.
-    half_close_timeout_ms: u64 = 0, env "HARBOR_HALF_CLOSE_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS;
+    half_close_timeout_ms: u64 = 0, env "HARBOR_HALF_CLOSE_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS, reload NewConnections;
     /// First cooldown of a backend after a failed connect, in ms; doubles with each failure in a row.
-    cooldown_ms: u64 = 5000, env "HARBOR_COOLDOWN_MS", legacy "LB_BACKEND_COOLDOWN_MS", range 0..=MAX_COOLDOWN_MS;
+    cooldown_ms: u64 = 5000, env "HARBOR_COOLDOWN_MS", legacy "LB_BACKEND_COOLDOWN_MS", range 0..=MAX_COOLDOWN_MS, reload NewConnections;
     /// Longest cooldown after repeated failures, in ms.
-    max_cooldown_ms: u64, env "HARBOR_MAX_COOLDOWN_MS", range 0..=MAX_COOLDOWN_MS, shown "60000, or cooldown-ms if larger";
+    max_cooldown_ms: u64, env "HARBOR_MAX_COOLDOWN_MS", range 0..=MAX_COOLDOWN_MS, shown "60000, or cooldown-ms if larger", reload NewConnections;
     /// Connect attempts per client connection, on different backends; 1 means no retry.
-    connect_attempts: u64 = 2, env "HARBOR_CONNECT_ATTEMPTS", range 1..=16;
+    connect_attempts: u64 = 2, env "HARBOR_CONNECT_ATTEMPTS", range 1..=16, reload NewConnections;
     /// Most client connections at once; more are closed at accept and counted.
-    max_connections: u64 = 1024, env "HARBOR_MAX_CONNECTIONS", legacy "LB_MAX_INFLIGHT", range 1..=1_000_000;
+    max_connections: u64 = 1024, env "HARBOR_MAX_CONNECTIONS", legacy "LB_MAX_INFLIGHT", range 1..=1_000_000, reload Live;
     /// Most connections at once from one client address (IPv6: one prefix); 0 for no limit.
-    max_connections_per_source: u64 = 0, env "HARBOR_MAX_CONNECTIONS_PER_SOURCE", range 0..=1_000_000;
+    max_connections_per_source: u64 = 0, env "HARBOR_MAX_CONNECTIONS_PER_SOURCE", range 0..=1_000_000, reload Live;
     /// IPv6 clients are counted per prefix of this length by max-connections-per-source.
-    source_ipv6_prefix: u64 = 64, env "HARBOR_SOURCE_IPV6_PREFIX", range 1..=128;
+    source_ipv6_prefix: u64 = 64, env "HARBOR_SOURCE_IPV6_PREFIX", range 1..=128, reload Live;
     /// Set TCP_NODELAY on both sockets.
-    nodelay: bool = true, env "HARBOR_NODELAY";
+    nodelay: bool = true, env "HARBOR_NODELAY", reload Rebind;
     /// Bind listeners with SO_REUSEPORT, so several Harbor processes share one address and the kernel spreads clients among them; with runtime per-core, each shard also gets a socket of its own.
-    reuse_port: bool = false, env "HARBOR_REUSE_PORT", alone "true";
+    reuse_port: bool = false, env "HARBOR_REUSE_PORT", alone "true", reload Rebind;
     /// Accept a client only once its first bytes are in (TCP_DEFER_ACCEPT), waiting at most this many seconds; 0 turns it off. Never for server-speaks-first protocols.
-    defer_accept_secs: u64 = 0, env "HARBOR_DEFER_ACCEPT_SECS", range 0..=MAX_DEFER_ACCEPT_SECS;
+    defer_accept_secs: u64 = 0, env "HARBOR_DEFER_ACCEPT_SECS", range 0..=MAX_DEFER_ACCEPT_SECS, reload Live;
     /// TCP keepalive idle time on both sockets, in seconds; 0 turns it off.
-    keepalive_secs: u64 = 0, env "HARBOR_KEEPALIVE_SECS", range 0..=MAX_KEEPALIVE_SECS;
+    keepalive_secs: u64 = 0, env "HARBOR_KEEPALIVE_SECS", range 0..=MAX_KEEPALIVE_SECS, reload NewConnections;
     /// How long a removed backend's connections may go on before they are cut, in ms; 0 for no limit.
-    drain_timeout_ms: u64 = 0, env "HARBOR_DRAIN_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS;
+    drain_timeout_ms: u64 = 0, env "HARBOR_DRAIN_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS, reload Live;
     /// How often DNS backends are resolved again, in ms (sooner if their records' TTL is shorter).
-    dns_refresh_ms: u64 = 5000, env "HARBOR_DNS_REFRESH_MS", range 100..=MAX_TIMEOUT_MS;
+    dns_refresh_ms: u64 = 5000, env "HARBOR_DNS_REFRESH_MS", range 100..=MAX_TIMEOUT_MS, reload Live;
     /// When every backend fails its health check: close new clients, or ignore the checks.
-    all_unhealthy: AllUnhealthy = AllUnhealthy::Close, env "HARBOR_ALL_UNHEALTHY", shown "close";
+    all_unhealthy: AllUnhealthy = AllUnhealthy::Close, env "HARBOR_ALL_UNHEALTHY", shown "close", reload NewConnections;
     /// Read the client's TLS ClientHello before choosing (`tls`), so 0.2 strategies see its SNI and ALPN; never for server-speaks-first protocols.
-    peek: PeekMode = PeekMode::Off, env "HARBOR_PEEK", shown "off";
+    peek: PeekMode = PeekMode::Off, env "HARBOR_PEEK", shown "off", reload NewConnections;
     /// Show 0.2 strategies up to this many first bytes of the client (0 = none; at most 16384); never for server-speaks-first protocols.
-    peek_bytes: u64 = 0, env "HARBOR_PEEK_BYTES", range 0..=16384;
+    peek_bytes: u64 = 0, env "HARBOR_PEEK_BYTES", range 0..=16384, reload NewConnections;
     /// Share of picks the shadow strategy is asked too, in percent.
-    shadow_sample: u64 = 100, env "HARBOR_SHADOW_SAMPLE", range 0..=100;
+    shadow_sample: u64 = 100, env "HARBOR_SHADOW_SAMPLE", range 0..=100, reload Strategy;
     /// Send backends a PROXY protocol header naming the client: `v1`, `v2`, or `off`.
-    proxy_protocol: ProxyVersion = ProxyVersion::Off, env "HARBOR_PROXY_PROTOCOL", shown "off";
+    proxy_protocol: ProxyVersion = ProxyVersion::Off, env "HARBOR_PROXY_PROTOCOL", shown "off", reload NewConnections;
     /// Sources (CIDRs, comma-separated) whose connections must start with a PROXY header (v1 or v2), read before anything else; none by default.
-    proxy_protocol_from: AddressList, env "HARBOR_PROXY_PROTOCOL_FROM", shown "none";
+    proxy_protocol_from: AddressList, env "HARBOR_PROXY_PROTOCOL_FROM", shown "none", reload NewConnections;
     /// How long a trusted source has to send its whole PROXY header, in ms.
-    proxy_protocol_timeout_ms: u64 = 3000, env "HARBOR_PROXY_PROTOCOL_TIMEOUT_MS", range 1..=60000;
+    proxy_protocol_timeout_ms: u64 = 3000, env "HARBOR_PROXY_PROTOCOL_TIMEOUT_MS", range 1..=60000, reload NewConnections;
     /// How long a peek waits for the client's first bytes before placing it without them, in ms.
-    peek_timeout_ms: u64 = 1000, env "HARBOR_PEEK_TIMEOUT_MS", range 1..=60000;
+    peek_timeout_ms: u64 = 1000, env "HARBOR_PEEK_TIMEOUT_MS", range 1..=60000, reload NewConnections;
 }
 
 impl Tunables {
@@ -522,6 +522,10 @@ pub struct ServiceConfig {
     pub shadow: Option<PathBuf>,
     pub health: Option<HealthConfig>,
     pub tunables: Tunables,
+    /// The service's definition as resolved, before addresses were parsed: with `tunables`,
+    /// what a reload's diff is computed from.
+    #[serde(skip)]
+    pub definition: ServiceDefinition,
 }
 
 /// The validated, effective configuration.
@@ -557,6 +561,9 @@ pub struct Config {
     /// `work-stealing` or `per-core` (`shards.rs`); fixed at start.
     pub runtime: RuntimeMode,
     pub services: Vec<ServiceConfig>,
+    /// The Harbor-wide settings as resolved, what a reload's diff is computed from.
+    #[serde(skip)]
+    pub globals: Globals,
 }
 
 mod millis {
@@ -772,7 +779,7 @@ impl Config {
             0 => std::thread::available_parallelism().map(usize::from).unwrap_or(2),
             n => n as usize,
         };
-        let log_level = globals.log_level;
+        let log_level = globals.log_level.clone();
         if let Err(why) = check_log_filter(&log_level) {
             problems.push(invalid("log-level", format!("{log_level:?} {why}")));
         }
@@ -785,7 +792,7 @@ impl Config {
         Some(Config {
             config_file: args.config.clone(),
             admin,
-            admin_token_file: globals.admin_token_file,
+            admin_token_file: globals.admin_token_file.clone(),
             admin_token,
             dns_servers,
             watch_config: globals.watch_config,
@@ -794,13 +801,14 @@ impl Config {
             workers,
             log_format: globals.log_format,
             log_level,
-            access_log: globals.access_log.filter(|t| !t.trim().is_empty() && t.trim() != "off"),
+            access_log: globals.access_log.clone().filter(|t| !t.trim().is_empty() && t.trim() != "off"),
             access_log_format: globals.access_log_format,
             relay: globals.relay,
             cache_dir: cache_dir_of(globals.cache_dir.as_deref()),
             strategy_tick: Duration::from_millis(globals.strategy_tick_ms),
             runtime: globals.runtime,
             services,
+            globals,
         })
     }
 
@@ -936,6 +944,7 @@ fn service_config(
     backends_setting: &str,
 ) -> Result<ServiceConfig, ConfigError> {
     let listen_setting = if name == DEFAULT_SERVICE { "listen".to_string() } else { format!("service {name}: listen") };
+    let resolved = definition.clone();
     let listen_list = definition.listen.unwrap_or_else(|| AddressList(vec![DEFAULT_LISTEN.into()]));
     if listen_list.0.is_empty() || listen_list.0.len() > 64 {
         return Err(invalid(listen_setting, "give 1 to 64 addresses"));
@@ -1007,6 +1016,7 @@ fn service_config(
         shadow: definition.shadow,
         health,
         tunables,
+        definition: resolved,
     })
 }
 

@@ -83,14 +83,52 @@ pub struct SettingDoc {
     pub help: &'static str,
 }
 
+/// What a running Harbor must do to apply a changed setting on reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reload {
+    /// Applied at once to what runs (caps, drain timeouts, DNS refresh, the admin token).
+    Live,
+    /// Applied to connections accepted from now on; those in flight keep their settings.
+    NewConnections,
+    /// Applied to listeners bound from now on (a new listen address is bound before the old
+    /// one closes).
+    Rebind,
+    /// The service's strategy is loaded again (its file, its limits, its shadow).
+    Strategy,
+    /// Read at start only: a reload that changes it says so and keeps the running value.
+    Restart,
+}
+
+impl Reload {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reload::Live => "live",
+            Reload::NewConnections => "new connections",
+            Reload::Rebind => "new listeners",
+            Reload::Strategy => "a strategy reload",
+            Reload::Restart => "a restart",
+        }
+    }
+}
+
+/// One setting a reload changes, and what applying it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub key: &'static str,
+    pub needs: Reload,
+}
+
 /// Declares a group of settings. Each line gives the key (the TOML key; the flag is the key
 /// with dashes), its type, its default (none for an optional setting), its `HARBOR_*`
-/// variable, an optional legacy variable of the Go project, an optional range, and, for a
-/// switch, the value its flag means when given alone (`alone "true"`: `--reuse-port`).
+/// variable, an optional legacy variable of the Go project, an optional range, for a switch
+/// the value its flag means when given alone (`alone "true"`: `--reuse-port`), and what a
+/// reload needs to apply a change to it (`reload live`, `new_connections`… see [`Reload`]).
 ///
 /// It generates `$args` (the clap flags, all optional), `$resolved` (the values after
-/// resolution) and `$resolved::resolve`, which takes the first of: the flag or variable, the
-/// legacy variable, the file layers in order, the default.
+/// resolution), `$resolved::resolve`, which takes the first of: the flag or variable, the
+/// legacy variable, the file layers in order, the default; and `$resolved::changes`, the
+/// reload diff of two resolutions.
 macro_rules! settings {
     (
         $(#[$args_meta:meta])* $args:ident;
@@ -99,7 +137,7 @@ macro_rules! settings {
             #[doc = $doc:literal]
             $field:ident : $ty:ty $(= $default:expr)?, env $env:literal
                 $(, legacy $legacy:literal)? $(, range $min:literal ..= $max:expr)? $(, shown $shown:literal)?
-                $(, alone $alone:literal)?;
+                $(, alone $alone:literal)?, reload $reload:ident;
         )*
     ) => {
         $(#[$args_meta])*
@@ -131,6 +169,25 @@ macro_rules! settings {
                     help: $doc,
                 }
             ),*];
+
+            /// What applying a change to each setting needs, by key.
+            pub const RELOAD: &'static [(&'static str, $crate::config::settings::Reload)] =
+                &[$((stringify!($field), $crate::config::settings::Reload::$reload)),*];
+
+            /// The settings whose values differ in `new`, each with what applying it needs:
+            /// the reload diff.
+            pub fn changes(&self, new: &Self) -> Vec<$crate::config::settings::Change> {
+                let mut changes = Vec::new();
+                $(
+                    if self.$field != new.$field {
+                        changes.push($crate::config::settings::Change {
+                            key: stringify!($field),
+                            needs: $crate::config::settings::Reload::$reload,
+                        });
+                    }
+                )*
+                changes
+            }
 
             /// Resolves every setting of the group: the `first` layers, then the flag or
             /// variable (`args` `None`: flags do not apply here), the legacy variable, the

@@ -372,3 +372,35 @@ fn the_strategy_tick_is_5_ms_by_default_bounded_and_global() {
     .unwrap();
     assert_eq!(c.strategy_tick, Duration::from_millis(1));
 }
+
+#[test]
+fn a_reload_diff_names_each_changed_setting_with_what_it_needs() {
+    use super::settings::{Change, Reload};
+    let old = Config::resolve(&with_backends("127.0.0.1:1"), &env_of(&[])).unwrap();
+    let mut args = with_backends("127.0.0.1:1,127.0.0.1:2");
+    args.tunables.strategy_timeout_ms = Some(20);
+    args.tunables.connect_timeout_ms = Some(700);
+    args.tunables.max_connections = Some(7);
+    args.global.log_level = Some("debug".into());
+    args.global.shutdown_grace_ms = Some(1);
+    let new = Config::resolve(&args, &env_of(&[])).unwrap();
+    let change = |key, needs| Change { key, needs };
+    assert_eq!(
+        old.globals.changes(&new.globals),
+        [change("shutdown_grace_ms", Reload::Live), change("log_level", Reload::Restart)]
+    );
+    let (o, n) = (&old.services[0], &new.services[0]);
+    assert_eq!(o.definition.changes(&n.definition), [change("backends", Reload::Live)]);
+    assert_eq!(
+        o.tunables.changes(&n.tunables),
+        [
+            change("strategy_timeout_ms", Reload::Strategy),
+            change("connect_timeout_ms", Reload::NewConnections),
+            change("max_connections", Reload::Live),
+        ]
+    );
+    assert!(old.globals.changes(&old.globals).is_empty());
+    // Every setting of every group carries its tag.
+    assert_eq!(Tunables::RELOAD.len(), Tunables::KEYS.len());
+    assert_eq!(Globals::RELOAD.len(), Globals::KEYS.len());
+}

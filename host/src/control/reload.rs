@@ -14,6 +14,7 @@ use notify::RecursiveMode;
 use notify_debouncer_full::{new_debouncer, DebounceEventResult};
 use tokio::sync::mpsc;
 
+use crate::config::settings::{Change, Reload};
 use crate::config::{Config, ConfigError, ServiceConfig};
 use crate::control::lifecycle::Phase;
 use crate::control::Control;
@@ -136,22 +137,9 @@ impl Control {
         if self.lifecycle.is_draining() {
             return Err(HarborError::Draining);
         }
-        {
-            let old = self.lock_config();
-            for (what, changed) in [
-                ("admin", old.admin != new.admin),
-                ("workers", old.workers != new.workers),
-                ("dns_servers", old.dns_servers != new.dns_servers),
-                ("access_log", old.access_log != new.access_log || old.access_log_format != new.access_log_format),
-                ("log_format", old.log_format != new.log_format),
-                ("log_level", old.log_level != new.log_level),
-                ("relay", old.relay != new.relay),
-                ("strategy_tick_ms", old.strategy_tick != new.strategy_tick),
-                ("runtime", old.runtime != new.runtime),
-            ] {
-                if changed {
-                    tracing::warn!(setting = what, "this setting needs a restart: the running value stays");
-                }
+        for change in self.lock_config().globals.changes(&new.globals) {
+            if change.needs == Reload::Restart {
+                tracing::warn!(setting = change.key, "this setting needs a restart: the running value stays");
             }
         }
         let current = self.services.load_full();
@@ -189,6 +177,13 @@ impl Control {
             let old = service.config.load_full();
             if *old != config {
                 report.changed.push(service.name.clone());
+                let changes = service_changes(&old, &config);
+                let described: Vec<String> =
+                    changes.iter().map(|c| format!("{} ({})", c.key, c.needs.as_str())).collect();
+                tracing::info!(service = %service.name, changed = ?described, "service settings changed");
+                for change in changes.iter().filter(|c| c.needs == Reload::Rebind && c.key != "listen") {
+                    tracing::warn!(service = %service.name, setting = change.key, "applies to listeners bound from now on: the open ones keep their value");
+                }
             }
             service.membership.reconfigure(&config.backends, config.health.clone(), config.tunables.drain_timeout());
             if old.dns != config.dns || old.tunables.dns_refresh_ms != config.tunables.dns_refresh_ms {
@@ -299,16 +294,17 @@ impl Control {
     }
 }
 
+/// What a reload changes in one service, setting by setting, with what each change needs:
+/// the diff of the two resolutions, by the tags of `settings!`.
+fn service_changes(old: &ServiceConfig, new: &ServiceConfig) -> Vec<Change> {
+    let mut changes = old.definition.changes(&new.definition);
+    changes.extend(old.tunables.changes(&new.tunables));
+    changes
+}
+
+/// True if the service's strategy must be loaded again.
 fn strategy_changed(old: &ServiceConfig, new: &ServiceConfig) -> bool {
-    old.strategy != new.strategy
-        || old.watch != new.watch
-        || old.strategy_config != new.strategy_config
-        || old.tunables.strategy_timeout_ms != new.tunables.strategy_timeout_ms
-        || old.tunables.strategy_memory_mb != new.tunables.strategy_memory_mb
-        || old.tunables.strategy_kv_entries != new.tunables.strategy_kv_entries
-        || old.tunables.strategy_kv_bytes != new.tunables.strategy_kv_bytes
-        || old.shadow != new.shadow
-        || old.tunables.shadow_sample != new.tunables.shadow_sample
+    service_changes(old, new).iter().any(|c| c.needs == Reload::Strategy)
 }
 
 /// Loads a service's strategy: a named file must load; in a watched directory the newest
