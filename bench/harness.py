@@ -44,7 +44,8 @@ CONF = os.path.join(HERE, "conf")
 TICK = os.sysconf("SC_CLK_TCK")
 ALL_TARGETS = ["direct", "haproxy", "nginx", "harbor", "harbor-rr", "harbor-kernel"]
 # Not in the default set: ask for it with --targets.
-EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards", "harbor-percore", "floor"]
+EXTRA_TARGETS = ["harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards", "harbor-percore", "floor",
+                 "harbor-base"]
 LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-stream", "harbor": "Harbor",
           "harbor-rr": "Harbor, built-in round-robin",
           "harbor-accesslog": "Harbor with --access-log (tmpfs)",
@@ -53,7 +54,8 @@ LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-st
           "harbor-kernel": "Harbor with --relay kernel",
           "harbor-shards": "Harbor, one --workers 1 process per CPU on one --reuse-port address",
           "harbor-percore": "Harbor with --runtime per-core --reuse-port",
-          "floor": "floor: a bare io_uring relay (bench/floor)"}
+          "floor": "floor: a bare io_uring relay (bench/floor)",
+          "harbor-base": "Harbor at the base revision (--harbor-base)"}
 # Targets measured in the keep-alive and new-connection phases only: harbor-rr is the same
 # binary and data path as harbor without the wasm strategy, there to price the strategy call.
 # harbor-accesslog is harbor with the access log on (to tmpfs), to price the log in the same run.
@@ -64,6 +66,8 @@ LABELS = {"direct": "direct (ceiling)", "haproxy": "HAProxy", "nginx": "nginx-st
 # work-stealing runtime of that many workers (CPU is the sum over the processes).
 # harbor-percore is the same idea inside one process: a runtime per worker thread, each
 # accepting on its own socket of the address's SO_REUSEPORT group.
+# harbor-base is harbor as built from an earlier revision (--harbor-base, made by `cargo xtask
+# bench --compare REV`), with the same flags, in every phase: the A/B of a change in one run.
 # floor is bench/floor: a relay with no feature at all on one io_uring thread, the least a
 # user-space relay costs here (one instance per proxy CPU on one SO_REUSEPORT address).
 THROUGHPUT_ONLY = {"harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x", "harbor-shards", "harbor-percore",
@@ -555,7 +559,7 @@ class Bench:
                 raise TargetBroken(f"{target} listens on :{port} but does not proxy: {e}") from None
             return srv, port
         elif target in ("harbor", "harbor-rr", "harbor-accesslog", "harbor-peek", "harbor-x", "harbor-kernel",
-                        "harbor-percore"):
+                        "harbor-percore", "harbor-base"):
             strategy = ["--strategy", self.a.strategy] if target != "harbor-rr" else []
             if target == "harbor-kernel":
                 # Every phase, like harbor: the relay is what it changes (needs root).
@@ -567,7 +571,8 @@ class Bench:
             if target == "harbor-accesslog":
                 logdir = "/dev/shm" if os.path.isdir("/dev/shm") else run_dir
                 strategy += ["--access-log", os.path.join(logdir, f"harbor-bench-access-{os.getpid()}-{tag}.log")]
-            argv = [self.a.harbor, "--listen", f"127.0.0.1:{port}", "--backends", f"127.0.0.1:{b1},127.0.0.1:{b2}",
+            binary = self.a.harbor_base if target == "harbor-base" else self.a.harbor
+            argv = [binary, "--listen", f"127.0.0.1:{port}", "--backends", f"127.0.0.1:{b1},127.0.0.1:{b2}",
                     "--admin", f"127.0.0.1:{pick_ports(1)[0]}",
                     "--max-connections", str(self.a.harbor_max_connections)] + strategy + self.harbor_extra
         else:
@@ -1092,6 +1097,9 @@ def markdown(bench, meta):
 
     ratio_table("harbor-kernel", "The kernel relay (Harbor with --relay kernel ÷ other):", "kernel relay",
                 ["haproxy", "nginx", "harbor"])
+    if "harbor-base" in bench.targets:
+        ratio_table("harbor", "This revision against the base (Harbor ÷ Harbor at --harbor-base):", "Harbor",
+                    ["harbor-base"])
     ratio_table("harbor-percore", "Per-core shards (Harbor with --runtime per-core --reuse-port ÷ other):",
                 "per-core", ["haproxy", "nginx", "harbor", "harbor-shards"])
     if meta["rounds"] > 1:
@@ -1176,6 +1184,9 @@ def parse_args(argv):
     ap.add_argument("--harbor", default=os.path.join(REPO, "target", "release", "harbor"), help="Harbor binary")
     ap.add_argument("--strategy", default=os.path.join(REPO, "strategies", "least_conn.wasm"),
                     help="Harbor's strategy component (default strategies/least_conn.wasm)")
+    ap.add_argument("--harbor-base", default=None,
+                    help="the Harbor binary of an earlier revision, for the harbor-base target "
+                         "(cargo xtask bench --compare REV builds it)")
     ap.add_argument("--harbor-max-connections", type=int, default=20000, help="Harbor --max-connections")
     ap.add_argument("--harbor-arg", action="append", default=[],
                     help="an extra Harbor flag, repeatable: --harbor-arg=--access-log=/tmp/a.log")
@@ -1204,6 +1215,8 @@ def parse_args(argv):
     bad = [t for t in args.targets if t not in ALL_TARGETS + EXTRA_TARGETS]
     if bad or not args.targets:
         ap.error(f"unknown target(s) {bad}; choose from {ALL_TARGETS + EXTRA_TARGETS}")
+    if "harbor-base" in args.targets and not (args.harbor_base and os.access(args.harbor_base, os.X_OK)):
+        ap.error("the harbor-base target needs --harbor-base BINARY (cargo xtask bench --compare REV makes it)")
     args.idle = [int(x) for x in args.idle.split(",") if x.strip()]
     if args.rounds < 1 or args.duration < 1 or args.rounds > 50 or args.duration > 600:
         ap.error("--rounds must be 1..50 and --duration 1..600")
@@ -1251,6 +1264,7 @@ def main(argv):
             "haproxy": tool_version(["haproxy", "-v"]), "nginx": tool_version(["nginx", "-v"]),
             "wrk": tool_version(["wrk", "--version"]), "curl": tool_version(["curl", "--version"]),
             "harbor": tool_version([args.harbor, "--version"]) if "harbor" in args.targets else None,
+            "harbor_base": tool_version([args.harbor_base, "--version"]) if "harbor-base" in args.targets else None,
         },
         "harbor_args": getattr(bench, "harbor_extra", None),
     }

@@ -60,13 +60,62 @@ fn main() -> Result<()> {
         Some("check-deploy") => validate_kubernetes_manifests(&root),
         Some("bench") => {
             build_strategies(&root)?;
-            run(Command::new("bash").arg("bench/run.sh").args(&args[1..]))
+            match args.get(1).map(String::as_str) {
+                Some("--compare") => {
+                    let rev = args.get(2).context("bench --compare REV: name a revision (a commit, tag or branch)")?;
+                    bench_compare(&root, rev, &args[3..])
+                }
+                _ => run(Command::new("bash").arg("bench/run.sh").args(&args[1..])),
+            }
         }
         _ => {
             eprintln!("usage: cargo xtask <build|polyglot|wasi-adapter OUT|demo|test|bench|dist|check-deploy|fuzz [SECONDS]|soak>");
             std::process::exit(2);
         }
     }
+}
+
+/// `cargo xtask bench --compare REV [bench options]`: builds Harbor at REV (a worktree under
+/// `target/bench-base/`, in the same target directory, so dependencies are built once), keeps
+/// that binary aside, then runs the benchmark with both this tree's Harbor and REV's
+/// (`harbor-base`) beside HAProxy in the same run: the A/B every performance claim uses.
+fn bench_compare(root: &Path, rev: &str, rest: &[String]) -> Result<()> {
+    let base = target_dir(root).join("bench-base");
+    let tree = base.join("tree");
+    std::fs::create_dir_all(&base)?;
+    let commit = Command::new("git").args(["rev-parse", "--verify", &format!("{rev}^{{commit}}")]).output()?;
+    if !commit.status.success() {
+        bail!("bench --compare: {rev:?} is not a revision of this repository");
+    }
+    let commit = String::from_utf8_lossy(&commit.stdout).trim().to_string();
+    if tree.exists() {
+        let _ = Command::new("git").args(["worktree", "remove", "--force"]).arg(&tree).status();
+        let _ = std::fs::remove_dir_all(&tree);
+    }
+    run(Command::new("git").args(["worktree", "add", "--detach"]).arg(&tree).arg(&commit))?;
+    let built = run(cargo()
+        .args(["build", "--release", "-p", "harbor"])
+        .current_dir(&tree)
+        .env("CARGO_TARGET_DIR", target_dir(root)));
+    let binary = base.join(format!("harbor-{}", &commit[..12.min(commit.len())]));
+    if built.is_ok() {
+        std::fs::copy(target_dir(root).join("release").join("harbor"), &binary)
+            .with_context(|| format!("keeping {}", binary.display()))?;
+    }
+    let _ = Command::new("git").args(["worktree", "remove", "--force"]).arg(&tree).status();
+    built.with_context(|| format!("building Harbor at {rev}"))?;
+    eprintln!("xtask: Harbor at {rev} ({commit}) is {}", binary.display());
+    // run.sh builds this tree's Harbor again (the same binary path), then measures both.
+    let targets = if rest.iter().any(|a| a.starts_with("--targets")) {
+        Vec::new()
+    } else {
+        vec!["--targets".to_string(), "haproxy,harbor,harbor-base".to_string()]
+    };
+    run(Command::new("bash")
+        .arg("bench/run.sh")
+        .args(targets)
+        .arg(format!("--harbor-base={}", binary.display()))
+        .args(rest))
 }
 
 /// Builds the release binary and splits it: a stripped `harbor` (symbols kept, so a
