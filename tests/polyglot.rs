@@ -115,7 +115,7 @@ async fn a_strategy_still_compiling_shows_as_loading() {
     let load = tokio::spawn({
         let host = std::sync::Arc::clone(&host);
         let path = path.clone();
-        async move { host.load_file(&path).await }
+        async move { host.load(harbor::strategy::LoadSource::File(&path), harbor::strategy::Report::CountAndLog).await }
     });
     let seen = eventually(std::time::Duration::from_secs(20), || {
         host.status().loading.as_ref().is_some_and(|l| l.source.ends_with("p2c_copy.wasm"))

@@ -89,7 +89,9 @@ async fn assert_fallback(fixture_name: &str, reason: &str, tune: fn(&mut harbor:
     tune(&mut cfg);
     let harbor = start(cfg).await;
     let host = &harbor.strategy();
-    host.load_file(&fixture(fixture_name)).await.unwrap_or_else(|e| panic!("{fixture_name} should load: {e}"));
+    host.load(harbor::strategy::LoadSource::File(&fixture(fixture_name)), harbor::strategy::Report::CountAndLog)
+        .await
+        .unwrap_or_else(|e| panic!("{fixture_name} should load: {e}"));
     assert_eq!(host.status().kind, "wasm");
     let payload = pattern(4096, 3);
     // A worker whose instance faulted takes a ready one; while a new one is being made (off
@@ -146,7 +148,9 @@ async fn a_guest_that_never_frees_is_recycled_before_its_memory_limit() {
     cfg.service_mut().tunables.strategy_memory_mb = 8;
     let harbor = start(cfg).await;
     let host = &harbor.strategy();
-    host.load_file(&fixture("leaky.wat")).await.expect("leaky.wat loads");
+    host.load(harbor::strategy::LoadSource::File(&fixture("leaky.wat")), harbor::strategy::Report::CountAndLog)
+        .await
+        .expect("leaky.wat loads");
     for i in 0..300 {
         let name =
             try_echo_roundtrip(harbor.addr, &pattern(256, i)).await.unwrap_or_else(|e| panic!("connection {i}: {e}"));
@@ -189,7 +193,9 @@ async fn a_faulting_strategy_reverts_to_the_previous_good_one() {
     cfg.service_mut().strategy = Some(strategy("least_conn"));
     let harbor = start(cfg).await;
     let host = &harbor.strategy();
-    host.load_file(&fixture("trap.wat")).await.unwrap();
+    host.load(harbor::strategy::LoadSource::File(&fixture("trap.wat")), harbor::strategy::Report::CountAndLog)
+        .await
+        .unwrap();
     assert_eq!(host.status().name, "trap");
     // Until it is reverted, no connection is lost. Each trap costs the thread its instance,
     // and the next fault comes only once a spare is ready (made on the instance thread, which
@@ -212,7 +218,10 @@ async fn assert_rejected(path: &Path, needle: &str) -> StrategyError {
     let harbor = start(cfg).await;
     let host = &harbor.strategy();
     let before = host.active_sha256();
-    let error = host.load_file(path).await.expect_err("must be rejected");
+    let error = host
+        .load(harbor::strategy::LoadSource::File(path), harbor::strategy::Report::CountAndLog)
+        .await
+        .expect_err("must be rejected");
     assert!(error.to_string().contains(needle), "{}: {error}", path.display());
     assert_eq!(host.active_sha256(), before, "the active strategy changed");
     // Traffic still flows through the kept strategy, in its order.
@@ -246,7 +255,11 @@ async fn bad_components_are_rejected_with_a_clear_message_and_the_old_strategy_s
 async fn a_well_behaved_wat_guest_places_connections() {
     let (backends, _stops) = echo_backends(2).await;
     let harbor = start(config(&backends)).await;
-    harbor.strategy().load_file(&fixture("first_healthy.wat")).await.unwrap();
+    harbor
+        .strategy()
+        .load(harbor::strategy::LoadSource::File(&fixture("first_healthy.wat")), harbor::strategy::Report::CountAndLog)
+        .await
+        .unwrap();
     for _ in 0..4 {
         assert_eq!(echo_roundtrip(harbor.addr, b"first").await, "b0");
     }
@@ -264,7 +277,16 @@ async fn the_compiled_cache_stays_bounded_across_many_strategies() {
     let text = std::fs::read_to_string(fixture("first_healthy.wat")).unwrap();
     for i in 0..12 {
         let variant = format!("{text}\n;; variant {i}\n");
-        host.load_bytes(variant.into_bytes(), Path::new("variant.wat")).await.unwrap();
+        host.load(
+            harbor::strategy::LoadSource::Bytes {
+                bytes: variant.into_bytes(),
+                sha: None,
+                shown_as: Path::new("variant.wat"),
+            },
+            harbor::strategy::Report::CountAndLog,
+        )
+        .await
+        .unwrap();
         try_echo_roundtrip(harbor.addr, b"v").await.unwrap();
     }
     let engine = harbor::strategy::runtime::StrategyEngine::global().unwrap();

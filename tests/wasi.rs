@@ -21,7 +21,11 @@ fn wasi_build(name: &str) -> std::path::PathBuf {
 async fn a_default_wasip2_build_loads_in_the_sandbox_and_answers() {
     let (backends, _stops) = echo_backends(3).await;
     let harbor = start(config(&backends)).await;
-    harbor.strategy().load_file(&wasi_build("least_conn")).await.unwrap();
+    harbor
+        .strategy()
+        .load(harbor::strategy::LoadSource::File(&wasi_build("least_conn")), harbor::strategy::Report::CountAndLog)
+        .await
+        .unwrap();
     let (status, body) = admin_get(harbor.admin_addr.unwrap(), "/strategy").await;
     assert_eq!(status, 200, "{body}");
     let info: serde_json::Value = serde_json::from_str(&body).unwrap();

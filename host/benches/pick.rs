@@ -31,7 +31,7 @@ fn host(strategy: Option<PathBuf>) -> StrategyHost {
     if let Some(path) = strategy {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         runtime
-            .block_on(host.load_file(&path))
+            .block_on(host.load(harbor::strategy::LoadSource::File(&path), harbor::strategy::Report::CountAndLog))
             .unwrap_or_else(|e| panic!("{}: {e} (run `cargo xtask build`)", path.display()));
     }
     host

@@ -22,7 +22,7 @@ use crate::error::HarborError;
 use crate::proxy::context::{ConnectionLimits, ServiceContext};
 use crate::proxy::listener::{bind, ListenerOptions};
 use crate::proxy::service::Service;
-use crate::strategy::StrategyHost;
+use crate::strategy::{LoadSource, Report, StrategyHost};
 
 /// Events closer together than this are one change.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -311,7 +311,7 @@ fn strategy_changed(old: &ServiceConfig, new: &ServiceConfig) -> bool {
 /// file that loads wins, and none is only a warning.
 pub(crate) async fn load_strategy(host: &StrategyHost, cfg: &ServiceConfig) -> Result<(), HarborError> {
     if let Some(path) = &cfg.strategy {
-        host.load_file(path)
+        host.load(LoadSource::File(path), Report::CountAndLog)
             .await
             .map_err(|error| HarborError::Strategy { path: path.display().to_string(), error })?;
     } else if let Some(dir) = &cfg.watch {

@@ -158,6 +158,34 @@ pub struct SwapRecord {
 /// Swap records kept per service.
 pub const HISTORY_LEN: usize = 20;
 
+/// Where a strategy to load comes from.
+#[derive(Debug)]
+pub enum LoadSource<'a> {
+    /// A component file (binary or text), read off the async runtime.
+    File(&'a Path),
+    /// Bytes already read; `sha` is their sha256 if the caller has it; `shown_as` names them.
+    Bytes { bytes: Vec<u8>, sha: Option<String>, shown_as: &'a Path },
+}
+
+/// Whether a load counts and logs its own outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// Counted in the metrics and the history; a rejection is logged.
+    CountAndLog,
+    /// Neither: the caller may try again (a file still being written) and then calls
+    /// [`StrategyHost::report_load`] once.
+    Quiet,
+}
+
+/// Logs a strategy that could not become active.
+fn log_rejection(source: &Path, error: &StrategyError) {
+    if matches!(error, StrategyError::ShuttingDown) {
+        tracing::info!(source = %source.display(), "{error}");
+    } else {
+        tracing::error!(source = %source.display(), "strategy rejected, keeping the active one: {error}");
+    }
+}
+
 /// What a load did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoadResult {
@@ -406,81 +434,48 @@ impl StrategyHost {
         }
     }
 
-    /// Loads a strategy file and makes it active. On any error the active strategy is kept.
-    pub async fn load_file(&self, path: &Path) -> Result<LoadResult, StrategyError> {
-        let owned = path.to_path_buf();
-        let read = tokio::task::spawn_blocking(move || runtime::loaded::read_component_file(&owned))
-            .await
-            .unwrap_or_else(|join| Err(StrategyError::Read { path: path.to_path_buf(), message: join.to_string() }));
-        match read {
-            Ok((bytes, sha)) => self.load_hashed(bytes, sha, path).await,
-            Err(error) => {
-                self.reject(path, &error);
-                Err(error)
+    /// Loads a strategy and makes it active; on any error the active strategy is kept. The
+    /// one way in: every caller (start, reload, the watcher, the tests) comes through here,
+    /// and `report` says whether this call counts and logs its outcome.
+    pub async fn load(&self, from: LoadSource<'_>, report: Report) -> Result<LoadResult, StrategyError> {
+        let (bytes, sha, source) = match from {
+            LoadSource::File(path) => {
+                let owned = path.to_path_buf();
+                let read = tokio::task::spawn_blocking(move || runtime::loaded::read_component_file(&owned))
+                    .await
+                    .unwrap_or_else(|join| {
+                        Err(StrategyError::Read { path: path.to_path_buf(), message: join.to_string() })
+                    });
+                match read {
+                    Ok((bytes, sha)) => (bytes, sha, path),
+                    Err(error) => {
+                        let result = Err(error);
+                        if report == Report::CountAndLog {
+                            self.report_load(path, &result, true);
+                        }
+                        return result;
+                    }
+                }
             }
-        }
-    }
-
-    /// Counts and logs a file that could not become the strategy.
-    pub fn reject(&self, source: &Path, error: &StrategyError) {
-        self.metrics.reload(&self.service, ReloadOutcome::Rejected);
-        self.log_rejection(source, error);
-    }
-
-    /// Logs a rejection (counted elsewhere).
-    pub fn log_rejection(&self, source: &Path, error: &StrategyError) {
-        if matches!(error, StrategyError::ShuttingDown) {
-            tracing::info!(source = %source.display(), "{error}");
-        } else {
-            tracing::error!(source = %source.display(), "strategy rejected, keeping the active one: {error}");
-        }
-    }
-
-    /// Loads the newest `.wasm` regular file in `dir` that loads, trying older ones if newer
-    /// ones fail (at most [`watch::STARTUP_CANDIDATES`]). `None` if none loaded.
-    pub async fn load_newest_in(&self, dir: &Path) -> Option<LoadResult> {
-        for path in watch::newest_first(dir) {
-            if let Ok(result) = self.load_file(&path).await {
-                return Some(result);
+            LoadSource::Bytes { bytes, sha, shown_as } => {
+                let sha = sha.unwrap_or_else(|| runtime::loaded::sha256_hex(&bytes));
+                (bytes, sha, shown_as)
             }
-        }
-        None
-    }
-
-    /// Loads a strategy from bytes (`source` is for display). Compilation runs on the
-    /// engine's compile thread, never on the async workers.
-    pub async fn load_bytes(&self, bytes: Vec<u8>, source: &Path) -> Result<LoadResult, StrategyError> {
-        let sha = runtime::loaded::sha256_hex(&bytes);
-        self.load_hashed(bytes, sha, source).await
-    }
-
-    /// [`StrategyHost::load_bytes`] for a caller that already has the content's sha256.
-    pub async fn load_hashed(&self, bytes: Vec<u8>, sha: String, source: &Path) -> Result<LoadResult, StrategyError> {
-        let result = self.try_load(bytes, sha, source).await;
-        if let Err(error) = &result {
-            self.log_rejection(source, error);
+        };
+        let result = self.activate_new(bytes, sha, source).await;
+        if report == Report::CountAndLog {
+            self.report_load(source, &result, true);
         }
         result
     }
 
-    /// Loads and counts the outcome, but leaves logging a rejection to the caller (the
-    /// watcher sums up bursts).
-    pub async fn try_load(&self, bytes: Vec<u8>, sha: String, source: &Path) -> Result<LoadResult, StrategyError> {
-        let result = self.load_uncounted(bytes, sha, source).await;
-        self.count_outcome(source, &result);
-        result
-    }
-
-    fn record(&self, record: SwapRecord) {
-        let mut history = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if history.len() == HISTORY_LEN {
-            history.pop_front();
+    /// Counts a load's outcome in `harbor_strategy_reloads_total`, keeps it in the history,
+    /// and (with `log`) logs a rejection: for loads made with [`Report::Quiet`], once the
+    /// caller has decided the outcome.
+    pub fn report_load(&self, source: &Path, result: &Result<LoadResult, StrategyError>, log: bool) {
+        if let (true, Err(error)) = (log, result) {
+            log_rejection(source, error);
         }
-        history.push_back(record);
-    }
-
-    /// Counts a load's outcome in `harbor_strategy_reloads_total` and keeps it in the history.
-    pub fn count_outcome(&self, source: &Path, result: &Result<LoadResult, StrategyError>) {
         let at_unix_ms = crate::clock::unix_ms();
         let source_text = source.display().to_string();
         match result {
@@ -513,14 +508,27 @@ impl StrategyHost {
         );
     }
 
-    /// Compiles, checks and activates, counting and logging nothing: for a caller that may
-    /// retry a file still being written before it decides the outcome.
-    pub async fn load_uncounted(
-        &self,
-        bytes: Vec<u8>,
-        sha: String,
-        source: &Path,
-    ) -> Result<LoadResult, StrategyError> {
+    /// Loads the newest `.wasm` regular file in `dir` that loads, trying older ones if newer
+    /// ones fail (at most [`watch::STARTUP_CANDIDATES`]). `None` if none loaded.
+    pub async fn load_newest_in(&self, dir: &Path) -> Option<LoadResult> {
+        for path in watch::newest_first(dir) {
+            if let Ok(result) = self.load(LoadSource::File(&path), Report::CountAndLog).await {
+                return Some(result);
+            }
+        }
+        None
+    }
+
+    fn record(&self, record: SwapRecord) {
+        let mut history = self.history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if history.len() == HISTORY_LEN {
+            history.pop_front();
+        }
+        history.push_back(record);
+    }
+
+    /// Compiles, checks and activates (unless the same content is active already).
+    async fn activate_new(&self, bytes: Vec<u8>, sha: String, source: &Path) -> Result<LoadResult, StrategyError> {
         let _serial = tokio::select! {
             guard = self.load_lock.lock() => guard,
             _ = self.stopping.cancelled() => return Err(StrategyError::ShuttingDown),
@@ -596,9 +604,10 @@ impl StrategyHost {
         let shadow = self.shadow.swap(None)?;
         let loaded = Arc::clone(&shadow.strategy);
         tracing::info!(service = %self.service, strategy = %loaded.name, agreement = ?shadow.status().agreement, "shadow strategy promoted to active");
-        self.count_outcome(
+        self.report_load(
             &loaded.source,
             &Ok(LoadResult::Loaded { name: loaded.name.clone(), sha256: loaded.sha256.clone() }),
+            false,
         );
         self.activate(Arc::clone(&loaded));
         Some(loaded.name.clone())

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::runtime::loaded::read_component_file;
-use super::{LoadResult, StrategyError, StrategyHost};
+use super::{LoadResult, LoadSource, Report, StrategyError, StrategyHost};
 
 /// Quiet time before a burst of file events is handled.
 const DEBOUNCE: Duration = Duration::from_millis(60);
@@ -192,8 +192,8 @@ pub fn spawn_watcher(
                         // Too large, unreadable: said once per path until it changes.
                         let key = format!("{error}");
                         if rejected.get(&path) != Some(&key) {
-                            burst.rejected(&host, &path, &error);
-                            host.count_outcome(&path, &Err(error));
+                            burst.rejected(&path, &error);
+                            host.report_load(&path, &Err(error), false);
                             rejected.insert(path, key);
                         }
                         continue;
@@ -202,7 +202,8 @@ pub fn spawn_watcher(
                 if rejected.get(&path) == Some(&sha) {
                     continue; // same broken content as last time: already logged
                 }
-                let mut result = host.load_uncounted(bytes, sha.clone(), &path).await;
+                let quiet = |bytes, sha| LoadSource::Bytes { bytes, sha: Some(sha), shown_as: &path };
+                let mut result = host.load(quiet(bytes, sha.clone()), Report::Quiet).await;
                 // A file refused while young may still be being written in slow chunks: look
                 // again shortly, and only refuse it if it stayed the same.
                 for _ in 0..YOUNG_RETRIES {
@@ -214,19 +215,19 @@ pub fn spawn_watcher(
                     match read_when_stable(&path).await {
                         Some(Ok((again, again_sha))) if again_sha != sha => {
                             (bytes, sha) = (again, again_sha);
-                            result = host.load_uncounted(bytes, sha.clone(), &path).await;
+                            result = host.load(quiet(bytes, sha.clone()), Report::Quiet).await;
                         }
                         _ => break,
                     }
                 }
-                host.count_outcome(&path, &result);
+                host.report_load(&path, &result, false);
                 match result {
                     Ok(LoadResult::Loaded { .. }) | Ok(LoadResult::Unchanged) => {
                         rejected.remove(&path);
                         break;
                     }
                     Err(error) => {
-                        burst.rejected(&host, &path, &error);
+                        burst.rejected(&path, &error);
                         if rejected.len() > 1024 {
                             rejected.clear();
                         }
@@ -265,10 +266,10 @@ struct Burst {
 }
 
 impl Burst {
-    fn rejected(&mut self, host: &StrategyHost, path: &Path, error: &StrategyError) {
+    fn rejected(&mut self, path: &Path, error: &StrategyError) {
         self.rejected += 1;
         if self.rejected <= LOGGED_PER_BURST {
-            host.log_rejection(path, error);
+            super::log_rejection(path, error);
         }
     }
 
