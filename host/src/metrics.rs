@@ -148,27 +148,73 @@ fn probe_duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00005, 4.0, 10))
 }
 
+/// Declares the per-service series once: each line is the handle's field, its type (a
+/// histogram with its buckets), the series' name and its help. From it follow the family in
+/// [`Metrics`], its registration, and the handle every [`ServiceMetrics`] resolves once.
+macro_rules! per_service {
+    ($( $field:ident : $kind:ident $(($buckets:path))? = $name:literal, $help:literal; )*) => {
+        /// The families of the per-service series.
+        struct ServiceFamilies {
+            $( $field: per_service!(@family $kind), )*
+        }
+
+        impl ServiceFamilies {
+            fn new() -> Self {
+                ServiceFamilies { $( $field: per_service!(@new $kind $(, $buckets)?), )* }
+            }
+
+            fn register(&self, registry: &mut Registry) {
+                $( registry.register($name, $help, self.$field.clone()); )*
+            }
+
+            /// One service's handles (each family is looked up once, by its own lock).
+            fn series(&self, label: &ServiceLabel) -> ServiceSeries {
+                ServiceSeries { $( $field: self.$field.get_or_create(label).clone(), )* }
+            }
+        }
+
+        /// One service's handles of the per-service series.
+        #[derive(Debug, Clone)]
+        pub struct ServiceSeries {
+            $( #[doc = $help] pub $field: $kind, )*
+        }
+    };
+    (@family Counter) => { Family<ServiceLabel, Counter> };
+    (@family Gauge) => { Family<ServiceLabel, Gauge> };
+    (@family Histogram) => { HistogramFamily };
+    (@new Counter) => { Family::default() };
+    (@new Gauge) => { Family::default() };
+    (@new Histogram, $buckets:path) => { Family::new_with_constructor($buckets) };
+}
+
+per_service! {
+    accepts: Counter = "accepts", "Client connections accepted (including those then dropped at the cap)";
+    accept_errors: Counter = "accept_errors", "Errors returned by accept()";
+    capacity_drops: Counter = "capacity_drops", "Connections closed at accept because max-connections was reached";
+    active_connections: Gauge = "active_connections", "Client connections open now";
+    dials: Counter = "dials", "Connect attempts to backends";
+    dial_failures: Counter = "dial_failures", "Failed connect attempts to backends";
+    spliced_directions: Counter = "relay_spliced_directions", "Relay directions that carried a bulk transfer zero-copy (splice through a pipe)";
+    kernel_relayed: Counter = "kernel_relay_connections", "Connections relayed socket to socket in the kernel (relay = kernel)";
+    kernel_relay_declined: Counter = "kernel_relay_declined", "Connections relay = kernel left to the user-space relay (maps full, a socket option refused)";
+    retries: Counter = "retries", "Connect attempts retried on another backend";
+    no_backend: Counter = "no_backend", "Client connections closed because no backend was eligible or every attempt failed";
+    backends_cooling_down: Gauge = "backends_cooling_down", "Backends in cooldown after connect failures";
+    connection_duration: Histogram(connection_duration_histogram) = "connection_duration_seconds", "Lifetime of relayed connections";
+    pick_duration: Histogram(pick_duration_histogram) = "pick_duration_seconds", "Time to choose a backend (strategy call included)";
+    proxy_header_errors: Counter = "proxy_header_errors", "Connections from trusted sources closed for a missing or bad PROXY protocol header";
+}
+
 /// The registry and every metric family Harbor exports. Connections never look a label set
 /// up: each service resolves its handles once ([`Metrics::service`]), each backend its own
 /// ([`BackendMetrics::register`]).
 pub struct Metrics {
     pub registry: Registry,
-    accepts: Family<ServiceLabel, Counter>,
-    accept_errors: Family<ServiceLabel, Counter>,
-    capacity_drops: Family<ServiceLabel, Counter>,
+    per_service: ServiceFamilies,
     pub admin_connection_drops: Counter,
     pub access_log_dropped: Counter,
-    active_connections: Family<ServiceLabel, Gauge>,
-    dials: Family<ServiceLabel, Counter>,
-    dial_failures: Family<ServiceLabel, Counter>,
-    retries: Family<ServiceLabel, Counter>,
-    no_backend: Family<ServiceLabel, Counter>,
-    spliced_directions: Family<ServiceLabel, Counter>,
-    kernel_relayed: Family<ServiceLabel, Counter>,
-    kernel_relay_declined: Family<ServiceLabel, Counter>,
     rejections: Family<RejectionLabel, Counter>,
     relay_ends: Family<RelayEndLabel, Counter>,
-    backends_cooling_down: Family<ServiceLabel, Gauge>,
     backend_picks: Family<BackendLabel, Counter>,
     backend_dial_failures: Family<BackendLabel, Counter>,
     backend_active: Family<BackendLabel, Gauge>,
@@ -179,15 +225,12 @@ pub struct Metrics {
     probe_duration: Family<BackendLabel, Histogram, fn() -> Histogram>,
     membership_changes: Family<ChangeLabel, Counter>,
     dns_lookups: Family<DnsLabel, Counter>,
-    connection_duration: HistogramFamily,
-    pick_duration: HistogramFamily,
     strategy_fallbacks: Family<FallbackLabel, Counter>,
     strategy_reloads: Family<ReloadLabel, Counter>,
     config_reloads: Family<OutcomeLabel, Counter>,
     upgrades: Family<OutcomeLabel, Counter>,
     strategy_log_dropped: Family<ServiceLabel, Counter>,
     strategy_instance_recycles: Family<ServiceLabel, Counter>,
-    proxy_header_errors: Family<ServiceLabel, Counter>,
     shadow_picks: Family<ServiceLabel, Gauge>,
     shadow_agreed: Family<ServiceLabel, Gauge>,
     shadow_faults: Family<ServiceLabel, Gauge>,
@@ -203,22 +246,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("harbor");
         let m = Metrics {
-            accepts: Family::default(),
-            accept_errors: Family::default(),
-            capacity_drops: Family::default(),
+            per_service: ServiceFamilies::new(),
             admin_connection_drops: Counter::default(),
             access_log_dropped: Counter::default(),
-            active_connections: Family::default(),
-            dials: Family::default(),
-            dial_failures: Family::default(),
-            retries: Family::default(),
-            no_backend: Family::default(),
-            spliced_directions: Family::default(),
-            kernel_relayed: Family::default(),
-            kernel_relay_declined: Family::default(),
             rejections: Family::default(),
             relay_ends: Family::default(),
-            backends_cooling_down: Family::default(),
             backend_picks: Family::default(),
             backend_dial_failures: Family::default(),
             backend_active: Family::default(),
@@ -229,31 +261,17 @@ impl Metrics {
             probe_duration: Family::new_with_constructor(probe_duration_histogram),
             membership_changes: Family::default(),
             dns_lookups: Family::default(),
-            connection_duration: Family::new_with_constructor(connection_duration_histogram),
-            pick_duration: Family::new_with_constructor(pick_duration_histogram),
             strategy_fallbacks: Family::default(),
             strategy_reloads: Family::default(),
             config_reloads: Family::default(),
             upgrades: Family::default(),
             strategy_log_dropped: Family::default(),
             strategy_instance_recycles: Family::default(),
-            proxy_header_errors: Family::default(),
             shadow_picks: Family::default(),
             shadow_agreed: Family::default(),
             shadow_faults: Family::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "accepts",
-            "Client connections accepted (including those then dropped at the cap)",
-            m.accepts.clone(),
-        );
-        registry.register("accept_errors", "Errors returned by accept()", m.accept_errors.clone());
-        registry.register(
-            "capacity_drops",
-            "Connections closed at accept because max-connections was reached",
-            m.capacity_drops.clone(),
-        );
         registry.register(
             "admin_connection_drops",
             "Admin connections closed at accept because the admin connection cap was reached",
@@ -264,24 +282,6 @@ impl Metrics {
             "Access-log lines dropped because the writer's queue was full",
             m.access_log_dropped.clone(),
         );
-        registry.register("active_connections", "Client connections open now", m.active_connections.clone());
-        registry.register("dials", "Connect attempts to backends", m.dials.clone());
-        registry.register("dial_failures", "Failed connect attempts to backends", m.dial_failures.clone());
-        registry.register(
-            "relay_spliced_directions",
-            "Relay directions that carried a bulk transfer zero-copy (splice through a pipe)",
-            m.spliced_directions.clone(),
-        );
-        registry.register(
-            "kernel_relay_connections",
-            "Connections relayed socket to socket in the kernel (relay = kernel)",
-            m.kernel_relayed.clone(),
-        );
-        registry.register(
-            "kernel_relay_declined",
-            "Connections relay = kernel left to the user-space relay (maps full, a socket option refused)",
-            m.kernel_relay_declined.clone(),
-        );
         registry.register(
             "relay_ends",
             "Relayed connections by how they ended (a reset on one side is passed on as a reset)",
@@ -291,17 +291,6 @@ impl Metrics {
             "rejected_connections",
             "Clients closed at accept, by reason (max_connections, per_source)",
             m.rejections.clone(),
-        );
-        registry.register("retries", "Connect attempts retried on another backend", m.retries.clone());
-        registry.register(
-            "no_backend",
-            "Client connections closed because no backend was eligible or every attempt failed",
-            m.no_backend.clone(),
-        );
-        registry.register(
-            "backends_cooling_down",
-            "Backends in cooldown after connect failures",
-            m.backends_cooling_down.clone(),
         );
         registry.register("backend_picks", "Times each backend was picked", m.backend_picks.clone());
         registry.register("backend_dial_failures", "Failed connects per backend", m.backend_dial_failures.clone());
@@ -334,16 +323,6 @@ impl Metrics {
             m.dns_lookups.clone(),
         );
         registry.register(
-            "connection_duration_seconds",
-            "Lifetime of relayed connections",
-            m.connection_duration.clone(),
-        );
-        registry.register(
-            "pick_duration_seconds",
-            "Time to choose a backend (strategy call included)",
-            m.pick_duration.clone(),
-        );
-        registry.register(
             "strategy_fallbacks",
             "Picks where the strategy's answer was not used, by reason",
             m.strategy_fallbacks.clone(),
@@ -370,11 +349,6 @@ impl Metrics {
             m.shadow_faults.clone(),
         );
         registry.register(
-            "proxy_header_errors",
-            "Connections from trusted sources closed for a missing or bad PROXY protocol header",
-            m.proxy_header_errors.clone(),
-        );
-        registry.register(
             "strategy_log_dropped",
             "Lines a strategy logged over its rate limit, dropped",
             m.strategy_log_dropped.clone(),
@@ -389,6 +363,7 @@ impl Metrics {
             "Binary upgrades by outcome (handed_over, failed), as counted by the process upgraded",
             m.upgrades.clone(),
         );
+        m.per_service.register(&mut registry);
         let build_info: Family<BuildLabel, Gauge> = Family::default();
         build_info.get_or_create(&BuildLabel { version: VERSION, commit: COMMIT }).set(1);
         registry.register("build_info", "The version and commit of this Harbor (always 1)", build_info);
@@ -408,26 +383,7 @@ impl Metrics {
             .iter()
             .map(|reason| self.rejections.get_or_create(&RejectionLabel { service: name.to_string(), reason }).clone())
             .collect();
-        ServiceMetrics {
-            name: name.to_string(),
-            accepts: self.accepts.get_or_create(&label).clone(),
-            accept_errors: self.accept_errors.get_or_create(&label).clone(),
-            capacity_drops: self.capacity_drops.get_or_create(&label).clone(),
-            active_connections: self.active_connections.get_or_create(&label).clone(),
-            dials: self.dials.get_or_create(&label).clone(),
-            dial_failures: self.dial_failures.get_or_create(&label).clone(),
-            retries: self.retries.get_or_create(&label).clone(),
-            no_backend: self.no_backend.get_or_create(&label).clone(),
-            spliced_directions: self.spliced_directions.get_or_create(&label).clone(),
-            kernel_relayed: self.kernel_relayed.get_or_create(&label).clone(),
-            kernel_relay_declined: self.kernel_relay_declined.get_or_create(&label).clone(),
-            proxy_header_errors: self.proxy_header_errors.get_or_create(&label).clone(),
-            backends_cooling_down: self.backends_cooling_down.get_or_create(&label).clone(),
-            connection_duration: self.connection_duration.get_or_create(&label).clone(),
-            pick_duration: self.pick_duration.get_or_create(&label).clone(),
-            rejections,
-            relay_ends,
-        }
+        ServiceMetrics { name: name.to_string(), series: self.per_service.series(&label), rejections, relay_ends }
     }
 
     /// Counts a strategy fallback.
@@ -549,31 +505,24 @@ impl Metrics {
     }
 }
 
-/// One service's handles, resolved once, so a connection bumps counters without a lookup.
+/// One service's handles, resolved once, so a connection bumps counters without a lookup:
+/// its [`ServiceSeries`] (reached through `Deref`: `metrics.accepts.inc()`), and the series
+/// with a second label, indexed by it.
 #[derive(Debug, Clone)]
 pub struct ServiceMetrics {
     pub name: String,
-    pub accepts: Counter,
-    pub accept_errors: Counter,
-    pub capacity_drops: Counter,
-    pub active_connections: Gauge,
-    pub dials: Counter,
-    pub dial_failures: Counter,
-    pub retries: Counter,
-    pub no_backend: Counter,
-    pub spliced_directions: Counter,
-    /// Connections the kernel relay carried, and those it left to the user-space relay.
-    pub kernel_relayed: Counter,
-    pub kernel_relay_declined: Counter,
-    /// Connections from trusted sources closed for a missing or bad PROXY header.
-    pub proxy_header_errors: Counter,
-    pub backends_cooling_down: Gauge,
-    pub connection_duration: Histogram,
-    pub pick_duration: Histogram,
+    series: ServiceSeries,
     /// Clients closed at accept, indexed by [`Rejection`].
     rejections: Vec<Counter>,
-    /// Relays by how they ended, indexed by [`crate::proxy::relay::RelayEnd::ordinal`].
+    /// Relays by how they ended, indexed by [`RelayEnd::ordinal`].
     relay_ends: Vec<Counter>,
+}
+
+impl std::ops::Deref for ServiceMetrics {
+    type Target = ServiceSeries;
+    fn deref(&self) -> &ServiceSeries {
+        &self.series
+    }
 }
 
 impl ServiceMetrics {
@@ -636,5 +585,39 @@ impl BackendMetrics {
         let healthy = metrics.backend_healthy.get_or_create(&label).clone();
         let health_transitions = metrics.health_transitions.get_or_create(&label).clone();
         BackendMetrics { picks, dial_failures, active, bytes_to_backend, bytes_to_client, healthy, health_transitions }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_per_service_series_is_registered_and_labelled_by_service() {
+        let metrics = Metrics::new();
+        let web = metrics.service("web");
+        web.accepts.inc();
+        web.active_connections.set(3);
+        web.connection_duration.observe(0.5);
+        web.relay_ended(RelayEnd::Idle);
+        let text = metrics.encode();
+        for series in [
+            "harbor_accepts_total{service=\"web\"} 1",
+            "harbor_active_connections{service=\"web\"} 3",
+            "harbor_connection_duration_seconds_count{service=\"web\"} 1",
+            "harbor_pick_duration_seconds_count{service=\"web\"} 0",
+            "harbor_proxy_header_errors_total{service=\"web\"} 0",
+            "harbor_relay_spliced_directions_total{service=\"web\"} 0",
+            "harbor_kernel_relay_declined_total{service=\"web\"} 0",
+            "harbor_backends_cooling_down{service=\"web\"} 0",
+            "harbor_relay_ends_total{service=\"web\",end=\"idle\"} 1",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+        for help in
+            ["# HELP harbor_accepts Client connections accepted", "# HELP harbor_dials Connect attempts to backends"]
+        {
+            assert!(text.contains(help), "{help} missing");
+        }
     }
 }
