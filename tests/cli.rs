@@ -169,28 +169,25 @@ async fn harbor_ctl_sighup_and_a_watched_config_file_drive_the_real_binary() {
     let (b0, b1) = (backends[0].to_string(), backends[1].to_string());
     let dir = common::temp_dir("cli-reload");
     let file = dir.join("harbor.toml");
-    let web_port = common::free_port();
     let write = |list: &[&str]| {
         let list = list.iter().map(|b| format!("\"{b}\"")).collect::<Vec<_>>().join(", ");
-        std::fs::write(
-            &file,
-            format!("[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:{web_port}\"\nbackends = [{list}]\n"),
-        )
-        .unwrap();
+        std::fs::write(&file, format!("[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackends = [{list}]\n"))
+            .unwrap();
     };
     write(&[&b0]);
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
-    let (child, _addr, first) = common::spawn_binary(&[
+    let (child, bound, first) = common::spawn_binary_bound(&[
         "--config",
         file.to_str().unwrap(),
         "--backends",
         &b0,
         "--admin",
-        &admin.to_string(),
+        "127.0.0.1:0",
         "--watch-config",
         "true",
     ])
     .await;
+    let admin = bound.admin.expect("an admin address");
+    let web = bound.listen.iter().find(|(s, _)| s == "web").map(|(_, a)| *a).expect("web listens");
     drop(first);
     let child = KillOnDrop(child);
     let out = ctl(admin, &["services"]);
@@ -239,7 +236,6 @@ async fn harbor_ctl_sighup_and_a_watched_config_file_drive_the_real_binary() {
     }
     assert!(rejected >= 1.0, "the bad file was counted as rejected");
     assert_eq!(web_backends(admin).await, both);
-    let web: std::net::SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
     common::echo_roundtrip(web, b"still serving").await;
     drop(child);
     std::fs::remove_dir_all(&dir).ok();
@@ -255,16 +251,16 @@ async fn sd_notify_reports_ready_reloading_and_stopping() {
     let socket_path = dir.join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-    let port = common::free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_harbor"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--backends", &backend.to_string(), "--admin", "off"])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["--listen", "127.0.0.1:0", "--backends", &backend.to_string(), "--admin", "off"])
         .args(["--log-level", "warn"])
         .env("NOTIFY_SOCKET", &socket_path)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let pid = child.id();
+    let addr = common::read_bound(&mut child).addr();
     let child = KillOnDrop(child);
     let mut buf = [0u8; 512];
     let mut next = || {
@@ -274,7 +270,6 @@ async fn sd_notify_reports_ready_reloading_and_stopping() {
     let ready = next();
     assert!(ready.contains("READY=1") && ready.contains(&format!("MAINPID={pid}")), "{ready}");
     // Listening by the time it says so.
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     common::echo_roundtrip(addr, b"ready").await;
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGHUP) };
@@ -370,8 +365,7 @@ async fn compiled_strategies_are_cached_on_disk_and_a_damaged_entry_is_recompile
         let strategy = strategy.clone();
         let backend = backends[0].to_string();
         async move {
-            let admin = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-            let (child, _addr, _first) = common::spawn_binary(&[
+            let (child, bound, _first) = common::spawn_binary_bound(&[
                 "--backends",
                 &backend,
                 "--strategy",
@@ -379,9 +373,10 @@ async fn compiled_strategies_are_cached_on_disk_and_a_damaged_entry_is_recompile
                 "--cache-dir",
                 cache.to_str().unwrap(),
                 "--admin",
-                &admin.to_string(),
+                "127.0.0.1:0",
             ])
             .await;
+            let admin = bound.admin.expect("an admin address");
             let child = KillOnDrop(child);
             let (_, body) = common::admin_get(admin, "/strategy").await;
             let status: serde_json::Value = serde_json::from_str(&body).unwrap();

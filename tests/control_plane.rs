@@ -472,25 +472,25 @@ async fn a_reload_adds_and_removes_services_and_moves_a_listener_without_a_gap()
     let (backends, _stops) = echo_backends(2).await;
     let dir = temp_dir("reload-services");
     let path = dir.join("harbor.toml");
-    let old_port = free_port();
-    let new_port = free_port();
     let write = |text: String| std::fs::write(&path, text).unwrap();
-    write(format!("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:{old_port}\"\nbackends = [\"{}\"]\n", backends[0]));
+    write(format!("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n", backends[0]));
     let harbor = start(resolve_file(&path).unwrap()).await;
     let source_path = path.clone();
     harbor.control.set_config_source(Box::new(move || resolve_file(&source_path)));
-    let old_addr: std::net::SocketAddr = format!("127.0.0.1:{old_port}").parse().unwrap();
-    let new_addr: std::net::SocketAddr = format!("127.0.0.1:{new_port}").parse().unwrap();
+    let old_addr = harbor.addr_of("a").unwrap();
     let (name, mut held) = connect_and_greet(old_addr).await;
     assert_eq!(name, "b0");
 
     write(format!(
-        "[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:{new_port}\"\nbackends = [\"{}\"]\n\
+        "[[service]]\nname = \"a\"\nlisten = \"127.0.0.2:0\"\nbackends = [\"{}\"]\n\
          [[service]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n",
         backends[0], backends[1]
     ));
     let report = harbor.control.reload().await.unwrap();
     assert_eq!((report.added.as_slice(), report.changed.as_slice()), (&["b".to_string()][..], &["a".to_string()][..]));
+    // Another configured address (127.0.0.2, port 0): bound anew, where the service says.
+    let new_addr = harbor.control.service("a").unwrap().local_addrs()[0];
+    assert_ne!(new_addr, old_addr);
     assert_eq!(echo_roundtrip(new_addr, b"moved").await, "b0");
     assert!(TcpStream::connect(old_addr).await.is_err(), "the old address is closed");
     let b_addr = harbor.control.service("b").unwrap().local_addrs()[0];

@@ -386,19 +386,18 @@ async fn a_reply_followed_at_once_by_a_reset_is_still_a_reset() {
 async fn relay_kernel_without_privileges_says_so_once_and_relays_in_user_space() {
     use std::os::unix::process::CommandExt;
     let (backend, _stop) = echo_backend("b1").await;
-    let port = free_port();
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_harbor"));
     command
         .args(["--relay", "kernel", "--admin", "off", "--cache-dir", "off", "--log-level", "info"])
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--backends", &backend.to_string()])
-        .stdout(std::process::Stdio::null())
+        .args(["--listen", "127.0.0.1:0", "--backends", &backend.to_string()])
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } == 0 {
         command.uid(65534).gid(65534); // nobody: no CAP_BPF
     }
     let mut child = command.spawn().expect("spawn harbor");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = read_bound(&mut child).addr();
     let mut up = false;
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {

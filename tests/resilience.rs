@@ -178,16 +178,15 @@ async fn a_second_signal_exits_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_backs_off_without_spinning_and_recovers() {
     let (backend, _stop) = echo_backend("fd").await;
-    let port = free_port();
-    let admin_port = free_port();
     let harbor_bin = env!("CARGO_BIN_EXE_harbor");
     // 48 descriptors: a dozen for Harbor itself, then two per relayed connection.
     let script = format!(
-        "ulimit -n 48 && exec {harbor_bin} --listen 127.0.0.1:{port} --admin 127.0.0.1:{admin_port} --backends {backend} --workers 1 --log-level error"
+        "ulimit -n 48 && exec {harbor_bin} --listen 127.0.0.1:0 --admin 127.0.0.1:0 --backends {backend} --workers 1 --log-level error"
     );
     let mut child =
-        Command::new("bash").args(["-c", &script]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        Command::new("bash").args(["-c", &script]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let bound = read_bound(&mut child);
+    let (addr, admin) = (bound.addr(), bound.admin.expect("an admin address"));
     let up = echo_roundtrip_within(addr, b"up", Duration::from_secs(5)).await;
     assert!(up.is_ok(), "harbor came up: {up:?}");
 
@@ -207,7 +206,7 @@ async fn running_out_of_file_descriptors_backs_off_without_spinning_and_recovers
     drop(held);
     let served = echo_roundtrip_within(addr, b"after", Duration::from_secs(5)).await;
     assert!(served.is_ok(), "no recovery after descriptors were freed: {served:?}");
-    let m = Scrape::fetch(format!("127.0.0.1:{admin_port}").parse().unwrap()).await;
+    let m = Scrape::fetch(admin).await;
     assert!(m.get("harbor_accept_errors_total") >= 1.0, "EMFILE was not counted");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();

@@ -231,12 +231,11 @@ async fn soak() {
     let dir = std::env::temp_dir().join(format!("harbor-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(strategy("least_conn"), dir.join("initial.wasm")).unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let (mut child, addr, first) = spawn_binary(&[
+    let (mut child, bound, first) = spawn_binary_bound(&[
         "--backends",
         &list.join(","),
         "--admin",
-        &admin.to_string(),
+        "127.0.0.1:0",
         "--watch",
         dir.to_str().unwrap(),
         "--idle-timeout-ms",
@@ -251,6 +250,7 @@ async fn soak() {
         "4096",
     ])
     .await;
+    let (addr, admin): (SocketAddr, SocketAddr) = (bound.addr(), bound.admin.expect("an admin address"));
     drop(first);
     let pid = child.id();
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-use common::{echo_backends, free_port, pattern, sha256, temp_dir, ClientLoad, STEP};
+use common::{echo_backends, pattern, sha256, temp_dir, ClientLoad, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -197,10 +197,12 @@ async fn five_upgrades_in_a_row_refuse_and_break_nothing() {
     let binary = dir.join("harbor");
     install(&binary, Path::new(env!("CARGO_BIN_EXE_harbor")));
     let (backends, _stops) = echo_backends(3).await;
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Port 0: Harbor says where it is bound, and the new process inherits those sockets.
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (listen, admin) = (any, any);
     let config = dir.join("harbor.toml");
-    std::fs::write(&config, config_text(listen, admin, &backends[..2])).unwrap();
+    let text = config_text(listen, admin, &backends[..2]);
+    std::fs::write(&config, &text).unwrap();
     let log = dir.join("harbor.log");
     let (notify, notes) = notify_socket(&dir);
 
@@ -208,11 +210,13 @@ async fn five_upgrades_in_a_row_refuse_and_break_nothing() {
         .args(["--config", config.to_str().unwrap(), "--log-level", "info"])
         .env("NOTIFY_SOCKET", &notify)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start harbor");
     let mut reaper = Reaper(vec![first.id()]);
+    let bound = common::read_bound(&mut first);
+    let (listen, admin) = (bound.addr(), bound.admin.expect("an admin address"));
     let mut pids = vec![wait_for_new_pid(admin, None, Duration::from_secs(60)).await.expect("harbor serves")];
     assert_eq!(pids[0], first.id());
 
@@ -253,7 +257,7 @@ async fn five_upgrades_in_a_row_refuse_and_break_nothing() {
     std::fs::write(&config, "listen = [\"127.0.0.1:1\"]\nbackends = [\"not an address\"]\n").unwrap();
     signal(pids[0], libc::SIGUSR2);
     assert!(wait_for_log(&log, "upgrade failed", 2, Duration::from_secs(30)).await, "no second failed upgrade logged");
-    std::fs::write(&config, config_text(listen, admin, &backends[..2])).unwrap();
+    std::fs::write(&config, &text).unwrap();
     assert_eq!(serving_pid(admin).await, Some(pids[0]), "a failed upgrade must leave the old process serving");
 
     let mut handovers = Vec::new();
@@ -319,8 +323,9 @@ async fn five_upgrades_in_a_row_refuse_and_break_nothing() {
 async fn a_per_core_harbor_hands_every_shard_socket_over() {
     let dir = temp_dir("upgrade-per-core");
     let (backends, _stops) = echo_backends(2).await;
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Port 0: Harbor says where it is bound, and the new process inherits those sockets.
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (listen, admin) = (any, any);
     let config = dir.join("harbor.toml");
     let text = config_text(listen, admin, &backends) + "runtime = \"per-core\"\nworkers = 2\nreuse_port = true\n";
     std::fs::write(&config, text).unwrap();
@@ -328,11 +333,13 @@ async fn a_per_core_harbor_hands_every_shard_socket_over() {
     let mut first = Command::new(env!("CARGO_BIN_EXE_harbor"))
         .args(["--config", config.to_str().unwrap(), "--log-level", "info"])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start harbor");
     let mut reaper = Reaper(vec![first.id()]);
+    let bound = common::read_bound(&mut first);
+    let (listen, admin) = (bound.addr(), bound.admin.expect("an admin address"));
     let old = wait_for_new_pid(admin, None, Duration::from_secs(60)).await.expect("harbor serves");
     let sockets = common::listening_sockets(listen.port());
     assert_eq!(sockets.len(), 2, "one socket per shard");

@@ -61,15 +61,14 @@ struct ProbedHarbor {
 
 impl ProbedHarbor {
     async fn start(config: &str, backends: &[std::net::SocketAddr]) -> ProbedHarbor {
-        let (port, admin_port) = (free_port(), free_port());
         let list: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
         let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--admin", &format!("127.0.0.1:{admin_port}")])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .args(["--log-level", "info", "--cache-dir", "off", "--backends", &list.join(",")])
             .arg("--strategy")
             .arg(wasi_build("wasi_probe"))
             .args(["--strategy-config", config])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn harbor");
@@ -81,8 +80,8 @@ impl ProbedHarbor {
                 lines.lock().unwrap().push(line);
             }
         });
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        let bound = read_bound(&mut child);
+        let (addr, admin) = (bound.addr(), bound.admin.expect("an admin address"));
         let up = eventually(Duration::from_secs(20), || std::net::TcpStream::connect(addr).is_ok()).await;
         assert!(up.is_some(), "harbor did not come up: {:?}", log.lock().unwrap());
         ProbedHarbor { child, addr, admin, log }

@@ -82,11 +82,9 @@ async fn start_up_takes_the_newest_regular_file_that_loads() {
 async fn a_file_over_the_size_limit_is_refused_without_reading_it() {
     let (backend, _stop) = echo_backend("big").await;
     let dir = temp_dir("oversized");
-    let admin_port = free_port();
-    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    let (mut child, addr, first) = spawn_binary(&[
+    let (mut child, bound, first) = spawn_binary_bound(&[
         "--admin",
-        &admin.to_string(),
+        "127.0.0.1:0",
         "--backends",
         &backend.to_string(),
         "--watch",
@@ -94,6 +92,7 @@ async fn a_file_over_the_size_limit_is_refused_without_reading_it() {
     ])
     .await;
     drop(first);
+    let (addr, admin) = (bound.addr(), bound.admin.expect("an admin address"));
     let baseline = peak_rss_kib(child.id());
     let big = dir.join("huge.wasm");
     std::fs::File::create(&big).unwrap().set_len(1 << 30).unwrap();

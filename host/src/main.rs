@@ -237,6 +237,24 @@ fn raise_fd_limit() {
     }
 }
 
+/// Says on stdout where Harbor listens, as bound (a port 0 in the configuration is a real
+/// port here), one line each: `listening SERVICE ADDRESS`, `admin ADDRESS`, then `bound`. A
+/// script or a test starts Harbor on port 0 and reads them: no port is guessed in advance.
+fn report_bound_addresses(harbor: &Harbor) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut lines: Vec<String> =
+        harbor.local_addrs().into_iter().map(|(service, addr)| format!("listening {service} {addr}")).collect();
+    lines.extend(harbor.admin_addr().map(|addr| format!("admin {addr}")));
+    lines.push("bound".to_string());
+    for line in lines {
+        if writeln!(out, "{line}").is_err() {
+            return; // stdout closed: nobody is reading
+        }
+    }
+    let _ = out.flush();
+}
+
 fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     harbor::logging::init(config.log_format, &config.log_level);
     raise_fd_limit();
@@ -265,6 +283,7 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e).context("starting"),
         };
+        report_bound_addresses(&harbor);
         let control = harbor.control();
         control.set_notifier(harbor::control::Notifier::from_env());
         // A reload reads the same flags, environment and file again.

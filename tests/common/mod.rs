@@ -384,27 +384,82 @@ pub fn texts(out: &std::process::Output) -> (String, String) {
 }
 
 /// Runs the real `harbor` binary listening on a free port with `args`, and returns it with
-/// its address and a first client connection once it accepts.
-pub async fn spawn_binary(args: &[&str]) -> (std::process::Child, std::net::SocketAddr, TcpStream) {
-    let port = free_port();
+/// What a `harbor` reports on stdout once bound: every listener's address by service, and
+/// the admin server's.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub listen: Vec<(String, SocketAddr)>,
+    pub admin: Option<SocketAddr>,
+}
+
+impl Bound {
+    /// The first listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.listen.first().map(|(_, a)| *a).expect("harbor reported no listener")
+    }
+}
+
+/// Reads the addresses a `harbor` started with stdout piped reports, up to its `bound` line
+/// (within 60 s: a strategy may compile first). Its stdout is drained on a thread after that.
+pub fn read_bound(child: &mut std::process::Child) -> Bound {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("harbor's stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut bound = Bound { listen: Vec::new(), admin: None };
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("harbor did not report its addresses within 60 s (so far: {bound:?})");
+            }
+        };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["listening", service, addr] => bound.listen.push((service.to_string(), addr.parse().expect("an address"))),
+            ["admin", addr] => bound.admin = Some(addr.parse().expect("an address")),
+            ["bound"] => return bound,
+            _ => {}
+        }
+    }
+}
+
+/// Starts the real binary on `127.0.0.1:0` with `args` (and the kernel relay when the suite
+/// runs on it), reads where it is bound, and connects once. Returns the process, what it
+/// reported, and the first connection.
+pub async fn spawn_binary_bound(args: &[&str]) -> (std::process::Child, Bound, TcpStream) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
+        .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
         .args(if kernel_relay() { &["--relay", "kernel"][..] } else { &[] })
         .args(args)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn harbor");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..200 {
-        if let Ok(stream) = TcpStream::connect(addr).await {
-            return (child, addr, stream);
+    let bound = read_bound(&mut child);
+    let addr = bound.addr();
+    match tokio::time::timeout(STEP, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => (child, bound, stream),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("harbor reported {addr} but does not accept there: {other:?}");
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("harbor did not come up on {addr}");
+}
+
+/// [`spawn_binary_bound`], for a test that needs only the client address.
+pub async fn spawn_binary(args: &[&str]) -> (std::process::Child, std::net::SocketAddr, TcpStream) {
+    let (child, bound, stream) = spawn_binary_bound(args).await;
+    (child, bound.addr(), stream)
 }
 
 /// CPU time (user + system) the process has used, in clock ticks.
