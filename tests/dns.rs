@@ -242,7 +242,17 @@ async fn a_dns_server_that_comes_up_late_is_followed_once_it_answers() {
          backends = [{{ dns = \"late.harbor.test:{port}\" }}]\n"
     ));
     let harbor = start(config).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Two failed lookups counted: the follower runs and has nothing to follow yet.
+    let admin = harbor.admin_addr.unwrap();
+    let mut failed = 0.0;
+    for _ in 0..500 {
+        failed = Scrape::fetch(admin).await.sum("harbor_dns_lookups_total");
+        if failed >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(failed >= 2.0, "no failed lookup counted while the server is down: {failed}");
     assert!(backend_addrs(&harbor, "web").is_empty());
     let _dns = Dnsmasq::start_on(dns_port, &hosts, &[]);
     let started = Instant::now();

@@ -131,7 +131,15 @@ async fn twenty_four_swaps_with_broken_files_lose_no_connection() {
             let (bad_name, bad_bytes) = &broken[(round / 3) % broken.len()];
             land(&dir, bad_name, bad_bytes, Landing::Write).await;
             rejected_files += 1;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // A new broken file is seen and refused (a dead watcher fails here); the same bytes
+            // at the same path again are skipped by hash, with nothing to wait for.
+            if rejected_files <= broken.len() {
+                let refused = eventually(Duration::from_secs(5), || {
+                    host.status().history.iter().any(|r| r.outcome == "rejected" && r.source.ends_with(bad_name))
+                })
+                .await;
+                assert!(refused.is_some(), "round {round}: {bad_name} was never refused");
+            }
             assert_eq!(host.active_sha256().as_deref(), Some(want.as_str()), "a broken file replaced the strategy");
         }
     }
@@ -139,9 +147,26 @@ async fn twenty_four_swaps_with_broken_files_lose_no_connection() {
     std::fs::write(dir.join(".hidden.wasm"), &rr).unwrap();
     std::fs::write(dir.join("half.wasm.part"), &rr).unwrap();
     std::os::unix::fs::symlink(std::env::temp_dir(), dir.join("link.wasm")).unwrap();
-    let active = host.active_sha256();
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(host.active_sha256(), active, "an ignored file was loaded");
+    // Then a file that is not ignored: once it is active, the watcher has been past the others.
+    let marker = harbor::strategy::runtime::sha256_hex(&lc);
+    if host.active_sha256().as_deref() == Some(marker.as_str()) {
+        land(&dir, "marker-first.wasm", &rr, Landing::Write).await;
+        let want = harbor::strategy::runtime::sha256_hex(&rr);
+        assert!(eventually(Duration::from_secs(5), || host.active_sha256().as_deref() == Some(want.as_str()))
+            .await
+            .is_some());
+        swaps += 1;
+    }
+    land(&dir, "marker.wasm", &lc, Landing::Write).await;
+    let seen = eventually(Duration::from_secs(5), || host.active_sha256().as_deref() == Some(marker.as_str())).await;
+    assert!(seen.is_some(), "the watcher stopped after the ignored files");
+    swaps += 1;
+    let history = host.status().history;
+    let ignored = [".hidden.wasm", "half.wasm.part", "link.wasm"];
+    assert!(
+        !history.iter().any(|r| ignored.iter().any(|name| r.source.ends_with(name))),
+        "an ignored file was loaded or refused: {history:?}"
+    );
 
     // The directory is removed and recreated: watching resumes.
     std::fs::remove_dir_all(&dir).unwrap();
@@ -214,15 +239,25 @@ async fn the_strategy_file_reloads_when_replaced_on_disk() {
     check("round_robin").await;
     // Broken in place: kept.
     std::fs::write(&file, b"garbage").unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let refused = eventually(Duration::from_secs(5), || {
+        host.status().history.iter().any(|r| r.outcome == "rejected" && r.source.ends_with("active.wasm"))
+    })
+    .await;
+    assert!(refused.is_some(), "the broken file was never refused");
     assert_eq!(host.status().name, "round_robin");
     // Copied over slowly.
     land(&dir, "active.wasm", &std::fs::read(strategy("least_conn")).unwrap(), Landing::Slow).await;
     check("least_conn").await;
     // Other files in the same directory are not the strategy.
     std::fs::write(dir.join("other.wasm"), std::fs::read(strategy("round_robin")).unwrap()).unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(host.status().name, "least_conn");
+    // The strategy file changing again is seen after it: then the other file was passed over.
+    land(&dir, "active.wasm", &std::fs::read(fixture("first_healthy.wat")).unwrap(), Landing::Write).await;
+    let seen = eventually(Duration::from_secs(5), || host.status().name != "least_conn").await;
+    assert!(seen.is_some(), "the watcher stopped");
+    assert!(
+        !host.status().history.iter().any(|r| r.source.ends_with("other.wasm")),
+        "another file in the directory was taken for the strategy"
+    );
 
     let (ok, failed, errors) = traffic.finish().await;
     assert_eq!(failed, 0, "{errors:?}");
