@@ -239,6 +239,38 @@ mod tests {
         toml::from_str(&text).unwrap()
     }
 
+    /// On paused time against a real loopback listener: one good probe lets a new backend in,
+    /// `fall` refused connects in a row (one per interval) take it out, `rise` good ones bring
+    /// it back; nothing changes before its interval.
+    #[tokio::test(start_paused = true)]
+    async fn probes_follow_the_backend_on_paused_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let check: HealthConfig =
+            toml::from_str("kind = \"tcp\"\ninterval_ms = 10000\ntimeout_ms = 1000\nrise = 2\nfall = 3\n").unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let backend = Backend::new(address, "web", &metrics, true, &CancellationToken::new());
+        let stop = CancellationToken::new();
+        spawn_probe(Arc::clone(&backend), check, "web".into(), Arc::clone(&metrics), stop.clone());
+        assert_eq!(backend.health(), Health::Pending);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(backend.health(), Health::Passing, "the first probe comes within 200 ms");
+
+        drop(listener);
+        // Two failures (two intervals, with jitter) are not enough; the third is.
+        tokio::time::sleep(Duration::from_secs(18)).await;
+        assert_eq!(backend.health(), Health::Passing, "fall = 3");
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert_eq!(backend.health(), Health::Failing);
+
+        let _back = tokio::net::TcpListener::bind(address).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(backend.health(), Health::Failing, "rise = 2");
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert_eq!(backend.health(), Health::Passing);
+        stop.cancel();
+    }
+
     #[test]
     fn fall_failures_mark_down_and_rise_successes_bring_back() {
         let c = check(2, 3);
