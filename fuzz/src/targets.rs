@@ -164,6 +164,13 @@ pub fn config(data: &[u8]) {
 /// Arbitrary bytes loaded as Harbor loads a file landing in its watch directory; what loads
 /// is instantiated and asked for picks, each answer judged by Harbor's one rule.
 pub fn component_loader(data: &[u8]) {
+    if let Some(loaded) = load(data, "fuzz.wasm") {
+        pick_and_judge(loaded, 8);
+    }
+}
+
+/// Loads `bytes` as Harbor would, under tight limits (a 10 ms call, 16 MiB).
+fn load(bytes: &[u8], name: &str) -> Option<LoadedStrategy> {
     let engine = StrategyEngine::global().expect("the engine builds with its limits");
     let limits = GuestLimits {
         call_timeout: Duration::from_millis(10),
@@ -171,17 +178,8 @@ pub fn component_loader(data: &[u8]) {
         ready_instances: 1,
         ..GuestLimits::default()
     };
-    if let Ok(loaded) = LoadedStrategy::from_bytes(
-        engine,
-        data,
-        sha256_hex(data),
-        Path::new("fuzz.wasm"),
-        limits,
-        "",
-        &harbor::strategy::GuestEnv::default(),
-    ) {
-        pick_and_judge(loaded, 8);
-    }
+    let env = harbor::strategy::GuestEnv::default();
+    LoadedStrategy::from_bytes(engine, bytes, sha256_hex(bytes), Path::new(name), limits, "", &env).ok()
 }
 
 // -------------------------------------------------------------------- component_from_smith
@@ -231,25 +229,7 @@ pub fn component_from_smith(template: &Template, data: &[u8]) {
     let Ok(encoder) = encoder.module(&bytes) else { return };
     let Ok(component) = encoder.encode() else { return };
 
-    let engine = StrategyEngine::global().expect("the engine builds with its limits");
-    let limits = GuestLimits {
-        call_timeout: Duration::from_millis(10),
-        memory_bytes: 16 << 20,
-        ready_instances: 1,
-        ..GuestLimits::default()
-    };
-    let sha = sha256_hex(&component);
-    let Ok(loaded) = LoadedStrategy::from_bytes(
-        engine,
-        &component,
-        sha,
-        Path::new("smith.wasm"),
-        limits,
-        "",
-        &harbor::strategy::GuestEnv::default(),
-    ) else {
-        return;
-    };
+    let Some(loaded) = load(&component, "smith.wasm") else { return };
     pick_and_judge(loaded, 4);
 }
 
