@@ -28,11 +28,11 @@ fn addresses(body: &str) -> Vec<String> {
 async fn two_services_listen_apart_with_their_own_pools_and_labels() {
     let (web, _s1) = echo_backend("web-1").await;
     let (cache, _s2) = echo_backend("cache-1").await;
-    let (config, _) = config_from_toml(&format!(
-        "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\nbackends = [\"{web}\"]\n\n\
-         [[service]]\nname = \"cache\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{cache}\"]\nidle_timeout_ms = 700\n"
-    ));
-    let harbor = start(config).await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| s.backends(&[web]))
+        .service("cache", |s| s.backends(&[cache]).set("idle_timeout_ms", 700))
+        .start()
+        .await;
     let admin = harbor.admin_addr.unwrap();
     let web_addr = harbor.addr_of("web").unwrap();
     let cache_addr = harbor.addr_of("cache").unwrap();
@@ -368,12 +368,18 @@ async fn a_backend_that_hangs_is_marked_unhealthy_gets_no_client_and_comes_back(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panic_mode_sends_traffic_when_every_check_fails() {
     let (backend, _s) = echo_backend("only").await;
-    let (config, _) = config_from_toml(&format!(
-        "listen = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\nall_unhealthy = \"ignore-checks\"\n\
-         [[service]]\nname = \"panic\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n\
-         health = {{ kind = \"send-expect\", expect = \"never this\", interval_ms = 50, timeout_ms = 50, fall = 1 }}\n"
-    ));
-    let harbor = start(config).await;
+    let harbor = TestHarbor::new()
+        .set("listen", "127.0.0.1:0")
+        .set("backends", vec![backend.to_string()])
+        .set("all_unhealthy", "ignore-checks")
+        .service("panic", |s| {
+            s.backends(&[backend]).set_toml(
+                "health",
+                r#"{ kind = "send-expect", expect = "never this", interval_ms = 50, timeout_ms = 50, fall = 1 }"#,
+            )
+        })
+        .start()
+        .await;
     let service = harbor.control.service("panic").unwrap();
     let failing = eventually(Duration::from_secs(3), || {
         service.context.load().pool.load().iter().all(|b| b.health() == harbor::backends::Health::Failing)
@@ -542,13 +548,13 @@ async fn the_access_log_has_one_json_line_per_connection_at_its_end() {
     let dead = dead_addr().await;
     let dir = temp_dir("access-log");
     let log = dir.join("access.log");
-    let (mut config, _) = config_from_toml(&format!(
-        "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\n\
-         [[service]]\nname = \"dead\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{dead}\"]\nconnect_attempts = 1\n"
-    ));
-    config.access_log = Some(log.to_string_lossy().into_owned());
-    config.access_log_format = harbor::config::LogFormat::Json;
-    let harbor = start(config).await;
+    let harbor = TestHarbor::new()
+        .set("access_log", log.to_string_lossy().into_owned())
+        .set("access_log_format", "json")
+        .service("web", |s| s.backends(&[backend]))
+        .service("dead", |s| s.backends(&[dead]).set("connect_attempts", 1))
+        .start()
+        .await;
     for i in 0..3 {
         echo_roundtrip(harbor.addr_of("web").unwrap(), format!("hello {i}").as_bytes()).await;
     }

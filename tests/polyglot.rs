@@ -144,15 +144,14 @@ async fn a_strategy_still_compiling_shows_as_loading() {
 async fn run_c_swrr(file: &str, sandboxed: bool) {
     let path = built(file);
     let (backends, _stops) = echo_backends(3).await;
-    let (config, _) = config_from_toml(&format!(
-        "[[service]]\nname = \"default\"\nlisten = \"127.0.0.1:0\"\nstrategy = \"{}\"\n\
-         backends = [{{ address = \"{}\", weight = 3 }}, \"{}\", \"{}\"]\n",
-        path.display(),
-        backends[0],
-        backends[1],
-        backends[2]
-    ));
-    let harbor = start(config).await;
+    let harbor = TestHarbor::new()
+        .service("default", |s| {
+            let weighted =
+                format!(r#"[{{ address = "{}", weight = 3 }}, "{}", "{}"]"#, backends[0], backends[1], backends[2]);
+            s.set("strategy", path.display().to_string()).set_toml("backends", &weighted)
+        })
+        .start()
+        .await;
     let status = harbor.strategy().status();
     assert_eq!((status.kind, status.name.as_str(), status.wasi_sandbox), ("wasm", "c-swrr", sandboxed));
 

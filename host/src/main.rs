@@ -1,4 +1,6 @@
-//! The `harbor` command: run the load balancer, check a configuration, or run an echo backend.
+//! The `harbor` command: run the load balancer; `check` a configuration; `ctl`, the admin API
+//! at a shell; `strategy check`, `simulate` and `record`, a strategy author's tools (in
+//! `tools/`); `echo`, a tiny backend.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -183,7 +185,7 @@ fn main() -> ExitCode {
     };
     let env = |name: &str| std::env::var(name).ok();
     match cli.command {
-        Some(Command::Check(args)) => match Config::check(&args, &env) {
+        Some(Command::Check(args)) => match Config::resolve_all(&args, &env) {
             Ok(config) => {
                 print!("{}", config.describe());
                 println!("# configuration is valid");

@@ -603,3 +603,115 @@ impl ClientLoad {
         all
     }
 }
+
+/// A Harbor for a test, described in code rather than in `format!`-ed TOML: global settings,
+/// then services with their listeners, backends and settings. The file it writes is the one
+/// an operator would, so it goes through the same resolution; `start` runs it in this process,
+/// `spawn` as the real binary.
+///
+/// ```ignore
+/// let harbor = TestHarbor::new()
+///     .service("web", |s| s.backends(&[b0, b1]).set("idle_timeout_ms", 700))
+///     .start()
+///     .await;
+/// ```
+#[derive(Debug, Clone)]
+pub struct TestHarbor {
+    globals: toml::Table,
+    services: Vec<toml::Table>,
+}
+
+/// One `[[service]]` of a [`TestHarbor`]: it listens on `127.0.0.1:0` unless told otherwise.
+#[derive(Debug, Clone)]
+pub struct TestService(toml::Table);
+
+impl TestService {
+    /// Static backends.
+    pub fn backends(self, backends: &[SocketAddr]) -> Self {
+        let list: Vec<toml::Value> = backends.iter().map(|b| toml::Value::String(b.to_string())).collect();
+        self.set("backends", list)
+    }
+
+    /// Any setting of the service (a `[[service]]` key), as TOML would have it.
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.0.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// A value written as TOML (an inline table, say: `health`, `{ dns = … }` backends).
+    pub fn set_toml(self, key: &str, value: &str) -> Self {
+        let parsed: toml::Table = toml::from_str(&format!("v = {value}")).expect("a TOML value");
+        let value = parsed.get("v").cloned().expect("the value");
+        self.set(key, value)
+    }
+}
+
+impl Default for TestHarbor {
+    fn default() -> Self {
+        TestHarbor::new()
+    }
+}
+
+impl TestHarbor {
+    /// No service yet; the admin server on `127.0.0.1:0`, a 2 s grace period.
+    pub fn new() -> TestHarbor {
+        let mut globals = toml::Table::new();
+        globals.insert("admin".into(), "127.0.0.1:0".into());
+        globals.insert("shutdown_grace_ms".into(), 2000.into());
+        TestHarbor { globals, services: Vec::new() }
+    }
+
+    /// A global setting (a top-level key).
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.globals.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Adds the service `name`, described by `describe`.
+    pub fn service(mut self, name: &str, describe: impl FnOnce(TestService) -> TestService) -> Self {
+        let mut table = toml::Table::new();
+        table.insert("name".into(), name.into());
+        table.insert("listen".into(), "127.0.0.1:0".into());
+        table.insert("backends".into(), toml::Value::Array(Vec::new()));
+        self.services.push(describe(TestService(table)).0);
+        self
+    }
+
+    /// The configuration file this describes.
+    pub fn toml(&self) -> String {
+        let mut file = self.globals.clone();
+        file.insert(
+            "service".into(),
+            toml::Value::Array(self.services.iter().cloned().map(toml::Value::Table).collect()),
+        );
+        toml::to_string(&file).expect("a TOML table")
+    }
+
+    /// The file, written to a fresh directory, resolved as `harbor --config FILE` would.
+    pub fn config(&self) -> Config {
+        config_from_toml(&self.toml()).0
+    }
+
+    /// Runs it in this process ([`start`]).
+    pub async fn start(&self) -> RunningHarbor {
+        start(self.config()).await
+    }
+
+    /// Runs it as the real binary (`harbor --config FILE`), and reads where it is bound.
+    pub fn spawn(&self) -> (std::process::Child, Bound) {
+        let dir = temp_dir("harbor-binary");
+        let path = dir.join("harbor.toml");
+        std::fs::write(&path, self.toml()).expect("write the config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
+            .arg("--config")
+            .arg(&path)
+            .args(["--log-level", "warn"])
+            .args(if kernel_relay() { &["--relay", "kernel"][..] } else { &[] })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn harbor");
+        let bound = read_bound(&mut child);
+        (child, bound)
+    }
+}

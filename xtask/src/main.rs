@@ -118,6 +118,26 @@ fn bench_compare(root: &Path, rev: &str, rest: &[String]) -> Result<()> {
         .args(rest))
 }
 
+/// The integration test binaries `cargo test --workspace --no-run` built, by test name (the
+/// build is done already: this only asks cargo where they are).
+fn test_executables() -> Result<std::collections::HashMap<String, PathBuf>> {
+    let out = cargo().args(["test", "--workspace", "--no-run", "--message-format=json"]).output()?;
+    if !out.status.success() {
+        bail!("cargo test --no-run failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut found = std::collections::HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let is_test = message["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(name), Some(executable)) =
+            (is_test, message["target"]["name"].as_str(), message["executable"].as_str())
+        {
+            found.insert(name.to_string(), PathBuf::from(executable));
+        }
+    }
+    Ok(found)
+}
+
 /// Builds the release binary and splits it: a stripped `harbor` (symbols kept, so a
 /// backtrace still names functions) and `harbor.debug` with the line tables, found through
 /// `.gnu_debuglink` when both sit in one directory (or the debug file in `/usr/lib/debug`).
@@ -534,11 +554,15 @@ fn test(root: &Path) -> Result<()> {
     run(cargo().args(["test", "--workspace"]))?;
     stage("tests");
     // The relay and drain tests again, against `relay = kernel` (BPF sockhash), and on per-core
-    // shards (`runtime = per-core`), where each connection stays on its thread. `--workspace`
-    // keeps the features of the build above, so nothing is compiled again.
-    let again = ["test", "--workspace", "--test", "relay", "--test", "resilience"];
-    run(cargo().args(again).env("HARBOR_TEST_RELAY", "kernel"))?;
-    run(cargo().args(again).env("HARBOR_TEST_RUNTIME", "per-core"))?;
+    // shards (`runtime = per-core`), where each connection stays on its thread: the binaries
+    // built above, run as they are (cargo would build them again for another target set).
+    let built = test_executables()?;
+    for (variable, value) in [("HARBOR_TEST_RELAY", "kernel"), ("HARBOR_TEST_RUNTIME", "per-core")] {
+        for suite in ["relay", "resilience"] {
+            let binary = built.get(suite).with_context(|| format!("no test binary named {suite} was built"))?;
+            run(Command::new(binary).current_dir(root.join("host")).env(variable, value))?;
+        }
+    }
     stage("relay and drain tests on the kernel relay and on shards");
     check_split_debug_info(root)?;
     stage("split debug info");

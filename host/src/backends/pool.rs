@@ -120,12 +120,12 @@ impl Backend {
         if self.health().blocks() {
             return BackendState::Unhealthy;
         }
-        self.cooldown_state()
+        self.state_ignoring_checks()
     }
 
     /// `CoolingDown` while a connect failure's cooldown runs, else `Healthy`: the state with
     /// health checks ignored (`all_unhealthy = "ignore-checks"`).
-    pub fn cooldown_state(&self) -> BackendState {
+    pub fn state_ignoring_checks(&self) -> BackendState {
         let admin = self.admin_state();
         if admin != BackendState::Healthy {
             return admin;

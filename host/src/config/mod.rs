@@ -580,26 +580,26 @@ impl Config {
     /// Merges CLI/`HARBOR_*` values, legacy variables, the file (if any) and defaults, then
     /// validates. The error is the first problem found (`harbor` says it in one line).
     pub fn resolve(args: &RunArgs, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
-        Config::check(args, env).map_err(|mut problems| problems.swap_remove(0))
+        Config::resolve_all(args, env).map_err(|mut problems| problems.swap_remove(0))
     }
 
     /// [`Config::resolve`], finding every problem at once (for `harbor check`). The list is
     /// never empty.
-    pub fn check(args: &RunArgs, env: EnvLookup<'_>) -> Result<Config, Vec<ConfigError>> {
+    pub fn resolve_all(args: &RunArgs, env: EnvLookup<'_>) -> Result<Config, Vec<ConfigError>> {
         let file = match &args.config {
             Some(path) => FileConfig::load(path).map_err(|e| vec![e])?,
             None => FileConfig::default(),
         };
-        Config::check_with(args, env, file)
+        Config::resolve_all_with(args, env, file)
     }
 
     /// [`Config::resolve`] with the file already parsed.
     pub fn resolve_with(args: &RunArgs, env: EnvLookup<'_>, file: FileConfig) -> Result<Config, ConfigError> {
-        Config::check_with(args, env, file).map_err(|mut problems| problems.swap_remove(0))
+        Config::resolve_all_with(args, env, file).map_err(|mut problems| problems.swap_remove(0))
     }
 
-    /// [`Config::check`] with the file already parsed.
-    pub fn check_with(args: &RunArgs, env: EnvLookup<'_>, file: FileConfig) -> Result<Config, Vec<ConfigError>> {
+    /// [`Config::resolve_all`] with the file already parsed.
+    pub fn resolve_all_with(args: &RunArgs, env: EnvLookup<'_>, file: FileConfig) -> Result<Config, Vec<ConfigError>> {
         let mut problems = Vec::new();
         match Config::resolve_noting(args, env, file, &mut problems) {
             Some(config) if problems.is_empty() => Ok(config),

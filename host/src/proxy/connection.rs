@@ -285,10 +285,9 @@ mod tests {
     }
 
     /// Every connection's task holds this future for the connection's whole life, so its size is
-    /// memory per idle connection: a buffer on the stack of any step (the peek's 4 KiB read
-    /// buffer once was) makes every connection pay for it. With that buffer the future was
-    /// 5 520 bytes and an idle connection cost 6.4 KiB; without it, 2 576 bytes (debug; 2 496
-    /// release) and 3.5 KiB (bench, 1 000 and 5 000 idle connections).
+    /// memory per idle connection: a buffer on the stack of any step makes every connection
+    /// pay for it (a 4 KiB read buffer makes the future over 5 KiB and an idle connection
+    /// 6.4 KiB, against about 2.5 KiB and 3.5 KiB without).
     #[test]
     fn a_connection_task_holds_no_buffer() {
         let size = future_size(serve);

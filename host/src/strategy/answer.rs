@@ -24,7 +24,8 @@ pub struct BackendStats {
 }
 
 /// The snapshot of every backend for one pick: written and read through [`BackendStats`],
-/// handed to the guest as the flat `list<u32>` (4 numbers per backend) that keeps the call cheap.
+/// handed to the guest as the flat `list<u32>` (4 numbers per backend in 0.1, 5 in 0.2) that
+/// keeps the call cheap.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     flat: Vec<u32>,

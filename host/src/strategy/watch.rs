@@ -132,7 +132,7 @@ pub fn spawn_watcher(
     tracing::info!(path = %target_path(&target).display(), "watching for strategy changes");
 
     Ok(tokio::spawn(async move {
-        let mut rejected: HashMap<PathBuf, String> = HashMap::new();
+        let mut rejected: HashMap<PathBuf, Refused> = HashMap::new();
         let mut recheck = tokio::time::interval(RECHECK);
         loop {
             let mut candidates: Vec<PathBuf> = Vec::new();
@@ -190,7 +190,7 @@ pub fn spawn_watcher(
                     Some(Ok(read)) => read,
                     Some(Err(error)) => {
                         // Too large, unreadable: said once per path until it changes.
-                        let key = format!("{error}");
+                        let key = Refused::Unread(error.to_string());
                         if rejected.get(&path) != Some(&key) {
                             burst.rejected(&path, &error);
                             host.report_load(&path, &Err(error), false);
@@ -199,7 +199,7 @@ pub fn spawn_watcher(
                         continue;
                     }
                 };
-                if rejected.get(&path) == Some(&sha) {
+                if rejected.get(&path) == Some(&Refused::Content(sha.clone())) {
                     continue; // same broken content as last time: already logged
                 }
                 let quiet = |bytes, sha| LoadSource::Bytes { bytes, sha: Some(sha), shown_as: &path };
@@ -231,7 +231,7 @@ pub fn spawn_watcher(
                         if rejected.len() > 1024 {
                             rejected.clear();
                         }
-                        rejected.insert(path, sha);
+                        rejected.insert(path, Refused::Content(sha));
                     }
                 }
             }
@@ -260,6 +260,15 @@ fn is_young(path: &Path) -> bool {
 }
 
 /// The rejections of one batch: the first few logged, the rest counted and summed up.
+/// Why a path was refused last, so the same refusal is said once until the path changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Refused {
+    /// It could not be read (too large, unreadable): the error.
+    Unread(String),
+    /// Its content (by sha256) did not load.
+    Content(String),
+}
+
 #[derive(Default)]
 struct Burst {
     rejected: usize,

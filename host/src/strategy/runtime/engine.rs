@@ -20,8 +20,7 @@ pub const FUEL_PER_CALL_BASE: u64 = 12_000_000;
 /// componentize-js's `fastest` needs up to 5.2M at 4 backends and 6.0M at 256 (a major
 /// collection every ~7 500 picks; 1.1M and 3.3M at most between them), componentize-py's p2c
 /// up to 0.3M at 16, the Rust guests 1.3k and 39k. The budget is 2.3-3.0 times the worst of
-/// them. (It was 3M + 24k per backend until the JS guest was seen faulting at each major
-/// collection.) A guest that spins in a tight loop at 4 backends is stopped after 12.5 ms
+/// them, so a guest's garbage collection is never taken for a fault. A guest that spins in a tight loop at 4 backends is stopped after 12.5 ms
 /// (release build): its fuel and the 10 ms default deadline (stopped at 10-15 ms, in 5 ms
 /// ticks) end about together.
 pub const FUEL_PER_BACKEND: u64 = 24_000;
