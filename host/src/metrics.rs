@@ -205,35 +205,64 @@ per_service! {
     proxy_header_errors: Counter = "proxy_header_errors", "Connections from trusted sources closed for a missing or bad PROXY protocol header";
 }
 
-/// The registry and every metric family Harbor exports. Connections never look a label set
-/// up: each service resolves its handles once ([`Metrics::service`]), each backend its own
-/// ([`BackendMetrics::register`]).
-pub struct Metrics {
-    pub registry: Registry,
-    per_service: ServiceFamilies,
-    pub admin_connection_drops: Counter,
-    pub access_log_dropped: Counter,
-    rejections: Family<RejectionLabel, Counter>,
-    relay_ends: Family<RelayEndLabel, Counter>,
-    backend_picks: Family<BackendLabel, Counter>,
-    backend_dial_failures: Family<BackendLabel, Counter>,
-    backend_active: Family<BackendLabel, Gauge>,
-    backend_bytes: Family<BytesLabel, Counter>,
-    backend_healthy: Family<BackendLabel, Gauge>,
-    health_transitions: Family<BackendLabel, Counter>,
-    probes: Family<ProbeLabel, Counter>,
-    probe_duration: Family<BackendLabel, Histogram, fn() -> Histogram>,
-    membership_changes: Family<ChangeLabel, Counter>,
-    dns_lookups: Family<DnsLabel, Counter>,
-    strategy_fallbacks: Family<FallbackLabel, Counter>,
-    strategy_reloads: Family<ReloadLabel, Counter>,
-    config_reloads: Family<OutcomeLabel, Counter>,
-    upgrades: Family<OutcomeLabel, Counter>,
-    strategy_log_dropped: Family<ServiceLabel, Counter>,
-    strategy_instance_recycles: Family<ServiceLabel, Counter>,
-    shadow_picks: Family<ServiceLabel, Gauge>,
-    shadow_agreed: Family<ServiceLabel, Gauge>,
-    shadow_faults: Family<ServiceLabel, Gauge>,
+/// Declares every other metric family once: each line is the field, its type (with the
+/// constructor of a histogram's buckets), the series' name and its help. The `Metrics` struct,
+/// the families' creation and their registration follow from it.
+macro_rules! metrics {
+    ($( $vis:vis $field:ident : $ty:ty $(= $new:expr)? => $name:literal, $help:literal; )*) => {
+        /// The registry and every metric family Harbor exports. Connections never look a
+        /// label set up: each service resolves its handles once ([`Metrics::service`]), each
+        /// backend its own ([`BackendMetrics::register`]).
+        pub struct Metrics {
+            pub registry: Registry,
+            per_service: ServiceFamilies,
+            $( $vis $field: $ty, )*
+        }
+
+        impl Metrics {
+            pub fn new() -> Self {
+                let mut registry = Registry::with_prefix("harbor");
+                let per_service = ServiceFamilies::new();
+                per_service.register(&mut registry);
+                $(
+                    let $field: $ty = metrics!(@new $($new)?);
+                    registry.register($name, $help, $field.clone());
+                )*
+                let build_info: Family<BuildLabel, Gauge> = Family::default();
+                build_info.get_or_create(&BuildLabel { version: VERSION, commit: COMMIT }).set(1);
+                registry.register("build_info", "The version and commit of this Harbor (always 1)", build_info);
+                Metrics { registry, per_service, $($field),* }
+            }
+        }
+    };
+    (@new) => { Default::default() };
+    (@new $new:expr) => { $new };
+}
+
+metrics! {
+    pub admin_connection_drops: Counter => "admin_connection_drops", "Admin connections closed at accept because the admin connection cap was reached";
+    pub access_log_dropped: Counter => "access_log_dropped", "Access-log lines dropped because the writer's queue was full";
+    rejections: Family<RejectionLabel, Counter> => "rejected_connections", "Clients closed at accept, by reason (max_connections, per_source)";
+    relay_ends: Family<RelayEndLabel, Counter> => "relay_ends", "Relayed connections by how they ended (a reset on one side is passed on as a reset)";
+    backend_picks: Family<BackendLabel, Counter> => "backend_picks", "Times each backend was picked";
+    backend_dial_failures: Family<BackendLabel, Counter> => "backend_dial_failures", "Failed connects per backend";
+    backend_active: Family<BackendLabel, Gauge> => "backend_active_connections", "Connections relayed to each backend now";
+    backend_bytes: Family<BytesLabel, Counter> => "backend_bytes", "Bytes relayed per backend and direction";
+    backend_healthy: Family<BackendLabel, Gauge> => "backend_healthy", "1 if the backend passes its health check (or the service has none), 0 if not";
+    health_transitions: Family<BackendLabel, Counter> => "backend_health_transitions", "Times a backend's health check state flipped";
+    probes: Family<ProbeLabel, Counter> => "health_probes", "Health probes by result (ok, failed)";
+    probe_duration: Family<BackendLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(probe_duration_histogram) => "health_probe_duration_seconds", "Time a health probe took";
+    membership_changes: Family<ChangeLabel, Counter> => "backend_membership_changes", "Backends added, drained, removed, or refused as a duplicate listing";
+    dns_lookups: Family<DnsLabel, Counter> => "dns_lookups", "DNS lookups of backend names by outcome (ok, failed: the last good answer is kept)";
+    strategy_fallbacks: Family<FallbackLabel, Counter> => "strategy_fallbacks", "Picks where the strategy's answer was not used, by reason";
+    strategy_reloads: Family<ReloadLabel, Counter> => "strategy_reloads", "Strategy loads by outcome";
+    config_reloads: Family<OutcomeLabel, Counter> => "config_reloads", "Configuration reloads by outcome (applied, rejected)";
+    upgrades: Family<OutcomeLabel, Counter> => "upgrades", "Binary upgrades by outcome (handed_over, failed), as counted by the process upgraded";
+    strategy_log_dropped: Family<ServiceLabel, Counter> => "strategy_log_dropped", "Lines a strategy logged over its rate limit, dropped";
+    strategy_instance_recycles: Family<ServiceLabel, Counter> => "strategy_instance_recycles", "Strategy instances swapped for fresh ones near their memory limit (not faults)";
+    shadow_picks: Family<ServiceLabel, Gauge> => "shadow_picks", "Picks the shadow strategy answered (since it was loaded)";
+    shadow_agreed: Family<ServiceLabel, Gauge> => "shadow_agreed", "Shadow picks that chose what the active strategy chose";
+    shadow_faults: Family<ServiceLabel, Gauge> => "shadow_faults", "Shadow answers refused (traps, timeouts, bad indices); never used";
 }
 
 impl Default for Metrics {
@@ -243,133 +272,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("harbor");
-        let m = Metrics {
-            per_service: ServiceFamilies::new(),
-            admin_connection_drops: Counter::default(),
-            access_log_dropped: Counter::default(),
-            rejections: Family::default(),
-            relay_ends: Family::default(),
-            backend_picks: Family::default(),
-            backend_dial_failures: Family::default(),
-            backend_active: Family::default(),
-            backend_bytes: Family::default(),
-            backend_healthy: Family::default(),
-            health_transitions: Family::default(),
-            probes: Family::default(),
-            probe_duration: Family::new_with_constructor(probe_duration_histogram),
-            membership_changes: Family::default(),
-            dns_lookups: Family::default(),
-            strategy_fallbacks: Family::default(),
-            strategy_reloads: Family::default(),
-            config_reloads: Family::default(),
-            upgrades: Family::default(),
-            strategy_log_dropped: Family::default(),
-            strategy_instance_recycles: Family::default(),
-            shadow_picks: Family::default(),
-            shadow_agreed: Family::default(),
-            shadow_faults: Family::default(),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "admin_connection_drops",
-            "Admin connections closed at accept because the admin connection cap was reached",
-            m.admin_connection_drops.clone(),
-        );
-        registry.register(
-            "access_log_dropped",
-            "Access-log lines dropped because the writer's queue was full",
-            m.access_log_dropped.clone(),
-        );
-        registry.register(
-            "relay_ends",
-            "Relayed connections by how they ended (a reset on one side is passed on as a reset)",
-            m.relay_ends.clone(),
-        );
-        registry.register(
-            "rejected_connections",
-            "Clients closed at accept, by reason (max_connections, per_source)",
-            m.rejections.clone(),
-        );
-        registry.register("backend_picks", "Times each backend was picked", m.backend_picks.clone());
-        registry.register("backend_dial_failures", "Failed connects per backend", m.backend_dial_failures.clone());
-        registry.register(
-            "backend_active_connections",
-            "Connections relayed to each backend now",
-            m.backend_active.clone(),
-        );
-        registry.register("backend_bytes", "Bytes relayed per backend and direction", m.backend_bytes.clone());
-        registry.register(
-            "backend_healthy",
-            "1 if the backend passes its health check (or the service has none), 0 if not",
-            m.backend_healthy.clone(),
-        );
-        registry.register(
-            "backend_health_transitions",
-            "Times a backend's health check state flipped",
-            m.health_transitions.clone(),
-        );
-        registry.register("health_probes", "Health probes by result (ok, failed)", m.probes.clone());
-        registry.register("health_probe_duration_seconds", "Time a health probe took", m.probe_duration.clone());
-        registry.register(
-            "backend_membership_changes",
-            "Backends added, drained, removed, or refused as a duplicate listing",
-            m.membership_changes.clone(),
-        );
-        registry.register(
-            "dns_lookups",
-            "DNS lookups of backend names by outcome (ok, failed: the last good answer is kept)",
-            m.dns_lookups.clone(),
-        );
-        registry.register(
-            "strategy_fallbacks",
-            "Picks where the strategy's answer was not used, by reason",
-            m.strategy_fallbacks.clone(),
-        );
-        registry.register("strategy_reloads", "Strategy loads by outcome", m.strategy_reloads.clone());
-        registry.register(
-            "config_reloads",
-            "Configuration reloads by outcome (applied, rejected)",
-            m.config_reloads.clone(),
-        );
-        registry.register(
-            "shadow_picks",
-            "Picks the shadow strategy answered (since it was loaded)",
-            m.shadow_picks.clone(),
-        );
-        registry.register(
-            "shadow_agreed",
-            "Shadow picks that chose what the active strategy chose",
-            m.shadow_agreed.clone(),
-        );
-        registry.register(
-            "shadow_faults",
-            "Shadow answers refused (traps, timeouts, bad indices); never used",
-            m.shadow_faults.clone(),
-        );
-        registry.register(
-            "strategy_log_dropped",
-            "Lines a strategy logged over its rate limit, dropped",
-            m.strategy_log_dropped.clone(),
-        );
-        registry.register(
-            "strategy_instance_recycles",
-            "Strategy instances swapped for fresh ones near their memory limit (not faults)",
-            m.strategy_instance_recycles.clone(),
-        );
-        registry.register(
-            "upgrades",
-            "Binary upgrades by outcome (handed_over, failed), as counted by the process upgraded",
-            m.upgrades.clone(),
-        );
-        m.per_service.register(&mut registry);
-        let build_info: Family<BuildLabel, Gauge> = Family::default();
-        build_info.get_or_create(&BuildLabel { version: VERSION, commit: COMMIT }).set(1);
-        registry.register("build_info", "The version and commit of this Harbor (always 1)", build_info);
-        Metrics { registry, ..m }
-    }
-
     /// Resolves one service's handles, once.
     pub fn service(&self, name: &str) -> ServiceMetrics {
         let label = ServiceLabel { service: name.to_string() };
