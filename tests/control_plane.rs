@@ -303,11 +303,14 @@ async fn a_backend_that_hangs_is_marked_unhealthy_gets_no_client_and_comes_back(
     let stop = CancellationToken::new();
     let flaky = toggling_backend("flaky", Arc::clone(&hang), stop.clone()).await;
     let (interval, timeout, fall, rise) = (100u64, 100u64, 3u64, 2u64);
-    let (config, _) = config_from_toml(&format!(
-        "listen = \"127.0.0.1:0\"\nbackends = [\"{steady}\", \"{flaky}\"]\n\
-         [[service]]\nname = \"probed\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{steady}\", \"{flaky}\"]\n\
-         health = {{ kind = \"send-expect\", send = \"\", expect = \"flaky\", interval_ms = {interval}, timeout_ms = {timeout}, fall = {fall}, rise = {rise} }}\n"
-    ));
+    let health = format!(
+        r#"{{ kind = "send-expect", send = "", expect = "flaky", interval_ms = {interval}, timeout_ms = {timeout}, fall = {fall}, rise = {rise} }}"#
+    );
+    let config = TestHarbor::new()
+        .set("listen", "127.0.0.1:0")
+        .set("backends", vec![steady.to_string(), flaky.to_string()])
+        .service("probed", |s| s.backends(&[steady, flaky]).set_toml("health", &health))
+        .config();
     // `expect = "flaky"` fails on `steady` (it greets "steady"): only one service probes, and
     // there the steady backend is down for good; the test's subject is the flaky one.
     let harbor = start(config).await;

@@ -133,15 +133,18 @@ async fn dns_backends_follow_a_real_dns_server_and_keep_the_last_answer_when_it_
     let srv = format!("_web._tcp.harbor.test,srv-target.harbor.test,{port},0,7");
     let mut dns = Dnsmasq::start(&hosts, &[srv.as_str()]);
     let refresh_ms = 200;
-    let (config, _) = config_from_toml(&format!(
-        "dns_servers = [\"{}\"]\n\
-         [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\ndns_refresh_ms = {refresh_ms}\n\
-         backends = [{{ dns = \"web.harbor.test:{port}\", tags = [\"eu-west\", \"canary\"] }}]\n\
-         [[service]]\nname = \"srv\"\nlisten = \"127.0.0.1:0\"\ndns_refresh_ms = {refresh_ms}\n\
-         backends = [{{ srv = \"_web._tcp.harbor.test\", tags = [\"srv-pool\"] }}]\n",
-        dns.addr()
-    ));
-    let harbor = start(config).await;
+    let harbor = TestHarbor::new()
+        .set("dns_servers", vec![dns.addr().to_string()])
+        .service("web", |s| {
+            let names = format!(r#"[{{ dns = "web.harbor.test:{port}", tags = ["eu-west", "canary"] }}]"#);
+            s.set("dns_refresh_ms", refresh_ms as i64).set_toml("backends", &names)
+        })
+        .service("srv", |s| {
+            s.set("dns_refresh_ms", refresh_ms as i64)
+                .set_toml("backends", r#"[{ srv = "_web._tcp.harbor.test", tags = ["srv-pool"] }]"#)
+        })
+        .start()
+        .await;
     let addr = harbor.addr_of("web").unwrap();
     let first: HashSet<String> = [format!("127.0.0.2:{port}"), format!("127.0.0.3:{port}")].into();
     let resolved = eventually(Duration::from_secs(10), || backend_addrs(&harbor, "web") == first).await;
@@ -236,12 +239,13 @@ async fn a_dns_server_that_comes_up_late_is_followed_once_it_answers() {
     // Chosen now, served only later: below the ephemeral range, so no connection of the tests
     // running beside this one takes it meanwhile (one did, and dnsmasq could not bind).
     let dns_port = dns_port();
-    let (config, _) = config_from_toml(&format!(
-        "dns_servers = [\"127.0.0.1:{dns_port}\"]\n\
-         [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\ndns_refresh_ms = 200\n\
-         backends = [{{ dns = \"late.harbor.test:{port}\" }}]\n"
-    ));
-    let harbor = start(config).await;
+    let harbor = TestHarbor::new()
+        .set("dns_servers", vec![format!("127.0.0.1:{dns_port}")])
+        .service("web", |s| {
+            s.set("dns_refresh_ms", 200).set_toml("backends", &format!(r#"[{{ dns = "late.harbor.test:{port}" }}]"#))
+        })
+        .start()
+        .await;
     // Two failed lookups counted: the follower runs and has nothing to follow yet.
     let admin = harbor.admin_addr.unwrap();
     let mut failed = 0.0;

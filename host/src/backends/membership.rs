@@ -510,3 +510,39 @@ impl Membership {
         self.pool.store(Arc::new(BackendPool::from_members(members, state.generation)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On paused time: a removed backend with a connection in flight is cut at its drain
+    /// timeout, not before, and leaves the pool once that connection has ended.
+    #[tokio::test(start_paused = true)]
+    async fn a_removed_backend_is_cut_at_its_drain_timeout_then_leaves() {
+        let (a, b): (SocketAddr, SocketAddr) = ("127.0.0.1:7001".parse().unwrap(), "127.0.0.1:7002".parse().unwrap());
+        let background = CancellationToken::new();
+        let membership = Membership::new(
+            "web",
+            &[BackendConfig::new(a, 1), BackendConfig::new(b, 1)],
+            None,
+            Some(Duration::from_secs(30)),
+            Arc::new(Metrics::new()),
+            CancellationToken::new(),
+            background.clone(),
+        );
+        membership.spawn_reaper();
+        let backend = Arc::clone(&membership.pool().load().find(a).expect("a is a member").1.backend);
+        let connection = backend.track_active();
+        membership.remove(a).expect("a is removed");
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert!(!backend.cut.is_cancelled(), "cut before its drain timeout");
+        tokio::time::sleep(Duration::from_secs(1) + REAP_INTERVAL * 2).await;
+        assert!(backend.cut.is_cancelled(), "not cut at its drain timeout");
+        assert!(membership.pool().load().find(a).is_some(), "gone while its connection lives");
+        drop(connection);
+        tokio::time::sleep(REAP_INTERVAL * 2).await;
+        assert!(membership.pool().load().find(a).is_none(), "still there after its last connection");
+        assert!(membership.pool().load().find(b).is_some());
+        background.cancel();
+    }
+}
