@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{admin_request, config_from_toml, echo_backends, echo_roundtrip, fixture, start, strategy, Scrape};
+use common::{
+    admin_request, config_from_toml, echo_backends, echo_roundtrip, fixture, start, strategy, Scrape, TestHarbor,
+};
 use serde_json::Value;
 
 async fn shadow_of(admin: std::net::SocketAddr) -> Value {
@@ -17,16 +19,13 @@ async fn shadow_of(admin: std::net::SocketAddr) -> Value {
 async fn shadows_are_compared_never_used_and_promoted_with_one_call() {
     let (b, _stops) = echo_backends(3).await;
     // Identical candidate: 100 % agreement.
-    let text = format!(
-        "listen = [\"127.0.0.1:0\"]\nstrategy = {:?}\nshadow = {:?}\nbackends = [\"{}\", \"{}\", \"{}\"]\n",
-        strategy("round_robin").display().to_string(),
-        strategy("round_robin").display().to_string(),
-        b[0],
-        b[1],
-        b[2]
-    );
-    let (cfg, _) = config_from_toml(&text);
-    let harbor = start(cfg).await;
+    let round_robin = strategy("round_robin").display().to_string();
+    let harbor = TestHarbor::new()
+        .service("default", |s| {
+            s.backends(&b).set("strategy", round_robin.as_str()).set("shadow", round_robin.as_str())
+        })
+        .start()
+        .await;
     let admin = harbor.admin_addr.unwrap();
     for _ in 0..200 {
         echo_roundtrip(harbor.addr, b"same").await;
@@ -40,14 +39,14 @@ async fn shadows_are_compared_never_used_and_promoted_with_one_call() {
 
     // A candidate that always answers another backend: 0 %. The active one always takes the
     // first healthy backend (b0); the canary candidate, share 100 %, always b1.
-    let text = format!(
-        "listen = [\"127.0.0.1:0\"]\nstrategy = {:?}\nshadow = {:?}\nstrategy_config = \"share=100\"\nbackends = [\"{}\", {{ address = \"{}\", tags = [\"canary\"] }}]\n",
-        fixture("first_healthy.wat").display().to_string(),
-        strategy("canary").display().to_string(),
-        b[0],
-        b[1]
-    );
-    let (cfg, _) = config_from_toml(&text);
+    let cfg = TestHarbor::new()
+        .service("default", |s| {
+            s.set("strategy", fixture("first_healthy.wat").display().to_string())
+                .set("shadow", strategy("canary").display().to_string())
+                .set("strategy_config", "share=100")
+                .set_toml("backends", &format!(r#"["{}", {{ address = "{}", tags = ["canary"] }}]"#, b[0], b[1]))
+        })
+        .config();
     let harbor = start(cfg).await;
     let admin = harbor.admin_addr.unwrap();
     for _ in 0..100 {
@@ -103,14 +102,12 @@ fn agreement_of(report: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recorded_picks_replay_against_candidates() {
     let (b, _stops) = echo_backends(3).await;
-    let text = format!(
-        "listen = [\"127.0.0.1:0\"]\nstrategy = {:?}\nbackends = [\"{}\", {{ address = \"{}\", tags = [\"canary\"] }}, \"{}\"]\n",
-        strategy("round_robin").display().to_string(),
-        b[0],
-        b[1],
-        b[2]
-    );
-    let (cfg, _) = config_from_toml(&text);
+    let cfg = TestHarbor::new()
+        .service("default", |s| {
+            let backends = format!(r#"["{}", {{ address = "{}", tags = ["canary"] }}, "{}"]"#, b[0], b[1], b[2]);
+            s.set("strategy", strategy("round_robin").display().to_string()).set_toml("backends", &backends)
+        })
+        .config();
     let harbor = start(cfg).await;
     let admin = harbor.admin_addr.unwrap();
     let dir = common::temp_dir("record");
