@@ -4,9 +4,7 @@
 
 mod common;
 
-use common::{
-    admin_request, config_from_toml, echo_backends, echo_roundtrip, fixture, start, strategy, Scrape, TestHarbor,
-};
+use common::{admin_request, echo_backends, echo_roundtrip, fixture, start, strategy, Scrape, TestHarbor};
 use serde_json::Value;
 
 async fn shadow_of(admin: std::net::SocketAddr) -> Value {
