@@ -436,15 +436,7 @@ pub fn read_bound(child: &mut std::process::Child) -> Bound {
 /// runs on it), reads where it is bound, and connects once. Returns the process, what it
 /// reported, and the first connection.
 pub async fn spawn_binary_bound(args: &[&str]) -> (std::process::Child, Bound, TcpStream) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
-        .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
-        .args(if kernel_relay() { &["--relay", "kernel"][..] } else { &[] })
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn harbor");
-    let bound = read_bound(&mut child);
+    let (mut child, bound) = spawn_harbor(&[&["--listen", "127.0.0.1:0"], args].concat());
     let addr = bound.addr();
     match tokio::time::timeout(STEP, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => (child, bound, stream),
@@ -454,6 +446,21 @@ pub async fn spawn_binary_bound(args: &[&str]) -> (std::process::Child, Bound, T
             panic!("harbor reported {addr} but does not accept there: {other:?}");
         }
     }
+}
+
+/// Starts the real binary with `args` (and the kernel relay when the suite runs on it, warnings
+/// only on stderr) and reads where it is bound.
+pub fn spawn_harbor(args: &[&str]) -> (std::process::Child, Bound) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["--log-level", "warn"])
+        .args(if kernel_relay() { &["--relay", "kernel"][..] } else { &[] })
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn harbor");
+    let bound = read_bound(&mut child);
+    (child, bound)
 }
 
 /// [`spawn_binary_bound`], for a test that needs only the client address.
@@ -702,16 +709,6 @@ impl TestHarbor {
         let dir = temp_dir("harbor-binary");
         let path = dir.join("harbor.toml");
         std::fs::write(&path, self.toml()).expect("write the config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_harbor"))
-            .arg("--config")
-            .arg(&path)
-            .args(["--log-level", "warn"])
-            .args(if kernel_relay() { &["--relay", "kernel"][..] } else { &[] })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn harbor");
-        let bound = read_bound(&mut child);
-        (child, bound)
+        spawn_harbor(&["--config", path.to_str().expect("a UTF-8 temp path")])
     }
 }
