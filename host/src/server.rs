@@ -61,7 +61,7 @@ impl Harbor {
                     .map_err(|error| HarborError::AccessLog { target: target.clone(), error })?,
             ),
         };
-        if let Err(running) = crate::strategy::runtime::engine::set_epoch_tick(config.strategy_tick) {
+        if let Err(running) = crate::strategy::runtime::deadline::set_epoch_tick(config.strategy_tick) {
             tracing::warn!(setting = "strategy_tick_ms", "{running}: this setting needs a restart");
         }
         StrategyEngine::global().map_err(HarborError::Engine)?.set_disk_cache(config.cache_dir.as_deref());

@@ -1,16 +1,17 @@
-//! The process-wide wasmtime engine: epoch ticker for wall-clock deadlines, a linker with
-//! Harbor's host interface only (and one with the WASI sandbox too, `super::wasi`), a limiter
-//! that sums every memory and table of an instance, one low-priority compile thread, and a
-//! bounded cache of compiled components keyed by content hash.
+//! The process-wide wasmtime engine: the epoch ticker that enforces call deadlines, a linker
+//! with Harbor's host interface only (and one with the WASI sandbox too, `super::wasi`), one
+//! low-priority compile thread, and a bounded cache of compiled components keyed by content
+//! hash.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, ResourceLimiter};
+use wasmtime::{Config, Engine};
 
+use super::store::GuestState;
 use super::StrategyError;
 
 /// Fuel (about one unit per wasm instruction) one call may use, at least...
@@ -35,40 +36,6 @@ pub const SET_BACKENDS_FACTOR: u64 = 8;
 /// Fuel of one `pick` or `report` call with `backends` backends in the pool.
 pub fn fuel_per_call(backends: usize) -> u64 {
     FUEL_PER_CALL_BASE.saturating_add(FUEL_PER_BACKEND.saturating_mul(backends as u64))
-}
-
-/// How often the epoch advances by default (`strategy_tick_ms`). A call's deadline is a whole
-/// number of ticks (see [`deadline_ticks`]), so a call is stopped up to one tick after its
-/// deadline rounded up to a tick. Each tick
-/// wakes the ticker thread while calls are being made, and on a busy core that wake-up preempts
-/// the relay: at 2 ms, 500 wake-ups a second cost Harbor 1.3 µs of CPU per new connection
-/// (3 %, one core, 18k conn/s); at 5 ms, 0.4 µs.
-pub const DEFAULT_EPOCH_TICK: Duration = Duration::from_millis(5);
-
-/// The tick in force, in microseconds: set once, before the engine starts.
-static EPOCH_TICK_MICROS: AtomicU64 = AtomicU64::new(DEFAULT_EPOCH_TICK.as_micros() as u64);
-static ENGINE_STARTED: AtomicBool = AtomicBool::new(false);
-
-/// How often the epoch advances in this process.
-pub fn epoch_tick() -> Duration {
-    Duration::from_micros(EPOCH_TICK_MICROS.load(Ordering::Relaxed))
-}
-
-/// Sets the tick, which must happen before the engine starts: the deadlines of instances
-/// already made are counted in the tick they were made with. Once the engine runs, a different
-/// tick is refused (the error says which is in force) and the running one stays.
-pub fn set_epoch_tick(tick: Duration) -> Result<(), String> {
-    let micros = tick.as_micros().clamp(1, u128::from(u64::MAX)) as u64;
-    if ENGINE_STARTED.load(Ordering::SeqCst) {
-        let running = EPOCH_TICK_MICROS.load(Ordering::SeqCst);
-        return if running == micros {
-            Ok(())
-        } else {
-            Err(format!("the strategy deadline tick is {running} µs until a restart"))
-        };
-    }
-    EPOCH_TICK_MICROS.store(micros, Ordering::SeqCst);
-    Ok(())
 }
 
 /// Ticks with no strategy call after which the ticker sleeps until the next call: an idle
@@ -102,143 +69,6 @@ impl Drop for Running {
     }
 }
 
-/// Bytes one table element is counted as, towards the instance's memory limit.
-const TABLE_ELEMENT_BYTES: usize = 16;
-
-/// Counts of core instances, tables and memories an instance may create. Generous:
-/// componentize-py and componentize-js components link dozens of core instances and tables.
-const MAX_INSTANCES: usize = 256;
-const MAX_TABLES: usize = 256;
-const MAX_MEMORIES: usize = 16;
-
-/// Limits every linear memory and table of one store *together*: the sum of their sizes may
-/// not pass `limit_bytes` (wasmtime's `StoreLimits` caps each memory on its own, so a guest
-/// with 16 memories could take 16 times the limit). A refused growth traps.
-#[derive(Debug)]
-pub struct GuestLimiter {
-    limit_bytes: usize,
-    used_bytes: usize,
-}
-
-impl GuestLimiter {
-    pub fn new(limit_bytes: usize) -> GuestLimiter {
-        GuestLimiter { limit_bytes, used_bytes: 0 }
-    }
-
-    /// Bytes of memory and table the instance holds now.
-    pub fn used_bytes(&self) -> usize {
-        self.used_bytes
-    }
-
-    /// Bytes the instance may hold at most.
-    pub fn limit_bytes(&self) -> usize {
-        self.limit_bytes
-    }
-
-    fn grow(&mut self, what: &str, by_bytes: usize) -> wasmtime::Result<bool> {
-        let total = self.used_bytes.saturating_add(by_bytes);
-        if total > self.limit_bytes {
-            return Err(wasmtime::Error::msg(format!(
-                "{what} growth refused: the instance would hold {total} bytes of memory and tables, over its limit of {} bytes",
-                self.limit_bytes
-            )));
-        }
-        self.used_bytes = total;
-        Ok(true)
-    }
-}
-
-impl ResourceLimiter for GuestLimiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        self.grow("memory", desired.saturating_sub(current))
-    }
-
-    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        self.grow("table", desired.saturating_sub(current).saturating_mul(TABLE_ELEMENT_BYTES))
-    }
-
-    fn instances(&self) -> usize {
-        MAX_INSTANCES
-    }
-
-    fn tables(&self) -> usize {
-        MAX_TABLES
-    }
-
-    fn memories(&self) -> usize {
-        MAX_MEMORIES
-    }
-}
-
-/// Host state of one guest store.
-pub struct GuestState {
-    pub limiter: GuestLimiter,
-    /// The strategy's log budget, name and store (0.2 imports).
-    pub context: Option<Arc<super::guest_host::GuestContext>>,
-    /// The connection being placed, for `current-connection` (0.2, during `pick` only).
-    pub details: Option<super::guest_host::PendingDetails>,
-    /// The WASI sandbox of a component that imports WASI; `None` for a pure one.
-    pub sandbox: Option<Box<super::wasi::Sandbox>>,
-    /// The running call's deadline.
-    pub clock: CallClock,
-}
-
-/// Windows a call may be given after its first, while its thread waits for a core: a call
-/// preempted for long still ends within this many times its deadline, wall-clock.
-pub const MAX_DEADLINE_EXTENSIONS: u32 = 9;
-
-/// The deadline of the call running in a store, in epoch ticks. The deadline counts wall time,
-/// and a thread that waits for a core (a loaded machine, a co-located backend) is not running
-/// its guest: faulting it then would send the client to the fallback, break a consistent
-/// hash, and count towards reverting a healthy strategy. So when the first window ends, the
-/// call gets another, and each later window ends the call only if the thread ran for at least
-/// half of it (its CPU clock says so); at most [`MAX_DEADLINE_EXTENSIONS`] more. A guest that
-/// computes for too long is stopped by its fuel first; this bounds time outside the guest's
-/// instructions (host calls) at about twice the deadline.
-#[derive(Debug, Default)]
-pub struct CallClock {
-    /// Ticks of each window of the running call.
-    window: u64,
-    /// The thread's CPU time when the last window ended; `None` during the first.
-    cpu_at_window_end: Option<Duration>,
-    extensions: u32,
-}
-
-impl CallClock {
-    /// A new call whose windows are `window` ticks; sets nothing else (no clock is read).
-    pub fn start(&mut self, window: u64) {
-        self.window = window;
-        self.cpu_at_window_end = None;
-        self.extensions = 0;
-    }
-
-    /// A window has ended: `Some(ticks)` to go on for another, `None` to stop the call.
-    pub fn window_over(&mut self) -> Option<u64> {
-        if self.extensions >= MAX_DEADLINE_EXTENSIONS {
-            return None;
-        }
-        let now = thread_cpu_time()?;
-        let ran = self.cpu_at_window_end.map(|then| now.saturating_sub(then));
-        self.cpu_at_window_end = Some(now);
-        let window = epoch_tick() * self.window.saturating_sub(1).max(1) as u32;
-        if ran.is_some_and(|ran| ran >= window / 2) {
-            return None;
-        }
-        self.extensions += 1;
-        Some(self.window)
-    }
-}
-
-/// CPU time of the calling thread (CLOCK_THREAD_CPUTIME_ID); read only when a deadline window
-/// ends, never per call.
-fn thread_cpu_time() -> Option<Duration> {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec that we own.
-    let read = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
-    (read == 0).then(|| Duration::new(now.tv_sec as u64, now.tv_nsec as u32))
-}
-
-/// Most components kept compiled in memory (swapping back to one of them is instant)...
 pub const CACHE_ENTRIES: usize = 8;
 /// ... and most bytes of compiled code they may hold together.
 const CACHE_BYTES: usize = 256 << 20;
@@ -346,8 +176,7 @@ impl StrategyEngine {
             Engine::new(&config).map_err(|e| format!("cannot build the wasm engine with its limits: {e:#}"))?;
         let weak = engine.weak();
         // From here on the tick is fixed (see `set_epoch_tick`).
-        ENGINE_STARTED.store(true, Ordering::SeqCst);
-        let tick = epoch_tick();
+        let tick = super::deadline::fix_tick();
         let ticker = std::thread::Builder::new()
             .name("harbor-epoch".into())
             .spawn(move || {
@@ -518,37 +347,10 @@ fn lower_this_threads_priority() {
     }
 }
 
-/// Ticks for a wall-clock deadline of `timeout`: the deadline rounded up to whole ticks, plus
-/// one for the partial tick the call starts in. So a call is never stopped before its deadline,
-/// and at most one tick after the deadline rounded up (10-15 ms for 10 ms at 5 ms ticks).
-pub fn deadline_ticks(timeout: Duration) -> u64 {
-    let tick = epoch_tick().as_micros().max(1);
-    (timeout.as_micros().div_ceil(tick).max(1) as u64).saturating_add(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_deadline_window_is_extended_only_while_the_thread_did_not_run() {
-        let mut clock = CallClock::default();
-        // Windows of 3 ticks (a deadline of 2 ticks plus the partial first tick).
-        clock.start(3);
-        assert_eq!(clock.window_over(), Some(3), "the first window is always extended");
-        // Barely running since (as a thread waiting for a core): extended again.
-        assert_eq!(clock.window_over(), Some(3));
-        // Running on the CPU through a whole window: stopped.
-        let from = thread_cpu_time().expect("thread CPU clock");
-        while thread_cpu_time().expect("thread CPU clock") - from < epoch_tick() * 2 {}
-        assert_eq!(clock.window_over(), None);
-        // A call that never runs still ends, after the last extension.
-        clock.start(3);
-        for _ in 0..MAX_DEADLINE_EXTENSIONS {
-            assert_eq!(clock.window_over(), Some(3));
-        }
-        assert_eq!(clock.window_over(), None);
-    }
+    use crate::strategy::runtime::deadline::{deadline_ticks, epoch_tick, set_epoch_tick};
 
     #[test]
     fn the_tick_is_fixed_once_the_engine_runs() {
@@ -561,19 +363,5 @@ mod tests {
         assert_eq!(deadline_ticks(running * 2), 3, "two ticks and the partial first one");
         assert_eq!(deadline_ticks(running / 2), 2, "a deadline under a tick is one tick");
         assert_eq!(deadline_ticks(running * 2 + Duration::from_micros(1)), 4, "rounded up, never down");
-    }
-
-    #[test]
-    fn the_limiter_sums_every_memory_and_table() {
-        let mut limiter = GuestLimiter::new(8 << 20);
-        // Three memories of 2 MiB each fit; a fourth 3 MiB does not, though it alone would.
-        for _ in 0..3 {
-            assert!(limiter.memory_growing(0, 2 << 20, None).unwrap());
-        }
-        assert!(limiter.memory_growing(0, 3 << 20, None).is_err());
-        assert_eq!(limiter.used_bytes(), 6 << 20);
-        // Tables count too: 2 MiB / 16 bytes per element is the rest.
-        assert!(limiter.table_growing(0, (2 << 20) / TABLE_ELEMENT_BYTES, None).unwrap());
-        assert!(limiter.table_growing(10, 11, None).is_err());
     }
 }

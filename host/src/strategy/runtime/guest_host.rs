@@ -10,7 +10,6 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 
 use super::bindings::v2;
-use super::engine::GuestState;
 use crate::logging::RateLimitedLog;
 
 /// Longest key accepted, in bytes.
@@ -177,6 +176,11 @@ impl GuestContext {
         let _ = self.kv.set(kv);
     }
 
+    /// The strategy's store, once its first `init` has answered.
+    pub fn kv(&self) -> Option<&Arc<KvStore>> {
+        self.kv.get()
+    }
+
     /// One line of the strategy's log (`log`, or its stdout and stderr under WASI): a tracing
     /// event tagged with its name, sha and service, within the log's budget; lines over it
     /// are counted as dropped.
@@ -218,10 +222,10 @@ fn clean(message: &str) -> String {
 /// The facts `current-connection` answers during one pick, kept cheap: addresses are copied,
 /// the peek data only when there is some.
 pub struct PendingDetails {
-    local: super::bindings::LocalAddr,
-    proxied_client: Option<std::net::SocketAddr>,
-    tls: Option<super::bindings::TlsFacts>,
-    first_bytes: Vec<u8>,
+    pub local: super::bindings::LocalAddr,
+    pub proxied_client: Option<std::net::SocketAddr>,
+    pub tls: Option<super::bindings::TlsFacts>,
+    pub first_bytes: Vec<u8>,
 }
 
 impl PendingDetails {
@@ -231,52 +235,6 @@ impl PendingDetails {
             proxied_client: conn.proxied_client,
             tls: conn.tls.cloned(),
             first_bytes: conn.first_bytes.to_vec(),
-        }
-    }
-}
-
-impl v2::harbor::strategy::types::Host for GuestState {}
-
-impl v2::Host for GuestState {
-    fn log(&mut self, level: v2::LogLevel, message: String) {
-        if let Some(context) = self.context.as_ref() {
-            context.log(level, &message);
-        }
-    }
-
-    fn current_connection(&mut self) -> v2::ConnectionDetails {
-        let unspecified = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
-        let nowhere = super::bindings::LocalAddr::Known(unspecified);
-        let details = self.details.as_ref();
-        let facts = super::bindings::ConnectionFacts {
-            sequence: 0,
-            seed: 0,
-            client: unspecified,
-            attempt: 0,
-            local: details.map_or(nowhere, |d| d.local),
-            proxied_client: details.and_then(|d| d.proxied_client),
-            now_millis: 0,
-            tls: details.and_then(|d| d.tls.as_ref()),
-            first_bytes: details.map_or(&[], |d| d.first_bytes.as_slice()),
-        };
-        facts.v2_details()
-    }
-
-    fn kv_get(&mut self, key: String) -> Option<Vec<u8>> {
-        let store = self.context.as_ref()?.kv.get()?;
-        store.get(&key, super::now_millis())
-    }
-
-    fn kv_set(&mut self, key: String, value: Vec<u8>, ttl_millis: Option<u64>) -> Result<(), String> {
-        let Some(store) = self.context.as_ref().and_then(|c| c.kv.get()) else {
-            return Err("the store is not available during a strategy's first init".into());
-        };
-        store.set(key, value, ttl_millis, super::now_millis())
-    }
-
-    fn kv_delete(&mut self, key: String) {
-        if let Some(store) = self.context.as_ref().and_then(|c| c.kv.get()) {
-            store.delete(&key);
         }
     }
 }

@@ -9,11 +9,10 @@ use wasmtime::Store;
 use super::bindings::{
     outcome_v2, v1, v1_wasi, v2, v2_wasi, BackendFacts, ConnectionFacts, ConnectionOutcome, StrategyInfo,
 };
-use super::engine::{
-    deadline_ticks, fuel_per_call, GuestLimiter, GuestState, Running, StrategyEngine, FUEL_PER_INIT,
-    SET_BACKENDS_FACTOR,
-};
+use super::deadline::deadline_ticks;
+use super::engine::{fuel_per_call, Running, StrategyEngine, FUEL_PER_INIT, SET_BACKENDS_FACTOR};
 use super::loaded::{LoadedStrategy, StrategyPre};
+use super::store::{GuestLimiter, GuestState};
 use super::wasi::{finish, Sandbox};
 use super::StrategyError;
 use crate::backends::pool::BackendPool;

@@ -11,9 +11,10 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 use super::bindings::{v1, v1_wasi, v2, v2_wasi, World};
-use super::engine::{GuestState, StrategyEngine};
+use super::engine::StrategyEngine;
 use super::guest_host::{GuestContext, KvStores};
 use super::instance::Instance;
+use super::store::GuestState;
 use super::StrategyError;
 
 /// Largest strategy file accepted.

@@ -1,14 +1,17 @@
 //! The WebAssembly runtime under the selector: one wasmtime engine ([`engine`]), compiled
 //! components with their limits ([`loaded`], cached on disk by [`disk_cache`]), per-thread
-//! instances ([`instance`]), the WIT bindings of each world ([`bindings`]), the host functions
-//! guests import ([`guest_host`]) and the WASI sandbox ([`wasi`]).
+//! instances ([`instance`]) with their store's state ([`store`]) and call deadlines
+//! ([`deadline`]), the WIT bindings of each world ([`bindings`]), the host functions guests
+//! import ([`guest_host`]) and the WASI sandbox ([`wasi`]).
 
 pub(crate) mod bindings;
+pub(crate) mod deadline;
 pub(crate) mod disk_cache;
 pub(crate) mod engine;
 pub(crate) mod guest_host;
 pub(crate) mod instance;
 pub(crate) mod loaded;
+pub(crate) mod store;
 pub(crate) mod wasi;
 
 pub use bindings::{BackendFacts, ConnectionFacts, LocalAddr, TlsFacts, World};

@@ -20,7 +20,6 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::v2::LogLevel;
-use super::engine::GuestState;
 use super::guest_host::{GuestContext, MAX_LOG_CHARS};
 
 /// The WASI interfaces (any 0.2 patch release) a sandboxed strategy may import. They are what
@@ -88,11 +87,11 @@ pub fn needs_sandbox<'a>(mut imports: impl Iterator<Item = &'a str>) -> bool {
 /// Defines, in a copy of `linker`, every function of the trapping interfaces `component`
 /// imports as one that traps, and their resources; the resources they take from `wasi:io`
 /// are wasmtime-wasi's own, so the component's other imports still match.
-pub fn with_trapping_imports(
-    linker: &Linker<GuestState>,
+pub fn with_trapping_imports<T: 'static>(
+    linker: &Linker<T>,
     component: &wasmtime::component::Component,
     engine: &wasmtime::Engine,
-) -> wasmtime::Result<Linker<GuestState>> {
+) -> wasmtime::Result<Linker<T>> {
     use wasmtime::component::types::ComponentItem;
     use wasmtime::component::ResourceType;
     let mut linker = linker.clone();
@@ -133,7 +132,7 @@ pub fn with_trapping_imports(
 struct TrappingResource;
 
 /// Adds the WASI interfaces to `linker` (asynchronous: see the module's notes).
-pub fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
+pub fn add_to_linker<T: WasiView + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_async(linker)
 }
 
@@ -158,12 +157,10 @@ impl Sandbox {
     }
 }
 
-impl WasiView for GuestState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        // Every sandboxed instance has one from the start; an empty one stands in otherwise,
-        // so this never fails.
-        let sandbox = self.sandbox.get_or_insert_with(|| Box::new(Sandbox::new(None)));
-        WasiCtxView { ctx: &mut sandbox.ctx, table: &mut sandbox.table }
+impl Sandbox {
+    /// The WASI context and resource table a call sees.
+    pub fn view(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
     }
 }
 
