@@ -19,6 +19,39 @@ use crate::proxy::context::ServiceContext;
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// The pause after each transient accept error in a row: [`FIRST_BACKOFF`], doubled after each
+/// further error up to [`MAX_BACKOFF`], and back to the first after an accept succeeds.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { next: FIRST_BACKOFF }
+    }
+
+    fn succeeded(&mut self) {
+        self.next = FIRST_BACKOFF;
+    }
+
+    /// The pause to take now; the next one is longer.
+    fn failed(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        pause
+    }
+
+    /// Pauses after a failure, unless `stopped` ends first: then returns `false`.
+    async fn pause(&mut self, stopped: impl std::future::Future<Output = ()>) -> bool {
+        let pause = self.failed();
+        tokio::select! {
+            _ = stopped => false,
+            _ = tokio::time::sleep(pause) => true,
+        }
+    }
+}
+
 /// Errors after which accepting can go on once resources free up.
 pub fn is_transient(error: &io::Error) -> bool {
     if error.kind() == io::ErrorKind::ConnectionAborted || error.kind() == io::ErrorKind::ConnectionReset {
@@ -40,7 +73,7 @@ pub async fn accept_loop(
     tracker: &TaskTracker,
     stop: &CancellationToken,
 ) -> io::Result<()> {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::new();
     // One waiter on the token for the whole loop, not one registered and dropped per accept.
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
@@ -54,7 +87,7 @@ pub async fn accept_loop(
         let metrics = &context.metrics;
         match accepted {
             Ok((stream, peer)) => {
-                backoff = FIRST_BACKOFF;
+                backoff.succeeded();
                 metrics.accepts.inc();
                 // The source's cap first: a client over it must not take a global slot.
                 let source = match admission.source_limiter.load().as_ref() {
@@ -88,18 +121,56 @@ pub async fn accept_loop(
             Err(error) if is_transient(&error) => {
                 metrics.accept_errors.inc();
                 if context.hot_path_log.allow() {
-                    tracing::warn!(service = %context.name, ?backoff, "accept failed, backing off: {error}");
+                    tracing::warn!(service = %context.name, pause = ?backoff.next, "accept failed, backing off: {error}");
                 }
-                tokio::select! {
-                    _ = &mut stopped => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                if !backoff.pause(&mut stopped).await {
+                    return Ok(());
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Err(error) => {
                 metrics.accept_errors.inc();
                 return Err(error);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_in_a_row_pause_longer_up_to_the_cap_and_a_success_starts_over() {
+        let mut backoff = Backoff::new();
+        let never = std::future::pending::<()>;
+        let mut pauses = Vec::new();
+        for _ in 0..10 {
+            let from = Instant::now();
+            assert!(backoff.pause(never()).await);
+            pauses.push(from.elapsed().as_millis());
+        }
+        assert_eq!(pauses, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        backoff.succeeded();
+        let from = Instant::now();
+        assert!(backoff.pause(never()).await);
+        assert_eq!(from.elapsed(), FIRST_BACKOFF);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_during_a_pause_ends_it_at_once() {
+        let mut backoff = Backoff::new();
+        for _ in 0..8 {
+            backoff.failed();
+        }
+        let stop = CancellationToken::new();
+        let stopper = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            stopper.cancel();
+        });
+        let from = Instant::now();
+        assert!(!backoff.pause(stop.cancelled()).await, "the stop ends the pause");
+        assert_eq!(from.elapsed(), Duration::from_millis(3), "not the 1 s pause");
     }
 }
