@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use common::{config_from_toml, echo_backends, sha256, start, strategy, STEP};
+use common::{echo_backends, sha256, strategy, TestHarbor, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -61,35 +61,21 @@ async fn exchange(addr: SocketAddr, payload: &[u8], chunk: usize, pause: Duratio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_are_routed_by_what_they_send_first_and_backends_get_the_exact_bytes() {
     let (b, _stops) = echo_backends(3).await;
-    let text = format!(
-        r#"
-[[service]]
-name = "tls"
-listen = ["127.0.0.1:0"]
-strategy = {sni:?}
-strategy_config = "api.example.com=api, *.example.net=net, default=web"
-peek = "tls"
-peek_timeout_ms = 3000
-backends = [
-  {{ address = "{b0}", tags = ["web"] }},
-  {{ address = "{b1}", tags = ["api"] }},
-  {{ address = "{b2}", tags = ["shop.example.org", "net"] }},
-]
-
-[[service]]
-name = "bytes"
-listen = ["127.0.0.1:0"]
-peek_bytes = 16384
-peek_timeout_ms = 300
-backends = ["{b0}"]
-"#,
-        sni = strategy("sni_router").display().to_string(),
-        b0 = b[0],
-        b1 = b[1],
-        b2 = b[2],
+    let routes = format!(
+        r#"[{{ address = "{}", tags = ["web"] }}, {{ address = "{}", tags = ["api"] }}, {{ address = "{}", tags = ["shop.example.org", "net"] }}]"#,
+        b[0], b[1], b[2]
     );
-    let (cfg, _path) = config_from_toml(&text);
-    let harbor = start(cfg).await;
+    let harbor = TestHarbor::new()
+        .service("tls", |s| {
+            s.set("strategy", strategy("sni_router").display().to_string())
+                .set("strategy_config", "api.example.com=api, *.example.net=net, default=web")
+                .set("peek", "tls")
+                .set("peek_timeout_ms", 3000)
+                .set_toml("backends", &routes)
+        })
+        .service("bytes", |s| s.set("peek_bytes", 16384).set("peek_timeout_ms", 300).backends(&b[..1]))
+        .start()
+        .await;
     let tls = harbor.addr_of("tls").expect("tls service");
     let bytes = harbor.addr_of("bytes").expect("bytes service");
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{config_from_toml, free_port, start, temp_dir, Scrape, STEP};
+use common::{free_port, temp_dir, Scrape, TestHarbor, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -93,37 +93,18 @@ fn body(reply: &str) -> &str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_to_and_from_harbor_name_the_real_client() {
     let (_nginx, v4, v6) = nginx().await;
-    let text = format!(
-        r#"
-[[service]]
-name = "out-v1"
-listen = ["127.0.0.1:0"]
-backends = ["{v4}"]
-proxy_protocol = "v1"
-
-[[service]]
-name = "out-v2"
-listen = ["127.0.0.1:0"]
-backends = ["{v4}"]
-proxy_protocol = "v2"
-
-[[service]]
-name = "out-v6"
-listen = ["[::1]:0"]
-backends = ["{v6}"]
-proxy_protocol = "v2"
-
-[[service]]
-name = "in"
-listen = ["127.0.0.1:0"]
-backends = ["{v4}"]
-proxy_protocol = "v1"
-proxy_protocol_from = ["127.4.0.0/16"]
-proxy_protocol_timeout_ms = 300
-"#
-    );
-    let (cfg, _path) = config_from_toml(&text);
-    let harbor = start(cfg).await;
+    let harbor = TestHarbor::new()
+        .service("out-v1", |s| s.backends(&[v4]).set("proxy_protocol", "v1"))
+        .service("out-v2", |s| s.backends(&[v4]).set("proxy_protocol", "v2"))
+        .service("out-v6", |s| s.set("listen", "[::1]:0").backends(&[v6]).set("proxy_protocol", "v2"))
+        .service("in", |s| {
+            s.backends(&[v4])
+                .set("proxy_protocol", "v1")
+                .set_toml("proxy_protocol_from", r#"["127.4.0.0/16"]"#)
+                .set("proxy_protocol_timeout_ms", 300)
+        })
+        .start()
+        .await;
     let at = |s: &str| harbor.addr_of(s).expect("service");
 
     // Outbound: nginx sees the client Harbor saw.

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use common::{admin_request, config_from_toml, echo_backends, echo_roundtrip, start, strategy, STEP};
+use common::{admin_request, echo_backends, echo_roundtrip, start, strategy, TestHarbor, STEP};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpSocket;
 
@@ -107,16 +107,18 @@ async fn canary_gets_its_share_of_clients_and_keeps_them() {
     const SHARE: f64 = 0.20;
     const MANY: usize = 2000;
     let (backends, _stops) = echo_backends(4).await;
-    let text = format!(
-        "listen = [\"127.0.0.1:0\"]\nstrategy = {:?}\nstrategy_config = \"share=20\"\nbackends = [\"{}\", \"{}\", \"{}\", {{ address = \"{}\", tags = [\"canary\", \"eu-west\"] }}]\n",
-        strategy("canary").display().to_string(),
-        backends[0],
-        backends[1],
-        backends[2],
-        backends[3]
+    let pool = format!(
+        r#"["{}", "{}", "{}", {{ address = "{}", tags = ["canary", "eu-west"] }}]"#,
+        backends[0], backends[1], backends[2], backends[3]
     );
-    let (cfg, _path) = config_from_toml(&text);
-    let harbor = start(cfg).await;
+    let harbor = TestHarbor::new()
+        .service("default", |s| {
+            s.set("strategy", strategy("canary").display().to_string())
+                .set("strategy_config", "share=20")
+                .set_toml("backends", &pool)
+        })
+        .start()
+        .await;
     let (_, body) = common::admin_get(harbor.admin_addr.unwrap(), "/backends").await;
     assert!(body.contains("\"canary\""), "tags are shown: {body}");
     let source = |i: usize| IpAddr::V4(Ipv4Addr::new(127, 2, (i / 250) as u8, (i % 250 + 1) as u8));
@@ -137,14 +139,14 @@ async fn canary_gets_its_share_of_clients_and_keeps_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_start_ramps_a_new_backend_up() {
     let (backends, _stops) = echo_backends(3).await;
-    let text = format!(
-        "listen = [\"127.0.0.1:0\"]\nstrategy = {:?}\nstrategy_config = \"ramp_ms=3000\"\nbackends = [\"{}\", \"{}\"]\n",
-        strategy("slow_start").display().to_string(),
-        backends[0],
-        backends[1]
-    );
-    let (cfg, _path) = config_from_toml(&text);
-    let harbor = start(cfg).await;
+    let harbor = TestHarbor::new()
+        .service("default", |s| {
+            s.set("strategy", strategy("slow_start").display().to_string())
+                .set("strategy_config", "ramp_ms=3000")
+                .backends(&backends[..2])
+        })
+        .start()
+        .await;
     let admin = harbor.admin_addr.unwrap();
     // The first backends ramp up too, from Harbor's start: let them finish first.
     let started = tokio::time::Instant::now();

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-use common::{echo_backends, pattern, sha256, temp_dir, ClientLoad, STEP};
+use common::{echo_backends, pattern, sha256, temp_dir, ClientLoad, TestHarbor, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -183,12 +183,13 @@ async fn long_transfer(addr: SocketAddr, seed: u64, go: Arc<tokio::sync::Notify>
     Ok(())
 }
 
-fn config_text(listen: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) -> String {
-    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
-    format!(
-        "listen = [\"{listen}\"]\nadmin = \"{admin}\"\nbackends = [{}]\nshutdown_grace_ms = 120000\nupgrade_timeout_ms = 30000\n",
-        list.join(", ")
-    )
+/// Harbor on port 0 (it says where it is bound, and a new process inherits those sockets),
+/// with grace long enough that no deadline ends a connection during the test.
+fn config_text(backends: &[SocketAddr]) -> TestHarbor {
+    TestHarbor::new()
+        .set("shutdown_grace_ms", 120_000)
+        .set("upgrade_timeout_ms", 30_000)
+        .service("default", |s| s.backends(backends))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,11 +198,8 @@ async fn five_upgrades_in_a_row_refuse_and_break_nothing() {
     let binary = dir.join("harbor");
     install(&binary, Path::new(env!("CARGO_BIN_EXE_harbor")));
     let (backends, _stops) = echo_backends(3).await;
-    // Port 0: Harbor says where it is bound, and the new process inherits those sockets.
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let (listen, admin) = (any, any);
     let config = dir.join("harbor.toml");
-    let text = config_text(listen, admin, &backends[..2]);
+    let text = config_text(&backends[..2]).toml();
     std::fs::write(&config, &text).unwrap();
     let log = dir.join("harbor.log");
     let (notify, notes) = notify_socket(&dir);
@@ -323,11 +321,8 @@ async fn five_upgrades_in_a_row_refuse_and_break_nothing() {
 async fn a_per_core_harbor_hands_every_shard_socket_over() {
     let dir = temp_dir("upgrade-per-core");
     let (backends, _stops) = echo_backends(2).await;
-    // Port 0: Harbor says where it is bound, and the new process inherits those sockets.
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let (listen, admin) = (any, any);
     let config = dir.join("harbor.toml");
-    let text = config_text(listen, admin, &backends) + "runtime = \"per-core\"\nworkers = 2\nreuse_port = true\n";
+    let text = config_text(&backends).set("runtime", "per-core").set("workers", 2).set("reuse_port", true).toml();
     std::fs::write(&config, text).unwrap();
     let log = dir.join("harbor.log");
     let mut first = Command::new(env!("CARGO_BIN_EXE_harbor"))

@@ -483,14 +483,33 @@ pub fn reset_on_close(stream: &TcpStream) {
     socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
 }
 
-/// A new, empty directory under the system's temp dir, unique to this process and call.
+/// A new, empty directory for this test process, unique to this call:
+/// `$TMPDIR/harbor-tests/PID-TAG-N`. The first call in a process removes the directories of
+/// test processes that have ended, so runs do not pile up in the temp dir (a directory is kept
+/// while its process lives: a test's Harbor may still read its files).
 pub fn temp_dir(tag: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    let root = std::env::temp_dir().join("harbor-tests");
+    SWEPT.call_once(|| sweep_ended_processes(&root));
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("harbor-{tag}-{}-{n}", std::process::id()));
+    let dir = root.join(format!("{}-{tag}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create a temp dir");
     dir
+}
+
+/// Removes the directories under `root` whose process (the number before the first `-`) has
+/// ended.
+fn sweep_ended_processes(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Any admin request; returns (status, body). `token` goes in `Authorization: Bearer`.
