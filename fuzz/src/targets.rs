@@ -269,7 +269,7 @@ pub fn pick_and_judge(loaded: LoadedStrategy, picks: u64) {
     let mut snapshot = Snapshot::default();
     snapshot.clear(instance.stats_stride());
     for i in 0..BACKENDS {
-        let state = if i == INELIGIBLE { BackendState::Draining } else { BackendState::Healthy };
+        let state = if i == INELIGIBLE { BackendState::Draining } else { BackendState::Eligible };
         snapshot.push(BackendStats {
             active: i,
             state,

@@ -467,7 +467,7 @@ impl Membership {
                 tracing::info!(service = %self.service, backend = %address, "backend listed again: drain called off");
             }
             let draining = change.draining.unwrap_or(false);
-            backend.set_admin_state(if draining { BackendState::Draining } else { BackendState::Healthy });
+            backend.set_admin_state(if draining { BackendState::Draining } else { BackendState::Eligible });
             members.push(Member { backend, weight: change.weight.unwrap_or(weight), source, tags, removing: false });
         }
         // Backends no longer listed drain: they stay visible, take no new connection, and

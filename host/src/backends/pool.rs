@@ -13,12 +13,16 @@ use tokio_util::sync::CancellationToken;
 use crate::config::BackendConfig;
 use crate::metrics::{BackendMetrics, Metrics};
 
-/// A backend's state at pick time. The ordinals are those of the WIT `backend-state` enum.
+/// A backend's state at pick time. The ordinals are those of the WIT `backend-state` enum,
+/// and the names it is shown by (admin API, records) are the WIT's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 #[repr(u8)]
 pub enum BackendState {
-    Healthy = 0,
+    /// May be picked: not cooling down, not draining, not failed by its health check (the
+    /// WIT's `healthy`).
+    #[serde(rename = "healthy")]
+    Eligible = 0,
     CoolingDown = 1,
     Draining = 2,
     Unhealthy = 3,
@@ -114,7 +118,7 @@ impl Backend {
     /// The state used for eligibility right now.
     pub fn state(&self) -> BackendState {
         let admin = self.admin_state();
-        if admin != BackendState::Healthy {
+        if admin != BackendState::Eligible {
             return admin;
         }
         if self.health().blocks() {
@@ -127,14 +131,14 @@ impl Backend {
     /// health checks ignored (`all_unhealthy = "ignore-checks"`).
     pub fn state_ignoring_checks(&self) -> BackendState {
         let admin = self.admin_state();
-        if admin != BackendState::Healthy {
+        if admin != BackendState::Eligible {
             return admin;
         }
         let until = self.cooldown_until_ms.load(Ordering::Relaxed);
         if until != 0 && self.now_ms() < until {
             BackendState::CoolingDown
         } else {
-            BackendState::Healthy
+            BackendState::Eligible
         }
     }
 
@@ -149,7 +153,7 @@ impl Backend {
         match self.admin_state.load(Ordering::Relaxed) {
             2 => BackendState::Draining,
             3 => BackendState::Unhealthy,
-            _ => BackendState::Healthy,
+            _ => BackendState::Eligible,
         }
     }
 
@@ -185,7 +189,7 @@ impl Backend {
     /// state at this pick: the run starts at the first pick that sees it healthy, and any
     /// other state ends it. For slow start.
     pub fn healthy_for_millis(&self, state: BackendState, now_ms: u64) -> u32 {
-        if state != BackendState::Healthy {
+        if state != BackendState::Eligible {
             if self.healthy_since_ms.load(Ordering::Relaxed) != 0 {
                 self.healthy_since_ms.store(0, Ordering::Relaxed);
             }
@@ -252,7 +256,7 @@ impl Backend {
     ) -> Arc<Backend> {
         let backend = Backend {
             address,
-            admin_state: AtomicU8::new(BackendState::Healthy as u8),
+            admin_state: AtomicU8::new(BackendState::Eligible as u8),
             health: AtomicU8::new(if checked { Health::Pending } else { Health::Unchecked } as u8),
             active: AtomicU32::new(0),
             cooldown_until_ms: AtomicU64::new(0),
@@ -417,7 +421,7 @@ pub(crate) mod tests {
         assert_eq!(b.state(), BackendState::CoolingDown);
         assert_eq!(p.cooling_down(), 1);
         b.record_connect_success(Duration::from_micros(80));
-        assert_eq!(b.state(), BackendState::Healthy);
+        assert_eq!(b.state(), BackendState::Eligible);
         assert_eq!(b.failures_in_row(), 0);
         assert_eq!(b.connect_latency_micros(), 80);
     }
@@ -433,12 +437,12 @@ pub(crate) mod tests {
         tokio::time::advance(Duration::from_millis(99)).await;
         assert_eq!(b.state(), BackendState::CoolingDown);
         tokio::time::advance(Duration::from_millis(2)).await;
-        assert_eq!(b.state(), BackendState::Healthy, "the cooldown is over");
+        assert_eq!(b.state(), BackendState::Eligible, "the cooldown is over");
         assert_eq!(b.record_connect_failure(base, max), base * 2, "a second failure in a row doubles it");
         tokio::time::advance(Duration::from_millis(199)).await;
         assert_eq!(b.state(), BackendState::CoolingDown);
         tokio::time::advance(Duration::from_millis(2)).await;
-        assert_eq!(b.state(), BackendState::Healthy);
+        assert_eq!(b.state(), BackendState::Eligible);
     }
 
     #[test]
@@ -461,7 +465,7 @@ pub(crate) mod tests {
         let b = p.get(0).unwrap();
         b.set_admin_state(BackendState::Draining);
         assert_eq!(b.state(), BackendState::Draining);
-        b.set_admin_state(BackendState::Healthy);
-        assert_eq!(b.state(), BackendState::Healthy);
+        b.set_admin_state(BackendState::Eligible);
+        assert_eq!(b.state(), BackendState::Eligible);
     }
 }

@@ -162,7 +162,7 @@ fn service_view(service: &Service) -> ServiceView {
         name: service.name.clone(),
         listen: service.local_addrs().iter().map(|a| a.to_string()).collect(),
         backends: pool.len(),
-        eligible: pool.iter().filter(|b| b.state() == crate::backends::pool::BackendState::Healthy).count(),
+        eligible: pool.iter().filter(|b| b.state() == crate::backends::pool::BackendState::Eligible).count(),
         active_connections: context.metrics.active_connections.get(),
         strategy: context.strategy.status().name,
         generation: pool.generation(),
@@ -241,7 +241,7 @@ fn readiness(control: &Control) -> Reply {
         .iter()
         .filter(|s| {
             let pool = s.context.load().pool.load_full();
-            let healthy = pool.iter().any(|b| b.state() == crate::backends::pool::BackendState::Healthy);
+            let healthy = pool.iter().any(|b| b.state() == crate::backends::pool::BackendState::Eligible);
             !healthy
         })
         .map(|s| s.name.clone())

@@ -44,7 +44,7 @@ impl Snapshot {
 
     /// Appends the next backend (index = backends pushed before it).
     pub fn push(&mut self, backend: BackendStats) {
-        self.eligible += usize::from(backend.state == BackendState::Healthy);
+        self.eligible += usize::from(backend.state == BackendState::Eligible);
         self.flat.extend_from_slice(&[
             backend.active,
             backend.state as u32,
@@ -78,7 +78,7 @@ impl Snapshot {
     pub fn state(&self, index: usize) -> Option<BackendState> {
         let ordinal = *self.flat.get(index.checked_mul(self.stride())?.checked_add(1)?)?;
         Some(match ordinal {
-            0 => BackendState::Healthy,
+            0 => BackendState::Eligible,
             1 => BackendState::CoolingDown,
             2 => BackendState::Draining,
             _ => BackendState::Unhealthy,
@@ -130,7 +130,7 @@ pub fn judge(snapshot: &Snapshot, answer: Result<Option<u32>, InstanceFault>, ca
                 FallbackReason::OutOfRange,
                 format!("answered backend {index}, out of range ({} backends)", snapshot.len()),
             ),
-            Some(BackendState::Healthy) => Verdict::Backend(index as usize),
+            Some(BackendState::Eligible) => Verdict::Backend(index as usize),
             Some(_) => {
                 Verdict::Fault(FallbackReason::Ineligible, format!("answered backend {index}, which is not eligible"))
             }
@@ -161,7 +161,7 @@ pub fn builtin_round_robin(snapshot: &Snapshot, sequence: u64) -> Option<usize> 
         return None;
     }
     let nth = (sequence % eligible as u64) as usize;
-    let index = (0..snapshot.len()).filter(|&i| snapshot.state(i) == Some(BackendState::Healthy)).nth(nth);
+    let index = (0..snapshot.len()).filter(|&i| snapshot.state(i) == Some(BackendState::Eligible)).nth(nth);
     debug_assert!(index.is_some(), "eligible count and snapshot disagree");
     index
 }
@@ -195,7 +195,7 @@ mod tests {
 
     #[test]
     fn answers_are_judged_by_one_rule() {
-        let s = snapshot(&[BackendState::Healthy, BackendState::CoolingDown]);
+        let s = snapshot(&[BackendState::Eligible, BackendState::CoolingDown]);
         let t = Duration::from_millis(5);
         assert_eq!(judge(&s, Ok(Some(0)), t), Verdict::Backend(0));
         assert!(matches!(judge(&s, Ok(Some(1)), t), Verdict::Fault(FallbackReason::Ineligible, _)));
@@ -212,7 +212,7 @@ mod tests {
 
     #[test]
     fn the_builtin_skips_ineligible_backends() {
-        let s = snapshot(&[BackendState::Healthy, BackendState::Draining, BackendState::Healthy]);
+        let s = snapshot(&[BackendState::Eligible, BackendState::Draining, BackendState::Eligible]);
         let picks: Vec<_> = (0..4).map(|k| builtin_round_robin(&s, k)).collect();
         assert_eq!(picks, [Some(0), Some(2), Some(0), Some(2)]);
         assert_eq!(builtin_round_robin(&snapshot(&[BackendState::Unhealthy]), 0), None);

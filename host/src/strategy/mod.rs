@@ -745,7 +745,7 @@ pub fn fill_snapshot(snapshot: &mut Snapshot, req: &PickRequest<'_>, world: Worl
     fill(snapshot, req, world, Backend::state);
     if snapshot.eligible() == 0
         && req.ignore_checks_when_all_fail
-        && req.pool.iter().any(|b| b.health().blocks() && b.state_ignoring_checks() == BackendState::Healthy)
+        && req.pool.iter().any(|b| b.health().blocks() && b.state_ignoring_checks() == BackendState::Eligible)
     {
         // Every backend fails its check: panic mode sends traffic anyway.
         fill(snapshot, req, world, Backend::state_ignoring_checks);

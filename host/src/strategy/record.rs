@@ -241,7 +241,7 @@ fn stats_row(s: BackendStats) -> [u32; 5] {
 
 pub fn state_of(ordinal: u32) -> BackendState {
     match ordinal {
-        0 => BackendState::Healthy,
+        0 => BackendState::Eligible,
         1 => BackendState::CoolingDown,
         2 => BackendState::Draining,
         _ => BackendState::Unhealthy,
@@ -271,7 +271,7 @@ mod tests {
         for _ in 0..3 {
             snapshot.push(BackendStats {
                 active: 1,
-                state: BackendState::Healthy,
+                state: BackendState::Eligible,
                 connect_latency_micros: 10,
                 failures_in_row: 0,
                 healthy_for_millis: 5,

@@ -207,9 +207,9 @@ pub fn check_component(
         let progress = round as f64 / picks.max(1) as f64;
         for i in 0..n {
             let state = match healthy_only {
-                Some(Some(only)) if i == only => BackendState::Healthy,
+                Some(Some(only)) if i == only => BackendState::Eligible,
                 Some(_) => BackendState::CoolingDown,
-                None if rng.random_bool(0.75) => BackendState::Healthy,
+                None if rng.random_bool(0.75) => BackendState::Eligible,
                 None => {
                     [BackendState::CoolingDown, BackendState::Draining, BackendState::Unhealthy][rng.random_range(0..3)]
                 }
@@ -217,7 +217,7 @@ pub fn check_component(
             // The scenario's schedule overrides: dead between down_at and up_at, draining after drain_at.
             let state = match plan.scenario.as_ref().and_then(|s| s.backends.get(i)) {
                 Some(b) if b.is_down_at(progress) => BackendState::Unhealthy,
-                Some(b) if b.drain_at.is_some_and(|d| progress >= d) && state == BackendState::Healthy => {
+                Some(b) if b.drain_at.is_some_and(|d| progress >= d) && state == BackendState::Eligible => {
                     BackendState::Draining
                 }
                 _ => state,
@@ -227,7 +227,7 @@ pub fn check_component(
                 state,
                 connect_latency_micros: rng.random_range(0..5000),
                 failures_in_row: u32::from(state == BackendState::CoolingDown),
-                healthy_for_millis: if state == BackendState::Healthy { rng.random_range(0..600_000) } else { 0 },
+                healthy_for_millis: if state == BackendState::Eligible { rng.random_range(0..600_000) } else { 0 },
             });
         }
         report.picks += 1;
@@ -261,7 +261,7 @@ pub fn check_component(
     for i in 0..n {
         snapshot.push(BackendStats {
             active: (i % 7) as u32,
-            state: BackendState::Healthy,
+            state: BackendState::Eligible,
             connect_latency_micros: 0,
             failures_in_row: 0,
             healthy_for_millis: 60_000,

@@ -395,7 +395,7 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
                 } else if excluded == Some(i) || cooldown_until[i] > now {
                     BackendState::CoolingDown
                 } else {
-                    BackendState::Healthy
+                    BackendState::Eligible
                 };
                 snapshot.push(BackendStats {
                     active: active[i],
@@ -403,7 +403,7 @@ pub fn simulate(bytes: &[u8], source: &Path, scenario: &Scenario, config: &str) 
                     connect_latency_micros: (200.0 / b.speed) as u32,
                     failures_in_row: failures[i],
                     // Healthy since its last cooldown ended (or the start).
-                    healthy_for_millis: if state == BackendState::Healthy {
+                    healthy_for_millis: if state == BackendState::Eligible {
                         (now - cooldown_until[i].min(now)) as u32
                     } else {
                         0
