@@ -188,6 +188,9 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => match Config::resolve_all(&args, &env) {
             Ok(config) => {
                 print!("{}", config.describe());
+                for warning in config.warnings(open_files_limit()) {
+                    println!("# warning: {warning}");
+                }
                 println!("# configuration is valid");
                 ExitCode::SUCCESS
             }
@@ -227,6 +230,13 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// The process's descriptor limit now (RLIMIT_NOFILE's soft limit).
+fn open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit.rlim_cur)
+}
+
 /// Lets the process hold as many sockets as the hard limit allows (10 000+ connections).
 fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
@@ -260,6 +270,9 @@ fn report_bound_addresses(harbor: &Harbor) {
 fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     harbor::logging::init(config.log_format, &config.log_level);
     raise_fd_limit();
+    for warning in config.warnings(open_files_limit()) {
+        tracing::warn!("{warning}");
+    }
     // Before any thread starts: the variables are read and removed.
     let mut handover = harbor::control::take_handover();
     handover.listeners.extend(harbor::control::take_listen_fds());
@@ -300,7 +313,7 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
             }
         }
         let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
+        tokio::spawn(watch_signals(shutdown.clone(), Arc::clone(&control)));
         match upgrader {
             Ok(upgrader) => {
                 tokio::spawn(harbor::control::upgrade_on_signal(Arc::clone(&control), shutdown.clone(), upgrader));
@@ -332,8 +345,9 @@ async fn reload_on_hangup(control: Arc<harbor::control::Control>) {
     }
 }
 
-/// First SIGINT/SIGTERM starts a graceful drain; a second one exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
+/// First SIGINT/SIGTERM starts a graceful drain (or, in a process that handed over to an
+/// upgrade, gives its connections the grace period); a second one exits at once.
+async fn watch_signals(shutdown: CancellationToken, control: Arc<harbor::control::Control>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; stop harbor with SIGKILL");
@@ -341,6 +355,7 @@ async fn watch_signals(shutdown: CancellationToken) {
     };
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::info!("signal received: draining (send it again to exit at once)");
+    control.lifecycle.request_stop();
     shutdown.cancel();
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     eprintln!("harbor: second signal, exiting now");

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -16,7 +15,7 @@ use crate::access_log::AccessLog;
 use crate::backends::pool::BackendPool;
 use crate::config::{Config, RuntimeMode};
 use crate::control::admin;
-use crate::control::lifecycle::{Lifecycle, Phase};
+use crate::control::lifecycle::{DrainBounds, Lifecycle, Phase};
 use crate::control::systemd::Notifier;
 use crate::control::upgrade::Handover;
 use crate::control::Control;
@@ -197,17 +196,14 @@ impl Harbor {
         let tracker = &control.tracker;
         tracker.close();
         let in_flight = tracker.len();
-        let grace = control.lock_config().shutdown_grace;
+        let bounds = {
+            let config = control.lock_config();
+            DrainBounds { grace: config.shutdown_grace, after_upgrade: config.upgrade_drain }
+        };
         if in_flight > 0 {
-            tracing::info!(in_flight, ?grace, "draining connections");
+            tracing::info!(in_flight, ?bounds, "draining connections");
         }
-        let mut report = DrainReport { cut_connections: 0 };
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            report.cut_connections = tracker.len();
-            tracing::warn!(cut = report.cut_connections, "grace period over: cutting the remaining connections");
-            control.lifecycle.cut_connections();
-            let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
-        }
+        let report = DrainReport { cut_connections: control.lifecycle.drain(tracker, bounds).await };
         control.enter(Phase::Stopped);
         if let Some(task) = admin_task {
             let _ = task.await;

@@ -74,10 +74,14 @@ settings! {
     dns_servers: AddressList, env "HARBOR_DNS_SERVERS", shown "the system's", reload Restart;
     /// Reload the configuration when the config file changes on disk (SIGHUP always reloads).
     watch_config: bool = false, env "HARBOR_WATCH_CONFIG", reload Restart;
-    /// Grace period for connections in flight after SIGINT/SIGTERM, in ms.
+    /// Grace period for connections in flight after SIGINT/SIGTERM, in ms (also for a process that handed over to an upgrade, once it gets SIGTERM).
     shutdown_grace_ms: u64 = 5000, env "HARBOR_SHUTDOWN_GRACE_MS", legacy "LB_SHUTDOWN_GRACE_MS", range 0..=MAX_TIMEOUT_MS, reload Live;
+    /// How long the old process of a binary upgrade may go on serving its connections, in ms; 0 for as long as they last (HAProxy's hard-stop-after unset). SIGTERM to it then gives them shutdown-grace-ms.
+    upgrade_drain_ms: u64 = 0, env "HARBOR_UPGRADE_DRAIN_MS", range 0..=MAX_TIMEOUT_MS, shown "0 (until they end)", reload Live;
     /// How long a binary upgrade (SIGUSR2) waits for the new process to serve before giving up on it, in ms.
     upgrade_timeout_ms: u64 = 60_000, env "HARBOR_UPGRADE_TIMEOUT_MS", range 100..=MAX_TIMEOUT_MS, reload Restart;
+    /// File the serving process writes its pid to (and a binary upgrade's new process rewrites); none by default.
+    pidfile: PathBuf, env "HARBOR_PIDFILE", reload Restart;
     /// Runtime worker threads; 0 for one per CPU.
     workers: u64 = 0, env "HARBOR_WORKERS", range 0..=512, shown "0 (one per CPU)", reload Restart;
     /// Log format.
@@ -133,7 +137,7 @@ settings! {
     /// Backend connect timeout, in ms.
     connect_timeout_ms: u64 = 1500, env "HARBOR_CONNECT_TIMEOUT_MS", legacy "LB_DIAL_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
     /// Sliding idle timeout, refreshed by traffic either way, in ms; 0 turns it off.
-    idle_timeout_ms: u64 = 10_000, env "HARBOR_IDLE_TIMEOUT_MS", legacy "LB_IO_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS, reload NewConnections;
+    idle_timeout_ms: u64 = 3_600_000, env "HARBOR_IDLE_TIMEOUT_MS", legacy "LB_IO_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS, reload NewConnections;
     /// Cap on a connection's whole lifetime, in ms; 0 for none.
     max_lifetime_ms: u64 = 0, env "HARBOR_MAX_LIFETIME_MS", range 0..=MAX_TIMEOUT_MS, reload NewConnections;
     /// Once one side has half-closed, how long the other direction may go on, in ms; 0 for no limit.
@@ -545,6 +549,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     #[serde(with = "millis")]
     pub upgrade_timeout: Duration,
+    /// Where the serving process writes its pid.
+    pub pidfile: Option<PathBuf>,
+    /// How long the old process of an upgrade serves its connections; `None`: until they end.
+    #[serde(serialize_with = "millis::or_zero")]
+    pub upgrade_drain: Option<Duration>,
     pub workers: usize,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -570,6 +579,11 @@ mod millis {
     use std::time::Duration;
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_millis() as u64)
+    }
+
+    /// `None` as 0, the settings' "no limit".
+    pub fn or_zero<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.map_or(0, |d| d.as_millis() as u64))
     }
 }
 
@@ -798,6 +812,8 @@ impl Config {
             watch_config: globals.watch_config,
             shutdown_grace: Duration::from_millis(globals.shutdown_grace_ms),
             upgrade_timeout: Duration::from_millis(globals.upgrade_timeout_ms),
+            upgrade_drain: nonzero_ms(globals.upgrade_drain_ms),
+            pidfile: globals.pidfile.clone(),
             workers,
             log_format: globals.log_format,
             log_level,
@@ -834,6 +850,37 @@ impl Config {
             Some(service) => service,
             None => panic!("a validated Config has at least one service"),
         }
+    }
+
+    /// What is valid but likely a mistake, one sentence each: said at start and by
+    /// `harbor check`. `open_files` is the process's descriptor limit, if known.
+    pub fn warnings(&self, open_files: Option<u64>) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for service in &self.services {
+            let t = &service.tunables;
+            if let (Some(idle), Some(keepalive)) = (t.idle_timeout(), t.keepalive()) {
+                if idle <= keepalive {
+                    warnings.push(format!(
+                        "service {}: idle_timeout_ms ({} ms) is not longer than keepalive_secs ({} s): a quiet connection is cut before its first keepalive probe",
+                        service.name,
+                        idle.as_millis(),
+                        keepalive.as_secs()
+                    ));
+                }
+            }
+        }
+        if let Some(limit) = open_files {
+            // Each connection holds two descriptors (client and backend), on top of listeners,
+            // the admin server, health checks and files.
+            let needed: u64 =
+                self.services.iter().map(|s| 2 * s.tunables.max_connections + s.listen.len() as u64).sum();
+            if needed + 64 > limit {
+                warnings.push(format!(
+                    "the services' max_connections need {needed} descriptors (two per connection), near or over this process's limit of {limit}: clients past it fail with EMFILE; raise the limit (LimitNOFILE=, ulimit -n) or lower max_connections"
+                ));
+            }
+        }
+        warnings
     }
 
     /// The effective configuration as TOML-like `key = value` lines, for `harbor check`.

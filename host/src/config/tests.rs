@@ -24,14 +24,36 @@ fn defaults_match_the_documented_values() {
     assert_eq!(c.admin, Some("127.0.0.1:9100".parse().unwrap()));
     let t = &s.tunables;
     assert_eq!(t.connect_timeout(), Duration::from_millis(1500));
-    assert_eq!(t.idle_timeout(), Some(Duration::from_secs(10)));
+    assert_eq!(t.idle_timeout(), Some(Duration::from_secs(3600)), "pooled connections stay");
     assert_eq!(t.cooldown(), Duration::from_secs(5));
     assert_eq!(t.max_cooldown(), Duration::from_secs(60));
     assert_eq!(t.connect_attempts, 2);
     assert_eq!(t.max_connections, 1024);
     assert_eq!(t.all_unhealthy, AllUnhealthy::Close);
     assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+    assert_eq!(c.upgrade_drain, None, "an upgrade cuts no working connection");
+    assert_eq!(c.pidfile, None);
     assert!(c.workers >= 1);
+    assert!(c.warnings(Some(1 << 20)).is_empty(), "{:?}", c.warnings(Some(1 << 20)));
+}
+
+#[test]
+fn the_seeds_idle_variable_still_sets_the_idle_timeout_and_likely_mistakes_are_warned() {
+    let c = Config::resolve(&with_backends("127.0.0.1:9001"), &env_of(&[("LB_IO_TIMEOUT_MS", "10000")])).unwrap();
+    assert_eq!(c.services[0].tunables.idle_timeout(), Some(Duration::from_secs(10)));
+    assert!(c.warnings(Some(1 << 20)).is_empty());
+    let mut args = with_backends("127.0.0.1:9001");
+    args.tunables.keepalive_secs = Some(60);
+    let c = Config::resolve(&args, &env_of(&[("LB_IO_TIMEOUT_MS", "10000")])).unwrap();
+    let warnings = c.warnings(Some(1 << 20));
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("before its first keepalive probe"),
+        "{warnings:?} {:?} {:?}",
+        c.services[0].tunables.idle_timeout(),
+        c.services[0].tunables.keepalive()
+    );
+    let warnings = c.warnings(Some(1024));
+    assert!(warnings.iter().any(|w| w.contains("EMFILE") && w.contains("2049 descriptors")), "{warnings:?}");
 }
 
 #[test]

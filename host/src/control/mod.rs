@@ -5,6 +5,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod lifecycle;
+pub(crate) mod pidfile;
 pub(crate) mod reload;
 pub(crate) mod status_page;
 pub(crate) mod systemd;
@@ -39,7 +40,7 @@ use upgrade::Handover;
 
 use crate::error::HarborError;
 pub use admin::{HEADER_DEADLINE, MAX_ADMIN_CONNECTIONS};
-pub use lifecycle::{Lifecycle, Phase};
+pub use lifecycle::{DrainBounds, Lifecycle, Phase};
 pub use reload::{watch_config_file, ConfigSource, ReloadReport};
 pub use systemd::{take_listen_fds, Notifier};
 pub use upgrade::{take_handover, upgrade, upgrade_on_signal, UpgradeError, Upgrader};
@@ -101,10 +102,23 @@ impl Control {
     /// Moves the lifecycle forward to `phase` and tells the service manager.
     pub(crate) fn enter(&self, phase: Phase) {
         if self.lifecycle.enter(phase) {
+            let pidfile = self.lock_config().pidfile.clone();
             match phase {
-                Phase::Serving => self.notifier().ready(),
+                Phase::Serving => {
+                    self.notifier().ready();
+                    if let Some(path) = pidfile {
+                        if let Err(error) = pidfile::claim(&path) {
+                            tracing::error!(pidfile = %path.display(), "cannot write the pid file: {error}");
+                        }
+                    }
+                }
                 Phase::Draining => self.notifier().stopping(),
-                Phase::Starting | Phase::Stopped => {}
+                Phase::Stopped => {
+                    if let Some(path) = pidfile {
+                        pidfile::release(&path);
+                    }
+                }
+                Phase::Starting => {}
             }
         }
     }
@@ -125,7 +139,7 @@ impl Control {
         let notifier = self.notifier();
         notifier.notify(&format!("MAINPID={pid}\nREADY=1\nSTATUS=serving (upgraded)"));
         self.set_notifier(Notifier::none());
-        self.lifecycle.stop_admin();
+        self.lifecycle.hand_over();
     }
 
     /// Cancelled once stopped: background work ends.
