@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod peers;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -507,6 +507,10 @@ fn install_debian_packages() -> Result<()> {
         ("binutils", "/usr/bin/objcopy"),
         ("nginx", "/usr/sbin/nginx"),
         ("iproute2", "/usr/sbin/ip"),
+        // Databases behind Harbor (tests/databases.rs).
+        ("redis-server", "/usr/bin/redis-server"),
+        ("redis-tools", "/usr/bin/redis-benchmark"),
+        ("postgresql", "/usr/lib/postgresql"),
         // The kernel relay's BPF program (host/build.rs): clang -target bpf, linux/bpf.h.
         ("clang", "/usr/bin/clang"),
         ("linux-libc-dev", "/usr/include/linux/bpf.h"),

@@ -1,0 +1,107 @@
+//! Harbor in front of real databases, as an HAProxy operator would run it: Redis under
+//! `redis-benchmark` across binary upgrades with the default settings, and health checks that
+//! tell a Redis or PostgreSQL primary from its replicas and follow a promotion.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::peers::Redis;
+use common::process::{has_exited, signal, wait_for_exit, Reaper};
+use common::{read_bound, temp_dir};
+use tokio::time::Instant;
+
+const UPGRADES: usize = 3;
+
+/// The pid a pid file names, once it names one other than `old`.
+async fn pid_in(file: &Path, old: Option<u32>, within: Duration) -> u32 {
+    let deadline = Instant::now() + within;
+    loop {
+        let pid = std::fs::read_to_string(file).ok().and_then(|t| t.trim().parse::<u32>().ok());
+        if let Some(pid) = pid.filter(|p| Some(*p) != old) {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "{} names no new process (still {old:?})", file.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The operator's trial: Redis behind Harbor with nothing but addresses and a pid file set,
+/// `redis-benchmark -c 50` running, and three binary upgrades. The benchmark must see no error:
+/// each old process serves the connections it holds until they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_benchmark_sees_no_error_across_three_upgrades_with_the_default_settings() {
+    assert!(
+        Path::new("/usr/bin/redis-benchmark").exists(),
+        "redis-benchmark is missing: `cargo xtask test` installs it (Debian package redis-tools)"
+    );
+    let redis = Redis::primary().await;
+    let dir = temp_dir("redis-upgrade");
+    let (config, pidfile) = (dir.join("harbor.toml"), dir.join("harbor.pid"));
+    let text = format!(
+        "admin = \"127.0.0.1:0\"\npidfile = {:?}\n\n[[service]]\nname = \"redis\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n",
+        pidfile.display().to_string(),
+        redis.addr
+    );
+    std::fs::write(&config, text).expect("write the config");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["--config", config.to_str().expect("a UTF-8 path"), "--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start harbor");
+    let mut reaper = Reaper(vec![first.id()]);
+    let listen = read_bound(&mut first).addr();
+    let mut pid = pid_in(&pidfile, None, Duration::from_secs(60)).await;
+    assert_eq!(pid, first.id(), "the serving process writes the pid file");
+
+    let log = dir.join("benchmark.log");
+    let mut benchmark = Command::new("/usr/bin/redis-benchmark")
+        // One endless run: its 50 connections stay open across every upgrade.
+        .args(["-h", "127.0.0.1", "-p", &listen.port().to_string(), "-c", "50", "-n", "1000000000"])
+        .args(["-t", "set,get", "-q"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).expect("a log"))
+        .stderr(std::process::Stdio::from(std::fs::File::create(dir.join("benchmark.err")).expect("a log")))
+        .spawn()
+        .expect("start redis-benchmark");
+    let bench_pid = benchmark.id();
+    reaper.0.push(bench_pid);
+    let mut old = Vec::new();
+    for round in 0..UPGRADES {
+        // Longer apart than the 5 s shutdown grace, over the three: a grace-bounded old
+        // process would cut the benchmark's connections.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(benchmark.try_wait().expect("wait").is_none(), "redis-benchmark stopped before upgrade {round}");
+        signal(pid, libc::SIGUSR2);
+        let new = pid_in(&pidfile, Some(pid), Duration::from_secs(60)).await;
+        reaper.0.push(new);
+        old.push(pid);
+        pid = new;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(benchmark.try_wait().expect("wait").is_none(), "redis-benchmark stopped after the upgrades");
+    // The first process holds the benchmark's connections 7.5 s after it handed over; the
+    // later ones held none, and are gone.
+    assert!(!has_exited(old[0]), "the first process serves its connections on");
+    wait_for_exit(&old[1..], Duration::from_secs(10)).await;
+    signal(bench_pid, libc::SIGINT);
+    let _ = benchmark.wait();
+    let out = std::fs::read_to_string(&log).unwrap_or_default()
+        + &std::fs::read_to_string(dir.join("benchmark.err")).unwrap_or_default();
+    for bad in ["Error", "error", "reset", "refused"] {
+        assert!(!out.contains(bad), "redis-benchmark saw an error across the upgrades: {out}");
+    }
+    assert!(out.contains("SET: rps="), "no progress reported: {out}");
+    // Its clients gone, every old process has nothing left to serve, and exits.
+    wait_for_exit(&old, Duration::from_secs(20)).await;
+    assert!(!has_exited(pid), "the newest Harbor serves on");
+    assert_eq!(redis.cli(&["PING"]).trim(), "PONG");
+    signal(pid, libc::SIGTERM);
+    wait_for_exit(&[pid], Duration::from_secs(20)).await;
+    assert!(!pidfile.exists(), "the last process removes its pid file");
+    let _ = first.wait();
+}
