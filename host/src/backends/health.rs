@@ -3,42 +3,22 @@
 //! every snapshot; `rise` successes in a row bring it back.
 
 use crate::clock::Instant;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::backends::pool::{Backend, Health};
-use crate::config::{HealthConfig, HealthKind};
+use crate::backends::pool::{Backend, CheckResult, Health};
+use crate::backends::probe::Probe;
+use crate::config::HealthConfig;
 use crate::metrics::Metrics;
-use crate::proxy::connect::{connect, SocketOptions};
 
 /// The first probe of a backend comes within this time (or its interval, if shorter): a new
 /// backend takes traffic after one good probe.
 pub const FIRST_PROBE_WITHIN: Duration = Duration::from_millis(200);
 /// Each interval is stretched or shrunk by up to this share, so probes never line up.
 pub const JITTER: f64 = 0.1;
-/// Most bytes read from a backend's reply.
-const MAX_REPLY: usize = 4096;
-
-/// Why a probe failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error("{0}")]
-    Connect(#[from] crate::proxy::connect::ConnectError),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("unexpected reply {0:?}")]
-    Reply(String),
-}
-
 /// Probes `backend` until `stop` is cancelled or the backend retires.
 pub fn spawn_probe(
     backend: Arc<Backend>,
@@ -47,6 +27,13 @@ pub fn spawn_probe(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
+    let probe = match Probe::new(&check) {
+        Ok(probe) => probe,
+        Err(error) => {
+            tracing::error!(%service, backend = %backend.address, "health check not started: {error}");
+            return;
+        }
+    };
     tokio::spawn(async move {
         let handles = metrics.probe_handles(&service, &backend.address.to_string());
         let retired = backend.retired.clone();
@@ -62,11 +49,13 @@ pub fn spawn_probe(
             let result = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = retired.cancelled() => return,
-                result = probe(&check, backend.address) => result,
+                result = probe.run(backend.address) => result,
             };
-            handles.record(result.is_ok(), started.elapsed());
+            let took = started.elapsed();
+            handles.record(result.is_ok(), took);
+            backend.record_check(CheckResult::of(&result, took));
             match &result {
-                Ok(()) => {
+                Ok(_) => {
                     passed = passed.saturating_add(1);
                     failed = 0;
                 }
@@ -122,112 +111,6 @@ pub fn judge(now: Health, passed: u32, failed: u32, check: &HealthConfig) -> Hea
         Health::Unchecked => Health::Passing,
         other => other,
     }
-}
-
-/// One probe, under the check's timeout.
-pub async fn probe(check: &HealthConfig, address: SocketAddr) -> Result<(), ProbeError> {
-    let timeout = check.timeout();
-    match tokio::time::timeout(timeout, probe_unbounded(check, address)).await {
-        Ok(result) => result,
-        Err(_) => Err(ProbeError::Timeout(timeout)),
-    }
-}
-
-async fn probe_unbounded(check: &HealthConfig, address: SocketAddr) -> Result<(), ProbeError> {
-    if check.kind == HealthKind::Tcp {
-        return probe_connect(address).await;
-    }
-    let options = SocketOptions { nodelay: true, keepalive: None };
-    let mut stream = connect(address, check.timeout(), &options).await?;
-    // Close with a reset: a prober that probes 1,000 backends every second must not pile up
-    // TIME_WAIT sockets.
-    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    match check.kind {
-        HealthKind::Tcp => Ok(()),
-        HealthKind::SendExpect => {
-            if !check.send.is_empty() {
-                stream.write_all(check.send.as_bytes()).await?;
-            }
-            let reply = read_at_least(&mut stream, check.expect.len()).await?;
-            if reply.starts_with(check.expect.as_bytes()) {
-                Ok(())
-            } else {
-                Err(ProbeError::Reply(String::from_utf8_lossy(&reply).into_owned()))
-            }
-        }
-        HealthKind::Http => {
-            let request = format!(
-                "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: harbor-health-check\r\nConnection: close\r\n\r\n",
-                check.path, check.host
-            );
-            stream.write_all(request.as_bytes()).await?;
-            let reply = read_status_line(&mut stream).await?;
-            let status = std::str::from_utf8(&reply)
-                .ok()
-                .and_then(|line| line.strip_prefix("HTTP/1."))
-                .and_then(|rest| rest.get(2..5))
-                .and_then(|code| code.parse::<u16>().ok());
-            match status {
-                Some(code) if (check.status[0]..=check.status[1]).contains(&code) => Ok(()),
-                _ => Err(ProbeError::Reply(String::from_utf8_lossy(&reply).into_owned())),
-            }
-        }
-    }
-}
-
-/// A `tcp` check: a connect, then a close with a reset. A connect that completes at once
-/// (loopback, a near LAN) never touches the event loop: five system calls in all.
-async fn probe_connect(address: SocketAddr) -> Result<(), ProbeError> {
-    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
-    socket.set_linger(Some(Duration::ZERO))?;
-    match socket.connect(&SockAddr::from(address)) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
-            if socket.peer_addr().is_ok() {
-                return Ok(());
-            }
-        }
-        Err(e) => return Err(ProbeError::Io(e)),
-    }
-    // Still in progress: wait for it on the event loop (under the caller's timeout).
-    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
-    stream.writable().await?;
-    match stream.take_error()? {
-        Some(error) => Err(ProbeError::Io(error)),
-        None => Ok(()),
-    }
-}
-
-/// Reads until `want` bytes have come (or the peer closes, or [`MAX_REPLY`]).
-async fn read_at_least(stream: &mut TcpStream, want: usize) -> std::io::Result<Vec<u8>> {
-    let mut reply = Vec::with_capacity(want.min(MAX_REPLY));
-    let mut buf = [0u8; 512];
-    while reply.len() < want.min(MAX_REPLY) {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        reply.extend_from_slice(&buf[..n]);
-    }
-    Ok(reply)
-}
-
-/// Reads the first line of an HTTP reply.
-async fn read_status_line(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 512];
-    while !reply.contains(&b'\n') && reply.len() < MAX_REPLY {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        reply.extend_from_slice(&buf[..n]);
-    }
-    if let Some(end) = reply.iter().position(|&b| b == b'\n') {
-        reply.truncate(end);
-    }
-    Ok(reply)
 }
 
 #[cfg(test)]

@@ -3,11 +3,12 @@
 //! [`pool`] is the immutable set a connection is placed from (rebuilt whole and swapped);
 //! [`membership`] owns a service's backends and rebuilds the pool on every change (config,
 //! admin API, DNS, checks, drains); [`discovery`] follows DNS names; [`health`] runs the active
-//! checks.
+//! checks, each probe by [`probe`] (TCP, send/expect, HTTP, Redis, PostgreSQL, MySQL).
 
 pub(crate) mod discovery;
 pub(crate) mod health;
 pub(crate) mod membership;
 pub(crate) mod pool;
+pub(crate) mod probe;
 
 pub use pool::{cooldown_after, BackendPool, BackendState, Health};

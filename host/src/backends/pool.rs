@@ -95,6 +95,36 @@ pub struct Backend {
     pub cut: CancellationToken,
     /// Cancelled when the backend has left its service for good: its probes stop.
     pub retired: CancellationToken,
+    /// The last health probe, for the status page and the admin API.
+    last_check: std::sync::Mutex<Option<CheckResult>>,
+    /// Wall-clock ms when its health last changed (0: never).
+    health_changed_unix_ms: AtomicU64,
+}
+
+/// What one health probe saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckResult {
+    pub passed: bool,
+    /// What it saw (`PONG, primary`, `HTTP 200`), or why it failed.
+    pub detail: String,
+    pub took_micros: u64,
+    /// Wall-clock ms since the Unix epoch.
+    pub at_unix_ms: u64,
+}
+
+impl CheckResult {
+    pub fn of<E: std::fmt::Display>(result: &Result<String, E>, took: Duration) -> CheckResult {
+        let (passed, detail) = match result {
+            Ok(seen) => (true, seen.clone()),
+            Err(error) => (false, error.to_string()),
+        };
+        CheckResult {
+            passed,
+            detail,
+            took_micros: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            at_unix_ms: crate::clock::unix_ms(),
+        }
+    }
 }
 /// Keeps a backend's active-connection count raised while it lives, so the count can never
 /// be left behind or go negative, whatever happens to the connection or the pool.
@@ -168,8 +198,24 @@ impl Backend {
         self.metrics.healthy.set(i64::from(!health.blocks()));
         if old != health as u8 {
             self.metrics.health_transitions.inc();
+            self.health_changed_unix_ms.store(crate::clock::unix_ms(), Ordering::Relaxed);
         }
         old != health as u8
+    }
+
+    /// Keeps the last probe's result.
+    pub fn record_check(&self, result: CheckResult) {
+        *self.last_check.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(result);
+    }
+
+    /// The last probe's result, if any.
+    pub fn last_check(&self) -> Option<CheckResult> {
+        self.last_check.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Wall-clock ms when the health last changed; `None` if it never did.
+    pub fn health_changed_unix_ms(&self) -> Option<u64> {
+        Some(self.health_changed_unix_ms.load(Ordering::Relaxed)).filter(|ms| *ms != 0)
     }
 
     /// Connections relayed to this backend right now.
@@ -267,6 +313,8 @@ impl Backend {
             clock: Instant::now(),
             cut: cut.child_token(),
             retired: CancellationToken::new(),
+            last_check: std::sync::Mutex::new(None),
+            health_changed_unix_ms: AtomicU64::new(0),
         };
         backend.metrics.healthy.set(i64::from(!checked));
         Arc::new(backend)
@@ -372,6 +420,10 @@ pub struct BackendView {
     pub dial_failures: u64,
     pub bytes_to_backend: u64,
     pub bytes_to_client: u64,
+    /// The last health probe (none without a check, or before the first).
+    pub last_check: Option<CheckResult>,
+    /// When the health last changed, wall-clock ms since the Unix epoch.
+    pub health_changed_unix_ms: Option<u64>,
 }
 
 impl BackendView {
@@ -393,6 +445,8 @@ impl BackendView {
             dial_failures: b.metrics.dial_failures.get(),
             bytes_to_backend: b.metrics.bytes_to_backend.get(),
             bytes_to_client: b.metrics.bytes_to_client.get(),
+            last_check: b.last_check(),
+            health_changed_unix_ms: b.health_changed_unix_ms(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! precedence into one validated [`Config`]. Every setting is declared once, in the
 //! [`settings!`] lists below.
 
+mod health;
 pub mod settings;
 
 use std::collections::{BTreeMap, HashSet};
@@ -11,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use crate::proxy::proxy_protocol::ProxyVersion;
+pub use health::{compile_regex, AgentConfig, CheckStep, HealthConfig, HealthKind, Role};
 use settings::{settings, Layer};
 pub use settings::{
     AddressList, AllUnhealthy, BackendList, BackendSpec, DnsSpec, LogFormat, PeekMode, RelayMode, RuntimeMode,
@@ -312,107 +314,6 @@ pub struct RunArgs {
     pub tunables: TunableArgs,
 }
 
-/// How a service checks its backends (`[service.health]`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    /// `tcp` (a connect), `send-expect` (send bytes, expect a prefix) or `http` (GET, status range).
-    pub kind: HealthKind,
-    #[serde(default = "health_defaults::interval_ms")]
-    pub interval_ms: u64,
-    #[serde(default = "health_defaults::timeout_ms")]
-    pub timeout_ms: u64,
-    /// Good probes in a row that make an unhealthy backend healthy.
-    #[serde(default = "health_defaults::rise")]
-    pub rise: u32,
-    /// Failed probes in a row that make a healthy backend unhealthy.
-    #[serde(default = "health_defaults::fall")]
-    pub fall: u32,
-    /// `send-expect`: the bytes to send (TOML escapes such as `\r\n` work).
-    #[serde(default)]
-    pub send: String,
-    /// `send-expect`: the reply must start with these bytes.
-    #[serde(default)]
-    pub expect: String,
-    /// `http`: the path to GET.
-    #[serde(default = "health_defaults::path")]
-    pub path: String,
-    /// `http`: the `Host` header.
-    #[serde(default = "health_defaults::host")]
-    pub host: String,
-    /// `http`: the accepted status codes, `[low, high]`.
-    #[serde(default = "health_defaults::status")]
-    pub status: [u16; 2],
-}
-
-mod health_defaults {
-    pub fn interval_ms() -> u64 {
-        2000
-    }
-    pub fn timeout_ms() -> u64 {
-        1000
-    }
-    pub fn rise() -> u32 {
-        2
-    }
-    pub fn fall() -> u32 {
-        3
-    }
-    pub fn path() -> String {
-        "/".into()
-    }
-    pub fn host() -> String {
-        "localhost".into()
-    }
-    pub fn status() -> [u16; 2] {
-        [200, 399]
-    }
-}
-
-/// The kind of an active health check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HealthKind {
-    Tcp,
-    SendExpect,
-    Http,
-}
-
-impl HealthConfig {
-    pub fn interval(&self) -> Duration {
-        Duration::from_millis(self.interval_ms)
-    }
-    pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
-    }
-
-    fn check(&self, service: &str) -> Result<(), ConfigError> {
-        let setting = |key: &str| format!("service {service}: health.{key}");
-        settings::ranged(&setting("interval_ms"), self.interval_ms, 10, MAX_TIMEOUT_MS)?;
-        settings::ranged(&setting("timeout_ms"), self.timeout_ms, 1, MAX_TIMEOUT_MS)?;
-        settings::ranged(&setting("rise"), u64::from(self.rise), 1, 100)?;
-        settings::ranged(&setting("fall"), u64::from(self.fall), 1, 100)?;
-        match self.kind {
-            HealthKind::SendExpect if self.expect.is_empty() => {
-                Err(invalid(setting("expect"), "send-expect needs the reply prefix to expect"))
-            }
-            HealthKind::Http if !self.path.starts_with('/') || self.path.contains(['\r', '\n', ' ']) => {
-                Err(invalid(setting("path"), format!("{:?} is not a request path", self.path)))
-            }
-            HealthKind::Http if self.host.contains(['\r', '\n']) || self.host.is_empty() => {
-                Err(invalid(setting("host"), "must be a host name"))
-            }
-            HealthKind::Http if self.status[0] > self.status[1] || !(100..=599).contains(&self.status[1]) => {
-                Err(invalid(setting("status"), "must be [low, high] within 100..599"))
-            }
-            _ if self.send.len() > 4096 || self.expect.len() > 4096 => {
-                Err(invalid(setting("send"), "send and expect are at most 4096 bytes each"))
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
 /// The TOML file as written, before validation.
 #[derive(Debug, Clone, Default)]
 pub struct FileConfig {
@@ -525,6 +426,8 @@ pub struct ServiceConfig {
     /// The shadow candidate, if any.
     pub shadow: Option<PathBuf>,
     pub health: Option<HealthConfig>,
+    /// The agent check, if any.
+    pub agent: Option<AgentConfig>,
     pub tunables: Tunables,
     /// The service's definition as resolved, before addresses were parsed: with `tunables`,
     /// what a reload's diff is computed from.
@@ -588,7 +491,7 @@ mod millis {
 }
 
 /// Keys a `[[service]]` table may hold beside the per-service settings.
-const SERVICE_ONLY_KEYS: &[&str] = &["name", "health"];
+const SERVICE_ONLY_KEYS: &[&str] = &["name", "health", "agent"];
 
 impl Config {
     /// Merges CLI/`HARBOR_*` values, legacy variables, the file (if any) and defaults, then
@@ -733,6 +636,15 @@ impl Config {
                         note(problems, health).filter(|h| note(problems, h.check(&name)).is_some())
                     }
                 };
+                let agent = match table.get("agent") {
+                    None => None,
+                    Some(value) => {
+                        let agent = value.clone().try_into::<AgentConfig>().map_err(|e: toml::de::Error| {
+                            parse_error(&path, &format!("{place}: agent: {}", e.message()))
+                        });
+                        note(problems, agent).filter(|a| note(problems, a.check(&name)).is_some())
+                    }
+                };
                 if definition.backends.is_none() {
                     problems.push(invalid(
                         format!("service {name}: backends"),
@@ -746,7 +658,8 @@ impl Config {
                     continue;
                 }
                 let setting = format!("service {name}: backends");
-                services.extend(note(problems, service_config(name, definition, tunables, health, &setting)));
+                let service = service_config(name, definition, tunables, health, &setting);
+                services.extend(note(problems, service).map(|service| ServiceConfig { agent, ..service }));
             }
         }
 
@@ -1062,6 +975,7 @@ fn service_config(
         strategy_config: definition.strategy_config.unwrap_or_default(),
         shadow: definition.shadow,
         health,
+        agent: None,
         tunables,
         definition: resolved,
     })
