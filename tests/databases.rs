@@ -105,3 +105,113 @@ async fn redis_benchmark_sees_no_error_across_three_upgrades_with_the_default_se
     assert!(!pidfile.exists(), "the last process removes its pid file");
     let _ = first.wait();
 }
+
+/// Each backend's `(address, health, last check detail)` from the admin API.
+async fn health_of(admin: std::net::SocketAddr, service: &str) -> Vec<(String, String, String)> {
+    let (status, body) = common::admin_get(admin, &format!("/services/{service}/backends")).await;
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let list = value.get("backends").unwrap_or(&value).as_array().cloned().unwrap_or_default();
+    list.iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap_or_default().to_string(),
+                b["health"].as_str().unwrap_or_default().to_string(),
+                b["last_check"]["detail"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until exactly `primary` passes the check and every other backend fails it; returns
+/// how long that took.
+async fn wait_for_only(admin: std::net::SocketAddr, service: &str, primary: std::net::SocketAddr) -> Duration {
+    let started = Instant::now();
+    let want = primary.to_string();
+    loop {
+        let seen = health_of(admin, service).await;
+        assert!(seen.len() >= 2 && seen.iter().any(|(a, _, _)| *a == want), "{want} among the backends: {seen:?}");
+        if seen.iter().all(|(address, health, _)| (health == "passing") == (*address == want)) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "only {want} should pass: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A check every 200 ms that marks a backend at the first result either way.
+const FAST: &str = "interval_ms = 200, timeout_ms = 1000, rise = 1, fall = 1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_check_finds_the_primary_and_follows_a_failover() {
+    let a = Redis::primary().await;
+    let b = Redis::replica_of(&a).await;
+    let harbor = common::TestHarbor::new()
+        .service("redis", |s| {
+            s.backends(&[a.addr, b.addr])
+                .set_toml("health", &format!("{{ kind = \"redis\", role = \"primary\", {FAST} }}"))
+        })
+        .start()
+        .await;
+    let admin = harbor.admin_addr.expect("admin");
+    wait_for_only(admin, "redis", a.addr).await;
+    let seen = health_of(admin, "redis").await;
+    assert!(seen.iter().any(|(_, _, d)| d == "PONG, primary"), "{seen:?}");
+    assert!(seen.iter().any(|(_, _, d)| d.contains("is a replica")), "{seen:?}");
+    let through = Redis::at(harbor.addr);
+    for i in 0..20 {
+        assert!(through.cli(&["SET", &format!("k{i}"), "v"]).contains("OK"), "writes reach the primary");
+    }
+    // Failover: the replica is promoted and the old primary follows it.
+    b.set_primary(None);
+    a.set_primary(Some(&b));
+    let took = wait_for_only(admin, "redis", b.addr).await;
+    println!("redis failover followed in {took:?}");
+    assert!(through.cli(&["SET", "after", "failover"]).contains("OK"), "writes reach the new primary");
+    assert_eq!(b.cli(&["GET", "after"]).trim(), "failover");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pgsql_check_finds_the_primary_and_follows_a_promotion_and_postgresql_logs_nothing() {
+    let mut primary = common::peers::Postgres::primary().await;
+    let standby = common::peers::Postgres::standby_of(&primary).await;
+    let harbor = common::TestHarbor::new()
+        .service("pg", |s| {
+            s.backends(&[primary.addr, standby.addr])
+                .set_toml("health", &format!("{{ kind = \"pgsql\", role = \"primary\", {FAST} }}"))
+        })
+        .service("pg-any", |s| {
+            s.backends(&[primary.addr, standby.addr]).set_toml("health", &format!("{{ kind = \"pgsql\", {FAST} }}"))
+        })
+        .start()
+        .await;
+    let admin = harbor.admin_addr.expect("admin");
+    wait_for_only(admin, "pg", primary.addr).await;
+    let through = common::peers::Postgres::at(harbor.addr_of("pg").expect("pg"));
+    assert_eq!(through.query("SELECT pg_is_in_recovery()"), "f");
+    through.query("CREATE TABLE t (v int); INSERT INTO t VALUES (1)");
+    // Without a role, both answer.
+    let any = health_of(admin, "pg-any").await;
+    assert!(any.iter().all(|(_, h, _)| h == "passing"), "{any:?}");
+
+    // The primary goes away; the standby is promoted.
+    let old = primary.addr;
+    primary.stop();
+    let stopped = Instant::now();
+    standby.promote().await;
+    wait_for_only(admin, "pg", standby.addr).await;
+    println!("pgsql promotion followed {:?} after the primary stopped", stopped.elapsed());
+    assert_eq!(through.query("SELECT pg_is_in_recovery()"), "f");
+    through.query("INSERT INTO t VALUES (2)");
+    assert_eq!(standby.query("SELECT count(*) FROM t"), "2");
+    assert!(health_of(admin, "pg").await.iter().any(|(a, h, _)| *a == old.to_string() && h == "failing"));
+
+    // Hundreds of probes, and not one line about them in either server's log.
+    for log in [primary.log(), standby.log()] {
+        for noise in ["reset by peer", "incomplete startup packet", "unexpected EOF", "could not receive data"] {
+            assert!(!log.contains(noise), "PostgreSQL logged {noise:?} for a probe:\n{log}");
+        }
+    }
+    harbor.stop().await.expect("stop");
+}

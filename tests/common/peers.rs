@@ -43,14 +43,20 @@ impl Drop for Server {
     }
 }
 
-/// One redis-server, with no persistence.
+/// One redis-server, with no persistence (or a client's view of an address that leads to one).
 pub struct Redis {
     pub addr: SocketAddr,
-    server: Server,
+    server: Option<Server>,
     dir: PathBuf,
 }
 
 impl Redis {
+    /// Only a client of whatever answers at `addr` (Harbor, say): `cli` works, nothing is
+    /// started or stopped.
+    pub fn at(addr: SocketAddr) -> Redis {
+        Redis { addr, server: None, dir: PathBuf::new() }
+    }
+
     /// A primary.
     pub async fn primary() -> Redis {
         Redis::start(None).await
@@ -92,7 +98,7 @@ impl Redis {
             let deadline = Instant::now() + START;
             while Instant::now() < deadline && server.0.try_wait().ok().flatten().is_none() {
                 if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                    return Redis { addr, server, dir };
+                    return Redis { addr, server: Some(server), dir };
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -129,8 +135,8 @@ impl Redis {
     }
 
     /// The server's process id.
-    pub fn pid(&self) -> u32 {
-        self.server.0.id()
+    pub fn pid(&self) -> Option<u32> {
+        self.server.as_ref().map(|s| s.0.id())
     }
 }
 
@@ -174,6 +180,11 @@ pub struct Postgres {
 }
 
 impl Postgres {
+    /// Only a client of whatever answers at `addr`: `query` works, nothing is started.
+    pub fn at(addr: SocketAddr) -> Postgres {
+        Postgres { addr, data: PathBuf::new(), server: None }
+    }
+
     /// A new primary: trust authentication from 127.0.0.1 (user `postgres`), replication on.
     pub async fn primary() -> Postgres {
         let dir = pg_dir();

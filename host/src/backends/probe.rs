@@ -244,7 +244,10 @@ impl Conn {
     async fn take(&mut self, n: usize) -> Result<Vec<u8>, ProbeError> {
         while self.unused().len() < n {
             if !self.fill().await? {
-                return Err(ProbeError::Protocol(format!("the server closed after {} of {n} bytes", self.unused().len())));
+                return Err(ProbeError::Protocol(format!(
+                    "the server closed after {} of {n} bytes",
+                    self.unused().len()
+                )));
             }
         }
         let taken = self.buf[self.start..self.start + n].to_vec();
@@ -520,13 +523,16 @@ mod tests {
     async fn expect_matches_anywhere_and_a_regex_too_and_steps_run_in_order() {
         let info = b"$60\r\n# Replication\r\nrole:master\r\nconnected_slaves:1\r\nmaster_repl_offset:7\r\n\r\n";
         let at = server(b"INFO replication\r\n", info).await;
-        let contains = prepared("kind = \"send-expect\"\nsend = \"INFO replication\\r\\n\"\nexpect = \"role:master\"\n");
+        let contains =
+            prepared("kind = \"send-expect\"\nsend = \"INFO replication\\r\\n\"\nexpect = \"role:master\"\n");
         assert_eq!(contains.run(at).await.unwrap(), "expected reply");
         let regex = prepared(
             "kind = \"send-expect\"\nsend = \"INFO replication\\r\\n\"\nexpect_regex = \"connected_slaves:[1-9]\"\n",
         );
         regex.run(at).await.unwrap();
-        let wrong = prepared("kind = \"send-expect\"\nsend = \"INFO replication\\r\\n\"\nexpect = \"role:slave\"\ntimeout_ms = 2000\n");
+        let wrong = prepared(
+            "kind = \"send-expect\"\nsend = \"INFO replication\\r\\n\"\nexpect = \"role:slave\"\ntimeout_ms = 2000\n",
+        );
         let error = wrong.run(at).await.unwrap_err().to_string();
         assert!(error.contains("without a match") || error.contains("within"), "{error}");
 

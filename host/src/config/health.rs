@@ -140,8 +140,10 @@ impl HealthConfig {
     /// The `send-expect` sequence: the first step (`send`, `expect`, `expect_regex`), then
     /// `steps`.
     pub fn sequence(&self) -> Vec<CheckStep> {
-        let first = CheckStep { send: self.send.clone(), expect: self.expect.clone(), expect_regex: self.expect_regex.clone() };
-        let first = (!first.send.is_empty() || !first.expect.is_empty() || first.expect_regex.is_some()).then_some(first);
+        let first =
+            CheckStep { send: self.send.clone(), expect: self.expect.clone(), expect_regex: self.expect_regex.clone() };
+        let first =
+            (!first.send.is_empty() || !first.expect.is_empty() || first.expect_regex.is_some()).then_some(first);
         first.into_iter().chain(self.steps.iter().cloned()).collect()
     }
 
@@ -177,7 +179,10 @@ impl HealthConfig {
             HealthKind::SendExpect => {
                 let sequence = self.sequence();
                 if sequence.iter().all(|s| s.expect.is_empty() && s.expect_regex.is_none()) {
-                    return Err(invalid(setting("expect"), "send-expect needs something to expect (expect or expect_regex)"));
+                    return Err(invalid(
+                        setting("expect"),
+                        "send-expect needs something to expect (expect or expect_regex)",
+                    ));
                 }
                 if sequence.len() > MAX_STEPS {
                     return Err(invalid(setting("steps"), format!("at most {MAX_STEPS} steps")));
