@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -757,4 +758,126 @@ async fn every_reader_of_the_lifecycle_agrees_through_a_drain() {
     assert_eq!(control.lifecycle.phase(), Phase::Stopped);
     assert!(control.background_token().is_cancelled(), "background work ends when stopped");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An agent (HAProxy's agent-check protocol) on `ip:port`: every connection gets the line
+/// `say` holds at that moment.
+async fn agent_on(ip: &str, port: u16, say: Arc<std::sync::Mutex<String>>) -> Option<CancellationToken> {
+    let listener = TcpListener::bind((ip, port)).await.ok()?;
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = tokio::select! {
+                _ = stopped.cancelled() => return,
+                accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => return },
+            };
+            let line = format!("{}\n", say.lock().unwrap());
+            let _ = stream.write_all(line.as_bytes()).await;
+        }
+    });
+    Some(stop)
+}
+
+/// The view of the backend at `address`, once `ready` holds for it.
+async fn backend_until(
+    admin: SocketAddr,
+    address: SocketAddr,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let (_, body) = admin_get(admin, "/backends").await;
+        let list: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let list = list.get("backends").cloned().unwrap_or(list);
+        let view = list.as_array().and_then(|l| l.iter().find(|b| b["address"] == address.to_string()).cloned());
+        if let Some(view) = view.filter(|v| ready(v)) {
+            return view;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{address} never got there: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_beside_each_backend_drains_weighs_and_downs_it() {
+    // Two backends on two loopback addresses, each with its agent on the same port.
+    let mut backends = Vec::new();
+    let mut stops = Vec::new();
+    for (i, ip) in ["127.0.0.2", "127.0.0.3"].iter().enumerate() {
+        let listener = TcpListener::bind((*ip, 0)).await.expect("bind");
+        backends.push(listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        tokio::spawn(harbor::echo::serve_echo(listener, Some(format!("b{i}")), stop.clone()));
+        stops.push(stop);
+    }
+    let says =
+        [Arc::new(std::sync::Mutex::new("up 100%".to_string())), Arc::new(std::sync::Mutex::new("up".to_string()))];
+    let mut port = 0;
+    let mut agents = Vec::new();
+    for _ in 0..20 {
+        let candidate = common::free_port();
+        agents.clear();
+        for (ip, say) in ["127.0.0.2", "127.0.0.3"].iter().zip(&says) {
+            agents.extend(agent_on(ip, candidate, Arc::clone(say)).await);
+        }
+        if agents.len() == 2 {
+            port = candidate;
+            break;
+        }
+    }
+    assert_ne!(port, 0, "no port free on both addresses");
+    let pool = format!(r#"["{}", {{ address = "{}", weight = 4 }}]"#, backends[0], backends[1]);
+    let harbor = TestHarbor::new()
+        .service("default", |s| {
+            s.set_toml("backends", &pool)
+                .set_toml("agent", &format!("{{ port = {port}, interval_ms = 50, timeout_ms = 500 }}"))
+        })
+        .start()
+        .await;
+    let admin = harbor.admin_addr.unwrap();
+    let (b0, b1) = (backends[0], backends[1]);
+    backend_until(admin, b0, |v| v["agent"] == "up 100%").await;
+    backend_until(admin, b1, |v| v["agent"] == "up" && v["state"] == "healthy" && v["weight"] == 4).await;
+
+    // drain: no new connection goes there.
+    *says[1].lock().unwrap() = "drain".into();
+    backend_until(admin, b1, |v| v["state"] == "draining").await;
+    for _ in 0..10 {
+        assert_eq!(common::connect_and_greet(harbor.addr).await.0, "b0");
+    }
+    // ready at 50 %: back, at half its configured weight.
+    *says[1].lock().unwrap() = "ready 50%".into();
+    backend_until(admin, b1, |v| v["state"] == "healthy" && v["weight"] == 2).await;
+    // maint: out, and shown as such.
+    *says[1].lock().unwrap() = "maint".into();
+    backend_until(admin, b1, |v| v["state"] == "draining" && v["maint"] == true).await;
+    // down: unhealthy; then up and ready again, still at 50 %.
+    *says[1].lock().unwrap() = "down ready".into();
+    backend_until(admin, b1, |v| v["state"] == "unhealthy" && v["maint"] == false).await;
+    *says[1].lock().unwrap() = "up".into();
+    let back = backend_until(admin, b1, |v| v["state"] == "healthy").await;
+    assert_eq!(back["weight"], 2, "what the agent leaves unsaid stays");
+    // A word Harbor does not know changes nothing.
+    *says[1].lock().unwrap() = "up 10% sideways".into();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let same = backend_until(admin, b1, |_| true).await;
+    assert_eq!((same["weight"].clone(), same["agent"].clone()), (serde_json::json!(2), serde_json::json!("up")));
+
+    // The operator's maint, through the API, beside the agent's word.
+    let path = format!("/services/default/backends/{b0}");
+    let (status, reply) = admin_request(admin, "PATCH", &path, Some(r#"{"state":"maint"}"#), None).await;
+    assert_eq!(status, 200, "{reply}");
+    backend_until(admin, b0, |v| v["maint"] == true && v["state"] == "draining").await;
+    let (status, _) = admin_request(admin, "PATCH", &path, Some(r#"{"state":"ready"}"#), None).await;
+    assert_eq!(status, 200);
+    backend_until(admin, b0, |v| v["maint"] == false && v["state"] == "healthy").await;
+    // weight 0: kept, takes nothing new.
+    let (status, _) = admin_request(admin, "PATCH", &path, Some(r#"{"weight":0}"#), None).await;
+    assert_eq!(status, 200);
+    backend_until(admin, b0, |v| v["weight"] == 0 && v["state"] == "draining").await;
+    for stop in agents.iter().chain(&stops) {
+        stop.cancel();
+    }
+    harbor.stop().await.expect("stop");
 }

@@ -123,11 +123,11 @@ enum StrategyCommand {
 
 #[derive(Args)]
 struct CtlArgs {
-    /// The admin address of the running Harbor.
-    #[arg(long, env = "HARBOR_ADMIN", default_value = "127.0.0.1:9100")]
+    /// The admin address of the running Harbor (before or after the command).
+    #[arg(long, env = "HARBOR_ADMIN", default_value = "127.0.0.1:9100", global = true)]
     admin: String,
     /// File holding the admin token (sent as a bearer token).
-    #[arg(long, env = "HARBOR_ADMIN_TOKEN_FILE")]
+    #[arg(long, env = "HARBOR_ADMIN_TOKEN_FILE", global = true)]
     admin_token_file: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
@@ -149,11 +149,13 @@ enum CtlCommand {
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
-    /// Change a backend's weight.
+    /// Change a backend's weight (0: kept, no new connections).
     Weight { service: String, address: String, weight: u32 },
     /// Stop sending new connections to a backend (it stays, draining).
     Drain { service: String, address: String },
-    /// Send new connections to a drained backend again.
+    /// Put a backend in maintenance: no new connections, its health checks paused.
+    Maint { service: String, address: String },
+    /// Send new connections to a drained backend, or one in maintenance, again.
     Ready { service: String, address: String },
     /// Drain a backend, then remove it.
     Remove { service: String, address: String },

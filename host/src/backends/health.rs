@@ -46,6 +46,14 @@ pub fn spawn_probe(
         let (mut passed, mut failed) = (0u32, 0u32);
         loop {
             let started = Instant::now();
+            if backend.in_maintenance() {
+                // Paused: the backend takes no traffic, and is likely down on purpose.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = retired.cancelled() => return,
+                    _ = tokio::time::sleep(check.interval()) => continue,
+                }
+            }
             let result = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = retired.cancelled() => return,

@@ -6,7 +6,7 @@
 use crate::clock::Instant;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backends::pool::{Backend, BackendPool, BackendState, BackendView, Health, Member, Source};
 use hickory_resolver::TokioResolver;
 
-use crate::config::{BackendConfig, DnsBackend, HealthConfig, MAX_BACKENDS};
+use crate::backends::agent::{self, AgentState, AgentWord};
+use crate::config::{AgentConfig, BackendConfig, DnsBackend, HealthConfig, MAX_BACKENDS};
 use crate::metrics::Metrics;
 use crate::{backends::discovery, backends::health};
 
@@ -39,6 +40,9 @@ pub struct Override {
     pub weight: Option<u32>,
     /// `Some(true)`: draining (no new connections); `Some(false)`: ready again.
     pub draining: Option<bool>,
+    /// `Some(true)`: in maintenance (no new connections, health checks paused); `Some(false)`:
+    /// ready again.
+    pub maint: Option<bool>,
 }
 
 /// The changes made through the admin API since the last reload, carried to the new process
@@ -51,11 +55,15 @@ pub struct RuntimeChanges {
     pub overrides: Vec<(SocketAddr, Option<u32>, Option<bool>)>,
     /// Configured backends removed.
     pub deleted: Vec<SocketAddr>,
+    /// Backends put in maintenance (kept apart from `overrides`, so a process that knows no
+    /// maintenance still reads the rest).
+    #[serde(default)]
+    pub maint: Vec<SocketAddr>,
 }
 
 impl RuntimeChanges {
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.overrides.is_empty() && self.deleted.is_empty()
+        self.added.is_empty() && self.overrides.is_empty() && self.deleted.is_empty() && self.maint.is_empty()
     }
 }
 
@@ -88,6 +96,11 @@ struct State {
     /// The probe of each backend, stopped when it leaves or the check changes.
     probes: HashMap<SocketAddr, CancellationToken>,
     health: Option<HealthConfig>,
+    /// The agent check, its task per backend, and what each agent last said (its line, and
+    /// every word it has said so far).
+    agent: Option<AgentConfig>,
+    agents: HashMap<SocketAddr, CancellationToken>,
+    agent_said: HashMap<SocketAddr, (String, AgentWord)>,
     drain_timeout: Option<Duration>,
     generation: u64,
 }
@@ -102,6 +115,8 @@ pub struct Membership {
     cut: CancellationToken,
     /// Stops the probes and the reaper.
     background: CancellationToken,
+    /// Itself, for the agent tasks.
+    this: Weak<Membership>,
 }
 
 impl Membership {
@@ -110,12 +125,13 @@ impl Membership {
         service: &str,
         backends: &[BackendConfig],
         health: Option<HealthConfig>,
+        agent: Option<AgentConfig>,
         drain_timeout: Option<Duration>,
         metrics: Arc<Metrics>,
         cut: CancellationToken,
         background: CancellationToken,
     ) -> Arc<Membership> {
-        let membership = Arc::new(Membership {
+        let membership = Arc::new_cyclic(|this| Membership {
             service: service.to_string(),
             metrics,
             pool: Arc::new(ArcSwap::from_pointee(BackendPool::default())),
@@ -132,11 +148,15 @@ impl Membership {
                 removing: HashMap::new(),
                 probes: HashMap::new(),
                 health,
+                agent,
+                agents: HashMap::new(),
+                agent_said: HashMap::new(),
                 drain_timeout,
                 generation: 0,
             }),
             cut,
             background,
+            this: this.clone(),
         });
         membership.rebuild(&mut membership.lock());
         membership
@@ -196,6 +216,9 @@ impl Membership {
         if change.draining.is_some() {
             entry.draining = change.draining;
         }
+        if change.maint.is_some() {
+            entry.maint = change.maint;
+        }
         self.rebuild(&mut state);
         Ok(())
     }
@@ -224,7 +247,10 @@ impl Membership {
         overrides.sort_unstable();
         let mut deleted: Vec<SocketAddr> = state.deleted.iter().copied().collect();
         deleted.sort_unstable();
-        RuntimeChanges { added: added.into_iter().map(|(_, a, w, t)| (a, w, t)).collect(), overrides, deleted }
+        let mut maint: Vec<SocketAddr> =
+            state.overrides.iter().filter(|(_, o)| o.maint == Some(true)).map(|(a, _)| *a).collect();
+        maint.sort_unstable();
+        RuntimeChanges { added: added.into_iter().map(|(_, a, w, t)| (a, w, t)).collect(), overrides, deleted, maint }
     }
 
     /// Makes the changes of a previous process again (a binary upgrade). At most
@@ -240,7 +266,10 @@ impl Membership {
             state.api.insert(*address, (order, *weight, Arc::from(tags.as_slice())));
         }
         for (address, weight, draining) in &changes.overrides {
-            state.overrides.insert(*address, Override { weight: *weight, draining: *draining });
+            state.overrides.insert(*address, Override { weight: *weight, draining: *draining, maint: None });
+        }
+        for address in &changes.maint {
+            state.overrides.entry(*address).or_default().maint = Some(true);
         }
         state.deleted.extend(changes.deleted.iter().copied());
         self.rebuild(&mut state);
@@ -252,9 +281,21 @@ impl Membership {
         &self,
         backends: &[BackendConfig],
         health: Option<HealthConfig>,
+        agent: Option<AgentConfig>,
         drain_timeout: Option<Duration>,
     ) {
         let mut state = self.lock();
+        if state.agent != agent {
+            state.agent = agent;
+            for (_, task) in state.agents.drain() {
+                task.cancel();
+            }
+            state.agent_said.clear();
+            let members: Vec<Arc<Backend>> = self.pool.load().iter().cloned().collect();
+            for backend in members {
+                self.start_agent(&mut state, &backend);
+            }
+        }
         state.static_list = backends.to_vec();
         state.api.clear();
         state.overrides.clear();
@@ -337,7 +378,12 @@ impl Membership {
     /// The backends as `GET /backends` shows them.
     pub fn views(&self) -> Vec<BackendView> {
         let pool = self.pool.load();
-        pool.members().iter().enumerate().map(|(i, m)| BackendView::of(i, m)).collect()
+        let lines = self.agent_lines();
+        pool.members()
+            .iter()
+            .enumerate()
+            .map(|(i, m)| BackendView { agent: lines.get(&m.backend.address).cloned(), ..BackendView::of(i, m) })
+            .collect()
     }
 
     /// Stops every probe (the service is going away).
@@ -391,7 +437,42 @@ impl Membership {
         if let Some(probe) = state.probes.remove(&backend.address) {
             probe.cancel();
         }
+        if let Some(agent) = state.agents.remove(&backend.address) {
+            agent.cancel();
+        }
+        state.agent_said.remove(&backend.address);
         self.metrics.remove_backend(&self.service, &backend.address.to_string());
+    }
+
+    /// What the agent of `address` said: applied over what it said before.
+    pub fn agent_said(&self, address: SocketAddr, line: String, word: AgentWord) {
+        let mut state = self.lock();
+        if !state.agents.contains_key(&address) {
+            return; // the backend left, or the agent check was turned off
+        }
+        let before = state.agent_said.get(&address).map(|(_, w)| w.clone()).unwrap_or_default();
+        let now = word.over(&before);
+        if now != before {
+            tracing::info!(service = %self.service, backend = %address, agent = %line, "agent check: applied");
+        }
+        state.agent_said.insert(address, (line, now.clone()));
+        if now != before {
+            self.rebuild(&mut state);
+        }
+    }
+
+    /// What each backend's agent last said.
+    pub fn agent_lines(&self) -> HashMap<SocketAddr, String> {
+        self.lock().agent_said.iter().map(|(a, (line, _))| (*a, line.clone())).collect()
+    }
+
+    fn start_agent(&self, state: &mut State, backend: &Arc<Backend>) {
+        let Some(config) = state.agent.clone() else { return };
+        let stop = self.background.child_token();
+        if let Some(old) = state.agents.insert(backend.address, stop.clone()) {
+            old.cancel();
+        }
+        agent::spawn_agent(Arc::clone(backend), config, self.service.clone(), self.this.clone(), stop);
     }
 
     fn start_probe(&self, state: &mut State, backend: &Arc<Backend>) {
@@ -458,6 +539,7 @@ impl Membership {
                     let backend =
                         Backend::new(address, &self.service, &self.metrics, state.health.is_some(), &self.cut);
                     self.start_probe(state, &backend);
+                    self.start_agent(state, &backend);
                     self.metrics.membership_change(&self.service, "added");
                     tracing::info!(service = %self.service, backend = %address, ?source, "backend added");
                     backend
@@ -466,9 +548,20 @@ impl Membership {
             if state.removing.remove(&address).is_some() {
                 tracing::info!(service = %self.service, backend = %address, "backend listed again: drain called off");
             }
-            let draining = change.draining.unwrap_or(false);
-            backend.set_admin_state(if draining { BackendState::Draining } else { BackendState::Eligible });
-            members.push(Member { backend, weight: change.weight.unwrap_or(weight), source, tags, removing: false });
+            // The operator's word and the agent's together: either may take a backend out.
+            let said = state.agent_said.get(&address).map(|(_, w)| w.clone()).unwrap_or_default();
+            let weight = said.weight(change.weight.unwrap_or(weight));
+            let maint = change.maint.unwrap_or(false) || said.state == Some(AgentState::Maint);
+            let draining = change.draining.unwrap_or(false) || said.state == Some(AgentState::Drain) || weight == 0;
+            backend.set_maintenance(maint);
+            backend.set_admin_state(if maint || draining {
+                BackendState::Draining
+            } else if said.up == Some(false) {
+                BackendState::Unhealthy
+            } else {
+                BackendState::Eligible
+            });
+            members.push(Member { backend, weight, source, tags, removing: false });
         }
         // Backends no longer listed drain: they stay visible, take no new connection, and
         // leave when their connections are done.
@@ -525,6 +618,7 @@ mod tests {
             "web",
             &[BackendConfig::new(a, 1), BackendConfig::new(b, 1)],
             None,
+            None,
             Some(Duration::from_secs(30)),
             Arc::new(Metrics::new()),
             CancellationToken::new(),
@@ -543,6 +637,33 @@ mod tests {
         tokio::time::sleep(REAP_INTERVAL * 2).await;
         assert!(membership.pool().load().find(a).is_none(), "still there after its last connection");
         assert!(membership.pool().load().find(b).is_some());
+        background.cancel();
+    }
+
+    #[tokio::test]
+    async fn maint_drain_and_weight_zero_take_a_backend_out_and_ready_brings_it_back() {
+        let a: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let background = CancellationToken::new();
+        let membership = Membership::new(
+            "web",
+            &[BackendConfig::new(a, 3)],
+            None,
+            None,
+            None,
+            Arc::new(Metrics::new()),
+            CancellationToken::new(),
+            background.clone(),
+        );
+        let view = || membership.views().remove(0);
+        let patch = |weight, draining, maint| membership.patch(a, Override { weight, draining, maint }).unwrap();
+        patch(None, None, Some(true));
+        assert!(view().maint && view().state == BackendState::Draining);
+        patch(None, Some(false), Some(false));
+        assert!(!view().maint && view().state == BackendState::Eligible);
+        patch(Some(0), None, None);
+        assert_eq!((view().weight, view().state), (0, BackendState::Draining));
+        patch(Some(2), None, None);
+        assert_eq!((view().weight, view().state), (2, BackendState::Eligible));
         background.cancel();
     }
 }

@@ -99,6 +99,8 @@ pub struct Backend {
     last_check: std::sync::Mutex<Option<CheckResult>>,
     /// Wall-clock ms when its health last changed (0: never).
     health_changed_unix_ms: AtomicU64,
+    /// In maintenance (by the operator or its agent): no new connections, no health probes.
+    maint: std::sync::atomic::AtomicBool,
 }
 
 /// What one health probe saw.
@@ -201,6 +203,16 @@ impl Backend {
             self.health_changed_unix_ms.store(crate::clock::unix_ms(), Ordering::Relaxed);
         }
         old != health as u8
+    }
+
+    /// Puts the backend in maintenance, or takes it out (its admin state is set beside).
+    pub fn set_maintenance(&self, maint: bool) {
+        self.maint.store(maint, Ordering::Relaxed);
+    }
+
+    /// True while in maintenance: its health probes pause.
+    pub fn in_maintenance(&self) -> bool {
+        self.maint.load(Ordering::Relaxed)
     }
 
     /// Keeps the last probe's result.
@@ -315,6 +327,7 @@ impl Backend {
             retired: CancellationToken::new(),
             last_check: std::sync::Mutex::new(None),
             health_changed_unix_ms: AtomicU64::new(0),
+            maint: std::sync::atomic::AtomicBool::new(false),
         };
         backend.metrics.healthy.set(i64::from(!checked));
         Arc::new(backend)
@@ -424,6 +437,10 @@ pub struct BackendView {
     pub last_check: Option<CheckResult>,
     /// When the health last changed, wall-clock ms since the Unix epoch.
     pub health_changed_unix_ms: Option<u64>,
+    /// In maintenance: no new connections, health checks paused.
+    pub maint: bool,
+    /// What its agent last said (with an agent check).
+    pub agent: Option<String>,
 }
 
 impl BackendView {
@@ -447,6 +464,8 @@ impl BackendView {
             bytes_to_client: b.metrics.bytes_to_client.get(),
             last_check: b.last_check(),
             health_changed_unix_ms: b.health_changed_unix_ms(),
+            maint: b.in_maintenance(),
+            agent: None,
         }
     }
 }

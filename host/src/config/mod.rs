@@ -1014,6 +1014,11 @@ pub fn parse_addr(setting: &str, text: &str) -> Result<SocketAddr, ConfigError> 
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
     }
+    if let Some((host, port)) = text.rsplit_once(':') {
+        if host.contains(':') && !host.starts_with('[') {
+            return Err(invalid(setting, format!("{text:?}: an IPv6 address needs brackets, as in [{host}]:{port}")));
+        }
+    }
     let mut resolved =
         text.to_socket_addrs().map_err(|e| invalid(setting, format!("{text:?} is not a host:port address ({e})")))?;
     resolved.next().ok_or_else(|| invalid(setting, format!("{text:?} resolves to no address")))
@@ -1027,10 +1032,12 @@ pub fn parse_backend(setting: &str, item: &str) -> Result<BackendConfig, ConfigE
     }
     let (addr_text, weight) = match item.rsplit_once('=') {
         Some((addr, w)) => {
-            let weight =
-                w.trim().parse::<u32>().ok().filter(|w| (1..=10_000).contains(w)).ok_or_else(|| {
-                    invalid(setting, format!("{item:?}: weight must be a whole number from 1 to 10000"))
-                })?;
+            let weight = w.trim().parse::<u32>().ok().filter(|w| *w <= 10_000).ok_or_else(|| {
+                invalid(
+                    setting,
+                    format!("{item:?}: weight must be a whole number from 0 (kept, no new connections) to 10000"),
+                )
+            })?;
             (addr, weight)
         }
         None => (item, 1),

@@ -101,7 +101,8 @@ fn dev_seed_gives_two_local_backends() {
 fn bad_values_name_the_setting() {
     for (list, needle) in [
         ("127.0.0.1:9001,", "empty entry"),
-        ("127.0.0.1:9001=0", "weight"),
+        ("127.0.0.1:9001=10001", "weight"),
+        ("::1:9001", "needs brackets, as in [::1]:9001"),
         ("nonsense", "not a host:port"),
         ("127.0.0.1:9001,127.0.0.1:9001", "listed twice"),
         ("127.0.0.1:0", "port 0"),

@@ -396,22 +396,24 @@ async fn service_route(req: Request<Incoming>, method: &Method, service: &Servic
                 Ok(weight) => weight,
                 Err(reply) => return *reply,
             };
-            let draining = match body.get("state") {
-                None => None,
-                Some(Value::String(s)) if s == "draining" => Some(true),
-                Some(Value::String(s)) if s == "ready" => Some(false),
+            // `ready` ends a drain and a maintenance alike.
+            let (draining, maint) = match body.get("state") {
+                None => (None, None),
+                Some(Value::String(s)) if s == "draining" || s == "drain" => (Some(true), None),
+                Some(Value::String(s)) if s == "maint" => (None, Some(true)),
+                Some(Value::String(s)) if s == "ready" => (Some(false), Some(false)),
                 Some(other) => {
                     return error(
                         StatusCode::BAD_REQUEST,
                         Some("state"),
-                        format!("{other} is not a state: use \"draining\" or \"ready\""),
+                        format!("{other} is not a state: use \"draining\", \"maint\" or \"ready\""),
                     )
                 }
             };
-            if weight.is_none() && draining.is_none() {
+            if weight.is_none() && draining.is_none() && maint.is_none() {
                 return error(StatusCode::BAD_REQUEST, None, "nothing to change: give weight or state");
             }
-            match service.membership.patch(address, Override { weight, draining }) {
+            match service.membership.patch(address, Override { weight, draining, maint }) {
                 Ok(()) => json(&json!({ "changed": address.to_string() })),
                 Err(e) => membership_error(e),
             }
@@ -507,11 +509,11 @@ fn parse_address(value: &Value) -> Result<SocketAddr, Refusal> {
 
 fn parse_weight(value: &Value) -> Result<u32, Refusal> {
     match value.as_u64() {
-        Some(w) if (1..=MAX_WEIGHT).contains(&w) => Ok(w as u32),
+        Some(w) if w <= MAX_WEIGHT => Ok(w as u32),
         _ => Err(refuse(
             StatusCode::BAD_REQUEST,
             Some("weight"),
-            format!("{value} is not a whole number from 1 to {MAX_WEIGHT}"),
+            format!("{value} is not a whole number from 0 (kept, no new connections) to {MAX_WEIGHT}"),
         )),
     }
 }

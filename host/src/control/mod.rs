@@ -263,6 +263,7 @@ impl Control {
             &cfg.name,
             &cfg.backends,
             cfg.health.clone(),
+            cfg.agent.clone(),
             cfg.tunables.drain_timeout(),
             Arc::clone(&self.metrics),
             self.lifecycle.cut_token().clone(),

@@ -40,6 +40,9 @@ pub fn run(args: CtlArgs) -> ExitCode {
         CtlCommand::Drain { service, address } => {
             ("PATCH", format!("/services/{service}/backends/{}", encode(address)), Some(json!({ "state": "draining" })))
         }
+        CtlCommand::Maint { service, address } => {
+            ("PATCH", format!("/services/{service}/backends/{}", encode(address)), Some(json!({ "state": "maint" })))
+        }
         CtlCommand::Ready { service, address } => {
             ("PATCH", format!("/services/{service}/backends/{}", encode(address)), Some(json!({ "state": "ready" })))
         }
