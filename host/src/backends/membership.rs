@@ -67,6 +67,15 @@ impl RuntimeChanges {
     }
 }
 
+/// How a service looks after its backends: its health check, its agent check, and how long a
+/// removed backend's connections may go on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Upkeep {
+    pub health: Option<HealthConfig>,
+    pub agent: Option<AgentConfig>,
+    pub drain_timeout: Option<Duration>,
+}
+
 /// A backend's tags, shared by every pool it is in.
 pub type Tags = Arc<[String]>;
 
@@ -124,9 +133,7 @@ impl Membership {
     pub fn new(
         service: &str,
         backends: &[BackendConfig],
-        health: Option<HealthConfig>,
-        agent: Option<AgentConfig>,
-        drain_timeout: Option<Duration>,
+        upkeep: Upkeep,
         metrics: Arc<Metrics>,
         cut: CancellationToken,
         background: CancellationToken,
@@ -147,11 +154,11 @@ impl Membership {
                 reported_twice: HashSet::new(),
                 removing: HashMap::new(),
                 probes: HashMap::new(),
-                health,
-                agent,
+                health: upkeep.health,
+                agent: upkeep.agent,
                 agents: HashMap::new(),
                 agent_said: HashMap::new(),
-                drain_timeout,
+                drain_timeout: upkeep.drain_timeout,
                 generation: 0,
             }),
             cut,
@@ -277,13 +284,8 @@ impl Membership {
 
     /// Applies a reloaded configuration: its backends replace the static list, and every
     /// change made through the API is dropped (the file is applied again).
-    pub fn reconfigure(
-        &self,
-        backends: &[BackendConfig],
-        health: Option<HealthConfig>,
-        agent: Option<AgentConfig>,
-        drain_timeout: Option<Duration>,
-    ) {
+    pub fn reconfigure(&self, backends: &[BackendConfig], upkeep: Upkeep) {
+        let Upkeep { health, agent, drain_timeout } = upkeep;
         let mut state = self.lock();
         if state.agent != agent {
             state.agent = agent;
@@ -617,9 +619,7 @@ mod tests {
         let membership = Membership::new(
             "web",
             &[BackendConfig::new(a, 1), BackendConfig::new(b, 1)],
-            None,
-            None,
-            Some(Duration::from_secs(30)),
+            Upkeep { drain_timeout: Some(Duration::from_secs(30)), ..Upkeep::default() },
             Arc::new(Metrics::new()),
             CancellationToken::new(),
             background.clone(),
@@ -647,9 +647,7 @@ mod tests {
         let membership = Membership::new(
             "web",
             &[BackendConfig::new(a, 3)],
-            None,
-            None,
-            None,
+            Upkeep::default(),
             Arc::new(Metrics::new()),
             CancellationToken::new(),
             background.clone(),

@@ -262,9 +262,7 @@ impl Control {
         let membership = Membership::new(
             &cfg.name,
             &cfg.backends,
-            cfg.health.clone(),
-            cfg.agent.clone(),
-            cfg.tunables.drain_timeout(),
+            cfg.upkeep(),
             Arc::clone(&self.metrics),
             self.lifecycle.cut_token().clone(),
             background.clone(),
