@@ -6,14 +6,13 @@
 //! the agent, decides whether a backend is down.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::backends::membership::Membership;
 use crate::backends::pool::Backend;
 use crate::config::AgentConfig;
 use crate::proxy::connect::{connect, SocketOptions};
@@ -93,12 +92,13 @@ impl AgentWord {
 }
 
 /// Asks the agent of `backend` every interval until `stop` is cancelled or the backend
-/// retires, and tells `membership` what it says.
+/// retires, and hands each answer (its line and words) to `said`; stops when `said` returns
+/// false (no one listens any more).
 pub fn spawn_agent(
     backend: Arc<Backend>,
     config: AgentConfig,
     service: String,
-    membership: Weak<Membership>,
+    said: impl Fn(String, AgentWord) -> bool + Send + 'static,
     stop: CancellationToken,
 ) {
     let target = SocketAddr::new(config.address.unwrap_or(backend.address.ip()), config.port);
@@ -118,11 +118,12 @@ pub fn spawn_agent(
                 _ = retired.cancelled() => return,
                 answer = ask(target, &config) => answer,
             };
-            let Some(membership) = membership.upgrade() else { return };
             match answer.and_then(|line| AgentWord::parse(&line).map(|word| (line, word))) {
                 Ok((line, word)) => {
                     last_error.clear();
-                    membership.agent_said(backend.address, line.trim().to_string(), word);
+                    if !said(line.trim().to_string(), word) {
+                        return;
+                    }
                 }
                 Err(error) => {
                     if error != last_error {

@@ -16,7 +16,7 @@ use crate::backends::pool::{Backend, BackendPool, BackendState, BackendView, Hea
 use hickory_resolver::TokioResolver;
 
 use crate::backends::agent::{self, AgentState, AgentWord};
-use crate::config::{AgentConfig, BackendConfig, DnsBackend, HealthConfig, MAX_BACKENDS};
+use crate::config::{AgentConfig, BackendConfig, DnsBackend, HealthConfig, ServiceConfig, MAX_BACKENDS};
 use crate::metrics::Metrics;
 use crate::{backends::discovery, backends::health};
 
@@ -74,6 +74,17 @@ pub struct Upkeep {
     pub health: Option<HealthConfig>,
     pub agent: Option<AgentConfig>,
     pub drain_timeout: Option<Duration>,
+}
+
+impl Upkeep {
+    /// What a service's configuration asks for.
+    pub fn of(service: &ServiceConfig) -> Upkeep {
+        Upkeep {
+            health: service.health.clone(),
+            agent: service.agent.clone(),
+            drain_timeout: service.tunables.drain_timeout(),
+        }
+    }
 }
 
 /// A backend's tags, shared by every pool it is in.
@@ -474,7 +485,15 @@ impl Membership {
         if let Some(old) = state.agents.insert(backend.address, stop.clone()) {
             old.cancel();
         }
-        agent::spawn_agent(Arc::clone(backend), config, self.service.clone(), self.this.clone(), stop);
+        let (membership, address) = (self.this.clone(), backend.address);
+        let said = move |line, word| match membership.upgrade() {
+            Some(membership) => {
+                membership.agent_said(address, line, word);
+                true
+            }
+            None => false,
+        };
+        agent::spawn_agent(Arc::clone(backend), config, self.service.clone(), said, stop);
     }
 
     fn start_probe(&self, state: &mut State, backend: &Arc<Backend>) {

@@ -435,17 +435,6 @@ pub struct ServiceConfig {
     pub definition: ServiceDefinition,
 }
 
-impl ServiceConfig {
-    /// How the service looks after its backends.
-    pub fn upkeep(&self) -> crate::backends::membership::Upkeep {
-        crate::backends::membership::Upkeep {
-            health: self.health.clone(),
-            agent: self.agent.clone(),
-            drain_timeout: self.tunables.drain_timeout(),
-        }
-    }
-}
-
 /// The validated, effective configuration.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {

@@ -262,7 +262,7 @@ impl Control {
         let membership = Membership::new(
             &cfg.name,
             &cfg.backends,
-            cfg.upkeep(),
+            crate::backends::membership::Upkeep::of(cfg),
             Arc::clone(&self.metrics),
             self.lifecycle.cut_token().clone(),
             background.clone(),

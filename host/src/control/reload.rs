@@ -185,7 +185,7 @@ impl Control {
                     tracing::warn!(service = %service.name, setting = change.key, "applies to listeners bound from now on: the open ones keep their value");
                 }
             }
-            service.membership.reconfigure(&config.backends, config.upkeep());
+            service.membership.reconfigure(&config.backends, crate::backends::membership::Upkeep::of(&config));
             if old.dns != config.dns || old.tunables.dns_refresh_ms != config.tunables.dns_refresh_ms {
                 service.membership.follow_dns(&config.dns, resolver, config.tunables.dns_refresh());
             }
