@@ -224,7 +224,7 @@ async fn bad_admin_input_gets_a_4xx_naming_the_field_and_changes_nothing() {
         ("POST", post, "{\"address\": \"127.0.0.1:0\"}", 400, Some("address")),
         ("POST", post, "{\"address\": 7}", 400, Some("address")),
         ("POST", post, "{\"weight\": 2}", 400, Some("address")),
-        ("POST", post, "{\"address\": \"127.0.0.1:1\", \"weight\": 0}", 400, Some("weight")),
+        ("POST", post, "{\"address\": \"127.0.0.1:1\", \"weight\": 1.5}", 400, Some("weight")),
         ("POST", post, "{\"address\": \"127.0.0.1:1\", \"weight\": 99999}", 400, Some("weight")),
         ("POST", post, "{\"address\": \"127.0.0.1:1\", \"colour\": 1}", 400, Some("colour")),
         ("POST", post, big.as_str(), 413, None),
