@@ -881,3 +881,115 @@ async fn an_agent_beside_each_backend_drains_weighs_and_downs_it() {
     }
     harbor.stop().await.expect("stop");
 }
+
+/// HAProxy's `maxconn` and `timeout queue`: 3 backends capped at 4 connections each, 40
+/// clients at once. None is refused; no backend ever holds more than 4; the rest wait in the
+/// queues, and the waits are counted. A client that waits past `queue_timeout_ms` is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_past_a_backends_max_connections_wait_in_its_queue() {
+    const CLIENTS: usize = 40;
+    let (b, _stops) = echo_backends(3).await;
+    let capped = |list: &[SocketAddr]| {
+        let items: Vec<String> = list
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!(r#"{{ address = "{a}", max_connections = 4, name = "cap-{i}" }}"#))
+            .collect();
+        format!("[{}]", items.join(", "))
+    };
+    let harbor = TestHarbor::new()
+        .service("default", |s| s.set_toml("backends", &capped(&b)))
+        .service("short", |s| s.set_toml("backends", &capped(&b[..1])).set("queue_timeout_ms", 300))
+        .start()
+        .await;
+    let admin = harbor.admin_addr.unwrap();
+    let go = Arc::new(tokio::sync::Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let go = Arc::clone(&go);
+            let addr = harbor.addr;
+            tokio::spawn(async move {
+                go.wait().await;
+                let (name, mut stream) = connect_and_greet(addr).await;
+                // Hold the slot a while, then a round trip and a close.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let payload = format!("client {i}");
+                stream.write_all(payload.as_bytes()).await.expect("write");
+                stream.shutdown().await.expect("half-close");
+                let mut back = Vec::new();
+                stream.read_to_end(&mut back).await.expect("read");
+                assert_eq!(back, payload.as_bytes(), "client {i} via {name}");
+                name
+            })
+        })
+        .collect();
+    // While they run: no backend holds more than its cap, and some clients queue.
+    let (mut most_active, mut most_queued) = (0, 0);
+    let started = Instant::now();
+    while !clients.iter().all(|c| c.is_finished()) && started.elapsed() < Duration::from_secs(20) {
+        let (_, body) = admin_get(admin, "/backends").await;
+        for view in backends_json(&body) {
+            most_active = most_active.max(view["active"].as_u64().unwrap_or(0));
+            most_queued = most_queued.max(view["queued"].as_u64().unwrap_or(0));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut served = HashSet::new();
+    for client in clients {
+        served.insert(client.await.expect("every client is served"));
+    }
+    assert_eq!(served.len(), 3, "every backend served: {served:?}");
+    assert!(most_active <= 4, "a backend held {most_active} connections, over its cap of 4");
+    assert!(most_queued > 0, "nobody queued");
+    let m = Scrape::fetch(admin).await;
+    assert_eq!(m.sum("harbor_queue_timeouts_total"), 0.0);
+    assert!(m.get("harbor_queue_wait_seconds_count{service=\"default\"}") >= (CLIENTS - 12) as f64);
+    assert!(
+        m.samples.iter().any(|(s, _)| s.contains("harbor_backend_picks_total") && s.contains("name=\"cap-1\"")),
+        "names label the metrics"
+    );
+
+    // The short queue: one backend, one connection held, the next waits 300 ms and is closed.
+    let short = harbor.addr_of("short").unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_and_greet(short).await.1);
+    }
+    let waited = Instant::now();
+    let mut fifth = TcpStream::connect(short).await.expect("connect");
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(STEP, fifth.read(&mut byte)).await.expect("closed in time").unwrap_or(0);
+    assert_eq!(n, 0, "the fifth client is closed, not served");
+    assert!(waited.elapsed() >= Duration::from_millis(250), "closed before its queue timeout: {:?}", waited.elapsed());
+    let m = Scrape::fetch(admin).await;
+    assert_eq!(m.get("harbor_queue_timeouts_total{service=\"short\"}"), 1.0);
+    drop(held);
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_takes_clients_only_while_no_primary_can() {
+    let (b, _stops) = echo_backends(3).await;
+    let pool = format!(r#"["{}", {{ address = "{}", name = "spare", backup = true }}, "{}"]"#, b[0], b[1], b[2]);
+    let harbor = TestHarbor::new().service("default", |s| s.set_toml("backends", &pool)).start().await;
+    let admin = harbor.admin_addr.unwrap();
+    for _ in 0..12 {
+        assert_ne!(connect_and_greet(harbor.addr).await.0, "b1", "the backup took a client while primaries were up");
+    }
+    for primary in [b[0], b[2]] {
+        let path = format!("/services/default/backends/{primary}");
+        assert_eq!(admin_request(admin, "PATCH", &path, Some(r#"{"state":"draining"}"#), None).await.0, 200);
+    }
+    for _ in 0..6 {
+        assert_eq!(connect_and_greet(harbor.addr).await.0, "b1", "the backup serves when no primary can");
+    }
+    let path = format!("/services/default/backends/{}", b[2]);
+    assert_eq!(admin_request(admin, "PATCH", &path, Some(r#"{"state":"ready"}"#), None).await.0, 200);
+    for _ in 0..6 {
+        assert_eq!(connect_and_greet(harbor.addr).await.0, "b2", "back to the primary");
+    }
+    let (_, body) = admin_get(admin, "/backends").await;
+    let spare = backends_json(&body).into_iter().find(|v| v["name"] == "spare").expect("the backup by name");
+    assert_eq!(spare["backup"], true);
+    harbor.stop().await.expect("stop");
+}

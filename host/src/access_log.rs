@@ -34,6 +34,8 @@ pub enum End {
     LocalError,
     /// A trusted source sent no PROXY header, or a bad one.
     BadProxyHeader,
+    /// The chosen backend stayed full for `queue_timeout_ms`.
+    QueueTimeout,
 }
 
 impl End {
@@ -44,6 +46,7 @@ impl End {
             End::NoBackend => "no_backend",
             End::LocalError => "local_error",
             End::BadProxyHeader => "bad_proxy_header",
+            End::QueueTimeout => "queue_timeout",
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct ServiceLabel {
 pub struct BackendLabel {
     pub service: String,
     pub backend: String,
+    /// The backend's configured name, or its address.
+    pub name: String,
 }
 
 /// Direction of relayed bytes, as a label value.
@@ -35,6 +37,7 @@ pub mod direction {
 pub struct BytesLabel {
     pub service: String,
     pub backend: String,
+    pub name: String,
     pub direction: &'static str,
 }
 
@@ -43,6 +46,7 @@ pub struct BytesLabel {
 pub struct ProbeLabel {
     pub service: String,
     pub backend: String,
+    pub name: String,
     pub result: &'static str,
 }
 
@@ -202,6 +206,8 @@ per_service! {
     backends_cooling_down: Gauge = "backends_cooling_down", "Backends in cooldown after connect failures";
     connection_duration: Histogram(connection_duration_histogram) = "connection_duration_seconds", "Lifetime of relayed connections";
     pick_duration: Histogram(pick_duration_histogram) = "pick_duration_seconds", "Time to choose a backend (strategy call included)";
+    queue_timeouts: Counter = "queue_timeouts", "Clients closed after waiting queue_timeout_ms for a slot of a full backend";
+    queue_wait: Histogram(connection_duration_histogram) = "queue_wait_seconds", "Time clients waited for a slot of a full backend";
     proxy_header_errors: Counter = "proxy_header_errors", "Connections from trusted sources closed for a missing or bad PROXY protocol header";
 }
 
@@ -248,6 +254,7 @@ metrics! {
     backend_dial_failures: Family<BackendLabel, Counter> => "backend_dial_failures", "Failed connects per backend";
     backend_active: Family<BackendLabel, Gauge> => "backend_active_connections", "Connections relayed to each backend now";
     backend_bytes: Family<BytesLabel, Counter> => "backend_bytes", "Bytes relayed per backend and direction";
+    backend_queued: Family<BackendLabel, Gauge> => "backend_queue_depth", "Clients waiting for a slot of a backend at its max_connections";
     backend_healthy: Family<BackendLabel, Gauge> => "backend_healthy", "1 if the backend passes its health check (or the service has none), 0 if not";
     health_transitions: Family<BackendLabel, Counter> => "backend_health_transitions", "Times a backend's health check state flipped";
     probes: Family<ProbeLabel, Counter> => "health_probes", "Health probes by result (ok, failed)";
@@ -367,33 +374,45 @@ impl Metrics {
     }
 
     /// Resolves one backend's probe handles, once per probe task.
-    pub fn probe_handles(&self, service: &str, backend: &str) -> ProbeMetrics {
-        let result = |result| ProbeLabel { service: service.to_string(), backend: backend.to_string(), result };
+    pub fn probe_handles(&self, service: &str, backend: &str, name: &str) -> ProbeMetrics {
+        let result = |result| ProbeLabel {
+            service: service.to_string(),
+            backend: backend.to_string(),
+            name: name.to_string(),
+            result,
+        };
         let ok = self.probes.get_or_create(&result("ok")).clone();
         let failed = self.probes.get_or_create(&result("failed")).clone();
-        let label = BackendLabel { service: service.to_string(), backend: backend.to_string() };
+        let label = BackendLabel { service: service.to_string(), backend: backend.to_string(), name: name.to_string() };
         let duration = self.probe_duration.get_or_create(&label).clone();
         ProbeMetrics { ok, failed, duration }
     }
 
     /// Drops every series of a backend that left its service, so `/metrics` no longer shows it.
-    pub fn remove_backend(&self, service: &str, backend: &str) {
-        let label = BackendLabel { service: service.to_string(), backend: backend.to_string() };
+    pub fn remove_backend(&self, service: &str, backend: &str, name: &str) {
+        let label = BackendLabel { service: service.to_string(), backend: backend.to_string(), name: name.to_string() };
         self.backend_picks.remove(&label);
         self.backend_dial_failures.remove(&label);
         self.backend_active.remove(&label);
         self.backend_healthy.remove(&label);
+        self.backend_queued.remove(&label);
         self.health_transitions.remove(&label);
         self.probe_duration.remove(&label);
         for direction in [direction::TO_BACKEND, direction::TO_CLIENT] {
             self.backend_bytes.remove(&BytesLabel {
                 service: service.to_string(),
                 backend: backend.to_string(),
+                name: name.to_string(),
                 direction,
             });
         }
         for result in ["ok", "failed"] {
-            self.probes.remove(&ProbeLabel { service: service.to_string(), backend: backend.to_string(), result });
+            self.probes.remove(&ProbeLabel {
+                service: service.to_string(),
+                backend: backend.to_string(),
+                name: name.to_string(),
+                result,
+            });
         }
     }
 
@@ -462,6 +481,7 @@ impl ProbeMetrics {
 #[derive(Debug, Clone, Default)]
 pub struct BackendMetrics {
     pub picks: Counter,
+    pub queued: Gauge,
     pub dial_failures: Counter,
     pub active: Gauge,
     pub bytes_to_backend: Counter,
@@ -472,11 +492,12 @@ pub struct BackendMetrics {
 
 impl BackendMetrics {
     /// Resolves the label sets of one backend of a service once.
-    pub fn register(metrics: &Metrics, service: &str, backend: &str) -> Self {
-        let label = BackendLabel { service: service.to_string(), backend: backend.to_string() };
+    pub fn register(metrics: &Metrics, service: &str, backend: &str, name: &str) -> Self {
+        let label = BackendLabel { service: service.to_string(), backend: backend.to_string(), name: name.to_string() };
         let bytes = |direction: &'static str| BytesLabel {
             service: service.to_string(),
             backend: backend.to_string(),
+            name: name.to_string(),
             direction,
         };
         let picks = metrics.backend_picks.get_or_create(&label).clone();
@@ -486,7 +507,17 @@ impl BackendMetrics {
         let bytes_to_client = metrics.backend_bytes.get_or_create(&bytes(direction::TO_CLIENT)).clone();
         let healthy = metrics.backend_healthy.get_or_create(&label).clone();
         let health_transitions = metrics.health_transitions.get_or_create(&label).clone();
-        BackendMetrics { picks, dial_failures, active, bytes_to_backend, bytes_to_client, healthy, health_transitions }
+        let queued = metrics.backend_queued.get_or_create(&label).clone();
+        BackendMetrics {
+            picks,
+            queued,
+            dial_failures,
+            active,
+            bytes_to_backend,
+            bytes_to_client,
+            healthy,
+            health_transitions,
+        }
     }
 }
 

@@ -35,7 +35,7 @@ pub fn spawn_probe(
         }
     };
     tokio::spawn(async move {
-        let handles = metrics.probe_handles(&service, &backend.address.to_string());
+        let handles = metrics.probe_handles(&service, &backend.address.to_string(), &backend.label);
         let retired = backend.retired.clone();
         let first = FIRST_PROBE_WITHIN.min(check.interval()).mul_f64(rand::rng().random::<f64>());
         tokio::select! {
@@ -140,7 +140,7 @@ mod tests {
         let check: HealthConfig =
             toml::from_str("kind = \"tcp\"\ninterval_ms = 10000\ntimeout_ms = 1000\nrise = 2\nfall = 3\n").unwrap();
         let metrics = Arc::new(Metrics::new());
-        let backend = Backend::new(address, "web", &metrics, true, &CancellationToken::new());
+        let backend = Backend::new(address, "web", "web-1", &metrics, true, &CancellationToken::new());
         let stop = CancellationToken::new();
         spawn_probe(Arc::clone(&backend), check, "web".into(), Arc::clone(&metrics), stop.clone());
         assert_eq!(backend.health(), Health::Pending);

@@ -454,7 +454,7 @@ impl Membership {
             agent.cancel();
         }
         state.agent_said.remove(&backend.address);
-        self.metrics.remove_backend(&self.service, &backend.address.to_string());
+        self.metrics.remove_backend(&self.service, &backend.address.to_string(), &backend.label);
     }
 
     /// What the agent of `address` said: applied over what it said before.
@@ -511,11 +511,11 @@ impl Membership {
         let live: HashMap<SocketAddr, &Member> = current.members().iter().map(|m| (m.backend.address, m)).collect();
 
         // Sources in order of precedence; a later listing of an address is a duplicate.
-        let mut listed: Vec<(SocketAddr, u32, Source, Tags)> = Vec::new();
+        let mut listed: Vec<(BackendConfig, Source)> = Vec::new();
         let mut seen = HashSet::new();
         for b in &state.static_list {
             if !state.deleted.contains(&b.address) && seen.insert(b.address) {
-                listed.push((b.address, b.weight, Source::Static, Arc::clone(&b.tags)));
+                listed.push((b.clone(), Source::Static));
             }
         }
         let untagged: Tags = Arc::from([]);
@@ -527,7 +527,8 @@ impl Membership {
                     continue;
                 }
                 if seen.insert(*address) {
-                    listed.push((*address, *weight, Source::Dns, Arc::clone(tags)));
+                    let backend = BackendConfig { tags: Arc::clone(tags), ..BackendConfig::new(*address, *weight) };
+                    listed.push((backend, Source::Dns));
                 } else {
                     twice.push(*address);
                 }
@@ -537,7 +538,8 @@ impl Membership {
         api.sort_by_key(|(_, (order, _, _))| *order);
         for (address, (_, weight, tags)) in api {
             if seen.insert(*address) {
-                listed.push((*address, *weight, Source::Api, Arc::clone(tags)));
+                let backend = BackendConfig { tags: Arc::clone(tags), ..BackendConfig::new(*address, *weight) };
+                listed.push((backend, Source::Api));
             } else {
                 twice.push(*address);
             }
@@ -552,13 +554,20 @@ impl Membership {
         state.reported_twice = twice.into_iter().collect();
 
         let mut members = Vec::with_capacity(listed.len() + state.removing.len());
-        for (address, weight, source, tags) in listed {
+        for (listing, source) in listed {
+            let (address, weight) = (listing.address, listing.weight);
             let change = state.overrides.get(&address).copied().unwrap_or_default();
             let backend = match live.get(&address) {
                 Some(member) => Arc::clone(&member.backend),
                 None => {
-                    let backend =
-                        Backend::new(address, &self.service, &self.metrics, state.health.is_some(), &self.cut);
+                    let backend = Backend::new(
+                        address,
+                        &self.service,
+                        &listing.label(),
+                        &self.metrics,
+                        state.health.is_some(),
+                        &self.cut,
+                    );
                     self.start_probe(state, &backend);
                     self.start_agent(state, &backend);
                     self.metrics.membership_change(&self.service, "added");
@@ -582,7 +591,16 @@ impl Membership {
             } else {
                 BackendState::Eligible
             });
-            members.push(Member { backend, weight, source, tags, removing: false });
+            backend.set_max_connections(listing.max_connections);
+            members.push(Member {
+                backend,
+                weight,
+                source,
+                tags: listing.tags,
+                name: listing.name.map(Arc::from),
+                backup: listing.backup,
+                removing: false,
+            });
         }
         // Backends no longer listed drain: they stay visible, take no new connection, and
         // leave when their connections are done.
@@ -616,6 +634,8 @@ impl Membership {
                     && a.removing == b.removing
                     && a.source == b.source
                     && a.tags == b.tags
+                    && a.name == b.name
+                    && a.backup == b.backup
             });
         if unchanged {
             return;

@@ -77,6 +77,14 @@ impl Health {
 #[derive(Debug)]
 pub struct Backend {
     pub address: SocketAddr,
+    /// Its name in metrics and logs: the configured name, or the address.
+    pub label: Arc<str>,
+    /// Its connection cap (`max_connections`), when it has one: a client waits for a slot.
+    slots: arc_swap::ArcSwapOption<tokio::sync::Semaphore>,
+    /// The cap the slots were sized for (0: none).
+    cap: AtomicU32,
+    /// Clients waiting for a slot now.
+    queued: AtomicU32,
     /// Operator-set state: `Healthy`, `Draining` or `Unhealthy` (never `CoolingDown`).
     admin_state: AtomicU8,
     health: AtomicU8,
@@ -128,6 +136,19 @@ impl CheckResult {
         }
     }
 }
+/// Keeps a client counted in a backend's queue while it waits.
+#[derive(Debug)]
+pub struct QueueGuard {
+    backend: Arc<Backend>,
+}
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        self.backend.queued.fetch_sub(1, Ordering::Relaxed);
+        self.backend.metrics.queued.dec();
+    }
+}
+
 /// Keeps a backend's active-connection count raised while it lives, so the count can never
 /// be left behind or go negative, whatever happens to the connection or the pool.
 #[derive(Debug)]
@@ -203,6 +224,54 @@ impl Backend {
             self.health_changed_unix_ms.store(crate::clock::unix_ms(), Ordering::Relaxed);
         }
         old != health as u8
+    }
+
+    /// Sets its connection cap (`None`: none). Connections already open keep going; a lower
+    /// cap takes effect as they end.
+    pub fn set_max_connections(&self, cap: Option<u32>) {
+        let cap = cap.unwrap_or(0);
+        let was = self.cap.swap(cap, Ordering::Relaxed);
+        if was == cap {
+            return;
+        }
+        match (self.slots.load_full(), cap) {
+            (_, 0) => self.slots.store(None),
+            (Some(slots), _) if was > 0 && cap > was => slots.add_permits((cap - was) as usize),
+            (Some(slots), _) if was > 0 => {
+                slots.forget_permits((was - cap) as usize);
+            }
+            _ => {
+                let free = cap.saturating_sub(self.active()) as usize;
+                self.slots.store(Some(Arc::new(tokio::sync::Semaphore::new(free))));
+            }
+        }
+    }
+
+    /// Its connection cap, if any.
+    pub fn max_connections(&self) -> Option<u32> {
+        Some(self.cap.load(Ordering::Relaxed)).filter(|c| *c > 0)
+    }
+
+    /// A slot for one more connection: `Ok(None)` without a cap, `Ok(Some(slot))` if one is
+    /// free, `Err(slots)` if the backend is full (wait on them, in its queue).
+    pub fn try_slot(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Arc<tokio::sync::Semaphore>> {
+        let Some(slots) = self.slots.load_full() else { return Ok(None) };
+        match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => Ok(Some(slot)),
+            Err(_) => Err(slots),
+        }
+    }
+
+    /// Clients waiting in its queue now.
+    pub fn queued(&self) -> u32 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Counts a client into the queue while the guard lives.
+    pub fn enter_queue(self: &Arc<Self>) -> QueueGuard {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.metrics.queued.inc();
+        QueueGuard { backend: Arc::clone(self) }
     }
 
     /// Puts the backend in maintenance, or takes it out (its admin state is set beside).
@@ -308,12 +377,17 @@ impl Backend {
     pub fn new(
         address: SocketAddr,
         service: &str,
+        label: &str,
         metrics: &Metrics,
         checked: bool,
         cut: &CancellationToken,
     ) -> Arc<Backend> {
         let backend = Backend {
             address,
+            label: Arc::from(label),
+            slots: arc_swap::ArcSwapOption::empty(),
+            cap: AtomicU32::new(0),
+            queued: AtomicU32::new(0),
             admin_state: AtomicU8::new(BackendState::Eligible as u8),
             health: AtomicU8::new(if checked { Health::Pending } else { Health::Unchecked } as u8),
             active: AtomicU32::new(0),
@@ -321,7 +395,7 @@ impl Backend {
             failures_in_row: AtomicU32::new(0),
             connect_latency_micros: AtomicU32::new(0),
             healthy_since_ms: AtomicU64::new(0),
-            metrics: BackendMetrics::register(metrics, service, &address.to_string()),
+            metrics: BackendMetrics::register(metrics, service, &address.to_string(), label),
             clock: Instant::now(),
             cut: cut.child_token(),
             retired: CancellationToken::new(),
@@ -343,6 +417,10 @@ pub struct Member {
     pub source: Source,
     /// The operator's tags, in the order given.
     pub tags: Arc<[String]>,
+    /// The operator's name for it, if any.
+    pub name: Option<Arc<str>>,
+    /// Takes clients only while no primary backend is eligible.
+    pub backup: bool,
     /// True while the backend is being removed: it takes no new connection, and leaves the
     /// pool once its connections are done.
     pub removing: bool,
@@ -354,11 +432,21 @@ pub struct Member {
 pub struct BackendPool {
     members: Vec<Member>,
     generation: u64,
+    /// `backup` of each member, or empty when none is a backup.
+    backups: Vec<bool>,
 }
 
 impl BackendPool {
     pub fn from_members(members: Vec<Member>, generation: u64) -> Self {
-        BackendPool { members, generation }
+        let backups =
+            if members.iter().any(|m| m.backup) { members.iter().map(|m| m.backup).collect() } else { Vec::new() };
+        BackendPool { members, generation, backups }
+    }
+
+    /// Which backends are backups, by index; empty when none is (the common case costs one
+    /// check per pick).
+    pub fn backup_flags(&self) -> &[bool] {
+        &self.backups
     }
 
     /// A pool of new backends (tests and tools).
@@ -366,14 +454,16 @@ impl BackendPool {
         let members = configs
             .iter()
             .map(|c| Member {
-                backend: Backend::new(c.address, "default", metrics, false, &CancellationToken::new()),
+                backend: Backend::new(c.address, "default", &c.label(), metrics, false, &CancellationToken::new()),
                 weight: c.weight.max(1),
                 source: Source::Static,
                 tags: Arc::clone(&c.tags),
+                name: c.name.as_deref().map(Arc::from),
+                backup: c.backup,
                 removing: false,
             })
             .collect();
-        BackendPool { members, generation }
+        BackendPool::from_members(members, generation)
     }
 
     pub fn generation(&self) -> u64 {
@@ -420,6 +510,12 @@ impl BackendPool {
 pub struct BackendView {
     pub index: usize,
     pub address: String,
+    /// The operator's name, if any.
+    pub name: Option<String>,
+    pub backup: bool,
+    /// Its connection cap, and the clients waiting for a slot now.
+    pub max_connections: Option<u32>,
+    pub queued: u32,
     pub weight: u32,
     pub source: Source,
     pub tags: Vec<String>,
@@ -449,6 +545,10 @@ impl BackendView {
         BackendView {
             index,
             address: b.address.to_string(),
+            name: m.name.as_deref().map(str::to_string),
+            backup: m.backup,
+            max_connections: b.max_connections(),
+            queued: b.queued(),
             weight: m.weight,
             source: m.source,
             tags: m.tags.to_vec(),

@@ -152,6 +152,8 @@ settings! {
     connect_attempts: u64 = 2, env "HARBOR_CONNECT_ATTEMPTS", range 1..=16, reload NewConnections;
     /// Most client connections at once; more are closed at accept and counted.
     max_connections: u64 = 1024, env "HARBOR_MAX_CONNECTIONS", legacy "LB_MAX_INFLIGHT", range 1..=1_000_000, reload Live;
+    /// How long a client whose chosen backend is at its max_connections waits for a slot, in ms; then it is closed (HAProxy's timeout queue).
+    queue_timeout_ms: u64 = 5000, env "HARBOR_QUEUE_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
     /// Most connections at once from one client address (IPv6: one prefix); 0 for no limit.
     max_connections_per_source: u64 = 0, env "HARBOR_MAX_CONNECTIONS_PER_SOURCE", range 0..=1_000_000, reload Live;
     /// IPv6 clients are counted per prefix of this length by max-connections-per-source.
@@ -192,6 +194,9 @@ impl Tunables {
     }
     pub fn strategy_memory_bytes(&self) -> usize {
         (self.strategy_memory_mb as usize) << 20
+    }
+    pub fn queue_timeout(&self) -> Duration {
+        Duration::from_millis(self.queue_timeout_ms)
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
@@ -352,13 +357,49 @@ pub struct BackendConfig {
     /// The operator's tags (`tags = ["eu-west", "canary"]`), shown to 0.2 strategies.
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub tags: std::sync::Arc<[String]>,
+    /// The operator's name for it (`name = "pg-a"`): in metrics, logs, `ctl` and the page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Takes clients only while no other (primary) backend of the service is eligible.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub backup: bool,
+    /// Most connections at once to it; a client whose pick is full waits in its queue up to
+    /// `queue_timeout_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 impl BackendConfig {
-    /// An untagged backend.
+    /// An untagged, unnamed, uncapped primary backend.
     pub fn new(address: SocketAddr, weight: u32) -> BackendConfig {
-        BackendConfig { address, weight, tags: std::sync::Arc::from([]) }
+        BackendConfig {
+            address,
+            weight,
+            tags: std::sync::Arc::from([]),
+            name: None,
+            backup: false,
+            max_connections: None,
+        }
     }
+
+    /// Its name, or its address when it has none.
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.address.to_string())
+    }
+}
+
+/// Most connections one backend's `max_connections` may allow.
+pub const MAX_BACKEND_CONNECTIONS: u32 = 1_000_000;
+
+/// Checks a backend's name: 1 to 64 of `A-Z a-z 0-9 - _ .`. One rule for the file and the API.
+pub fn check_backend_name(setting: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(invalid(setting, format!("{name:?} is not a backend name: 1-64 of A-Z a-z 0-9 - _ .")));
+    }
+    Ok(())
 }
 
 /// Most tags a backend may carry.
@@ -919,9 +960,23 @@ fn service_config(
     for spec in &specs {
         match spec {
             BackendSpec::Address(text) => backends.push(parse_backend(backends_setting, text)?),
-            BackendSpec::Weighted(WeightedSpec { address, weight, tags }) => {
+            BackendSpec::Weighted(WeightedSpec { address, weight, tags, name, backup, max_connections }) => {
                 let mut backend = parse_backend(backends_setting, &format!("{address}={weight}"))?;
                 backend.tags = check_tags(backends_setting, tags)?;
+                if let Some(name) = name {
+                    check_backend_name(backends_setting, name)?;
+                }
+                if let Some(max) = max_connections {
+                    if !(1..=MAX_BACKEND_CONNECTIONS).contains(max) {
+                        return Err(invalid(
+                            backends_setting,
+                            format!("{address}: max_connections must be from 1 to {MAX_BACKEND_CONNECTIONS}"),
+                        ));
+                    }
+                }
+                backend.name = name.clone();
+                backend.backup = *backup;
+                backend.max_connections = *max_connections;
                 backends.push(backend)
             }
             BackendSpec::Dns(DnsSpec { dns: text, weight, tags }) => {
@@ -950,9 +1005,15 @@ fn service_config(
         }
     }
     let mut seen = HashSet::new();
+    let mut names = HashSet::new();
     for b in &backends {
         if !seen.insert(b.address) {
             return Err(invalid(backends_setting, format!("{} is listed twice", b.address)));
+        }
+        if let Some(name) = &b.name {
+            if !names.insert(name.as_str()) {
+                return Err(invalid(backends_setting, format!("the name {name:?} is given twice")));
+            }
         }
     }
     if let Some(path) = &definition.strategy {

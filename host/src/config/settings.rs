@@ -380,7 +380,7 @@ impl<'de> Deserialize<'de> for BackendSpec {
         }
         Ok(match Any::deserialize(d).map_err(|_| {
             serde::de::Error::custom(
-                "each backend is \"host:port\", { address = \"host:port\", weight = N, tags = [...] }, { dns = \"name:port\", weight = N } or { srv = \"_service._tcp.name\" }",
+                "each backend is \"host:port\", { address = \"host:port\", weight = N, tags = [...], name = \"...\", backup = true, max_connections = N }, { dns = \"name:port\", weight = N } or { srv = \"_service._tcp.name\" }",
             )
         })? {
             Any::Address(a) => BackendSpec::Address(a),
@@ -401,6 +401,15 @@ pub struct WeightedSpec {
     /// `tags = ["eu-west", "canary"]`, shown to 0.2 strategies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// `name = "pg-a"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `backup = true`: only while no primary backend is eligible.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backup: bool,
+    /// `max_connections = 100`: a queue holds clients past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 /// `{ dns = "name:port", weight = 1 }`.

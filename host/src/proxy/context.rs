@@ -20,6 +20,8 @@ use crate::strategy::StrategyHost;
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     pub connect_timeout: Duration,
+    /// How long a client waits for a slot of a full backend.
+    pub queue_timeout: Duration,
     pub connect_attempts: u32,
     pub cooldown: Duration,
     pub max_cooldown: Duration,
@@ -69,6 +71,7 @@ impl ConnectionLimits {
     pub fn from_tunables(t: &Tunables) -> Self {
         ConnectionLimits {
             connect_timeout: t.connect_timeout(),
+            queue_timeout: t.queue_timeout(),
             connect_attempts: t.connect_attempts as u32,
             cooldown: t.cooldown(),
             max_cooldown: t.max_cooldown(),

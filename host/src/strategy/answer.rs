@@ -60,6 +60,16 @@ impl Snapshot {
         self.stride.max(STATS_STRIDE)
     }
 
+    /// Shows an eligible backend as draining for this pick (a backup while a primary is
+    /// eligible).
+    pub fn hold_back(&mut self, index: usize) {
+        let at = index * self.stride() + 1;
+        if self.flat.get(at) == Some(&(BackendState::Eligible as u32)) {
+            self.flat[at] = BackendState::Draining as u32;
+            self.eligible -= 1;
+        }
+    }
+
     /// Backends in the snapshot.
     pub fn len(&self) -> usize {
         self.flat.len() / self.stride()

@@ -740,7 +740,8 @@ impl Drop for LoadingGuard<'_> {
 }
 
 /// Writes every backend's numbers into `snapshot`, laid out for `world`. Backends already
-/// tried for this connection are shown as cooling down.
+/// tried for this connection are shown as cooling down, and backups as draining while a
+/// primary backend is eligible.
 pub fn fill_snapshot(snapshot: &mut Snapshot, req: &PickRequest<'_>, world: World) {
     fill(snapshot, req, world, Backend::state);
     if snapshot.eligible() == 0
@@ -749,6 +750,16 @@ pub fn fill_snapshot(snapshot: &mut Snapshot, req: &PickRequest<'_>, world: Worl
     {
         // Every backend fails its check: panic mode sends traffic anyway.
         fill(snapshot, req, world, Backend::state_ignoring_checks);
+    }
+    let backups = req.pool.backup_flags();
+    if !backups.is_empty() {
+        let primary_eligible =
+            backups.iter().enumerate().any(|(i, backup)| !backup && snapshot.state(i) == Some(BackendState::Eligible));
+        if primary_eligible {
+            for (i, _) in backups.iter().enumerate().filter(|(_, backup)| **backup) {
+                snapshot.hold_back(i);
+            }
+        }
     }
 }
 

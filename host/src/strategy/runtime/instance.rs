@@ -199,7 +199,13 @@ impl Instance {
             .map(|m| BackendFacts {
                 address: m.backend.address.to_string(),
                 weight: m.weight,
-                tags: std::sync::Arc::clone(&m.tags),
+                // A backup carries the tag `backup` (the host also holds it back while a
+                // primary is eligible).
+                tags: if m.backup && !m.tags.iter().any(|t| t == "backup") {
+                    m.tags.iter().cloned().chain(["backup".to_string()]).collect()
+                } else {
+                    std::sync::Arc::clone(&m.tags)
+                },
                 source: m.source,
             })
             .collect();
