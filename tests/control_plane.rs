@@ -991,5 +991,11 @@ async fn a_backup_takes_clients_only_while_no_primary_can() {
     let (_, body) = admin_get(admin, "/backends").await;
     let spare = backends_json(&body).into_iter().find(|v| v["name"] == "spare").expect("the backup by name");
     assert_eq!(spare["backup"], true);
+    // The API (and so `ctl`) finds a backend by its name too.
+    let by_name = "/services/default/backends/spare";
+    assert_eq!(admin_request(admin, "PATCH", by_name, Some(r#"{"state":"maint"}"#), None).await.0, 200);
+    let (_, body) = admin_get(admin, "/backends").await;
+    let spare = backends_json(&body).into_iter().find(|v| v["name"] == "spare").expect("the backup by name");
+    assert_eq!(spare["maint"], true);
     harbor.stop().await.expect("stop");
 }

@@ -381,7 +381,7 @@ async fn service_route(req: Request<Incoming>, method: &Method, service: &Servic
             }
         }
         ("PATCH", ["backends", address]) => {
-            let address = match parse_address(&Value::String(percent_decode(address))) {
+            let address = match backend_address(&service, &percent_decode(address)) {
                 Ok(address) => address,
                 Err(reply) => return *reply,
             };
@@ -419,7 +419,7 @@ async fn service_route(req: Request<Incoming>, method: &Method, service: &Servic
             }
         }
         ("DELETE", ["backends", address]) => {
-            let address = match parse_address(&Value::String(percent_decode(address))) {
+            let address = match backend_address(&service, &percent_decode(address)) {
                 Ok(address) => address,
                 Err(reply) => return *reply,
             };
@@ -494,6 +494,18 @@ fn only_fields(body: &serde_json::Map<String, Value>, allowed: &[&str]) -> Resul
         Some(key) => {
             Err(refuse(StatusCode::BAD_REQUEST, Some(key), format!("unknown field: expected one of {allowed:?}")))
         }
+    }
+}
+
+/// A backend of `service` named in a path: by its `ip:port`, or by its name.
+fn backend_address(service: &Service, text: &str) -> Result<SocketAddr, Refusal> {
+    if let Ok(address) = text.trim().parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    let pool = service.membership.pool().load_full();
+    match pool.members().iter().find(|m| m.name.as_deref() == Some(text)) {
+        Some(member) => Ok(member.backend.address),
+        None => parse_address(&Value::String(text.to_string())),
     }
 }
 

@@ -89,13 +89,15 @@ pub fn run(args: CtlArgs) -> ExitCode {
         print_value(
             &Value::Array(all),
             args.json,
-            &["service", "address", "weight", "source", "state", "health", "active"],
+            &["service", "name", "address", "weight", "state", "health", "active", "queued", "last_check"],
         );
         return ExitCode::SUCCESS;
     }
     let columns: &[&str] = match &args.command {
         CtlCommand::Services => &["name", "listen", "backends", "eligible", "active_connections", "strategy"],
-        CtlCommand::Backends { .. } => &["address", "weight", "source", "state", "health", "active", "picks"],
+        CtlCommand::Backends { .. } => {
+            &["name", "address", "weight", "source", "state", "health", "active", "queued", "picks", "last_check"]
+        }
         _ => &[],
     };
     print_value(&value, args.json, columns);
@@ -228,6 +230,11 @@ fn cell(value: Option<&Value>) -> String {
         None | Some(Value::Null) => "-".into(),
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(items)) => items.iter().map(|i| cell(Some(i))).collect::<Vec<_>>().join(","),
+        // A health check's result: what it saw, and how long it took.
+        Some(Value::Object(check)) if check.contains_key("detail") => {
+            let took = check.get("took_micros").and_then(Value::as_u64).unwrap_or(0);
+            format!("{} ({:.1} ms)", cell(check.get("detail")), took as f64 / 1000.0)
+        }
         Some(other) => other.to_string(),
     }
 }
