@@ -381,7 +381,7 @@ async fn service_route(req: Request<Incoming>, method: &Method, service: &Servic
             }
         }
         ("PATCH", ["backends", address]) => {
-            let address = match backend_address(&service, &percent_decode(address)) {
+            let address = match backend_address(service, &percent_decode(address)) {
                 Ok(address) => address,
                 Err(reply) => return *reply,
             };
@@ -419,7 +419,7 @@ async fn service_route(req: Request<Incoming>, method: &Method, service: &Servic
             }
         }
         ("DELETE", ["backends", address]) => {
-            let address = match backend_address(&service, &percent_decode(address)) {
+            let address = match backend_address(service, &percent_decode(address)) {
                 Ok(address) => address,
                 Err(reply) => return *reply,
             };
