@@ -999,3 +999,30 @@ async fn a_backup_takes_clients_only_while_no_primary_can() {
     assert_eq!(spare["maint"], true);
     harbor.stop().await.expect("stop");
 }
+
+/// A declared body over the limit is refused at once, and a body that never comes ends in
+/// 408: neither holds an admin connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_a_huge_declared_body_at_once_and_bounds_a_slow_one() {
+    let (b, _stops) = echo_backends(1).await;
+    let harbor = TestHarbor::new().service("default", |s| s.backends(&b)).start().await;
+    let admin = harbor.admin_addr.unwrap();
+    let ask = |length: &'static str| async move {
+        let mut stream = TcpStream::connect(admin).await.expect("connect");
+        let head = format!(
+            "POST /services/default/backends HTTP/1.1\r\nHost: harbor\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{"
+        );
+        stream.write_all(head.as_bytes()).await.expect("write");
+        let started = Instant::now();
+        let mut answer = vec![0u8; 12];
+        tokio::time::timeout(STEP, stream.read_exact(&mut answer)).await.expect("an answer in time").expect("read");
+        (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+    };
+    let (status, took) = ask("1000000000000").await;
+    assert_eq!(status, "HTTP/1.1 413");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let (status, took) = ask("100").await;
+    assert_eq!(status, "HTTP/1.1 408");
+    assert!(took >= Duration::from_secs(4), "{took:?}");
+    harbor.stop().await.expect("stop");
+}

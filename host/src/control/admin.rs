@@ -34,6 +34,8 @@ pub const HEADER_DEADLINE: Duration = Duration::from_secs(2);
 pub const MAX_ADMIN_LIFETIME: Duration = Duration::from_secs(60);
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 << 10;
+/// How long a request's body may take to arrive.
+pub const BODY_DEADLINE: Duration = Duration::from_secs(5);
 /// Heaviest weight the API accepts (as in the configuration).
 pub const MAX_WEIGHT: u64 = 10_000;
 
@@ -470,14 +472,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Reads a JSON object body of at most [`MAX_BODY`] bytes.
+/// A declared length over the limit is refused before a byte of it is read, and the whole body
+/// must come within [`BODY_DEADLINE`].
 async fn read_json(req: Request<Incoming>) -> Result<serde_json::Map<String, Value>, Refusal> {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
+    use hyper::body::Body as _;
+    let too_large =
+        || refuse(StatusCode::PAYLOAD_TOO_LARGE, None, format!("the body is over {MAX_BODY} bytes (or broken)"));
+    let body = req.into_body();
+    if body.size_hint().lower() > MAX_BODY as u64 {
+        return Err(too_large());
+    }
+    let body = match tokio::time::timeout(BODY_DEADLINE, Limited::new(body, MAX_BODY).collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(_)) => return Err(too_large()),
         Err(_) => {
             return Err(refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
+                StatusCode::REQUEST_TIMEOUT,
                 None,
-                format!("the body is over {MAX_BODY} bytes (or broken)"),
+                format!("the body did not arrive within {BODY_DEADLINE:?}"),
             ))
         }
     };
