@@ -13,6 +13,20 @@ async fn shadow_of(admin: std::net::SocketAddr) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// The shadow's status once `done` holds for it: it answers on its own thread, after the
+/// connections it sampled were placed.
+async fn shadow_when(admin: std::net::SocketAddr, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + common::STEP;
+    loop {
+        let shadow = shadow_of(admin).await;
+        if done(&shadow) {
+            return shadow;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the shadow never got there: {shadow}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadows_are_compared_never_used_and_promoted_with_one_call() {
     let (b, _stops) = echo_backends(3).await;
@@ -28,8 +42,7 @@ async fn shadows_are_compared_never_used_and_promoted_with_one_call() {
     for _ in 0..200 {
         echo_roundtrip(harbor.addr, b"same").await;
     }
-    let shadow = shadow_of(admin).await;
-    assert_eq!(shadow["picks"], 200, "{shadow}");
+    let shadow = shadow_when(admin, |s| s["picks"] == 200).await;
     assert_eq!(shadow["agreement"], 1.0, "{shadow}");
     let m = Scrape::fetch(admin).await;
     assert_eq!(m.get("harbor_shadow_agreed"), 200.0);
@@ -50,8 +63,8 @@ async fn shadows_are_compared_never_used_and_promoted_with_one_call() {
     for _ in 0..100 {
         assert_eq!(echo_roundtrip(harbor.addr, b"other").await, "b0", "the shadow's answer was used");
     }
-    let shadow = shadow_of(admin).await;
-    assert_eq!((shadow["picks"].as_u64(), shadow["agreement"].as_f64()), (Some(100), Some(0.0)), "{shadow}");
+    let shadow = shadow_when(admin, |s| s["picks"] == 100).await;
+    assert_eq!(shadow["agreement"].as_f64(), Some(0.0), "{shadow}");
     assert_eq!(shadow["would_choose"][b[1].to_string()], 100, "{shadow}");
     // Promote it: one call, and the candidate places connections from then on.
     let (status, body) = admin_request(admin, "POST", "/services/default/shadow/promote", None, None).await;
@@ -75,12 +88,49 @@ async fn shadows_are_compared_never_used_and_promoted_with_one_call() {
         names.push(echo_roundtrip(harbor.addr, b"trap").await);
     }
     assert_eq!(names, ["b0", "b1", "b2", "b0", "b1", "b2", "b0", "b1", "b2"], "a trapping shadow moved placements");
-    let shadow = shadow_of(admin).await;
-    assert!(shadow["faults"].as_u64().unwrap() >= 9, "{shadow}");
+    // Five faults within 10 s stop it, as an active strategy would be reverted.
+    let shadow = shadow_when(admin, |s| s["stopped"] == true).await;
+    assert_eq!(shadow["faults"], 5, "{shadow}");
     let m = Scrape::fetch(admin).await;
     assert_eq!(m.sum("harbor_strategy_fallbacks_total"), 0.0, "the active strategy was blamed");
     let (status, _) = admin_request(admin, "DELETE", "/services/default/shadow", None, None).await;
     assert_eq!(status, 200);
+    harbor.stop().await.unwrap();
+}
+
+/// A candidate that loops until its deadline, sampled on every pick: the picks do not wait
+/// for it (it runs on its own thread), and it is stopped after five faults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_shadow_delays_no_placement_and_is_stopped() {
+    const CONNECTIONS: usize = 30;
+    let (b, _stops) = echo_backends(2).await;
+    let harbor = TestHarbor::new()
+        .service("default", |s| s.backends(&b).set("shadow", fixture("infinite_loop.wat").display().to_string()))
+        .start()
+        .await;
+    let admin = harbor.admin_addr.unwrap();
+    for _ in 0..CONNECTIONS {
+        echo_roundtrip(harbor.addr, b"loop").await;
+    }
+    let shadow = shadow_when(admin, |s| s["stopped"] == true).await;
+    assert_eq!(shadow["faults"], 5, "{shadow}");
+    // Each fault of the candidate takes its 10 ms deadline; no pick may have waited for one
+    // (a pick takes ~30 µs here; two over 4 ms are allowed to a loaded machine, not thirty).
+    let m = Scrape::fetch(admin).await;
+    let all = m.get("harbor_pick_duration_seconds_count{service=\"default\"}");
+    let quick = m
+        .samples
+        .iter()
+        .find(|(s, _)| s.starts_with("harbor_pick_duration_seconds_bucket{") && s.contains("le=\"0.004096"))
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| {
+            panic!(
+                "no 4 ms bucket: {:?}",
+                m.samples.iter().filter(|(s, _)| s.contains("pick_duration")).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(all, CONNECTIONS as f64);
+    assert!(all - quick <= 2.0, "{} of {all} picks took over 4 ms: they waited for the shadow", all - quick);
     harbor.stop().await.unwrap();
 }
 

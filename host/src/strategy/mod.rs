@@ -43,7 +43,7 @@ pub const FAULT_WINDOW: Duration = Duration::from_secs(10);
 /// What the caller needs to place one connection.
 #[derive(Debug, Clone, Copy)]
 pub struct PickRequest<'a> {
-    pub pool: &'a BackendPool,
+    pub pool: &'a Arc<BackendPool>,
     pub client: SocketAddr,
     /// The address the client connected to (shown to 0.2 strategies that ask for it).
     pub local: runtime::bindings::LocalAddr,
@@ -590,7 +590,9 @@ impl StrategyHost {
             self.compile(bytes, sha, path).await?
         };
         tracing::info!(service = %self.service, strategy = %loaded.name, sample_percent, "shadow strategy running beside the active one; its answers are only recorded");
-        self.shadow.store(Some(Arc::new(shadow::Shadow::new(loaded, sample_percent))));
+        let shadow = shadow::Shadow::new(loaded, sample_percent)
+            .map_err(|e| StrategyError::Engine(format!("cannot start the shadow's thread: {e}")))?;
+        self.shadow.store(Some(Arc::new(shadow)));
         Ok(())
     }
 
@@ -810,7 +812,7 @@ mod tests {
 
     #[test]
     fn builtin_round_robin_starts_at_zero_and_skips_ineligible() {
-        let pool = pool(3);
+        let pool = Arc::new(pool(3));
         let host =
             StrategyHost::new(GuestLimits::default(), String::new(), Arc::new(Metrics::new()), "default").unwrap();
         let req = PickRequest {
