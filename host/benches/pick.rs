@@ -83,7 +83,7 @@ fn bench_pick(c: &mut Criterion) {
         let loaded = strategy.is_some();
         let host = host(strategy);
         for n in [4usize, 16, 64, 256] {
-            let pool = pool(n);
+            let pool = std::sync::Arc::new(pool(n));
             let req = PickRequest {
                 pool: &pool,
                 client: "127.0.0.1:40000".parse().expect("addr"),
