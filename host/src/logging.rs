@@ -9,7 +9,7 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. Later calls do nothing (tests build many Harbors).
 pub fn init(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(quiet_dependencies(filter)).unwrap_or_else(|_| "info".into());
     // Colour only for a person at a terminal: a log redirected to a file or journald gets none.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
@@ -17,6 +17,17 @@ pub fn init(format: LogFormat, filter: &str) {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
     };
+}
+
+/// The resolver's own warnings (one per malformed DNS answer) would bypass Harbor's rate
+/// limits: Harbor reports failed lookups itself (the first, then every tenth). So unless the
+/// filter names them, hickory's crates log errors only.
+fn quiet_dependencies(filter: &str) -> String {
+    if filter.contains("hickory") {
+        filter.to_string()
+    } else {
+        format!("{filter},hickory_proto=error,hickory_resolver=error")
+    }
 }
 
 /// Lets through at most `burst` events per `period`, counting the rest, so a flood of the same
@@ -76,6 +87,13 @@ impl RateLimitedLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resolvers_warnings_are_quiet_unless_asked_for() {
+        assert_eq!(quiet_dependencies("info"), "info,hickory_proto=error,hickory_resolver=error");
+        assert_eq!(quiet_dependencies("info,hickory_proto=debug"), "info,hickory_proto=debug");
+        assert!(tracing_subscriber::EnvFilter::try_new(quiet_dependencies("warn,harbor=debug")).is_ok());
+    }
 
     #[test]
     fn bursts_are_capped_within_a_period() {
