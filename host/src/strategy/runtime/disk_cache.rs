@@ -16,6 +16,10 @@ use wasmtime::Engine;
 
 /// Largest entry read back.
 const MAX_ENTRY_BYTES: u64 = 512 << 20;
+/// Most entries kept, and most bytes they may hold together: past either, the least recently
+/// used go first (a hit touches its entry). A polyglot strategy compiles to ~30 MB.
+pub const MAX_ENTRIES: usize = 64;
+pub const MAX_BYTES: u64 = 1 << 30;
 
 /// Where compiled components are kept.
 #[derive(Debug, Clone)]
@@ -63,7 +67,14 @@ impl DiskCache {
         // compatibility hash (the file name), and its digest matches: it is not damaged.
         // wasmtime checks its header and version again.
         match unsafe { Component::deserialize(engine, payload) } {
-            Ok(component) => (Some(component), Lookup::Hit),
+            Ok(component) => {
+                // Recently used: trimmed last.
+                let _ = std::fs::File::options()
+                    .append(true)
+                    .open(&path)
+                    .and_then(|f| f.set_modified(crate::clock::wall()));
+                (Some(component), Lookup::Hit)
+            }
             Err(_) => (None, Lookup::Corrupt),
         }
     }
@@ -77,7 +88,38 @@ impl DiskCache {
         file.write_all(&Sha256::digest(&payload))?;
         file.write_all(&payload)?;
         file.sync_all()?;
-        std::fs::rename(&staged, &path)
+        std::fs::rename(&staged, &path)?;
+        self.trim(MAX_ENTRIES, MAX_BYTES);
+        Ok(())
+    }
+
+    /// Removes the least recently used entries (of any engine) until at most `entries` of them
+    /// hold at most `bytes`, and staged files a crash left behind.
+    pub fn trim(&self, entries: usize, bytes: u64) {
+        let Ok(listing) = std::fs::read_dir(&self.dir) else { return };
+        let mut found: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
+        for entry in listing.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.contains(".tmp") && meta.modified().is_ok_and(|m| m.elapsed().is_ok_and(|age| age.as_secs() > 3600))
+            {
+                let _ = std::fs::remove_file(&path);
+            } else if meta.is_file() && name.ends_with(".cwasm") {
+                found.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len(), path));
+            }
+        }
+        found.sort_by_key(|entry| std::cmp::Reverse(entry.0));
+        let mut total = 0u64;
+        for (kept, (_, size, path)) in found.iter().enumerate() {
+            total = total.saturating_add(*size);
+            if kept >= entries || total > bytes {
+                if let Err(error) = std::fs::remove_file(path) {
+                    tracing::debug!(file = %path.display(), "cannot trim the compile cache: {error}");
+                }
+            }
+        }
     }
 }
 
@@ -88,4 +130,28 @@ pub fn default_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("harbor"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_least_recently_used_entries_go_first() {
+        let dir = std::env::temp_dir().join(format!("harbor-disk-cache-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let engine = Engine::default();
+        let cache = DiskCache::open(&dir, &engine).unwrap();
+        let at = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000 + s);
+        for (i, name) in ["old", "mid", "new"].iter().enumerate() {
+            let path = dir.join(format!("{name}-x.cwasm"));
+            std::fs::write(&path, vec![0u8; 100]).unwrap();
+            std::fs::File::options().append(true).open(&path).unwrap().set_modified(at(i as u64)).unwrap();
+        }
+        cache.trim(2, u64::MAX);
+        assert!(!dir.join("old-x.cwasm").exists() && dir.join("mid-x.cwasm").exists());
+        cache.trim(8, 150);
+        assert!(!dir.join("mid-x.cwasm").exists() && dir.join("new-x.cwasm").exists(), "bytes bound it too");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
