@@ -269,6 +269,8 @@ impl Control {
         );
         membership.spawn_reaper();
         membership.follow_dns(&cfg.dns, self.resolver_for(cfg)?, cfg.tunables.dns_refresh());
+        // The key-value stores outlive a reload's new strategy host (it takes them over).
+        strategy.kv_stores().spawn_sweeper(background.clone());
         let context = ServiceContext {
             name: Arc::from(cfg.name.as_str()),
             pool: membership.pool(),

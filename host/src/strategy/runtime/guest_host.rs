@@ -116,15 +116,26 @@ impl KvStore {
 }
 
 /// The stores of a service's strategies, by strategy name: a hot swap to a strategy of the
-/// same name finds its store as it left it.
+/// same name finds its store as it left it, if it comes back within [`KEPT_UNUSED`]. A
+/// service keeps at most [`MAX_STORES`] stores, so they hold at most that many times
+/// `strategy_kv_bytes` together; a store no loaded strategy uses is freed after
+/// [`KEPT_UNUSED`], or at once when a new one needs its place.
 pub struct KvStores {
     max_entries: usize,
     max_bytes: usize,
-    stores: Mutex<HashMap<String, Arc<KvStore>>>,
+    stores: Mutex<HashMap<String, Kept>>,
 }
 
-/// Most strategy names whose stores a service keeps.
-const MAX_STORES: usize = 64;
+struct Kept {
+    store: Arc<KvStore>,
+    /// When it was last seen unused (no strategy holds it); `None` while used.
+    unused_since: Option<crate::clock::Instant>,
+}
+
+/// Most stores a service keeps (its active, previous and shadow strategies use three).
+pub const MAX_STORES: usize = 8;
+/// How long the store of a strategy no longer loaded is kept for a swap back.
+pub const KEPT_UNUSED: Duration = Duration::from_secs(600);
 
 impl KvStores {
     pub fn new(max_entries: usize, max_bytes: usize) -> KvStores {
@@ -134,16 +145,65 @@ impl KvStores {
     /// The store of the strategy named `name`.
     pub fn for_strategy(&self, name: &str) -> Arc<KvStore> {
         let mut stores = self.stores.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(store) = stores.get(name) {
-            return Arc::clone(store);
+        Self::sweep_locked(&mut stores, crate::clock::Instant::now());
+        if let Some(kept) = stores.get_mut(name) {
+            kept.unused_since = None;
+            return Arc::clone(&kept.store);
         }
         if stores.len() >= MAX_STORES {
-            // Forget the stores of strategies no instance uses any more.
-            stores.retain(|_, s| Arc::strong_count(s) > 1);
+            // Make room: the store unused the longest goes (one in use never does).
+            let oldest =
+                stores.iter().filter_map(|(name, kept)| kept.unused_since.map(|since| (since, name.clone()))).min();
+            if let Some((_, name)) = oldest {
+                stores.remove(&name);
+            }
         }
         let store = Arc::new(KvStore::new(self.max_entries, self.max_bytes));
-        stores.insert(name.to_string(), Arc::clone(&store));
+        stores.insert(name.to_string(), Kept { store: Arc::clone(&store), unused_since: None });
         store
+    }
+
+    /// Frees the stores unused for [`KEPT_UNUSED`]; notes when the others became unused.
+    pub fn sweep(&self) {
+        let mut stores = self.stores.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::sweep_locked(&mut stores, crate::clock::Instant::now());
+    }
+
+    fn sweep_locked(stores: &mut HashMap<String, Kept>, now: crate::clock::Instant) {
+        stores.retain(|_, kept| {
+            if Arc::strong_count(&kept.store) > 1 {
+                kept.unused_since = None;
+                return true;
+            }
+            let since = *kept.unused_since.get_or_insert(now);
+            now.duration_since(since) < KEPT_UNUSED
+        });
+    }
+
+    /// Stores kept now.
+    pub fn len(&self) -> usize {
+        self.stores.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sweeps every minute until `stop` is cancelled.
+    pub fn spawn_sweeper(self: &Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let stores = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => match stores.upgrade() {
+                        Some(stores) => stores.sweep(),
+                        None => return,
+                    },
+                }
+            }
+        });
     }
 }
 
@@ -263,6 +323,24 @@ mod tests {
         assert_eq!(store.len(), 1);
         // Bytes are given back on delete: 99 bytes fit again.
         store.set("e".into(), vec![0; 97], None, 60).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stores_are_bounded_in_number_and_freed_when_unused_for_long() {
+        let stores = KvStores::new(10, 1000);
+        // Twenty strategies with different names, each loaded and then swapped away.
+        for i in 0..20 {
+            let store = stores.for_strategy(&format!("s{i}"));
+            store.set("k".into(), vec![0; 100], None, 0).unwrap();
+        }
+        assert!(stores.len() <= MAX_STORES, "{} stores kept", stores.len());
+        // One in use is kept however long; the unused ones go after KEPT_UNUSED.
+        let used = stores.for_strategy("used");
+        stores.sweep();
+        tokio::time::sleep(KEPT_UNUSED + Duration::from_secs(1)).await;
+        stores.sweep();
+        assert_eq!(stores.len(), 1);
+        assert!(Arc::ptr_eq(&used, &stores.for_strategy("used")));
     }
 
     #[test]
