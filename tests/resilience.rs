@@ -74,6 +74,31 @@ async fn all_backends_down_closes_the_client_fast_and_says_nothing() {
     harbor.stop().await.unwrap();
 }
 
+/// `at_max_connections = "backlog"`: at the cap Harbor stops accepting, and a new client
+/// waits in the listen backlog until a slot frees, then is served; nobody is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_the_backlog_mode_lets_clients_wait_for_a_slot() {
+    let (backends, _stops) = echo_backends(1).await;
+    let mut cfg = config(&backends);
+    cfg.service_mut().tunables.max_connections = 2;
+    cfg.service_mut().tunables.at_max_connections = harbor::config::AtCap::Backlog;
+    let harbor = start(cfg).await;
+    let (_, held1) = connect_and_greet(harbor.addr).await;
+    let (_, _held2) = connect_and_greet(harbor.addr).await;
+    // The kernel completes the handshake; Harbor does not accept it yet.
+    let mut waiting = TcpStream::connect(harbor.addr).await.unwrap();
+    let mut greeting = [0u8; 3];
+    let early = tokio::time::timeout(Duration::from_millis(500), waiting.read_exact(&mut greeting)).await;
+    assert!(early.is_err(), "served past the cap: {early:?}");
+    drop(held1);
+    tokio::time::timeout(STEP, waiting.read_exact(&mut greeting)).await.expect("served once a slot freed").unwrap();
+    assert_eq!(&greeting, b"b0\n");
+    let m = Scrape::fetch(harbor.admin_addr.unwrap()).await;
+    assert_eq!(m.get("harbor_capacity_drops_total"), 0.0);
+    assert_eq!(m.get("harbor_accepts_total"), 3.0);
+    harbor.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cap_rejects_and_counts_without_touching_existing_connections() {
     let (backends, _stops) = echo_backends(1).await;

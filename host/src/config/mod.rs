@@ -18,7 +18,7 @@ pub use crate::proxy::proxy_protocol::ProxyVersion;
 pub use health::{compile_regex, AgentConfig, CheckStep, HealthConfig, HealthKind, Role};
 use settings::{settings, Layer};
 pub use settings::{
-    AddressList, AllUnhealthy, BackendList, BackendSpec, DnsSpec, LogFormat, PeekMode, RelayMode, RuntimeMode,
+    AddressList, AllUnhealthy, AtCap, BackendList, BackendSpec, DnsSpec, LogFormat, PeekMode, RelayMode, RuntimeMode,
     SettingDoc, SrvSpec, WeightedSpec,
 };
 
@@ -154,6 +154,8 @@ settings! {
     max_connections: u64 = 1024, env "HARBOR_MAX_CONNECTIONS", legacy "LB_MAX_INFLIGHT", range 1..=1_000_000, reload Live;
     /// How long a client whose chosen backend is at its max_connections waits for a slot, in ms; then it is closed (HAProxy's timeout queue).
     queue_timeout_ms: u64 = 5000, env "HARBOR_QUEUE_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
+    /// At max-connections: `close` new clients at once (counted), or `backlog`: stop accepting, so they wait in the kernel's listen backlog until a slot frees.
+    at_max_connections: AtCap = AtCap::Close, env "HARBOR_AT_MAX_CONNECTIONS", shown "close", reload NewConnections;
     /// Most connections at once from one client address (IPv6: one prefix); 0 for no limit.
     max_connections_per_source: u64 = 0, env "HARBOR_MAX_CONNECTIONS_PER_SOURCE", range 0..=1_000_000, reload Live;
     /// IPv6 clients are counted per prefix of this length by max-connections-per-source.

@@ -317,6 +317,17 @@ pub enum AllUnhealthy {
     IgnoreChecks,
 }
 
+/// What a service does with a new client when it is at `max_connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AtCap {
+    /// Accept and close it at once, and count it (`capacity_drops`).
+    Close,
+    /// Stop accepting until a slot frees: new clients wait in the kernel's listen backlog
+    /// (HAProxy's way).
+    Backlog,
+}
+
 /// What a service reads from a client before its strategy chooses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

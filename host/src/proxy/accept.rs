@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::AtCap;
 use crate::metrics::Rejection;
 use crate::proxy::admission::{Admission, Admitted};
 use crate::proxy::connection;
@@ -78,6 +79,16 @@ pub async fn accept_loop(
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
     loop {
+        // `backlog` at the cap: take a slot before accepting, so clients past the cap wait in
+        // the kernel's listen backlog instead of being accepted and closed.
+        let mut reserved = None;
+        if context.load().limits.at_cap == AtCap::Backlog {
+            tokio::select! {
+                biased;
+                _ = &mut stopped => return Ok(()),
+                slot = Arc::clone(&admission.slots).acquire_owned() => reserved = slot.ok(),
+            }
+        }
         let accepted = tokio::select! {
             biased;
             _ = &mut stopped => return Ok(()),
@@ -103,7 +114,11 @@ pub async fn accept_loop(
                         }
                     },
                 };
-                match Arc::clone(&admission.slots).try_acquire_owned() {
+                let slot = match reserved {
+                    Some(slot) => Ok(slot),
+                    None => Arc::clone(&admission.slots).try_acquire_owned(),
+                };
+                match slot {
                     Ok(permit) => {
                         let admission = Admitted::new(permit, source);
                         tracker.spawn(connection::serve(stream, peer, context, admission));
