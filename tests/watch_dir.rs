@@ -249,7 +249,7 @@ async fn a_burst_of_junk_then_a_good_file_is_handled_as_one_batch() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A file written in 4 chunks 150 ms apart is loaded once complete, and its partial
+/// A file written in 4 chunks 500 ms apart is loaded once complete, and its partial
 /// states are not counted (or logged) as rejections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_landing_in_slow_chunks_is_not_rejected_on_the_way() {
@@ -264,7 +264,7 @@ async fn a_file_landing_in_slow_chunks_is_not_rejected_on_the_way() {
     for chunk in good.chunks(good.len().div_ceil(4)) {
         file.write_all(chunk).unwrap();
         file.flush().unwrap();
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     drop(file);
     let want = harbor::strategy::runtime::sha256_hex(&good);

@@ -199,6 +199,19 @@ pub fn spawn_watcher(
                         continue;
                     }
                 };
+                // A component whose sections run past its end is still being written: wait for
+                // the rest while the file is young, instead of compiling what is there.
+                for _ in 0..INCOMPLETE_WAITS {
+                    if !is_truncated(&bytes) || !is_young(&path) {
+                        break;
+                    }
+                    tracing::debug!(path = %path.display(), bytes = bytes.len(), "incomplete component: waiting for the rest");
+                    tokio::time::sleep(YOUNG_RETRY_AFTER).await;
+                    match read_when_stable(&path).await {
+                        Some(Ok(again)) => (bytes, sha) = again,
+                        _ => break,
+                    }
+                }
                 if rejected.get(&path) == Some(&Refused::Content(sha.clone())) {
                     continue; // same broken content as last time: already logged
                 }
@@ -250,6 +263,48 @@ const YOUNG_RETRY_AFTER: Duration = Duration::from_millis(250);
 const YOUNG_RETRIES: usize = 4;
 /// Rejections logged one by one per batch; the rest are summed up in one line.
 const LOGGED_PER_BURST: usize = 3;
+
+/// How often a young, incomplete component is looked at again before it is compiled as it is.
+const INCOMPLETE_WAITS: usize = 40;
+
+/// True if `bytes` is the start of a WebAssembly binary whose sections run past its end (a
+/// file still being written), as opposed to a complete one or one that is not wasm at all.
+fn is_truncated(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(b"\0asm") {
+        return bytes.len() < 4 && b"\0asm".starts_with(bytes) && !bytes.is_empty();
+    }
+    let mut parser = wasmparser::Parser::new(0);
+    let mut at = 0;
+    loop {
+        match parser.parse(&bytes[at..], true) {
+            Ok(wasmparser::Chunk::Parsed { consumed, payload }) => {
+                at += consumed;
+                // Nested modules and components are stepped over whole (the parser goes on after
+                // them): a section
+                // that runs past the end is what a file still being written looks like.
+                use wasmparser::Payload;
+                let nested = match &payload {
+                    Payload::ModuleSection { unchecked_range, .. }
+                    | Payload::ComponentSection { unchecked_range, .. } => Some(unchecked_range.end),
+                    Payload::End(_) => return false,
+                    _ => None,
+                };
+                if let Some(end) = nested {
+                    let end = usize::try_from(end).unwrap_or(usize::MAX);
+                    if end > bytes.len() {
+                        return true;
+                    }
+                    at = end;
+                }
+                if at >= bytes.len() {
+                    return false;
+                }
+            }
+            Ok(wasmparser::Chunk::NeedMoreData(_)) => return true,
+            Err(error) => return error.message().contains("unexpected end"),
+        }
+    }
+}
 
 fn is_young(path: &Path) -> bool {
     std::fs::metadata(path)
@@ -337,6 +392,21 @@ pub fn newest_first(dir: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_component_cut_short_is_told_from_a_broken_one() {
+        // A component holding one empty core module.
+        let whole = [0, b'a', b's', b'm', 0x0d, 0, 1, 0, 1, 8, 0, b'a', b's', b'm', 1, 0, 0, 0];
+        wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all()).validate_all(&whole).unwrap();
+        assert!(!is_truncated(&whole));
+        // A cut between sections looks whole (8 bytes are an empty component): only cuts inside
+        // a section, by far the most of them, are seen.
+        for cut in [2, 9, 12, whole.len() - 1] {
+            assert!(is_truncated(&whole[..cut]), "cut at {cut} of {}", whole.len());
+        }
+        assert!(!is_truncated(b"not wasm at all"));
+        assert!(!is_truncated(b""));
+    }
 
     #[test]
     fn temp_and_hidden_files_are_not_candidates() {
