@@ -1026,3 +1026,39 @@ async fn the_admin_api_refuses_a_huge_declared_body_at_once_and_bounds_a_slow_on
     assert!(took >= Duration::from_secs(4), "{took:?}");
     harbor.stop().await.expect("stop");
 }
+
+/// `/metrics` says what it is: the classic text format by default (a counter's `# TYPE` names
+/// its `_total` samples), OpenMetrics when asked through `Accept`; both carry `process_*`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_come_in_the_format_asked_for_with_the_process_series() {
+    let (b, _stops) = echo_backends(1).await;
+    let harbor = TestHarbor::new().service("default", |s| s.backends(&b)).start().await;
+    let admin = harbor.admin_addr.unwrap();
+    echo_roundtrip(harbor.addr, b"count me").await;
+    let get = |accept: &'static str| async move {
+        let mut stream = TcpStream::connect(admin).await.expect("connect");
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: harbor\r\nAccept: {accept}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+        let kind = head.lines().find_map(|l| l.strip_prefix("content-type: ")).unwrap_or_default().to_string();
+        (kind, body.to_string())
+    };
+    let (kind, body) = get("*/*").await;
+    assert_eq!(kind, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(body.contains("# TYPE harbor_accepts_total counter") && !body.contains("# EOF"), "{body}");
+    for series in [
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_start_time_seconds ",
+    ] {
+        assert!(body.contains(series), "{series} missing");
+    }
+    let (kind, body) = get("application/openmetrics-text; version=1.0.0").await;
+    assert_eq!(kind, "application/openmetrics-text; version=1.0.0; charset=utf-8");
+    assert!(body.contains("# TYPE harbor_accepts counter") && body.ends_with("# EOF\n"), "{body}");
+    harbor.stop().await.expect("stop");
+}

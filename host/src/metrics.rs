@@ -424,6 +424,89 @@ impl Metrics {
         }
         out
     }
+
+    /// The scrape: every family, then the standard `process_*` series, in OpenMetrics text
+    /// (`openmetrics`, asked for through `Accept`) or the classic text format, where a
+    /// counter's `# TYPE` line names the family its samples carry (`..._total`).
+    pub fn scrape(&self, openmetrics: bool, started_unix_secs: f64) -> String {
+        let encoded = self.encode();
+        let body = encoded.strip_suffix("# EOF\n").unwrap_or(&encoded);
+        let mut out = if openmetrics { body.to_string() } else { classic_text(body) };
+        process_series(&mut out, started_unix_secs, openmetrics);
+        if openmetrics {
+            out.push_str("# EOF\n");
+        }
+        out
+    }
+}
+
+/// OpenMetrics text as the classic text format (version 0.0.4): a counter family `x` has
+/// samples `x_total`, and the classic format names the family by its samples' name.
+fn classic_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line.strip_prefix("# TYPE ").and_then(|rest| rest.strip_suffix(" counter")) {
+            counters.insert(name.to_string());
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len() + counters.len() * 16);
+    for line in openmetrics.lines() {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        if line.starts_with("# UNIT ") {
+            continue;
+        }
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// The process series every Prometheus client library exports, read from `/proc` now.
+fn process_series(out: &mut String, started_unix_secs: f64, openmetrics: bool) {
+    use std::fmt::Write;
+    // SAFETY: sysconf and getrlimit only read.
+    let (ticks_per_sec, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let cpu = (ticks(11) + ticks(12)) / ticks_per_sec.max(1) as f64;
+    let rss_pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .unwrap_or(0.0);
+    let open = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    let max =
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur as f64 } else { 0.0 };
+    let cpu_family = if openmetrics { "process_cpu_seconds" } else { "process_cpu_seconds_total" };
+    let series: [(&str, &str, &str, &str, f64); 5] = [
+        (cpu_family, "process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", cpu),
+        (
+            "process_resident_memory_bytes",
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            rss_pages * page as f64,
+        ),
+        ("process_open_fds", "process_open_fds", "gauge", "Number of open file descriptors.", open as f64),
+        ("process_max_fds", "process_max_fds", "gauge", "Maximum number of open file descriptors.", max),
+        (
+            "process_start_time_seconds",
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            started_unix_secs,
+        ),
+    ];
+    for (family, sample, kind, help, value) in series {
+        let _ = write!(out, "# HELP {family} {help}\n# TYPE {family} {kind}\n{sample} {value}\n");
+    }
 }
 
 /// One service's handles, resolved once, so a connection bumps counters without a lookup:
@@ -524,6 +607,22 @@ impl BackendMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_formats_name_counter_families_as_they_should_and_carry_the_process_series() {
+        let metrics = Metrics::new();
+        metrics.service("web").accepts.inc();
+        let classic = metrics.scrape(false, 1.0);
+        assert!(classic.contains("# TYPE harbor_accepts_total counter\n"), "{classic}");
+        assert!(classic.contains("harbor_accepts_total{service=\"web\"} 1"));
+        assert!(!classic.contains("# EOF"));
+        assert!(classic.contains("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total "));
+        assert!(classic.contains("process_open_fds ") && classic.contains("process_max_fds "));
+        let open = metrics.scrape(true, 1.0);
+        assert!(open.contains("# TYPE harbor_accepts counter\n"), "{open}");
+        assert!(open.contains("# TYPE process_cpu_seconds counter\nprocess_cpu_seconds_total "));
+        assert!(open.ends_with("process_start_time_seconds 1\n# EOF\n"), "{open}");
+    }
 
     #[test]
     fn every_per_service_series_is_registered_and_labelled_by_service() {

@@ -317,7 +317,13 @@ impl Scrape {
 
     /// [`Scrape::get`], or `None` if the series is not there.
     pub fn try_get(&self, series: &str) -> Option<f64> {
-        self.samples.iter().find(|(s, _)| s == series || default_service_series(s) == series).map(|(_, v)| *v)
+        self.samples
+            .iter()
+            .find(|(s, _)| {
+                let unnamed = unnamed_series(s);
+                s == series || unnamed == series || default_service_series(&unnamed) == series
+            })
+            .map(|(_, v)| *v)
     }
 
     /// Sum over all series of a metric name (any labels).
@@ -328,6 +334,14 @@ impl Scrape {
             .map(|(_, v)| *v)
             .sum()
     }
+}
+
+/// A series with the `name` label of an unnamed backend (its address again) left out.
+fn unnamed_series(series: &str) -> String {
+    let Some(start) = series.find("backend=\"") else { return series.to_string() };
+    let value_at = start + "backend=\"".len();
+    let Some(len) = series[value_at..].find('"') else { return series.to_string() };
+    series.replacen(&format!(",name=\"{}\"", &series[value_at..value_at + len]), "", 1)
 }
 
 /// A series with its `service="default"` label left out.

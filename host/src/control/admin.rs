@@ -189,7 +189,18 @@ async fn route(req: Request<Incoming>, control: &Control) -> Reply {
                 let shadow = context.strategy.shadow_status();
                 control.metrics.set_shadow(&service.name, shadow.as_ref().map(|s| (s.picks, s.agreed, s.faults)));
             }
-            respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", control.metrics.encode())
+            let openmetrics = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+            let started = crate::clock::unix_ms_of(control.started_at) as f64 / 1000.0;
+            let body = control.metrics.scrape(openmetrics, started);
+            if openmetrics {
+                respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+            } else {
+                respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body)
+            }
         }
         (true, ["healthz"]) => match control.lifecycle.phase() {
             Phase::Starting | Phase::Serving => respond(StatusCode::OK, "text/plain", "ok\n".into()),
