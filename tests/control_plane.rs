@@ -578,7 +578,7 @@ async fn the_access_log_has_one_json_line_per_connection_at_its_end() {
     for v in &web {
         assert_eq!(v["end"], "completed");
         assert_eq!(v["backend"], backend.to_string());
-        assert_eq!(v["strategy"], "builtin");
+        assert_eq!((v["placed_by"].as_str(), v["strategy"].as_str()), (Some("builtin"), Some("round-robin")));
         assert_eq!(v["bytes_to_backend"], 7);
         assert_eq!(v["bytes_to_client"], "logged\n".len() + 7);
         assert!(v["time"].as_str().unwrap().ends_with('Z') && v["client"].as_str().unwrap().starts_with("127.0.0.1:"));

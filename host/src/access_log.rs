@@ -84,7 +84,11 @@ struct JsonLine<'a> {
     connect_micros: u32,
     duration_ms: f64,
     end: &'static str,
-    strategy: &'a str,
+    /// What placed it (`strategy`, `builtin`, `fallback`), the strategy's name as `ctl` and
+    /// the status page show it, and why a fallback was taken.
+    placed_by: &'static str,
+    strategy: Option<&'a str>,
+    fallback_reason: Option<&'static str>,
 }
 
 impl AccessLog {
@@ -132,12 +136,15 @@ impl AccessLog {
     }
 }
 
-fn strategy_name(placed_by: &Placement) -> std::borrow::Cow<'_, str> {
+/// What placed a connection, the name of what chose (as `ctl` and the status page name it:
+/// the built-in is `round-robin`), and why a fallback was taken.
+fn placement(placed_by: &Placement) -> (&'static str, Option<&str>, Option<&'static str>) {
     match placed_by {
-        Placement::Strategy(s) => std::borrow::Cow::Borrowed(s.name.as_str()),
-        Placement::Builtin => "builtin".into(),
-        Placement::Fallback(reason) => format!("fallback:{}", reason.as_str()).into(),
-        Placement::Retired | Placement::Unplaced => "-".into(),
+        Placement::Strategy(s) => ("strategy", Some(s.name.as_str()), None),
+        Placement::Builtin => ("builtin", Some("round-robin"), None),
+        Placement::Fallback(reason) => ("fallback", Some("round-robin"), Some(reason.as_str())),
+        Placement::Retired => ("strategy", None, None),
+        Placement::Unplaced => ("none", None, None),
     }
 }
 
@@ -145,13 +152,13 @@ fn strategy_name(placed_by: &Placement) -> std::borrow::Cow<'_, str> {
 pub fn render(r: &Record, format: LogFormat, out: &mut String) {
     use std::fmt::Write as _;
     let time = rfc3339(r.at);
-    let strategy = strategy_name(&r.placed_by);
+    let (placed_by, strategy, fallback_reason) = placement(&r.placed_by);
     match format {
         LogFormat::Human => {
             let backend = r.backend.map_or_else(|| "-".to_string(), |b| b.to_string());
             let _ = writeln!(
                 out,
-                "{time} {} {} -> {backend} {} up={} down={} connect_us={} duration_ms={:.3} strategy={strategy}",
+                "{time} {} {} -> {backend} {} up={} down={} connect_us={} duration_ms={:.3} placed_by={placed_by} strategy={}{}",
                 r.service,
                 r.client,
                 r.end.as_str(),
@@ -159,6 +166,8 @@ pub fn render(r: &Record, format: LogFormat, out: &mut String) {
                 r.bytes_to_client,
                 r.connect_micros,
                 r.duration.as_secs_f64() * 1e3,
+                strategy.unwrap_or("-"),
+                fallback_reason.map(|r| format!(" fallback_reason={r}")).unwrap_or_default(),
             );
         }
         LogFormat::Json => {
@@ -172,7 +181,9 @@ pub fn render(r: &Record, format: LogFormat, out: &mut String) {
                 connect_micros: r.connect_micros,
                 duration_ms: (r.duration.as_secs_f64() * 1e6).round() / 1e3,
                 end: r.end.as_str(),
-                strategy: &strategy,
+                placed_by,
+                strategy,
+                fallback_reason,
             };
             if let Ok(text) = serde_json::to_string(&line) {
                 out.push_str(&text);
@@ -235,7 +246,7 @@ mod tests {
         render(&r, LogFormat::Human, &mut human);
         assert_eq!(
             human,
-            "1970-01-01T00:00:00.000Z web 127.0.0.1:5000 -> 127.0.0.1:9001 completed up=12 down=34 connect_us=56 duration_ms=7.890 strategy=builtin\n"
+            "1970-01-01T00:00:00.000Z web 127.0.0.1:5000 -> 127.0.0.1:9001 completed up=12 down=34 connect_us=56 duration_ms=7.890 placed_by=builtin strategy=round-robin\n"
         );
         let mut json = String::new();
         render(&r, LogFormat::Json, &mut json);
@@ -245,5 +256,12 @@ mod tests {
             (Some("web"), Some("completed"), Some(34))
         );
         assert_eq!(v["duration_ms"].as_f64(), Some(7.89));
+        assert_eq!((v["placed_by"].as_str(), v["strategy"].as_str()), (Some("builtin"), Some("round-robin")));
+        assert!(v["fallback_reason"].is_null());
+        let fallback = Record { placed_by: Placement::Fallback(crate::strategy::FallbackReason::Trap), ..r };
+        let mut json = String::new();
+        render(&fallback, LogFormat::Json, &mut json);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!((v["placed_by"].as_str(), v["fallback_reason"].as_str()), (Some("fallback"), Some("trap")));
     }
 }

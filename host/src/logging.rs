@@ -19,6 +19,12 @@ pub fn init(format: LogFormat, filter: &str) {
     };
 }
 
+/// A list as one log field, `a, b, c`: a field a log reader can split, not the text of a
+/// Rust or JSON array inside a string.
+pub fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
 /// The resolver's own warnings (one per malformed DNS answer) would bypass Harbor's rate
 /// limits: Harbor reports failed lookups itself (the first, then every tenth). So unless the
 /// filter names them, hickory's crates log errors only.

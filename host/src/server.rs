@@ -167,7 +167,7 @@ impl Harbor {
             service.serve(listener, configured, passed_in, &control.tracker, &control.shards);
         }
         for service in control.services.load().iter() {
-            tracing::info!(service = %service.name, listen = ?service.local_addrs(), backends = service.membership.views().len(), strategy = %service.context.load().strategy.status().name, "harbor is serving");
+            tracing::info!(service = %service.name, listen = %crate::logging::list(&service.local_addrs()), backends = service.membership.views().len(), strategy = %service.context.load().strategy.status().name, "harbor is serving");
         }
         {
             let mut handover = control.lock_handover();

@@ -430,9 +430,10 @@ fn a_reload_diff_names_each_changed_setting_with_what_it_needs() {
 
 #[test]
 fn a_syntax_error_names_its_line_and_column() {
-    let err = FileConfig::parse("listen = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"\nfoo = 1\n", Path::new("h.toml"))
-        .unwrap_err()
-        .to_string();
+    let err =
+        FileConfig::parse("listen = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"\nfoo = 1\n", Path::new("h.toml"))
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("h.toml: line 3, column 1:"), "{err}");
     assert_eq!(super::line_and_column("ab\ncd", 4), (2, 2));
     assert_eq!(super::line_and_column("é\n", 2), (1, 2));

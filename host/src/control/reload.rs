@@ -2,6 +2,7 @@
 //! the admin API, or when the config file changes (`watch_config = true`: the file's directory
 //! is watched, so an editor's write-and-rename is seen, and a burst of events is one reload).
 
+use crate::logging::list;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError};
@@ -116,7 +117,12 @@ impl Control {
         match &result {
             Ok(report) => {
                 self.metrics.config_reload("applied");
-                tracing::info!(added = ?report.added, removed = ?report.removed, changed = ?report.changed, "configuration reloaded");
+                tracing::info!(
+                    added = %list(&report.added),
+                    removed = %list(&report.removed),
+                    changed = %list(&report.changed),
+                    "configuration reloaded"
+                );
             }
             Err(error) => {
                 self.metrics.config_reload("rejected");
@@ -180,7 +186,7 @@ impl Control {
                 let changes = service_changes(&old, &config);
                 let described: Vec<String> =
                     changes.iter().map(|c| format!("{} ({})", c.key, c.needs.as_str())).collect();
-                tracing::info!(service = %service.name, changed = ?described, "service settings changed");
+                tracing::info!(service = %service.name, changed = %list(&described), "service settings changed");
                 for change in changes.iter().filter(|c| c.needs == Reload::Rebind && c.key != "listen") {
                     tracing::warn!(service = %service.name, setting = change.key, "applies to listeners bound from now on: the open ones keep their value");
                 }
