@@ -201,8 +201,13 @@ async fn harbor_ctl_sighup_and_a_watched_config_file_drive_the_real_binary() {
     let list: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("ctl --json prints JSON");
     let added = list.as_array().unwrap().iter().find(|b| b["address"] == b1.as_str()).expect("added");
     assert_eq!((added["weight"].as_u64(), added["source"].as_str()), (Some(2), Some("api")));
-    let out = ctl(admin, &["drain", "web", &b1]);
+    // --admin after the command, and a table (KEY  value) for a change too.
+    let out = Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["ctl", "drain", "web", &b1, "--admin", &admin.to_string()])
+        .output()
+        .expect("harbor ctl");
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), format!("CHANGED  {b1}"));
     let table = stdout(&ctl(admin, &["backends", "web"]));
     assert!(table.lines().any(|l| l.contains(&b1) && l.contains("draining")), "{table}");
     assert!(ctl(admin, &["remove", "web", &b1]).status.success());

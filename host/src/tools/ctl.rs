@@ -241,8 +241,20 @@ fn cell(value: Option<&Value>) -> String {
 
 /// Prints rows as an aligned table (or the JSON).
 fn print_value(value: &Value, as_json: bool, columns: &[&str]) {
-    if as_json || columns.is_empty() {
+    if as_json {
         println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        return;
+    }
+    if columns.is_empty() {
+        // An answer to a change: one `KEY  value` line per field.
+        if let Value::Object(fields) = value {
+            let width = fields.keys().map(String::len).max().unwrap_or(0);
+            for (key, field) in fields {
+                println!("{:<width$}  {}", key.to_uppercase(), cell(Some(field)));
+            }
+        } else {
+            println!("{}", cell(Some(value)));
+        }
         return;
     }
     let rows: Vec<Vec<String>> = match value {
