@@ -298,3 +298,63 @@ async fn the_compiled_cache_stays_bounded_across_many_strategies() {
     assert!(entries >= 2, "the cache keeps nothing: {entries}");
     harbor.stop().await.unwrap();
 }
+
+/// `set-backends` never runs a loop on a connection's path unchecked: a strategy whose
+/// `set-backends` loops on a bigger membership passes the load-time check (16 sample backends),
+/// and once the membership grows past 16, the off-path check on a spare instance finds the
+/// fault and the strategy is reverted; every connection is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_backends_that_loops_on_a_new_membership_is_reverted_off_the_connection_path() {
+    let (backends, _stops) = echo_backends(17).await;
+    let mut cfg = config(&backends[..3]);
+    cfg.service_mut().strategy = Some(fixture("set_backends_loop.wat"));
+    let harbor = start(cfg).await;
+    let host = harbor.strategy();
+    assert_eq!(host.status().name, "set-backends-loop");
+    assert_eq!(echo_roundtrip(harbor.addr, b"three").await, "b0");
+    // Grow the pool to 17 through the API.
+    let admin = harbor.admin_addr.unwrap();
+    for b in &backends[3..] {
+        let body = format!("{{\"address\":\"{b}\"}}");
+        assert_eq!(admin_request(admin, "POST", "/services/default/backends", Some(&body), None).await.0, 201);
+    }
+    let started = tokio::time::Instant::now();
+    for i in 0..500 {
+        let result = try_echo_roundtrip(harbor.addr, b"grown").await;
+        assert!(result.is_ok(), "connection {i} lost: {result:?}");
+        if host.status().kind == "builtin" || started.elapsed() > std::time::Duration::from_secs(20) {
+            break;
+        }
+    }
+    assert_eq!(host.status().kind, "builtin", "the strategy was not reverted");
+    let history = host.status().history;
+    let reverted = history.iter().rev().find(|h| h.outcome == "reverted").expect("a revert in the history");
+    assert!(reverted.error.as_deref().unwrap_or_default().contains("set-backends"), "{reverted:?}");
+    harbor.stop().await.unwrap();
+}
+
+/// A strategy whose `set-backends` loops on every list is refused at load, with one clear
+/// error, and the active strategy stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_backends_that_loops_is_refused_at_load() {
+    let dir = temp_dir("set-backends");
+    let always = std::fs::read_to_string(fixture("set_backends_loop.wat"))
+        .unwrap()
+        .replace("(i32.gt_u (local.get $list_len) (i32.const 16))", "(i32.gt_u (local.get $list_len) (i32.const 0))");
+    let path = dir.join("always_loops.wat");
+    std::fs::write(&path, always).unwrap();
+    let (backends, _stops) = echo_backends(2).await;
+    let mut cfg = config(&backends);
+    cfg.service_mut().strategy = Some(strategy("round_robin"));
+    let harbor = start(cfg).await;
+    let host = harbor.strategy();
+    let error = host
+        .load(harbor::strategy::LoadSource::File(&path), harbor::strategy::Report::CountAndLog)
+        .await
+        .expect_err("refused");
+    assert!(matches!(error, StrategyError::SetBackends(_)), "{error}");
+    assert!(error.to_string().starts_with("set-backends faulted: "), "{error}");
+    assert_eq!(host.status().name, "round_robin", "the active strategy stays");
+    echo_roundtrip(harbor.addr, b"still").await;
+    harbor.stop().await.unwrap();
+}

@@ -36,6 +36,9 @@ pub use answer::{builtin_round_robin, judge, placement, BackendStats, Snapshot, 
 pub use record::{from_hex, state_of, TraceLine, MAX_TRACE_BYTES, MAX_TRACE_PICKS, TRACE_VERSION};
 pub use samples::{population_client, sample_backends, sample_connection};
 
+/// Backends of the sample list `set-backends` is tried on at load.
+pub const SET_BACKENDS_CHECK_BACKENDS: usize = 16;
+
 /// Faults within [`FAULT_WINDOW`] that make Harbor drop a strategy for the previous one.
 pub const MAX_FAULTS: usize = 5;
 pub const FAULT_WINDOW: Duration = Duration::from_secs(10);
@@ -341,6 +344,14 @@ impl StrategyHost {
             let Some(strategy) = active.current.as_ref() else {
                 return Pick { index: builtin_round_robin(snapshot, sequence), sequence, source: PickSource::Builtin };
             };
+            // A membership this strategy has not been checked on: `set-backends` is tried on a
+            // spare instance off the connection's path; a fault there reverts the strategy at
+            // the next pick.
+            strategy.check_generation_off_path(req.pool, &self.engine);
+            if let Some(fault) = strategy.set_backends_fault() {
+                self.revert_now(strategy, &fault);
+                return Pick { index: builtin_round_robin(snapshot, sequence), sequence, source: PickSource::Builtin };
+            }
             let answer = with_thread_instance(strategy, |instance| {
                 instance.sync_backends(req.pool)?;
                 instance.pick(conn, snapshot.as_flat())
@@ -404,13 +415,22 @@ impl StrategyHost {
             tracing::warn!(strategy = %strategy.name, sha256 = %short(&strategy.sha256), ?reason, "strategy fault, connection placed by built-in round-robin: {detail}");
         }
         if strategy.record_fault(MAX_FAULTS, FAULT_WINDOW) {
-            self.revert(strategy);
+            self.revert(strategy, &format!("faulted {MAX_FAULTS} times within {FAULT_WINDOW:?}"));
         }
+    }
+
+    /// Drops a strategy whose `set-backends` faulted off the connection's path.
+    fn revert_now(&self, failing: &Arc<LoadedStrategy>, fault: &str) {
+        if self.log.allow() {
+            tracing::error!(strategy = %failing.name, sha256 = %short(&failing.sha256), "set-backends faulted on a new membership: {fault}");
+        }
+        self.metrics.fallback(&self.service, FallbackReason::Trap);
+        self.revert(failing, &format!("set-backends faulted on a new membership ({fault})"));
     }
 
     /// Drops a strategy that keeps faulting, going back to the previous good one (or the
     /// built-in round-robin).
-    fn revert(&self, failing: &Arc<LoadedStrategy>) {
+    fn revert(&self, failing: &Arc<LoadedStrategy>, why: &str) {
         let mut reverted_to = None;
         self.active.rcu(|active| {
             if !active.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, failing)) {
@@ -428,9 +448,9 @@ impl StrategyHost {
                 source: failing.source.display().to_string(),
                 strategy: Some(failing.name.clone()),
                 sha256: Some(failing.sha256.clone()),
-                error: Some(format!("faulted {MAX_FAULTS} times within {FAULT_WINDOW:?}; reverted to {to}")),
+                error: Some(format!("{why}; reverted to {to}")),
             });
-            tracing::error!(strategy = %failing.name, sha256 = %short(&failing.sha256), "strategy faulted {MAX_FAULTS} times within {FAULT_WINDOW:?}; reverted to {to}");
+            tracing::error!(strategy = %failing.name, sha256 = %short(&failing.sha256), "strategy {why}; reverted to {to}");
         }
     }
 
@@ -550,7 +570,13 @@ impl StrategyHost {
         let env = self.guest_env.clone();
         let job = engine.run_on_compile_thread({
             let engine = Arc::clone(&engine);
-            move || LoadedStrategy::from_bytes(&engine, &bytes, sha, &source_owned, limits, &config, &env)
+            move || {
+                let loaded = LoadedStrategy::from_bytes(&engine, &bytes, sha, &source_owned, limits, &config, &env)?;
+                // `set-backends` must answer before the strategy goes live: a strategy that
+                // loops there is refused here, not met by a connection.
+                loaded.check_set_backends(&sample_backends(SET_BACKENDS_CHECK_BACKENDS))?;
+                Ok(loaded)
+            }
         })?;
         let loaded = tokio::select! {
             _ = self.stopping.cancelled() => return Err(StrategyError::ShuttingDown),

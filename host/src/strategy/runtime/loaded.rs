@@ -135,6 +135,11 @@ pub struct LoadedStrategy {
     faults: Mutex<VecDeque<Instant>>,
     /// Instances ready to be taken by a worker thread (instantiated, `init` done).
     spares: Mutex<Vec<Instance>>,
+    /// The newest membership generation `set-backends` was (or is being) tried on off path.
+    checked_generation: AtomicU64,
+    /// Why it faulted there, if it did, and whether it did.
+    set_backends_fault: Mutex<Option<String>>,
+    set_backends_faulted: AtomicBool,
     /// A refill is queued on the compile thread.
     refilling: AtomicBool,
     /// The last refill failed: the next worker that needs an instance reports it as a fault.
@@ -282,6 +287,9 @@ impl LoadedStrategy {
             init_config: init_config.to_string(),
             faults: Mutex::new(VecDeque::new()),
             spares: Mutex::new(Vec::new()),
+            checked_generation: AtomicU64::new(0),
+            set_backends_fault: Mutex::new(None),
+            set_backends_faulted: AtomicBool::new(false),
             refilling: AtomicBool::new(false),
             refill_error: Mutex::new(None),
             recycled: AtomicU64::new(0),
@@ -333,6 +341,76 @@ impl LoadedStrategy {
             }
         }
         Ok(instance)
+    }
+
+    /// Calls `set-backends` with `facts` on a ready instance (at load, on the compile thread):
+    /// a strategy whose `set-backends` faults is refused.
+    pub fn check_set_backends(&self, facts: &[super::bindings::BackendFacts]) -> Result<(), StrategyError> {
+        let Some(mut instance) = self.spares.lock().ok().and_then(|mut s| s.pop()) else { return Ok(()) };
+        let result = instance.set_backends(0, facts);
+        match result {
+            Ok(()) => {
+                if let Ok(mut spares) = self.spares.lock() {
+                    spares.push(instance);
+                }
+                Ok(())
+            }
+            Err(fault) => Err(StrategyError::SetBackends(format!("{fault:?} on {} sample backends", facts.len()))),
+        }
+    }
+
+    /// On a membership generation this strategy has not been checked on, calls `set-backends`
+    /// on a spare instance on the instantiation thread, off every connection's path. The
+    /// spare, synced, goes back (a thread that takes it needs no sync of its own); a fault is
+    /// kept for [`LoadedStrategy::set_backends_fault`].
+    pub fn check_generation_off_path(
+        self: &Arc<Self>,
+        pool: &Arc<crate::backends::pool::BackendPool>,
+        engine: &StrategyEngine,
+    ) {
+        let generation = pool.generation();
+        let checked = self.checked_generation.load(Ordering::Relaxed);
+        if generation <= checked
+            || self
+                .checked_generation
+                .compare_exchange(checked, generation, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let (this, pool) = (Arc::clone(self), Arc::clone(pool));
+        let _ = engine.run_on_instance_thread(move || {
+            let spare = this.spares.lock().ok().and_then(|mut s| s.pop());
+            let mut instance = match spare {
+                Some(instance) => instance,
+                None => match Instance::new(&this) {
+                    Ok((instance, _)) => instance,
+                    Err(_) => return, // instantiation faults are reported where they happen
+                },
+            };
+            match instance.sync_backends(&pool) {
+                Ok(()) => {
+                    if let Ok(mut spares) = this.spares.lock() {
+                        spares.push(instance);
+                    }
+                }
+                Err(fault) => {
+                    if let Ok(mut slot) = this.set_backends_fault.lock() {
+                        *slot = Some(format!("{fault:?} on {} backends", pool.len()));
+                    }
+                    this.set_backends_faulted.store(true, Ordering::Release);
+                }
+            }
+        });
+    }
+
+    /// Why `set-backends` faulted off the connection's path, if it did.
+    pub fn set_backends_fault(&self) -> Option<String> {
+        // One load per pick; the lock only once it faulted.
+        if !self.set_backends_faulted.load(Ordering::Acquire) {
+            return None;
+        }
+        self.set_backends_fault.lock().ok().and_then(|slot| slot.clone())
     }
 
     /// Counts an instance swapped for a fresh one near its memory limit.

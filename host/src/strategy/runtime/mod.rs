@@ -48,6 +48,8 @@ pub enum StrategyError {
     InitRejected(String),
     #[error("init trapped: {0}")]
     InitTrapped(String),
+    #[error("set-backends faulted: {0}")]
+    SetBackends(String),
     #[error("the wasm engine is not usable: {0}")]
     Engine(String),
     #[error("compiling took longer than {0:?}; the load is abandoned")]
