@@ -360,9 +360,9 @@ impl LoadedStrategy {
     }
 
     /// On a membership generation this strategy has not been checked on, calls `set-backends`
-    /// on a spare instance on the instantiation thread, off every connection's path. The
-    /// spare, synced, goes back (a thread that takes it needs no sync of its own); a fault is
-    /// kept for [`LoadedStrategy::set_backends_fault`].
+    /// on a new instance on the instantiation thread, off every connection's path. The
+    /// instance, synced, joins the spares (a thread that takes it needs no sync of its own); a
+    /// fault is kept for [`LoadedStrategy::set_backends_fault`].
     pub fn check_generation_off_path(
         self: &Arc<Self>,
         pool: &Arc<crate::backends::pool::BackendPool>,
@@ -380,13 +380,9 @@ impl LoadedStrategy {
         }
         let (this, pool) = (Arc::clone(self), Arc::clone(pool));
         let _ = engine.run_on_instance_thread(move || {
-            let spare = this.spares.lock().ok().and_then(|mut s| s.pop());
-            let mut instance = match spare {
-                Some(instance) => instance,
-                None => match Instance::new(&this) {
-                    Ok((instance, _)) => instance,
-                    Err(_) => return, // instantiation faults are reported where they happen
-                },
+            // A new instance, not a spare taken from the workers (one may need it meanwhile).
+            let Ok((mut instance, _)) = Instance::new(&this) else {
+                return; // instantiation faults are reported where they happen
             };
             match instance.sync_backends(&pool) {
                 Ok(()) => {
