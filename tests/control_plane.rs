@@ -1062,3 +1062,49 @@ async fn metrics_come_in_the_format_asked_for_with_the_process_series() {
     assert!(body.contains("# TYPE harbor_accepts counter") && body.ends_with("# EOF\n"), "{body}");
     harbor.stop().await.expect("stop");
 }
+
+/// HAProxy's `show sess`: a long connection is listed with its bytes while it lives, its bytes
+/// reach `/metrics` while it is open, and it can be closed by its id (`ctl kill-session`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_connections_are_listed_counted_while_open_and_closed_by_id() {
+    let (b, _stops) = echo_backends(1).await;
+    let harbor = TestHarbor::new().service("default", |s| s.backends(&b)).start().await;
+    let admin = harbor.admin_addr.unwrap();
+    let (_, mut long) = connect_and_greet(harbor.addr).await;
+    let payload = pattern(1 << 20, 7);
+    long.write_all(&payload).await.unwrap();
+    let mut echoed = vec![0u8; payload.len()];
+    long.read_exact(&mut echoed).await.unwrap();
+    // Still open: its bytes are in the counters within about a second.
+    let m = Scrape::fetch_until(admin, |m| m.sum("harbor_backend_bytes_total") >= 2.0 * payload.len() as f64).await;
+    assert!(
+        m.sum("harbor_backend_bytes_total") >= 2.0 * payload.len() as f64,
+        "bytes of an open connection not counted"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["ctl", "sessions", "default", "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(table.starts_with("SERVICE") && table.contains(&format!("{}", payload.len())), "{table}");
+    let (_, body) = admin_get(admin, "/services/default/sessions").await;
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed["total"], 1, "{listed}");
+    let session = &listed["sessions"][0];
+    assert_eq!(session["bytes_to_backend"], payload.len() as u64);
+    assert_eq!(session["backend"], b[0].to_string());
+    let id = session["id"].as_u64().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["ctl", "kill-session", "default", &id.to_string(), "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(STEP, long.read_to_end(&mut rest)).await.expect("closed in time");
+    assert!(closed.is_err() || rest.is_empty(), "the killed connection went on: {closed:?}");
+    let (_, body) = admin_get(admin, "/services/default/sessions").await;
+    assert!(body.contains("\"total\": 0") || body.contains("\"total\":0"), "{body}");
+    let (status, _) = admin_request(admin, "DELETE", &format!("/services/default/sessions/{id}"), None, None).await;
+    assert_eq!(status, 404);
+    harbor.stop().await.expect("stop");
+}

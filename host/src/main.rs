@@ -159,6 +159,11 @@ enum CtlCommand {
     Ready { service: String, address: String },
     /// Drain a backend, then remove it.
     Remove { service: String, address: String },
+    /// List a service's live connections (every service's without one): client, backend,
+    /// age, bytes each way.
+    Sessions { service: Option<String> },
+    /// Close one live connection by its id (both sides are reset).
+    KillSession { service: String, id: u64 },
 }
 
 #[derive(Args)]

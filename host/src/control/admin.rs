@@ -34,6 +34,8 @@ pub const HEADER_DEADLINE: Duration = Duration::from_secs(2);
 pub const MAX_ADMIN_LIFETIME: Duration = Duration::from_secs(60);
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 << 10;
+/// Most sessions one `GET /services/{s}/sessions` lists.
+pub const MAX_SESSIONS_LISTED: usize = 10_000;
 /// How long a request's body may take to arrive.
 pub const BODY_DEADLINE: Duration = Duration::from_secs(5);
 /// Heaviest weight the API accepts (as in the configuration).
@@ -278,6 +280,23 @@ async fn service_route(req: Request<Incoming>, method: &Method, service: &Servic
     match (method.as_str(), rest) {
         ("GET" | "HEAD", []) => json(&service_view(service)),
         ("GET" | "HEAD", ["backends"]) => json(&service.membership.views()),
+        ("GET" | "HEAD", ["sessions"]) => {
+            // `?limit=N` (default and most: 10 000), oldest first.
+            let limit = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(MAX_SESSIONS_LISTED)
+                .min(MAX_SESSIONS_LISTED);
+            let sessions = &service.context.load().sessions;
+            json(&json!({ "total": sessions.len(), "sessions": sessions.list(limit) }))
+        }
+        ("DELETE", ["sessions", id]) => match id.parse::<u64>() {
+            Ok(id) if service.context.load().sessions.kill(id) => json(&json!({ "closing": id })),
+            Ok(id) => error(StatusCode::NOT_FOUND, Some("id"), format!("no session {id}")),
+            Err(_) => error(StatusCode::BAD_REQUEST, Some("id"), format!("{id:?} is not a session id")),
+        },
         ("GET" | "HEAD", ["strategy"]) => json(&service.context.load().strategy.status()),
         ("GET" | "HEAD", ["shadow"]) => match service.context.load().strategy.shadow_status() {
             Some(status) => json(&status),

@@ -271,6 +271,8 @@ impl Control {
         membership.follow_dns(&cfg.dns, self.resolver_for(cfg)?, cfg.tunables.dns_refresh());
         // The key-value stores outlive a reload's new strategy host (it takes them over).
         strategy.kv_stores().spawn_sweeper(background.clone());
+        let sessions = Arc::new(crate::proxy::sessions::Sessions::default());
+        sessions.spawn_counter(background.clone());
         let context = ServiceContext {
             name: Arc::from(cfg.name.as_str()),
             pool: membership.pool(),
@@ -279,6 +281,7 @@ impl Control {
             metrics: self.metrics.service(&cfg.name),
             hot_path_log: Arc::new(RateLimitedLog::new(10, Duration::from_secs(10))),
             access_log: self.access_log.clone(),
+            sessions,
             #[cfg(target_os = "linux")]
             kernel_relay: self.kernel_relay.clone(),
         };

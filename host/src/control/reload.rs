@@ -210,6 +210,7 @@ impl Control {
                 metrics: context.metrics.clone(),
                 hot_path_log: Arc::clone(&context.hot_path_log),
                 access_log: context.access_log.clone(),
+                sessions: Arc::clone(&context.sessions),
                 #[cfg(target_os = "linux")]
                 kernel_relay: context.kernel_relay.clone(),
             }));

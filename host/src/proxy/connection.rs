@@ -16,6 +16,7 @@ use crate::proxy::context::ServiceContext;
 use crate::proxy::peek::{peek, Peeked};
 use crate::proxy::proxy_protocol;
 use crate::proxy::relay::{relay, RelayEnd, RelayStats};
+use crate::proxy::sessions::Session;
 use crate::strategy::runtime::bindings::ConnectionOutcome;
 use crate::strategy::runtime::bindings::LocalAddr;
 use crate::strategy::Placement;
@@ -168,6 +169,8 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
                 let connect_time = relay_started - dial_started;
                 backend.record_connect_success(connect_time);
                 let _active = backend.track_active();
+                // Listed (`ctl sessions`) until it ends; its bytes count as they move.
+                let session = service.sessions.open(proxied_client.unwrap_or(peer), backend);
                 // The PROXY header for the backend, then what the client already sent.
                 let first = if limits.proxy_to_backend == ProxyVersion::Off {
                     std::borrow::Cow::Borrowed(peeked.bytes.as_slice())
@@ -194,11 +197,12 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
                         };
                     }
                 }
-                let mut stats = relay_either(service, client, stream, relay_started, &backend.cut).await;
+                session.session.to_backend.fetch_add(peeked.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                let mut stats = relay_either(service, client, stream, relay_started, &session.session).await;
                 stats.to_backend += peeked.bytes.len() as u64;
                 let ended = Instant::now();
-                backend.metrics.bytes_to_backend.inc_by(stats.to_backend);
-                backend.metrics.bytes_to_client.inc_by(stats.to_client);
+                // The backend's byte counters get the rest of this connection's bytes.
+                drop(session);
                 if stats.spliced > 0 {
                     metrics.spliced_directions.inc_by(u64::from(stats.spliced));
                 }
@@ -271,8 +275,9 @@ async fn relay_either(
     client: TcpStream,
     backend: TcpStream,
     started: tokio::time::Instant,
-    cut: &tokio_util::sync::CancellationToken,
+    session: &Session,
 ) -> RelayStats {
+    let (cut, moved) = (&session.kill, (&session.to_backend, &session.to_client));
     #[cfg(target_os = "linux")]
     if let Some(kernel) = &service.kernel_relay {
         let relayed = Box::pin(kernel.relay(
@@ -285,7 +290,12 @@ async fn relay_either(
         ))
         .await;
         return match relayed {
-            Ok(stats) => stats,
+            Ok(stats) => {
+                // The kernel moved them: the session learns its totals at the end.
+                session.to_backend.fetch_add(stats.to_backend, std::sync::atomic::Ordering::Relaxed);
+                session.to_client.fetch_add(stats.to_client, std::sync::atomic::Ordering::Relaxed);
+                stats
+            }
             Err(declined) => {
                 service.metrics.kernel_relay_declined.inc();
                 if !declined.warn {
@@ -293,11 +303,11 @@ async fn relay_either(
                 } else if service.hot_path_log.allow() {
                     tracing::warn!("{}: relaying this connection in user space", declined.reason);
                 }
-                relay(declined.client, declined.backend, started, &service.limits.relay, cut).await
+                relay(declined.client, declined.backend, started, &service.limits.relay, cut, moved).await
             }
         };
     }
-    relay(client, backend, started, &service.limits.relay, cut).await
+    relay(client, backend, started, &service.limits.relay, cut, moved).await
 }
 
 #[cfg(test)]

@@ -112,6 +112,8 @@ pub struct ServiceContext {
     pub hot_path_log: Arc<RateLimitedLog>,
     /// Where each connection's line goes at its end, if the access log is on.
     pub access_log: Option<Arc<AccessLog>>,
+    /// The live connections (kept across reloads: every context of a service shares them).
+    pub sessions: Arc<crate::proxy::sessions::Sessions>,
     /// The kernel relay, when `relay = "kernel"` and it loaded.
     #[cfg(target_os = "linux")]
     pub kernel_relay: Option<Arc<crate::proxy::kernel_relay::KernelRelay>>,

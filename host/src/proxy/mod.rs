@@ -21,6 +21,7 @@ pub(crate) mod peek;
 pub mod proxy_protocol;
 pub(crate) mod relay;
 pub(crate) mod service;
+pub(crate) mod sessions;
 pub(crate) mod shards;
 pub(crate) mod source_limit;
 #[cfg(target_os = "linux")]

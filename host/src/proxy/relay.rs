@@ -88,9 +88,9 @@ pub struct RelayStats {
 }
 
 /// What one direction did, seen by the relay and by the other direction.
-#[derive(Default)]
-struct Direction {
-    moved: AtomicU64,
+struct Direction<'a> {
+    /// Bytes moved so far: the caller's counter, read live (the connection's session).
+    moved: &'a AtomicU64,
     /// Its EOF has been passed on.
     ended: AtomicBool,
     /// It went zero-copy.
@@ -198,7 +198,7 @@ async fn write_all(dst: &TcpStream, mut data: &[u8], activity: &Activity, more: 
 /// Passes the EOF on: shuts down writing on `dst` (the half-close) — unless the other direction
 /// has already ended: then the relay is over and closing both sockets sends that FIN anyway,
 /// so the `shutdown(2)` would be a wasted call.
-fn forward_eof(dst: &TcpStream, other: &Direction) -> io::Result<bool> {
+fn forward_eof(dst: &TcpStream, other: &Direction<'_>) -> io::Result<bool> {
     if !other.ended.load(Ordering::Relaxed) {
         SockRef::from(dst).shutdown(Shutdown::Write)?;
     }
@@ -219,8 +219,8 @@ fn forward_eof(dst: &TcpStream, other: &Direction) -> io::Result<bool> {
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    this: &Direction,
-    other: &Direction,
+    this: &Direction<'_>,
+    other: &Direction<'_>,
     activity: &Activity,
     read_first: bool,
 ) -> io::Result<()> {
@@ -316,16 +316,19 @@ impl Deadlines {
 
 /// Relays between `client` and `backend` until both directions end, a deadline passes, or
 /// `cut` is cancelled. Both sockets are closed when it returns.
-/// `started` is when the relay began (the caller has just read the clock).
+/// `started` is when the relay began (the caller has just read the clock). The bytes moved
+/// each way are added to `moved` (to the backend, to the client) as they go.
 pub async fn relay(
     client: TcpStream,
     backend: TcpStream,
     started: Instant,
     limits: &RelayLimits,
     cut: &CancellationToken,
+    moved: (&AtomicU64, &AtomicU64),
 ) -> RelayStats {
     let activity = Activity { start: started, last_ms: AtomicU64::new(0) };
-    let (up, down) = (Direction::default(), Direction::default());
+    let direction = |moved| Direction { moved, ended: AtomicBool::new(false), spliced: AtomicBool::new(false) };
+    let (up, down) = (direction(moved.0), direction(moved.1));
     let upstream = pump(&client, &backend, &up, &down, &activity, true);
     let downstream = pump(&backend, &client, &down, &up, &activity, false);
     tokio::pin!(upstream, downstream);

@@ -49,6 +49,9 @@ pub fn run(args: CtlArgs) -> ExitCode {
         CtlCommand::Remove { service, address } => {
             ("DELETE", format!("/services/{service}/backends/{}", encode(address)), None)
         }
+        CtlCommand::Sessions { service: Some(s) } => ("GET", format!("/services/{s}/sessions"), None),
+        CtlCommand::Sessions { service: None } => ("GET", "/services".to_string(), None),
+        CtlCommand::KillSession { service, id } => ("DELETE", format!("/services/{service}/sessions/{id}"), None),
     };
     let answer = match request(&args.admin, method, &path, body.as_ref(), token.as_deref()) {
         Ok(answer) => answer,
@@ -63,6 +66,45 @@ pub fn run(args: CtlArgs) -> ExitCode {
         let field = value.get("field").and_then(Value::as_str).map(|f| format!(" ({f})")).unwrap_or_default();
         eprintln!("harbor ctl: {status}: {message}{field}");
         return ExitCode::FAILURE;
+    }
+    // `sessions`: the list, with every service's without one.
+    if let CtlCommand::Sessions { service } = &args.command {
+        let services: Vec<String> = match service {
+            Some(s) => vec![s.clone()],
+            None => value
+                .as_array()
+                .map(|a| a.iter().filter_map(|s| s.get("name").and_then(Value::as_str).map(String::from)).collect())
+                .unwrap_or_default(),
+        };
+        let mut all = Vec::new();
+        for name in services {
+            let listed = if service.is_some() {
+                Ok((200, value.clone()))
+            } else {
+                request(&args.admin, "GET", &format!("/services/{name}/sessions"), None, token.as_deref())
+            };
+            match listed {
+                Ok((_, answer)) => {
+                    let sessions = answer.get("sessions").and_then(Value::as_array).cloned().unwrap_or_default();
+                    all.extend(sessions.into_iter().map(|mut s| {
+                        if let Value::Object(map) = &mut s {
+                            map.insert("service".into(), Value::String(name.clone()));
+                        }
+                        s
+                    }));
+                }
+                Err(e) => {
+                    eprintln!("harbor ctl: {}: {e}", args.admin);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        print_value(
+            &Value::Array(all),
+            args.json,
+            &["service", "id", "client", "backend_name", "age_ms", "bytes_to_backend", "bytes_to_client", "state"],
+        );
+        return ExitCode::SUCCESS;
     }
     // `backends` with no service: every service's.
     if let CtlCommand::Backends { service: None } = &args.command {
