@@ -28,7 +28,7 @@ fn check_prints_the_effective_configuration() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("idle_timeout_ms = 250"), "{text}");
-    assert!(text.contains("\"127.0.0.1:9002\",\"weight\":3"), "{text}");
+    assert!(text.contains("backends = [\"127.0.0.1:9001\", \"127.0.0.1:9002=3\"]"), "{text}");
     assert!(text.contains("listen = [\"127.0.0.1:9090\"]"), "{text}");
     assert!(text.contains("[[service]]\nname = \"default\""), "{text}");
     assert!(text.contains("# configuration is valid"));

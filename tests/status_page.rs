@@ -83,11 +83,14 @@ async fn the_status_page_shows_what_the_api_says_in_a_real_browser() {
     assert!(html.contains("/ui/app.js") && !html.contains("<script>"), "{html}");
 
     let load = ClientLoad::start(harbor.addr, 3);
+    // Traffic for a few seconds before the page opens: the server keeps it for the charts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let (mut browser, ready) = Browser::start(&format!("http://{admin}/"), &shots).await;
     assert!(ready.starts_with("ready"), "{ready}");
     let ready: Value = serde_json::from_str(ready.trim_start_matches("ready ")).unwrap();
     assert_eq!(ready["problems"], serde_json::json!([]), "script errors or CSP violations: {ready}");
     assert_eq!(ready["title"], "Harbor status");
+    assert!(ready["points"].as_u64().unwrap_or(0) >= 2, "the first drawing has no history: {ready}");
     // Let the charts draw a few seconds of traffic, then keep a picture of it.
     tokio::time::sleep(Duration::from_secs(4)).await;
     browser.step("shot status-page").await;

@@ -87,6 +87,7 @@ impl Harbor {
             admin_handoff: Mutex::new(None),
             handover: Mutex::new(handover),
             started_at: crate::clock::wall(),
+            history: Default::default(),
             shards,
         });
         let mut listeners = Vec::new();
@@ -181,6 +182,7 @@ impl Harbor {
             handover.announce_ready();
         }
         control.enter(Phase::Serving);
+        crate::control::status_page::spawn_history(Arc::clone(&control));
 
         shutdown.cancelled().await;
         control.enter(Phase::Draining);

@@ -28,6 +28,7 @@ async function rows(page) {
       service: tr.closest("section").getAttribute("data-service"),
       address: tr.getAttribute("data-address"),
       source: text("source"),
+      check: text("check"),
       state: text("state"),
       health: text("health"),
       active: Number(text("active")),
@@ -55,7 +56,9 @@ async function main() {
     page.on("response", r => { if (r.status() >= 400) problems.push(`${r.status()} ${r.url()}`); });
     await page.goto(url, { timeout: STEP_MS });
     await page.waitForSelector("tr.backend", { timeout: STEP_MS });
-    say("ready " + JSON.stringify({ problems, title: await page.title() }));
+    // Points in the first chart as first drawn: the server's history fills it at once.
+    const points = Number(await page.getAttribute(".chart", "data-points"));
+    say("ready " + JSON.stringify({ problems, title: await page.title(), points }));
     const input = readline.createInterface({ input: process.stdin });
     for await (const line of input) {
       const [step, ...args] = line.trim().split(/\s+/);

@@ -6,7 +6,7 @@
 mod health;
 pub mod settings;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -853,34 +853,36 @@ impl Config {
         warnings
     }
 
-    /// The effective configuration as TOML-like `key = value` lines, for `harbor check`.
+    /// The effective configuration as a TOML file, in the file's key names: what `harbor check`
+    /// prints, and what `--config` loads back to the same configuration. Every setting is
+    /// written, defaults included; the admin token is not (only its file).
     pub fn describe(&self) -> String {
-        let value = serde_json::to_value(self).unwrap_or_default();
         let mut out = String::new();
-        if let serde_json::Value::Object(map) = value {
-            let sorted: BTreeMap<_, _> = map.into_iter().collect();
-            for (key, v) in sorted {
-                if key == "services" {
-                    continue;
-                }
-                out.push_str(&format!("{key} = {v}\n"));
+        let line = |out: &mut String, key: &str, value: toml::Value| out.push_str(&format!("{key} = {value}\n"));
+        if let Ok(globals) = toml::Table::try_from(&self.globals) {
+            for (key, value) in globals {
+                line(&mut out, &key, value);
             }
         }
         for service in &self.services {
-            out.push_str(&format!("\n[[service]]\nname = {:?}\n", service.name));
-            if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(service) {
-                let sorted: BTreeMap<_, _> = map.into_iter().collect();
-                for (key, v) in sorted {
-                    match (key.as_str(), v) {
-                        ("name", _) => {}
-                        ("tunables", serde_json::Value::Object(t)) => {
-                            for (k, v) in t.into_iter().collect::<BTreeMap<_, _>>() {
-                                out.push_str(&format!("{k} = {v}\n"));
-                            }
-                        }
-                        (_, v) => out.push_str(&format!("{key} = {v}\n")),
-                    }
+            out.push_str(&format!("\n[[service]]\nname = {}\n", toml::Value::String(service.name.clone())));
+            let mut table = toml::Table::try_from(&service.definition).unwrap_or_default();
+            if !table.contains_key("listen") {
+                let listen = service.listen.iter().map(|a| toml::Value::String(a.to_string())).collect();
+                table.insert("listen".into(), toml::Value::Array(listen));
+            }
+            if let Ok(tunables) = toml::Table::try_from(&service.tunables) {
+                table.extend(tunables);
+            }
+            for (key, check) in
+                [("health", toml::Value::try_from(&service.health)), ("agent", toml::Value::try_from(&service.agent))]
+            {
+                if let Ok(value @ toml::Value::Table(_)) = check {
+                    table.insert(key.into(), value);
                 }
+            }
+            for (key, value) in table {
+                line(&mut out, &key, value);
             }
         }
         out

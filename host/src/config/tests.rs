@@ -438,3 +438,31 @@ fn a_syntax_error_names_its_line_and_column() {
     assert_eq!(super::line_and_column("ab\ncd", 4), (2, 2));
     assert_eq!(super::line_and_column("é\n", 2), (1, 2));
 }
+
+#[test]
+fn what_check_prints_loads_back_to_the_same_configuration() {
+    let dir = std::env::temp_dir().join(format!("harbor-describe-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = dir.join("first.toml");
+    std::fs::write(
+        &first,
+        "idle_timeout_ms = 30000\nshutdown_grace_ms = 7000\n\n[[service]]\nname = \"pg\"\nlisten = [\"127.0.0.1:7000\", \"[::1]:7000\"]\n\
+         backends = [\"127.0.0.1:7001\", { address = \"127.0.0.1:7002\", weight = 0, name = \"pg-b\", backup = true, max_connections = 5, tags = [\"z\"] }, { dns = \"db.example:5432\" }]\n\
+         max_connections = 77\nhealth = { kind = \"pgsql\", role = \"primary\", port = 8008 }\nagent = { port = 9999 }\n\n\
+         [[service]]\nname = \"web\"\nlisten = \"127.0.0.1:7100\"\nbackends = [\"127.0.0.1:7101=3\"]\n",
+    )
+    .unwrap();
+    let resolve = |path: &Path| {
+        let args = RunArgs { config: Some(path.to_path_buf()), ..Default::default() };
+        Config::resolve(&args, &env_of(&[])).unwrap()
+    };
+    let a = resolve(&first);
+    let printed = a.describe();
+    let second = dir.join("second.toml");
+    std::fs::write(&second, &printed).unwrap();
+    let b = resolve(&second);
+    assert_eq!(b.describe(), printed, "printed again, the same");
+    assert_eq!((&a.services, a.shutdown_grace, &a.admin), (&b.services, b.shutdown_grace, &b.admin));
+    assert!(printed.contains("[[service]]\nname = \"pg\""), "{printed}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -209,7 +209,10 @@ async fn route(req: Request<Incoming>, control: &Control) -> Reply {
             phase => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{}\n", phase.as_str())),
         },
         (true, ["readyz"]) => readiness(control),
-        (true, ["status"]) => json(&crate::control::status_page::status(control)),
+        (true, ["status"]) => {
+            let history = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "history=1"));
+            json(&crate::control::status_page::status(control, history))
+        }
         (true, [] | ["ui", _]) => match crate::control::status_page::asset(&path) {
             Some(asset) => page(asset),
             None => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),

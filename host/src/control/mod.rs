@@ -74,6 +74,8 @@ pub struct Control {
     pub(crate) handover: Mutex<Handover>,
     /// When this process started serving, for the status page.
     pub started_at: std::time::SystemTime,
+    /// The last minutes of every backend, for the status page.
+    pub(crate) history: status_page::History,
     /// The per-core runtimes that accept and relay (`runtime = "per-core"`); none otherwise.
     pub(crate) shards: Shards,
 }

@@ -59,6 +59,9 @@ pub struct Status {
     /// `open` (loopback, no token), `token` (writes need the bearer token) or `off`.
     pub writes: &'static str,
     pub services: Vec<ServiceStatus>,
+    /// With `?history=1`: each backend's last minutes, by `service|address`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<std::collections::HashMap<String, Vec<Sample>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -75,8 +78,73 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The status of the moment.
-pub fn status(control: &Control) -> Status {
+/// One backend's numbers at one second, for the page's charts.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Sample {
+    /// Wall-clock ms since the Unix epoch.
+    pub t: u64,
+    /// Picks so far (the page charts their rate).
+    pub picks: u64,
+    pub active: u32,
+}
+
+/// The last [`HISTORY`] seconds of every backend, kept by the server, so the page's charts are
+/// drawn from the moment it opens.
+#[derive(Default)]
+pub struct History {
+    samples: std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<Sample>>>,
+}
+
+/// Seconds of history kept (the page's charts are five minutes wide).
+pub const HISTORY: usize = 300;
+
+impl History {
+    /// Takes one sample of every backend of every service; forgets backends gone for a minute.
+    pub fn record(&self, control: &Control) {
+        let t = unix_ms(crate::clock::wall());
+        let mut samples = self.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for service in control.services.load().iter() {
+            let pool = service.context.load().pool.load_full();
+            for member in pool.members() {
+                let key = format!("{}|{}", service.name, member.backend.address);
+                let series = samples.entry(key).or_default();
+                if series.len() >= HISTORY {
+                    series.pop_front();
+                }
+                series.push_back(Sample {
+                    t,
+                    picks: member.backend.metrics.picks.get(),
+                    active: member.backend.active(),
+                });
+            }
+        }
+        samples.retain(|_, series| series.back().is_some_and(|last| t.saturating_sub(last.t) < 60_000));
+    }
+
+    /// Every series, by `service|address`.
+    pub fn all(&self) -> std::collections::HashMap<String, Vec<Sample>> {
+        let samples = self.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        samples.iter().map(|(key, series)| (key.clone(), series.iter().copied().collect())).collect()
+    }
+}
+
+/// Samples every second until Harbor stops.
+pub fn spawn_history(control: std::sync::Arc<Control>) {
+    tokio::spawn(async move {
+        let stop = control.lifecycle.background().clone();
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => control.history.record(&control),
+            }
+        }
+    });
+}
+
+/// The status of the moment; with `history`, the last minutes of every backend too.
+pub fn status(control: &Control, history: bool) -> Status {
     let writes = match (control.admin_token().is_some(), control.admin_is_loopback()) {
         (true, _) => "token",
         (false, true) => "open",
@@ -108,5 +176,6 @@ pub fn status(control: &Control) -> Status {
         draining: control.is_draining(),
         writes,
         services,
+        history: history.then(|| control.history.all()),
     }
 }

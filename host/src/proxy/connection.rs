@@ -277,7 +277,7 @@ async fn relay_either(
     started: tokio::time::Instant,
     session: &Session,
 ) -> RelayStats {
-    let (cut, moved) = (&session.kill, (&session.to_backend, &session.to_client));
+    let (stop, moved) = (session.stop(), (&session.to_backend, &session.to_client));
     #[cfg(target_os = "linux")]
     if let Some(kernel) = &service.kernel_relay {
         let relayed = Box::pin(kernel.relay(
@@ -285,7 +285,7 @@ async fn relay_either(
             backend,
             started,
             &service.limits.relay,
-            cut,
+            stop,
             &service.metrics.kernel_relayed,
         ))
         .await;
@@ -303,11 +303,11 @@ async fn relay_either(
                 } else if service.hot_path_log.allow() {
                     tracing::warn!("{}: relaying this connection in user space", declined.reason);
                 }
-                relay(declined.client, declined.backend, started, &service.limits.relay, cut, moved).await
+                relay(declined.client, declined.backend, started, &service.limits.relay, stop, moved).await
             }
         };
     }
-    relay(client, backend, started, &service.limits.relay, cut, moved).await
+    relay(client, backend, started, &service.limits.relay, stop, moved).await
 }
 
 #[cfg(test)]
@@ -322,11 +322,12 @@ mod tests {
     /// Every connection's task holds this future for the connection's whole life, so its size is
     /// memory per idle connection: a buffer on the stack of any step makes every connection
     /// pay for it (a 4 KiB read buffer makes the future over 5 KiB and an idle connection
-    /// 6.4 KiB, against about 2.5 KiB and 3.5 KiB without).
+    /// 6.4 KiB, against about 2.5 KiB and 3.5 KiB without). The relay's wait for a kill
+    /// (`ctl kill-session`) takes ~110 bytes of it.
     #[test]
     fn a_connection_task_holds_no_buffer() {
         let size = future_size(serve);
         eprintln!("connection future: {size} bytes");
-        assert!(size <= 3072, "the connection future is {size} bytes: a buffer on some step's stack?");
+        assert!(size <= 3200, "the connection future is {size} bytes: a buffer on some step's stack?");
     }
 }

@@ -30,11 +30,10 @@ use aya::{Ebpf, EbpfLoader};
 use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::proxy::relay::{RelayEnd, RelayLimits, RelayStats};
+use crate::proxy::relay::{RelayEnd, RelayLimits, RelayStats, Stop};
 
 /// The program, compiled by `build.rs`; empty when it could not be.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
@@ -130,7 +129,7 @@ impl KernelRelay {
     }
 
     /// Relays `client` and `backend` in the kernel until both directions end, a deadline
-    /// passes, or `cut` is cancelled; `taken` counts the connection once both sockets are in.
+    /// passes, or `stop` says so; `taken` counts the connection once both sockets are in.
     /// Declines (sockets untouched) when it cannot set up.
     pub async fn relay(
         &self,
@@ -138,14 +137,14 @@ impl KernelRelay {
         backend: TcpStream,
         started: Instant,
         limits: &RelayLimits,
-        cut: &CancellationToken,
+        stop: Stop<'_>,
         taken: &Counter,
     ) -> Result<RelayStats, Declined> {
         if self.in_use.fetch_add(1, Ordering::Relaxed) >= self.capacity {
             self.in_use.fetch_sub(1, Ordering::Relaxed);
             return Err(Declined { client, backend, reason: "the kernel relay's maps are full", warn: true });
         }
-        let result = self.relay_in_maps(client, backend, started, limits, cut, taken).await;
+        let result = self.relay_in_maps(client, backend, started, limits, stop, taken).await;
         self.in_use.fetch_sub(1, Ordering::Relaxed);
         result
     }
@@ -156,7 +155,7 @@ impl KernelRelay {
         backend: TcpStream,
         started: Instant,
         limits: &RelayLimits,
-        cut: &CancellationToken,
+        stop: Stop<'_>,
         taken: &Counter,
     ) -> Result<RelayStats, Declined> {
         let cookies = (SockRef::from(&client).cookie(), SockRef::from(&backend).cookie());
@@ -247,7 +246,7 @@ impl KernelRelay {
                 }
             }
         }
-        let end = self.watch(&client, &backend, &connection, &mut up, &mut down, started, limits, cut).await;
+        let end = self.watch(&client, &backend, &connection, &mut up, &mut down, started, limits, stop).await;
         let end = match end {
             RelayEnd::Completed => end,
             other => return Ok(abort(&client, &backend, other, &connection)),
@@ -267,7 +266,7 @@ impl KernelRelay {
         down: &mut Direction,
         started: Instant,
         limits: &RelayLimits,
-        cut: &CancellationToken,
+        stop: Stop<'_>,
     ) -> RelayEnd {
         let lifetime_at = limits.lifetime.map(|l| started + l);
         let mut half_close_at = None;
@@ -340,7 +339,7 @@ impl KernelRelay {
             };
             tokio::select! {
                 biased;
-                _ = cut.cancelled() => return RelayEnd::Shutdown,
+                _ = stop.stopped() => return RelayEnd::Shutdown,
                 seen = client.peek(&mut probe), if !up.eof => match seen {
                     Ok(0) => up.eof = true,
                     Ok(_) => return RelayEnd::Error(io::ErrorKind::InvalidData), // bytes the program kept: the backend socket left the map

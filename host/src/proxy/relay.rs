@@ -77,6 +77,61 @@ impl RelayEnd {
     }
 }
 
+/// A request to close one connection (`ctl kill-session`): a flag and a wake-up, held inline
+/// by the connection's session (no allocation, nothing registered elsewhere).
+#[derive(Debug, Default)]
+pub struct Kill {
+    killed: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Kill {
+    /// Closes the connection: its relay ends as if cut.
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire)
+    }
+
+    /// Waits until killed.
+    pub async fn killed(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_killed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What ends a relay early: the backend's cut (drain timeout, Harbor's grace period) or a
+/// kill of this one connection.
+#[derive(Clone, Copy)]
+pub struct Stop<'a> {
+    pub cut: &'a CancellationToken,
+    pub kill: &'a Kill,
+}
+
+impl Stop<'_> {
+    pub fn is_stopped(&self) -> bool {
+        self.cut.is_cancelled() || self.kill.is_killed()
+    }
+
+    /// Waits until either stops the relay.
+    pub async fn stopped(&self) {
+        tokio::select! {
+            _ = self.cut.cancelled() => {}
+            _ = self.kill.killed() => {}
+        }
+    }
+}
+
 /// Bytes moved and how the relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayStats {
@@ -315,7 +370,7 @@ impl Deadlines {
 }
 
 /// Relays between `client` and `backend` until both directions end, a deadline passes, or
-/// `cut` is cancelled. Both sockets are closed when it returns.
+/// `stop` says so. Both sockets are closed when it returns.
 /// `started` is when the relay began (the caller has just read the clock). The bytes moved
 /// each way are added to `moved` (to the backend, to the client) as they go.
 pub async fn relay(
@@ -323,7 +378,7 @@ pub async fn relay(
     backend: TcpStream,
     started: Instant,
     limits: &RelayLimits,
-    cut: &CancellationToken,
+    stop: Stop<'_>,
     moved: (&AtomicU64, &AtomicU64),
 ) -> RelayStats {
     let activity = Activity { start: started, last_ms: AtomicU64::new(0) };
@@ -332,10 +387,14 @@ pub async fn relay(
     let upstream = pump(&client, &backend, &up, &down, &activity, true);
     let downstream = pump(&backend, &client, &down, &up, &activity, false);
     tokio::pin!(upstream, downstream);
-    // Registered by its first poll; after that the token's flag is read instead (an atomic
-    // load, where polling the future takes a lock on every wake-up).
-    let cut_wait = cut.cancelled();
+    // Registered by its first poll; after that the flags are read instead (atomic loads,
+    // where polling the future takes a lock on every wake-up).
+    let cut_wait = stop.cut.cancelled();
     tokio::pin!(cut_wait);
+    // The kill's wake-up, registered at once (a kill before it is seen by the flag).
+    let kill_wait = stop.kill.notify.notified();
+    tokio::pin!(kill_wait);
+    kill_wait.as_mut().enable();
     let mut cut_registered = false;
     let mut deadlines =
         Deadlines { idle: limits.idle, lifetime_at: limits.lifetime.map(|l| activity.start + l), half_close_at: None };
@@ -348,11 +407,13 @@ pub async fn relay(
 
     let end = std::future::poll_fn(|cx| {
         if !cut_registered {
-            if cut_wait.as_mut().poll(cx).is_ready() {
+            // The kill's future is polled once, to hand it this task's waker.
+            if cut_wait.as_mut().poll(cx).is_ready() || kill_wait.as_mut().poll(cx).is_ready() || stop.kill.is_killed()
+            {
                 return Poll::Ready(RelayEnd::Shutdown);
             }
             cut_registered = true;
-        } else if cut.is_cancelled() {
+        } else if stop.is_stopped() {
             return Poll::Ready(RelayEnd::Shutdown);
         }
         let mut ended = false;

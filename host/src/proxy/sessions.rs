@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backends::pool::Backend;
 use crate::clock::Instant;
+use crate::proxy::relay::{Kill, Stop};
 
 /// Shards of the table: connections of different threads rarely share a lock.
 const SHARDS: usize = 16;
@@ -34,11 +35,16 @@ pub struct Session {
     /// What the backends' counters have been told of.
     counted_to_backend: AtomicU64,
     counted_to_client: AtomicU64,
-    /// Cancelled to close it (its relay is cut); a child of the backend's cut token.
-    pub kill: CancellationToken,
+    /// Set to close it (its relay ends as if cut).
+    pub kill: Kill,
 }
 
 impl Session {
+    /// What ends its relay early: its backend's cut, or its own kill.
+    pub fn stop(&self) -> Stop<'_> {
+        Stop { cut: &self.backend.cut, kill: &self.kill }
+    }
+
     /// Adds the bytes moved since the last call to the backend's counters (at most once per
     /// byte, whichever of the flusher and the connection's end gets there first).
     fn count_bytes(&self) {
@@ -112,7 +118,7 @@ impl Sessions {
             to_client: AtomicU64::new(0),
             counted_to_backend: AtomicU64::new(0),
             counted_to_client: AtomicU64::new(0),
-            kill: backend.cut.child_token(),
+            kill: Kill::default(),
         });
         self.shard(id).insert(id, Arc::clone(&session));
         SessionGuard { sessions: Arc::clone(self), session }
@@ -137,7 +143,7 @@ impl Sessions {
                 started_unix_ms: s.started_unix_ms,
                 bytes_to_backend: s.to_backend.load(Ordering::Relaxed),
                 bytes_to_client: s.to_client.load(Ordering::Relaxed),
-                state: if s.kill.is_cancelled() { "closing" } else { "relaying" },
+                state: if s.kill.is_killed() { "closing" } else { "relaying" },
             })
             .collect()
     }
@@ -155,7 +161,7 @@ impl Sessions {
     pub fn kill(&self, id: u64) -> bool {
         match self.shard(id).get(&id) {
             Some(session) => {
-                session.kill.cancel();
+                session.kill.kill();
                 true
             }
             None => false,
@@ -220,7 +226,7 @@ mod tests {
         assert!(sessions.is_empty());
         // Killing cancels its token.
         let guard = sessions.open("127.0.0.1:5001".parse().unwrap(), &backend);
-        assert!(sessions.kill(guard.session.id) && guard.session.kill.is_cancelled());
+        assert!(sessions.kill(guard.session.id) && guard.session.kill.is_killed());
         assert!(!sessions.kill(999));
     }
 }

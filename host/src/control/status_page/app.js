@@ -10,6 +10,7 @@ const SVG = "http://www.w3.org/2000/svg";
 const history = new Map(); // "service|address" -> { last: {t, picks}, cps: [], active: [] }
 let writes = "off";
 let polling = false;
+let seeded = false; // the server's history has been read (the first poll asks for it)
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -67,6 +68,35 @@ function track(service, b, now) {
   return h;
 }
 
+// The server's last minutes of every backend: the charts start full, not empty.
+function seed(samples) {
+  for (const [key, series] of Object.entries(samples || {})) {
+    if (history.has(key) || series.length === 0) continue;
+    const h = { last: null, cps: [], active: [], seen: series[series.length - 1].t };
+    for (const point of series) {
+      let cps = 0;
+      if (h.last && point.t > h.last.t) cps = Math.max(0, (point.picks - h.last.picks) * 1000 / (point.t - h.last.t));
+      if (h.last) { h.cps.push(cps); h.active.push(point.active); }
+      h.last = { t: point.t, picks: point.picks };
+    }
+    history.set(key, h);
+  }
+}
+
+function checkText(b) {
+  const c = b.last_check;
+  if (!c) return "–";
+  return `${c.passed ? "✓" : "✗"} ${c.detail} (${(c.took_micros / 1000).toFixed(1)} ms)`;
+}
+
+function checkTitle(b) {
+  const parts = [];
+  if (b.last_check) parts.push(`checked at ${time(b.last_check.at_unix_ms)}`);
+  if (b.health_changed_unix_ms) parts.push(`health changed at ${time(b.health_changed_unix_ms)}`);
+  if (b.dial_failures) parts.push(`${b.dial_failures} connect failures`);
+  return parts.join(" · ");
+}
+
 function chart(title, series) {
   const width = 300, height = 90;
   const max = Math.max(1, ...series.flatMap(s => s.values));
@@ -96,7 +126,7 @@ function chart(title, series) {
     return el("span", {}, swatch, s.label);
   }));
   const peak = series.length ? Math.max(0, ...series.map(s => s.values[s.values.length - 1] || 0)) : 0;
-  return el("div", { class: "chart" },
+  return el("div", { class: "chart", "data-points": String(Math.max(0, ...series.map(s => s.values.length))) },
     el("div", { class: "title", text: `${title} (max ${max.toFixed(max < 10 ? 1 : 0)}, now up to ${peak.toFixed(peak < 10 ? 1 : 0)})` }),
     svg, legend);
 }
@@ -167,8 +197,8 @@ function serviceSection(s, now) {
   const cps = tracked.reduce((sum, t) => sum + t.h.cps[t.h.cps.length - 1], 0);
   const healthy = s.backends.filter(b => b.state === "healthy" && !b.removing).length;
   const bytesTotal = s.backends.reduce((sum, b) => sum + b.bytes_to_backend + b.bytes_to_client, 0);
-  const head = el("tr", {}, ...["backend", "source", "state", "health", "active", "conn/s", "connections", "to backend", "to client", "connect", "weight", ""]
-    .map((h, i) => el("th", { class: i >= 4 && i <= 10 ? "num" : "", text: h })));
+  const head = el("tr", {}, ...["backend", "source", "state", "health", "check", "active", "conn/s", "connections", "to backend", "to client", "connect", "fails", "weight", ""]
+    .map((h, i) => el("th", { class: i >= 5 && i <= 12 ? "num" : "", text: h })));
   const rows = tracked.map(({ b, h }) => {
     const state = stateOf(b);
     let action = null;
@@ -179,16 +209,18 @@ function serviceSection(s, now) {
       action = button;
     }
     return el("tr", { class: "backend", "data-address": b.address },
-      el("td", { class: "address", text: b.address }),
+      el("td", { class: "address", text: b.name ? `${b.name} (${b.address})` : b.address }),
       el("td", { class: "source", text: b.source }),
-      el("td", {}, el("span", { class: "pill state " + state, text: state })),
+      el("td", {}, el("span", { class: "pill state " + state, text: b.maint ? "maint" : state })),
       el("td", {}, el("span", { class: "pill health " + b.health, text: b.health })),
+      el("td", { class: "check hide-narrow", text: checkText(b), title: checkTitle(b) }),
       el("td", { class: "num active", text: String(b.active) }),
       el("td", { class: "num cps", text: h.cps[h.cps.length - 1].toFixed(1) }),
       el("td", { class: "num picks", text: String(b.picks) }),
       el("td", { class: "num to-backend", "data-value": String(b.bytes_to_backend), text: bytes(b.bytes_to_backend) }),
       el("td", { class: "num to-client", "data-value": String(b.bytes_to_client), text: bytes(b.bytes_to_client) }),
       el("td", { class: "num latency", text: latency(b.connect_latency_micros) }),
+      el("td", { class: "num fails", text: String(b.dial_failures) }),
       el("td", { class: "num weight", text: String(b.weight) }),
       el("td", {}, action));
   });
@@ -211,6 +243,7 @@ function serviceSection(s, now) {
 
 function render(status) {
   writes = status.writes;
+  if (status.history) seed(status.history);
   document.getElementById("token-bar").hidden = writes !== "token";
   document.getElementById("process").textContent =
     `v${status.version} (${status.commit}) · pid ${status.pid} · up ${duration(status.now_unix_ms - status.started_at_unix_ms)}`;
@@ -229,9 +262,10 @@ async function poll() {
   if (polling) return;
   polling = true;
   try {
-    const response = await fetch("/status", { cache: "no-store" });
+    const response = await fetch(seeded ? "/status" : "/status?history=1", { cache: "no-store" });
     if (!response.ok) throw new Error(`/status answered ${response.status}`);
     render(await response.json());
+    seeded = true;
     if (document.getElementById("error").textContent.startsWith("cannot reach")) showError(null);
   } catch (e) {
     showError(`cannot reach Harbor: ${e.message || e}`);

@@ -386,8 +386,11 @@ impl LoadedStrategy {
             };
             match instance.sync_backends(&pool) {
                 Ok(()) => {
+                    // Kept as a spare if there is room (many changes must not pile them up).
                     if let Ok(mut spares) = this.spares.lock() {
-                        spares.push(instance);
+                        if spares.len() < this.limits.ready_instances.max(SPARES_KEPT) {
+                            spares.push(instance);
+                        }
                     }
                 }
                 Err(fault) => {
