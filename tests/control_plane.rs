@@ -1086,7 +1086,7 @@ async fn live_connections_are_listed_counted_while_open_and_closed_by_id() {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(table.starts_with("SERVICE") && table.contains(&format!("{}", payload.len())), "{table}");
+    assert!(table.starts_with("ID") && table.contains(&format!("{}", payload.len())), "{table}");
     let (_, body) = admin_get(admin, "/services/default/sessions").await;
     let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(listed["total"], 1, "{listed}");

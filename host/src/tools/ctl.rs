@@ -67,76 +67,47 @@ pub fn run(args: CtlArgs) -> ExitCode {
         eprintln!("harbor ctl: {status}: {message}{field}");
         return ExitCode::FAILURE;
     }
-    // `sessions`: the list, with every service's without one.
-    if let CtlCommand::Sessions { service } = &args.command {
-        let services: Vec<String> = match service {
-            Some(s) => vec![s.clone()],
-            None => value
-                .as_array()
-                .map(|a| a.iter().filter_map(|s| s.get("name").and_then(Value::as_str).map(String::from)).collect())
-                .unwrap_or_default(),
-        };
-        let mut all = Vec::new();
-        for name in services {
-            let listed = if service.is_some() {
-                Ok((200, value.clone()))
-            } else {
-                request(&args.admin, "GET", &format!("/services/{name}/sessions"), None, token.as_deref())
-            };
-            match listed {
-                Ok((_, answer)) => {
-                    let sessions = answer.get("sessions").and_then(Value::as_array).cloned().unwrap_or_default();
-                    all.extend(sessions.into_iter().map(|mut s| {
-                        if let Value::Object(map) = &mut s {
-                            map.insert("service".into(), Value::String(name.clone()));
-                        }
-                        s
-                    }));
-                }
-                Err(e) => {
-                    eprintln!("harbor ctl: {}: {e}", args.admin);
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
-        print_value(
-            &Value::Array(all),
-            args.json,
-            &["service", "id", "client", "backend_name", "age_ms", "bytes_to_backend", "bytes_to_client", "state"],
-        );
-        return ExitCode::SUCCESS;
-    }
-    // `backends` with no service: every service's.
-    if let CtlCommand::Backends { service: None } = &args.command {
+    // `backends` and `sessions` with no service: every service's, in one table.
+    let every_service = match &args.command {
+        CtlCommand::Backends { service: None } => Some((
+            "backends",
+            &["service", "name", "address", "weight", "state", "health", "active", "queued", "last_check"][..],
+        )),
+        CtlCommand::Sessions { service: None } => Some((
+            "sessions",
+            &["service", "id", "client", "backend_name", "age_ms", "bytes_to_backend", "bytes_to_client", "state"][..],
+        )),
+        _ => None,
+    };
+    if let Some((what, columns)) = every_service {
         let names: Vec<String> = value
             .as_array()
             .map(|a| a.iter().filter_map(|s| s.get("name").and_then(Value::as_str).map(String::from)).collect())
             .unwrap_or_default();
         let mut all = Vec::new();
         for name in names {
-            match request(&args.admin, "GET", &format!("/services/{name}/backends"), None, token.as_deref()) {
-                Ok((_, Value::Array(backends))) => all.extend(backends.into_iter().map(|mut b| {
-                    if let Value::Object(map) = &mut b {
+            match request(&args.admin, "GET", &format!("/services/{name}/{what}"), None, token.as_deref()) {
+                Ok((_, answer)) => all.extend(rows_of(answer, what).into_iter().map(|mut row| {
+                    if let Value::Object(map) = &mut row {
                         map.insert("service".into(), Value::String(name.clone()));
                     }
-                    b
+                    row
                 })),
-                Ok(_) => {}
                 Err(e) => {
                     eprintln!("harbor ctl: {}: {e}", args.admin);
                     return ExitCode::FAILURE;
                 }
             }
         }
-        print_value(
-            &Value::Array(all),
-            args.json,
-            &["service", "name", "address", "weight", "state", "health", "active", "queued", "last_check"],
-        );
+        print_value(&Value::Array(all), args.json, columns);
         return ExitCode::SUCCESS;
     }
     let columns: &[&str] = match &args.command {
         CtlCommand::Services => &["name", "listen", "backends", "eligible", "active_connections", "strategy"],
+        CtlCommand::Sessions { .. } => {
+            print_value(&Value::Array(rows_of(value, "sessions")), args.json, SESSION_COLUMNS);
+            return ExitCode::SUCCESS;
+        }
         CtlCommand::Backends { .. } => {
             &["name", "address", "weight", "source", "state", "health", "active", "queued", "picks", "last_check"]
         }
@@ -144,6 +115,21 @@ pub fn run(args: CtlArgs) -> ExitCode {
     };
     print_value(&value, args.json, columns);
     ExitCode::SUCCESS
+}
+
+const SESSION_COLUMNS: &[&str] =
+    &["id", "client", "backend_name", "age_ms", "bytes_to_backend", "bytes_to_client", "state"];
+
+/// The rows of a list answer: `/backends` is an array, `/sessions` an object holding one.
+fn rows_of(answer: Value, what: &str) -> Vec<Value> {
+    match answer {
+        Value::Array(rows) => rows,
+        Value::Object(mut fields) => match fields.remove(what) {
+            Some(Value::Array(rows)) => rows,
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
 }
 
 /// One HTTP/1.1 request; returns the status and the JSON answer.
