@@ -235,7 +235,13 @@ impl Backend {
             return;
         }
         match (self.slots.load_full(), cap) {
-            (_, 0) => self.slots.store(None),
+            (_, 0) => {
+                // Lifted: the clients queued on the old slots go on at once, not at their
+                // queue timeout.
+                if let Some(old) = self.slots.swap(None) {
+                    old.close();
+                }
+            }
             (Some(slots), _) if was > 0 && cap > was => slots.add_permits((cap - was) as usize),
             (Some(slots), _) if was > 0 => {
                 slots.forget_permits((was - cap) as usize);
@@ -573,6 +579,27 @@ impl BackendView {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn lifting_a_cap_lets_the_queued_clients_go_at_once() {
+        let b = Backend::new(
+            "127.0.0.1:7000".parse().unwrap(),
+            "web",
+            "b0",
+            &Metrics::new(),
+            false,
+            &CancellationToken::new(),
+        );
+        b.set_max_connections(Some(1));
+        let _held = b.try_slot().expect("a free slot");
+        let Err(slots) = b.try_slot() else { panic!("full") };
+        let waiting = tokio::spawn(async move { slots.acquire_owned().await.is_err() });
+        tokio::task::yield_now().await;
+        b.set_max_connections(None);
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
+        assert!(matches!(closed, Ok(Ok(true))), "the queued client still waits: {closed:?}");
+        assert!(matches!(b.try_slot(), Ok(None)), "no cap any more");
+    }
 
     /// `n` backends 127.0.0.1:7000.., weight 1.
     pub(crate) fn pool(n: usize) -> BackendPool {
