@@ -225,3 +225,58 @@ async fn the_pgsql_check_finds_the_primary_and_follows_a_promotion_and_postgresq
     }
     harbor.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mysql_check_reads_mariadbs_greeting_logs_in_and_follows_a_stop() {
+    let mut a = common::peers::Mariadb::start().await;
+    let b = common::peers::Mariadb::start().await;
+    let harbor = common::TestHarbor::new()
+        .service("db", |s| s.backends(&[a.addr, b.addr]).set_toml("health", &format!("{{ kind = \"mysql\", {FAST} }}")))
+        .service("db-login", |s| {
+            s.backends(&[a.addr, b.addr])
+                .set_toml("health", &format!("{{ kind = \"mysql\", user = \"harbor\", {FAST} }}"))
+        })
+        .service("db-stranger", |s| {
+            s.backends(&[a.addr, b.addr])
+                .set_toml("health", &format!("{{ kind = \"mysql\", user = \"stranger\", {FAST} }}"))
+        })
+        .start()
+        .await;
+    let admin = harbor.admin_addr.expect("admin");
+    let started = Instant::now();
+    let settled = |seen: &[(String, String, String)], health: &str| {
+        seen.len() == 2 && seen.iter().all(|(_, h, d)| h == health && !d.is_empty())
+    };
+    loop {
+        let (greeting, login, stranger) =
+            (health_of(admin, "db").await, health_of(admin, "db-login").await, health_of(admin, "db-stranger").await);
+        if settled(&greeting, "passing") && settled(&login, "passing") && settled(&stranger, "failing") {
+            assert!(
+                greeting.iter().all(|(_, _, d)| d.starts_with("greeting from ") && d.contains("MariaDB")),
+                "{greeting:?}"
+            );
+            assert!(login.iter().all(|(_, _, d)| d.starts_with("logged in to ")), "{login:?}");
+            assert!(stranger.iter().all(|(_, _, d)| d.contains("Access denied")), "{stranger:?}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{greeting:?} {login:?} {stranger:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // The real client through Harbor, on both backends.
+    let through = harbor.addr_of("db-login").expect("db-login");
+    for _ in 0..4 {
+        assert_eq!(a.query_via(through, "SELECT 6*7"), "42");
+    }
+    // One server stops: its checks fail, and traffic goes to the other.
+    a.stop();
+    wait_for_only(admin, "db-login", b.addr).await;
+    wait_for_only(admin, "db", b.addr).await;
+    for _ in 0..4 {
+        assert_eq!(b.query_via(through, "SELECT @@port"), b.addr.port().to_string());
+    }
+    // The probe that logs in quits cleanly: MariaDB noted no aborted connection of its user.
+    // (The greeting-only probe cannot: it ends before login, and `harbor check` warns of it.)
+    let log = b.log();
+    assert!(!log.contains("user: 'harbor'"), "MariaDB noted an aborted connection of the probe's user:\n{log}");
+    harbor.stop().await.expect("stop");
+}

@@ -105,7 +105,9 @@ async fn the_status_page_shows_what_the_api_says_in_a_real_browser() {
     assert_eq!(shown.len(), api.len(), "{shown:?}");
     for b in &api {
         let row = shown.iter().find(|r| r["address"] == b["address"]).unwrap_or_else(|| panic!("no row for {b}"));
-        for field in ["source", "state", "health", "active", "picks", "weight", "bytes_to_backend", "bytes_to_client"] {
+        for field in
+            ["source", "state", "health", "active", "queued", "picks", "weight", "bytes_to_backend", "bytes_to_client"]
+        {
             assert_eq!(row[field], b[field], "{field} of {}: page {row} api {b}", b["address"]);
         }
         assert_eq!(row["button"], "drain", "{row}");

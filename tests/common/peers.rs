@@ -1,7 +1,7 @@
-//! Real databases as backends: Redis (a primary and its replicas) and PostgreSQL (a primary
-//! and a streaming standby), each on 127.0.0.1 in a directory of the test's own, stopped
-//! when dropped. `cargo xtask test` installs them (Debian's redis-server, redis-tools and
-//! postgresql).
+//! Real databases as backends: Redis (a primary and its replicas), PostgreSQL (a primary
+//! and a streaming standby) and MariaDB, each on 127.0.0.1 in a directory of the test's own,
+//! stopped when dropped. `cargo xtask test` installs them (Debian's redis-server,
+//! redis-tools, postgresql, mariadb-server and mariadb-client).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -301,4 +301,90 @@ fn ready(addr: SocketAddr) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// One MariaDB server (Debian's mariadb-server), with a user `harbor` that has no password
+/// and may connect from 127.0.0.1.
+pub struct Mariadb {
+    pub addr: SocketAddr,
+    dir: PathBuf,
+    server: Option<Server>,
+}
+
+impl Mariadb {
+    pub async fn start() -> Mariadb {
+        require("/usr/sbin/mariadbd", "mariadb-server");
+        let dir = temp_dir("mariadb");
+        let data = dir.join("data");
+        output(
+            Command::new("/usr/bin/mariadb-install-db")
+                .args(["--no-defaults", "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"])
+                .arg(format!("--datadir={}", data.display()))
+                .stdin(Stdio::null()),
+        );
+        let init = dir.join("init.sql");
+        std::fs::write(&init, "CREATE USER IF NOT EXISTS 'harbor'@'127.0.0.1';\n").expect("write init.sql");
+        for _ in 0..5 {
+            let port = free_port();
+            let log = dir.join("mariadb.log");
+            let mut server = Server(
+                Command::new("/usr/sbin/mariadbd")
+                    .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1", "--skip-name-resolve"])
+                    .args(["--innodb-buffer-pool-size=16M", "--skip-log-bin"])
+                    .arg(format!("--port={port}"))
+                    .arg(format!("--datadir={}", data.display()))
+                    .arg(format!("--socket={}", dir.join("mariadb.sock").display()))
+                    .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
+                    .arg(format!("--init-file={}", init.display()))
+                    .arg(format!("--log-error={}", log.display()))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start mariadbd"),
+                libc::SIGTERM,
+            );
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let mut db = Mariadb { addr, dir: dir.clone(), server: None };
+            let deadline = Instant::now() + START;
+            while Instant::now() < deadline && server.0.try_wait().ok().flatten().is_none() {
+                if db.try_query(addr, "SELECT 1").as_deref() == Some("1") {
+                    db.server = Some(server);
+                    return db;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let text = db.log();
+            assert!(text.contains("Address already in use"), "mariadbd did not start: {text}");
+            drop(server);
+        }
+        panic!("no free port for mariadbd after 5 tries");
+    }
+
+    fn try_query(&self, addr: SocketAddr, sql: &str) -> Option<String> {
+        let out = Command::new("/usr/bin/mariadb")
+            .args(["--no-defaults", "-h", "127.0.0.1", "-P", &addr.port().to_string(), "-u", "harbor"])
+            .args(["--batch", "--skip-column-names", "--connect-timeout=2", "-e", sql])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// One SQL statement through the `mariadb` client, as `harbor`, against `addr` (this
+    /// server, or Harbor in front of it); its tab-separated output, trimmed.
+    pub fn query_via(&self, addr: SocketAddr, sql: &str) -> String {
+        self.try_query(addr, sql)
+            .unwrap_or_else(|| panic!("{sql} via {addr} failed; the server logged:\n{}", self.log()))
+    }
+
+    /// Stops the server now.
+    pub fn stop(&mut self) {
+        self.server.take();
+    }
+
+    /// Everything it logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mariadb.log")).unwrap_or_default()
+    }
 }

@@ -12,6 +12,9 @@
 //!   (kubernetes-validate from PyPI, strict; part of `test`).
 //! - `cargo xtask dist`: the release binary, stripped, beside its debug info
 //!   (`target/dist/harbor` and `target/dist/harbor.debug`, linked by `.gnu_debuglink`).
+//!   `--static`: the same for `x86_64-unknown-linux-musl`, a binary with no dynamic loader.
+//!   `--image`: an OCI image from scratch around the static binary and the shipped
+//!   strategies (buildah), checked by running its entry point from its unpacked root (umoci).
 //! - `cargo xtask soak`:  build, then the release binary under a million mixed connections
 //!   with swaps and backend kills (`tests/soak.rs`; not part of `test`).
 
@@ -20,9 +23,12 @@ use std::process::{Child, Command};
 
 use anyhow::{bail, Context, Result};
 
+mod dist;
+
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 /// The Rust guest crates under `strategies/`, each built to `strategies/<name>.wasm`.
-const RUST_STRATEGIES: &[&str] = &["round_robin", "least_conn", "maglev", "canary", "slow_start", "sni_router"];
+pub(crate) const RUST_STRATEGIES: &[&str] =
+    &["round_robin", "least_conn", "maglev", "canary", "slow_start", "sni_router"];
 /// Rust guests also built with the toolchain's defaults (`wasm32-wasip2`, std: the component
 /// imports WASI 0.2 and runs in Harbor's sandbox), to `strategies/wasi/<name>.wasm`.
 const WASIP2_TARGET: &str = "wasm32-wasip2";
@@ -56,7 +62,7 @@ fn main() -> Result<()> {
             build_strategies(&root)?;
             run(cargo().args(["test", "--release", "-p", "harbor", "--test", "soak", "--", "--ignored", "--nocapture"]))
         }
-        Some("dist") => dist(&root),
+        Some("dist") => dist::dist(&root, &dist::Wanted::parse(&args[1..])?),
         Some("check-deploy") => validate_kubernetes_manifests(&root),
         Some("bench") => {
             build_strategies(&root)?;
@@ -138,26 +144,9 @@ fn test_executables() -> Result<std::collections::HashMap<String, PathBuf>> {
     Ok(found)
 }
 
-/// Builds the release binary and splits it: a stripped `harbor` (symbols kept, so a
-/// backtrace still names functions) and `harbor.debug` with the line tables, found through
-/// `.gnu_debuglink` when both sit in one directory (or the debug file in `/usr/lib/debug`).
-fn dist(root: &Path) -> Result<()> {
-    run(cargo().args(["build", "--release", "-p", "harbor"]))?;
-    let target = target_dir(root);
-    let binary = target.join("release").join("harbor");
-    let (whole, stripped, debug) = split_debug_info(&binary, &target.join("dist"))?;
-    println!(
-        "target/dist/harbor: {:.1} MB (was {:.1} MB); target/dist/harbor.debug: {:.1} MB",
-        stripped as f64 / 1e6,
-        whole as f64 / 1e6,
-        debug as f64 / 1e6
-    );
-    Ok(())
-}
-
 /// Copies `binary` into `out` as a stripped `harbor` and its `harbor.debug`. Returns the sizes
 /// (original, stripped, debug).
-fn split_debug_info(binary: &Path, out: &Path) -> Result<(u64, u64, u64)> {
+pub(crate) fn split_debug_info(binary: &Path, out: &Path) -> Result<(u64, u64, u64)> {
     std::fs::create_dir_all(out)?;
     let debug = out.join("harbor.debug");
     let stripped = out.join("harbor");
@@ -196,11 +185,11 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: {cmd:?}");
     let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
     if !status.success() {
@@ -210,7 +199,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Cargo's output directory: `CARGO_TARGET_DIR` if set (relative to the workspace), else `target/`.
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) if !dir.is_empty() => root.join(dir),
         _ => root.join("target"),
@@ -218,7 +207,7 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 /// Builds each Rust guest as a core module and wraps it into a component with wit-component.
-fn build_strategies(root: &Path) -> Result<()> {
+pub(crate) fn build_strategies(root: &Path) -> Result<()> {
     run(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
     let mut build = cargo();
     build.args(["build", "--target", WASM_TARGET, "--profile", "guest"]);
@@ -488,7 +477,7 @@ fn validate_kubernetes_manifests(root: &Path) -> Result<()> {
 /// relay's BPF program, built by `host/build.rs`), Debian's chromium and
 /// playwright-core from npm (the status page's browser test).
 fn install_test_peers(root: &Path) -> Result<()> {
-    install_debian_packages()?;
+    install_packages(TEST_PACKAGES)?;
     let browser = root.join("target").join("browser-test");
     if !browser.join("node_modules").join("playwright-core").is_dir() {
         std::fs::create_dir_all(&browser)?;
@@ -500,25 +489,28 @@ fn install_test_peers(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn install_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = [
-        ("dnsmasq-base", "/usr/sbin/dnsmasq"),
-        ("chromium", "/usr/bin/chromium"),
-        ("binutils", "/usr/bin/objcopy"),
-        ("nginx", "/usr/sbin/nginx"),
-        ("iproute2", "/usr/sbin/ip"),
-        // Databases behind Harbor (tests/databases.rs).
-        ("redis-server", "/usr/bin/redis-server"),
-        ("redis-tools", "/usr/bin/redis-benchmark"),
-        ("postgresql", "/usr/lib/postgresql"),
-        // The kernel relay's BPF program (host/build.rs): clang -target bpf, linux/bpf.h.
-        ("clang", "/usr/bin/clang"),
-        ("linux-libc-dev", "/usr/include/linux/bpf.h"),
-    ]
-    .into_iter()
-    .filter(|(_, binary)| !Path::new(binary).exists())
-    .map(|(package, _)| package)
-    .collect();
+/// The Debian packages the tests run, each with a file that shows it is installed.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("dnsmasq-base", "/usr/sbin/dnsmasq"),
+    ("chromium", "/usr/bin/chromium"),
+    ("binutils", "/usr/bin/objcopy"),
+    ("nginx", "/usr/sbin/nginx"),
+    ("iproute2", "/usr/sbin/ip"),
+    // Databases behind Harbor (tests/databases.rs).
+    ("redis-server", "/usr/bin/redis-server"),
+    ("redis-tools", "/usr/bin/redis-benchmark"),
+    ("postgresql", "/usr/lib/postgresql"),
+    ("mariadb-server", "/usr/sbin/mariadbd"),
+    ("mariadb-client", "/usr/bin/mariadb"),
+    // The kernel relay's BPF program (host/build.rs): clang -target bpf, linux/bpf.h.
+    ("clang", "/usr/bin/clang"),
+    ("linux-libc-dev", "/usr/include/linux/bpf.h"),
+];
+
+/// Installs those of `packages` whose file is missing, with apt-get.
+pub(crate) fn install_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> =
+        packages.iter().filter(|(_, binary)| !Path::new(binary).exists()).map(|(package, _)| *package).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -534,7 +526,7 @@ fn install_debian_packages() -> Result<()> {
     };
     run(&mut apt(&["update", "-qq"]))?;
     run(apt(&["install", "-y", "-qq", "--no-install-recommends"]).args(&missing))
-        .with_context(|| format!("installing {missing:?} for the tests"))
+        .with_context(|| format!("installing {missing:?}"))
 }
 
 fn test(root: &Path) -> Result<()> {

@@ -80,7 +80,7 @@ pub struct Backend {
     /// Its name in metrics and logs: the configured name, or the address.
     pub label: Arc<str>,
     /// Its connection cap (`max_connections`), when it has one: a client waits for a slot.
-    slots: arc_swap::ArcSwapOption<tokio::sync::Semaphore>,
+    slots: arc_swap::ArcSwapOption<Slots>,
     /// The cap the slots were sized for (0: none).
     cap: AtomicU32,
     /// Clients waiting for a slot now.
@@ -136,6 +136,64 @@ impl CheckResult {
         }
     }
 }
+/// A capped backend's free slots. When its cap is lowered below the slots now taken, the
+/// difference is owed: each slot given back while some are owed is forgotten instead, so the
+/// new cap holds once enough connections have ended.
+#[derive(Debug)]
+pub struct Slots {
+    free: Arc<tokio::sync::Semaphore>,
+    owed: AtomicU32,
+}
+
+impl Slots {
+    fn new(free: usize) -> Arc<Slots> {
+        Arc::new(Slots { free: Arc::new(tokio::sync::Semaphore::new(free)), owed: AtomicU32::new(0) })
+    }
+
+    /// Waits for a slot. An error: the cap was lifted while waiting (go on without one).
+    pub async fn acquire(self: Arc<Self>) -> Result<Slot, tokio::sync::AcquireError> {
+        let permit = Arc::clone(&self.free).acquire_owned().await?;
+        Ok(Slot { permit: Some(permit), slots: self })
+    }
+
+    fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let permit = Arc::clone(&self.free).try_acquire_owned().ok()?;
+        Some(Slot { permit: Some(permit), slots: Arc::clone(self) })
+    }
+
+    /// Takes `n` slots away: the free ones now, the rest as they are given back.
+    fn lower(&self, n: u32) {
+        let now = self.free.forget_permits(n as usize) as u32;
+        self.owed.fetch_add(n - now, Ordering::Relaxed);
+    }
+
+    /// Adds `n` slots: first by forgiving what is owed.
+    fn raise(&self, n: u32) {
+        let forgiven = self
+            .owed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |owed| Some(owed.saturating_sub(n)))
+            .unwrap_or(0)
+            .min(n);
+        self.free.add_permits((n - forgiven) as usize);
+    }
+}
+
+/// One taken slot of a capped backend, given back when dropped (unless it is owed).
+#[derive(Debug)]
+pub struct Slot {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    slots: Arc<Slots>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let paid = self.slots.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+        if let (true, Some(permit)) = (paid, self.permit.take()) {
+            permit.forget();
+        }
+    }
+}
+
 /// Keeps a client counted in a backend's queue while it waits.
 #[derive(Debug)]
 pub struct QueueGuard {
@@ -227,7 +285,7 @@ impl Backend {
     }
 
     /// Sets its connection cap (`None`: none). Connections already open keep going; a lower
-    /// cap takes effect as they end.
+    /// cap takes effect as they end (the slots they hold are owed).
     pub fn set_max_connections(&self, cap: Option<u32>) {
         let cap = cap.unwrap_or(0);
         let was = self.cap.swap(cap, Ordering::Relaxed);
@@ -239,16 +297,14 @@ impl Backend {
                 // Lifted: the clients queued on the old slots go on at once, not at their
                 // queue timeout.
                 if let Some(old) = self.slots.swap(None) {
-                    old.close();
+                    old.free.close();
                 }
             }
-            (Some(slots), _) if was > 0 && cap > was => slots.add_permits((cap - was) as usize),
-            (Some(slots), _) if was > 0 => {
-                slots.forget_permits((was - cap) as usize);
-            }
+            (Some(slots), _) if was > 0 && cap > was => slots.raise(cap - was),
+            (Some(slots), _) if was > 0 => slots.lower(was - cap),
             _ => {
                 let free = cap.saturating_sub(self.active()) as usize;
-                self.slots.store(Some(Arc::new(tokio::sync::Semaphore::new(free))));
+                self.slots.store(Some(Slots::new(free)));
             }
         }
     }
@@ -260,11 +316,11 @@ impl Backend {
 
     /// A slot for one more connection: `Ok(None)` without a cap, `Ok(Some(slot))` if one is
     /// free, `Err(slots)` if the backend is full (wait on them, in its queue).
-    pub fn try_slot(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Arc<tokio::sync::Semaphore>> {
+    pub fn try_slot(&self) -> Result<Option<Slot>, Arc<Slots>> {
         let Some(slots) = self.slots.load_full() else { return Ok(None) };
-        match Arc::clone(&slots).try_acquire_owned() {
-            Ok(slot) => Ok(Some(slot)),
-            Err(_) => Err(slots),
+        match slots.try_acquire() {
+            Some(slot) => Ok(Some(slot)),
+            None => Err(slots),
         }
     }
 
@@ -593,12 +649,46 @@ pub(crate) mod tests {
         b.set_max_connections(Some(1));
         let _held = b.try_slot().expect("a free slot");
         let Err(slots) = b.try_slot() else { panic!("full") };
-        let waiting = tokio::spawn(async move { slots.acquire_owned().await.is_err() });
+        let waiting = tokio::spawn(async move { slots.acquire().await.is_err() });
         tokio::task::yield_now().await;
         b.set_max_connections(None);
         let closed = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
         assert!(matches!(closed, Ok(Ok(true))), "the queued client still waits: {closed:?}");
         assert!(matches!(b.try_slot(), Ok(None)), "no cap any more");
+    }
+
+    #[tokio::test]
+    async fn a_cap_lowered_below_the_slots_taken_holds_once_they_end() {
+        let b = Backend::new(
+            "127.0.0.1:7000".parse().unwrap(),
+            "web",
+            "b0",
+            &Metrics::new(),
+            false,
+            &CancellationToken::new(),
+        );
+        b.set_max_connections(Some(4));
+        let mut held: Vec<Slot> = (0..3).map(|_| b.try_slot().expect("free").expect("capped")).collect();
+        // 3 taken, 1 free; down to 1: the free one goes now, two are owed.
+        b.set_max_connections(Some(1));
+        assert!(b.try_slot().is_err(), "full at the new cap");
+        held.pop();
+        held.pop();
+        assert!(b.try_slot().is_err(), "the two that ended paid what was owed");
+        held.pop();
+        let one = b.try_slot().expect("one slot at cap 1").expect("capped");
+        assert!(b.try_slot().is_err(), "only one");
+        // Raised to 3 while one is taken: two more.
+        b.set_max_connections(Some(3));
+        let more: Vec<Slot> = (0..2).map(|_| b.try_slot().expect("free").expect("capped")).collect();
+        assert!(b.try_slot().is_err(), "cap 3 reached");
+        // Lowered to 2 and raised back to 3 before anything ends: the debt is forgiven.
+        b.set_max_connections(Some(2));
+        b.set_max_connections(Some(3));
+        drop(one);
+        let _again = b.try_slot().expect("the slot came back").expect("capped");
+        assert!(b.try_slot().is_err(), "still cap 3");
+        drop(more);
     }
 
     /// `n` backends 127.0.0.1:7000.., weight 1.

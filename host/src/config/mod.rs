@@ -838,6 +838,12 @@ impl Config {
                     ));
                 }
             }
+            if service.health.as_ref().is_some_and(|h| h.kind == HealthKind::Mysql && h.user.is_none()) {
+                warnings.push(format!(
+                    "service {}: health.kind = \"mysql\" without a user ends each probe before login: MySQL and MariaDB log an aborted connection for it and count it toward max_connect_errors, which can block Harbor's host; set health.user (a user with no password and no grants) to log in and quit cleanly",
+                    service.name
+                ));
+            }
         }
         if let Some(limit) = open_files {
             // Each connection holds two descriptors (client and backend), on top of listeners,

@@ -54,6 +54,15 @@ fn the_seeds_idle_variable_still_sets_the_idle_timeout_and_likely_mistakes_are_w
     );
     let warnings = c.warnings(Some(1024));
     assert!(warnings.iter().any(|w| w.contains("EMFILE") && w.contains("2049 descriptors")), "{warnings:?}");
+    // A mysql check that cannot log in.
+    for (check, warned) in [("{ kind = \"mysql\" }", true), ("{ kind = \"mysql\", user = \"probe\" }", false)] {
+        let text = format!(
+            "[[service]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:3306\"]\nhealth = {check}\n"
+        );
+        let c = from_toml(&text, RunArgs::default()).unwrap();
+        let warnings = c.warnings(None);
+        assert_eq!(warnings.iter().any(|w| w.contains("max_connect_errors")), warned, "{check}: {warnings:?}");
+    }
 }
 
 #[test]

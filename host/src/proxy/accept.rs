@@ -10,7 +10,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::AtCap;
 use crate::metrics::Rejection;
 use crate::proxy::admission::{Admission, Admitted};
 use crate::proxy::connection;
@@ -82,7 +81,7 @@ pub async fn accept_loop(
         // `backlog` at the cap: take a slot before accepting, so clients past the cap wait in
         // the kernel's listen backlog instead of being accepted and closed.
         let mut reserved = None;
-        if context.load().limits.at_cap == AtCap::Backlog {
+        if admission.waits_in_backlog() {
             tokio::select! {
                 biased;
                 _ = &mut stopped => return Ok(()),

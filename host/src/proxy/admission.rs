@@ -1,12 +1,13 @@
 //! A service's caps at accept: `max_connections` for the whole service and the per-source
 //! cap, and the places a connection holds under them while it lives.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
-use crate::config::Tunables;
+use crate::config::{AtCap, Tunables};
 use crate::proxy::source_limit::{SourceLimiter, SourceSlot};
 
 /// A connection's places under the caps: a slot of `max-connections`, and one of its
@@ -29,6 +30,9 @@ pub struct Admission {
     pub slots: Arc<Semaphore>,
     capacity: Mutex<usize>,
     pub source_limiter: ArcSwap<Option<Arc<SourceLimiter>>>,
+    /// `at_max_connections = "backlog"`: take a slot before accepting, so clients past the
+    /// cap wait in the kernel's listen backlog.
+    backlog: AtomicBool,
 }
 
 impl Admission {
@@ -37,6 +41,7 @@ impl Admission {
             slots: Arc::new(Semaphore::new(t.max_connections as usize)),
             capacity: Mutex::new(t.max_connections as usize),
             source_limiter: ArcSwap::from_pointee(source_limiter(t)),
+            backlog: AtomicBool::new(t.at_max_connections == AtCap::Backlog),
         }
     }
 
@@ -61,6 +66,7 @@ impl Admission {
             }
         }
         *capacity = want;
+        self.backlog.store(t.at_max_connections == AtCap::Backlog, Ordering::Relaxed);
         let current = self.source_limiter.load();
         let same = match (current.as_ref(), t.max_connections_per_source) {
             (None, 0) => true,
@@ -70,6 +76,11 @@ impl Admission {
         if !same {
             self.source_limiter.store(Arc::new(source_limiter(t)));
         }
+    }
+
+    /// True if a slot is taken before each accept (`at_max_connections = "backlog"`).
+    pub fn waits_in_backlog(&self) -> bool {
+        self.backlog.load(Ordering::Relaxed)
     }
 
     pub fn max_connections(&self) -> usize {

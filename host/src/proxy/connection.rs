@@ -142,7 +142,7 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
             Ok(slot) => slot,
             Err(slots) => {
                 let _queued = backend.enter_queue();
-                let waited = tokio::time::timeout(limits.queue_timeout, slots.acquire_owned()).await;
+                let waited = tokio::time::timeout(limits.queue_timeout, slots.acquire()).await;
                 let slot_at = Instant::now();
                 metrics.queue_wait.observe((slot_at - dial_started).as_secs_f64());
                 // The connect is timed from here: the wait was the queue's, not the backend's.

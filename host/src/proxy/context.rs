@@ -22,8 +22,6 @@ pub struct ConnectionLimits {
     pub connect_timeout: Duration,
     /// How long a client waits for a slot of a full backend.
     pub queue_timeout: Duration,
-    /// What the accept loop does at the service's connection cap.
-    pub at_cap: crate::config::AtCap,
     pub connect_attempts: u32,
     pub cooldown: Duration,
     pub max_cooldown: Duration,
@@ -74,7 +72,6 @@ impl ConnectionLimits {
         ConnectionLimits {
             connect_timeout: t.connect_timeout(),
             queue_timeout: t.queue_timeout(),
-            at_cap: t.at_max_connections,
             connect_attempts: t.connect_attempts as u32,
             cooldown: t.cooldown(),
             max_cooldown: t.max_cooldown(),

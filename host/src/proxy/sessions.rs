@@ -28,7 +28,6 @@ pub struct Session {
     pub client: SocketAddr,
     pub backend: Arc<Backend>,
     started: Instant,
-    started_unix_ms: u64,
     /// Bytes moved so far, each way (the relay adds to them as it goes).
     pub to_backend: AtomicU64,
     pub to_client: AtomicU64,
@@ -113,7 +112,6 @@ impl Sessions {
             client,
             backend: Arc::clone(backend),
             started: Instant::now(),
-            started_unix_ms: crate::clock::unix_ms(),
             to_backend: AtomicU64::new(0),
             to_client: AtomicU64::new(0),
             counted_to_backend: AtomicU64::new(0),
@@ -126,7 +124,7 @@ impl Sessions {
 
     /// Every live connection, oldest first; at most `limit`.
     pub fn list(&self, limit: usize) -> Vec<SessionView> {
-        let now = Instant::now();
+        let (now, unix_now) = (Instant::now(), crate::clock::unix_ms());
         let mut all: Vec<Arc<Session>> = Vec::new();
         for shard in &self.shards {
             all.extend(shard.lock().unwrap_or_else(PoisonError::into_inner).values().cloned());
@@ -134,16 +132,19 @@ impl Sessions {
         all.sort_by_key(|s| s.id);
         all.iter()
             .take(limit)
-            .map(|s| SessionView {
-                id: s.id,
-                client: s.client.to_string(),
-                backend: s.backend.address.to_string(),
-                backend_name: s.backend.label.to_string(),
-                age_ms: u64::try_from(now.duration_since(s.started).as_millis()).unwrap_or(u64::MAX),
-                started_unix_ms: s.started_unix_ms,
-                bytes_to_backend: s.to_backend.load(Ordering::Relaxed),
-                bytes_to_client: s.to_client.load(Ordering::Relaxed),
-                state: if s.kill.is_killed() { "closing" } else { "relaying" },
+            .map(|s| {
+                let age_ms = u64::try_from(now.duration_since(s.started).as_millis()).unwrap_or(u64::MAX);
+                SessionView {
+                    id: s.id,
+                    client: s.client.to_string(),
+                    backend: s.backend.address.to_string(),
+                    backend_name: s.backend.label.to_string(),
+                    age_ms,
+                    started_unix_ms: unix_now.saturating_sub(age_ms),
+                    bytes_to_backend: s.to_backend.load(Ordering::Relaxed),
+                    bytes_to_client: s.to_client.load(Ordering::Relaxed),
+                    state: if s.kill.is_killed() { "closing" } else { "relaying" },
+                }
             })
             .collect()
     }

@@ -196,9 +196,10 @@ function serviceSection(s, now) {
   const tracked = s.backends.map(b => ({ b, h: track(s.name, b, now) }));
   const cps = tracked.reduce((sum, t) => sum + t.h.cps[t.h.cps.length - 1], 0);
   const healthy = s.backends.filter(b => b.state === "healthy" && !b.removing).length;
+  const queued = s.backends.reduce((sum, b) => sum + b.queued, 0);
   const bytesTotal = s.backends.reduce((sum, b) => sum + b.bytes_to_backend + b.bytes_to_client, 0);
-  const head = el("tr", {}, ...["backend", "source", "state", "health", "check", "active", "conn/s", "connections", "to backend", "to client", "connect", "fails", "weight", ""]
-    .map((h, i) => el("th", { class: i >= 5 && i <= 12 ? "num" : "", text: h })));
+  const head = el("tr", {}, ...["backend", "source", "state", "health", "check", "active", "queued", "conn/s", "connections", "to backend", "to client", "connect", "fails", "weight", ""]
+    .map((h, i) => el("th", { class: i >= 5 && i <= 13 ? "num" : "", text: h })));
   const rows = tracked.map(({ b, h }) => {
     const state = stateOf(b);
     let action = null;
@@ -214,7 +215,9 @@ function serviceSection(s, now) {
       el("td", {}, el("span", { class: "pill state " + state, text: b.maint ? "maint" : state })),
       el("td", {}, el("span", { class: "pill health " + b.health, text: b.health })),
       el("td", { class: "check hide-narrow", text: checkText(b), title: checkTitle(b) }),
-      el("td", { class: "num active", text: String(b.active) }),
+      el("td", { class: "num active", text: b.max_connections == null ? String(b.active) : `${b.active} / ${b.max_connections}`,
+        title: b.max_connections == null ? "" : "active / max_connections" }),
+      el("td", { class: "num queued" + (b.queued > 0 ? " warn" : ""), text: String(b.queued) }),
       el("td", { class: "num cps", text: h.cps[h.cps.length - 1].toFixed(1) }),
       el("td", { class: "num picks", text: String(b.picks) }),
       el("td", { class: "num to-backend", "data-value": String(b.bytes_to_backend), text: bytes(b.bytes_to_backend) }),
@@ -230,6 +233,7 @@ function serviceSection(s, now) {
     el("div", { class: "meta", text: `listening on ${s.listen.join(", ") || "nothing"} · membership generation ${s.generation}` }),
     el("div", { class: "tiles" },
       tile("active connections", s.active_connections),
+      tile("queued clients", queued, queued > 0 ? "warn" : ""),
       tile("connections / s", cps.toFixed(1)),
       tile("healthy backends", `${healthy} / ${s.backends.length}`, healthy === 0 ? "bad" : ""),
       tile("bytes relayed", bytes(bytesTotal)),
