@@ -210,7 +210,7 @@ function serviceSection(s, now) {
       action = button;
     }
     return el("tr", { class: "backend", "data-address": b.address },
-      el("td", { class: "address", text: b.name ? `${b.name} (${b.address})` : b.address }),
+      el("td", { class: "address", text: (b.name ? `${b.name} (${b.address})` : b.address) + (b.backup ? " · backup" : "") }),
       el("td", { class: "source", text: b.source }),
       el("td", {}, el("span", { class: "pill state " + state, text: b.maint ? "maint" : state })),
       el("td", {}, el("span", { class: "pill health " + b.health, text: b.health })),
@@ -239,8 +239,8 @@ function serviceSection(s, now) {
       tile("bytes relayed", bytes(bytesTotal)),
       tile("strategy faults", s.strategy.faults)),
     el("div", { class: "charts" },
-      chart("connections / s per backend", colored.map(({ t, color }) => ({ label: t.b.address, color, values: t.h.cps }))),
-      chart("active connections per backend", colored.map(({ t, color }) => ({ label: t.b.address, color, values: t.h.active })))),
+      chart("connections / s per backend", colored.map(({ t, color }) => ({ label: t.b.name || t.b.address, color, values: t.h.cps }))),
+      chart("active connections per backend", colored.map(({ t, color }) => ({ label: t.b.name || t.b.address, color, values: t.h.active })))),
     el("div", { class: "table-wrap" }, el("table", { class: "backends" }, el("thead", {}, head), el("tbody", {}, ...rows))),
     strategyBox(s));
 }
