@@ -98,6 +98,13 @@ pub struct RejectionLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusClassLabel {
+    pub service: String,
+    /// `1xx` … `5xx`.
+    pub class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayEndLabel {
     pub service: String,
     pub end: &'static str,
@@ -209,6 +216,10 @@ per_service! {
     queue_timeouts: Counter = "queue_timeouts", "Clients closed after waiting queue_timeout_ms for a slot of a full backend";
     queue_wait: Histogram(connection_duration_histogram) = "queue_wait_seconds", "Time clients waited for a slot of a full backend";
     proxy_header_errors: Counter = "proxy_header_errors", "Connections from trusted sources closed for a missing or bad PROXY protocol header";
+    http_request_duration: Histogram(connection_duration_histogram) = "http_request_duration_seconds", "HTTP mode: time from a request's headers to the end of its response";
+    upstream_opened: Counter = "upstream_connections_opened", "HTTP mode: connections opened to backends";
+    upstream_reused: Counter = "upstream_connections_reused", "HTTP mode: requests sent on a pooled backend connection";
+    upstream_idle: Gauge = "upstream_connections_idle", "HTTP mode: idle pooled backend connections now";
 }
 
 /// Declares every other metric family once: each line is the field, its type (with the
@@ -249,6 +260,7 @@ metrics! {
     pub admin_connection_drops: Counter => "admin_connection_drops", "Admin connections closed at accept because the admin connection cap was reached";
     pub access_log_dropped: Counter => "access_log_dropped", "Access-log lines dropped because the writer's queue was full";
     rejections: Family<RejectionLabel, Counter> => "rejected_connections", "Clients closed at accept, by reason (max_connections, per_source)";
+    http_responses: Family<StatusClassLabel, Counter> => "http_responses", "HTTP mode: responses by status class (Harbor's own included)";
     relay_ends: Family<RelayEndLabel, Counter> => "relay_ends", "Relayed connections by how they ended (a reset on one side is passed on as a reset)";
     backend_picks: Family<BackendLabel, Counter> => "backend_picks", "Times each backend was picked";
     backend_dial_failures: Family<BackendLabel, Counter> => "backend_dial_failures", "Failed connects per backend";
@@ -292,7 +304,19 @@ impl Metrics {
             .iter()
             .map(|reason| self.rejections.get_or_create(&RejectionLabel { service: name.to_string(), reason }).clone())
             .collect();
-        ServiceMetrics { name: name.to_string(), series: self.per_service.series(&label), rejections, relay_ends }
+        let http_responses = ["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .iter()
+            .map(|class| {
+                self.http_responses.get_or_create(&StatusClassLabel { service: name.to_string(), class }).clone()
+            })
+            .collect();
+        ServiceMetrics {
+            name: name.to_string(),
+            series: self.per_service.series(&label),
+            rejections,
+            relay_ends,
+            http_responses,
+        }
     }
 
     /// Counts a strategy fallback.
@@ -520,6 +544,8 @@ pub struct ServiceMetrics {
     rejections: Vec<Counter>,
     /// Relays by how they ended, indexed by [`RelayEnd::ordinal`].
     relay_ends: Vec<Counter>,
+    /// HTTP responses by status class, 1xx at 0.
+    http_responses: Vec<Counter>,
 }
 
 impl std::ops::Deref for ServiceMetrics {
@@ -533,6 +559,13 @@ impl ServiceMetrics {
     /// Counts a client closed at accept.
     pub fn rejected(&self, why: Rejection) {
         if let Some(counter) = self.rejections.get(why as usize) {
+            counter.inc();
+        }
+    }
+
+    /// Counts an HTTP response by its status class.
+    pub fn responded(&self, status: u16) {
+        if let Some(counter) = self.http_responses.get(usize::from(status / 100).wrapping_sub(1)) {
             counter.inc();
         }
     }

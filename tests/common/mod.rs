@@ -2,6 +2,7 @@
 //! built from a config, clients that send and hash real bytes, and a metrics reader.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod netns;
 pub mod peers;
 pub mod process;

@@ -18,8 +18,8 @@ pub use crate::proxy::proxy_protocol::ProxyVersion;
 pub use health::{compile_regex, AgentConfig, CheckStep, HealthConfig, HealthKind, Role};
 use settings::{settings, Layer};
 pub use settings::{
-    AddressList, AllUnhealthy, AtCap, BackendList, BackendSpec, DnsSpec, LogFormat, PeekMode, RelayMode, RuntimeMode,
-    SettingDoc, SrvSpec, WeightedSpec,
+    AddressList, AllUnhealthy, AtCap, BackendList, BackendProtocol, BackendSpec, DnsSpec, LogFormat, Mode, PeekMode,
+    RelayMode, RuntimeMode, SettingDoc, SrvSpec, WeightedSpec,
 };
 
 /// Everything that can be wrong with a configuration. Each message is one line that names the
@@ -128,6 +128,18 @@ settings! {
     TunableArgs;
     /// Per-service settings, resolved: the service's own value, else the global one, else the default.
     Tunables;
+    /// `tcp`: each connection is placed once and relayed as bytes. `http`: HTTP/1.x and HTTP/2 (h2c) are parsed and every request is placed by the strategy.
+    mode: Mode = Mode::Tcp, env "HARBOR_MODE", shown "tcp", reload NewConnections;
+    /// HTTP mode: how Harbor talks to backends, `http1` (keep-alive) or `http2` (h2c, multiplexed; gRPC needs it).
+    backend_protocol: BackendProtocol = BackendProtocol::Http1, env "HARBOR_BACKEND_PROTOCOL", shown "http1", reload NewConnections;
+    /// HTTP mode: how long a client has to send a request's whole header section, in ms, and how long a keep-alive connection may wait for its next request.
+    request_header_timeout_ms: u64 = 10_000, env "HARBOR_REQUEST_HEADER_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
+    /// HTTP mode: how long a backend has to answer a request with its response headers, in ms; then 504.
+    response_header_timeout_ms: u64 = 60_000, env "HARBOR_RESPONSE_HEADER_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
+    /// HTTP mode: idle keep-alive connections kept per backend (HTTP/1.1).
+    backend_max_idle: u64 = 64, env "HARBOR_BACKEND_MAX_IDLE", range 0..=100_000, reload NewConnections;
+    /// HTTP mode: how long an idle pooled backend connection is kept, in ms.
+    backend_idle_timeout_ms: u64 = 60_000, env "HARBOR_BACKEND_IDLE_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
     /// Time limit for one strategy call, in ms, not counting time its thread waits for a core (up to 10x); fuel (12M + 24k per backend) bounds it too.
     strategy_timeout_ms: u64 = 10, env "HARBOR_STRATEGY_TIMEOUT_MS", range 1..=1000, reload Strategy;
     /// Memory limit for one strategy instance, all its linear memories and tables summed, in MiB.

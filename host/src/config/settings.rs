@@ -328,6 +328,26 @@ pub enum AtCap {
     Backlog,
 }
 
+/// What a service proxies: connections, or the HTTP requests in them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Each connection is placed once and relayed as bytes.
+    Tcp,
+    /// HTTP/1.x and HTTP/2 (h2c): every request is placed by the strategy.
+    Http,
+}
+
+/// How an HTTP service talks to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendProtocol {
+    /// HTTP/1.1 with keep-alive connections.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), streams multiplexed on one connection; gRPC needs it.
+    Http2,
+}
+
 /// What a service reads from a client before its strategy chooses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -55,6 +55,8 @@ pub struct Lifecycle {
     phase: watch::Sender<Phase>,
     /// Cancelled when the grace period is over: every relay still running is cut.
     cut: CancellationToken,
+    /// Cancelled when the drain starts: HTTP connections finish their requests and close.
+    draining: CancellationToken,
     /// Cancelled when stopped: background work ends.
     background: CancellationToken,
     /// The admin server's end: when stopped, or at once when a binary upgrade hands over.
@@ -77,6 +79,7 @@ impl Lifecycle {
         Lifecycle {
             phase: watch::Sender::new(Phase::Starting),
             cut: CancellationToken::new(),
+            draining: CancellationToken::new(),
             admin: background.child_token(),
             background,
             stop_requested: CancellationToken::new(),
@@ -108,6 +111,9 @@ impl Lifecycle {
             }
             ahead
         });
+        if moved && phase >= Phase::Draining {
+            self.draining.cancel();
+        }
         if moved && phase == Phase::Stopped {
             self.background.cancel();
         }
@@ -158,6 +164,11 @@ impl Lifecycle {
         self.cut.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
         cut
+    }
+
+    /// Cancelled when the drain starts.
+    pub(crate) fn draining_token(&self) -> &CancellationToken {
+        &self.draining
     }
 
     /// Cancelled when connections are cut (backends take child tokens of it).

@@ -275,15 +275,23 @@ impl Control {
         strategy.kv_stores().spawn_sweeper(background.clone());
         let sessions = Arc::new(crate::proxy::sessions::Sessions::default());
         sessions.spawn_counter(background.clone());
+        let upstreams = Arc::new(crate::proxy::http::Upstreams::default());
+        let metrics = self.metrics.service(&cfg.name);
+        upstreams.spawn_sweeper(membership.pool(), metrics.clone(), background.clone());
         let context = ServiceContext {
             name: Arc::from(cfg.name.as_str()),
             pool: membership.pool(),
             strategy,
             limits: ConnectionLimits::from_tunables(&cfg.tunables),
-            metrics: self.metrics.service(&cfg.name),
+            metrics,
             hot_path_log: Arc::new(RateLimitedLog::new(10, Duration::from_secs(10))),
             access_log: self.access_log.clone(),
             sessions,
+            upstreams,
+            ends: crate::proxy::http::Ends {
+                draining: self.lifecycle.draining_token().clone(),
+                cut: self.lifecycle.cut_token().clone(),
+            },
             #[cfg(target_os = "linux")]
             kernel_relay: self.kernel_relay.clone(),
         };

@@ -211,6 +211,8 @@ impl Control {
                 hot_path_log: Arc::clone(&context.hot_path_log),
                 access_log: context.access_log.clone(),
                 sessions: Arc::clone(&context.sessions),
+                upstreams: Arc::clone(&context.upstreams),
+                ends: context.ends.clone(),
                 #[cfg(target_os = "linux")]
                 kernel_relay: context.kernel_relay.clone(),
             }));

@@ -10,10 +10,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::Mode;
 use crate::metrics::Rejection;
 use crate::proxy::admission::{Admission, Admitted};
-use crate::proxy::connection;
 use crate::proxy::context::ServiceContext;
+use crate::proxy::{connection, http};
 
 /// First pause after a transient accept error; doubles up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(5);
@@ -120,7 +121,10 @@ pub async fn accept_loop(
                 match slot {
                     Ok(permit) => {
                         let admission = Admitted::new(permit, source);
-                        tracker.spawn(connection::serve(stream, peer, context, admission));
+                        match context.limits.mode {
+                            Mode::Tcp => tracker.spawn(connection::serve(stream, peer, context, admission)),
+                            Mode::Http => tracker.spawn(http::serve(stream, peer, context, admission)),
+                        };
                     }
                     Err(_) => {
                         metrics.capacity_drops.inc();

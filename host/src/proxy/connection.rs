@@ -137,30 +137,14 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
         debug_assert!(!excluded.contains(&index), "a backend already tried was picked again");
         tracing::Span::current().record("backend", tracing::field::display(backend.address));
         backend.metrics.picks.inc();
-        // A backend at its max_connections: wait in its queue for a slot.
-        let _slot = match backend.try_slot() {
-            Ok(slot) => slot,
-            Err(slots) => {
-                let _queued = backend.enter_queue();
-                let waited = tokio::time::timeout(limits.queue_timeout, slots.acquire()).await;
-                let slot_at = Instant::now();
-                metrics.queue_wait.observe((slot_at - dial_started).as_secs_f64());
-                // The connect is timed from here: the wait was the queue's, not the backend's.
-                dial_started = slot_at;
-                match waited {
-                    Ok(Ok(slot)) => Some(slot),
-                    // Timed out, or the cap was lifted (the slots closed): go on only in the
-                    // second case.
-                    Ok(Err(_)) => None,
-                    Err(_) => {
-                        metrics.queue_timeouts.inc();
-                        if service.hot_path_log.allow() {
-                            tracing::warn!(backend = %backend.address, queued = backend.queued(), "no slot of a full backend within queue_timeout_ms: closing the client");
-                        }
-                        return Outcome::failed(End::QueueTimeout, Some(pick), Some(backend.address));
-                    }
-                }
+        // A backend at its max_connections: wait in its queue for a slot (the connect is
+        // timed from the slot: the wait was the queue's, not the backend's).
+        let Ok(_slot) = crate::proxy::queue::slot(backend, limits.queue_timeout, metrics, &mut dial_started).await
+        else {
+            if service.hot_path_log.allow() {
+                tracing::warn!(backend = %backend.address, queued = backend.queued(), "no slot of a full backend within queue_timeout_ms: closing the client");
             }
+            return Outcome::failed(End::QueueTimeout, Some(pick), Some(backend.address));
         };
         metrics.dials.inc();
         match connect(backend.address, limits.connect_timeout, &limits.socket).await {

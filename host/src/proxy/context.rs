@@ -8,10 +8,11 @@ use arc_swap::ArcSwap;
 
 use crate::access_log::AccessLog;
 use crate::backends::pool::BackendPool;
-use crate::config::{parse_cidr, AllUnhealthy, PeekMode, ProxyVersion, Tunables};
+use crate::config::{parse_cidr, AllUnhealthy, Mode, PeekMode, ProxyVersion, Tunables};
 use crate::logging::RateLimitedLog;
 use crate::metrics::ServiceMetrics;
 use crate::proxy::connect::SocketOptions;
+use crate::proxy::http::{Ends, HttpLimits, Upstreams};
 use crate::proxy::peek::PeekPolicy;
 use crate::proxy::relay::RelayLimits;
 use crate::strategy::StrategyHost;
@@ -36,6 +37,9 @@ pub struct ConnectionLimits {
     pub proxy_timeout: Duration,
     /// The PROXY header sent to backends.
     pub proxy_to_backend: ProxyVersion,
+    /// Connections relayed as bytes, or HTTP requests each placed on its own.
+    pub mode: Mode,
+    pub http: HttpLimits,
 }
 
 /// Source addresses trusted to send a PROXY header (CIDRs).
@@ -69,7 +73,10 @@ impl TrustedSources {
 
 impl ConnectionLimits {
     pub fn from_tunables(t: &Tunables) -> Self {
+        let socket = SocketOptions { nodelay: t.nodelay, keepalive: t.keepalive() };
         ConnectionLimits {
+            mode: t.mode,
+            http: HttpLimits::from_tunables(t, socket),
             connect_timeout: t.connect_timeout(),
             queue_timeout: t.queue_timeout(),
             connect_attempts: t.connect_attempts as u32,
@@ -80,7 +87,7 @@ impl ConnectionLimits {
                 lifetime: t.max_lifetime(),
                 half_close: t.half_close_timeout(),
             },
-            socket: SocketOptions { nodelay: t.nodelay, keepalive: t.keepalive() },
+            socket,
             ignore_checks_when_all_fail: t.all_unhealthy == AllUnhealthy::IgnoreChecks,
             proxy_from: TrustedSources(
                 t.proxy_protocol_from
@@ -111,6 +118,10 @@ pub struct ServiceContext {
     pub access_log: Option<Arc<AccessLog>>,
     /// The live connections (kept across reloads: every context of a service shares them).
     pub sessions: Arc<crate::proxy::sessions::Sessions>,
+    /// HTTP mode: the backend connections kept for reuse (shared across reloads).
+    pub upstreams: Arc<Upstreams>,
+    /// When HTTP connections are told to finish, and when they are cut.
+    pub ends: Ends,
     /// The kernel relay, when `relay = "kernel"` and it loaded.
     #[cfg(target_os = "linux")]
     pub kernel_relay: Option<Arc<crate::proxy::kernel_relay::KernelRelay>>,

@@ -14,11 +14,13 @@ pub mod client_hello;
 pub(crate) mod connect;
 pub(crate) mod connection;
 pub(crate) mod context;
+pub(crate) mod http;
 #[cfg(target_os = "linux")]
 pub(crate) mod kernel_relay;
 pub(crate) mod listener;
 pub(crate) mod peek;
 pub mod proxy_protocol;
+pub(crate) mod queue;
 pub(crate) mod relay;
 pub(crate) mod service;
 pub(crate) mod sessions;

@@ -1,0 +1,315 @@
+//! One request, start to end: the strategy picks a backend, a pooled or new connection to it
+//! carries the request, and the response streams back. A request that never reached a backend
+//! (connect failure, or a pooled connection that closed before use) is placed again, on
+//! another backend; nothing that reached one is sent twice.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::HOST;
+use hyper::{Request, Response, Uri, Version};
+
+use crate::backends::pool::{ActiveGuard, Backend, Slot};
+use crate::clock::Instant;
+use crate::config::BackendProtocol;
+use crate::proxy::context::ServiceContext;
+use crate::proxy::http::headers::{self, Refusal};
+use crate::proxy::http::upstream::Sender;
+use crate::strategy::runtime::bindings::{ConnectionOutcome, LocalAddr};
+use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest};
+
+/// A response body: the backend's, streamed, or Harbor's own.
+pub enum ProxyBody {
+    Upstream { body: Incoming, end: Option<Finish> },
+    Own(Option<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Own(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Upstream { body, end } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(data), Some(end)) = (frame.data_ref(), end.as_mut()) {
+                            end.bytes_to_client += data.len() as u64;
+                        }
+                        // hyper stops polling a body that says it has ended.
+                        if body.is_end_stream() {
+                            if let Some(mut end) = end.take() {
+                                end.completed = true;
+                            }
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        // The whole response went through: the connection may carry another.
+                        if let Some(mut end) = end.take() {
+                            end.completed = true;
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        end.take();
+                    }
+                    Poll::Pending => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Own(bytes) => bytes.is_none(),
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Own(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            ProxyBody::Own(None) => SizeHint::with_exact(0),
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+/// What a request holds until its response body ends: its backend's slot and active count,
+/// the connection to give back, and what to tell the strategy and the metrics.
+pub struct Finish {
+    context: Arc<ServiceContext>,
+    pick: Pick,
+    index: usize,
+    backend: Arc<Backend>,
+    sender: Option<hyper::client::conn::http1::SendRequest<Incoming>>,
+    started: Instant,
+    connect_micros: u32,
+    bytes_to_client: u64,
+    /// The body ended cleanly (else the connection is not reused).
+    completed: bool,
+    _active: ActiveGuard,
+    _slot: Option<Slot>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let context = &self.context;
+        if let (true, Some(sender)) = (self.completed, self.sender.take()) {
+            context.upstreams.give_back(self.backend.address, sender, &context.limits.http.pool, &context.metrics);
+        }
+        let took = self.started.elapsed();
+        context.metrics.http_request_duration.observe(took.as_secs_f64());
+        context.strategy.report(
+            &self.pick,
+            ConnectionOutcome {
+                sequence: self.pick.sequence,
+                backend: self.index as u32,
+                connected: true,
+                connect_micros: self.connect_micros,
+                duration_millis: millis(took),
+                bytes_to_backend: 0,
+                bytes_to_client: self.bytes_to_client,
+            },
+        );
+    }
+}
+
+/// Places and forwards one request; never fails (Harbor's own answers are responses too).
+pub async fn handle(
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    context: Arc<ServiceContext>,
+) -> Response<ProxyBody> {
+    let grpc = headers::is_grpc(request.headers());
+    let response = match forward(request, peer, local, &context).await {
+        Ok(response) => response,
+        Err(refusal) => refusal.response(grpc).map(|b| ProxyBody::Own(Some(b))),
+    };
+    context.metrics.responded(response.status().as_u16());
+    response
+}
+
+async fn forward(
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    context: &Arc<ServiceContext>,
+) -> Result<Response<ProxyBody>, Refusal> {
+    let limits = &context.limits;
+    let metrics = &context.metrics;
+    let protocol = limits.http.pool.protocol;
+    prepare(&mut request, peer, protocol);
+    let started = Instant::now();
+    let pool = context.pool.load_full();
+    let mut excluded: Vec<usize> = Vec::new();
+    let mut refusal = Refusal::NoBackend;
+    for attempt in 0..limits.connect_attempts {
+        let phase = Instant::now();
+        let pick = context.strategy.pick(&PickRequest {
+            pool: &pool,
+            client: peer,
+            local: LocalAddr::Known(local),
+            attempt,
+            excluded: &excluded,
+            ignore_checks_when_all_fail: limits.ignore_checks_when_all_fail,
+            tls: None,
+            first_bytes: &[],
+            proxied_client: None,
+        });
+        let mut since = Instant::now();
+        metrics.pick_duration.observe((since - phase).as_secs_f64());
+        let Some((index, backend)) = pick.index.and_then(|i| Some((i, Arc::clone(pool.get(i)?)))) else {
+            metrics.no_backend.inc();
+            return Err(refusal);
+        };
+        backend.metrics.picks.inc();
+        let Ok(slot) = crate::proxy::queue::slot(&backend, limits.queue_timeout, metrics, &mut since).await else {
+            return Err(Refusal::QueueTimeout);
+        };
+        let sender = context.upstreams.checkout(backend.address, &limits.http.pool, metrics).await;
+        let (sender, reused) = match sender {
+            Ok(got) => got,
+            Err(error) => {
+                let cooldown = backend.record_connect_failure(limits.cooldown, limits.max_cooldown);
+                metrics.dial_failures.inc();
+                context.strategy.report(&pick, failed_outcome(&pick, index, since.elapsed()));
+                if context.hot_path_log.allow() {
+                    tracing::warn!(backend = %backend.address, ?cooldown, attempt, "{error}; backend cools down");
+                }
+                excluded.push(index);
+                refusal = Refusal::BadGateway;
+                if attempt + 1 < limits.connect_attempts {
+                    metrics.retries.inc();
+                }
+                continue;
+            }
+        };
+        let connect_time = since.elapsed();
+        if !reused {
+            backend.record_connect_success(connect_time);
+        }
+        let active = backend.track_active();
+        let sent = send(sender, request, limits.http.response_header_timeout).await;
+        let (response, sender) = match sent {
+            Sent::Answered(response, sender) => (response, sender),
+            Sent::Unsent(back) => {
+                // The pooled connection closed before taking it: the request is whole, so
+                // it goes again (on a new connection, which the pool now has to open).
+                request = back;
+                excluded.push(index);
+                metrics.retries.inc();
+                continue;
+            }
+            Sent::Failed(error) => {
+                if context.hot_path_log.allow() {
+                    tracing::warn!(backend = %backend.address, "the backend broke off before its response headers: {error}");
+                }
+                return Err(Refusal::BadGateway);
+            }
+            Sent::TimedOut => return Err(Refusal::Timeout),
+        };
+        let finish = Finish {
+            context: Arc::clone(context),
+            pick,
+            index,
+            backend,
+            sender,
+            started,
+            connect_micros: if reused { 0 } else { micros(connect_time) },
+            bytes_to_client: 0,
+            completed: false,
+            _active: active,
+            _slot: slot,
+        };
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        // An empty body is never polled: the response is whole with its headers.
+        let mut finish = finish;
+        finish.completed = body.is_end_stream();
+        return Ok(Response::from_parts(parts, ProxyBody::Upstream { body, end: Some(finish) }));
+    }
+    metrics.no_backend.inc();
+    Err(refusal)
+}
+
+/// The request as the backend gets it: hop-by-hop headers gone, forwarding headers written,
+/// the URI and version of the backend's protocol.
+fn prepare(request: &mut Request<Incoming>, peer: SocketAddr, protocol: BackendProtocol) {
+    headers::strip_hop_by_hop(request.headers_mut());
+    headers::set_forwarded(request.headers_mut(), peer);
+    // HTTP/2 clients name the host in :authority; an HTTP/1.1 backend needs a Host header.
+    if !request.headers().contains_key(HOST) {
+        if let Some(value) =
+            request.uri().authority().and_then(|a| hyper::header::HeaderValue::from_str(a.as_str()).ok())
+        {
+            request.headers_mut().insert(HOST, value);
+        }
+    }
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    match protocol {
+        BackendProtocol::Http1 => {
+            *request.version_mut() = Version::HTTP_11;
+            if let Ok(uri) = path.parse::<Uri>() {
+                *request.uri_mut() = uri;
+            }
+        }
+        BackendProtocol::Http2 => {
+            *request.version_mut() = Version::HTTP_2;
+            let authority = request
+                .headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+                .or_else(|| request.uri().authority().map(|a| a.to_string()))
+                .unwrap_or_else(|| "localhost".to_string());
+            if let Ok(uri) = Uri::builder().scheme("http").authority(authority).path_and_query(path).build() {
+                *request.uri_mut() = uri;
+            }
+            request.headers_mut().remove(HOST);
+        }
+    }
+}
+
+enum Sent {
+    /// Response headers came; the HTTP/1.1 connection goes back to the pool when the body ends.
+    Answered(Response<Incoming>, Option<hyper::client::conn::http1::SendRequest<Incoming>>),
+    /// The connection closed before the request was written: here it is, whole.
+    Unsent(Request<Incoming>),
+    Failed(hyper::Error),
+    TimedOut,
+}
+
+async fn send(sender: Sender, request: Request<Incoming>, timeout: std::time::Duration) -> Sent {
+    match sender {
+        Sender::Http1(mut sender) => {
+            let sending = sender.try_send_request(request);
+            match tokio::time::timeout(timeout, sending).await {
+                Ok(Ok(response)) => Sent::Answered(response, Some(sender)),
+                Ok(Err(mut error)) => match error.take_message() {
+                    Some(request) => Sent::Unsent(request),
+                    None => Sent::Failed(error.into_error()),
+                },
+                Err(_) => Sent::TimedOut,
+            }
+        }
+        Sender::Http2(mut sender) => {
+            let sending = sender.try_send_request(request);
+            match tokio::time::timeout(timeout, sending).await {
+                Ok(Ok(response)) => Sent::Answered(response, None),
+                Ok(Err(mut error)) => match error.take_message() {
+                    Some(request) => Sent::Unsent(request),
+                    None => Sent::Failed(error.into_error()),
+                },
+                Err(_) => Sent::TimedOut,
+            }
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! What a request and a response lose and gain on their way through: hop-by-hop headers
+//! (RFC 9110 §7.6.1) are removed, the forwarding headers are written, and Harbor's own answers
+//! (no backend, a failed backend, a timeout) are built, as gRPC statuses for gRPC calls.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, TE, TRANSFER_ENCODING, UPGRADE};
+use hyper::{Response, StatusCode};
+
+/// Headers that belong to one connection and never travel on.
+const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization"];
+
+/// Removes the hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`,
+/// `Proxy-Connection`, `Transfer-Encoding` (each hop frames its own body), `Upgrade`, and
+/// `TE` unless it is exactly `trailers` (which gRPC needs end to end).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let te_trailers_only = headers.get_all(TE).iter().all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_trailers_only {
+        headers.remove(TE);
+    }
+}
+
+/// Writes who the client is and how it came, replacing what the client sent (nobody is
+/// trusted to name a client yet): `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded`.
+pub fn set_forwarded(headers: &mut HeaderMap, client: SocketAddr) {
+    let ip = client.ip();
+    let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
+    if let Ok(value) = HeaderValue::from_str(&ip.to_string()) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+    }
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    if let Ok(value) = HeaderValue::from_str(&format!("for={node};proto=http")) {
+        headers.insert(HeaderName::from_static("forwarded"), value);
+    }
+}
+
+/// True for a gRPC call (`content-type: application/grpc…`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Why Harbor answers a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No backend is eligible.
+    NoBackend,
+    /// Every attempt to reach a backend failed, or it broke off before its response headers.
+    BadGateway,
+    /// The backend did not send response headers in time.
+    Timeout,
+    /// The chosen backend stayed full for the whole queue timeout.
+    QueueTimeout,
+}
+
+impl Refusal {
+    fn status(self) -> StatusCode {
+        match self {
+            Refusal::NoBackend | Refusal::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::BadGateway => StatusCode::BAD_GATEWAY,
+            Refusal::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The gRPC status code: UNAVAILABLE (14), or DEADLINE_EXCEEDED (4) for a timeout.
+    fn grpc_status(self) -> &'static str {
+        match self {
+            Refusal::Timeout => "4",
+            _ => "14",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::NoBackend => "no backend is available",
+            Refusal::BadGateway => "the backend could not be reached or broke off",
+            Refusal::Timeout => "the backend did not answer in time",
+            Refusal::QueueTimeout => "every slot of the chosen backend stayed taken",
+        }
+    }
+
+    /// The answer: a short text, or for gRPC a trailers-only response with the status.
+    pub fn response(self, grpc: bool) -> Response<Bytes> {
+        let mut response = if grpc {
+            let mut r = Response::new(Bytes::new());
+            let headers = r.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert(HeaderName::from_static("grpc-status"), HeaderValue::from_static(self.grpc_status()));
+            headers.insert(HeaderName::from_static("grpc-message"), HeaderValue::from_static(self.message()));
+            r
+        } else {
+            let mut r = Response::new(Bytes::from(format!("{}\n", self.message())));
+            *r.status_mut() = self.status();
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            r
+        };
+        response.headers_mut().insert(HeaderName::from_static("x-harbor-error"), HeaderValue::from_static("1"));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_go_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+            ("x-kept", "yes"),
+        ] {
+            h.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["te", "x-kept"]);
+        let mut h = HeaderMap::new();
+        h.insert(TE, HeaderValue::from_static("gzip, trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "TE other than trailers is hop-by-hop");
+    }
+
+    #[test]
+    fn forwarding_headers_name_the_client_and_replace_what_it_sent() {
+        let mut h = HeaderMap::new();
+        h.insert(HeaderName::from_static("x-forwarded-for"), HeaderValue::from_static("6.6.6.6"));
+        set_forwarded(&mut h, "[::1]:4000".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn refusals_are_statuses_or_grpc_statuses() {
+        assert_eq!(Refusal::NoBackend.response(false).status(), 503);
+        assert_eq!(Refusal::Timeout.response(false).status(), 504);
+        let grpc = Refusal::Timeout.response(true);
+        assert_eq!(grpc.status(), 200);
+        assert_eq!(grpc.headers()["grpc-status"], "4");
+        assert_eq!(Refusal::BadGateway.response(true).headers()["grpc-status"], "14");
+    }
+}

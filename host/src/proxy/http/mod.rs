@@ -1,0 +1,113 @@
+//! HTTP mode (`mode = "http"`): a client connection speaks HTTP/1.x (keep-alive, pipelined
+//! requests answered in order) or HTTP/2 with prior knowledge (h2c), and the strategy places
+//! every request on its own.
+//!
+//! A request's path: [`serve`] (the client connection, with hyper) → [`forward`] (pick,
+//! slot, pooled connection, send, retry where safe) → [`upstream`] (backend connections kept
+//! for reuse) → the response streams back. [`headers`] removes hop-by-hop headers, writes the
+//! forwarding ones and builds Harbor's own answers. Accept, admission, the strategy host, the
+//! backends and the lifecycle are the TCP path's.
+
+pub(crate) mod forward;
+pub(crate) mod headers;
+pub(crate) mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Tunables;
+use crate::proxy::admission::Admitted;
+use crate::proxy::context::ServiceContext;
+
+pub use upstream::Upstreams;
+
+/// Concurrent streams an HTTP/2 client may open on one connection.
+const MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// The HTTP settings a connection runs with, fixed when it is accepted.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    pub request_header_timeout: Duration,
+    pub response_header_timeout: Duration,
+    pub pool: upstream::PoolLimits,
+}
+
+impl HttpLimits {
+    pub fn from_tunables(t: &Tunables, socket: crate::proxy::connect::SocketOptions) -> HttpLimits {
+        HttpLimits {
+            request_header_timeout: Duration::from_millis(t.request_header_timeout_ms),
+            response_header_timeout: Duration::from_millis(t.response_header_timeout_ms),
+            pool: upstream::PoolLimits {
+                protocol: t.backend_protocol,
+                max_idle: usize::try_from(t.backend_max_idle).unwrap_or(usize::MAX),
+                idle_timeout: Duration::from_millis(t.backend_idle_timeout_ms),
+                connect_timeout: t.connect_timeout(),
+                socket,
+            },
+        }
+    }
+}
+
+/// When HTTP connections end early: at the drain's start (HTTP/1.1 answers its request in
+/// flight with `Connection: close`, HTTP/2 sends GOAWAY), and when the drain's bound is over.
+#[derive(Debug, Clone)]
+pub struct Ends {
+    pub draining: CancellationToken,
+    pub cut: CancellationToken,
+}
+
+/// Serves one accepted client connection in HTTP mode until it closes, the drain ends it, or
+/// it is cut. The admission holds its places under the caps until the end.
+pub async fn serve(client: TcpStream, peer: SocketAddr, context: Arc<ServiceContext>, admission: Admitted) {
+    let metrics = &context.metrics;
+    metrics.active_connections.inc();
+    if let Err(e) = context.limits.socket.apply_to_client(&client) {
+        tracing::debug!("client socket options: {e}");
+    }
+    let local = client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(context.limits.http.request_header_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(64 << 10);
+    let per_request = Arc::clone(&context);
+    let service = hyper::service::service_fn(move |request| {
+        let context = Arc::clone(&per_request);
+        async move { Ok::<_, Infallible>(forward::handle(request, peer, local, context).await) }
+    });
+    let connection = builder.serve_connection(TokioIo::new(client), service);
+    tokio::pin!(connection);
+    let ends = &context.ends;
+    let ended = tokio::select! {
+        ended = connection.as_mut() => Some(ended),
+        _ = ends.draining.cancelled() => None,
+        _ = ends.cut.cancelled() => Some(Ok(())),
+    };
+    let ended = match ended {
+        Some(ended) => ended,
+        None => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                ended = connection.as_mut() => ended,
+                _ = ends.cut.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(error) = ended {
+        tracing::debug!(client = %peer, "HTTP connection ended: {error}");
+    }
+    metrics.active_connections.dec();
+    drop(admission);
+}

@@ -1,0 +1,232 @@
+//! Connections to backends in HTTP mode, kept for reuse. HTTP/1.1: idle keep-alive
+//! connections per backend, at most `backend_max_idle`, each dropped after
+//! `backend_idle_timeout_ms`. HTTP/2: one multiplexed connection per backend, replaced when
+//! it closes. A pooled connection is checked before use; one that closed meanwhile hands the
+//! request back, so it goes on a new connection, never lost.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_util::sync::CancellationToken;
+
+use crate::backends::pool::{BackendPool, BackendState};
+use crate::clock::Instant;
+use crate::config::BackendProtocol;
+use crate::metrics::ServiceMetrics;
+use crate::proxy::connect::{connect, ConnectError, SocketOptions};
+
+/// How a service's backend connections are made and kept.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    pub protocol: BackendProtocol,
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub socket: SocketOptions,
+}
+
+/// A connection that can carry one request now.
+pub enum Sender {
+    Http1(http1::SendRequest<Incoming>),
+    Http2(http2::SendRequest<Incoming>),
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP handshake with the backend failed: {0}")]
+    Handshake(hyper::Error),
+}
+
+struct Idle {
+    sender: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// The backend connections of one service (shared by every context of it, across reloads).
+#[derive(Default)]
+pub struct Upstreams {
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    /// The idle timeout of the latest context, for the sweeper.
+    idle_timeout_ms: AtomicU64,
+    multiplexed: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+}
+
+impl Upstreams {
+    /// A connection to `backend`: a pooled one if one is ready (`reused` is true), else a new
+    /// one.
+    pub async fn checkout(
+        &self,
+        backend: SocketAddr,
+        limits: &PoolLimits,
+        metrics: &ServiceMetrics,
+    ) -> Result<(Sender, bool), UpstreamError> {
+        match limits.protocol {
+            BackendProtocol::Http1 => {
+                while let Some(idle) = self.pop_idle(backend, limits.idle_timeout, metrics) {
+                    let mut sender = idle.sender;
+                    if sender.ready().await.is_ok() {
+                        metrics.upstream_reused.inc();
+                        return Ok((Sender::Http1(sender), true));
+                    }
+                }
+                Ok((Sender::Http1(self.open_http1(backend, limits, metrics).await?), false))
+            }
+            BackendProtocol::Http2 => {
+                let shared = self.multiplexed.lock().unwrap_or_else(PoisonError::into_inner).get(&backend).cloned();
+                if let Some(mut sender) = shared.filter(|s| !s.is_closed()) {
+                    if sender.ready().await.is_ok() {
+                        metrics.upstream_reused.inc();
+                        return Ok((Sender::Http2(sender), true));
+                    }
+                }
+                let sender = self.open_http2(backend, limits, metrics).await?;
+                self.multiplexed.lock().unwrap_or_else(PoisonError::into_inner).insert(backend, sender.clone());
+                Ok((Sender::Http2(sender), false))
+            }
+        }
+    }
+
+    /// Gives an HTTP/1.1 connection back once its response has ended (an HTTP/2 one stays
+    /// shared). Dropped instead if the pool for its backend is full.
+    pub fn give_back(
+        &self,
+        backend: SocketAddr,
+        sender: http1::SendRequest<Incoming>,
+        limits: &PoolLimits,
+        metrics: &ServiceMetrics,
+    ) {
+        self.idle_timeout_ms
+            .store(u64::try_from(limits.idle_timeout.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        if sender.is_closed() || limits.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.entry(backend).or_default();
+        if list.len() < limits.max_idle {
+            list.push(Idle { sender, since: Instant::now() });
+            metrics.upstream_idle.inc();
+        }
+    }
+
+    /// The most recently used idle connection that has not timed out or closed.
+    fn pop_idle(&self, backend: SocketAddr, timeout: Duration, metrics: &ServiceMetrics) -> Option<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.get_mut(&backend)?;
+        while let Some(entry) = list.pop() {
+            metrics.upstream_idle.dec();
+            if !entry.sender.is_closed() && entry.since.elapsed() < timeout {
+                return Some(entry);
+            }
+        }
+        None
+    }
+
+    /// Drops idle connections past `timeout` or closed, and every connection to a backend not
+    /// in `keep`.
+    fn sweep(&self, timeout: Duration, keep: &dyn Fn(SocketAddr) -> bool, metrics: &ServiceMetrics) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|backend, list| {
+            let before = list.len();
+            if keep(*backend) {
+                list.retain(|e| !e.sender.is_closed() && e.since.elapsed() < timeout);
+            } else {
+                list.clear();
+            }
+            for _ in list.len()..before {
+                metrics.upstream_idle.dec();
+            }
+            !list.is_empty()
+        });
+        drop(idle);
+        self.multiplexed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|backend, sender| keep(*backend) && !sender.is_closed());
+    }
+
+    /// Once a second until `stop`: drops idle connections past their timeout or closed, and
+    /// every connection to a backend that left the pool, is being removed or drains.
+    pub fn spawn_sweeper(
+        self: &std::sync::Arc<Self>,
+        pool: std::sync::Arc<arc_swap::ArcSwap<BackendPool>>,
+        metrics: ServiceMetrics,
+        stop: CancellationToken,
+    ) {
+        let upstreams = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        let pool = pool.load();
+                        let keep = |address: SocketAddr| {
+                            pool.members().iter().any(|m| {
+                                m.backend.address == address && !m.removing && m.backend.admin_state() != BackendState::Draining
+                            })
+                        };
+                        let timeout = Duration::from_millis(upstreams.idle_timeout_ms.load(Ordering::Relaxed));
+                        upstreams.sweep(timeout, &keep, &metrics);
+                    }
+                }
+            }
+        });
+    }
+
+    async fn open_http1(
+        &self,
+        backend: SocketAddr,
+        limits: &PoolLimits,
+        metrics: &ServiceMetrics,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let stream = dial(backend, limits, metrics).await?;
+        let (sender, connection) =
+            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%backend, "backend connection ended: {error}");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn open_http2(
+        &self,
+        backend: SocketAddr,
+        limits: &PoolLimits,
+        metrics: &ServiceMetrics,
+    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+        let stream = dial(backend, limits, metrics).await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%backend, "backend connection ended: {error}");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+async fn dial(
+    backend: SocketAddr,
+    limits: &PoolLimits,
+    metrics: &ServiceMetrics,
+) -> Result<tokio::net::TcpStream, UpstreamError> {
+    metrics.dials.inc();
+    let stream = connect(backend, limits.connect_timeout, &limits.socket).await?;
+    metrics.upstream_opened.inc();
+    Ok(stream)
+}

@@ -1,0 +1,158 @@
+//! HTTP mode against real clients (curl, HTTP/1.1 and h2c) and real HTTP backends: every
+//! request is placed by the strategy, also on one keep-alive connection; hop-by-hop headers
+//! stop at Harbor; the client is named to the backend; Harbor's own answers are statuses (and
+//! gRPC statuses for gRPC calls); a drain closes idle keep-alive connections.
+
+mod common;
+
+use std::time::Duration;
+
+use common::http::{curl, tally, HttpBackend};
+use common::{Scrape, TestHarbor};
+
+/// `n` URLs of `path` on `addr`, for one curl invocation (one connection, reused).
+fn urls(addr: std::net::SocketAddr, path: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("http://{addr}{path}?i={i}")).collect()
+}
+
+fn http_service(backends: &[HttpBackend]) -> impl FnOnce(common::TestService) -> common::TestService + '_ {
+    move |s| s.backends(&backends.iter().map(|b| b.addr).collect::<Vec<_>>()).set("mode", "http")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_on_one_keep_alive_connection_is_placed_on_its_own() {
+    let backends = HttpBackend::several(3).await;
+    let harbor = TestHarbor::new()
+        .service("web", http_service(&backends))
+        .service("tcp", |s| s.backends(&backends.iter().map(|b| b.addr).collect::<Vec<_>>()))
+        .start()
+        .await;
+    let web = harbor.addr_of("web").expect("web");
+    let list = urls(web, "/spread", 30);
+    let mut args: Vec<&str> = vec!["-H", "Connection: keep-alive, x-secret", "-H", "x-secret: 1"];
+    args.extend(["-H", "X-Forwarded-For: 6.6.6.6", "-w", "connects %{num_connects}\n"]);
+    args.extend(list.iter().map(String::as_str));
+    let out = curl(&args).await;
+    // One client connection, 30 requests, 10 on each backend (round-robin per request).
+    let opened: usize =
+        out.lines().filter_map(|l| l.strip_prefix("connects ")).map(|n| n.parse::<usize>().unwrap()).sum();
+    assert_eq!(opened, 1, "curl reused its connection:\n{out}");
+    let counts = tally(&out);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 10), "{counts:?}");
+    // What the backends got: no hop-by-hop header, the client named by Harbor alone.
+    assert!(!out.contains("x-secret:") && !out.contains("\nconnection:") && !out.contains("keep-alive:"), "{out}");
+    assert!(out.contains("x-forwarded-for: 127.0.0.1\n") && !out.contains("6.6.6.6"), "{out}");
+    assert!(out.contains("forwarded: for=127.0.0.1;proto=http\n"), "{out}");
+    assert!(out.contains("HTTP/1.1\n"), "HTTP/1.1 to the backends: {out}");
+    // Backend connections are pooled: far fewer than requests.
+    let opened_upstream: usize = backends.iter().map(HttpBackend::connections).sum();
+    assert!(opened_upstream <= 6, "{opened_upstream} backend connections for 30 requests");
+    let m = Scrape::fetch(harbor.admin_addr.expect("admin")).await;
+    assert_eq!(m.get("harbor_http_responses_total{service=\"web\",class=\"2xx\"}"), 30.0);
+    assert!(m.get("harbor_upstream_connections_reused_total{service=\"web\"}") >= 24.0);
+
+    // The same 30 requests through the TCP service all land on one backend.
+    let list = urls(harbor.addr_of("tcp").expect("tcp"), "/pinned", 30);
+    let out = curl(&list.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let counts = tally(&out);
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), [30], "TCP mode pins a connection: {counts:?}");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_and_http2_backends_are_placed_per_request_too() {
+    let backends = HttpBackend::several(3).await;
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let harbor = TestHarbor::new()
+        .service("h1", |s| s.backends(&addrs).set("mode", "http"))
+        .service("h2", |s| s.backends(&addrs).set("mode", "http").set("backend_protocol", "http2"))
+        .start()
+        .await;
+    for (service, version) in [("h1", "HTTP/1.1"), ("h2", "HTTP/2.0")] {
+        // nghttp sends all 30 at once, multiplexed on one h2c connection.
+        let list = urls(harbor.addr_of(service).expect("service"), "/h2", 30);
+        let out = common::http::nghttp(&list.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let counts = tally(&out);
+        assert!(counts.len() == 3 && counts.values().all(|&n| n == 10), "{service}: {counts:?}\n{out}");
+        assert_eq!(out.matches(&format!(" {version}\n")).count(), 30, "{service}: {version} to the backends: {out}");
+        if version == "HTTP/1.1" {
+            assert_eq!(out.matches("\nhost: 127.0.0.1:").count(), 30, "a Host header from :authority: {out}");
+        }
+    }
+    // One request with curl too.
+    let url = format!("http://{}/curl", harbor.addr_of("h2").expect("h2"));
+    let out = curl(&["--http2-prior-knowledge", "-w", "client %{http_version}\n", &url]).await;
+    assert!(out.contains("client 2\n") && out.contains(" HTTP/2.0\n"), "{out}");
+    // HTTP/2 to the backends: one multiplexed connection each.
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harbors_own_answers_are_statuses_and_grpc_statuses() {
+    let dead = common::dead_addr().await;
+    let live = HttpBackend::start("live").await;
+    let harbor = TestHarbor::new()
+        .service("none", |s| s.set("mode", "http"))
+        .service("dead", |s| s.backends(&[dead]).set("mode", "http"))
+        .service("half", |s| s.backends(&[dead, live.addr]).set("mode", "http"))
+        .start()
+        .await;
+    let status = |service: &str| {
+        let url = format!("http://{}/x", harbor.addr_of(service).expect("service"));
+        async move { curl(&["-o", "/dev/null", "-w", "%{http_code}", &url]).await }
+    };
+    assert_eq!(status("none").await, "503");
+    assert_eq!(status("dead").await, "502");
+    // A connect failure is retried on another backend: every request succeeds.
+    for _ in 0..6 {
+        assert_eq!(status("half").await, "200");
+    }
+    // A gRPC call gets UNAVAILABLE in a trailers-only answer.
+    let url = format!("http://{}/pkg.Svc/Call", harbor.addr_of("none").expect("none"));
+    let headers = curl(&[
+        "--http2-prior-knowledge",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-H",
+        "content-type: application/grpc",
+        "-X",
+        "POST",
+        &url,
+    ])
+    .await;
+    assert!(headers.contains("grpc-status: 14"), "{headers}");
+    let m = Scrape::fetch(harbor.admin_addr.expect("admin")).await;
+    assert_eq!(m.get("harbor_http_responses_total{service=\"none\",class=\"5xx\"}"), 1.0);
+    assert_eq!(m.get("harbor_http_responses_total{service=\"half\",class=\"2xx\"}"), 6.0);
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_idle_keep_alive_connections_at_once() {
+    let backend = HttpBackend::start("b").await;
+    let harbor = TestHarbor::new().service("web", |s| s.backends(&[backend.addr]).set("mode", "http")).start().await;
+    let web = harbor.addr_of("web").expect("web");
+    // A keep-alive client that made one request and now waits.
+    let mut stream = tokio::net::TcpStream::connect(web).await.expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(b"GET /one HTTP/1.1\r\nHost: web\r\n\r\n").await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("body 0\n") {
+        let n = tokio::time::timeout(common::STEP, stream.read(&mut buf)).await.expect("an answer").expect("read");
+        assert!(n > 0, "closed before the answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&got);
+    assert!(answer.starts_with("HTTP/1.1 200") && !answer.contains("x-hop"), "{answer}");
+    let started = tokio::time::Instant::now();
+    let stopping = tokio::spawn(async move { harbor.stop().await });
+    // The idle connection is closed when the drain starts, not at the grace period's end.
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.expect("closed in time");
+    assert!(matches!(n, Ok(0)), "{n:?}");
+    assert!(started.elapsed() < Duration::from_millis(1500), "closed after {:?}", started.elapsed());
+    stopping.await.expect("join").expect("stop");
+}
