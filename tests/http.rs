@@ -156,3 +156,113 @@ async fn a_drain_closes_idle_keep_alive_connections_at_once() {
     assert!(started.elapsed() < Duration::from_millis(1500), "closed after {:?}", started.elapsed());
     stopping.await.expect("join").expect("stop");
 }
+
+/// Reads from `stream` until `want` answers (`HTTP/1.1 ` status lines) have come whole.
+async fn read_answers(stream: &mut tokio::net::TcpStream, want: usize) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    while String::from_utf8_lossy(&got).matches("\nbody ").count() < want {
+        let n =
+            tokio::time::timeout(common::STEP, stream.read(&mut buf)).await.expect("answers in time").expect("read");
+        assert!(n > 0, "closed after {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_each_placed_on_its_own() {
+    use tokio::io::AsyncWriteExt;
+    let backends = HttpBackend::several(3).await;
+    let harbor = TestHarbor::new().service("web", http_service(&backends)).start().await;
+    let mut stream = tokio::net::TcpStream::connect(harbor.addr_of("web").expect("web")).await.expect("connect");
+    let mut burst = String::new();
+    for i in 0..6 {
+        burst.push_str(&format!("GET /p{i} HTTP/1.1\r\nHost: web\r\n\r\n"));
+    }
+    stream.write_all(burst.as_bytes()).await.expect("write");
+    let answers = read_answers(&mut stream, 6).await;
+    let paths: Vec<&str> =
+        answers.lines().filter_map(|l| l.strip_prefix("backend ")).filter_map(|l| l.split(' ').nth(2)).collect();
+    assert_eq!(paths, ["/p0", "/p1", "/p2", "/p3", "/p4", "/p5"], "{answers}");
+    assert_eq!(tally(&answers).len(), 3, "{answers}");
+    harbor.stop().await.expect("stop");
+}
+
+/// A raw backend: counts the requests it reads (by their request line), then does `what`.
+async fn raw_backend(what: &'static str) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = std::sync::Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                match what {
+                    "stall" => tokio::time::sleep(Duration::from_secs(30)).await,
+                    "close" => {}
+                    "503" => {
+                        let _ = stream.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n").await;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    _ => {
+                        // Headers, part of the body, then a reset.
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial").await;
+                        common::reset_on_close(&stream);
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_reaches_a_backend_once_and_faults_get_their_statuses() {
+    use std::sync::atomic::Ordering;
+    let (closing, closing_seen) = raw_backend("close").await;
+    let (stalling, stalling_seen) = raw_backend("stall").await;
+    let (busy, _) = raw_backend("503").await;
+    let (resetting, _) = raw_backend("reset").await;
+    let harbor = TestHarbor::new()
+        .service("closing", |s| s.backends(&[closing]).set("mode", "http"))
+        .service("stalling", |s| s.backends(&[stalling]).set("mode", "http").set("response_header_timeout_ms", 300))
+        .service("busy", |s| s.backends(&[busy]).set("mode", "http"))
+        .service("resetting", |s| s.backends(&[resetting]).set("mode", "http"))
+        .start()
+        .await;
+    let url = |service: &str| format!("http://{}/x", harbor.addr_of(service).expect("service"));
+    // The backend read the POST and closed without answering: 502, and it was not sent again.
+    let code = curl(&["-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-d", "once", &url("closing")]).await;
+    assert_eq!(code, "502");
+    assert_eq!(closing_seen.load(Ordering::SeqCst), 1, "a POST reached the backend twice");
+    // No response headers within 300 ms: 504.
+    let started = tokio::time::Instant::now();
+    let code = curl(&["-o", "/dev/null", "-w", "%{http_code}", &url("stalling")]).await;
+    assert_eq!(code, "504");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(stalling_seen.load(Ordering::SeqCst), 1);
+    // The backend's own 503 passes through as it is.
+    let out = curl(&["-D", "-", &url("busy")]).await;
+    assert!(out.starts_with("HTTP/1.1 503") && out.contains("busy") && !out.contains("x-harbor-error"), "{out}");
+    // A reset mid-body: the client sees the response cut short, not a clean end.
+    let cut = tokio::process::Command::new("curl").args(["-s", "-o", "/dev/null", &url("resetting")]).status().await;
+    assert!(!cut.expect("curl").success(), "a truncated body must not look complete");
+    // Harbor serves on.
+    let out = curl(&["-o", "/dev/null", "-w", "%{http_code}", &url("busy")]).await;
+    assert_eq!(out, "503");
+    harbor.stop().await.expect("stop");
+}

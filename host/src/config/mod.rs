@@ -739,6 +739,21 @@ impl Config {
             if !names.insert(service.name.as_str()) {
                 problems.push(invalid("service", format!("{} is declared twice", service.name)));
             }
+            let t = &service.tunables;
+            if t.mode == Mode::Http {
+                let byte_level = [
+                    ("peek", t.peek != PeekMode::Off),
+                    ("peek_bytes", t.peek_bytes > 0),
+                    ("proxy_protocol", t.proxy_protocol != ProxyVersion::Off),
+                    ("proxy_protocol_from", t.proxy_protocol_from.is_some()),
+                ];
+                for (key, _) in byte_level.iter().filter(|(_, set)| *set) {
+                    problems.push(invalid(
+                        format!("service {}: {key}", service.name),
+                        "works in mode = \"tcp\" only (HTTP mode does not take it yet)",
+                    ));
+                }
+            }
             for addr in &service.listen {
                 if addr.port() != 0 && !addresses.insert(*addr) {
                     problems.push(invalid(

@@ -475,3 +475,17 @@ fn what_check_prints_loads_back_to_the_same_configuration() {
     assert!(printed.contains("[[service]]\nname = \"pg\""), "{printed}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn http_mode_refuses_the_byte_level_settings_it_does_not_take() {
+    let text =
+        "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:80\"]\nmode = \"http\"\n";
+    let c = from_toml(text, RunArgs::default()).unwrap();
+    assert_eq!(c.services[0].tunables.mode, crate::config::Mode::Http);
+    for (line, key) in [("peek = \"tls\"", "peek"), ("proxy_protocol = \"v2\"", "proxy_protocol")] {
+        let err = from_toml(&format!("{text}{line}\n"), RunArgs::default()).unwrap_err().to_string();
+        assert!(err.contains(&format!("service web: {key}:")), "{err}");
+    }
+    let err = from_toml(&text.replace("\"http\"", "\"smtp\""), RunArgs::default()).unwrap_err().to_string();
+    assert!(err.contains("mode"), "{err}");
+}
