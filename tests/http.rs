@@ -266,3 +266,83 @@ async fn a_post_reaches_a_backend_once_and_faults_get_their_statuses() {
     assert_eq!(out, "503");
     harbor.stop().await.expect("stop");
 }
+
+/// A gRPC server (grpcio, `tests/grpc/peer.py`), stopped when dropped.
+struct GrpcPeer {
+    addr: std::net::SocketAddr,
+    child: tokio::process::Child,
+}
+
+fn grpc_python() -> std::path::PathBuf {
+    let python = common::workspace_root().join("target/grpc-venv/bin/python");
+    assert!(python.is_file(), "{} is missing: `cargo xtask test` installs grpcio there", python.display());
+    python
+}
+
+impl GrpcPeer {
+    async fn start(name: &str) -> GrpcPeer {
+        use tokio::io::AsyncBufReadExt;
+        let port = common::free_port();
+        let mut child = tokio::process::Command::new(grpc_python())
+            .arg(common::workspace_root().join("tests/grpc/peer.py"))
+            .args(["server", &port.to_string(), name])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the gRPC peer");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let ready = tokio::time::timeout(common::STEP, lines.next_line()).await;
+        assert!(matches!(&ready, Ok(Ok(Some(line))) if line == "ready"), "the gRPC peer did not start: {ready:?}");
+        GrpcPeer { addr: ([127, 0, 0, 1], port).into(), child }
+    }
+}
+
+async fn grpc_client(args: &[&str]) -> String {
+    let out = tokio::process::Command::new(grpc_python())
+        .arg(common::workspace_root().join("tests/grpc/peer.py"))
+        .args(args)
+        .output()
+        .await
+        .expect("run the gRPC client");
+    assert!(out.status.success(), "gRPC client {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_on_one_channel_spread_over_every_backend_in_http_mode_and_pin_in_tcp_mode() {
+    let peers = [GrpcPeer::start("g0").await, GrpcPeer::start("g1").await, GrpcPeer::start("g2").await];
+    let addrs: Vec<_> = peers.iter().map(|p| p.addr).collect();
+    let harbor = TestHarbor::new()
+        .service("grpc", |s| s.backends(&addrs).set("mode", "http").set("backend_protocol", "http2"))
+        .service("tcp", |s| s.backends(&addrs))
+        .start()
+        .await;
+    let spread = |service: &str| {
+        let target = harbor.addr_of(service).expect("service").to_string();
+        async move {
+            let out = grpc_client(&["unary", &target, "300"]).await;
+            let counts: std::collections::HashMap<String, u64> = serde_json::from_str(&out).expect("JSON counts");
+            counts
+        }
+    };
+    let http = spread("grpc").await;
+    println!("300 unary calls on one channel, HTTP mode: {http:?}");
+    assert_eq!(http.len(), 3, "every backend: {http:?}");
+    assert!(http.values().all(|&n| (80..=120).contains(&n)), "80–120 each: {http:?}");
+    let tcp = spread("tcp").await;
+    println!("300 unary calls on one channel, TCP mode: {tcp:?}");
+    assert_eq!(tcp.values().copied().collect::<Vec<_>>(), [300], "TCP mode pins the channel: {tcp:?}");
+    // A bidirectional stream: 50 messages each way, on one backend, in order, trailers intact.
+    let target = harbor.addr_of("grpc").expect("grpc").to_string();
+    let answers: Vec<String> = serde_json::from_str(&grpc_client(&["stream", &target, "50"]).await).expect("JSON");
+    assert_eq!(answers.len(), 50);
+    let backend = answers[0].split(':').next().expect("a name").to_string();
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer, &format!("{backend}:m{i}"));
+    }
+    drop(peers);
+    // With no backend left, a call gets UNAVAILABLE from Harbor, not a protocol error.
+    let status = grpc_client(&["deadline", &target, "3000"]).await;
+    assert_eq!(status, "UNAVAILABLE");
+    harbor.stop().await.expect("stop");
+}

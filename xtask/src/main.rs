@@ -478,6 +478,14 @@ fn validate_kubernetes_manifests(root: &Path) -> Result<()> {
 /// playwright-core from npm (the status page's browser test).
 fn install_test_peers(root: &Path) -> Result<()> {
     install_packages(TEST_PACKAGES)?;
+    // gRPC peers for HTTP mode (tests/grpc/peer.py): grpcio from PyPI, in a venv of its own.
+    let grpc = root.join("target").join("grpc-venv");
+    if !grpc.join("bin").join("python").is_file() || !grpc.join("grpcio-installed").is_file() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&grpc)).context("python3 -m venv (python3-venv?)")?;
+        run(Command::new(grpc.join("bin").join("pip")).args(["install", "--disable-pip-version-check", "-q", GRPCIO]))
+            .context("installing grpcio from PyPI")?;
+        std::fs::write(grpc.join("grpcio-installed"), GRPCIO)?;
+    }
     let browser = root.join("target").join("browser-test");
     if !browser.join("node_modules").join("playwright-core").is_dir() {
         std::fs::create_dir_all(&browser)?;
@@ -488,6 +496,9 @@ fn install_test_peers(root: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// grpcio for the gRPC peers of the HTTP mode tests.
+const GRPCIO: &str = "grpcio==1.85.4";
 
 /// The Debian packages the tests run, each with a file that shows it is installed.
 const TEST_PACKAGES: &[(&str, &str)] = &[

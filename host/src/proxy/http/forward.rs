@@ -131,7 +131,8 @@ pub async fn handle(
     let grpc = headers::is_grpc(request.headers());
     let response = match forward(request, peer, local, &context).await {
         Ok(response) => response,
-        Err(refusal) => refusal.response(grpc).map(|b| ProxyBody::Own(Some(b))),
+        // An empty body ends with the headers: a gRPC trailers-only answer is one HEADERS frame.
+        Err(refusal) => refusal.response(grpc).map(|b| ProxyBody::Own((!b.is_empty()).then_some(b))),
     };
     context.metrics.responded(response.status().as_u16());
     response
