@@ -270,7 +270,8 @@ async fn a_post_reaches_a_backend_once_and_faults_get_their_statuses() {
 /// A gRPC server (grpcio, `tests/grpc/peer.py`), stopped when dropped.
 struct GrpcPeer {
     addr: std::net::SocketAddr,
-    child: tokio::process::Child,
+    /// Killed when dropped.
+    _child: tokio::process::Child,
 }
 
 fn grpc_python() -> std::path::PathBuf {
@@ -293,7 +294,7 @@ impl GrpcPeer {
         let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
         let ready = tokio::time::timeout(common::STEP, lines.next_line()).await;
         assert!(matches!(&ready, Ok(Ok(Some(line))) if line == "ready"), "the gRPC peer did not start: {ready:?}");
-        GrpcPeer { addr: ([127, 0, 0, 1], port).into(), child }
+        GrpcPeer { addr: ([127, 0, 0, 1], port).into(), _child: child }
     }
 }
 
