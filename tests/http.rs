@@ -22,7 +22,10 @@ fn http_service(backends: &[HttpBackend]) -> impl FnOnce(common::TestService) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_on_one_keep_alive_connection_is_placed_on_its_own() {
     let backends = HttpBackend::several(3).await;
+    let log = common::temp_dir("http-access-log").join("access.log");
     let harbor = TestHarbor::new()
+        .set("access_log", log.to_str().expect("a UTF-8 path"))
+        .set("access_log_format", "json")
         .service("web", http_service(&backends))
         .service("tcp", |s| s.backends(&backends.iter().map(|b| b.addr).collect::<Vec<_>>()))
         .start()
@@ -58,6 +61,38 @@ async fn every_request_on_one_keep_alive_connection_is_placed_on_its_own() {
     let counts = tally(&out);
     assert_eq!(counts.values().copied().collect::<Vec<_>>(), [30], "TCP mode pins a connection: {counts:?}");
     harbor.stop().await.expect("stop");
+
+    // One access-log line per request in HTTP mode (the query left out), one per connection
+    // in TCP mode.
+    // (The writer flushes at least every 200 ms.)
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 31 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let requests: Vec<&serde_json::Value> = lines.iter().filter(|l| l["service"] == "web").collect();
+    assert_eq!(requests.len(), 30, "{text}");
+    for line in &requests {
+        assert_eq!(
+            (line["method"].as_str(), line["path"].as_str(), line["status"].as_u64()),
+            (Some("GET"), Some("/spread"), Some(200)),
+            "{line}"
+        );
+        assert_eq!(
+            (line["attempts"].as_u64(), line["end"].as_str(), line["strategy"].as_str()),
+            (Some(1), Some("completed"), Some("round-robin")),
+            "{line}"
+        );
+        assert!(
+            line["first_byte_ms"].as_f64().is_some_and(|ms| ms > 0.0) && line["bytes_to_client"].as_u64() > Some(100),
+            "{line}"
+        );
+    }
+    assert_eq!(lines.iter().filter(|l| l["service"] == "tcp").count(), 1, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

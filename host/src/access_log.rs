@@ -1,5 +1,5 @@
-//! The access log: one line per connection, at its end, human or JSON, written by its own
-//! thread. A relay never waits for it: records go through a bounded queue, and those that do
+//! The access log: one line per connection (in HTTP mode, per request), at its end, human or
+//! JSON, written by its own thread. A relay never waits for it: records go through a bounded queue, and those that do
 //! not fit are dropped and counted.
 
 use std::io::Write;
@@ -36,6 +36,10 @@ pub enum End {
     BadProxyHeader,
     /// The chosen backend stayed full for `queue_timeout_ms`.
     QueueTimeout,
+    /// HTTP mode: the backend sent no response headers within `response_header_timeout_ms`.
+    ResponseTimeout,
+    /// HTTP mode: the backend broke off before its response headers.
+    BackendBrokeOff,
 }
 
 impl End {
@@ -47,6 +51,8 @@ impl End {
             End::LocalError => "local_error",
             End::BadProxyHeader => "bad_proxy_header",
             End::QueueTimeout => "queue_timeout",
+            End::ResponseTimeout => "response_timeout",
+            End::BackendBrokeOff => "backend_broke_off",
         }
     }
 }
@@ -64,6 +70,22 @@ pub struct Record {
     pub duration: Duration,
     pub end: End,
     pub placed_by: Placement,
+    /// HTTP mode: the request and its answer.
+    pub http: Option<Box<HttpFields>>,
+}
+
+/// What an HTTP request's line adds: the request, the answer, and how it was reached.
+#[derive(Debug, Clone)]
+pub struct HttpFields {
+    pub method: hyper::Method,
+    pub authority: String,
+    /// The path without its query (a query may hold secrets).
+    pub path: String,
+    pub status: u16,
+    /// From the request's headers to the response's headers.
+    pub first_byte: Duration,
+    /// Backends tried (1 unless a request that never reached one went again).
+    pub attempts: u32,
 }
 
 /// Where access-log lines go.
@@ -89,6 +111,18 @@ struct JsonLine<'a> {
     placed_by: &'static str,
     strategy: Option<&'a str>,
     fallback_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    method: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authority: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_byte_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
 }
 
 impl AccessLog {
@@ -156,9 +190,20 @@ pub fn render(r: &Record, format: LogFormat, out: &mut String) {
     match format {
         LogFormat::Human => {
             let backend = r.backend.map_or_else(|| "-".to_string(), |b| b.to_string());
+            let request = r.http.as_ref().map_or_else(String::new, |h| {
+                format!(
+                    " \"{} {}{}\" {} first_byte_ms={:.3} attempts={}",
+                    h.method,
+                    h.authority,
+                    h.path,
+                    h.status,
+                    h.first_byte.as_secs_f64() * 1e3,
+                    h.attempts
+                )
+            });
             let _ = writeln!(
                 out,
-                "{time} {} {} -> {backend} {} up={} down={} connect_us={} duration_ms={:.3} placed_by={placed_by} strategy={}{}",
+                "{time} {} {}{request} -> {backend} {} up={} down={} connect_us={} duration_ms={:.3} placed_by={placed_by} strategy={}{}",
                 r.service,
                 r.client,
                 r.end.as_str(),
@@ -184,6 +229,12 @@ pub fn render(r: &Record, format: LogFormat, out: &mut String) {
                 placed_by,
                 strategy,
                 fallback_reason,
+                method: r.http.as_ref().map(|h| h.method.as_str()),
+                authority: r.http.as_ref().map(|h| h.authority.as_str()),
+                path: r.http.as_ref().map(|h| h.path.as_str()),
+                status: r.http.as_ref().map(|h| h.status),
+                first_byte_ms: r.http.as_ref().map(|h| (h.first_byte.as_secs_f64() * 1e6).round() / 1e3),
+                attempts: r.http.as_ref().map(|h| h.attempts),
             };
             if let Ok(text) = serde_json::to_string(&line) {
                 out.push_str(&text);
@@ -241,6 +292,7 @@ mod tests {
             duration: Duration::from_micros(7_890),
             end: End::Relay("completed"),
             placed_by: Placement::Builtin,
+            http: None,
         };
         let mut human = String::new();
         render(&r, LogFormat::Human, &mut human);
@@ -263,5 +315,34 @@ mod tests {
         render(&fallback, LogFormat::Json, &mut json);
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!((v["placed_by"].as_str(), v["fallback_reason"].as_str()), (Some("fallback"), Some("trap")));
+        assert!(v.get("method").is_none(), "no HTTP fields for a TCP connection");
+        // An HTTP request's line.
+        let request = Record {
+            http: Some(Box::new(HttpFields {
+                method: hyper::Method::POST,
+                authority: "web.example".into(),
+                path: "/orders".into(),
+                status: 201,
+                first_byte: Duration::from_micros(1_250),
+                attempts: 2,
+            })),
+            ..fallback
+        };
+        let mut human = String::new();
+        render(&request, LogFormat::Human, &mut human);
+        assert!(
+            human.contains(
+                " 127.0.0.1:5000 \"POST web.example/orders\" 201 first_byte_ms=1.250 attempts=2 -> 127.0.0.1:9001 "
+            ),
+            "{human}"
+        );
+        let mut json = String::new();
+        render(&request, LogFormat::Json, &mut json);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (v["method"].as_str(), v["path"].as_str(), v["status"].as_u64()),
+            (Some("POST"), Some("/orders"), Some(201))
+        );
+        assert_eq!((v["first_byte_ms"].as_f64(), v["attempts"].as_u64()), (Some(1.25), Some(2)));
     }
 }

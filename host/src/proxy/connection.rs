@@ -44,6 +44,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<ServiceCont
                 duration: started.elapsed(),
                 end: outcome.end,
                 placed_by: outcome.pick.map_or(Placement::Unplaced, |pick| service.strategy.placement(&pick)),
+                http: None,
             });
         }
     }

@@ -13,6 +13,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::HOST;
 use hyper::{Request, Response, Uri, Version};
 
+use crate::access_log::{End, HttpFields, Record};
 use crate::backends::pool::{ActiveGuard, Backend, Slot};
 use crate::clock::Instant;
 use crate::config::BackendProtocol;
@@ -20,7 +21,7 @@ use crate::proxy::context::ServiceContext;
 use crate::proxy::http::headers::{self, Refusal};
 use crate::proxy::http::upstream::Sender;
 use crate::strategy::runtime::bindings::{ConnectionOutcome, LocalAddr};
-use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest};
+use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest, Placement};
 
 /// A response body: the backend's, streamed, or Harbor's own.
 pub enum ProxyBody {
@@ -94,6 +95,9 @@ pub struct Finish {
     bytes_to_client: u64,
     /// The body ended cleanly (else the connection is not reused).
     completed: bool,
+    /// For the access log: who asked what, and how it went.
+    client: SocketAddr,
+    line: Option<Box<HttpFields>>,
     _active: ActiveGuard,
     _slot: Option<Slot>,
 }
@@ -106,6 +110,21 @@ impl Drop for Finish {
         }
         let took = self.started.elapsed();
         context.metrics.http_request_duration.observe(took.as_secs_f64());
+        if let (Some(log), Some(line)) = (&context.access_log, self.line.take()) {
+            log.log(Record {
+                at: crate::clock::wall(),
+                service: Arc::clone(&context.name),
+                client: self.client,
+                backend: Some(self.backend.address),
+                bytes_to_backend: 0,
+                bytes_to_client: self.bytes_to_client,
+                connect_micros: self.connect_micros,
+                duration: took,
+                end: End::Relay(if self.completed { "completed" } else { "aborted" }),
+                placed_by: context.strategy.placement(&self.pick),
+                http: Some(line),
+            });
+        }
         context.strategy.report(
             &self.pick,
             ConnectionOutcome {
@@ -129,13 +148,60 @@ pub async fn handle(
     context: Arc<ServiceContext>,
 ) -> Response<ProxyBody> {
     let grpc = headers::is_grpc(request.headers());
-    let response = match forward(request, peer, local, &context).await {
+    let started = Instant::now();
+    // What the access log says of the request, taken before it is rewritten.
+    let line = context.access_log.as_ref().map(|_| {
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| request.headers().get(HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+            .unwrap_or_default();
+        Box::new(HttpFields {
+            method: request.method().clone(),
+            authority,
+            path: request.uri().path().to_string(),
+            status: 0,
+            first_byte: std::time::Duration::ZERO,
+            attempts: 0,
+        })
+    });
+    let response = match forward(request, peer, local, &context, started, line).await {
         Ok(response) => response,
-        // An empty body ends with the headers: a gRPC trailers-only answer is one HEADERS frame.
-        Err(refusal) => refusal.response(grpc).map(|b| ProxyBody::Own((!b.is_empty()).then_some(b))),
+        Err(refused) => {
+            // An empty body ends with the headers: a gRPC trailers-only answer is one HEADERS
+            // frame.
+            let response = refused.refusal.response(grpc).map(|b| ProxyBody::Own((!b.is_empty()).then_some(b)));
+            if let (Some(log), Some(mut line)) = (&context.access_log, refused.line) {
+                line.status = response.status().as_u16();
+                line.first_byte = started.elapsed();
+                log.log(Record {
+                    at: crate::clock::wall(),
+                    service: Arc::clone(&context.name),
+                    client: peer,
+                    backend: refused.backend,
+                    bytes_to_backend: 0,
+                    bytes_to_client: 0,
+                    connect_micros: 0,
+                    duration: started.elapsed(),
+                    end: refused.refusal.end(),
+                    placed_by: refused.pick.map_or(Placement::Unplaced, |pick| context.strategy.placement(&pick)),
+                    http: Some(line),
+                });
+            }
+            response
+        }
     };
     context.metrics.responded(response.status().as_u16());
     response
+}
+
+/// Why Harbor answered itself, with what the access log needs.
+struct Refused {
+    refusal: Refusal,
+    pick: Option<Pick>,
+    backend: Option<SocketAddr>,
+    line: Option<Box<HttpFields>>,
 }
 
 async fn forward(
@@ -143,16 +209,23 @@ async fn forward(
     peer: SocketAddr,
     local: SocketAddr,
     context: &Arc<ServiceContext>,
-) -> Result<Response<ProxyBody>, Refusal> {
+    started: Instant,
+    mut line: Option<Box<HttpFields>>,
+) -> Result<Response<ProxyBody>, Refused> {
     let limits = &context.limits;
     let metrics = &context.metrics;
     let protocol = limits.http.pool.protocol;
     prepare(&mut request, peer, protocol);
-    let started = Instant::now();
     let pool = context.pool.load_full();
     let mut excluded: Vec<usize> = Vec::new();
     let mut refusal = Refusal::NoBackend;
+    let mut last: Option<(Pick, SocketAddr)> = None;
     for attempt in 0..limits.connect_attempts {
+        if let Some(line) = line.as_mut() {
+            line.attempts = attempt + 1;
+        }
+        let refused =
+            |refusal, pick: Option<Pick>, backend: Option<SocketAddr>, line| Refused { refusal, pick, backend, line };
         let phase = Instant::now();
         let pick = context.strategy.pick(&PickRequest {
             pool: &pool,
@@ -169,11 +242,15 @@ async fn forward(
         metrics.pick_duration.observe((since - phase).as_secs_f64());
         let Some((index, backend)) = pick.index.and_then(|i| Some((i, Arc::clone(pool.get(i)?)))) else {
             metrics.no_backend.inc();
-            return Err(refusal);
+            let (pick, backend) = match last {
+                Some((pick, backend)) => (pick, Some(backend)),
+                None => (pick, None),
+            };
+            return Err(refused(refusal, Some(pick), backend, line));
         };
         backend.metrics.picks.inc();
         let Ok(slot) = crate::proxy::queue::slot(&backend, limits.queue_timeout, metrics, &mut since).await else {
-            return Err(Refusal::QueueTimeout);
+            return Err(refused(Refusal::QueueTimeout, Some(pick), Some(backend.address), line));
         };
         let sender = context.upstreams.checkout(backend.address, &limits.http.pool, metrics).await;
         let (sender, reused) = match sender {
@@ -190,6 +267,7 @@ async fn forward(
                 if attempt + 1 < limits.connect_attempts {
                     metrics.retries.inc();
                 }
+                last = Some((pick, backend.address));
                 continue;
             }
         };
@@ -207,16 +285,21 @@ async fn forward(
                 request = back;
                 excluded.push(index);
                 metrics.retries.inc();
+                last = Some((pick, backend.address));
                 continue;
             }
             Sent::Failed(error) => {
                 if context.hot_path_log.allow() {
                     tracing::warn!(backend = %backend.address, "the backend broke off before its response headers: {error}");
                 }
-                return Err(Refusal::BadGateway);
+                return Err(refused(Refusal::BrokeOff, Some(pick), Some(backend.address), line));
             }
-            Sent::TimedOut => return Err(Refusal::Timeout),
+            Sent::TimedOut => return Err(refused(Refusal::Timeout, Some(pick), Some(backend.address), line)),
         };
+        if let Some(line) = line.as_mut() {
+            line.status = response.status().as_u16();
+            line.first_byte = started.elapsed();
+        }
         let finish = Finish {
             context: Arc::clone(context),
             pick,
@@ -227,6 +310,8 @@ async fn forward(
             connect_micros: if reused { 0 } else { micros(connect_time) },
             bytes_to_client: 0,
             completed: false,
+            client: peer,
+            line,
             _active: active,
             _slot: slot,
         };
@@ -238,7 +323,8 @@ async fn forward(
         return Ok(Response::from_parts(parts, ProxyBody::Upstream { body, end: Some(finish) }));
     }
     metrics.no_backend.inc();
-    Err(refusal)
+    let (pick, backend) = last.map_or((None, None), |(p, b)| (Some(p), Some(b)));
+    Err(Refused { refusal, pick, backend, line })
 }
 
 /// The request as the backend gets it: hop-by-hop headers gone, forwarding headers written,

@@ -61,8 +61,10 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 pub enum Refusal {
     /// No backend is eligible.
     NoBackend,
-    /// Every attempt to reach a backend failed, or it broke off before its response headers.
+    /// Every attempt to reach a backend failed.
     BadGateway,
+    /// The backend took the request and broke off before its response headers.
+    BrokeOff,
     /// The backend did not send response headers in time.
     Timeout,
     /// The chosen backend stayed full for the whole queue timeout.
@@ -73,7 +75,7 @@ impl Refusal {
     fn status(self) -> StatusCode {
         match self {
             Refusal::NoBackend | Refusal::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::BadGateway => StatusCode::BAD_GATEWAY,
+            Refusal::BadGateway | Refusal::BrokeOff => StatusCode::BAD_GATEWAY,
             Refusal::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -86,10 +88,23 @@ impl Refusal {
         }
     }
 
+    /// How the access log says the request ended.
+    pub fn end(self) -> crate::access_log::End {
+        use crate::access_log::End;
+        match self {
+            Refusal::NoBackend => End::NoBackend,
+            Refusal::BadGateway => End::BackendRefused,
+            Refusal::BrokeOff => End::BackendBrokeOff,
+            Refusal::Timeout => End::ResponseTimeout,
+            Refusal::QueueTimeout => End::QueueTimeout,
+        }
+    }
+
     fn message(self) -> &'static str {
         match self {
             Refusal::NoBackend => "no backend is available",
-            Refusal::BadGateway => "the backend could not be reached or broke off",
+            Refusal::BadGateway => "no backend could be reached",
+            Refusal::BrokeOff => "the backend broke off before its response headers",
             Refusal::Timeout => "the backend did not answer in time",
             Refusal::QueueTimeout => "every slot of the chosen backend stayed taken",
         }
