@@ -275,6 +275,7 @@ async fn a_post_reaches_a_backend_once_and_faults_get_their_statuses() {
     let harbor = TestHarbor::new()
         .service("closing", |s| s.backends(&[closing]).set("mode", "http"))
         .service("stalling", |s| s.backends(&[stalling]).set("mode", "http").set("response_header_timeout_ms", 300))
+        .service("stalling-grpc", |s| s.backends(&[stalling]).set("mode", "http"))
         .service("busy", |s| s.backends(&[busy]).set("mode", "http"))
         .service("resetting", |s| s.backends(&[resetting]).set("mode", "http"))
         .start()
@@ -293,6 +294,26 @@ async fn a_post_reaches_a_backend_once_and_faults_get_their_statuses() {
     // The backend's own 503 passes through as it is.
     let out = curl(&["-D", "-", &url("busy")]).await;
     assert!(out.starts_with("HTTP/1.1 503") && out.contains("busy") && !out.contains("x-harbor-error"), "{out}");
+    // A gRPC call's grpc-timeout bounds the wait: DEADLINE_EXCEEDED after 300 ms, not 60 s.
+    let started = tokio::time::Instant::now();
+    let grpc = url("stalling-grpc").replace("/x", "/pkg.Svc/Slow");
+    let headers = curl(&[
+        "--http2-prior-knowledge",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "grpc-timeout: 300m",
+        &grpc,
+    ])
+    .await;
+    assert!(headers.contains("grpc-status: 4"), "{headers}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     // A reset mid-body: the client sees the response cut short, not a clean end.
     let cut = tokio::process::Command::new("curl").args(["-s", "-o", "/dev/null", &url("resetting")]).status().await;
     assert!(!cut.expect("curl").success(), "a truncated body must not look complete");

@@ -215,6 +215,11 @@ async fn forward(
     let limits = &context.limits;
     let metrics = &context.metrics;
     let protocol = limits.http.pool.protocol;
+    // A gRPC call's own deadline, when shorter, bounds the wait for response headers.
+    let deadline = match headers::grpc_timeout(request.headers()) {
+        Some(call) => call.min(limits.http.response_header_timeout),
+        None => limits.http.response_header_timeout,
+    };
     prepare(&mut request, peer, protocol);
     let pool = context.pool.load_full();
     let mut excluded: Vec<usize> = Vec::new();
@@ -276,7 +281,7 @@ async fn forward(
             backend.record_connect_success(connect_time);
         }
         let active = backend.track_active();
-        let sent = send(sender, request, limits.http.response_header_timeout).await;
+        let sent = send(sender, request, deadline).await;
         let (response, sender) = match sent {
             Sent::Answered(response, sender) => (response, sender),
             Sent::Unsent(back) => {

@@ -56,6 +56,27 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// A gRPC call's deadline (`grpc-timeout`: at most 8 digits and a unit, `H`, `M`, `S`, `m`,
+/// `u` or `n`); none if absent or malformed.
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let text = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Why Harbor answers a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -167,6 +188,23 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit_and_bad_ones_ignored() {
+        use std::time::Duration;
+        let of = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static("grpc-timeout"), HeaderValue::from_static(v));
+            grpc_timeout(&h)
+        };
+        assert_eq!(of("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(of("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(of("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(of("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
+            assert_eq!(of(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
