@@ -247,6 +247,20 @@ async fn raw_backend(what: &'static str) -> (std::net::SocketAddr, std::sync::Ar
                 }
                 counter.fetch_add(1, Ordering::SeqCst);
                 match what {
+                    "upgrade" => {
+                        let head = String::from_utf8_lossy(&got).to_lowercase();
+                        if !head.contains("\r\nupgrade: echo\r\n") || !head.contains("\r\nconnection: upgrade\r\n") {
+                            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").await;
+                            return;
+                        }
+                        let _ = stream
+                            .write_all(
+                                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+                            )
+                            .await;
+                        let (mut read, mut write) = stream.split();
+                        let _ = tokio::io::copy(&mut read, &mut write).await;
+                    }
                     "stall" => tokio::time::sleep(Duration::from_secs(30)).await,
                     "close" => {}
                     "503" => {
@@ -401,5 +415,45 @@ async fn grpc_calls_on_one_channel_spread_over_every_backend_in_http_mode_and_pi
     // With no backend left, a call gets UNAVAILABLE from Harbor, not a protocol error.
     let status = grpc_client(&["deadline", &target, "3000"]).await;
     assert_eq!(status, "UNAVAILABLE");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_is_placed_like_any_request_then_relayed_as_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (echo, seen) = raw_backend("upgrade").await;
+    let harbor = TestHarbor::new().service("ws", |s| s.backends(&[echo]).set("mode", "http")).start().await;
+    let mut stream = tokio::net::TcpStream::connect(harbor.addr_of("ws").expect("ws")).await.expect("connect");
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: ws\r\nConnection: keep-alive, Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(common::STEP, stream.read(&mut byte)).await.expect("in time").expect("read");
+        assert!(n == 1, "closed after {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101") && head.contains("upgrade: echo"), "{head}");
+    // Bytes both ways through the tunnel, several times, then a half-close.
+    for round in 0..5 {
+        let message = format!("round {round}: {}", "x".repeat(1000 * round));
+        stream.write_all(message.as_bytes()).await.expect("write");
+        let mut back = vec![0u8; message.len()];
+        tokio::time::timeout(common::STEP, stream.read_exact(&mut back)).await.expect("in time").expect("echo");
+        assert_eq!(back, message.as_bytes());
+    }
+    stream.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    tokio::time::timeout(common::STEP, stream.read_to_end(&mut rest)).await.expect("closed").expect("read");
+    assert!(rest.is_empty());
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // An upgrade over HTTP/2 is refused plainly.
+    let url = format!("http://{}/ws", harbor.addr_of("ws").expect("ws"));
+    let code =
+        curl(&["--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}", "-H", "upgrade: echo", &url]).await;
+    assert!(code == "501" || code == "400", "{code}");
     harbor.stop().await.expect("stop");
 }

@@ -40,6 +40,8 @@ pub enum End {
     ResponseTimeout,
     /// HTTP mode: the backend broke off before its response headers.
     BackendBrokeOff,
+    /// HTTP mode: an upgrade Harbor does not carry (HTTP/2, or to HTTP/2 backends).
+    UpgradeUnsupported,
 }
 
 impl End {
@@ -53,6 +55,7 @@ impl End {
             End::QueueTimeout => "queue_timeout",
             End::ResponseTimeout => "response_timeout",
             End::BackendBrokeOff => "backend_broke_off",
+            End::UpgradeUnsupported => "upgrade_unsupported",
         }
     }
 }

@@ -11,7 +11,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::HOST;
-use hyper::{Request, Response, Uri, Version};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
 
 use crate::access_log::{End, HttpFields, Record};
 use crate::backends::pool::{ActiveGuard, Backend, Slot};
@@ -95,6 +96,8 @@ pub struct Finish {
     bytes_to_client: u64,
     /// The body ended cleanly (else the connection is not reused).
     completed: bool,
+    /// It became a tunnel (`101 Switching Protocols`), which ended cleanly.
+    upgraded: bool,
     /// For the access log: who asked what, and how it went.
     client: SocketAddr,
     line: Option<Box<HttpFields>>,
@@ -120,7 +123,11 @@ impl Drop for Finish {
                 bytes_to_client: self.bytes_to_client,
                 connect_micros: self.connect_micros,
                 duration: took,
-                end: End::Relay(if self.completed { "completed" } else { "aborted" }),
+                end: End::Relay(match (self.upgraded, self.completed) {
+                    (true, _) => "upgraded",
+                    (false, true) => "completed",
+                    (false, false) => "aborted",
+                }),
                 placed_by: context.strategy.placement(&self.pick),
                 http: Some(line),
             });
@@ -220,7 +227,18 @@ async fn forward(
         Some(call) => call.min(limits.http.response_header_timeout),
         None => limits.http.response_header_timeout,
     };
+    // An HTTP/1.1 upgrade (WebSocket): the client's side of the tunnel, taken now.
+    let upgrade = match headers::upgrade_asked(request.headers()) {
+        Some(_) if protocol == BackendProtocol::Http2 || request.version() != Version::HTTP_11 => {
+            return Err(Refused { refusal: Refusal::UpgradeUnsupported, pick: None, backend: None, line });
+        }
+        Some(asked) => Some((asked, hyper::upgrade::on(&mut request))),
+        None => None,
+    };
     prepare(&mut request, peer, protocol);
+    if let Some((asked, _)) = &upgrade {
+        headers::keep_upgrade(request.headers_mut(), asked.clone());
+    }
     let pool = context.pool.load_full();
     let mut excluded: Vec<usize> = Vec::new();
     let mut refusal = Refusal::NoBackend;
@@ -305,7 +323,7 @@ async fn forward(
             line.status = response.status().as_u16();
             line.first_byte = started.elapsed();
         }
-        let finish = Finish {
+        let mut finish = Finish {
             context: Arc::clone(context),
             pick,
             index,
@@ -315,21 +333,65 @@ async fn forward(
             connect_micros: if reused { 0 } else { micros(connect_time) },
             bytes_to_client: 0,
             completed: false,
+            upgraded: false,
             client: peer,
             line,
             _active: active,
             _slot: slot,
         };
+        if let (Some((_, client_side)), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, response.status()) {
+            return Ok(tunnel(response, client_side, finish));
+        }
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         // An empty body is never polled: the response is whole with its headers.
-        let mut finish = finish;
         finish.completed = body.is_end_stream();
         return Ok(Response::from_parts(parts, ProxyBody::Upstream { body, end: Some(finish) }));
     }
     metrics.no_backend.inc();
     let (pick, backend) = last.map_or((None, None), |(p, b)| (Some(p), Some(b)));
     Err(Refused { refusal, pick, backend, line })
+}
+
+/// After a backend's `101 Switching Protocols`: the answer goes to the client, and once both
+/// sides have switched, their bytes are relayed both ways until either ends, or the drain's
+/// bound cuts them. The request's slot, active count and log line last as long.
+fn tunnel(
+    mut response: Response<Incoming>,
+    client_side: hyper::upgrade::OnUpgrade,
+    mut finish: Finish,
+) -> Response<ProxyBody> {
+    let backend_side = hyper::upgrade::on(&mut response);
+    finish.sender = None; // the connection is the tunnel's now
+    let protocol = response.headers().get(hyper::header::UPGRADE).cloned();
+    let (mut parts, _) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = protocol {
+        headers::keep_upgrade(&mut parts.headers, protocol);
+    }
+    let cut = finish.context.ends.cut.clone();
+    tokio::spawn(async move {
+        let (client, backend) = match tokio::try_join!(client_side, backend_side) {
+            Ok(both) => both,
+            Err(error) => {
+                tracing::debug!("an upgrade did not complete: {error}");
+                return;
+            }
+        };
+        let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+        tokio::select! {
+            moved = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
+                if let Ok((_, to_client)) = moved {
+                    finish.bytes_to_client = to_client;
+                    finish.completed = true;
+                    finish.upgraded = true;
+                }
+            }
+            _ = cut.cancelled() => {}
+        }
+        drop(finish);
+    });
+    Response::from_parts(parts, ProxyBody::Own(None))
 }
 
 /// The request as the backend gets it: hop-by-hop headers gone, forwarding headers written,

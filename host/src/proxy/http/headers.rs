@@ -37,6 +37,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with
+/// `Upgrade: websocket`, say), if it asks.
+pub fn upgrade_asked(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(UPGRADE).cloned()).flatten()
+}
+
+/// Puts back what an upgrade needs on its next hop (after [`strip_hop_by_hop`]).
+pub fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, protocol);
+}
+
 /// Writes who the client is and how it came, replacing what the client sent (nobody is
 /// trusted to name a client yet): `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded`.
 pub fn set_forwarded(headers: &mut HeaderMap, client: SocketAddr) {
@@ -90,6 +108,8 @@ pub enum Refusal {
     Timeout,
     /// The chosen backend stayed full for the whole queue timeout.
     QueueTimeout,
+    /// An upgrade Harbor cannot carry (over HTTP/2, or to HTTP/2 backends).
+    UpgradeUnsupported,
 }
 
 impl Refusal {
@@ -98,6 +118,7 @@ impl Refusal {
             Refusal::NoBackend | Refusal::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::BadGateway | Refusal::BrokeOff => StatusCode::BAD_GATEWAY,
             Refusal::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -118,6 +139,7 @@ impl Refusal {
             Refusal::BrokeOff => End::BackendBrokeOff,
             Refusal::Timeout => End::ResponseTimeout,
             Refusal::QueueTimeout => End::QueueTimeout,
+            Refusal::UpgradeUnsupported => End::UpgradeUnsupported,
         }
     }
 
@@ -128,6 +150,7 @@ impl Refusal {
             Refusal::BrokeOff => "the backend broke off before its response headers",
             Refusal::Timeout => "the backend did not answer in time",
             Refusal::QueueTimeout => "every slot of the chosen backend stayed taken",
+            Refusal::UpgradeUnsupported => "this upgrade is not carried: HTTP/1.1 to HTTP/1.1 backends only",
         }
     }
 

@@ -87,7 +87,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, context: Arc<ServiceCont
         let context = Arc::clone(&per_request);
         async move { Ok::<_, Infallible>(forward::handle(request, peer, local, context).await) }
     });
-    let connection = builder.serve_connection(TokioIo::new(client), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     tokio::pin!(connection);
     let ends = &context.ends;
     let ended = tokio::select! {

@@ -192,7 +192,8 @@ impl Upstreams {
         let (sender, connection) =
             http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Handshake)?;
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            // With upgrades: after a 101 the connection becomes the tunnel's.
+            if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%backend, "backend connection ended: {error}");
             }
         });
