@@ -457,3 +457,40 @@ async fn an_upgrade_is_placed_like_any_request_then_relayed_as_bytes() {
     assert!(code == "501" || code == "400", "{code}");
     harbor.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_a_limit_get_its_status_and_the_rest_go_through() {
+    let backend = HttpBackend::start("b").await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| {
+            s.backends(&[backend.addr])
+                .set("mode", "http")
+                .set("max_request_headers", 20)
+                .set("max_uri_bytes", 100)
+                .set("max_request_body_bytes", 1000)
+                .set("max_request_header_bytes", 8192)
+        })
+        .start()
+        .await;
+    let base = format!("http://{}", harbor.addr_of("web").expect("web"));
+    let code = |args: Vec<String>| async move {
+        let mut all: Vec<&str> = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+        all.extend(args.iter().map(String::as_str));
+        curl(&all).await
+    };
+    let url = format!("{base}/ok");
+    assert_eq!(code(vec![url.clone()]).await, "200");
+    let mut many = Vec::new();
+    for i in 0..30 {
+        many.extend(["-H".to_string(), format!("x-h{i}: {i}")]);
+    }
+    many.push(url.clone());
+    assert_eq!(code(many).await, "431", "too many header fields");
+    assert_eq!(code(vec!["-H".into(), format!("x-big: {}", "v".repeat(10_000)), url.clone()]).await, "431");
+    assert_eq!(code(vec![format!("{base}/{}", "p".repeat(200))]).await, "414");
+    assert_eq!(code(vec!["--data-binary".into(), "x".repeat(2000), url.clone()]).await, "413");
+    assert_eq!(code(vec!["--data-binary".into(), "x".repeat(900), url.clone()]).await, "200");
+    assert_eq!(backend.requests("POST"), 1, "only the body under the limit reached the backend");
+    assert_eq!(backend.requests("GET"), 1);
+    harbor.stop().await.expect("stop");
+}

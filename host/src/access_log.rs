@@ -42,6 +42,8 @@ pub enum End {
     BackendBrokeOff,
     /// HTTP mode: an upgrade Harbor does not carry (HTTP/2, or to HTTP/2 backends).
     UpgradeUnsupported,
+    /// HTTP mode: the request was over a limit (target length, declared body).
+    RequestTooLarge,
 }
 
 impl End {
@@ -56,6 +58,7 @@ impl End {
             End::ResponseTimeout => "response_timeout",
             End::BackendBrokeOff => "backend_broke_off",
             End::UpgradeUnsupported => "upgrade_unsupported",
+            End::RequestTooLarge => "request_too_large",
         }
     }
 }

@@ -136,6 +136,14 @@ settings! {
     request_header_timeout_ms: u64 = 10_000, env "HARBOR_REQUEST_HEADER_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
     /// HTTP mode: how long a backend has to answer a request with its response headers, in ms; then 504.
     response_header_timeout_ms: u64 = 60_000, env "HARBOR_RESPONSE_HEADER_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
+    /// HTTP mode: the largest request header section (request line included), in bytes; more gets 431. HTTP/2: the largest header list.
+    max_request_header_bytes: u64 = 65_536, env "HARBOR_MAX_REQUEST_HEADER_BYTES", range 8192..=1_048_576, reload NewConnections;
+    /// HTTP mode: the most header fields in a request; more gets 431.
+    max_request_headers: u64 = 100, env "HARBOR_MAX_REQUEST_HEADERS", range 1..=10_000, reload NewConnections;
+    /// HTTP mode: the longest request target (path and query), in bytes; longer gets 414.
+    max_uri_bytes: u64 = 8192, env "HARBOR_MAX_URI_BYTES", range 64..=65_534, reload NewConnections;
+    /// HTTP mode: the largest request body a Content-Length may declare, in bytes (then 413); 0 for no limit.
+    max_request_body_bytes: u64 = 0, env "HARBOR_MAX_REQUEST_BODY_BYTES", range 0..=u64::MAX, reload NewConnections;
     /// HTTP mode: idle keep-alive connections kept per backend (HTTP/1.1).
     backend_max_idle: u64 = 64, env "HARBOR_BACKEND_MAX_IDLE", range 0..=100_000, reload NewConnections;
     /// HTTP mode: how long an idle pooled backend connection is kept, in ms.

@@ -227,6 +227,15 @@ async fn forward(
         Some(call) => call.min(limits.http.response_header_timeout),
         None => limits.http.response_header_timeout,
     };
+    // Limits hyper does not apply itself.
+    let http = &limits.http;
+    let uri_bytes = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if uri_bytes > http.max_uri_bytes {
+        return Err(Refused { refusal: Refusal::UriTooLong, pick: None, backend: None, line });
+    }
+    if http.max_body_bytes > 0 && request.body().size_hint().lower() > http.max_body_bytes {
+        return Err(Refused { refusal: Refusal::BodyTooLarge, pick: None, backend: None, line });
+    }
     // An HTTP/1.1 upgrade (WebSocket): the client's side of the tunnel, taken now.
     let upgrade = match headers::upgrade_asked(request.headers()) {
         Some(_) if protocol == BackendProtocol::Http2 || request.version() != Version::HTTP_11 => {

@@ -110,6 +110,10 @@ pub enum Refusal {
     QueueTimeout,
     /// An upgrade Harbor cannot carry (over HTTP/2, or to HTTP/2 backends).
     UpgradeUnsupported,
+    /// The request target is longer than `max_uri_bytes`.
+    UriTooLong,
+    /// The declared body is larger than `max_request_body_bytes`.
+    BodyTooLarge,
 }
 
 impl Refusal {
@@ -119,13 +123,18 @@ impl Refusal {
             Refusal::BadGateway | Refusal::BrokeOff => StatusCode::BAD_GATEWAY,
             Refusal::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
+            Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
+            Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
-    /// The gRPC status code: UNAVAILABLE (14), or DEADLINE_EXCEEDED (4) for a timeout.
+    /// The gRPC status code: UNAVAILABLE (14), DEADLINE_EXCEEDED (4) for a timeout,
+    /// RESOURCE_EXHAUSTED (8) for a request over a limit, UNIMPLEMENTED (12) for an upgrade.
     fn grpc_status(self) -> &'static str {
         match self {
             Refusal::Timeout => "4",
+            Refusal::UriTooLong | Refusal::BodyTooLarge => "8",
+            Refusal::UpgradeUnsupported => "12",
             _ => "14",
         }
     }
@@ -140,6 +149,7 @@ impl Refusal {
             Refusal::Timeout => End::ResponseTimeout,
             Refusal::QueueTimeout => End::QueueTimeout,
             Refusal::UpgradeUnsupported => End::UpgradeUnsupported,
+            Refusal::UriTooLong | Refusal::BodyTooLarge => End::RequestTooLarge,
         }
     }
 
@@ -151,6 +161,8 @@ impl Refusal {
             Refusal::Timeout => "the backend did not answer in time",
             Refusal::QueueTimeout => "every slot of the chosen backend stayed taken",
             Refusal::UpgradeUnsupported => "this upgrade is not carried: HTTP/1.1 to HTTP/1.1 backends only",
+            Refusal::UriTooLong => "the request target is too long",
+            Refusal::BodyTooLarge => "the request body is too large",
         }
     }
 

@@ -34,6 +34,11 @@ const MAX_CONCURRENT_STREAMS: u32 = 100;
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
     pub request_header_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    /// 0: no limit.
+    pub max_body_bytes: u64,
     pub response_header_timeout: Duration,
     pub pool: upstream::PoolLimits,
 }
@@ -42,6 +47,10 @@ impl HttpLimits {
     pub fn from_tunables(t: &Tunables, socket: crate::proxy::connect::SocketOptions) -> HttpLimits {
         HttpLimits {
             request_header_timeout: Duration::from_millis(t.request_header_timeout_ms),
+            max_header_bytes: usize::try_from(t.max_request_header_bytes).unwrap_or(usize::MAX),
+            max_headers: usize::try_from(t.max_request_headers).unwrap_or(usize::MAX),
+            max_uri_bytes: usize::try_from(t.max_uri_bytes).unwrap_or(usize::MAX),
+            max_body_bytes: t.max_request_body_bytes,
             response_header_timeout: Duration::from_millis(t.response_header_timeout_ms),
             pool: upstream::PoolLimits {
                 protocol: t.backend_protocol,
@@ -71,17 +80,21 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, context: Arc<ServiceCont
         tracing::debug!("client socket options: {e}");
     }
     let local = client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let limits = &context.limits.http;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A header section that outgrows the read buffer gets 431, as do too many fields.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(context.limits.http.request_header_timeout)
+        .header_read_timeout(limits.request_header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(64 << 10);
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let per_request = Arc::clone(&context);
     let service = hyper::service::service_fn(move |request| {
         let context = Arc::clone(&per_request);
