@@ -247,6 +247,19 @@ async fn raw_backend(what: &'static str) -> (std::net::SocketAddr, std::sync::Ar
                 }
                 counter.fetch_add(1, Ordering::SeqCst);
                 match what {
+                    "one-per-connection" => {
+                        // Answers the first request and keeps the connection; drops it under
+                        // the second, unanswered (as a backend whose keep-alive timer fired).
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n").await;
+                        let mut next = Vec::new();
+                        while !next.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => next.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
                     "upgrade" => {
                         let head = String::from_utf8_lossy(&got).to_lowercase();
                         if !head.contains("\r\nupgrade: echo\r\n") || !head.contains("\r\nconnection: upgrade\r\n") {
@@ -492,5 +505,25 @@ async fn requests_over_a_limit_get_its_status_and_the_rest_go_through() {
     assert_eq!(code(vec!["--data-binary".into(), "x".repeat(900), url.clone()]).await, "200");
     assert_eq!(backend.requests("POST"), 1, "only the body under the limit reached the backend");
     assert_eq!(backend.requests("GET"), 1);
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bodiless_get_on_a_stale_pooled_connection_goes_again_and_a_post_does_not() {
+    use std::sync::atomic::Ordering;
+    let (backend, seen) = raw_backend("one-per-connection").await;
+    let harbor = TestHarbor::new().service("web", |s| s.backends(&[backend]).set("mode", "http")).start().await;
+    let url = format!("http://{}/x", harbor.addr_of("web").expect("web"));
+    let code = |method: &'static str| {
+        let url = url.clone();
+        async move { curl(&["-o", "/dev/null", "-w", "%{http_code}", "-X", method, &url]).await }
+    };
+    assert_eq!(code("GET").await, "200");
+    // The pooled connection is dropped under the next GET: Harbor sends it again, on a new one.
+    assert_eq!(code("GET").await, "200");
+    assert_eq!(seen.load(Ordering::SeqCst), 3, "first GET, the GET on the stale connection, the GET again");
+    // A POST is never sent twice: the one under which the connection dropped gets 502.
+    assert_eq!(code("POST").await, "502");
+    assert_eq!(seen.load(Ordering::SeqCst), 4);
     harbor.stop().await.expect("stop");
 }

@@ -20,7 +20,7 @@ use crate::clock::Instant;
 use crate::config::BackendProtocol;
 use crate::proxy::context::ServiceContext;
 use crate::proxy::http::headers::{self, Refusal};
-use crate::proxy::http::upstream::Sender;
+use crate::proxy::http::upstream::{Outgoing, Sender};
 use crate::strategy::runtime::bindings::{ConnectionOutcome, LocalAddr};
 use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest, Placement};
 
@@ -90,7 +90,7 @@ pub struct Finish {
     pick: Pick,
     index: usize,
     backend: Arc<Backend>,
-    sender: Option<hyper::client::conn::http1::SendRequest<Incoming>>,
+    sender: Option<hyper::client::conn::http1::SendRequest<Outgoing>>,
     started: Instant,
     connect_micros: u32,
     bytes_to_client: u64,
@@ -248,6 +248,18 @@ async fn forward(
     if let Some((asked, _)) = &upgrade {
         headers::keep_upgrade(request.headers_mut(), asked.clone());
     }
+    // A bodiless idempotent request can be sent again if a pooled connection fails under it
+    // before any answer (the backend closed it as it was taken): its head is kept for that.
+    let replayable = upgrade.is_none() && request.body().is_end_stream() && is_idempotent(request.method());
+    let head = replayable.then(|| {
+        let mut copy = Request::new(());
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.version_mut() = request.version();
+        *copy.headers_mut() = request.headers().clone();
+        copy
+    });
+    let mut request = request.map(http_body_util::Either::Left);
     let pool = context.pool.load_full();
     let mut excluded: Vec<usize> = Vec::new();
     let mut refusal = Refusal::NoBackend;
@@ -321,6 +333,19 @@ async fn forward(
                 continue;
             }
             Sent::Failed(error) => {
+                if let (true, Some(h)) = (reused, head.as_ref()) {
+                    // A stale pooled connection: the same request, whole, on a new connection.
+                    tracing::debug!(backend = %backend.address, "a pooled connection failed under a bodiless request, sending it again: {error}");
+                    let mut again = Request::new(http_body_util::Either::Right(http_body_util::Empty::new()));
+                    *again.method_mut() = h.method().clone();
+                    *again.uri_mut() = h.uri().clone();
+                    *again.version_mut() = h.version();
+                    *again.headers_mut() = h.headers().clone();
+                    request = again;
+                    metrics.retries.inc();
+                    last = Some((pick, backend.address));
+                    continue;
+                }
                 if context.hot_path_log.allow() {
                     tracing::warn!(backend = %backend.address, "the backend broke off before its response headers: {error}");
                 }
@@ -360,6 +385,12 @@ async fn forward(
     metrics.no_backend.inc();
     let (pick, backend) = last.map_or((None, None), |(p, b)| (Some(p), Some(b)));
     Err(Refused { refusal, pick, backend, line })
+}
+
+/// Methods a repeat cannot change (RFC 9110 §9.2.2).
+fn is_idempotent(method: &hyper::Method) -> bool {
+    use hyper::Method;
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
 /// After a backend's `101 Switching Protocols`: the answer goes to the client, and once both
@@ -443,14 +474,14 @@ fn prepare(request: &mut Request<Incoming>, peer: SocketAddr, protocol: BackendP
 
 enum Sent {
     /// Response headers came; the HTTP/1.1 connection goes back to the pool when the body ends.
-    Answered(Response<Incoming>, Option<hyper::client::conn::http1::SendRequest<Incoming>>),
+    Answered(Response<Incoming>, Option<hyper::client::conn::http1::SendRequest<Outgoing>>),
     /// The connection closed before the request was written: here it is, whole.
-    Unsent(Request<Incoming>),
+    Unsent(Request<Outgoing>),
     Failed(hyper::Error),
     TimedOut,
 }
 
-async fn send(sender: Sender, request: Request<Incoming>, timeout: std::time::Duration) -> Sent {
+async fn send(sender: Sender, request: Request<Outgoing>, timeout: std::time::Duration) -> Sent {
     match sender {
         Sender::Http1(mut sender) => {
             let sending = sender.try_send_request(request);

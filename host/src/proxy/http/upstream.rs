@@ -21,6 +21,10 @@ use crate::config::BackendProtocol;
 use crate::metrics::ServiceMetrics;
 use crate::proxy::connect::{connect, ConnectError, SocketOptions};
 
+/// A request body on its way to a backend: the client's, streamed, or none (a bodiless
+/// request sent again after a pooled connection failed under it).
+pub type Outgoing = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+
 /// How a service's backend connections are made and kept.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolLimits {
@@ -33,8 +37,8 @@ pub struct PoolLimits {
 
 /// A connection that can carry one request now.
 pub enum Sender {
-    Http1(http1::SendRequest<Incoming>),
-    Http2(http2::SendRequest<Incoming>),
+    Http1(http1::SendRequest<Outgoing>),
+    Http2(http2::SendRequest<Outgoing>),
 }
 
 /// Why no connection could be had.
@@ -47,7 +51,7 @@ pub enum UpstreamError {
 }
 
 struct Idle {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<Outgoing>,
     since: Instant,
 }
 
@@ -57,7 +61,7 @@ pub struct Upstreams {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     /// The idle timeout of the latest context, for the sweeper.
     idle_timeout_ms: AtomicU64,
-    multiplexed: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    multiplexed: Mutex<HashMap<SocketAddr, http2::SendRequest<Outgoing>>>,
 }
 
 impl Upstreams {
@@ -100,7 +104,7 @@ impl Upstreams {
     pub fn give_back(
         &self,
         backend: SocketAddr,
-        sender: http1::SendRequest<Incoming>,
+        sender: http1::SendRequest<Outgoing>,
         limits: &PoolLimits,
         metrics: &ServiceMetrics,
     ) {
@@ -187,7 +191,7 @@ impl Upstreams {
         backend: SocketAddr,
         limits: &PoolLimits,
         metrics: &ServiceMetrics,
-    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http1::SendRequest<Outgoing>, UpstreamError> {
         let stream = dial(backend, limits, metrics).await?;
         let (sender, connection) =
             http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Handshake)?;
@@ -205,7 +209,7 @@ impl Upstreams {
         backend: SocketAddr,
         limits: &PoolLimits,
         metrics: &ServiceMetrics,
-    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http2::SendRequest<Outgoing>, UpstreamError> {
         let stream = dial(backend, limits, metrics).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
