@@ -527,3 +527,33 @@ async fn a_bodiless_get_on_a_stale_pooled_connection_goes_again_and_a_post_does_
     assert_eq!(seen.load(Ordering::SeqCst), 4);
     harbor.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_answering_5xx_in_a_row_is_ejected_and_the_others_take_the_requests() {
+    use std::sync::atomic::Ordering;
+    let good = HttpBackend::start("good").await;
+    let (bad, bad_seen) = raw_backend("503").await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| {
+            s.backends(&[good.addr, bad])
+                .set("mode", "http")
+                .set("outlier_consecutive_5xx", 3)
+                .set("outlier_max_ejection_percent", 50)
+        })
+        .start()
+        .await;
+    let url = format!("http://{}/x", harbor.addr_of("web").expect("web"));
+    let mut codes = Vec::new();
+    for _ in 0..20 {
+        codes.push(curl(&["-o", "/dev/null", "-w", "%{http_code}", &url]).await);
+    }
+    assert_eq!(codes.iter().filter(|c| *c == "503").count(), 3, "{codes:?}");
+    assert_eq!(bad_seen.load(Ordering::SeqCst), 3, "nothing reached the ejected backend");
+    assert_eq!(good.requests("GET"), 17);
+    let admin = harbor.admin_addr.expect("admin");
+    let m = Scrape::fetch(admin).await;
+    assert_eq!(m.get("harbor_outlier_ejections_total{service=\"web\"}"), 1.0);
+    let (_, body) = common::admin_get(admin, "/services/web/backends").await;
+    assert!(body.contains("\"cooling-down\""), "{body}");
+    harbor.stop().await.expect("stop");
+}

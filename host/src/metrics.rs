@@ -220,6 +220,7 @@ per_service! {
     upstream_opened: Counter = "upstream_connections_opened", "HTTP mode: connections opened to backends";
     upstream_reused: Counter = "upstream_connections_reused", "HTTP mode: requests sent on a pooled backend connection";
     upstream_idle: Gauge = "upstream_connections_idle", "HTTP mode: idle pooled backend connections now";
+    outlier_ejections: Counter = "outlier_ejections", "HTTP mode: backends ejected for answering outlier_consecutive_5xx server errors in a row";
 }
 
 /// Declares every other metric family once: each line is the field, its type (with the

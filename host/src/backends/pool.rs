@@ -92,6 +92,8 @@ pub struct Backend {
     /// Milliseconds since the backend's clock start until which it cools down; 0 = none.
     cooldown_until_ms: AtomicU64,
     failures_in_row: AtomicU32,
+    /// HTTP mode: server errors (5xx, or a break before the response) in a row.
+    errors_in_row: AtomicU32,
     connect_latency_micros: AtomicU32,
     /// 1 + the ms (on the strategies' clock, `strategy::now_millis`) since when it has been
     /// healthy without a break, as last seen by a pick; 0 while not healthy.
@@ -425,6 +427,29 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// HTTP mode: how a response went. True when it makes `limit` server errors in a row
+    /// (`limit` 0: never); the caller decides whether to eject.
+    pub fn record_response(&self, server_error: bool, limit: u32) -> bool {
+        if !server_error {
+            if self.errors_in_row.load(Ordering::Relaxed) != 0 {
+                self.errors_in_row.store(0, Ordering::Relaxed);
+            }
+            return false;
+        }
+        let streak = self.errors_in_row.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        limit > 0 && streak >= limit
+    }
+
+    /// Passive outlier detection: keeps the backend out of rotation for `time` (it shows as
+    /// cooling down); its error streak starts over.
+    pub fn eject(&self, time: Duration) {
+        self.errors_in_row.store(0, Ordering::Relaxed);
+        let until = self.now_ms() + u64::try_from(time.as_millis()).unwrap_or(u64::MAX / 2);
+        self.cooldown_until_ms.store(until.max(1), Ordering::Relaxed);
+    }
+}
+
 /// The one cooldown rule: after the `streak`-th connect failure in a row (1, 2, …), `base`
 /// doubled per failure before it, up to `max`. The live path and `harbor strategy simulate`
 /// both use it.
@@ -455,6 +480,7 @@ impl Backend {
             active: AtomicU32::new(0),
             cooldown_until_ms: AtomicU64::new(0),
             failures_in_row: AtomicU32::new(0),
+            errors_in_row: AtomicU32::new(0),
             connect_latency_micros: AtomicU32::new(0),
             healthy_since_ms: AtomicU64::new(0),
             metrics: BackendMetrics::register(metrics, service, &address.to_string(), label),

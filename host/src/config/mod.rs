@@ -144,6 +144,12 @@ settings! {
     max_uri_bytes: u64 = 8192, env "HARBOR_MAX_URI_BYTES", range 64..=65_534, reload NewConnections;
     /// HTTP mode: the largest request body a Content-Length may declare, in bytes (then 413); 0 for no limit.
     max_request_body_bytes: u64 = 0, env "HARBOR_MAX_REQUEST_BODY_BYTES", range 0..=u64::MAX, reload NewConnections;
+    /// HTTP mode: a backend that answers this many 5xx in a row (or breaks off before answering) is ejected for outlier_ejection_ms; 0 turns it off (Envoy's consecutive_5xx).
+    outlier_consecutive_5xx: u64 = 5, env "HARBOR_OUTLIER_CONSECUTIVE_5XX", range 0..=10_000, reload NewConnections;
+    /// HTTP mode: how long an outlier is kept out of rotation, in ms.
+    outlier_ejection_ms: u64 = 30_000, env "HARBOR_OUTLIER_EJECTION_MS", range 1..=MAX_COOLDOWN_MS, reload NewConnections;
+    /// HTTP mode: the most backends ejected at once, in percent of the pool (at least one).
+    outlier_max_ejection_percent: u64 = 10, env "HARBOR_OUTLIER_MAX_EJECTION_PERCENT", range 0..=100, reload NewConnections;
     /// HTTP mode: idle keep-alive connections kept per backend (HTTP/1.1).
     backend_max_idle: u64 = 64, env "HARBOR_BACKEND_MAX_IDLE", range 0..=100_000, reload NewConnections;
     /// HTTP mode: how long an idle pooled backend connection is kept, in ms.

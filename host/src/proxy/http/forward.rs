@@ -15,7 +15,7 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use crate::access_log::{End, HttpFields, Record};
-use crate::backends::pool::{ActiveGuard, Backend, Slot};
+use crate::backends::pool::{ActiveGuard, Backend, BackendPool, Slot};
 use crate::clock::Instant;
 use crate::config::BackendProtocol;
 use crate::proxy::context::ServiceContext;
@@ -349,6 +349,7 @@ async fn forward(
                 if context.hot_path_log.allow() {
                     tracing::warn!(backend = %backend.address, "the backend broke off before its response headers: {error}");
                 }
+                judge(context, &pool, &backend, true);
                 return Err(refused(Refusal::BrokeOff, Some(pick), Some(backend.address), line));
             }
             Sent::TimedOut => return Err(refused(Refusal::Timeout, Some(pick), Some(backend.address), line)),
@@ -357,6 +358,7 @@ async fn forward(
             line.status = response.status().as_u16();
             line.first_byte = started.elapsed();
         }
+        judge(context, &pool, &backend, response.status().is_server_error());
         let mut finish = Finish {
             context: Arc::clone(context),
             pick,
@@ -385,6 +387,25 @@ async fn forward(
     metrics.no_backend.inc();
     let (pick, backend) = last.map_or((None, None), |(p, b)| (Some(p), Some(b)));
     Err(Refused { refusal, pick, backend, line })
+}
+
+/// Passive outlier detection: a backend that answers `consecutive_5xx` server errors in a row
+/// is ejected for a while, unless as many backends as `max_percent` allows (at least one) are
+/// out already.
+fn judge(context: &ServiceContext, pool: &BackendPool, backend: &Backend, server_error: bool) {
+    let outliers = &context.limits.http.outliers;
+    if !backend.record_response(server_error, outliers.consecutive_5xx) {
+        return;
+    }
+    let allowed = (pool.len() * outliers.max_percent / 100).max(1);
+    if pool.cooling_down() >= allowed {
+        return;
+    }
+    backend.eject(outliers.ejection);
+    context.metrics.outlier_ejections.inc();
+    if context.hot_path_log.allow() {
+        tracing::warn!(backend = %backend.address, errors = outliers.consecutive_5xx, ejection = ?outliers.ejection, "server errors in a row: backend ejected");
+    }
 }
 
 /// Methods a repeat cannot change (RFC 9110 §9.2.2).

@@ -39,6 +39,7 @@ pub struct HttpLimits {
     pub max_uri_bytes: usize,
     /// 0: no limit.
     pub max_body_bytes: u64,
+    pub outliers: Outliers,
     pub response_header_timeout: Duration,
     pub pool: upstream::PoolLimits,
 }
@@ -51,6 +52,11 @@ impl HttpLimits {
             max_headers: usize::try_from(t.max_request_headers).unwrap_or(usize::MAX),
             max_uri_bytes: usize::try_from(t.max_uri_bytes).unwrap_or(usize::MAX),
             max_body_bytes: t.max_request_body_bytes,
+            outliers: Outliers {
+                consecutive_5xx: u32::try_from(t.outlier_consecutive_5xx).unwrap_or(u32::MAX),
+                ejection: Duration::from_millis(t.outlier_ejection_ms),
+                max_percent: usize::try_from(t.outlier_max_ejection_percent).unwrap_or(100),
+            },
             response_header_timeout: Duration::from_millis(t.response_header_timeout_ms),
             pool: upstream::PoolLimits {
                 protocol: t.backend_protocol,
@@ -61,6 +67,15 @@ impl HttpLimits {
             },
         }
     }
+}
+
+/// Passive outlier detection (Envoy's defaults: 5 in a row, 30 s, 10 %).
+#[derive(Debug, Clone, Copy)]
+pub struct Outliers {
+    /// 0: off.
+    pub consecutive_5xx: u32,
+    pub ejection: Duration,
+    pub max_percent: usize,
 }
 
 /// When HTTP connections end early: at the drain's start (HTTP/1.1 answers its request in
