@@ -557,3 +557,89 @@ async fn a_backend_answering_5xx_in_a_row_is_ejected_and_the_others_take_the_req
     assert!(body.contains("\"cooling-down\""), "{body}");
     harbor.stop().await.expect("stop");
 }
+
+/// `tests/corpus/http-smuggling.txt`: (expectation, name, request bytes).
+fn smuggling_corpus() -> Vec<(String, String, Vec<u8>)> {
+    let text =
+        std::fs::read_to_string(common::workspace_root().join("tests/corpus/http-smuggling.txt")).expect("the corpus");
+    let mut entries = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let mut fields = line.splitn(3, '\t');
+        let (Some(expect), Some(name), Some(escaped)) = (fields.next(), fields.next(), fields.next()) else {
+            panic!("a corpus line has three tab-separated fields: {line:?}");
+        };
+        let mut bytes = Vec::new();
+        let mut chars = escaped.bytes();
+        while let Some(b) = chars.next() {
+            if b != b'\\' {
+                bytes.push(b);
+                continue;
+            }
+            match chars.next() {
+                Some(b'r') => bytes.push(b'\r'),
+                Some(b'n') => bytes.push(b'\n'),
+                Some(b't') => bytes.push(b'\t'),
+                Some(b'x') => {
+                    let hex: Vec<u8> = chars.by_ref().take(2).collect();
+                    bytes.push(u8::from_str_radix(std::str::from_utf8(&hex).expect("hex"), 16).expect("hex"));
+                }
+                other => panic!("{name}: unknown escape {other:?}"),
+            }
+        }
+        entries.push((expect.to_string(), name.to_string(), bytes));
+    }
+    entries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_is_smuggled_past_harbor_by_any_request_of_the_corpus() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let corpus = smuggling_corpus();
+    assert!(corpus.len() >= 40, "at least 40 hostile requests: {}", corpus.len());
+    let backend = HttpBackend::start("b").await;
+    let harbor = TestHarbor::new().service("web", |s| s.backends(&[backend.addr]).set("mode", "http")).start().await;
+    let web = harbor.addr_of("web").expect("web");
+    let mut failures = Vec::new();
+    let (mut rejected, mut passed, mut closed_after) = (0, 0, 0);
+    for (expect, name, bytes) in &corpus {
+        let before = backend.requests_seen().len();
+        let mut stream = tokio::net::TcpStream::connect(web).await.expect("connect");
+        stream.write_all(bytes).await.expect("write");
+        // Everything Harbor answers, until it closes (or 1 s of quiet).
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+                Err(_) => break false,
+            }
+        };
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        let status = answer.get(9..12).unwrap_or("none").to_string();
+        let seen: Vec<String> = backend.requests_seen()[before..].to_vec();
+        let smuggled = seen.iter().any(|r| r.contains("/smuggled"));
+        let ok = match expect.as_str() {
+            "reject" => seen.is_empty() && (status.starts_with('4') || status == "none") && closed,
+            "one" => !smuggled && seen.len() == 1 && status == "200",
+            "close" => !smuggled && seen.len() <= 1 && (closed || status == "none"),
+            other => panic!("{name}: unknown expectation {other}"),
+        };
+        match (expect.as_str(), ok) {
+            ("reject", true) => rejected += 1,
+            ("one", true) => passed += 1,
+            ("close", true) => closed_after += 1,
+            _ => {}
+        }
+        if !ok || smuggled {
+            failures.push(format!("{name} ({expect}): status {status}, closed {closed}, backend saw {seen:?}"));
+        }
+    }
+    println!(
+        "smuggling corpus: {} requests: {rejected} rejected with 4xx and nothing forwarded, {passed} passed as exactly one request, {closed_after} (CL with TE) framed by TE alone with the connection not reused; {} failures",
+        corpus.len(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    harbor.stop().await.expect("stop");
+}

@@ -44,6 +44,8 @@ pub enum End {
     UpgradeUnsupported,
     /// HTTP mode: the request was over a limit (target length, declared body).
     RequestTooLarge,
+    /// HTTP mode: the request's framing was ambiguous or its body broke it.
+    BadRequest,
 }
 
 impl End {
@@ -59,6 +61,7 @@ impl End {
             End::BackendBrokeOff => "backend_broke_off",
             End::UpgradeUnsupported => "upgrade_unsupported",
             End::RequestTooLarge => "request_too_large",
+            End::BadRequest => "bad_request",
         }
     }
 }

@@ -17,6 +17,10 @@ use tokio_util::sync::CancellationToken;
 pub struct Seen {
     pub by_method: HashMap<String, usize>,
     pub connections: usize,
+    /// Every request as `METHOD PATH BODY-LENGTH`, in arrival order.
+    pub requests: Vec<String>,
+    /// Requests whose body was cut short (the connection ended in it).
+    pub aborted: usize,
 }
 
 /// One HTTP backend. Its answer's body is `backend NAME METHOD PATH VERSION`, a line per
@@ -55,8 +59,16 @@ impl HttpBackend {
                         let (name, seen) = (name.clone(), Arc::clone(&seen));
                         async move {
                             let (parts, body) = request.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            *seen.lock().unwrap().by_method.entry(parts.method.to_string()).or_default() += 1;
+                            let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+                                // A body cut short is no request: it is only counted as such.
+                                seen.lock().unwrap().aborted += 1;
+                                return Ok(Response::new(Full::new(Bytes::new())));
+                            };
+                            {
+                                let mut seen = seen.lock().unwrap();
+                                *seen.by_method.entry(parts.method.to_string()).or_default() += 1;
+                                seen.requests.push(format!("{} {} {}", parts.method, parts.uri.path(), body.len()));
+                            }
                             let mut text =
                                 format!("backend {name} {} {} {:?}\n", parts.method, parts.uri, parts.version);
                             for (header, value) in &parts.headers {
@@ -94,6 +106,11 @@ impl HttpBackend {
 
     pub fn requests(&self, method: &str) -> usize {
         self.seen.lock().unwrap().by_method.get(method).copied().unwrap_or(0)
+    }
+
+    /// Every request so far, as `METHOD PATH BODY-LENGTH`.
+    pub fn requests_seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().requests.clone()
     }
 
     pub fn connections(&self) -> usize {

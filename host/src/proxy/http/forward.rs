@@ -155,6 +155,7 @@ pub async fn handle(
     context: Arc<ServiceContext>,
 ) -> Response<ProxyBody> {
     let grpc = headers::is_grpc(request.headers());
+    let http1 = request.version() < Version::HTTP_2;
     let started = Instant::now();
     // What the access log says of the request, taken before it is rewritten.
     let line = context.access_log.as_ref().map(|_| {
@@ -178,7 +179,13 @@ pub async fn handle(
         Err(refused) => {
             // An empty body ends with the headers: a gRPC trailers-only answer is one HEADERS
             // frame.
-            let response = refused.refusal.response(grpc).map(|b| ProxyBody::Own((!b.is_empty()).then_some(b)));
+            let mut response = refused.refusal.response(grpc).map(|b| ProxyBody::Own((!b.is_empty()).then_some(b)));
+            if http1 && refused.refusal == Refusal::BadRequest {
+                // Whatever follows on this connection cannot be trusted to start a request.
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+            }
             if let (Some(log), Some(mut line)) = (&context.access_log, refused.line) {
                 line.status = response.status().as_u16();
                 line.first_byte = started.elapsed();
@@ -331,6 +338,12 @@ async fn forward(
                 metrics.retries.inc();
                 last = Some((pick, backend.address));
                 continue;
+            }
+            Sent::Failed(error) if error.is_user() => {
+                // The client's body broke its own framing while it went on: the client's
+                // fault, not the backend's.
+                tracing::debug!(client = %peer, "the request body failed: {error}");
+                return Err(refused(Refusal::BadRequest, Some(pick), Some(backend.address), line));
             }
             Sent::Failed(error) => {
                 if let (true, Some(h)) = (reused, head.as_ref()) {

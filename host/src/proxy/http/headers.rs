@@ -114,6 +114,9 @@ pub enum Refusal {
     UriTooLong,
     /// The declared body is larger than `max_request_body_bytes`.
     BodyTooLarge,
+    /// A body that broke its own framing while it went on (a bad chunk size, say): the
+    /// connection is closed.
+    BadRequest,
 }
 
 impl Refusal {
@@ -124,6 +127,7 @@ impl Refusal {
             Refusal::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
             Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
+            Refusal::BadRequest => StatusCode::BAD_REQUEST,
             Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
@@ -134,6 +138,7 @@ impl Refusal {
         match self {
             Refusal::Timeout => "4",
             Refusal::UriTooLong | Refusal::BodyTooLarge => "8",
+            Refusal::BadRequest => "13",
             Refusal::UpgradeUnsupported => "12",
             _ => "14",
         }
@@ -150,6 +155,7 @@ impl Refusal {
             Refusal::QueueTimeout => End::QueueTimeout,
             Refusal::UpgradeUnsupported => End::UpgradeUnsupported,
             Refusal::UriTooLong | Refusal::BodyTooLarge => End::RequestTooLarge,
+            Refusal::BadRequest => End::BadRequest,
         }
     }
 
@@ -162,6 +168,7 @@ impl Refusal {
             Refusal::QueueTimeout => "every slot of the chosen backend stayed taken",
             Refusal::UpgradeUnsupported => "this upgrade is not carried: HTTP/1.1 to HTTP/1.1 backends only",
             Refusal::UriTooLong => "the request target is too long",
+            Refusal::BadRequest => "the request body broke its framing",
             Refusal::BodyTooLarge => "the request body is too large",
         }
     }
