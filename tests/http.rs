@@ -145,19 +145,7 @@ async fn harbors_own_answers_are_statuses_and_grpc_statuses() {
     }
     // A gRPC call gets UNAVAILABLE in a trailers-only answer.
     let url = format!("http://{}/pkg.Svc/Call", harbor.addr_of("none").expect("none"));
-    let headers = curl(&[
-        "--http2-prior-knowledge",
-        "-D",
-        "-",
-        "-o",
-        "/dev/null",
-        "-H",
-        "content-type: application/grpc",
-        "-X",
-        "POST",
-        &url,
-    ])
-    .await;
+    let headers = grpc_call_headers(&url, &[]).await;
     assert!(headers.contains("grpc-status: 14"), "{headers}");
     let m = Scrape::fetch(harbor.admin_addr.expect("admin")).await;
     assert_eq!(m.get("harbor_http_responses_total{service=\"none\",class=\"5xx\"}"), 1.0);
@@ -190,6 +178,15 @@ async fn a_drain_closes_idle_keep_alive_connections_at_once() {
     assert!(matches!(n, Ok(0)), "{n:?}");
     assert!(started.elapsed() < Duration::from_millis(1500), "closed after {:?}", started.elapsed());
     stopping.await.expect("join").expect("stop");
+}
+
+/// The response headers of a gRPC-shaped POST to `url` over h2c (curl), with `extra` options.
+async fn grpc_call_headers(url: &str, extra: &[&str]) -> String {
+    let mut args = vec!["--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "-X", "POST"];
+    args.extend(["-H", "content-type: application/grpc"]);
+    args.extend_from_slice(extra);
+    args.push(url);
+    curl(&args).await
 }
 
 /// Reads from `stream` until `want` answers (`HTTP/1.1 ` status lines) have come whole.
@@ -324,21 +321,7 @@ async fn a_post_reaches_a_backend_once_and_faults_get_their_statuses() {
     // A gRPC call's grpc-timeout bounds the wait: DEADLINE_EXCEEDED after 300 ms, not 60 s.
     let started = tokio::time::Instant::now();
     let grpc = url("stalling-grpc").replace("/x", "/pkg.Svc/Slow");
-    let headers = curl(&[
-        "--http2-prior-knowledge",
-        "-D",
-        "-",
-        "-o",
-        "/dev/null",
-        "-X",
-        "POST",
-        "-H",
-        "content-type: application/grpc",
-        "-H",
-        "grpc-timeout: 300m",
-        &grpc,
-    ])
-    .await;
+    let headers = grpc_call_headers(&grpc, &["-H", "grpc-timeout: 300m"]).await;
     assert!(headers.contains("grpc-status: 4"), "{headers}");
     assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     // A reset mid-body: the client sees the response cut short, not a clean end.
@@ -641,5 +624,47 @@ async fn no_request_is_smuggled_past_harbor_by_any_request_of_the_corpus() {
         failures.len()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_appended_to_only_for_a_trusted_proxy() {
+    let backend = HttpBackend::start("b").await;
+    let harbor = TestHarbor::new()
+        .service("untrusted", |s| s.backends(&[backend.addr]).set("mode", "http"))
+        .service("trusted", |s| {
+            s.backends(&[backend.addr]).set("mode", "http").set("trust_forwarded_from", "127.0.0.0/8")
+        })
+        .service("off", |s| s.backends(&[backend.addr]).set("mode", "http").set("forwarded", "off"))
+        .start()
+        .await;
+    let sent = [
+        "-H",
+        "X-Forwarded-For: 1.1.1.1",
+        "-H",
+        "X-Forwarded-Proto: https",
+        "-H",
+        "Forwarded: for=1.1.1.1;proto=https",
+    ];
+    let through = |service: &str| {
+        let url = format!("http://{}/f", harbor.addr_of(service).expect("service"));
+        async move {
+            let mut args = sent.to_vec();
+            args.push(&url);
+            curl(&args).await
+        }
+    };
+    let untrusted = through("untrusted").await;
+    assert!(
+        untrusted.contains("x-forwarded-for: 127.0.0.1\n") && untrusted.contains("x-forwarded-proto: http\n"),
+        "{untrusted}"
+    );
+    assert!(!untrusted.contains("1.1.1.1"), "a client cannot name itself: {untrusted}");
+    let trusted = through("trusted").await;
+    assert!(trusted.contains("x-forwarded-for: 1.1.1.1, 127.0.0.1\n"), "{trusted}");
+    assert!(trusted.contains("forwarded: for=1.1.1.1;proto=https, for=127.0.0.1;proto=http\n"), "{trusted}");
+    assert!(trusted.contains("x-forwarded-proto: https\n"), "{trusted}");
+    let off = through("off").await;
+    assert!(off.contains("x-forwarded-for: 1.1.1.1\n") && off.contains("x-forwarded-proto: https\n"), "{off}");
     harbor.stop().await.expect("stop");
 }

@@ -662,16 +662,13 @@ impl BackendView {
 pub(crate) mod tests {
     use super::*;
 
+    fn one_backend() -> Arc<Backend> {
+        Backend::new("127.0.0.1:7000".parse().unwrap(), "web", "b0", &Metrics::new(), false, &CancellationToken::new())
+    }
+
     #[tokio::test]
     async fn lifting_a_cap_lets_the_queued_clients_go_at_once() {
-        let b = Backend::new(
-            "127.0.0.1:7000".parse().unwrap(),
-            "web",
-            "b0",
-            &Metrics::new(),
-            false,
-            &CancellationToken::new(),
-        );
+        let b = one_backend();
         b.set_max_connections(Some(1));
         let _held = b.try_slot().expect("a free slot");
         let Err(slots) = b.try_slot() else { panic!("full") };
@@ -685,14 +682,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_cap_lowered_below_the_slots_taken_holds_once_they_end() {
-        let b = Backend::new(
-            "127.0.0.1:7000".parse().unwrap(),
-            "web",
-            "b0",
-            &Metrics::new(),
-            false,
-            &CancellationToken::new(),
-        );
+        let b = one_backend();
         b.set_max_connections(Some(4));
         let mut held: Vec<Slot> = (0..3).map(|_| b.try_slot().expect("free").expect("capped")).collect();
         // 3 taken, 1 free; down to 1: the free one goes now, two are owed.

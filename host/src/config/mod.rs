@@ -18,8 +18,8 @@ pub use crate::proxy::proxy_protocol::ProxyVersion;
 pub use health::{compile_regex, AgentConfig, CheckStep, HealthConfig, HealthKind, Role};
 use settings::{settings, Layer};
 pub use settings::{
-    AddressList, AllUnhealthy, AtCap, BackendList, BackendProtocol, BackendSpec, DnsSpec, LogFormat, Mode, PeekMode,
-    RelayMode, RuntimeMode, SettingDoc, SrvSpec, WeightedSpec,
+    AddressList, AllUnhealthy, AtCap, BackendList, BackendProtocol, BackendSpec, DnsSpec, ForwardedMode, LogFormat,
+    Mode, PeekMode, RelayMode, RuntimeMode, SettingDoc, SrvSpec, WeightedSpec,
 };
 
 /// Everything that can be wrong with a configuration. Each message is one line that names the
@@ -136,6 +136,10 @@ settings! {
     request_header_timeout_ms: u64 = 10_000, env "HARBOR_REQUEST_HEADER_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
     /// HTTP mode: how long a backend has to answer a request with its response headers, in ms; then 504.
     response_header_timeout_ms: u64 = 60_000, env "HARBOR_RESPONSE_HEADER_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
+    /// HTTP mode: the forwarding headers (X-Forwarded-For, X-Forwarded-Proto, Forwarded): `append` the client to what a trusted source sent (from others, replace), `replace` always, or `off` (pass them as they came).
+    forwarded: ForwardedMode = ForwardedMode::Append, env "HARBOR_FORWARDED", shown "append", reload NewConnections;
+    /// HTTP mode: sources (CIDRs, comma-separated) whose forwarding headers are believed and appended to; none by default.
+    trust_forwarded_from: AddressList, env "HARBOR_TRUST_FORWARDED_FROM", shown "none", reload NewConnections;
     /// HTTP mode: the largest request header section (request line included), in bytes; more gets 431. HTTP/2: the largest header list.
     max_request_header_bytes: u64 = 65_536, env "HARBOR_MAX_REQUEST_HEADER_BYTES", range 8192..=1_048_576, reload NewConnections;
     /// HTTP mode: the most header fields in a request; more gets 431.
@@ -261,13 +265,12 @@ impl Tunables {
                 return Err(invalid("max-cooldown-ms", format!("must be at least cooldown-ms ({})", self.cooldown_ms)));
             }
         }
-        if let Some(list) = &self.proxy_protocol_from {
-            for text in &list.0 {
+        for (setting, list) in
+            [("proxy-protocol-from", &self.proxy_protocol_from), ("trust-forwarded-from", &self.trust_forwarded_from)]
+        {
+            for text in list.iter().flat_map(|l| l.0.iter()) {
                 parse_cidr(text).ok_or_else(|| {
-                    invalid(
-                        "proxy-protocol-from",
-                        format!("{text:?} is not an IP address or CIDR (10.0.0.0/8, ::1/128)"),
-                    )
+                    invalid(setting, format!("{text:?} is not an IP address or CIDR (10.0.0.0/8, ::1/128)"))
                 })?;
             }
         }

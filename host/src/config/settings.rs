@@ -348,6 +348,19 @@ pub enum BackendProtocol {
     Http2,
 }
 
+/// What HTTP mode does with the forwarding headers (`X-Forwarded-For`, `X-Forwarded-Proto`,
+/// `Forwarded`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedMode {
+    /// Adds the client to the chain a trusted source sent; from anyone else, replaces it.
+    Append,
+    /// Always writes them anew, naming the client alone.
+    Replace,
+    /// Leaves them as the client sent them.
+    Off,
+}
+
 /// What a service reads from a client before its strategy chooses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -42,9 +42,16 @@ pub struct ConnectionLimits {
     pub http: HttpLimits,
 }
 
-/// Source addresses trusted to send a PROXY header (CIDRs).
+/// Source addresses trusted to send a PROXY header, or forwarding headers (CIDRs).
 #[derive(Debug, Clone, Default)]
 pub struct TrustedSources(Vec<(std::net::IpAddr, u8)>);
+
+impl TrustedSources {
+    /// The CIDRs of a setting as written (checked when the configuration was loaded).
+    pub fn of(list: Option<&crate::config::AddressList>) -> TrustedSources {
+        TrustedSources(list.map_or(Vec::new(), |l| l.0.iter().filter_map(|c| parse_cidr(c)).collect()))
+    }
+}
 
 impl TrustedSources {
     /// True if `ip` is in one of the CIDRs (an IPv4-mapped IPv6 address counts as IPv4).
@@ -89,11 +96,7 @@ impl ConnectionLimits {
             },
             socket,
             ignore_checks_when_all_fail: t.all_unhealthy == AllUnhealthy::IgnoreChecks,
-            proxy_from: TrustedSources(
-                t.proxy_protocol_from
-                    .as_ref()
-                    .map_or(Vec::new(), |l| l.0.iter().filter_map(|c| parse_cidr(c)).collect()),
-            ),
+            proxy_from: TrustedSources::of(t.proxy_protocol_from.as_ref()),
             proxy_timeout: Duration::from_millis(t.proxy_protocol_timeout_ms),
             proxy_to_backend: t.proxy_protocol,
             peek: PeekPolicy {

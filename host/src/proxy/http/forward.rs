@@ -251,7 +251,8 @@ async fn forward(
         Some(asked) => Some((asked, hyper::upgrade::on(&mut request))),
         None => None,
     };
-    prepare(&mut request, peer, protocol);
+    let trusted = http.trust_forwarded.trusts(peer.ip());
+    prepare(&mut request, peer, protocol, http.forwarded, trusted);
     if let Some((asked, _)) = &upgrade {
         headers::keep_upgrade(request.headers_mut(), asked.clone());
     }
@@ -470,9 +471,15 @@ fn tunnel(
 
 /// The request as the backend gets it: hop-by-hop headers gone, forwarding headers written,
 /// the URI and version of the backend's protocol.
-fn prepare(request: &mut Request<Incoming>, peer: SocketAddr, protocol: BackendProtocol) {
+fn prepare(
+    request: &mut Request<Incoming>,
+    peer: SocketAddr,
+    protocol: BackendProtocol,
+    forwarded: crate::config::ForwardedMode,
+    trusted: bool,
+) {
     headers::strip_hop_by_hop(request.headers_mut());
-    headers::set_forwarded(request.headers_mut(), peer);
+    headers::set_forwarded(request.headers_mut(), peer, forwarded, trusted);
     // HTTP/2 clients name the host in :authority; an HTTP/1.1 backend needs a Host header.
     if !request.headers().contains_key(HOST) {
         if let Some(value) =

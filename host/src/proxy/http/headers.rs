@@ -4,6 +4,8 @@
 
 use std::net::SocketAddr;
 
+use crate::config::ForwardedMode;
+
 use bytes::Bytes;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, TE, TRANSFER_ENCODING, UPGRADE};
 use hyper::{Response, StatusCode};
@@ -55,18 +57,41 @@ pub fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(UPGRADE, protocol);
 }
 
-/// Writes who the client is and how it came, replacing what the client sent (nobody is
-/// trusted to name a client yet): `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded`.
-pub fn set_forwarded(headers: &mut HeaderMap, client: SocketAddr) {
+/// Writes who the client is and how it came: `X-Forwarded-For`, `X-Forwarded-Proto` and
+/// `Forwarded`. `append` adds the client to a chain only a `trusted` source may have sent
+/// (from anyone else the client's own headers are dropped, as with `replace`); `off` leaves
+/// the headers alone.
+pub fn set_forwarded(headers: &mut HeaderMap, client: SocketAddr, mode: ForwardedMode, trusted: bool) {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+    if mode == ForwardedMode::Off {
+        return;
+    }
     let ip = client.ip();
     let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
-    if let Ok(value) = HeaderValue::from_str(&ip.to_string()) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+    let element = format!("for={node};proto=http");
+    let keep = mode == ForwardedMode::Append && trusted;
+    // Several lines of one list header are one list, joined by commas (RFC 9110 §5.3).
+    let joined = |headers: &HeaderMap, name: &HeaderName| -> Option<String> {
+        let parts: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
+    };
+    let (xff, forwarded) = if keep {
+        (
+            joined(headers, &XFF).map_or_else(|| ip.to_string(), |chain| format!("{chain}, {ip}")),
+            joined(headers, &FORWARDED).map_or_else(|| element.clone(), |chain| format!("{chain}, {element}")),
+        )
+    } else {
+        (ip.to_string(), element)
+    };
+    let proto = if keep { headers.get(&XFP).cloned() } else { None };
+    for (name, value) in [(XFF, xff), (FORWARDED, forwarded)] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
     }
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
-    if let Ok(value) = HeaderValue::from_str(&format!("for={node};proto=http")) {
-        headers.insert(HeaderName::from_static("forwarded"), value);
-    }
+    headers.insert(XFP, proto.unwrap_or(HeaderValue::from_static("http")));
 }
 
 /// True for a gRPC call (`content-type: application/grpc…`).
@@ -226,10 +251,30 @@ mod tests {
     fn forwarding_headers_name_the_client_and_replace_what_it_sent() {
         let mut h = HeaderMap::new();
         h.insert(HeaderName::from_static("x-forwarded-for"), HeaderValue::from_static("6.6.6.6"));
-        set_forwarded(&mut h, "[::1]:4000".parse().unwrap());
+        set_forwarded(&mut h, "[::1]:4000".parse().unwrap(), ForwardedMode::Append, false);
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
         assert_eq!(h["x-forwarded-proto"], "http");
+        // From a trusted source, the chain goes on (both lines of it).
+        let mut h = HeaderMap::new();
+        h.append(HeaderName::from_static("x-forwarded-for"), HeaderValue::from_static("1.1.1.1"));
+        h.append(HeaderName::from_static("x-forwarded-for"), HeaderValue::from_static("2.2.2.2"));
+        h.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
+        h.insert(HeaderName::from_static("forwarded"), HeaderValue::from_static("for=1.1.1.1;proto=https"));
+        let mut trusted = h.clone();
+        set_forwarded(&mut trusted, "10.0.0.7:4000".parse().unwrap(), ForwardedMode::Append, true);
+        assert_eq!(trusted["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.7");
+        assert_eq!(trusted["forwarded"], "for=1.1.1.1;proto=https, for=10.0.0.7;proto=http");
+        assert_eq!(trusted["x-forwarded-proto"], "https");
+        let mut replaced = h.clone();
+        set_forwarded(&mut replaced, "10.0.0.7:4000".parse().unwrap(), ForwardedMode::Replace, true);
+        assert_eq!(
+            (replaced["x-forwarded-for"].to_str().unwrap(), replaced["x-forwarded-proto"].to_str().unwrap()),
+            ("10.0.0.7", "http")
+        );
+        let mut off = h.clone();
+        set_forwarded(&mut off, "10.0.0.7:4000".parse().unwrap(), ForwardedMode::Off, false);
+        assert_eq!(off, h);
     }
 
     #[test]

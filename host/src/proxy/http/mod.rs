@@ -21,9 +21,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Tunables;
+use crate::config::{ForwardedMode, Tunables};
 use crate::proxy::admission::Admitted;
 use crate::proxy::context::ServiceContext;
+use crate::proxy::context::TrustedSources;
 
 pub use upstream::Upstreams;
 
@@ -39,6 +40,9 @@ pub struct HttpLimits {
     pub max_uri_bytes: usize,
     /// 0: no limit.
     pub max_body_bytes: u64,
+    pub forwarded: ForwardedMode,
+    /// Whose forwarding headers are believed.
+    pub trust_forwarded: TrustedSources,
     pub outliers: Outliers,
     pub response_header_timeout: Duration,
     pub pool: upstream::PoolLimits,
@@ -52,6 +56,8 @@ impl HttpLimits {
             max_headers: usize::try_from(t.max_request_headers).unwrap_or(usize::MAX),
             max_uri_bytes: usize::try_from(t.max_uri_bytes).unwrap_or(usize::MAX),
             max_body_bytes: t.max_request_body_bytes,
+            forwarded: t.forwarded,
+            trust_forwarded: TrustedSources::of(t.trust_forwarded_from.as_ref()),
             outliers: Outliers {
                 consecutive_5xx: u32::try_from(t.outlier_consecutive_5xx).unwrap_or(u32::MAX),
                 ejection: Duration::from_millis(t.outlier_ejection_ms),
