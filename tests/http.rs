@@ -668,3 +668,89 @@ async fn forwarding_headers_are_appended_to_only_for_a_trusted_proxy() {
     assert!(off.contains("x-forwarded-for: 1.1.1.1\n") && off.contains("x-forwarded-proto: https\n"), "{off}");
     harbor.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_closed_at_the_header_timeout_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = HttpBackend::start("b").await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| s.backends(&[backend.addr]).set("mode", "http").set("request_header_timeout_ms", 500))
+        .start()
+        .await;
+    let web = harbor.addr_of("web").expect("web");
+    // 20 clients that send a header byte every 100 ms and never finish.
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut stream = tokio::net::TcpStream::connect(web).await.expect("connect");
+        stream.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Slow: ").await.expect("write");
+        slow.push(tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let mut byte = [0u8; 1];
+            for _ in 0..100 {
+                if stream.write_all(b"a").await.is_err() {
+                    return started.elapsed();
+                }
+                if let Ok(Ok(0) | Err(_)) =
+                    tokio::time::timeout(Duration::from_millis(100), stream.read(&mut byte)).await
+                {
+                    return started.elapsed();
+                }
+            }
+            started.elapsed()
+        }));
+    }
+    // Meanwhile, a normal client is served at once.
+    let url = format!("http://{web}/normal");
+    for _ in 0..5 {
+        assert_eq!(curl(&["-o", "/dev/null", "-w", "%{http_code}", &url]).await, "200");
+    }
+    for task in slow {
+        let lasted = task.await.expect("join");
+        assert!(lasted < Duration::from_secs(3), "a slow client held its connection for {lasted:?}");
+    }
+    assert_eq!(backend.requests("GET"), 5, "no slow request reached the backend");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_swap_under_http2_clients_fails_no_request() {
+    let backends = HttpBackend::several(3).await;
+    let dir = common::temp_dir("http-swap");
+    let file = dir.join("active.wasm");
+    std::fs::copy(common::strategy("round_robin"), &file).expect("copy");
+    let harbor = TestHarbor::new()
+        .service("default", |s| {
+            s.backends(&backends.iter().map(|b| b.addr).collect::<Vec<_>>())
+                .set("mode", "http")
+                .set("strategy", file.to_str().expect("a UTF-8 path"))
+        })
+        .start()
+        .await;
+    let host = harbor.strategy();
+    assert_eq!(host.status().name, "round_robin");
+    // 8 HTTP/2 clients, 4 streams each, for 3 s, while the strategy is swapped twice.
+    let url = format!("http://{}/swap", harbor.addr_of("default").expect("default"));
+    let load = tokio::process::Command::new("h2load").args(["-c8", "-m4", "-D3", &url]).output();
+    let swaps = async {
+        for name in ["least_conn", "round_robin"] {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let temp = dir.join(".active.wasm.tmp");
+            std::fs::copy(common::strategy(name), &temp).expect("copy");
+            std::fs::rename(&temp, &file).expect("rename");
+            let swapped = common::eventually(Duration::from_secs(5), || host.status().name == name).await;
+            assert!(swapped.is_some(), "never swapped to {name}");
+        }
+    };
+    let (out, ()) = tokio::join!(load, swaps);
+    let out = out.expect("h2load runs (Debian package nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let done = text.lines().find(|l| l.starts_with("requests:")).unwrap_or_default().to_string();
+    let codes = text.lines().find(|l| l.starts_with("status codes:")).unwrap_or_default().to_string();
+    println!("h2load across two swaps: {done} / {codes}");
+    assert!(done.contains(" 0 failed, 0 errored, 0 timeout"), "{text}");
+    assert!(codes.contains(" 0 3xx, 0 4xx, 0 5xx"), "{text}");
+    let served: usize = backends.iter().map(|b| b.requests("GET")).sum();
+    assert!(served > 100, "only {served} requests in 3 s");
+    assert!(backends.iter().all(|b| b.requests("GET") > 0), "every backend served");
+    harbor.stop().await.expect("stop");
+}

@@ -220,6 +220,7 @@ per_service! {
     upstream_opened: Counter = "upstream_connections_opened", "HTTP mode: connections opened to backends";
     upstream_reused: Counter = "upstream_connections_reused", "HTTP mode: requests sent on a pooled backend connection";
     upstream_idle: Gauge = "upstream_connections_idle", "HTTP mode: idle pooled backend connections now";
+    retries_over_budget: Counter = "retries_over_budget", "HTTP mode: requests not sent again because a fifth of the requests in flight (at least 3) were retrying already";
     outlier_ejections: Counter = "outlier_ejections", "HTTP mode: backends ejected for answering outlier_consecutive_5xx server errors in a row";
 }
 

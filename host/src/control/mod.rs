@@ -288,6 +288,7 @@ impl Control {
             access_log: self.access_log.clone(),
             sessions,
             upstreams,
+            retry_budget: Arc::default(),
             ends: crate::proxy::http::Ends {
                 draining: self.lifecycle.draining_token().clone(),
                 cut: self.lifecycle.cut_token().clone(),

@@ -212,6 +212,7 @@ impl Control {
                 access_log: context.access_log.clone(),
                 sessions: Arc::clone(&context.sessions),
                 upstreams: Arc::clone(&context.upstreams),
+                retry_budget: Arc::clone(&context.retry_budget),
                 ends: context.ends.clone(),
                 #[cfg(target_os = "linux")]
                 kernel_relay: context.kernel_relay.clone(),

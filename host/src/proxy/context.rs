@@ -123,6 +123,8 @@ pub struct ServiceContext {
     pub sessions: Arc<crate::proxy::sessions::Sessions>,
     /// HTTP mode: the backend connections kept for reuse (shared across reloads).
     pub upstreams: Arc<Upstreams>,
+    /// HTTP mode: the requests in flight and those retrying (shared across reloads).
+    pub retry_budget: Arc<crate::proxy::http::RetryBudget>,
     /// When HTTP connections are told to finish, and when they are cut.
     pub ends: Ends,
     /// The kernel relay, when `relay = "kernel"` and it loaded.

@@ -272,12 +272,24 @@ async fn forward(
     let mut excluded: Vec<usize> = Vec::new();
     let mut refusal = Refusal::NoBackend;
     let mut last: Option<(Pick, SocketAddr)> = None;
+    let _in_flight = context.retry_budget.request();
+    let mut _retrying = None;
     for attempt in 0..limits.connect_attempts {
         if let Some(line) = line.as_mut() {
             line.attempts = attempt + 1;
         }
         let refused =
             |refusal, pick: Option<Pick>, backend: Option<SocketAddr>, line| Refused { refusal, pick, backend, line };
+        if attempt > 0 {
+            match context.retry_budget.retry() {
+                Some(retrying) => _retrying = Some(retrying),
+                None => {
+                    metrics.retries_over_budget.inc();
+                    let (pick, backend) = last.map_or((None, None), |(p, b)| (Some(p), Some(b)));
+                    return Err(refused(refusal, pick, backend, line));
+                }
+            }
+        }
         let phase = Instant::now();
         let pick = context.strategy.pick(&PickRequest {
             pool: &pool,
@@ -336,6 +348,7 @@ async fn forward(
                 // it goes again (on a new connection, which the pool now has to open).
                 request = back;
                 excluded.push(index);
+                refusal = Refusal::BadGateway;
                 metrics.retries.inc();
                 last = Some((pick, backend.address));
                 continue;
@@ -356,6 +369,7 @@ async fn forward(
                     *again.version_mut() = h.version();
                     *again.headers_mut() = h.headers().clone();
                     request = again;
+                    refusal = Refusal::BrokeOff;
                     metrics.retries.inc();
                     last = Some((pick, backend.address));
                     continue;

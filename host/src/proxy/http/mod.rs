@@ -8,6 +8,7 @@
 //! forwarding ones and builds Harbor's own answers. Accept, admission, the strategy host, the
 //! backends and the lifecycle are the TCP path's.
 
+pub(crate) mod budget;
 pub(crate) mod forward;
 pub(crate) mod headers;
 pub(crate) mod upstream;
@@ -26,6 +27,7 @@ use crate::proxy::admission::Admitted;
 use crate::proxy::context::ServiceContext;
 use crate::proxy::context::TrustedSources;
 
+pub use budget::RetryBudget;
 pub use upstream::Upstreams;
 
 /// Concurrent streams an HTTP/2 client may open on one connection.
