@@ -51,8 +51,19 @@ async fn every_request_on_one_keep_alive_connection_is_placed_on_its_own() {
     // Backend connections are pooled: far fewer than requests.
     let opened_upstream: usize = backends.iter().map(HttpBackend::connections).sum();
     assert!(opened_upstream <= 6, "{opened_upstream} backend connections for 30 requests");
-    let m = Scrape::fetch(harbor.admin_addr.expect("admin")).await;
+    let admin = harbor.admin_addr.expect("admin");
+    let m = Scrape::fetch(admin).await;
     assert_eq!(m.get("harbor_http_responses_total{service=\"web\",class=\"2xx\"}"), 30.0);
+    // The API and the status page say which mode a service is in (the page counts requests).
+    let (_, services) = common::admin_get(admin, "/services").await;
+    let services: serde_json::Value = serde_json::from_str(&services).expect("JSON");
+    let modes: Vec<(&str, &str)> = services
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap_or_default(), s["mode"].as_str().unwrap_or_default()))
+        .collect();
+    assert_eq!(modes, [("web", "http"), ("tcp", "tcp")]);
     assert!(m.get("harbor_upstream_connections_reused_total{service=\"web\"}") >= 24.0);
 
     // The same 30 requests through the TCP service all land on one backend.

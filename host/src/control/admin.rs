@@ -151,6 +151,7 @@ fn refuse(status: StatusCode, field: Option<&str>, message: impl Into<String>) -
 #[derive(Debug, Serialize)]
 struct ServiceView {
     name: String,
+    mode: crate::config::Mode,
     listen: Vec<String>,
     backends: usize,
     eligible: usize,
@@ -164,6 +165,7 @@ fn service_view(service: &Service) -> ServiceView {
     let pool = context.pool.load();
     ServiceView {
         name: service.name.clone(),
+        mode: context.limits.mode,
         listen: service.local_addrs().iter().map(|a| a.to_string()).collect(),
         backends: pool.len(),
         eligible: pool.iter().filter(|b| b.state() == crate::backends::pool::BackendState::Eligible).count(),

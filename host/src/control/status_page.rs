@@ -67,6 +67,8 @@ pub struct Status {
 #[derive(Debug, Serialize)]
 pub struct ServiceStatus {
     pub name: String,
+    /// `tcp` or `http`: in HTTP mode a backend's picks are requests.
+    pub mode: crate::config::Mode,
     pub listen: Vec<String>,
     pub active_connections: i64,
     pub generation: u64,
@@ -158,6 +160,7 @@ pub fn status(control: &Control, history: bool) -> Status {
             let context = service.context.load();
             ServiceStatus {
                 name: service.name.clone(),
+                mode: context.limits.mode,
                 listen: service.local_addrs().iter().map(|a| a.to_string()).collect(),
                 active_connections: context.metrics.active_connections.get(),
                 generation: context.pool.load().generation(),

@@ -103,7 +103,7 @@ pub fn run(args: CtlArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let columns: &[&str] = match &args.command {
-        CtlCommand::Services => &["name", "listen", "backends", "eligible", "active_connections", "strategy"],
+        CtlCommand::Services => &["name", "mode", "listen", "backends", "eligible", "active_connections", "strategy"],
         CtlCommand::Sessions { .. } => {
             print_value(&Value::Array(rows_of(value, "sessions")), args.json, SESSION_COLUMNS);
             return ExitCode::SUCCESS;

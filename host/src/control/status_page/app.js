@@ -198,7 +198,10 @@ function serviceSection(s, now) {
   const healthy = s.backends.filter(b => b.state === "healthy" && !b.removing).length;
   const queued = s.backends.reduce((sum, b) => sum + b.queued, 0);
   const bytesTotal = s.backends.reduce((sum, b) => sum + b.bytes_to_backend + b.bytes_to_client, 0);
-  const head = el("tr", {}, ...["backend", "source", "state", "health", "check", "active", "queued", "conn/s", "connections", "to backend", "to client", "connect", "fails", "weight", ""]
+  // In HTTP mode every request is a pick: the counts are of requests.
+  const http = s.mode === "http";
+  const unit = http ? "requests" : "connections";
+  const head = el("tr", {}, ...["backend", "source", "state", "health", "check", "active", "queued", http ? "req/s" : "conn/s", unit, "to backend", "to client", "connect", "fails", "weight", ""]
     .map((h, i) => el("th", { class: i >= 5 && i <= 13 ? "num" : "", text: h })));
   const rows = tracked.map(({ b, h }) => {
     const state = stateOf(b);
@@ -230,17 +233,17 @@ function serviceSection(s, now) {
   const colored = tracked.map((t, i) => ({ t, color: COLORS[i % COLORS.length] }));
   return el("section", { class: "service", "data-service": s.name },
     el("h2", { text: s.name }),
-    el("div", { class: "meta", text: `listening on ${s.listen.join(", ") || "nothing"} · membership generation ${s.generation}` }),
+    el("div", { class: "meta", text: `${http ? "HTTP" : "TCP"} · listening on ${s.listen.join(", ") || "nothing"} · membership generation ${s.generation}` }),
     el("div", { class: "tiles" },
       tile("active connections", s.active_connections),
       tile("queued clients", queued, queued > 0 ? "warn" : ""),
-      tile("connections / s", cps.toFixed(1)),
+      tile(`${unit} / s`, cps.toFixed(1)),
       tile("healthy backends", `${healthy} / ${s.backends.length}`, healthy === 0 ? "bad" : ""),
       tile("bytes relayed", bytes(bytesTotal)),
       tile("strategy faults", s.strategy.faults)),
     el("div", { class: "charts" },
-      chart("connections / s per backend", colored.map(({ t, color }) => ({ label: t.b.name || t.b.address, color, values: t.h.cps }))),
-      chart("active connections per backend", colored.map(({ t, color }) => ({ label: t.b.name || t.b.address, color, values: t.h.active })))),
+      chart(`${unit} / s per backend`, colored.map(({ t, color }) => ({ label: t.b.name || t.b.address, color, values: t.h.cps }))),
+      chart(`active ${unit} per backend`, colored.map(({ t, color }) => ({ label: t.b.name || t.b.address, color, values: t.h.active })))),
     el("div", { class: "table-wrap" }, el("table", { class: "backends" }, el("thead", {}, head), el("tbody", {}, ...rows))),
     strategyBox(s));
 }
