@@ -765,3 +765,28 @@ async fn a_hot_swap_under_http2_clients_fails_no_request() {
     assert!(backends.iter().all(|b| b.requests("GET") > 0), "every backend served");
     harbor.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_strategy_is_asked_for_every_request_too() {
+    let backends = HttpBackend::several(2).await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| {
+            s.backends(&backends.iter().map(|b| b.addr).collect::<Vec<_>>())
+                .set("mode", "http")
+                .set("strategy", common::strategy("round_robin").to_str().expect("a UTF-8 path"))
+                .set("shadow", common::strategy("least_conn").to_str().expect("a UTF-8 path"))
+        })
+        .start()
+        .await;
+    let list = urls(harbor.addr_of("web").expect("web"), "/shadowed", 20);
+    let out = curl(&list.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(tally(&out).values().sum::<usize>(), 20);
+    // 20 requests on one connection: the shadow answered for each (off the request's path).
+    let m = Scrape::fetch_until(harbor.admin_addr.expect("admin"), |m| {
+        m.try_get("harbor_shadow_picks{service=\"web\"}").unwrap_or(0.0) >= 20.0
+    })
+    .await;
+    assert!(m.get("harbor_shadow_picks{service=\"web\"}") >= 20.0, "the shadow was not asked for every request");
+    assert_eq!(m.get("harbor_shadow_faults{service=\"web\"}"), 0.0);
+    harbor.stop().await.expect("stop");
+}
