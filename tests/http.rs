@@ -790,3 +790,27 @@ async fn a_shadow_strategy_is_asked_for_every_request_too() {
     assert_eq!(m.get("harbor_shadow_faults{service=\"web\"}"), 0.0);
     harbor.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_backends_get_another_connection_when_a_connections_streams_are_taken() {
+    let capped = HttpBackend::start("capped").await;
+    let open = HttpBackend::start("open").await;
+    let harbor = TestHarbor::new()
+        .service("capped", |s| {
+            s.backends(&[capped.addr])
+                .set("mode", "http")
+                .set("backend_protocol", "http2")
+                .set("backend_max_streams", 2)
+        })
+        .service("open", |s| s.backends(&[open.addr]).set("mode", "http").set("backend_protocol", "http2"))
+        .start()
+        .await;
+    for (service, backend, connections) in [("capped", &capped, 4), ("open", &open, 1)] {
+        // 8 requests at once, each answered after 300 ms, multiplexed on one client connection.
+        let list = urls(harbor.addr_of(service).expect("service"), "/slow", 8);
+        let out = common::http::nghttp(&list.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        assert_eq!(tally(&out).values().sum::<usize>(), 8, "{out}");
+        assert_eq!(backend.connections(), connections, "{service}: backend connections for 8 concurrent streams");
+    }
+    harbor.stop().await.expect("stop");
+}

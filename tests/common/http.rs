@@ -23,7 +23,7 @@ pub struct Seen {
     pub aborted: usize,
 }
 
-/// One HTTP backend. Its answer's body is `backend NAME METHOD PATH VERSION`, a line per
+/// One HTTP backend (a path starting `/slow` is answered after 300 ms). Its answer's body is `backend NAME METHOD PATH VERSION`, a line per
 /// header it got (`name: value`), then `body LENGTH`; its `x-backend` header is NAME.
 pub struct HttpBackend {
     pub addr: SocketAddr,
@@ -59,6 +59,10 @@ impl HttpBackend {
                         let (name, seen) = (name.clone(), Arc::clone(&seen));
                         async move {
                             let (parts, body) = request.into_parts();
+                            // `/slow…` answers after 300 ms: requests overlap.
+                            if parts.uri.path().starts_with("/slow") {
+                                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                            }
                             let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
                                 // A body cut short is no request: it is only counted as such.
                                 seen.lock().unwrap().aborted += 1;

@@ -154,6 +154,8 @@ settings! {
     outlier_ejection_ms: u64 = 30_000, env "HARBOR_OUTLIER_EJECTION_MS", range 1..=MAX_COOLDOWN_MS, reload NewConnections;
     /// HTTP mode: the most backends ejected at once, in percent of the pool (at least one).
     outlier_max_ejection_percent: u64 = 10, env "HARBOR_OUTLIER_MAX_EJECTION_PERCENT", range 0..=100, reload NewConnections;
+    /// HTTP mode, backend_protocol http2: streams at once on one connection to a backend; more open another connection. Keep it at or under the backends' MAX_CONCURRENT_STREAMS.
+    backend_max_streams: u64 = 100, env "HARBOR_BACKEND_MAX_STREAMS", range 1..=100_000, reload NewConnections;
     /// HTTP mode: idle keep-alive connections kept per backend (HTTP/1.1).
     backend_max_idle: u64 = 64, env "HARBOR_BACKEND_MAX_IDLE", range 0..=100_000, reload NewConnections;
     /// HTTP mode: how long an idle pooled backend connection is kept, in ms.

@@ -90,7 +90,7 @@ pub struct Finish {
     pick: Pick,
     index: usize,
     backend: Arc<Backend>,
-    sender: Option<hyper::client::conn::http1::SendRequest<Outgoing>>,
+    kept: Kept,
     started: Instant,
     connect_micros: u32,
     bytes_to_client: u64,
@@ -108,7 +108,7 @@ pub struct Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         let context = &self.context;
-        if let (true, Some(sender)) = (self.completed, self.sender.take()) {
+        if let (true, Kept::Http1(sender)) = (self.completed, std::mem::replace(&mut self.kept, Kept::Nothing)) {
             context.upstreams.give_back(self.backend.address, sender, &context.limits.http.pool, &context.metrics);
         }
         let took = self.started.elapsed();
@@ -341,8 +341,8 @@ async fn forward(
         }
         let active = backend.track_active();
         let sent = send(sender, request, deadline).await;
-        let (response, sender) = match sent {
-            Sent::Answered(response, sender) => (response, sender),
+        let (response, kept) = match sent {
+            Sent::Answered(response, kept) => (response, kept),
             Sent::Unsent(back) => {
                 // The pooled connection closed before taking it: the request is whole, so
                 // it goes again (on a new connection, which the pool now has to open).
@@ -392,7 +392,7 @@ async fn forward(
             pick,
             index,
             backend,
-            sender,
+            kept,
             started,
             connect_micros: if reused { 0 } else { micros(connect_time) },
             bytes_to_client: 0,
@@ -451,7 +451,7 @@ fn tunnel(
     mut finish: Finish,
 ) -> Response<ProxyBody> {
     let backend_side = hyper::upgrade::on(&mut response);
-    finish.sender = None; // the connection is the tunnel's now
+    finish.kept = Kept::Nothing; // the connection is the tunnel's now
     let protocol = response.headers().get(hyper::header::UPGRADE).cloned();
     let (mut parts, _) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -527,9 +527,20 @@ fn prepare(
     }
 }
 
+/// What a request keeps of its backend connection until its response ends: the HTTP/1.1
+/// connection (given back to the pool then), or its stream of an HTTP/2 one.
+pub enum Kept {
+    Http1(hyper::client::conn::http1::SendRequest<Outgoing>),
+    /// Counted against its connection until dropped.
+    Stream {
+        _held: crate::proxy::http::upstream::Stream,
+    },
+    Nothing,
+}
+
 enum Sent {
     /// Response headers came; the HTTP/1.1 connection goes back to the pool when the body ends.
-    Answered(Response<Incoming>, Option<hyper::client::conn::http1::SendRequest<Outgoing>>),
+    Answered(Response<Incoming>, Kept),
     /// The connection closed before the request was written: here it is, whole.
     Unsent(Request<Outgoing>),
     Failed(hyper::Error),
@@ -541,7 +552,7 @@ async fn send(sender: Sender, request: Request<Outgoing>, timeout: std::time::Du
         Sender::Http1(mut sender) => {
             let sending = sender.try_send_request(request);
             match tokio::time::timeout(timeout, sending).await {
-                Ok(Ok(response)) => Sent::Answered(response, Some(sender)),
+                Ok(Ok(response)) => Sent::Answered(response, Kept::Http1(sender)),
                 Ok(Err(mut error)) => match error.take_message() {
                     Some(request) => Sent::Unsent(request),
                     None => Sent::Failed(error.into_error()),
@@ -549,10 +560,10 @@ async fn send(sender: Sender, request: Request<Outgoing>, timeout: std::time::Du
                 Err(_) => Sent::TimedOut,
             }
         }
-        Sender::Http2(mut sender) => {
+        Sender::Http2(mut sender, stream) => {
             let sending = sender.try_send_request(request);
             match tokio::time::timeout(timeout, sending).await {
-                Ok(Ok(response)) => Sent::Answered(response, None),
+                Ok(Ok(response)) => Sent::Answered(response, Kept::Stream { _held: stream }),
                 Ok(Err(mut error)) => match error.take_message() {
                     Some(request) => Sent::Unsent(request),
                     None => Sent::Failed(error.into_error()),

@@ -69,6 +69,7 @@ impl HttpLimits {
             pool: upstream::PoolLimits {
                 protocol: t.backend_protocol,
                 max_idle: usize::try_from(t.backend_max_idle).unwrap_or(usize::MAX),
+                max_streams: usize::try_from(t.backend_max_streams).unwrap_or(usize::MAX),
                 idle_timeout: Duration::from_millis(t.backend_idle_timeout_ms),
                 connect_timeout: t.connect_timeout(),
                 socket,

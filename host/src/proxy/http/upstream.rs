@@ -1,13 +1,14 @@
 //! Connections to backends in HTTP mode, kept for reuse. HTTP/1.1: idle keep-alive
 //! connections per backend, at most `backend_max_idle`, each dropped after
-//! `backend_idle_timeout_ms`. HTTP/2: one multiplexed connection per backend, replaced when
-//! it closes. A pooled connection is checked before use; one that closed meanwhile hands the
-//! request back, so it goes on a new connection, never lost.
+//! `backend_idle_timeout_ms`. HTTP/2: multiplexed connections per backend, each carrying at
+//! most `backend_max_streams` streams; another is opened when they are all taken. A pooled
+//! connection is checked before use; one that closed meanwhile hands the request back, so it
+//! goes on a new connection, never lost.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -30,6 +31,8 @@ pub type Outgoing = http_body_util::Either<Incoming, http_body_util::Empty<bytes
 pub struct PoolLimits {
     pub protocol: BackendProtocol,
     pub max_idle: usize,
+    /// Streams at once on one HTTP/2 connection to a backend; more open another connection.
+    pub max_streams: usize,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub socket: SocketOptions,
@@ -38,7 +41,8 @@ pub struct PoolLimits {
 /// A connection that can carry one request now.
 pub enum Sender {
     Http1(http1::SendRequest<Outgoing>),
-    Http2(http2::SendRequest<Outgoing>),
+    /// A shared HTTP/2 connection, and the stream this request takes on it.
+    Http2(http2::SendRequest<Outgoing>, Stream),
 }
 
 /// Why no connection could be had.
@@ -61,7 +65,25 @@ pub struct Upstreams {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     /// The idle timeout of the latest context, for the sweeper.
     idle_timeout_ms: AtomicU64,
-    multiplexed: Mutex<HashMap<SocketAddr, http2::SendRequest<Outgoing>>>,
+    multiplexed: Mutex<HashMap<SocketAddr, Vec<Multiplexed>>>,
+    /// Held while an HTTP/2 connection to a backend is being opened.
+    opening: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One HTTP/2 connection to a backend, and its streams in flight.
+struct Multiplexed {
+    sender: http2::SendRequest<Outgoing>,
+    streams: Arc<AtomicU32>,
+}
+
+/// A stream of an HTTP/2 connection, counted until its response ends.
+#[derive(Debug)]
+pub struct Stream(Arc<AtomicU32>);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Upstreams {
@@ -85,18 +107,46 @@ impl Upstreams {
                 Ok((Sender::Http1(self.open_http1(backend, limits, metrics).await?), false))
             }
             BackendProtocol::Http2 => {
-                let shared = self.multiplexed.lock().unwrap_or_else(PoisonError::into_inner).get(&backend).cloned();
-                if let Some(mut sender) = shared.filter(|s| !s.is_closed()) {
+                // The first open connection with a stream to spare; else a new one. Opening
+                // is one at a time per backend, so a burst of requests shares the connection
+                // being opened instead of each opening its own.
+                if let Some((mut sender, stream)) = self.spare_stream(backend, limits.max_streams) {
                     if sender.ready().await.is_ok() {
                         metrics.upstream_reused.inc();
-                        return Ok((Sender::Http2(sender), true));
+                        return Ok((Sender::Http2(sender, stream), true));
+                    }
+                }
+                let opening =
+                    Arc::clone(self.opening.lock().unwrap_or_else(PoisonError::into_inner).entry(backend).or_default());
+                let _one_at_a_time = opening.lock().await;
+                if let Some((mut sender, stream)) = self.spare_stream(backend, limits.max_streams) {
+                    if sender.ready().await.is_ok() {
+                        metrics.upstream_reused.inc();
+                        return Ok((Sender::Http2(sender, stream), true));
                     }
                 }
                 let sender = self.open_http2(backend, limits, metrics).await?;
-                self.multiplexed.lock().unwrap_or_else(PoisonError::into_inner).insert(backend, sender.clone());
-                Ok((Sender::Http2(sender), false))
+                let streams = Arc::new(AtomicU32::new(1));
+                let stream = Stream(Arc::clone(&streams));
+                self.multiplexed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(backend)
+                    .or_default()
+                    .push(Multiplexed { sender: sender.clone(), streams });
+                Ok((Sender::Http2(sender, stream), false))
             }
         }
+    }
+
+    /// A stream of an open HTTP/2 connection to `backend` that has one to spare, taken.
+    fn spare_stream(&self, backend: SocketAddr, max_streams: usize) -> Option<(http2::SendRequest<Outgoing>, Stream)> {
+        let mut all = self.multiplexed.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = all.get_mut(&backend)?;
+        list.retain(|m| !m.sender.is_closed());
+        let spare = list.iter().find(|m| (m.streams.load(Ordering::Relaxed) as usize) < max_streams)?;
+        spare.streams.fetch_add(1, Ordering::Relaxed);
+        Some((spare.sender.clone(), Stream(Arc::clone(&spare.streams))))
     }
 
     /// Gives an HTTP/1.1 connection back once its response has ended (an HTTP/2 one stays
@@ -151,10 +201,11 @@ impl Upstreams {
             !list.is_empty()
         });
         drop(idle);
-        self.multiplexed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|backend, sender| keep(*backend) && !sender.is_closed());
+        self.multiplexed.lock().unwrap_or_else(PoisonError::into_inner).retain(|backend, list| {
+            list.retain(|m| !m.sender.is_closed());
+            keep(*backend) && !list.is_empty()
+        });
+        self.opening.lock().unwrap_or_else(PoisonError::into_inner).retain(|backend, _| keep(*backend));
     }
 
     /// Once a second until `stop`: drops idle connections past their timeout or closed, and
