@@ -814,3 +814,58 @@ async fn http2_backends_get_another_connection_when_a_connections_streams_are_ta
     }
     harbor.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_recorded_and_replay_against_the_same_strategy_in_full_agreement() {
+    let backends = HttpBackend::several(3).await;
+    let harbor = TestHarbor::new()
+        .service("default", |s| {
+            s.backends(&backends.iter().map(|b| b.addr).collect::<Vec<_>>())
+                .set("mode", "http")
+                .set("strategy", common::strategy("round_robin").to_str().expect("a UTF-8 path"))
+        })
+        .start()
+        .await;
+    let admin = harbor.admin_addr.expect("admin");
+    let trace = common::temp_dir("http-record").join("trace.jsonl");
+    let recorder = tokio::process::Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["strategy", "record", "--picks", "30", "--wait-secs", "60", "--admin", &admin.to_string()])
+        .arg("--out")
+        .arg(&trace)
+        .output();
+    let recording = async {
+        let started = common::eventually(common::STEP, || harbor.strategy().recording_status().is_some()).await;
+        assert!(started.is_some(), "the recording never started");
+        // 30 requests on one keep-alive connection: 30 picks.
+        let list = urls(harbor.addr_of("default").expect("default"), "/recorded", 30);
+        curl(&list.iter().map(String::as_str).collect::<Vec<_>>()).await
+    };
+    let (recorded, out) = tokio::join!(recorder, recording);
+    let recorded = recorded.expect("harbor strategy record");
+    assert!(recorded.status.success(), "{}", String::from_utf8_lossy(&recorded.stderr));
+    // The trace's choices are where the requests went, in order.
+    let names: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("backend "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&trace)
+        .expect("the trace")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    let chosen: Vec<String> = lines
+        .iter()
+        .filter(|l| l["kind"] == "pick")
+        .map(|p| format!("h{}", p["chosen"].as_u64().expect("every pick placed")))
+        .collect();
+    assert_eq!(chosen, names, "the trace's picks are not where the requests went");
+    harbor.stop().await.expect("stop");
+    // Replayed against the same strategy: every pick agrees.
+    let rr = common::strategy("round_robin").display().to_string();
+    let replay = common::harbor_cli(&["strategy", "simulate", "--trace", &trace.display().to_string(), &rr]);
+    let (report, errors) = common::texts(&replay);
+    assert!(replay.status.success(), "{report}{errors}");
+    assert!(report.lines().any(|l| l.trim_start().starts_with("agreement:") && l.contains("100")), "{report}");
+}
