@@ -502,12 +502,16 @@ fn prepare(
             request.headers_mut().insert(HOST, value);
         }
     }
-    let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let path = |uri: &Uri| uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     match protocol {
         BackendProtocol::Http1 => {
             *request.version_mut() = Version::HTTP_11;
-            if let Ok(uri) = path.parse::<Uri>() {
-                *request.uri_mut() = uri;
+            // An HTTP/1.1 client's target is already origin-form: only an HTTP/2 client's
+            // (or an absolute-form one) is rewritten.
+            if request.uri().authority().is_some() {
+                if let Ok(uri) = path(request.uri()).parse::<Uri>() {
+                    *request.uri_mut() = uri;
+                }
             }
         }
         BackendProtocol::Http2 => {
@@ -519,7 +523,9 @@ fn prepare(
                 .map(str::to_string)
                 .or_else(|| request.uri().authority().map(|a| a.to_string()))
                 .unwrap_or_else(|| "localhost".to_string());
-            if let Ok(uri) = Uri::builder().scheme("http").authority(authority).path_and_query(path).build() {
+            if let Ok(uri) =
+                Uri::builder().scheme("http").authority(authority).path_and_query(path(request.uri())).build()
+            {
                 *request.uri_mut() = uri;
             }
             request.headers_mut().remove(HOST);

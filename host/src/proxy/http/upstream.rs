@@ -110,20 +110,23 @@ impl Upstreams {
                 // The first open connection with a stream to spare; else a new one. Opening
                 // is one at a time per backend, so a burst of requests shares the connection
                 // being opened instead of each opening its own.
-                if let Some((mut sender, stream)) = self.spare_stream(backend, limits.max_streams) {
-                    if sender.ready().await.is_ok() {
-                        metrics.upstream_reused.inc();
-                        return Ok((Sender::Http2(sender, stream), true));
+                let mut one_at_a_time = None;
+                loop {
+                    if let Some((mut sender, stream)) = self.spare_stream(backend, limits.max_streams) {
+                        if sender.ready().await.is_ok() {
+                            metrics.upstream_reused.inc();
+                            return Ok((Sender::Http2(sender, stream), true));
+                        }
                     }
-                }
-                let opening =
-                    Arc::clone(self.opening.lock().unwrap_or_else(PoisonError::into_inner).entry(backend).or_default());
-                let _one_at_a_time = opening.lock().await;
-                if let Some((mut sender, stream)) = self.spare_stream(backend, limits.max_streams) {
-                    if sender.ready().await.is_ok() {
-                        metrics.upstream_reused.inc();
-                        return Ok((Sender::Http2(sender, stream), true));
+                    if one_at_a_time.is_some() {
+                        break;
                     }
+                    // Then again once this backend's opening is ours: another task may have
+                    // opened a connection meanwhile.
+                    let opening = Arc::clone(
+                        self.opening.lock().unwrap_or_else(PoisonError::into_inner).entry(backend).or_default(),
+                    );
+                    one_at_a_time = Some(opening.lock_owned().await);
                 }
                 let sender = self.open_http2(backend, limits, metrics).await?;
                 let streams = Arc::new(AtomicU32::new(1));
