@@ -15,15 +15,22 @@ use tokio::time::Instant;
 
 const UPGRADES: usize = 3;
 
-/// The pid a pid file names, once it names one other than `old`.
-async fn pid_in(file: &Path, old: Option<u32>, within: Duration) -> u32 {
+/// The pid a pid file names, once it names one other than `old`. On failure, Harbor's log
+/// (`log`, shared by every process of the upgrade chain) says why.
+async fn pid_in(file: &Path, old: Option<u32>, within: Duration, log: &Path) -> u32 {
     let deadline = Instant::now() + within;
     loop {
         let pid = std::fs::read_to_string(file).ok().and_then(|t| t.trim().parse::<u32>().ok());
         if let Some(pid) = pid.filter(|p| Some(*p) != old) {
             return pid;
         }
-        assert!(Instant::now() < deadline, "{} names no new process (still {old:?})", file.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} names no new process (still {old:?}, which has {}exited); Harbor's log:\n{}",
+            file.display(),
+            if old.is_some_and(has_exited) { "" } else { "not " },
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -39,7 +46,7 @@ async fn redis_benchmark_sees_no_error_across_three_upgrades_with_the_default_se
     );
     let redis = Redis::primary().await;
     let dir = temp_dir("redis-upgrade");
-    let (config, pidfile) = (dir.join("harbor.toml"), dir.join("harbor.pid"));
+    let (config, pidfile, harbor_log) = (dir.join("harbor.toml"), dir.join("harbor.pid"), dir.join("harbor.log"));
     let text = format!(
         "admin = \"127.0.0.1:0\"\npidfile = {:?}\n\n[[service]]\nname = \"redis\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n",
         pidfile.display().to_string(),
@@ -47,15 +54,15 @@ async fn redis_benchmark_sees_no_error_across_three_upgrades_with_the_default_se
     );
     std::fs::write(&config, text).expect("write the config");
     let mut first = Command::new(env!("CARGO_BIN_EXE_harbor"))
-        .args(["--config", config.to_str().expect("a UTF-8 path"), "--log-level", "warn"])
+        .args(["--config", config.to_str().expect("a UTF-8 path"), "--log-level", "info"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(std::fs::File::create(&harbor_log).expect("a log"))
         .spawn()
         .expect("start harbor");
     let mut reaper = Reaper(vec![first.id()]);
     let listen = read_bound(&mut first).addr();
-    let mut pid = pid_in(&pidfile, None, Duration::from_secs(60)).await;
+    let mut pid = pid_in(&pidfile, None, Duration::from_secs(60), &harbor_log).await;
     assert_eq!(pid, first.id(), "the serving process writes the pid file");
 
     let log = dir.join("benchmark.log");
@@ -77,7 +84,7 @@ async fn redis_benchmark_sees_no_error_across_three_upgrades_with_the_default_se
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert!(benchmark.try_wait().expect("wait").is_none(), "redis-benchmark stopped before upgrade {round}");
         signal(pid, libc::SIGUSR2);
-        let new = pid_in(&pidfile, Some(pid), Duration::from_secs(60)).await;
+        let new = pid_in(&pidfile, Some(pid), Duration::from_secs(60), &harbor_log).await;
         reaper.0.push(new);
         old.push(pid);
         pid = new;

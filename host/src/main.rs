@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use harbor::config::{Config, RunArgs};
 use harbor::Harbor;
+use tokio::signal::unix::Signal;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -297,6 +298,9 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     let runtime = builder.enable_all().build().context("starting the async runtime")?;
     let (watch_config, config_file) = (config.watch_config, config.config_file.clone());
     runtime.block_on(async move {
+        // Every handler is in place before the pid file names this process, so a signal sent
+        // to it as soon as it serves is never met by the default action (exit).
+        let signals = Signals::install();
         let harbor = match Harbor::bind_with(config, handover).await {
             Ok(h) => h,
             Err(harbor::HarborError::Strategy { path, error }) => {
@@ -320,14 +324,31 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
             }
         }
         let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone(), Arc::clone(&control)));
-        match upgrader {
-            Ok(upgrader) => {
-                tokio::spawn(harbor::control::upgrade_on_signal(Arc::clone(&control), shutdown.clone(), upgrader));
+        let Signals { stop, hangup, usr2 } = signals;
+        match stop {
+            Ok(stop) => {
+                tokio::spawn(watch_signals(stop, shutdown.clone(), Arc::clone(&control)));
             }
-            Err(e) => tracing::error!("cannot find this binary's path: binary upgrades (SIGUSR2) are off: {e}"),
+            Err(e) => tracing::error!("cannot install signal handlers; stop harbor with SIGKILL: {e}"),
         }
-        tokio::spawn(reload_on_hangup(control));
+        match (upgrader, usr2) {
+            (Ok(upgrader), Ok(usr2)) => {
+                tokio::spawn(harbor::control::upgrade_on_signal(
+                    usr2,
+                    Arc::clone(&control),
+                    shutdown.clone(),
+                    upgrader,
+                ));
+            }
+            (Err(e), _) => tracing::error!("cannot find this binary's path: binary upgrades (SIGUSR2) are off: {e}"),
+            (_, Err(e)) => tracing::error!("cannot install the SIGUSR2 handler: binary upgrades are off: {e}"),
+        }
+        match hangup {
+            Ok(hangup) => {
+                tokio::spawn(reload_on_hangup(hangup, control));
+            }
+            Err(e) => tracing::error!("cannot install the SIGHUP handler: reloads are off: {e}"),
+        }
         let report = harbor.run(shutdown).await?;
         if report.cut_connections > 0 {
             tracing::warn!(
@@ -339,13 +360,27 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The signals Harbor handles, registered with the runtime before it serves.
+struct Signals {
+    /// SIGTERM and SIGINT.
+    stop: std::io::Result<(Signal, Signal)>,
+    hangup: std::io::Result<Signal>,
+    usr2: std::io::Result<Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            stop: signal(SignalKind::terminate()).and_then(|term| Ok((term, signal(SignalKind::interrupt())?))),
+            hangup: signal(SignalKind::hangup()),
+            usr2: signal(SignalKind::user_defined2()),
+        }
+    }
+}
+
 /// SIGHUP reloads the configuration; a bad one changes nothing.
-async fn reload_on_hangup(control: Arc<harbor::control::Control>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler: reloads are off");
-        return;
-    };
+async fn reload_on_hangup(mut hangup: Signal, control: Arc<harbor::control::Control>) {
     while hangup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the configuration");
         let _ = control.reload().await;
@@ -354,12 +389,11 @@ async fn reload_on_hangup(control: Arc<harbor::control::Control>) {
 
 /// First SIGINT/SIGTERM starts a graceful drain (or, in a process that handed over to an
 /// upgrade, gives its connections the grace period); a second one exits at once.
-async fn watch_signals(shutdown: CancellationToken, control: Arc<harbor::control::Control>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop harbor with SIGKILL");
-        return;
-    };
+async fn watch_signals(
+    (mut term, mut int): (Signal, Signal),
+    shutdown: CancellationToken,
+    control: Arc<harbor::control::Control>,
+) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::info!("signal received: draining (send it again to exit at once)");
     control.lifecycle.request_stop();

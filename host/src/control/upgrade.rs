@@ -175,12 +175,12 @@ impl Upgrader {
 
 /// Upgrades on every `SIGUSR2` until one succeeds; then `shutdown` is cancelled, and this
 /// process drains and exits.
-pub async fn upgrade_on_signal(control: Arc<Control>, shutdown: CancellationToken, upgrader: Upgrader) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
-        tracing::error!("cannot install the SIGUSR2 handler: binary upgrades are off");
-        return;
-    };
+pub async fn upgrade_on_signal(
+    mut usr2: tokio::signal::unix::Signal,
+    control: Arc<Control>,
+    shutdown: CancellationToken,
+    upgrader: Upgrader,
+) {
     while usr2.recv().await.is_some() {
         tracing::info!(binary = %upgrader.exe.display(), "SIGUSR2: starting the new binary");
         let started = Instant::now();
