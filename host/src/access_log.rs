@@ -46,6 +46,8 @@ pub enum End {
     RequestTooLarge,
     /// HTTP mode: the request's framing was ambiguous or its body broke it.
     BadRequest,
+    /// HTTP mode: the client paused its request body longer than `request_body_timeout_ms`.
+    RequestTimeout,
 }
 
 impl End {
@@ -62,6 +64,7 @@ impl End {
             End::UpgradeUnsupported => "upgrade_unsupported",
             End::RequestTooLarge => "request_too_large",
             End::BadRequest => "bad_request",
+            End::RequestTimeout => "request_timeout",
         }
     }
 }

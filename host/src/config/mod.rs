@@ -19,7 +19,7 @@ pub use health::{compile_regex, AgentConfig, CheckStep, HealthConfig, HealthKind
 use settings::{settings, Layer};
 pub use settings::{
     AddressList, AllUnhealthy, AtCap, BackendList, BackendProtocol, BackendSpec, DnsSpec, ForwardedMode, LogFormat,
-    Mode, PeekMode, RelayMode, RuntimeMode, SettingDoc, SrvSpec, WeightedSpec,
+    Mode, PeekMode, RelayMode, RuntimeMode, SettingDoc, SrvSpec, StatusList, WeightedSpec,
 };
 
 /// Everything that can be wrong with a configuration. Each message is one line that names the
@@ -132,8 +132,18 @@ settings! {
     mode: Mode = Mode::Tcp, env "HARBOR_MODE", shown "tcp", reload NewConnections;
     /// HTTP mode: how Harbor talks to backends, `http1` (keep-alive) or `http2` (h2c, multiplexed; gRPC needs it).
     backend_protocol: BackendProtocol = BackendProtocol::Http1, env "HARBOR_BACKEND_PROTOCOL", shown "http1", reload NewConnections;
-    /// HTTP mode: how long a client has to send a request's whole header section, in ms, and how long a keep-alive connection may wait for its next request.
+    /// HTTP mode: how long a client has to send a request's whole header section once it has begun, in ms; then 408 and the connection closes (slowloris).
     request_header_timeout_ms: u64 = 10_000, env "HARBOR_REQUEST_HEADER_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
+    /// HTTP mode: how long an idle client connection waits for its next request, in ms (HTTP/2: with no stream open, then GOAWAY).
+    keepalive_timeout_ms: u64 = 60_000, env "HARBOR_KEEPALIVE_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
+    /// HTTP mode: the longest pause in a request body coming from the client, in ms; then 408.
+    request_body_timeout_ms: u64 = 60_000, env "HARBOR_REQUEST_BODY_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
+    /// HTTP mode: how long a whole request may take, from its headers to the end of its response, in ms (then 504, or the response is cut); 0 for no limit, as streams and long polls need.
+    request_timeout_ms: u64 = 0, env "HARBOR_REQUEST_TIMEOUT_MS", range 0..=MAX_TIMEOUT_MS, reload NewConnections;
+    /// HTTP mode: response statuses after which a request that can safely go again (idempotent, its body buffered) goes to another backend, comma-separated (e.g. `502,503,504`); none by default. A backend that breaks off before its response headers always counts.
+    retry_on: StatusList, env "HARBOR_RETRY_ON", shown "none", reload NewConnections;
+    /// HTTP mode: the largest request body (its length declared) kept so that the request can go again, in bytes; a longer one streams and is never sent twice. 0: only bodiless requests go again.
+    retry_buffer_bytes: u64 = 65_536, env "HARBOR_RETRY_BUFFER_BYTES", range 0..=16_777_216, reload NewConnections;
     /// HTTP mode: how long a backend has to answer a request with its response headers, in ms; then 504.
     response_header_timeout_ms: u64 = 60_000, env "HARBOR_RESPONSE_HEADER_TIMEOUT_MS", range 1..=MAX_TIMEOUT_MS, reload NewConnections;
     /// HTTP mode: the forwarding headers (X-Forwarded-For, X-Forwarded-Proto, Forwarded): `append` the client to what a trusted source sent (from others, replace), `replace` always, or `off` (pass them as they came).
@@ -146,7 +156,7 @@ settings! {
     max_request_headers: u64 = 100, env "HARBOR_MAX_REQUEST_HEADERS", range 1..=10_000, reload NewConnections;
     /// HTTP mode: the longest request target (path and query), in bytes; longer gets 414.
     max_uri_bytes: u64 = 8192, env "HARBOR_MAX_URI_BYTES", range 64..=65_534, reload NewConnections;
-    /// HTTP mode: the largest request body a Content-Length may declare, in bytes (then 413); 0 for no limit.
+    /// HTTP mode: the largest request body, declared or chunked, in bytes (then 413); 0 for no limit.
     max_request_body_bytes: u64 = 0, env "HARBOR_MAX_REQUEST_BODY_BYTES", range 0..=u64::MAX, reload NewConnections;
     /// HTTP mode: a backend that answers this many 5xx in a row (or breaks off before answering) is ejected for outlier_ejection_ms; 0 turns it off (Envoy's consecutive_5xx).
     outlier_consecutive_5xx: u64 = 5, env "HARBOR_OUTLIER_CONSECUTIVE_5XX", range 0..=10_000, reload NewConnections;

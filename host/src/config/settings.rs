@@ -400,6 +400,41 @@ impl<'de> Deserialize<'de> for AddressList {
     }
 }
 
+/// HTTP status codes: `retry_on = [502, 503]` in the file, `--retry-on 502,503` as a flag.
+/// Only error statuses (400–599) are accepted: a success is never retried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusList(pub Vec<u16>);
+
+impl StatusList {
+    fn checked(codes: Vec<u16>) -> Result<StatusList, String> {
+        match codes.iter().find(|c| !(400..=599).contains(*c)) {
+            Some(bad) => Err(format!("{bad} is not an error status (400-599)")),
+            None => Ok(StatusList(codes)),
+        }
+    }
+}
+
+impl FromStr for StatusList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let codes = s
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(|c| c.parse::<u16>().map_err(|_| format!("{c:?} is not a status code")))
+            .collect::<Result<Vec<u16>, String>>()?;
+        StatusList::checked(codes)
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let codes = Vec::<u16>::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a list of status codes, like [502, 503]"))?;
+        StatusList::checked(codes).map_err(serde::de::Error::custom)
+    }
+}
+
 /// One backend as written: `"host:port"`, `"host:port=weight"` (flags), or in the file
 /// `{ address = "host:port", weight = 2 }`, `{ dns = "name:port" }` (every A and AAAA
 /// record, followed) or `{ srv = "_service._tcp.name" }` (hosts, ports and weights).

@@ -3,22 +3,24 @@
 //! (connect failure, or a pooled connection that closed before use) is placed again, on
 //! another backend; nothing that reached one is sent twice.
 
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::HOST;
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
 
 use crate::access_log::{End, HttpFields, Record};
 use crate::backends::pool::{ActiveGuard, Backend, BackendPool, Slot};
 use crate::clock::Instant;
 use crate::config::BackendProtocol;
 use crate::proxy::context::ServiceContext;
+use crate::proxy::http::body::{BodyError, ClientBody};
 use crate::proxy::http::headers::{self, Refusal};
 use crate::proxy::http::upstream::{Outgoing, Sender};
 use crate::strategy::runtime::bindings::{ConnectionOutcome, LocalAddr};
@@ -26,18 +28,34 @@ use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest, Placeme
 
 /// A response body: the backend's, streamed, or Harbor's own.
 pub enum ProxyBody {
-    Upstream { body: Incoming, end: Option<Finish> },
+    Upstream {
+        body: Incoming,
+        end: Option<Finish>,
+        /// The whole request's deadline (`request_timeout_ms`, or a gRPC call's), if any.
+        until: Option<Pin<Box<tokio::time::Sleep>>>,
+    },
     Own(Option<Bytes>),
 }
 
+/// A response cut at the whole request's deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("the request's deadline passed before its response ended")]
+pub struct PastDeadline;
+
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ProxyBody::Own(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream { body, end } => {
+            ProxyBody::Upstream { body, end, until } => {
+                if let Some(until) = until.as_mut() {
+                    if until.as_mut().poll(cx).is_ready() {
+                        end.take();
+                        return Poll::Ready(Some(Err(Box::new(PastDeadline))));
+                    }
+                }
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
@@ -62,7 +80,7 @@ impl Body for ProxyBody {
                     }
                     Poll::Pending => {}
                 }
-                polled
+                polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
             }
         }
     }
@@ -98,11 +116,32 @@ pub struct Finish {
     completed: bool,
     /// It became a tunnel (`101 Switching Protocols`), which ended cleanly.
     upgraded: bool,
+    /// An attempt whose answer was dropped for a retry: the strategy hears of it, the
+    /// request's metrics and log line come from the attempt that answers.
+    attempt_only: bool,
     /// For the access log: who asked what, and how it went.
     client: SocketAddr,
     line: Option<Box<HttpFields>>,
     _active: ActiveGuard,
     _slot: Option<Slot>,
+}
+
+impl Finish {
+    /// The backend connection became a tunnel: it goes back to no pool.
+    pub fn release_connection(&mut self) {
+        self.kept = Kept::Nothing;
+    }
+
+    /// The tunnel ended cleanly, `to_client` bytes sent through it.
+    pub fn tunnel_ended(&mut self, to_client: u64) {
+        self.bytes_to_client = to_client;
+        self.completed = true;
+        self.upgraded = true;
+    }
+
+    pub fn context(&self) -> &Arc<ServiceContext> {
+        &self.context
+    }
 }
 
 impl Drop for Finish {
@@ -112,7 +151,9 @@ impl Drop for Finish {
             context.upstreams.give_back(self.backend.address, sender, &context.limits.http.pool, &context.metrics);
         }
         let took = self.started.elapsed();
-        context.metrics.http_request_duration.observe(took.as_secs_f64());
+        if !self.attempt_only {
+            context.metrics.http_request_duration.observe(took.as_secs_f64());
+        }
         if let (Some(log), Some(line)) = (&context.access_log, self.line.take()) {
             log.log(Record {
                 at: crate::clock::wall(),
@@ -218,6 +259,13 @@ struct Refused {
     line: Option<Box<HttpFields>>,
 }
 
+impl Refused {
+    /// Refused before any backend was chosen.
+    fn early(refusal: Refusal, line: Option<Box<HttpFields>>) -> Refused {
+        Refused { refusal, pick: None, backend: None, line }
+    }
+}
+
 async fn forward(
     mut request: Request<Incoming>,
     peer: SocketAddr,
@@ -228,25 +276,26 @@ async fn forward(
 ) -> Result<Response<ProxyBody>, Refused> {
     let limits = &context.limits;
     let metrics = &context.metrics;
-    let protocol = limits.http.pool.protocol;
-    // A gRPC call's own deadline, when shorter, bounds the wait for response headers.
-    let deadline = match headers::grpc_timeout(request.headers()) {
-        Some(call) => call.min(limits.http.response_header_timeout),
-        None => limits.http.response_header_timeout,
-    };
-    // Limits hyper does not apply itself.
     let http = &limits.http;
+    let protocol = http.pool.protocol;
+    // The whole request's deadline: the service's, or a gRPC call's own when shorter.
+    let whole = match (http.request_timeout, headers::grpc_timeout(request.headers())) {
+        (Some(service), Some(call)) => Some(service.min(call)),
+        (limit, call) => limit.or(call),
+    };
+    let until = whole.map(|whole| started + whole);
+    // Limits hyper does not apply itself.
     let uri_bytes = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
     if uri_bytes > http.max_uri_bytes {
-        return Err(Refused { refusal: Refusal::UriTooLong, pick: None, backend: None, line });
+        return Err(Refused::early(Refusal::UriTooLong, line));
     }
     if http.max_body_bytes > 0 && request.body().size_hint().lower() > http.max_body_bytes {
-        return Err(Refused { refusal: Refusal::BodyTooLarge, pick: None, backend: None, line });
+        return Err(Refused::early(Refusal::BodyTooLarge, line));
     }
     // An HTTP/1.1 upgrade (WebSocket): the client's side of the tunnel, taken now.
     let upgrade = match headers::upgrade_asked(request.headers()) {
         Some(_) if protocol == BackendProtocol::Http2 || request.version() != Version::HTTP_11 => {
-            return Err(Refused { refusal: Refusal::UpgradeUnsupported, pick: None, backend: None, line });
+            return Err(Refused::early(Refusal::UpgradeUnsupported, line));
         }
         Some(asked) => Some((asked, hyper::upgrade::on(&mut request))),
         None => None,
@@ -256,24 +305,19 @@ async fn forward(
     if let Some((asked, _)) = &upgrade {
         headers::keep_upgrade(request.headers_mut(), asked.clone());
     }
-    // A bodiless idempotent request can be sent again if a pooled connection fails under it
-    // before any answer (the backend closed it as it was taken): its head is kept for that.
-    let replayable = upgrade.is_none() && request.body().is_end_stream() && is_idempotent(request.method());
-    let head = replayable.then(|| {
-        let mut copy = Request::new(());
-        *copy.method_mut() = request.method().clone();
-        *copy.uri_mut() = request.uri().clone();
-        *copy.version_mut() = request.version();
-        *copy.headers_mut() = request.headers().clone();
-        copy
-    });
-    let mut request = request.map(http_body_util::Either::Left);
+    let request = request.map(|body| ClientBody::new(body, http.request_body_timeout, http.max_body_bytes));
+    // An idempotent request whose body is whole in hand can go again: a copy is kept.
+    let (mut request, replay) = match keep_for_replay(request, upgrade.is_none(), http.retry_buffer_bytes).await {
+        Ok(kept) => kept,
+        Err(error) => return Err(Refused::early(body_refusal(&error), line)),
+    };
     let pool = context.pool.load_full();
     let mut excluded: Vec<usize> = Vec::new();
     let mut refusal = Refusal::NoBackend;
     let mut last: Option<(Pick, SocketAddr)> = None;
     let _in_flight = context.retry_budget.request();
-    let mut _retrying = None;
+    let mut retrying = None;
+    let mut approved = None;
     for attempt in 0..limits.connect_attempts {
         if let Some(line) = line.as_mut() {
             line.attempts = attempt + 1;
@@ -281,8 +325,8 @@ async fn forward(
         let refused =
             |refusal, pick: Option<Pick>, backend: Option<SocketAddr>, line| Refused { refusal, pick, backend, line };
         if attempt > 0 {
-            match context.retry_budget.retry() {
-                Some(retrying) => _retrying = Some(retrying),
+            match approved.take().or_else(|| context.retry_budget.retry()) {
+                Some(approved) => retrying = Some(approved),
                 None => {
                     metrics.retries_over_budget.inc();
                     let (pick, backend) = last.map_or((None, None), |(p, b)| (Some(p), Some(b)));
@@ -316,7 +360,7 @@ async fn forward(
         let Ok(slot) = crate::proxy::queue::slot(&backend, limits.queue_timeout, metrics, &mut since).await else {
             return Err(refused(Refusal::QueueTimeout, Some(pick), Some(backend.address), line));
         };
-        let sender = context.upstreams.checkout(backend.address, &limits.http.pool, metrics).await;
+        let sender = context.upstreams.checkout(backend.address, &http.pool, metrics).await;
         let (sender, reused) = match sender {
             Ok(got) => got,
             Err(error) => {
@@ -340,8 +384,12 @@ async fn forward(
             backend.record_connect_success(connect_time);
         }
         let active = backend.track_active();
-        let sent = send(sender, request, deadline).await;
-        let (response, kept) = match sent {
+        // Response headers are awaited for at most the service's bound, and never past the
+        // whole request's deadline.
+        let wait = until.map_or(http.response_header_timeout, |until| {
+            http.response_header_timeout.min(until.saturating_duration_since(Instant::now()))
+        });
+        let (response, kept) = match send(sender, request, wait).await {
             Sent::Answered(response, kept) => (response, kept),
             Sent::Unsent(back) => {
                 // The pooled connection closed before taking it: the request is whole, so
@@ -354,39 +402,38 @@ async fn forward(
                 continue;
             }
             Sent::Failed(error) if error.is_user() => {
-                // The client's body broke its own framing while it went on: the client's
-                // fault, not the backend's.
+                // The client's body failed while it went on (its framing, a pause, a limit):
+                // the client's doing, not the backend's.
                 tracing::debug!(client = %peer, "the request body failed: {error}");
-                return Err(refused(Refusal::BadRequest, Some(pick), Some(backend.address), line));
+                let refusal = BodyError::behind(&error).map_or(Refusal::BadRequest, body_refusal);
+                return Err(refused(refusal, Some(pick), Some(backend.address), line));
             }
             Sent::Failed(error) => {
-                if let (true, Some(h)) = (reused, head.as_ref()) {
-                    // A stale pooled connection: the same request, whole, on a new connection.
-                    tracing::debug!(backend = %backend.address, "a pooled connection failed under a bodiless request, sending it again: {error}");
-                    let mut again = Request::new(http_body_util::Either::Right(http_body_util::Empty::new()));
-                    *again.method_mut() = h.method().clone();
-                    *again.uri_mut() = h.uri().clone();
-                    *again.version_mut() = h.version();
-                    *again.headers_mut() = h.headers().clone();
-                    request = again;
-                    refusal = Refusal::BrokeOff;
-                    metrics.retries.inc();
-                    last = Some((pick, backend.address));
-                    continue;
+                let Some(again) = replay.as_ref().map(Replay::request) else {
+                    if context.hot_path_log.allow() {
+                        tracing::warn!(backend = %backend.address, "the backend broke off before its response headers: {error}");
+                    }
+                    judge(context, &pool, &backend, true);
+                    return Err(refused(Refusal::BrokeOff, Some(pick), Some(backend.address), line));
+                };
+                // Nothing came back and the request is whole in hand: it goes again. A
+                // pooled connection may just have been closed by the backend as it was
+                // taken; a new one that breaks off counts against its backend.
+                tracing::debug!(backend = %backend.address, reused, "a backend broke off before its response headers, sending the request again: {error}");
+                if !reused {
+                    judge(context, &pool, &backend, true);
+                    excluded.push(index);
                 }
-                if context.hot_path_log.allow() {
-                    tracing::warn!(backend = %backend.address, "the backend broke off before its response headers: {error}");
-                }
-                judge(context, &pool, &backend, true);
-                return Err(refused(Refusal::BrokeOff, Some(pick), Some(backend.address), line));
+                request = again;
+                refusal = Refusal::BrokeOff;
+                metrics.retries.inc();
+                last = Some((pick, backend.address));
+                continue;
             }
             Sent::TimedOut => return Err(refused(Refusal::Timeout, Some(pick), Some(backend.address), line)),
         };
-        if let Some(line) = line.as_mut() {
-            line.status = response.status().as_u16();
-            line.first_byte = started.elapsed();
-        }
-        judge(context, &pool, &backend, response.status().is_server_error());
+        let status = response.status();
+        judge(context, &pool, &backend, status.is_server_error());
         let mut finish = Finish {
             context: Arc::clone(context),
             pick,
@@ -398,23 +445,106 @@ async fn forward(
             bytes_to_client: 0,
             completed: false,
             upgraded: false,
+            attempt_only: false,
             client: peer,
-            line,
+            line: None,
             _active: active,
             _slot: slot,
         };
-        if let (Some((_, client_side)), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, response.status()) {
-            return Ok(tunnel(response, client_side, finish));
+        // A status the service retries on, for a request that can go again, within the
+        // budget: this answer is dropped and another backend asked.
+        if let Some(again) = replay.as_ref().filter(|_| http.retry_on.contains(&status.as_u16())) {
+            if attempt + 1 < limits.connect_attempts {
+                if let Some(budget) = context.retry_budget.retry() {
+                    approved = Some(budget);
+                    finish.attempt_only = true;
+                    excluded.push(finish.index);
+                    last = Some((finish.pick, finish.backend.address));
+                    refusal = Refusal::BadGateway;
+                    metrics.retries.inc();
+                    request = again.request();
+                    continue;
+                }
+                metrics.retries_over_budget.inc();
+            }
+        }
+        drop(retrying);
+        if let Some(line) = line.as_mut() {
+            line.status = status.as_u16();
+            line.first_byte = started.elapsed();
+        }
+        finish.line = line;
+        if let (Some((_, client_side)), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, status) {
+            return Ok(crate::proxy::http::tunnel::tunnel(response, client_side, finish));
         }
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         // An empty body is never polled: the response is whole with its headers.
         finish.completed = body.is_end_stream();
-        return Ok(Response::from_parts(parts, ProxyBody::Upstream { body, end: Some(finish) }));
+        let until = until.map(|until| Box::pin(tokio::time::sleep_until(until)));
+        return Ok(Response::from_parts(parts, ProxyBody::Upstream { body, end: Some(finish), until }));
     }
     metrics.no_backend.inc();
     let (pick, backend) = last.map_or((None, None), |(p, b)| (Some(p), Some(b)));
     Err(Refused { refusal, pick, backend, line })
+}
+
+/// What answers a request whose body failed before it went anywhere.
+fn body_refusal(error: &BodyError) -> Refusal {
+    match error {
+        BodyError::Client(_) => Refusal::BadRequest,
+        BodyError::TooLarge(_) => Refusal::BodyTooLarge,
+        BodyError::Idle(_) => Refusal::RequestTimeout,
+    }
+}
+
+/// A request that can go again as it was: its head, and its body whole.
+struct Replay {
+    method: hyper::Method,
+    uri: Uri,
+    version: Version,
+    headers: hyper::HeaderMap,
+    body: Bytes,
+}
+
+impl Replay {
+    fn request(&self) -> Request<Outgoing> {
+        let mut again = Request::new(Either::Right(Full::new(self.body.clone())));
+        *again.method_mut() = self.method.clone();
+        *again.uri_mut() = self.uri.clone();
+        *again.version_mut() = self.version;
+        *again.headers_mut() = self.headers.clone();
+        again
+    }
+}
+
+/// The request as it goes out, and a copy to send again if it is idempotent, not an upgrade,
+/// and its body is empty or declared within `most` bytes (then read whole first).
+async fn keep_for_replay(
+    request: Request<ClientBody>,
+    may: bool,
+    most: u64,
+) -> Result<(Request<Outgoing>, Option<Replay>), BodyError> {
+    if !may || !is_idempotent(request.method()) {
+        return Ok((request.map(Either::Left), None));
+    }
+    let (parts, body) = request.into_parts();
+    let body = if body.is_end_stream() {
+        Bytes::new()
+    } else {
+        match body.collect_within(most).await? {
+            Ok(whole) => whole,
+            Err(streamed) => return Ok((Request::from_parts(parts, Either::Left(streamed)), None)),
+        }
+    };
+    let replay = Replay {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    };
+    Ok((Request::from_parts(parts, Either::Right(Full::new(body))), Some(replay)))
 }
 
 /// Passive outlier detection: a backend that answers `consecutive_5xx` server errors in a row
@@ -440,47 +570,6 @@ fn judge(context: &ServiceContext, pool: &BackendPool, backend: &Backend, server
 fn is_idempotent(method: &hyper::Method) -> bool {
     use hyper::Method;
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
-}
-
-/// After a backend's `101 Switching Protocols`: the answer goes to the client, and once both
-/// sides have switched, their bytes are relayed both ways until either ends, or the drain's
-/// bound cuts them. The request's slot, active count and log line last as long.
-fn tunnel(
-    mut response: Response<Incoming>,
-    client_side: hyper::upgrade::OnUpgrade,
-    mut finish: Finish,
-) -> Response<ProxyBody> {
-    let backend_side = hyper::upgrade::on(&mut response);
-    finish.kept = Kept::Nothing; // the connection is the tunnel's now
-    let protocol = response.headers().get(hyper::header::UPGRADE).cloned();
-    let (mut parts, _) = response.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
-    if let Some(protocol) = protocol {
-        headers::keep_upgrade(&mut parts.headers, protocol);
-    }
-    let cut = finish.context.ends.cut.clone();
-    tokio::spawn(async move {
-        let (client, backend) = match tokio::try_join!(client_side, backend_side) {
-            Ok(both) => both,
-            Err(error) => {
-                tracing::debug!("an upgrade did not complete: {error}");
-                return;
-            }
-        };
-        let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
-        tokio::select! {
-            moved = tokio::io::copy_bidirectional(&mut client, &mut backend) => {
-                if let Ok((_, to_client)) = moved {
-                    finish.bytes_to_client = to_client;
-                    finish.completed = true;
-                    finish.upgraded = true;
-                }
-            }
-            _ = cut.cancelled() => {}
-        }
-        drop(finish);
-    });
-    Response::from_parts(parts, ProxyBody::Own(None))
 }
 
 /// The request as the backend gets it: hop-by-hop headers gone, forwarding headers written,

@@ -142,6 +142,8 @@ pub enum Refusal {
     /// A body that broke its own framing while it went on (a bad chunk size, say): the
     /// connection is closed.
     BadRequest,
+    /// The client paused its body longer than `request_body_timeout_ms`.
+    RequestTimeout,
 }
 
 impl Refusal {
@@ -153,6 +155,7 @@ impl Refusal {
             Refusal::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
             Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
             Refusal::BadRequest => StatusCode::BAD_REQUEST,
+            Refusal::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
@@ -161,7 +164,7 @@ impl Refusal {
     /// RESOURCE_EXHAUSTED (8) for a request over a limit, UNIMPLEMENTED (12) for an upgrade.
     fn grpc_status(self) -> &'static str {
         match self {
-            Refusal::Timeout => "4",
+            Refusal::Timeout | Refusal::RequestTimeout => "4",
             Refusal::UriTooLong | Refusal::BodyTooLarge => "8",
             Refusal::BadRequest => "13",
             Refusal::UpgradeUnsupported => "12",
@@ -181,6 +184,7 @@ impl Refusal {
             Refusal::UpgradeUnsupported => End::UpgradeUnsupported,
             Refusal::UriTooLong | Refusal::BodyTooLarge => End::RequestTooLarge,
             Refusal::BadRequest => End::BadRequest,
+            Refusal::RequestTimeout => End::RequestTimeout,
         }
     }
 
@@ -195,6 +199,7 @@ impl Refusal {
             Refusal::UriTooLong => "the request target is too long",
             Refusal::BadRequest => "the request body broke its framing",
             Refusal::BodyTooLarge => "the request body is too large",
+            Refusal::RequestTimeout => "the request body paused too long",
         }
     }
 

@@ -2,15 +2,19 @@
 //! requests answered in order) or HTTP/2 with prior knowledge (h2c), and the strategy places
 //! every request on its own.
 //!
-//! A request's path: [`serve`] (the client connection, with hyper) → [`forward`] (pick,
-//! slot, pooled connection, send, retry where safe) → [`upstream`] (backend connections kept
-//! for reuse) → the response streams back. [`headers`] removes hop-by-hop headers, writes the
-//! forwarding ones and builds Harbor's own answers. Accept, admission, the strategy host, the
+//! A request's path: [`serve`] (the client connection, with hyper; [`client`] watches its
+//! pauses) → [`forward`] (pick, slot, pooled connection, send, retry where safe; [`body`]
+//! holds the request body to its limits) → [`upstream`] (backend connections kept for reuse)
+//! → the response streams back, or after a `101` [`tunnel`] relays bytes. [`headers`] removes
+//! hop-by-hop headers, writes the forwarding ones and builds Harbor's own answers. Accept, admission, the strategy host, the
 //! backends and the lifecycle are the TCP path's.
 
+pub(crate) mod body;
 pub(crate) mod budget;
+pub(crate) mod client;
 pub(crate) mod forward;
 pub(crate) mod headers;
+pub(crate) mod tunnel;
 pub(crate) mod upstream;
 
 use std::convert::Infallible;
@@ -32,11 +36,27 @@ pub use upstream::Upstreams;
 
 /// Concurrent streams an HTTP/2 client may open on one connection.
 const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Streams an HTTP/2 client may reset before Harbor has taken them up, at once; more is a
+/// rapid-reset attack (CVE-2023-44487) and gets GOAWAY (ENHANCE_YOUR_CALM).
+const MAX_PENDING_RESETS: usize = 20;
+/// Streams Harbor may reset for a client's protocol errors before it sends GOAWAY.
+const MAX_ERROR_RESETS: usize = 1024;
+/// Response bytes buffered per HTTP/2 stream for a client that does not open its window:
+/// past this, Harbor stops reading the backend, so a slow reader pins little memory.
+const MAX_SEND_BUFFER: usize = 128 * 1024;
 
 /// The HTTP settings a connection runs with, fixed when it is accepted.
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
     pub request_header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub request_body_timeout: Duration,
+    /// From a request's headers to its response's end.
+    pub request_timeout: Option<Duration>,
+    /// Statuses after which a request that can go again does.
+    pub retry_on: Vec<u16>,
+    /// The largest body kept so that its request can go again.
+    pub retry_buffer_bytes: u64,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_uri_bytes: usize,
@@ -54,6 +74,11 @@ impl HttpLimits {
     pub fn from_tunables(t: &Tunables, socket: crate::proxy::connect::SocketOptions) -> HttpLimits {
         HttpLimits {
             request_header_timeout: Duration::from_millis(t.request_header_timeout_ms),
+            keepalive_timeout: Duration::from_millis(t.keepalive_timeout_ms),
+            request_body_timeout: Duration::from_millis(t.request_body_timeout_ms),
+            request_timeout: (t.request_timeout_ms > 0).then(|| Duration::from_millis(t.request_timeout_ms)),
+            retry_on: t.retry_on.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+            retry_buffer_bytes: t.retry_buffer_bytes,
             max_header_bytes: usize::try_from(t.max_request_header_bytes).unwrap_or(usize::MAX),
             max_headers: usize::try_from(t.max_request_headers).unwrap_or(usize::MAX),
             max_uri_bytes: usize::try_from(t.max_uri_bytes).unwrap_or(usize::MAX),
@@ -107,10 +132,11 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, context: Arc<ServiceCont
     let limits = &context.limits.http;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A header section that outgrows the read buffer gets 431, as do too many fields.
+    // The header and keep-alive timeouts are the client reader's (`client`), not hyper's.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.request_header_timeout)
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
         .keep_alive(true);
@@ -118,18 +144,41 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, context: Arc<ServiceCont
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_ERROR_RESETS)
+        .max_send_buf_size(MAX_SEND_BUFFER)
+        // Bounds CONTINUATION frames too: h2 refuses a header block past it.
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let watch = client::Watch::new();
     let per_request = Arc::clone(&context);
-    let service = hyper::service::service_fn(move |request| {
+    let requests = Arc::clone(&watch);
+    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
         let context = Arc::clone(&per_request);
-        async move { Ok::<_, Infallible>(forward::handle(request, peer, local, context).await) }
+        let busy = requests.request(request.version() == hyper::Version::HTTP_2);
+        async move {
+            let response = forward::handle(request, peer, local, context).await;
+            if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                busy.tunnel();
+            }
+            Ok::<_, Infallible>(response.map(|body| client::Held { body, _busy: busy }))
+        }
     });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+    let timed_out = Arc::clone(&context);
+    let io = client::ClientIo::new(
+        client,
+        Arc::clone(&watch),
+        limits.keepalive_timeout,
+        limits.request_header_timeout,
+        Box::new(move || timed_out.metrics.responded(408)),
+    );
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let ends = &context.ends;
+    let keepalive = limits.keepalive_timeout;
     let ended = tokio::select! {
         ended = connection.as_mut() => Some(ended),
         _ = ends.draining.cancelled() => None,
+        () = idle_http2(&watch, keepalive) => None,
         _ = ends.cut.cancelled() => Some(Ok(())),
     };
     let ended = match ended {
@@ -147,4 +196,17 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, context: Arc<ServiceCont
     }
     metrics.active_connections.dec();
     drop(admission);
+}
+
+/// Returns once an HTTP/2 connection has had no stream open for `limit`.
+async fn idle_http2(watch: &client::Watch, limit: Duration) {
+    // An HTTP/1 connection's reader watches its own pauses; this one looks again now and
+    // then in case the connection turns out to be HTTP/2.
+    loop {
+        match watch.idle_for(limit) {
+            Some(left) if left.is_zero() => return,
+            Some(left) => tokio::time::sleep(left).await,
+            None => tokio::time::sleep(limit).await,
+        }
+    }
 }

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
@@ -24,7 +23,7 @@ use crate::proxy::connect::{connect, ConnectError, SocketOptions};
 
 /// A request body on its way to a backend: the client's, streamed, or none (a bodiless
 /// request sent again after a pooled connection failed under it).
-pub type Outgoing = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+pub type Outgoing = http_body_util::Either<crate::proxy::http::body::ClientBody, http_body_util::Full<bytes::Bytes>>;
 
 /// How a service's backend connections are made and kept.
 #[derive(Debug, Clone, Copy)]
