@@ -681,7 +681,7 @@ async fn forwarding_headers_are_appended_to_only_for_a_trusted_proxy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slowloris_client_is_closed_at_the_header_timeout_and_others_are_served() {
+async fn a_slowloris_client_gets_408_at_the_header_timeout_and_others_are_served() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = HttpBackend::start("b").await;
     let harbor = TestHarbor::new()
@@ -696,18 +696,19 @@ async fn a_slowloris_client_is_closed_at_the_header_timeout_and_others_are_serve
         stream.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Slow: ").await.expect("write");
         slow.push(tokio::spawn(async move {
             let started = tokio::time::Instant::now();
-            let mut byte = [0u8; 1];
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
             for _ in 0..100 {
                 if stream.write_all(b"a").await.is_err() {
-                    return started.elapsed();
+                    break;
                 }
-                if let Ok(Ok(0) | Err(_)) =
-                    tokio::time::timeout(Duration::from_millis(100), stream.read(&mut byte)).await
-                {
-                    return started.elapsed();
+                match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await {
+                    Ok(Ok(0) | Err(_)) => break,
+                    Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                    Err(_) => {}
                 }
             }
-            started.elapsed()
+            (started.elapsed(), String::from_utf8_lossy(&got).into_owned())
         }));
     }
     // Meanwhile, a normal client is served at once.
@@ -716,8 +717,9 @@ async fn a_slowloris_client_is_closed_at_the_header_timeout_and_others_are_serve
         assert_eq!(curl(&["-o", "/dev/null", "-w", "%{http_code}", &url]).await, "200");
     }
     for task in slow {
-        let lasted = task.await.expect("join");
+        let (lasted, answer) = task.await.expect("join");
         assert!(lasted < Duration::from_secs(3), "a slow client held its connection for {lasted:?}");
+        assert!(answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "a slow client got {answer:?}");
     }
     assert_eq!(backend.requests("GET"), 5, "no slow request reached the backend");
     harbor.stop().await.expect("stop");
@@ -868,4 +870,199 @@ async fn requests_are_recorded_and_replay_against_the_same_strategy_in_full_agre
     let (report, errors) = common::texts(&replay);
     assert!(replay.status.success(), "{report}{errors}");
     assert!(report.lines().any(|l| l.trim_start().starts_with("agreement:") && l.contains("100")), "{report}");
+}
+
+/// Reads until the peer closes (or 10 s pass): what came, and when the end came.
+async fn read_to_close(stream: &mut tokio::net::TcpStream) -> (String, tokio::time::Instant) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) | Err(_) => {
+                return (String::from_utf8_lossy(&got).into_owned(), tokio::time::Instant::now())
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_closes_quietly_and_a_begun_header_gets_408_later() {
+    use tokio::io::AsyncWriteExt;
+    let backend = HttpBackend::start("b").await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| {
+            s.backends(&[backend.addr])
+                .set("mode", "http")
+                .set("keepalive_timeout_ms", 300)
+                .set("request_header_timeout_ms", 3000)
+        })
+        .start()
+        .await;
+    let web = harbor.addr_of("web").expect("web");
+    let request = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n";
+    // Idle after one answer: closed at the keep-alive timeout, with nothing more said.
+    let mut idle = tokio::net::TcpStream::connect(web).await.expect("connect");
+    idle.write_all(request).await.expect("write");
+    let started = tokio::time::Instant::now();
+    let (answer, ended) = read_to_close(&mut idle).await;
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("body 0\n"), "{answer:?}");
+    assert!(ended - started < Duration::from_millis(2500), "closed after {:?}", ended - started);
+    // A second request begun at once and left unfinished: the keep-alive timeout does not
+    // apply any more; the header timeout does, with a 408.
+    let mut slow = tokio::net::TcpStream::connect(web).await.expect("connect");
+    slow.write_all(request).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    slow.write_all(b"GET /b HTTP/1.1\r\nHo").await.expect("write");
+    let begun = tokio::time::Instant::now();
+    let (answer, ended) = read_to_close(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains("HTTP/1.1 408 Request Timeout\r\n"), "{answer:?}");
+    assert!(ended - begun >= Duration::from_millis(2500), "cut after {:?}, before the header timeout", ended - begun);
+    // A connection that says nothing is closed quietly at the header timeout.
+    let mut mute = tokio::net::TcpStream::connect(web).await.expect("connect");
+    let (answer, _) = read_to_close(&mut mute).await;
+    assert_eq!(answer, "", "a connection that sent nothing is closed without an answer");
+    assert_eq!(backend.requests("GET"), 2);
+    let m = Scrape::fetch(harbor.admin_addr.expect("admin")).await;
+    assert_eq!(m.get("harbor_http_responses_total{service=\"web\",class=\"4xx\"}"), 1.0, "one 408");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_body_gets_408_a_chunked_body_over_the_limit_413_and_the_service_goes_on() {
+    use tokio::io::AsyncWriteExt;
+    let backend = HttpBackend::start("b").await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| {
+            s.backends(&[backend.addr])
+                .set("mode", "http")
+                .set("request_body_timeout_ms", 300)
+                .set("max_request_body_bytes", 1000)
+        })
+        .start()
+        .await;
+    let web = harbor.addr_of("web").expect("web");
+    for method in ["POST", "PUT"] {
+        // 10 of 100 bytes, then a pause: 408. A POST streams (the backend sees it cut short);
+        // a PUT is read whole first, to be retried if need be.
+        let mut paused = tokio::net::TcpStream::connect(web).await.expect("connect");
+        let head = format!("{method} /p HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789");
+        paused.write_all(head.as_bytes()).await.expect("write");
+        let started = tokio::time::Instant::now();
+        let (answer, ended) = read_to_close(&mut paused).await;
+        assert!(answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{method}: {answer:?}");
+        assert!(ended - started < Duration::from_secs(5), "{:?}", ended - started);
+    }
+    // 2000 bytes in chunks, no length declared: 413 once past 1000.
+    let mut chunked = tokio::net::TcpStream::connect(web).await.expect("connect");
+    let mut request = b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        request.extend_from_slice(b"1f4\r\n");
+        request.extend_from_slice(&[b'x'; 500]);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    chunked.write_all(&request).await.expect("write");
+    let (answer, _) = read_to_close(&mut chunked).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    // Within the limit, chunked or not, bodies go through whole.
+    let url = format!("http://{web}/ok");
+    let body = "y".repeat(900);
+    let out = curl(&["-H", "Transfer-Encoding: chunked", "--data-binary", &body, &url]).await;
+    assert!(out.ends_with("body 900\n"), "{out}");
+    assert_eq!(backend.requests_seen().iter().filter(|r| r.starts_with("POST /ok 900")).count(), 1);
+    assert!(backend.requests("PUT") == 0, "a PUT cut short was never sent: {:?}", backend.requests_seen());
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_in_retry_on_send_idempotent_requests_elsewhere_and_a_post_never_twice() {
+    use std::sync::atomic::Ordering;
+    let (busy, busy_seen) = raw_backend("503").await;
+    let good = HttpBackend::start("good").await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| {
+            s.backends(&[busy, good.addr])
+                .set("mode", "http")
+                .set_toml("retry_on", "[502, 503]")
+                .set("outlier_consecutive_5xx", 0)
+        })
+        .start()
+        .await;
+    let web = harbor.addr_of("web").expect("web");
+    // GETs and PUTs (with a body kept for it) that meet the 503 go to the other backend.
+    for url in urls(web, "/g", 10) {
+        assert_eq!(curl(&["-o", "/dev/null", "-w", "%{http_code}", &url]).await, "200");
+    }
+    let after_gets = busy_seen.load(Ordering::SeqCst);
+    assert!(after_gets >= 4, "round-robin sent the busy backend {after_gets} of 10 GETs");
+    for i in 0..6 {
+        let url = format!("http://{web}/put{i}");
+        let out = curl(&["-X", "PUT", "--data-binary", "twelve bytes", &url]).await;
+        assert!(out.contains("backend good PUT") && out.ends_with("body 12\n"), "{out}");
+    }
+    let after_puts = busy_seen.load(Ordering::SeqCst);
+    assert!(after_puts > after_gets, "no PUT met the busy backend");
+    // A POST is never sent twice: the 503 goes back to the client.
+    let mut codes = Vec::new();
+    for i in 0..10 {
+        let url = format!("http://{web}/post{i}");
+        codes.push(curl(&["-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-d", "once", &url]).await);
+    }
+    let posts_busy = busy_seen.load(Ordering::SeqCst) - after_puts;
+    let posts_good = good.requests("POST");
+    assert_eq!(posts_busy + posts_good, 10, "every POST reached one backend once: {codes:?}");
+    assert_eq!(codes.iter().filter(|c| *c == "503").count(), posts_busy, "{codes:?}");
+    let m = Scrape::fetch(harbor.admin_addr.expect("admin")).await;
+    assert_eq!(m.get("harbor_http_responses_total{service=\"web\",class=\"5xx\"}"), posts_busy as f64);
+    assert_eq!(m.get("harbor_http_responses_total{service=\"web\",class=\"2xx\"}"), (26 - posts_busy) as f64);
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_bounds_a_whole_request_and_an_idle_tunnel_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let (stalling, _) = raw_backend("stall").await;
+    let (echo, _) = raw_backend("upgrade").await;
+    let backend = HttpBackend::start("b").await;
+    let harbor = TestHarbor::new()
+        .service("stalling", |s| s.backends(&[stalling]).set("mode", "http").set("request_timeout_ms", 400))
+        .service("slow", |s| s.backends(&[backend.addr]).set("mode", "http").set("request_timeout_ms", 150))
+        .service("tunnel", |s| s.backends(&[echo]).set("mode", "http").set("idle_timeout_ms", 400))
+        .start()
+        .await;
+    // No answer at all: 504 at the whole request's deadline, well before the 60 s header bound.
+    let started = tokio::time::Instant::now();
+    let url = format!("http://{}/x", harbor.addr_of("stalling").expect("service"));
+    assert_eq!(curl(&["-o", "/dev/null", "-w", "%{http_code}", &url]).await, "504");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    // A backend that takes 300 ms: past the 150 ms deadline, so 504; a fast path is served.
+    let slow = harbor.addr_of("slow").expect("service");
+    assert_eq!(curl(&["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{slow}/slow")]).await, "504");
+    assert_eq!(curl(&["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{slow}/fast")]).await, "200");
+    // A tunnel that carries bytes lives on; once quiet for the idle timeout, it is closed.
+    let mut tunnel = tokio::net::TcpStream::connect(harbor.addr_of("tunnel").expect("service")).await.expect("connect");
+    tunnel
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = [0u8; 512];
+    let n = tokio::time::timeout(common::STEP, tokio::io::AsyncReadExt::read(&mut tunnel, &mut head))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&head[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 101") && answer.ends_with("\r\n\r\n"), "{answer}");
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tunnel.write_all(b"ping").await.expect("the tunnel is open while it carries bytes");
+    }
+    let quiet = tokio::time::Instant::now();
+    let (echoed, ended) = read_to_close(&mut tunnel).await;
+    assert_eq!(echoed.matches("ping").count(), 4, "{echoed:?}");
+    assert!(ended - quiet < Duration::from_secs(3), "an idle tunnel lasted {:?}", ended - quiet);
+    harbor.stop().await.expect("stop");
 }
