@@ -27,6 +27,9 @@ use crate::strategy::runtime::bindings::{ConnectionOutcome, LocalAddr};
 use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest, Placement};
 
 /// A response body: the backend's, streamed, or Harbor's own.
+// One per response, built in place and never moved in a loop: boxing the large variant
+// would cost an allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
     Upstream {
         body: Incoming,
