@@ -1066,3 +1066,193 @@ async fn request_timeout_bounds_a_whole_request_and_an_idle_tunnel_is_closed() {
     assert!(ended - quiet < Duration::from_secs(3), "an idle tunnel lasted {:?}", ended - quiet);
     harbor.stop().await.expect("stop");
 }
+
+/// HTTP/2 frames written by hand, for clients that misbehave on purpose.
+mod raw_h2 {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    pub const GOAWAY: u8 = 7;
+    /// The error code of a GOAWAY for a peer that abuses the protocol.
+    pub const ENHANCE_YOUR_CALM: u32 = 11;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).expect("a small frame");
+        let mut out = len.to_be_bytes()[1..].to_vec();
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// The client preface and an empty SETTINGS frame.
+    pub fn preface() -> Vec<u8> {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(4, 0, 0, &[]));
+        out
+    }
+
+    /// `GET <path>` with `:authority: a`, as HPACK without the dynamic table.
+    pub fn get(stream: u32, path: &str, end_headers: bool) -> Vec<u8> {
+        let mut block = vec![0x82, 0x86]; // :method GET, :scheme http
+        block.push(0x04); // :path, literal value, not indexed
+        block.push(u8::try_from(path.len()).expect("a short path"));
+        block.extend_from_slice(path.as_bytes());
+        block.extend_from_slice(&[0x01, 0x01, b'a']); // :authority a
+        let flags = 0x1 | if end_headers { 0x4 } else { 0 }; // END_STREAM, END_HEADERS
+        frame(1, flags, stream, &block)
+    }
+
+    /// RST_STREAM with CANCEL.
+    pub fn reset(stream: u32) -> Vec<u8> {
+        frame(3, 0, stream, &8u32.to_be_bytes())
+    }
+
+    /// Frames read until the server closes or `within` passes: (type, flags, stream, payload).
+    pub async fn frames(stream: &mut tokio::net::TcpStream, within: Duration) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut raw = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => raw.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        let mut out = Vec::new();
+        let mut at = 0;
+        while raw.len() >= at + 9 {
+            let len = u32::from_be_bytes([0, raw[at], raw[at + 1], raw[at + 2]]) as usize;
+            let (kind, flags) = (raw[at + 3], raw[at + 4]);
+            let id = u32::from_be_bytes([raw[at + 5], raw[at + 6], raw[at + 7], raw[at + 8]]) & 0x7fff_ffff;
+            let end = (at + 9 + len).min(raw.len());
+            out.push((kind, flags, id, raw[at + 9..end].to_vec()));
+            at += 9 + len;
+        }
+        out
+    }
+
+    /// The error code of the first GOAWAY among `frames`.
+    pub fn goaway(frames: &[(u8, u8, u32, Vec<u8>)]) -> Option<u32> {
+        frames.iter().find(|f| f.0 == GOAWAY && f.3.len() >= 8).map(|f| {
+            let p = &f.3;
+            u32::from_be_bytes([p[4], p[5], p[6], p[7]])
+        })
+    }
+
+    /// Writes as much of `bytes` as the server takes (it may close midway).
+    pub async fn send(stream: &mut tokio::net::TcpStream, bytes: &[u8]) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(bytes)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_and_continuation_floods_get_goaway_and_others_are_served() {
+    let backend = HttpBackend::start("b").await;
+    let harbor = TestHarbor::new().service("web", |s| s.backends(&[backend.addr]).set("mode", "http")).start().await;
+    let web = harbor.addr_of("web").expect("web");
+    let h2c = |path: &str| format!("http://{web}{path}");
+
+    // Rapid reset (CVE-2023-44487): 5000 streams opened and cancelled at once.
+    let mut attacker = tokio::net::TcpStream::connect(web).await.expect("connect");
+    let mut flood = raw_h2::preface();
+    for i in 0..5000u32 {
+        let id = 2 * i + 1;
+        flood.extend(raw_h2::get(id, "/flood", true));
+        flood.extend(raw_h2::reset(id));
+    }
+    raw_h2::send(&mut attacker, &flood).await;
+    let frames = raw_h2::frames(&mut attacker, Duration::from_secs(5)).await;
+    assert_eq!(
+        raw_h2::goaway(&frames),
+        Some(raw_h2::ENHANCE_YOUR_CALM),
+        "{:?}",
+        frames.iter().map(|f| f.0).collect::<Vec<_>>()
+    );
+    let reached = backend.requests_seen().iter().filter(|r| r.contains("/flood")).count();
+    assert!(reached < 500, "{reached} of 5000 cancelled streams reached the backend");
+
+    // A CONTINUATION flood: a header block that never ends.
+    let mut attacker = tokio::net::TcpStream::connect(web).await.expect("connect");
+    let mut flood = raw_h2::preface();
+    flood.extend(raw_h2::get(1, "/cont", false));
+    for _ in 0..10_000 {
+        flood.extend(raw_h2::frame(9, 0, 1, &[0x40, 0x01, b'x', 0x01, b'y']));
+    }
+    raw_h2::send(&mut attacker, &flood).await;
+    let frames = raw_h2::frames(&mut attacker, Duration::from_secs(5)).await;
+    let code = raw_h2::goaway(&frames);
+    assert!(matches!(code, Some(c) if c != 0), "GOAWAY with an error: {code:?}");
+    assert!(!backend.requests_seen().iter().any(|r| r.contains("/cont")));
+
+    // Others are served all along, over HTTP/2 and HTTP/1.1.
+    let out = common::http::nghttp(&[&h2c("/ok1"), &h2c("/ok2")]).await;
+    assert_eq!(out.matches("backend b GET /ok").count(), 2, "{out}");
+    assert_eq!(curl(&["-o", "/dev/null", "-w", "%{http_code}", &h2c("/ok3")]).await, "200");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_reader_that_opens_no_window_pins_little_memory_and_an_idle_one_gets_goaway() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::AsyncWriteExt;
+    // A backend that sends 64 MiB as fast as it is taken, counting what it has written.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let big = listener.local_addr().expect("addr");
+    let written = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = std::sync::Arc::clone(&written);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = std::sync::Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut head).await;
+                let total: u64 = 64 << 20;
+                let header = format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n");
+                if stream.write_all(header.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'z'; 64 * 1024];
+                let mut sent = 0;
+                while sent < total {
+                    if stream.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    sent += chunk.len() as u64;
+                    counter.store(sent, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let harbor = TestHarbor::new()
+        .service("web", |s| s.backends(&[big]).set("mode", "http").set("keepalive_timeout_ms", 500))
+        .start()
+        .await;
+    let web = harbor.addr_of("web").expect("web");
+    let mut reader = tokio::net::TcpStream::connect(web).await.expect("connect");
+    let mut opening = raw_h2::preface();
+    opening.extend(raw_h2::get(1, "/big", true));
+    raw_h2::send(&mut reader, &opening).await;
+    // The client's window (64 KiB) fills; it never sends WINDOW_UPDATE. Harbor stops reading
+    // the backend once its stream's send buffer is full.
+    let frames = raw_h2::frames(&mut reader, Duration::from_millis(1500)).await;
+    let data: usize = frames.iter().filter(|f| f.0 == 0).map(|f| f.3.len()).sum();
+    assert!(data <= 65_535, "{data} bytes past a 64 KiB window");
+    let stalled = written.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = written.load(Ordering::SeqCst);
+    assert_eq!(stalled, later, "the backend is still being read");
+    // What sits between the backend and the client: the stream's send buffer, hyper's
+    // read buffer and both loopback sockets' buffers, far below the 64 MiB on offer.
+    assert!(later < 24 << 20, "{later} bytes taken from the backend for a client that read 64 KiB");
+    drop(reader);
+
+    // An HTTP/2 connection with no stream open is sent GOAWAY at the keep-alive timeout.
+    let mut idle = tokio::net::TcpStream::connect(web).await.expect("connect");
+    raw_h2::send(&mut idle, &raw_h2::preface()).await;
+    let started = tokio::time::Instant::now();
+    let frames = raw_h2::frames(&mut idle, Duration::from_secs(5)).await;
+    assert_eq!(raw_h2::goaway(&frames), Some(0), "a graceful GOAWAY (NO_ERROR)");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    harbor.stop().await.expect("stop");
+}

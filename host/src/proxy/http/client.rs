@@ -24,6 +24,9 @@ use crate::clock::Instant;
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\nx-harbor-error: 1\r\n\r\n";
 
+/// How an HTTP/2 client with prior knowledge begins.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
 /// What one client connection is doing, shared by its reader and its requests.
 #[derive(Debug)]
 pub struct Watch {
@@ -168,7 +171,19 @@ impl AsyncRead for ClientIo {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before && matches!(this.phase, Phase::Fresh | Phase::Idle) {
+                let read = &buf.filled()[before..];
+                if this.phase == Phase::Fresh
+                    && !read.is_empty()
+                    && HTTP2_PREFACE.starts_with(&read[..read.len().min(4)])
+                {
+                    // HTTP/2 with prior knowledge: frames, not request heads, from here on;
+                    // an idle connection gets GOAWAY from its task.
+                    this.watch.http2.store(true, Ordering::Relaxed);
+                    this.watch.passthrough.store(true, Ordering::Relaxed);
+                    this.phase = Phase::Busy;
+                    return Poll::Ready(Ok(()));
+                }
+                if !read.is_empty() && matches!(this.phase, Phase::Fresh | Phase::Idle) {
                     let header = this.header;
                     this.arm(Phase::Head, header);
                 }

@@ -176,18 +176,27 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, context: Arc<ServiceCont
     let ends = &context.ends;
     let keepalive = limits.keepalive_timeout;
     let ended = tokio::select! {
-        ended = connection.as_mut() => Some(ended),
-        _ = ends.draining.cancelled() => None,
-        () = idle_http2(&watch, keepalive) => None,
-        _ = ends.cut.cancelled() => Some(Ok(())),
+        ended = connection.as_mut() => Ok(ended),
+        _ = ends.draining.cancelled() => Err(None),
+        // An idle HTTP/2 client that does not answer the GOAWAY's PING is not waited for
+        // longer than it was idle.
+        () = idle_http2(&watch, keepalive) => Err(Some(keepalive)),
+        _ = ends.cut.cancelled() => Ok(Ok(())),
     };
     let ended = match ended {
-        Some(ended) => ended,
-        None => {
+        Ok(ended) => ended,
+        Err(bound) => {
             connection.as_mut().graceful_shutdown();
+            let bound = async {
+                match bound {
+                    Some(bound) => tokio::time::sleep(bound).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 ended = connection.as_mut() => ended,
                 _ = ends.cut.cancelled() => Ok(()),
+                () = bound => Ok(()),
             }
         }
     };
