@@ -65,6 +65,31 @@ async fn every_request_on_one_keep_alive_connection_is_placed_on_its_own() {
         .collect();
     assert_eq!(modes, [("web", "http"), ("tcp", "tcp")]);
     assert!(m.get("harbor_upstream_connections_reused_total{service=\"web\"}") >= 24.0);
+    // Per backend: its answers by class and its time to first byte, in the metrics, the API
+    // and `ctl`; a TCP service's backends have none.
+    let (_, listed) = common::admin_get(admin, "/services/web/backends").await;
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("JSON");
+    let listed = listed.get("backends").unwrap_or(&listed).as_array().cloned().unwrap_or_default();
+    assert_eq!(listed.len(), 3);
+    for b in &listed {
+        let address = b["address"].as_str().expect("an address");
+        assert_eq!(b["http"]["responses"], serde_json::json!([0, 10, 0, 0, 0]), "{b}");
+        assert!(b["http"]["first_byte_micros"].as_u64() > Some(0), "{b}");
+        let series = format!("harbor_backend_http_responses_total{{service=\"web\",backend=\"{address}\",name=\"{address}\",class=\"2xx\"}}");
+        assert_eq!(m.get(&series), 10.0, "{series}");
+        let series = format!(
+            "harbor_backend_http_first_byte_seconds_count{{service=\"web\",backend=\"{address}\",name=\"{address}\"}}"
+        );
+        assert_eq!(m.get(&series), 10.0, "{series}");
+    }
+    assert!(!m.samples.iter().any(|(s, _)| s.starts_with("harbor_backend_http_responses_total{service=\"tcp\"")));
+    let ctl = tokio::process::Command::new(env!("CARGO_BIN_EXE_harbor"))
+        .args(["ctl", "backends", "web", "--admin", &admin.to_string()])
+        .output()
+        .await
+        .expect("harbor ctl");
+    let ctl = String::from_utf8_lossy(&ctl.stdout);
+    assert_eq!(ctl.matches("2xx=10 4xx=0 5xx=0 ttfb=").count(), 3, "{ctl}");
 
     // The same 30 requests through the TCP service all land on one backend.
     let list = urls(harbor.addr_of("tcp").expect("tcp"), "/pinned", 30);

@@ -98,6 +98,15 @@ pub struct RejectionLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendStatusLabel {
+    pub service: String,
+    pub backend: String,
+    pub name: String,
+    /// `1xx` … `5xx`.
+    pub class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusClassLabel {
     pub service: String,
     /// `1xx` … `5xx`.
@@ -265,6 +274,9 @@ metrics! {
     http_responses: Family<StatusClassLabel, Counter> => "http_responses", "HTTP mode: responses by status class (Harbor's own included)";
     relay_ends: Family<RelayEndLabel, Counter> => "relay_ends", "Relayed connections by how they ended (a reset on one side is passed on as a reset)";
     backend_picks: Family<BackendLabel, Counter> => "backend_picks", "Times each backend was picked";
+    backend_http_responses: Family<BackendStatusLabel, Counter> => "backend_http_responses", "HTTP mode: responses each backend sent, by status class";
+    backend_first_byte: Family<BackendLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(connection_duration_histogram) => "backend_http_first_byte_seconds", "HTTP mode: time from a request's headers to its backend's response headers";
+    backend_request_duration: Family<BackendLabel, Histogram, fn() -> Histogram> = Family::new_with_constructor(connection_duration_histogram) => "backend_http_request_duration_seconds", "HTTP mode: time from a request's headers to the end of its backend's response";
     backend_dial_failures: Family<BackendLabel, Counter> => "backend_dial_failures", "Failed connects per backend";
     backend_active: Family<BackendLabel, Gauge> => "backend_active_connections", "Connections relayed to each backend now";
     backend_bytes: Family<BytesLabel, Counter> => "backend_bytes", "Bytes relayed per backend and direction";
@@ -606,6 +618,61 @@ pub struct BackendMetrics {
     pub bytes_to_client: Counter,
     pub healthy: Gauge,
     pub health_transitions: Counter,
+    /// HTTP mode's series, made at the first response: a TCP service has none.
+    http: std::sync::Arc<std::sync::OnceLock<BackendHttp>>,
+    /// `None`: a backend of no registry (its series are counted, not exported).
+    families: Option<std::sync::Arc<HttpFamilies>>,
+}
+
+/// Where a backend's HTTP series are made.
+#[derive(Debug)]
+struct HttpFamilies {
+    label: BackendLabel,
+    responses: Family<BackendStatusLabel, Counter>,
+    first_byte: Family<BackendLabel, Histogram, fn() -> Histogram>,
+    duration: Family<BackendLabel, Histogram, fn() -> Histogram>,
+}
+
+/// One backend's HTTP series, and what the status page shows of them.
+#[derive(Debug)]
+pub struct BackendHttp {
+    /// 1xx … 5xx.
+    responses: [Counter; 5],
+    first_byte: Histogram,
+    duration: Histogram,
+    /// A moving average of the time to response headers (1/8 per response), in µs.
+    first_byte_micros: std::sync::atomic::AtomicU64,
+}
+
+impl BackendHttp {
+    /// The backend answered with `status`, `first_byte` after the request's headers came.
+    pub fn answered(&self, status: u16, first_byte: std::time::Duration) {
+        if let Some(counter) = self.responses.get(usize::from(status / 100).wrapping_sub(1)) {
+            counter.inc();
+        }
+        self.first_byte.observe(first_byte.as_secs_f64());
+        use std::sync::atomic::Ordering;
+        let now = u64::try_from(first_byte.as_micros()).unwrap_or(u64::MAX);
+        // Racing updates may lose one sample; the average is for people to read.
+        let old = self.first_byte_micros.load(Ordering::Relaxed);
+        let new = if old == 0 { now } else { old - old / 8 + now / 8 };
+        self.first_byte_micros.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The backend's response ended (or broke off), `took` after the request's headers.
+    pub fn ended(&self, took: std::time::Duration) {
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    /// Responses by class, 1xx … 5xx.
+    pub fn responses(&self) -> [u64; 5] {
+        std::array::from_fn(|i| self.responses[i].get())
+    }
+
+    /// The moving average of the time to response headers, in µs (0 before any).
+    pub fn first_byte_micros(&self) -> u64 {
+        self.first_byte_micros.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl BackendMetrics {
@@ -626,6 +693,12 @@ impl BackendMetrics {
         let healthy = metrics.backend_healthy.get_or_create(&label).clone();
         let health_transitions = metrics.health_transitions.get_or_create(&label).clone();
         let queued = metrics.backend_queued.get_or_create(&label).clone();
+        let families = HttpFamilies {
+            label,
+            responses: metrics.backend_http_responses.clone(),
+            first_byte: metrics.backend_first_byte.clone(),
+            duration: metrics.backend_request_duration.clone(),
+        };
         BackendMetrics {
             picks,
             queued,
@@ -635,7 +708,41 @@ impl BackendMetrics {
             bytes_to_client,
             healthy,
             health_transitions,
+            http: Default::default(),
+            families: Some(std::sync::Arc::new(families)),
         }
+    }
+
+    /// The backend's HTTP series, made on first use.
+    pub fn http(&self) -> &BackendHttp {
+        self.http.get_or_init(|| {
+            let Some(f) = self.families.as_deref() else {
+                return BackendHttp {
+                    responses: Default::default(),
+                    first_byte: connection_duration_histogram(),
+                    duration: connection_duration_histogram(),
+                    first_byte_micros: std::sync::atomic::AtomicU64::new(0),
+                };
+            };
+            let l = &f.label;
+            let class = |class: &'static str| BackendStatusLabel {
+                service: l.service.clone(),
+                backend: l.backend.clone(),
+                name: l.name.clone(),
+                class,
+            };
+            // One statement per lookup: a Family's read guard must be dropped before the
+            // next lookup in the same family may take its write lock.
+            let responses = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| f.responses.get_or_create(&class(c)).clone());
+            let first_byte = f.first_byte.get_or_create(l).clone();
+            let duration = f.duration.get_or_create(l).clone();
+            BackendHttp { responses, first_byte, duration, first_byte_micros: std::sync::atomic::AtomicU64::new(0) }
+        })
+    }
+
+    /// The HTTP series, if any response has been counted.
+    pub fn http_if_any(&self) -> Option<&BackendHttp> {
+        self.http.get()
     }
 }
 

@@ -625,6 +625,18 @@ pub struct BackendView {
     pub maint: bool,
     /// What its agent last said (with an agent check).
     pub agent: Option<String>,
+    /// HTTP mode, once it has answered: its responses by class and time to first byte.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpView>,
+}
+
+/// A backend's answers in HTTP mode.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HttpView {
+    /// Responses by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub responses: [u64; 5],
+    /// A moving average of the time from a request's headers to its response headers, in µs.
+    pub first_byte_micros: u64,
 }
 
 impl BackendView {
@@ -654,6 +666,10 @@ impl BackendView {
             health_changed_unix_ms: b.health_changed_unix_ms(),
             maint: b.in_maintenance(),
             agent: None,
+            http: b
+                .metrics
+                .http_if_any()
+                .map(|h| HttpView { responses: h.responses(), first_byte_micros: h.first_byte_micros() }),
         }
     }
 }

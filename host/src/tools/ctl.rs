@@ -108,9 +108,19 @@ pub fn run(args: CtlArgs) -> ExitCode {
             print_value(&Value::Array(rows_of(value, "sessions")), args.json, SESSION_COLUMNS);
             return ExitCode::SUCCESS;
         }
-        CtlCommand::Backends { .. } => {
-            &["name", "address", "weight", "source", "state", "health", "active", "queued", "picks", "last_check"]
-        }
+        CtlCommand::Backends { .. } => &[
+            "name",
+            "address",
+            "weight",
+            "source",
+            "state",
+            "health",
+            "active",
+            "queued",
+            "picks",
+            "http",
+            "last_check",
+        ],
         _ => &[],
     };
     print_value(&value, args.json, columns);
@@ -262,6 +272,17 @@ fn cell(value: Option<&Value>) -> String {
         Some(Value::Object(check)) if check.contains_key("detail") => {
             let took = check.get("took_micros").and_then(Value::as_u64).unwrap_or(0);
             format!("{} ({:.1} ms)", cell(check.get("detail")), took as f64 / 1000.0)
+        }
+        // HTTP mode: the backend's answers by class, and its time to first byte.
+        Some(Value::Object(http)) if http.contains_key("responses") => {
+            let classes: Vec<u64> = http
+                .get("responses")
+                .and_then(Value::as_array)
+                .map(|r| r.iter().map(|n| n.as_u64().unwrap_or(0)).collect())
+                .unwrap_or_default();
+            let of = |i: usize| classes.get(i).copied().unwrap_or(0);
+            let micros = http.get("first_byte_micros").and_then(Value::as_u64).unwrap_or(0);
+            format!("2xx={} 4xx={} 5xx={} ttfb={:.1}ms", of(1), of(3), of(4), micros as f64 / 1000.0)
         }
         Some(other) => other.to_string(),
     }

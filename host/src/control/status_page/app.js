@@ -192,6 +192,16 @@ function strategyBox(s) {
     el("div", { class: "box" }, el("div", { class: "meta", text: "swap history" }), table));
 }
 
+// HTTP mode: a backend's answers by class (2xx · 4xx · 5xx) and its time to first byte.
+function httpCells(b) {
+  const r = b.http ? b.http.responses : [0, 0, 0, 0, 0];
+  return [
+    el("td", { class: "num statuses" + (r[4] > 0 ? " warn" : ""), text: `${r[1]} · ${r[3]} · ${r[4]}`,
+      title: `1xx ${r[0]}, 2xx ${r[1]}, 3xx ${r[2]}, 4xx ${r[3]}, 5xx ${r[4]}` }),
+    el("td", { class: "num first-byte", text: b.http ? latency(b.http.first_byte_micros) : "–" }),
+  ];
+}
+
 function serviceSection(s, now) {
   const tracked = s.backends.map(b => ({ b, h: track(s.name, b, now) }));
   const cps = tracked.reduce((sum, t) => sum + t.h.cps[t.h.cps.length - 1], 0);
@@ -201,8 +211,9 @@ function serviceSection(s, now) {
   // In HTTP mode every request is a pick: the counts are of requests.
   const http = s.mode === "http";
   const unit = http ? "requests" : "connections";
-  const head = el("tr", {}, ...["backend", "source", "state", "health", "check", "active", "queued", http ? "req/s" : "conn/s", unit, "to backend", "to client", "connect", "fails", "weight", ""]
-    .map((h, i) => el("th", { class: i >= 5 && i <= 13 ? "num" : "", text: h })));
+  const columns = ["backend", "source", "state", "health", "check", "active", "queued", http ? "req/s" : "conn/s", unit,
+    ...(http ? ["2xx · 4xx · 5xx", "first byte"] : []), "to backend", "to client", "connect", "fails", "weight", ""];
+  const head = el("tr", {}, ...columns.map((h, i) => el("th", { class: i >= 5 && i < columns.length - 1 ? "num" : "", text: h })));
   const rows = tracked.map(({ b, h }) => {
     const state = stateOf(b);
     let action = null;
@@ -223,6 +234,7 @@ function serviceSection(s, now) {
       el("td", { class: "num queued" + (b.queued > 0 ? " warn" : ""), text: String(b.queued) }),
       el("td", { class: "num cps", text: h.cps[h.cps.length - 1].toFixed(1) }),
       el("td", { class: "num picks", text: String(b.picks) }),
+      ...(http ? httpCells(b) : []),
       el("td", { class: "num to-backend", "data-value": String(b.bytes_to_backend), text: bytes(b.bytes_to_backend) }),
       el("td", { class: "num to-client", "data-value": String(b.bytes_to_client), text: bytes(b.bytes_to_client) }),
       el("td", { class: "num latency", text: latency(b.connect_latency_micros) }),

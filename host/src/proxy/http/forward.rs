@@ -154,6 +154,7 @@ impl Drop for Finish {
             context.upstreams.give_back(self.backend.address, sender, &context.limits.http.pool, &context.metrics);
         }
         let took = self.started.elapsed();
+        self.backend.metrics.http().ended(took);
         if !self.attempt_only {
             context.metrics.http_request_duration.observe(took.as_secs_f64());
         }
@@ -436,6 +437,7 @@ async fn forward(
             Sent::TimedOut => return Err(refused(Refusal::Timeout, Some(pick), Some(backend.address), line)),
         };
         let status = response.status();
+        backend.metrics.http().answered(status.as_u16(), started.elapsed());
         judge(context, &pool, &backend, status.is_server_error());
         let mut finish = Finish {
             context: Arc::clone(context),
