@@ -1281,3 +1281,47 @@ async fn an_http2_reader_that_opens_no_window_pins_little_memory_and_an_idle_one
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
     harbor.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxy_header_names_the_client_to_backends_in_http_mode() {
+    use tokio::io::AsyncWriteExt;
+    let backend = HttpBackend::start("b").await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| {
+            s.backends(&[backend.addr]).set("mode", "http").set_toml("proxy_protocol_from", r#"["127.0.0.0/8"]"#)
+        })
+        .start()
+        .await;
+    let web = harbor.addr_of("web").expect("web");
+    // An L4 balancer in front names the client; the request follows in the same packet.
+    let mut stream = tokio::net::TcpStream::connect(web).await.expect("connect");
+    stream
+        .write_all(
+            b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\nGET /named HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let (answer, _) = read_to_close(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("x-forwarded-for: 203.0.113.7\n"), "{answer}");
+    assert!(answer.contains("forwarded: for=203.0.113.7;proto=http\n"), "{answer}");
+    // The same for an h2c client: its preface comes after the header.
+    let mut h2 = tokio::net::TcpStream::connect(web).await.expect("connect");
+    let mut opening = b"PROXY TCP4 203.0.113.8 127.0.0.1 40001 80\r\n".to_vec();
+    opening.extend(raw_h2::preface());
+    opening.extend(raw_h2::get(1, "/h2named", true));
+    raw_h2::send(&mut h2, &opening).await;
+    let frames = raw_h2::frames(&mut h2, Duration::from_millis(1500)).await;
+    let body: Vec<u8> = frames.iter().filter(|f| f.0 == 0 && f.2 == 1).flat_map(|f| f.3.clone()).collect();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("GET /h2named") && body.contains("x-forwarded-for: 203.0.113.8\n"), "{body}");
+    // A trusted source that sends no valid header is closed, and counted.
+    let mut bad = tokio::net::TcpStream::connect(web).await.expect("connect");
+    bad.write_all(b"GET /unnamed HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
+    let (answer, _) = read_to_close(&mut bad).await;
+    assert_eq!(answer, "");
+    let m = Scrape::fetch(harbor.admin_addr.expect("admin")).await;
+    assert_eq!(m.get("harbor_proxy_header_errors_total{service=\"web\"}"), 1.0);
+    assert_eq!(backend.requests("GET"), 2);
+    harbor.stop().await.expect("stop");
+}

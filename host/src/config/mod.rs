@@ -774,7 +774,6 @@ impl Config {
                     ("peek", t.peek != PeekMode::Off),
                     ("peek_bytes", t.peek_bytes > 0),
                     ("proxy_protocol", t.proxy_protocol != ProxyVersion::Off),
-                    ("proxy_protocol_from", t.proxy_protocol_from.is_some()),
                 ];
                 for (key, _) in byte_level.iter().filter(|(_, set)| *set) {
                     problems.push(invalid(

@@ -130,6 +130,8 @@ enum Phase {
 /// The client's socket as hyper reads it, with the watch over its pauses.
 pub struct ClientIo {
     inner: TcpStream,
+    /// Bytes read before hyper took over (past a PROXY header), served first.
+    early: bytes::Bytes,
     watch: Arc<Watch>,
     phase: Phase,
     timer: Pin<Box<tokio::time::Sleep>>,
@@ -142,13 +144,14 @@ pub struct ClientIo {
 impl ClientIo {
     pub fn new(
         inner: TcpStream,
+        early: Vec<u8>,
         watch: Arc<Watch>,
         keepalive: Duration,
         header: Duration,
         on_timeout: Box<dyn Fn() + Send + Sync>,
     ) -> ClientIo {
         let timer = Box::pin(tokio::time::sleep(header));
-        ClientIo { inner, watch, phase: Phase::Fresh, timer, keepalive, header, on_timeout }
+        ClientIo { inner, early: early.into(), watch, phase: Phase::Fresh, timer, keepalive, header, on_timeout }
     }
 
     fn arm(&mut self, phase: Phase, after: Duration) {
@@ -160,6 +163,20 @@ impl ClientIo {
 impl AsyncRead for ClientIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            let chunk = this.early.split_to(n);
+            buf.put_slice(&chunk);
+            if this.phase == Phase::Fresh {
+                this.phase = Phase::Head;
+                if HTTP2_PREFACE.starts_with(&chunk[..n.min(4)]) {
+                    this.watch.http2.store(true, Ordering::Relaxed);
+                    this.watch.passthrough.store(true, Ordering::Relaxed);
+                    this.phase = Phase::Busy;
+                }
+            }
+            return Poll::Ready(Ok(()));
+        }
         let watch = &this.watch;
         if watch.passthrough.load(Ordering::Relaxed) || watch.busy.load(Ordering::Relaxed) > 0 {
             this.phase = Phase::Busy;

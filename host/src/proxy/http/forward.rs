@@ -192,10 +192,24 @@ impl Drop for Finish {
     }
 }
 
+/// Who sent a request: the TCP peer, and the client a trusted PROXY header named, if any.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub tcp: SocketAddr,
+    pub named: Option<SocketAddr>,
+}
+
+impl Peer {
+    /// The client as backends, logs and forwarding headers know it.
+    pub fn client(&self) -> SocketAddr {
+        self.named.unwrap_or(self.tcp)
+    }
+}
+
 /// Places and forwards one request; never fails (Harbor's own answers are responses too).
 pub async fn handle(
     request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Peer,
     local: SocketAddr,
     context: Arc<ServiceContext>,
 ) -> Response<ProxyBody> {
@@ -237,7 +251,7 @@ pub async fn handle(
                 log.log(Record {
                     at: crate::clock::wall(),
                     service: Arc::clone(&context.name),
-                    client: peer,
+                    client: peer.client(),
                     backend: refused.backend,
                     bytes_to_backend: 0,
                     bytes_to_client: 0,
@@ -272,7 +286,7 @@ impl Refused {
 
 async fn forward(
     mut request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Peer,
     local: SocketAddr,
     context: &Arc<ServiceContext>,
     started: Instant,
@@ -304,8 +318,9 @@ async fn forward(
         Some(asked) => Some((asked, hyper::upgrade::on(&mut request))),
         None => None,
     };
-    let trusted = http.trust_forwarded.trusts(peer.ip());
-    prepare(&mut request, peer, protocol, http.forwarded, trusted);
+    // Forwarding headers come from the client itself, the one a PROXY header named too.
+    let trusted = http.trust_forwarded.trusts(peer.client().ip());
+    prepare(&mut request, peer.client(), protocol, http.forwarded, trusted);
     if let Some((asked, _)) = &upgrade {
         headers::keep_upgrade(request.headers_mut(), asked.clone());
     }
@@ -341,14 +356,14 @@ async fn forward(
         let phase = Instant::now();
         let pick = context.strategy.pick(&PickRequest {
             pool: &pool,
-            client: peer,
+            client: peer.tcp,
             local: LocalAddr::Known(local),
             attempt,
             excluded: &excluded,
             ignore_checks_when_all_fail: limits.ignore_checks_when_all_fail,
             tls: None,
             first_bytes: &[],
-            proxied_client: None,
+            proxied_client: peer.named,
         });
         let mut since = Instant::now();
         metrics.pick_duration.observe((since - phase).as_secs_f64());
@@ -408,7 +423,7 @@ async fn forward(
             Sent::Failed(error) if error.is_user() => {
                 // The client's body failed while it went on (its framing, a pause, a limit):
                 // the client's doing, not the backend's.
-                tracing::debug!(client = %peer, "the request body failed: {error}");
+                tracing::debug!(client = %peer.client(), "the request body failed: {error}");
                 let refusal = BodyError::behind(&error).map_or(Refusal::BadRequest, body_refusal);
                 return Err(refused(refusal, Some(pick), Some(backend.address), line));
             }
@@ -451,7 +466,7 @@ async fn forward(
             completed: false,
             upgraded: false,
             attempt_only: false,
-            client: peer,
+            client: peer.client(),
             line: None,
             _active: active,
             _slot: slot,

@@ -122,9 +122,26 @@ pub struct Ends {
 
 /// Serves one accepted client connection in HTTP mode until it closes, the drain ends it, or
 /// it is cut. The admission holds its places under the caps until the end.
-pub async fn serve(client: TcpStream, peer: SocketAddr, context: Arc<ServiceContext>, admission: Admitted) {
+pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<ServiceContext>, admission: Admitted) {
     let metrics = &context.metrics;
     metrics.active_connections.inc();
+    // A trusted source says who the client is first (PROXY protocol); nobody else may.
+    let mut early = Vec::new();
+    let mut named = None;
+    if context.limits.proxy_from.trusts(peer.ip()) {
+        match crate::proxy::proxy_protocol::read_header(&mut client, context.limits.proxy_timeout).await {
+            Ok((source, rest)) => (named, early) = (source, rest),
+            Err(error) => {
+                metrics.proxy_header_errors.inc();
+                if context.hot_path_log.allow() {
+                    tracing::warn!("{error}: closing a connection from a trusted PROXY source");
+                }
+                metrics.active_connections.dec();
+                return;
+            }
+        }
+    }
+    let peer = forward::Peer { tcp: peer, named };
     if let Err(e) = context.limits.socket.apply_to_client(&client) {
         tracing::debug!("client socket options: {e}");
     }
@@ -166,6 +183,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, context: Arc<ServiceCont
     let timed_out = Arc::clone(&context);
     let io = client::ClientIo::new(
         client,
+        early,
         Arc::clone(&watch),
         limits.keepalive_timeout,
         limits.request_header_timeout,
@@ -201,7 +219,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, context: Arc<ServiceCont
         }
     };
     if let Err(error) = ended {
-        tracing::debug!(client = %peer, "HTTP connection ended: {error}");
+        tracing::debug!(client = %peer.client(), "HTTP connection ended: {error}");
     }
     metrics.active_connections.dec();
     drop(admission);
