@@ -4,11 +4,18 @@ HAProxy (`mode http`, `http-reuse safe`) and nginx (`proxy_pass` with an upstrea
 pool), all in front of the same nginx backends serving a 1 KiB object.
 
 Loads: wrk HTTP/1.1 keep-alive (-t1 -c64), wrk with `Connection: close`, and h2load over h2c
-(-c64 -m10). One core: the load generator on CPU 0, every proxy and the backend on CPU 1, each
-proxy with one thread/worker. Rounds alternate the proxies; medians are reported with CPU
-microseconds per request (the proxy's own, from /proc) and the ratios Harbor ÷ each peer.
+(-c64 -m10). `--cpu one-core`: the load generator on CPU 0, every proxy and the backend on
+CPU 1, each proxy with one thread/worker. `--cpu all-cores`: nothing pinned, each proxy with
+a thread/worker per core (Harbor with its defaults). Rounds alternate the proxies; medians are
+reported with CPU microseconds per request (the proxy's own, from /proc) and the ratios
+Harbor ÷ each peer. `--baseline BINARY` adds another Harbor build (the commit before, say) as
+a fourth proxy, for the cost of a change in the same run. `--costs` adds Harbor three more
+times on the keep-alive load, each with one thing changed, for what each costs per request:
+`harbor-log` writes the access log, `harbor-builtin` picks with the built-in round-robin
+instead of the wasm strategy, `harbor-noforward` leaves the forwarding headers alone.
 
-Usage: python3 bench/http.py [--harbor target/release/harbor] [--rounds 3] [--duration 10]
+Usage: python3 bench/http.py [--harbor target/release/harbor] [--baseline OLD] [--cpu one-core]
+                             [--rounds 3] [--duration 10]
 Needs nginx, haproxy, wrk and nghttp2-client (h2load), as `cargo xtask bench` installs them.
 """
 
@@ -26,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  (the bench's process and /proc helpers)
 
 HAPROXY = """global
-    nbthread 1
+    nbthread {threads}
     maxconn 9000
 defaults
     mode http
@@ -48,7 +55,7 @@ backend be
 NGINX = """daemon off;
 master_process on;
 user root;
-worker_processes 1;
+worker_processes {threads};
 worker_rlimit_nofile 20000;
 pid {run}/nginx-proxy.pid;
 error_log {run}/nginx-proxy-error.log warn;
@@ -111,34 +118,45 @@ LOADGEN_CPU, SERVER_CPU = "0", "1"
 
 def start_proxy(name, args, run, ports, b1, b2):
     port, port_h1 = ports
+    one_core = args.cpu == "one-core"
+    threads = 1 if one_core else os.cpu_count()
     if name == "haproxy":
         conf = os.path.join(run, "haproxy.cfg")
         with open(conf, "w") as f:
-            f.write(HAPROXY.format(port=port, port_h1=port_h1, b1=b1, b2=b2))
+            f.write(HAPROXY.format(port=port, port_h1=port_h1, b1=b1, b2=b2, threads=threads))
         argv = ["haproxy", "-db", "-f", conf]
     elif name == "nginx":
         conf = os.path.join(run, "nginx-proxy.conf")
         with open(conf, "w") as f:
-            f.write(NGINX.format(port=port, port_h1=port_h1, b1=b1, b2=b2, run=run))
+            f.write(NGINX.format(port=port, port_h1=port_h1, b1=b1, b2=b2, run=run, threads=threads))
         argv = ["nginx", "-c", conf, "-p", run]
     else:
         # One listener serves HTTP/1.1 and h2c alike; the second port is the same service.
+        # On all cores Harbor runs with its defaults (a worker per core).
+        workers = "workers = 1\n" if one_core else ""
+        globals_extra = f'access_log = "{run}/access.log"\n' if name == "harbor-log" else ""
+        strategy = "" if name == "harbor-builtin" else f'strategy = "{args.strategy}"\n'
+        forwarded = 'forwarded = "off"\n' if name == "harbor-noforward" else ""
         conf = os.path.join(run, "harbor.toml")
         with open(conf, "w") as f:
-            f.write(f'admin = "off"\nworkers = 1\nlog_level = "warn"\n\n[[service]]\nname = "web"\n'
+            f.write(f'admin = "off"\n{workers}log_level = "warn"\n{globals_extra}\n[[service]]\nname = "web"\n'
                     f'listen = ["127.0.0.1:{port}", "127.0.0.1:{port_h1}"]\n'
                     f'backends = ["127.0.0.1:{b1}", "127.0.0.1:{b2}"]\nmode = "http"\n'
-                    f'strategy = "{args.strategy}"\nmax_connections = 20000\n')
-        argv = [args.harbor, "--config", conf]
-    return harness.Server(name, argv, os.path.join(run, name), [port, port_h1], SERVER_CPU)
+                    f'{strategy}{forwarded}max_connections = 20000\n')
+        argv = [args.harbor if name == "harbor" else args.baseline, "--config", conf]
+    return harness.Server(name, argv, os.path.join(run, name), [port, port_h1], SERVER_CPU if one_core else None)
 
 
-def measure(server, cmd, duration):
+def loadgen(args, cmd):
+    """The load generator's command line: pinned to its core in one-core mode."""
+    return (["taskset", "-c", LOADGEN_CPU] if args.cpu == "one-core" else []) + cmd
+
+
+def measure(args, server, cmd, duration):
     """Runs the load; returns (requests/s, proxy CPU µs per request, p99 µs or None, errors)."""
     pids = server.pids()
     cpu0 = harness.tree_cpu_ticks(pids)
-    out = subprocess.run(["taskset", "-c", LOADGEN_CPU] + cmd, capture_output=True, text=True,
-                         timeout=duration + 60).stdout
+    out = subprocess.run(loadgen(args, cmd), capture_output=True, text=True, timeout=duration + 60).stdout
     cpu = (harness.tree_cpu_ticks(pids) - cpu0) / os.sysconf("SC_CLK_TCK")
     if cmd[0] == "wrk":
         r = harness.parse_wrk(out)
@@ -156,10 +174,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--harbor", default="target/release/harbor")
     ap.add_argument("--strategy", default=os.path.abspath("strategies/least_conn.wasm"))
+    ap.add_argument("--baseline", help="another Harbor binary, measured beside (the commit before)")
+    ap.add_argument("--cpu", choices=["one-core", "all-cores"], default="one-core")
+    ap.add_argument("--costs", action="store_true", help="measure the access log, the wasm pick and the "
+                    "forwarding headers, each on its own (keep-alive load)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     args = ap.parse_args()
     args.harbor = os.path.abspath(args.harbor)
+    if args.baseline:
+        args.baseline = os.path.abspath(args.baseline)
     for tool in ("nginx", "haproxy", "wrk", "h2load", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing")
@@ -182,20 +206,24 @@ def main():
                                       f"http://127.0.0.1:{port}/1k"],
     }
     backend = harness.Server("backend", ["nginx", "-c", conf, "-p", run], os.path.join(run, "backend"),
-                             [b1, b2], SERVER_CPU)
+                             [b1, b2], SERVER_CPU if args.cpu == "one-core" else None)
+    proxies = ["harbor", "haproxy", "nginx"] + (["baseline"] if args.baseline else [])
+    variants = ["harbor-log", "harbor-builtin", "harbor-noforward"] if args.costs else []
+    proxies += variants
     try:
         for rnd in range(args.rounds):
-            order = ["harbor", "haproxy", "nginx"]
-            order = order[rnd % 3:] + order[:rnd % 3]
+            order = proxies[rnd % len(proxies):] + proxies[:rnd % len(proxies)]
             for name in order:
                 server = start_proxy(name, args, run, proxy_ports, b1, b2)
                 try:
                     for load, cmd in loads.items():
+                        if name in variants and load != "keep-alive":
+                            continue
                         # Warm-up, then the measured run.
-                        subprocess.run(["taskset", "-c", LOADGEN_CPU] + [c if not c.startswith(("-d", "-D"))
+                        subprocess.run(loadgen(args, [c if not c.startswith(("-d", "-D"))
                                        else c[:2] + "2" + ("s" if c.startswith("-d") else "") for c in
-                                       cmd(*proxy_ports)], capture_output=True, timeout=60)
-                        got = measure(server, cmd(*proxy_ports), args.duration)
+                                       cmd(*proxy_ports)]), capture_output=True, timeout=60)
+                        got = measure(args, server, cmd(*proxy_ports), args.duration)
                         results.setdefault((name, load), []).append(got)
                         harness.log(f"round {rnd + 1} {name} {load}: {got[0]:.0f} req/s, "
                                     f"{got[1]:.1f} CPU µs/req, errors {got[3]}")
@@ -211,23 +239,37 @@ def main():
         values = [r[i] for r in results.get((name, load), []) if r[i] is not None]
         return statistics.median(values) if values else None
 
-    print(f"\n## HTTP mode, one core, {args.rounds} rounds × {args.duration} s, medians\n")
+    print(f"\n## HTTP mode, {args.cpu}, {args.rounds} rounds × {args.duration} s, medians\n")
     print("| load | proxy | req/s | CPU µs/req | p99 µs | errors |")
     print("|---|---|---:|---:|---:|---:|")
     for load in loads:
-        for name in ["harbor", "haproxy", "nginx"]:
+        for name in [p for p in proxies if load == "keep-alive" or p not in variants]:
             rps, cpu, p99, errors = (med(name, load, i) for i in range(4))
             print(f"| {load} | {name} | {rps:.0f} | {cpu:.2f} | {p99:.0f} | {errors:.0f} |" if p99 is not None
                   else f"| {load} | {name} | {rps:.0f} | {cpu:.2f} | – | {errors:.0f} |")
     print("\n| load | Harbor ÷ | req/s | CPU µs/req | p99 |")
     print("|---|---|---:|---:|---:|")
     for load in loads:
-        for peer in ["haproxy", "nginx"]:
+        for peer in [p for p in proxies[1:] if p not in variants]:
             cells = []
             for i in range(3):
                 a, b = med("harbor", load, i), med(peer, load, i)
                 cells.append(f"{a / b:.2f}" if a and b else "–")
             print(f"| {load} | {peer} | {' | '.join(cells)} |")
+
+    if variants:
+        print("\n| keep-alive, one thing changed | CPU µs/req | Harbor's − this: the cost per request |")
+        print("|---|---:|---:|")
+        full = med("harbor", "keep-alive", 1)
+        for name in variants:
+            cpu = med(name, "keep-alive", 1)
+            if cpu is None or full is None:
+                continue
+            # The log adds work; the other two take work away.
+            cost = cpu - full if name == "harbor-log" else full - cpu
+            what = {"harbor-log": "the access log", "harbor-builtin": "the wasm pick (least_conn)",
+                    "harbor-noforward": "the forwarding headers"}[name]
+            print(f"| {name} | {cpu:.2f} | {what}: {cost:+.2f} µs |")
 
 
 if __name__ == "__main__":

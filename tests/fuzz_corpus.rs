@@ -62,6 +62,12 @@ fn client_hello_corpus() {
 }
 
 #[test]
+fn http_request_corpus() {
+    // The smuggling corpus and a few plain requests, through a real Harbor over loopback.
+    replay("http_request", &corpus("http_request"), targets::http_request);
+}
+
+#[test]
 fn component_loader_corpus() {
     let mut inputs = corpus("component_loader");
     // The seeds exploration starts from: the Rust, C and WAT strategies (tens of KiB), not the

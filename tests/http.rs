@@ -54,6 +54,8 @@ async fn every_request_on_one_keep_alive_connection_is_placed_on_its_own() {
     let admin = harbor.admin_addr.expect("admin");
     let m = Scrape::fetch(admin).await;
     assert_eq!(m.get("harbor_http_responses_total{service=\"web\",class=\"2xx\"}"), 30.0);
+    assert_eq!(m.get("harbor_http_requests_total{service=\"web\",method=\"GET\"}"), 30.0);
+    assert_eq!(m.get("harbor_http_requests_total{service=\"web\",method=\"other\"}"), 0.0);
     // The API and the status page say which mode a service is in (the page counts requests).
     let (_, services) = common::admin_get(admin, "/services").await;
     let services: serde_json::Value = serde_json::from_str(&services).expect("JSON");
@@ -1323,5 +1325,203 @@ async fn a_trusted_proxy_header_names_the_client_to_backends_in_http_mode() {
     let m = Scrape::fetch(harbor.admin_addr.expect("admin")).await;
     assert_eq!(m.get("harbor_proxy_header_errors_total{service=\"web\"}"), 1.0);
     assert_eq!(backend.requests("GET"), 2);
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_under_http2_load_fails_no_request() {
+    let backends = HttpBackend::several(2).await;
+    let harbor = TestHarbor::new().service("web", http_service(&backends)).start().await;
+    // 8 HTTP/2 clients, 4 streams each, on requests that take 300 ms at the backend: when the
+    // drain starts, 32 are in flight. Each connection gets GOAWAY; every request it had sent
+    // is answered, and no new one is taken.
+    let url = format!("http://{}/slow", harbor.addr_of("web").expect("web"));
+    let load = tokio::process::Command::new("h2load").args(["-c8", "-m4", "-n400", &url]).output();
+    let drain = async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let report = harbor.stop().await.expect("stop");
+        assert_eq!(report.cut_connections, 0, "the drain cut connections");
+    };
+    let (out, ()) = tokio::join!(load, drain);
+    let out = out.expect("h2load runs (Debian package nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let done = text.lines().find(|l| l.starts_with("requests:")).unwrap_or_default().to_string();
+    println!("h2load across a drain: {done}");
+    // h2load counts the requests it never got to send (its connections had GOAWAY) as failed;
+    // every request it sent must have succeeded.
+    let count = |what: &str| -> usize {
+        done.split(", ").find_map(|f| f.trim().strip_suffix(what)).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+    };
+    let (started, succeeded) = (count(" started"), count(" succeeded"));
+    assert!(started > 0 && succeeded == started && count(" done") == started, "{text}");
+    assert!(text.contains(" 0 3xx, 0 4xx, 0 5xx"), "{text}");
+    let served: usize = backends.iter().map(|b| b.requests("GET")).sum();
+    assert!((32..400).contains(&served), "{served} requests served: the drain came mid-load");
+    assert_eq!(succeeded, served, "every request a backend served reached its client: {done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_that_cannot_become_http1_are_refused_on_their_stream() {
+    let backend = HttpBackend::start("b").await;
+    let harbor = TestHarbor::new().service("web", |s| s.backends(&[backend.addr]).set("mode", "http")).start().await;
+    let web = harbor.addr_of("web").expect("web");
+    // A literal header field without indexing: name and value.
+    let field = |name: &str, value: &str| {
+        let mut f = vec![0x00, u8::try_from(name.len()).expect("short")];
+        f.extend_from_slice(name.as_bytes());
+        f.push(u8::try_from(value.len()).expect("short"));
+        f.extend_from_slice(value.as_bytes());
+        f
+    };
+    let post = |extra: &[u8], end_stream: bool| {
+        let mut block = vec![0x83, 0x86, 0x84, 0x01, 0x01, b'a']; // POST http / a
+        block.extend_from_slice(extra);
+        raw_h2::frame(1, 0x4 | if end_stream { 0x1 } else { 0 }, 1, &block)
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a connection-specific header", post(&field("connection", "keep-alive"), true)),
+        ("transfer-encoding", post(&field("transfer-encoding", "chunked"), true)),
+        ("content-length beyond the DATA", {
+            let mut f = post(&field("content-length", "10"), false);
+            f.extend(raw_h2::frame(0, 0x1, 1, b"abc"));
+            f
+        }),
+        ("DATA beyond the content-length", {
+            let mut f = post(&field("content-length", "2"), false);
+            f.extend(raw_h2::frame(0, 0x1, 1, b"abcdef"));
+            f
+        }),
+    ];
+    for (what, frames) in cases {
+        let mut client = tokio::net::TcpStream::connect(web).await.expect("connect");
+        let mut bytes = raw_h2::preface();
+        bytes.extend(frames);
+        raw_h2::send(&mut client, &bytes).await;
+        let got = raw_h2::frames(&mut client, Duration::from_millis(700)).await;
+        let reset = got.iter().any(|f| f.0 == 3 && f.2 == 1);
+        let goaway = raw_h2::goaway(&got).is_some_and(|c| c != 0);
+        let answered = got.iter().any(|f| f.0 == 1 && f.2 == 1);
+        assert!(
+            (reset || goaway) && !answered,
+            "{what}: frames {:?}",
+            got.iter().map(|f| (f.0, f.2)).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(backend.requests("POST"), 0, "none of them reached the backend");
+    // A well-formed one goes through.
+    let mut client = tokio::net::TcpStream::connect(web).await.expect("connect");
+    let mut bytes = raw_h2::preface();
+    bytes.extend(post(&field("content-length", "3"), false));
+    bytes.extend(raw_h2::frame(0, 0x1, 1, b"abc"));
+    raw_h2::send(&mut client, &bytes).await;
+    let got = raw_h2::frames(&mut client, Duration::from_millis(700)).await;
+    let body: Vec<u8> = got.iter().filter(|f| f.0 == 0 && f.2 == 1).flat_map(|f| f.3.clone()).collect();
+    assert!(String::from_utf8_lossy(&body).contains("body 3\n"), "{:?}", String::from_utf8_lossy(&body));
+    harbor.stop().await.expect("stop");
+}
+
+/// A WebSocket echo server (`websockets`, `tests/websocket/peer.py`), stopped when dropped.
+struct WsPeer {
+    addr: std::net::SocketAddr,
+    _child: tokio::process::Child,
+}
+
+impl WsPeer {
+    async fn start(name: &str) -> WsPeer {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(grpc_python())
+            .arg(common::workspace_root().join("tests/websocket/peer.py"))
+            .args(["server", name])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the WebSocket peer");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let ready = tokio::time::timeout(common::STEP, lines.next_line()).await;
+        let port = match &ready {
+            Ok(Ok(Some(line))) => line.strip_prefix("listening ").and_then(|p| p.parse::<u16>().ok()),
+            _ => None,
+        };
+        let port = port.unwrap_or_else(|| panic!("the WebSocket peer did not start: {ready:?}"));
+        WsPeer { addr: ([127, 0, 0, 1], port).into(), _child: child }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_clients_are_placed_per_upgrade_and_relayed_both_ways() {
+    let peers = [WsPeer::start("w0").await, WsPeer::start("w1").await];
+    let addrs: Vec<_> = peers.iter().map(|p| p.addr).collect();
+    let harbor = TestHarbor::new().service("web", |s| s.backends(&addrs).set("mode", "http")).start().await;
+    let url = format!("ws://{}/chat", harbor.addr_of("web").expect("web"));
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..4 {
+        let out = tokio::process::Command::new(grpc_python())
+            .arg(common::workspace_root().join("tests/websocket/peer.py"))
+            .args(["client", &url, "5"])
+            .output()
+            .await
+            .expect("run the WebSocket client");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6, "{text}");
+        // One connection, one backend: every answer names the same one, in order.
+        let backend = lines[0].split(':').next().unwrap_or_default().to_string();
+        for (i, line) in lines[..5].iter().enumerate() {
+            assert_eq!(*line, format!("{backend}:m{i}"), "{text}");
+        }
+        assert_eq!(lines[5], "binary 1048576 True", "a 1 MiB message comes back whole: {text}");
+        *seen.entry(backend).or_insert(0) += 1;
+    }
+    assert_eq!(seen.values().copied().collect::<Vec<_>>(), [2, 2], "each upgrade is a pick: {seen:?}");
+    let m = Scrape::fetch(harbor.admin_addr.expect("admin")).await;
+    assert_eq!(m.get("harbor_http_responses_total{service=\"web\",class=\"1xx\"}"), 4.0, "four 101s");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_backends_serve_files_ranges_and_revalidation_through_http_mode() {
+    let dir = common::temp_dir("nginx-files");
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let big: Vec<u8> = (0..(1u32 << 20) + 17).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(www.join("big"), &big).expect("write");
+    let (a, b) = (common::free_port(), common::free_port());
+    let servers = format!(
+        "  server {{\n    listen 127.0.0.1:{a};\n    listen 127.0.0.1:{b};\n    root {};\n    add_header x-port $server_port;\n  }}",
+        www.display()
+    );
+    let addrs: Vec<std::net::SocketAddr> = [a, b].iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
+    let _nginx = common::peers::Nginx::start(dir.clone(), &servers, &addrs).await;
+    let harbor = TestHarbor::new().service("web", |s| s.backends(&addrs).set("mode", "http")).start().await;
+    let url = format!("http://{}/big", harbor.addr_of("web").expect("web"));
+    // Four downloads on one keep-alive connection: each whole, and both backends used.
+    let mut args = vec!["-w".to_string(), "%header{x-port}\n".to_string()];
+    for i in 0..4 {
+        args.extend(["-o".to_string(), dir.join(format!("b{i}")).display().to_string(), url.clone()]);
+    }
+    let ports = curl(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    for i in 0..4 {
+        let got = std::fs::read(dir.join(format!("b{i}"))).expect("the download");
+        assert_eq!(common::sha256(&got), common::sha256(&big), "download {i} differs");
+    }
+    let ports: std::collections::BTreeSet<&str> = ports.lines().collect();
+    assert_eq!(ports.len(), 2, "{ports:?}");
+    // HEAD: the length, no body.
+    let head = curl(&["-I", &url]).await;
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("content-length: 1048593\r\n"), "{head}");
+    // A range: 206 with exactly those bytes.
+    let part = dir.join("part");
+    let code = curl(&["-r", "100-199", "-o", part.to_str().expect("path"), "-w", "%{http_code}", &url]).await;
+    assert_eq!(code, "206");
+    assert_eq!(std::fs::read(&part).expect("the part"), big[100..200]);
+    // Revalidation: the ETag comes back, and If-None-Match gets 304 with no body.
+    let etag = head.lines().find_map(|l| l.strip_prefix("etag: ")).expect("an ETag").trim().to_string();
+    let out = curl(&["-D", "-", "-H", &format!("If-None-Match: {etag}"), &url]).await;
+    assert!(out.starts_with("HTTP/1.1 304") && out.ends_with("\r\n\r\n"), "{out}");
+    // HTTP/2 clients too.
+    let h2 = dir.join("h2");
+    curl(&["--http2-prior-knowledge", "-o", h2.to_str().expect("path"), &url]).await;
+    assert_eq!(common::sha256(&std::fs::read(&h2).expect("the download")), common::sha256(&big));
     harbor.stop().await.expect("stop");
 }

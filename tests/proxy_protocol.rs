@@ -7,61 +7,23 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::peers::Nginx;
 use common::{free_port, temp_dir, Scrape, TestHarbor, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-
-struct Nginx {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use tokio::net::TcpSocket;
 
 /// nginx on 127.0.0.1 and [::1], expecting a PROXY header on every connection.
 async fn nginx() -> (Nginx, SocketAddr, SocketAddr) {
-    assert!(
-        std::path::Path::new("/usr/sbin/nginx").exists(),
-        "nginx is missing: `cargo xtask test` installs it (Debian package nginx)"
-    );
-    let dir = temp_dir("nginx");
     let (v4, v6) = (free_port(), free_port());
-    let d = dir.display();
-    let conf = format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-         events {{ worker_connections 256; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         server {{\n    listen 127.0.0.1:{v4} proxy_protocol;\n    listen [::1]:{v6} proxy_protocol;\n\
-         location / {{ default_type text/plain; return 200 \"$proxy_protocol_addr $proxy_protocol_port\\n\"; }}\n  }}\n}}\n"
+    let servers = format!(
+        "  server {{\n    listen 127.0.0.1:{v4} proxy_protocol;\n    listen [::1]:{v6} proxy_protocol;\n\
+         location / {{ default_type text/plain; return 200 \"$proxy_protocol_addr $proxy_protocol_port\\n\"; }}\n  }}"
     );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let child = Command::new("/usr/sbin/nginx")
-        .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start nginx");
-    let nginx = Nginx { child, dir };
     let v4: SocketAddr = format!("127.0.0.1:{v4}").parse().unwrap();
     let v6: SocketAddr = format!("[::1]:{v6}").parse().unwrap();
-    for _ in 0..200 {
-        if TcpStream::connect(v4).await.is_ok() && TcpStream::connect(v6).await.is_ok() {
-            return (nginx, v4, v6);
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("nginx did not come up");
+    (Nginx::start(temp_dir("nginx"), &servers, &[v4, v6]).await, v4, v6)
 }
 
 /// Connects from `source` to `to`, sends `first` (in writes of `chunk` bytes) and an HTTP

@@ -290,3 +290,124 @@ pub fn pick_and_judge(loaded: LoadedStrategy, picks: u64) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------- http_request
+
+/// Any bytes a client may send to an HTTP mode service, over loopback, half-closed after
+/// them. Harbor must neither panic nor hang, and nothing may be hidden inside a request
+/// (smuggling): over HTTP/1.x, every request that reaches the backend is one whose answer the
+/// client gets (each answer carries the backend's mark), so the two counts are equal. The
+/// seeds are the smuggling corpus (`tests/corpus/http-smuggling.txt`). Harbor, its backend
+/// and their runtime are made once, at the first input.
+pub fn http_request(data: &[u8]) {
+    let lab = HttpLab::get();
+    let before = lab.answered.load(std::sync::atomic::Ordering::SeqCst);
+    let got = lab.runtime.block_on(http_exchange(lab.harbor, data));
+    // A request reaches the backend before its answer leaves it: once the client has seen
+    // Harbor close, the count is final.
+    let answered = lab.answered.load(std::sync::atomic::Ordering::SeqCst) - before;
+    if data.starts_with(b"PRI ") {
+        return; // HTTP/2 frames: the mark is HPACK-coded, so only no panic and no hang count.
+    }
+    let marked = got.windows(HTTP_MARK.len()).filter(|w| *w == HTTP_MARK).count();
+    assert_eq!(
+        answered,
+        marked,
+        "the backend answered {answered} requests, the client got {marked} of those answers: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+/// The header the fuzz backend puts on each answer, as the client reads it.
+const HTTP_MARK: &[u8] = b"\r\nx-fuzz-backend: 1\r\n";
+
+/// One connection: the input written and half-closed, and everything Harbor answers until it
+/// closes (at most 10 s, which only a hang reaches).
+async fn http_exchange(harbor: std::net::SocketAddr, data: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(harbor).await else {
+        panic!("Harbor is not accepting");
+    };
+    let (mut read, mut write) = stream.split();
+    let mut got = Vec::new();
+    let talk = async {
+        // Harbor may answer (and close) before it has read everything: a failed write is
+        // part of the exchange.
+        let writing = async {
+            let _ = write.write_all(data).await;
+            let _ = write.shutdown().await;
+        };
+        let reading = async {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n @ 1..) = read.read(&mut buf).await {
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::join!(writing, reading);
+    };
+    assert!(tokio::time::timeout(Duration::from_secs(10), talk).await.is_ok(), "Harbor did not close within 10 s");
+    got
+}
+
+/// Harbor with one HTTP mode service, in front of a backend that counts the requests it
+/// answers.
+struct HttpLab {
+    runtime: tokio::runtime::Runtime,
+    harbor: std::net::SocketAddr,
+    answered: Arc<std::sync::atomic::AtomicUsize>,
+    _running: harbor::RunningHarbor,
+}
+
+impl HttpLab {
+    fn get() -> &'static HttpLab {
+        static LAB: std::sync::OnceLock<HttpLab> = std::sync::OnceLock::new();
+        LAB.get_or_init(|| {
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime");
+            let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let (harbor, running) = runtime.block_on(async {
+                let backend = fuzz_backend(Arc::clone(&answered)).await;
+                let text = format!(
+                    "admin = \"off\"\nlog_level = \"off\"\ncache_dir = \"off\"\n\n[[service]]\nname = \"web\"\n\
+                     listen = \"127.0.0.1:0\"\nbackends = [\"{backend}\"]\nmode = \"http\"\n\
+                     request_header_timeout_ms = 2000\nrequest_body_timeout_ms = 2000\n"
+                );
+                let file = FileConfig::parse(&text, Path::new("fuzz.toml")).expect("the lab's config");
+                let config = Config::resolve_with(&RunArgs::default(), &|_: &str| None, file).expect("valid");
+                let running = harbor::Harbor::bind(config).await.expect("Harbor binds").spawn();
+                let addr = running.addrs.first().map(|(_, a)| *a).expect("a listener");
+                (addr, running)
+            });
+            HttpLab { runtime, harbor, answered, _running: running }
+        })
+    }
+}
+
+/// An HTTP/1.1 backend (hyper) that reads each request whole, counts it, and answers with
+/// the mark; a request whose body breaks off is not counted (it reached no answer).
+async fn fuzz_backend(answered: Arc<std::sync::atomic::AtomicUsize>) -> std::net::SocketAddr {
+    use http_body_util::{BodyExt, Full};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the backend");
+    let addr = listener.local_addr().expect("the backend's address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let answered = Arc::clone(&answered);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                    let answered = Arc::clone(&answered);
+                    async move {
+                        let body = request.into_body().collect().await?;
+                        answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let len = body.to_bytes().len();
+                        let mut response = hyper::Response::new(Full::new(bytes::Bytes::from(format!("{len}\n"))));
+                        response.headers_mut().insert("x-fuzz-backend", hyper::header::HeaderValue::from_static("1"));
+                        Ok::<_, hyper::Error>(response)
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    addr
+}

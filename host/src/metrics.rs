@@ -107,6 +107,16 @@ pub struct BackendStatusLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub service: String,
+    /// One of [`HTTP_METHODS`], or `other`.
+    pub method: &'static str,
+}
+
+/// The request methods counted on their own; the rest are `other`.
+pub const HTTP_METHODS: [&str; 8] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusClassLabel {
     pub service: String,
     /// `1xx` … `5xx`.
@@ -272,6 +282,7 @@ metrics! {
     pub access_log_dropped: Counter => "access_log_dropped", "Access-log lines dropped because the writer's queue was full";
     rejections: Family<RejectionLabel, Counter> => "rejected_connections", "Clients closed at accept, by reason (max_connections, per_source)";
     http_responses: Family<StatusClassLabel, Counter> => "http_responses", "HTTP mode: responses by status class (Harbor's own included)";
+    http_requests: Family<MethodLabel, Counter> => "http_requests", "HTTP mode: requests by method (GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, other)";
     relay_ends: Family<RelayEndLabel, Counter> => "relay_ends", "Relayed connections by how they ended (a reset on one side is passed on as a reset)";
     backend_picks: Family<BackendLabel, Counter> => "backend_picks", "Times each backend was picked";
     backend_http_responses: Family<BackendStatusLabel, Counter> => "backend_http_responses", "HTTP mode: responses each backend sent, by status class";
@@ -324,12 +335,17 @@ impl Metrics {
                 self.http_responses.get_or_create(&StatusClassLabel { service: name.to_string(), class }).clone()
             })
             .collect();
+        let http_requests = HTTP_METHODS
+            .iter()
+            .map(|method| self.http_requests.get_or_create(&MethodLabel { service: name.to_string(), method }).clone())
+            .collect();
         ServiceMetrics {
             name: name.to_string(),
             series: self.per_service.series(&label),
             rejections,
             relay_ends,
             http_responses,
+            http_requests,
         }
     }
 
@@ -560,6 +576,8 @@ pub struct ServiceMetrics {
     relay_ends: Vec<Counter>,
     /// HTTP responses by status class, 1xx at 0.
     http_responses: Vec<Counter>,
+    /// HTTP requests by method, in the order of [`HTTP_METHODS`].
+    http_requests: Vec<Counter>,
 }
 
 impl std::ops::Deref for ServiceMetrics {
@@ -580,6 +598,17 @@ impl ServiceMetrics {
     /// Counts an HTTP response by its status class.
     pub fn responded(&self, status: u16) {
         if let Some(counter) = self.http_responses.get(usize::from(status / 100).wrapping_sub(1)) {
+            counter.inc();
+        }
+    }
+
+    /// Counts an HTTP request by its method.
+    pub fn requested(&self, method: &hyper::Method) {
+        let at = HTTP_METHODS[..HTTP_METHODS.len() - 1]
+            .iter()
+            .position(|m| *m == method.as_str())
+            .unwrap_or(HTTP_METHODS.len() - 1);
+        if let Some(counter) = self.http_requests.get(at) {
             counter.inc();
         }
     }

@@ -388,3 +388,41 @@ impl Mariadb {
         std::fs::read_to_string(self.dir.join("mariadb.log")).unwrap_or_default()
     }
 }
+
+/// nginx (Debian's) with the caller's `server { … }` blocks, run from `dir` (its pid, logs and
+/// temporary files go there), stopped when dropped. Returns once every address of `ready`
+/// accepts connections.
+pub struct Nginx {
+    _server: Server,
+    pub dir: PathBuf,
+}
+
+impl Nginx {
+    pub async fn start(dir: PathBuf, servers: &str, ready: &[SocketAddr]) -> Nginx {
+        require("/usr/sbin/nginx", "nginx");
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+             fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{servers}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
+        let child = Command::new("/usr/sbin/nginx")
+            .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start nginx");
+        let nginx = Nginx { _server: Server(child, libc::SIGQUIT), dir };
+        let deadline = Instant::now() + START;
+        for addr in ready {
+            while tokio::net::TcpStream::connect(addr).await.is_err() {
+                assert!(Instant::now() < deadline, "nginx did not come up on {addr}");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+        nginx
+    }
+}

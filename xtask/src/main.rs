@@ -342,7 +342,7 @@ fn demo(root: &Path, extra: &[String]) -> Result<()> {
 }
 
 /// The fuzz targets, each in its own seed corpus directory under `target/fuzz-corpus/`.
-const FUZZ_TARGETS: &[&str] = &["config", "component_loader", "component_from_smith", "client_hello"];
+const FUZZ_TARGETS: &[&str] = &["config", "component_loader", "component_from_smith", "client_hello", "http_request"];
 /// The cargo-fuzz release that builds with this toolchain.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -478,13 +478,20 @@ fn validate_kubernetes_manifests(root: &Path) -> Result<()> {
 /// playwright-core from npm (the status page's browser test).
 fn install_test_peers(root: &Path) -> Result<()> {
     install_packages(TEST_PACKAGES)?;
-    // gRPC peers for HTTP mode (tests/grpc/peer.py): grpcio from PyPI, in a venv of its own.
+    // Python peers for HTTP mode (tests/grpc/peer.py, tests/websocket/peer.py): grpcio and
+    // websockets from PyPI, in a venv of their own.
     let grpc = root.join("target").join("grpc-venv");
-    if !grpc.join("bin").join("python").is_file() || !grpc.join("grpcio-installed").is_file() {
+    let installed = grpc.join("grpcio-installed");
+    let wanted = PYTHON_PEERS.join(" ");
+    if !grpc.join("bin").join("python").is_file()
+        || std::fs::read_to_string(&installed).ok().as_deref() != Some(&wanted)
+    {
         run(Command::new("python3").arg("-m").arg("venv").arg(&grpc)).context("python3 -m venv (python3-venv?)")?;
-        run(Command::new(grpc.join("bin").join("pip")).args(["install", "--disable-pip-version-check", "-q", GRPCIO]))
-            .context("installing grpcio from PyPI")?;
-        std::fs::write(grpc.join("grpcio-installed"), GRPCIO)?;
+        run(Command::new(grpc.join("bin").join("pip"))
+            .args(["install", "--disable-pip-version-check", "-q"])
+            .args(PYTHON_PEERS))
+        .context("installing grpcio and websockets from PyPI")?;
+        std::fs::write(&installed, &wanted)?;
     }
     let browser = root.join("target").join("browser-test");
     if !browser.join("node_modules").join("playwright-core").is_dir() {
@@ -497,8 +504,8 @@ fn install_test_peers(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// grpcio for the gRPC peers of the HTTP mode tests.
-const GRPCIO: &str = "grpcio==1.85.4";
+/// The Python peers of the HTTP mode tests: gRPC and WebSocket.
+const PYTHON_PEERS: &[&str] = &["grpcio==1.85.4", "websockets==15.0.1"];
 
 /// The Debian packages the tests run, each with a file that shows it is installed.
 const TEST_PACKAGES: &[(&str, &str)] = &[

@@ -42,8 +42,11 @@ impl BodyError {
 pub struct ClientBody {
     inner: Incoming,
     idle: Duration,
-    /// Armed while a frame is awaited; a body that is sent whole at once never sets one.
+    /// The pause's deadline, made at the first wait (a body that comes whole at once never
+    /// needs one) and moved on at each wait after a frame.
     pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The deadline runs: no frame since the current wait began.
+    waiting: bool,
     /// 0: no limit.
     limit: u64,
     seen: u64,
@@ -51,7 +54,7 @@ pub struct ClientBody {
 
 impl ClientBody {
     pub fn new(inner: Incoming, idle: Duration, limit: u64) -> ClientBody {
-        ClientBody { inner, idle, pause: None, limit, seen: 0 }
+        ClientBody { inner, idle, pause: None, waiting: false, limit, seen: 0 }
     }
 
     /// The whole body, if its declared length is within `most` bytes; `Ok(Err(body))`, the
@@ -79,7 +82,7 @@ impl Body for ClientBody {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.pause = None;
+                this.waiting = false;
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.limit > 0 && this.seen > this.limit {
@@ -92,7 +95,15 @@ impl Body for ClientBody {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 let idle = this.idle;
-                let pause = this.pause.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                let pause = match (&mut this.pause, this.waiting) {
+                    (Some(pause), true) => pause,
+                    (Some(pause), false) => {
+                        pause.as_mut().reset(crate::clock::Instant::now() + idle);
+                        pause
+                    }
+                    (slot @ None, _) => slot.insert(Box::pin(tokio::time::sleep(idle))),
+                };
+                this.waiting = true;
                 match pause.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Idle(idle)))),
                     Poll::Pending => Poll::Pending,

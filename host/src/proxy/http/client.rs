@@ -33,6 +33,8 @@ pub struct Watch {
     opened: Instant,
     /// Requests (HTTP/2: streams) in flight, their responses not yet ended.
     busy: AtomicU32,
+    /// Requests so far: the reader tells by it that one came and went between two reads.
+    started: AtomicU64,
     /// When the last request in flight ended, in ms since `opened`.
     idle_since_ms: AtomicU64,
     /// HTTP/2, or an upgraded tunnel: the reader's watch is off.
@@ -45,6 +47,7 @@ impl Watch {
         Arc::new(Watch {
             opened: Instant::now(),
             busy: AtomicU32::new(0),
+            started: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(0),
             passthrough: AtomicBool::new(false),
             http2: AtomicBool::new(false),
@@ -58,6 +61,7 @@ impl Watch {
             self.passthrough.store(true, Ordering::Relaxed);
         }
         self.busy.fetch_add(1, Ordering::Relaxed);
+        self.started.fetch_add(1, Ordering::Relaxed);
         Busy(Arc::clone(self))
     }
 
@@ -134,6 +138,11 @@ pub struct ClientIo {
     early: bytes::Bytes,
     watch: Arc<Watch>,
     phase: Phase,
+    /// The requests the watch had counted when this reader last looked.
+    seen: u64,
+    /// When the current phase runs out; the timer is moved to it only when a read has to
+    /// wait, so a request that comes at once costs no timer work.
+    deadline: Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
     keepalive: Duration,
     header: Duration,
@@ -150,13 +159,25 @@ impl ClientIo {
         header: Duration,
         on_timeout: Box<dyn Fn() + Send + Sync>,
     ) -> ClientIo {
-        let timer = Box::pin(tokio::time::sleep(header));
-        ClientIo { inner, early: early.into(), watch, phase: Phase::Fresh, timer, keepalive, header, on_timeout }
+        let deadline = Instant::now() + header;
+        let timer = Box::pin(tokio::time::sleep_until(deadline));
+        ClientIo {
+            inner,
+            early: early.into(),
+            watch,
+            phase: Phase::Fresh,
+            seen: 0,
+            deadline,
+            timer,
+            keepalive,
+            header,
+            on_timeout,
+        }
     }
 
     fn arm(&mut self, phase: Phase, after: Duration) {
         self.phase = phase;
-        self.timer.as_mut().reset(Instant::now() + after);
+        self.deadline = Instant::now() + after;
     }
 }
 
@@ -178,9 +199,17 @@ impl AsyncRead for ClientIo {
             return Poll::Ready(Ok(()));
         }
         let watch = &this.watch;
+        let started = watch.started.load(Ordering::Relaxed);
         if watch.passthrough.load(Ordering::Relaxed) || watch.busy.load(Ordering::Relaxed) > 0 {
             this.phase = Phase::Busy;
+            this.seen = started;
             return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        if started != this.seen {
+            // A request came and went since the last read (hyper need not read while it is
+            // answered): the connection is between requests now.
+            this.seen = started;
+            this.phase = Phase::Busy;
         }
         if this.phase == Phase::Busy {
             this.arm(Phase::Idle, this.keepalive);
@@ -208,6 +237,10 @@ impl AsyncRead for ClientIo {
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
             Poll::Pending => {
+                if this.timer.deadline() != this.deadline {
+                    let deadline = this.deadline;
+                    this.timer.as_mut().reset(deadline);
+                }
                 if this.timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }

@@ -213,6 +213,7 @@ pub async fn handle(
     local: SocketAddr,
     context: Arc<ServiceContext>,
 ) -> Response<ProxyBody> {
+    context.metrics.requested(request.method());
     let grpc = headers::is_grpc(request.headers());
     let http1 = request.version() < Version::HTTP_2;
     let started = Instant::now();
@@ -326,7 +327,8 @@ async fn forward(
     }
     let request = request.map(|body| ClientBody::new(body, http.request_body_timeout, http.max_body_bytes));
     // An idempotent request whose body is whole in hand can go again: a copy is kept.
-    let (mut request, replay) = match keep_for_replay(request, upgrade.is_none(), http.retry_buffer_bytes).await {
+    let may_replay = upgrade.is_none() && limits.connect_attempts > 1;
+    let (mut request, replay) = match keep_for_replay(request, may_replay, http.retry_buffer_bytes).await {
         Ok(kept) => kept,
         Err(error) => return Err(Refused::early(body_refusal(&error), line)),
     };

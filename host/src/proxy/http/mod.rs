@@ -156,6 +156,8 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
         .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
+        // A client that shuts its side after its requests still gets their answers.
+        .half_close(true)
         .keep_alive(true);
     builder
         .http2()
