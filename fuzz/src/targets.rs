@@ -307,7 +307,22 @@ pub fn http_request(data: &[u8]) {
     // Harbor close, the count is final.
     let answered = lab.answered.load(std::sync::atomic::Ordering::SeqCst) - before;
     if data.starts_with(b"PRI ") {
-        return; // HTTP/2 frames: the mark is HPACK-coded, so only no panic and no hang count.
+        // HTTP/2 frames: the mark is HPACK-coded, so only no panic and no hang count. A
+        // stream's request may still be on its way to the backend after the connection
+        // closed (hyper runs each stream as a task of its own): the next input starts once
+        // the count has settled.
+        lab.runtime.block_on(async {
+            let mut last = lab.answered.load(std::sync::atomic::Ordering::SeqCst);
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let now = lab.answered.load(std::sync::atomic::Ordering::SeqCst);
+                if now == last {
+                    break;
+                }
+                last = now;
+            }
+        });
+        return;
     }
     let marked = got.windows(HTTP_MARK.len()).filter(|w| *w == HTTP_MARK).count();
     assert_eq!(
