@@ -178,6 +178,9 @@ def main():
     ap.add_argument("--cpu", choices=["one-core", "all-cores"], default="one-core")
     ap.add_argument("--costs", action="store_true", help="measure the access log, the wasm pick and the "
                     "forwarding headers, each on its own (keep-alive load)")
+    ap.add_argument("--loads", default="keep-alive,close,h2c", help="which loads, comma-separated")
+    ap.add_argument("--peers", default="haproxy,nginx", help="which peers beside Harbor, comma-separated "
+                    "(none: an empty string)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     args = ap.parse_args()
@@ -207,7 +210,9 @@ def main():
     }
     backend = harness.Server("backend", ["nginx", "-c", conf, "-p", run], os.path.join(run, "backend"),
                              [b1, b2], SERVER_CPU if args.cpu == "one-core" else None)
-    proxies = ["harbor", "haproxy", "nginx"] + (["baseline"] if args.baseline else [])
+    loads = {k: v for k, v in loads.items() if k in args.loads.split(",")}
+    peers = [p for p in args.peers.split(",") if p]
+    proxies = ["harbor"] + peers + (["baseline"] if args.baseline else [])
     variants = ["harbor-log", "harbor-builtin", "harbor-noforward"] if args.costs else []
     proxies += variants
     try:

@@ -40,6 +40,8 @@ pub struct Watch {
     /// HTTP/2, or an upgraded tunnel: the reader's watch is off.
     passthrough: AtomicBool,
     http2: AtomicBool,
+    /// Told once, when the connection turns out to be HTTP/2.
+    became_http2: tokio::sync::Notify,
 }
 
 impl Watch {
@@ -51,18 +53,32 @@ impl Watch {
             idle_since_ms: AtomicU64::new(0),
             passthrough: AtomicBool::new(false),
             http2: AtomicBool::new(false),
+            became_http2: tokio::sync::Notify::new(),
         })
     }
 
     /// A request arrived; it is in flight while the returned guard lives.
     pub fn request(self: &Arc<Self>, http2: bool) -> Busy {
         if http2 && !self.http2.load(Ordering::Relaxed) {
-            self.http2.store(true, Ordering::Relaxed);
-            self.passthrough.store(true, Ordering::Relaxed);
+            self.is_http2();
         }
         self.busy.fetch_add(1, Ordering::Relaxed);
         self.started.fetch_add(1, Ordering::Relaxed);
         Busy(Arc::clone(self))
+    }
+
+    /// The connection speaks HTTP/2: frames, not request heads, from here on.
+    fn is_http2(&self) {
+        self.passthrough.store(true, Ordering::Relaxed);
+        if !self.http2.swap(true, Ordering::Relaxed) {
+            self.became_http2.notify_one();
+        }
+    }
+
+    /// Returns once the connection turns out to be HTTP/2 (never for HTTP/1).
+    pub async fn http2(&self) {
+        // notify_one keeps the permit if it came first.
+        self.became_http2.notified().await;
     }
 
     /// For HTTP/2: how much longer the connection may stay idle before `limit` is reached;
@@ -143,7 +159,8 @@ pub struct ClientIo {
     /// When the current phase runs out; the timer is moved to it only when a read has to
     /// wait, so a request that comes at once costs no timer work.
     deadline: Instant,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Made at the first wait: a connection whose every read finds bytes needs none.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     keepalive: Duration,
     header: Duration,
     /// Counts the 408s sent.
@@ -160,7 +177,7 @@ impl ClientIo {
         on_timeout: Box<dyn Fn() + Send + Sync>,
     ) -> ClientIo {
         let deadline = Instant::now() + header;
-        let timer = Box::pin(tokio::time::sleep_until(deadline));
+        let timer = None;
         ClientIo {
             inner,
             early: early.into(),
@@ -191,8 +208,7 @@ impl AsyncRead for ClientIo {
             if this.phase == Phase::Fresh {
                 this.phase = Phase::Head;
                 if HTTP2_PREFACE.starts_with(&chunk[..n.min(4)]) {
-                    this.watch.http2.store(true, Ordering::Relaxed);
-                    this.watch.passthrough.store(true, Ordering::Relaxed);
+                    this.watch.is_http2();
                     this.phase = Phase::Busy;
                 }
             }
@@ -222,10 +238,9 @@ impl AsyncRead for ClientIo {
                     && !read.is_empty()
                     && HTTP2_PREFACE.starts_with(&read[..read.len().min(4)])
                 {
-                    // HTTP/2 with prior knowledge: frames, not request heads, from here on;
-                    // an idle connection gets GOAWAY from its task.
-                    this.watch.http2.store(true, Ordering::Relaxed);
-                    this.watch.passthrough.store(true, Ordering::Relaxed);
+                    // HTTP/2 with prior knowledge: an idle connection gets GOAWAY from its
+                    // task.
+                    this.watch.is_http2();
                     this.phase = Phase::Busy;
                     return Poll::Ready(Ok(()));
                 }
@@ -237,11 +252,17 @@ impl AsyncRead for ClientIo {
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
             Poll::Pending => {
-                if this.timer.deadline() != this.deadline {
-                    let deadline = this.deadline;
-                    this.timer.as_mut().reset(deadline);
-                }
-                if this.timer.as_mut().poll(cx).is_pending() {
+                let deadline = this.deadline;
+                let timer = match &mut this.timer {
+                    Some(timer) => {
+                        if timer.deadline() != deadline {
+                            timer.as_mut().reset(deadline);
+                        }
+                        timer
+                    }
+                    slot @ None => slot.insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                if timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
                 if this.phase == Phase::Head {

@@ -227,10 +227,10 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
     drop(admission);
 }
 
-/// Returns once an HTTP/2 connection has had no stream open for `limit`.
+/// Returns once an HTTP/2 connection has had no stream open for `limit` (never for HTTP/1,
+/// whose reader watches its own pauses: no timer is set for it here).
 async fn idle_http2(watch: &client::Watch, limit: Duration) {
-    // An HTTP/1 connection's reader watches its own pauses; this one looks again now and
-    // then in case the connection turns out to be HTTP/2.
+    watch.http2().await;
     loop {
         match watch.idle_for(limit) {
             Some(left) if left.is_zero() => return,
