@@ -1328,36 +1328,48 @@ async fn a_trusted_proxy_header_names_the_client_to_backends_in_http_mode() {
     harbor.stop().await.expect("stop");
 }
 
+/// Runs h2load with `args` and returns (started, done, succeeded) and its whole output.
+/// h2load counts the requests it never got to send as failed.
+async fn h2load_counts(args: &[&str], url: &str) -> ((usize, usize, usize), String) {
+    let out = tokio::process::Command::new("h2load")
+        .args(args)
+        .args(["-c8", "-n400", url])
+        .output()
+        .await
+        .expect("h2load runs (Debian package nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text.lines().find(|l| l.starts_with("requests:")).unwrap_or_default().to_string();
+    let count = |what: &str| -> usize {
+        line.split(", ").find_map(|f| f.trim().strip_suffix(what)).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+    };
+    ((count(" started"), count(" done"), count(" succeeded")), text)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_under_http2_load_fails_no_request() {
+async fn a_drain_under_keep_alive_and_http2_load_fails_no_request() {
     let backends = HttpBackend::several(2).await;
     let harbor = TestHarbor::new().service("web", http_service(&backends)).start().await;
-    // 8 HTTP/2 clients, 4 streams each, on requests that take 300 ms at the backend: when the
-    // drain starts, 32 are in flight. Each connection gets GOAWAY; every request it had sent
-    // is answered, and no new one is taken.
+    // 8 HTTP/2 clients with 4 streams each, and 8 HTTP/1.1 keep-alive clients, on requests
+    // that take 300 ms at the backend: when the drain starts, 40 are in flight. HTTP/2
+    // connections get GOAWAY, HTTP/1.1 answers `Connection: close`; every request sent is
+    // answered, and no new one is taken. (A pipelined request behind the answer that says
+    // `Connection: close` is never read, as RFC 9112 §9.6 has it: the client sends it again.)
     let url = format!("http://{}/slow", harbor.addr_of("web").expect("web"));
-    let load = tokio::process::Command::new("h2load").args(["-c8", "-m4", "-n400", &url]).output();
     let drain = async {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let report = harbor.stop().await.expect("stop");
         assert_eq!(report.cut_connections, 0, "the drain cut connections");
     };
-    let (out, ()) = tokio::join!(load, drain);
-    let out = out.expect("h2load runs (Debian package nghttp2-client)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let done = text.lines().find(|l| l.starts_with("requests:")).unwrap_or_default().to_string();
-    println!("h2load across a drain: {done}");
-    // h2load counts the requests it never got to send (its connections had GOAWAY) as failed;
-    // every request it sent must have succeeded.
-    let count = |what: &str| -> usize {
-        done.split(", ").find_map(|f| f.trim().strip_suffix(what)).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
-    };
-    let (started, succeeded) = (count(" started"), count(" succeeded"));
-    assert!(started > 0 && succeeded == started && count(" done") == started, "{text}");
-    assert!(text.contains(" 0 3xx, 0 4xx, 0 5xx"), "{text}");
+    let ((h2, h2_text), (h1, h1_text), ()) =
+        tokio::join!(h2load_counts(&["-m4"], &url), h2load_counts(&["--h1", "-m1"], &url), drain);
+    println!("h2load across a drain: HTTP/2 {h2:?}, HTTP/1.1 {h1:?} (started, done, succeeded)");
+    for ((started, done, succeeded), text) in [(h2, &h2_text), (h1, &h1_text)] {
+        assert!(started > 0 && done == started && succeeded == started, "{text}");
+        assert!(text.contains(" 0 3xx, 0 4xx, 0 5xx"), "{text}");
+    }
     let served: usize = backends.iter().map(|b| b.requests("GET")).sum();
-    assert!((32..400).contains(&served), "{served} requests served: the drain came mid-load");
-    assert_eq!(succeeded, served, "every request a backend served reached its client: {done}");
+    assert!((40..800).contains(&served), "{served} requests served: the drain came mid-load");
+    assert_eq!(h2.2 + h1.2, served, "every request a backend served reached its client");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
