@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::clock::Instant;
+use crate::proxy::context::ServiceContext;
 
 /// Harbor's answer to a client that began a request and did not finish its headers in time.
 const REQUEST_TIMEOUT: &[u8] =
@@ -163,8 +164,8 @@ pub struct ClientIo {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     keepalive: Duration,
     header: Duration,
-    /// Counts the 408s sent.
-    on_timeout: Box<dyn Fn() + Send + Sync>,
+    /// Where the 408s sent are counted.
+    context: Arc<ServiceContext>,
 }
 
 impl ClientIo {
@@ -174,7 +175,7 @@ impl ClientIo {
         watch: Arc<Watch>,
         keepalive: Duration,
         header: Duration,
-        on_timeout: Box<dyn Fn() + Send + Sync>,
+        context: Arc<ServiceContext>,
     ) -> ClientIo {
         let deadline = Instant::now() + header;
         let timer = None;
@@ -188,13 +189,24 @@ impl ClientIo {
             timer,
             keepalive,
             header,
-            on_timeout,
+            context,
         }
     }
 
     fn arm(&mut self, phase: Phase, after: Duration) {
         self.phase = phase;
         self.deadline = Instant::now() + after;
+    }
+
+    /// The connection's first bytes: HTTP/2's preface (frames from here on; an idle
+    /// connection gets GOAWAY from its task), or the head of a first request.
+    fn began(&mut self, first: &[u8]) {
+        if HTTP2_PREFACE.starts_with(&first[..first.len().min(4)]) {
+            self.watch.is_http2();
+            self.phase = Phase::Busy;
+        } else {
+            self.arm(Phase::Head, self.header);
+        }
     }
 }
 
@@ -205,12 +217,8 @@ impl AsyncRead for ClientIo {
             let n = this.early.len().min(buf.remaining());
             let chunk = this.early.split_to(n);
             buf.put_slice(&chunk);
-            if this.phase == Phase::Fresh {
-                this.phase = Phase::Head;
-                if HTTP2_PREFACE.starts_with(&chunk[..n.min(4)]) {
-                    this.watch.is_http2();
-                    this.phase = Phase::Busy;
-                }
+            if this.phase == Phase::Fresh && !chunk.is_empty() {
+                this.began(&chunk);
             }
             return Poll::Ready(Ok(()));
         }
@@ -234,19 +242,12 @@ impl AsyncRead for ClientIo {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let read = &buf.filled()[before..];
-                if this.phase == Phase::Fresh
-                    && !read.is_empty()
-                    && HTTP2_PREFACE.starts_with(&read[..read.len().min(4)])
-                {
-                    // HTTP/2 with prior knowledge: an idle connection gets GOAWAY from its
-                    // task.
-                    this.watch.is_http2();
-                    this.phase = Phase::Busy;
-                    return Poll::Ready(Ok(()));
-                }
-                if !read.is_empty() && matches!(this.phase, Phase::Fresh | Phase::Idle) {
-                    let header = this.header;
-                    this.arm(Phase::Head, header);
+                if !read.is_empty() {
+                    match this.phase {
+                        Phase::Fresh => this.began(read),
+                        Phase::Idle => this.arm(Phase::Head, this.header),
+                        Phase::Head | Phase::Busy => {}
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
@@ -269,7 +270,7 @@ impl AsyncRead for ClientIo {
                     // Best effort: a 408 fits in any socket buffer, and the connection ends
                     // either way.
                     let _ = this.inner.try_write(REQUEST_TIMEOUT);
-                    (this.on_timeout)();
+                    this.context.metrics.responded(408);
                 }
                 this.phase = Phase::Busy;
                 // The end of the stream: hyper closes the connection.

@@ -182,14 +182,13 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
             Ok::<_, Infallible>(response.map(|body| client::Held { body, _busy: busy }))
         }
     });
-    let timed_out = Arc::clone(&context);
     let io = client::ClientIo::new(
         client,
         early,
         Arc::clone(&watch),
         limits.keepalive_timeout,
         limits.request_header_timeout,
-        Box::new(move || timed_out.metrics.responded(408)),
+        Arc::clone(&context),
     );
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
