@@ -130,6 +130,11 @@ def start_proxy(name, args, run, ports, b1, b2):
         with open(conf, "w") as f:
             f.write(NGINX.format(port=port, port_h1=port_h1, b1=b1, b2=b2, run=run, threads=threads))
         argv = ["nginx", "-c", conf, "-p", run]
+    elif name in ("floor", "floor-inline"):
+        # hyper with nothing else, HTTP/1.1 only: what Harbor's HTTP mode stands on.
+        argv = [args.floor] + (["--inline"] if name == "floor-inline" else []) + [
+            f"127.0.0.1:{port_h1}", f"127.0.0.1:{b1},127.0.0.1:{b2}"]
+        return harness.Server(name, argv, os.path.join(run, name), [port_h1], SERVER_CPU if one_core else None)
     else:
         # One listener serves HTTP/1.1 and h2c alike; the second port is the same service.
         # On all cores Harbor runs with its defaults (a worker per core).
@@ -181,10 +186,13 @@ def main():
     ap.add_argument("--loads", default="keep-alive,close,h2c", help="which loads, comma-separated")
     ap.add_argument("--peers", default="haproxy,nginx", help="which peers beside Harbor, comma-separated "
                     "(none: an empty string)")
+    ap.add_argument("--floor", default="target/release/floor-http", help="the `floor` peer: hyper as a "
+                    "proxy with nothing else (`cargo build --release -p floor-relay`)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     args = ap.parse_args()
     args.harbor = os.path.abspath(args.harbor)
+    args.floor = os.path.abspath(args.floor)
     if args.baseline:
         args.baseline = os.path.abspath(args.baseline)
     for tool in ("nginx", "haproxy", "wrk", "h2load", "taskset"):
@@ -222,7 +230,7 @@ def main():
                 server = start_proxy(name, args, run, proxy_ports, b1, b2)
                 try:
                     for load, cmd in loads.items():
-                        if name in variants and load != "keep-alive":
+                        if (name in variants and load != "keep-alive") or (name.startswith("floor") and load == "h2c"):
                             continue
                         # Warm-up, then the measured run.
                         subprocess.run(loadgen(args, [c if not c.startswith(("-d", "-D"))
@@ -249,6 +257,8 @@ def main():
     print("|---|---|---:|---:|---:|---:|")
     for load in loads:
         for name in [p for p in proxies if load == "keep-alive" or p not in variants]:
+            if (name, load) not in results:
+                continue
             rps, cpu, p99, errors = (med(name, load, i) for i in range(4))
             print(f"| {load} | {name} | {rps:.0f} | {cpu:.2f} | {p99:.0f} | {errors:.0f} |" if p99 is not None
                   else f"| {load} | {name} | {rps:.0f} | {cpu:.2f} | – | {errors:.0f} |")

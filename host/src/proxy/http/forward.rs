@@ -192,11 +192,13 @@ impl Drop for Finish {
     }
 }
 
-/// Who sent a request: the TCP peer, and the client a trusted PROXY header named, if any.
-#[derive(Debug, Clone, Copy)]
+/// Who sent a request: the TCP peer, the client a trusted PROXY header named, if any, and
+/// what the forwarding headers say of that client.
+#[derive(Debug, Clone)]
 pub struct Peer {
     pub tcp: SocketAddr,
     pub named: Option<SocketAddr>,
+    pub forwarding: Arc<headers::Forwarding>,
 }
 
 impl Peer {
@@ -234,7 +236,7 @@ pub async fn handle(
             attempts: 0,
         })
     });
-    let response = match forward(request, peer, local, &context, started, line).await {
+    let response = match forward(request, &peer, local, &context, started, line).await {
         Ok(response) => response,
         Err(refused) => {
             // An empty body ends with the headers: a gRPC trailers-only answer is one HEADERS
@@ -287,7 +289,7 @@ impl Refused {
 
 async fn forward(
     mut request: Request<Incoming>,
-    peer: Peer,
+    peer: &Peer,
     local: SocketAddr,
     context: &Arc<ServiceContext>,
     started: Instant,
@@ -319,9 +321,7 @@ async fn forward(
         Some(asked) => Some((asked, hyper::upgrade::on(&mut request))),
         None => None,
     };
-    // Forwarding headers come from the client itself, the one a PROXY header named too.
-    let trusted = http.trust_forwarded.trusts(peer.client().ip());
-    prepare(&mut request, peer.client(), protocol, http.forwarded, trusted);
+    prepare(&mut request, &peer.forwarding, protocol, http.forwarded);
     if let Some((asked, _)) = &upgrade {
         headers::keep_upgrade(request.headers_mut(), asked.clone());
     }
@@ -598,13 +598,12 @@ fn is_idempotent(method: &hyper::Method) -> bool {
 /// the URI and version of the backend's protocol.
 fn prepare(
     request: &mut Request<Incoming>,
-    peer: SocketAddr,
+    client: &headers::Forwarding,
     protocol: BackendProtocol,
     forwarded: crate::config::ForwardedMode,
-    trusted: bool,
 ) {
     headers::strip_hop_by_hop(request.headers_mut());
-    headers::set_forwarded(request.headers_mut(), peer, forwarded, trusted);
+    headers::set_forwarded(request.headers_mut(), client, forwarded);
     // HTTP/2 clients name the host in :authority; an HTTP/1.1 backend needs a Host header.
     if !request.headers().contains_key(HOST) {
         if let Some(value) =

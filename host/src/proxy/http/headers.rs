@@ -15,27 +15,34 @@ const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "proxy-authenti
 
 /// Removes the hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`,
 /// `Proxy-Connection`, `Transfer-Encoding` (each hop frames its own body), `Upgrade`, and
-/// `TE` unless it is exactly `trailers` (which gRPC needs end to end).
+/// `TE` unless it is exactly `trailers` (which gRPC needs end to end). One pass over the names,
+/// and nothing allocated when there is nothing to remove (every request and response goes
+/// through here).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    let connection = headers.get_all(CONNECTION);
+    let named = |name: &HeaderName| {
+        connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    let listed = connection.iter().next().is_some();
+    let te_trailers_only = || headers.get_all(TE).iter().all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let hop = *name == CONNECTION
+            || *name == TRANSFER_ENCODING
+            || *name == UPGRADE
+            || (*name == TE && !te_trailers_only())
+            || HOP_BY_HOP.contains(&name.as_str())
+            || (listed && named(name));
+        if hop {
+            doomed.push(name.clone());
+        }
     }
-    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+    for name in doomed {
         headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    let te_trailers_only = headers.get_all(TE).iter().all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_trailers_only {
-        headers.remove(TE);
     }
 }
 
@@ -57,40 +64,59 @@ pub fn keep_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(UPGRADE, protocol);
 }
 
+/// What the forwarding headers say of one client, made once per connection: every request on
+/// it names the same client.
+#[derive(Debug)]
+pub struct Forwarding {
+    /// `X-Forwarded-For` as Harbor starts it.
+    xff: HeaderValue,
+    /// This hop's element of `Forwarded`.
+    forwarded: HeaderValue,
+    /// The client may extend a chain it brings (`trust_forwarded_from`).
+    pub trusted: bool,
+}
+
+impl Forwarding {
+    pub fn of(client: SocketAddr, trusted: bool) -> Forwarding {
+        let ip = client.ip();
+        let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
+        let value = |text: String| HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("unknown"));
+        Forwarding { xff: value(ip.to_string()), forwarded: value(format!("for={node};proto=http")), trusted }
+    }
+}
+
 /// Writes who the client is and how it came: `X-Forwarded-For`, `X-Forwarded-Proto` and
 /// `Forwarded`. `append` adds the client to a chain only a `trusted` source may have sent
 /// (from anyone else the client's own headers are dropped, as with `replace`); `off` leaves
 /// the headers alone.
-pub fn set_forwarded(headers: &mut HeaderMap, client: SocketAddr, mode: ForwardedMode, trusted: bool) {
+pub fn set_forwarded(headers: &mut HeaderMap, client: &Forwarding, mode: ForwardedMode) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
     if mode == ForwardedMode::Off {
         return;
     }
-    let ip = client.ip();
-    let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
-    let element = format!("for={node};proto=http");
-    let keep = mode == ForwardedMode::Append && trusted;
+    let keep = mode == ForwardedMode::Append && client.trusted;
     // Several lines of one list header are one list, joined by commas (RFC 9110 §5.3).
-    let joined = |headers: &HeaderMap, name: &HeaderName| -> Option<String> {
+    let extended = |headers: &HeaderMap, name: &HeaderName, ours: &HeaderValue| -> HeaderValue {
         let parts: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
-        (!parts.is_empty()).then(|| parts.join(", "))
+        if parts.is_empty() {
+            return ours.clone();
+        }
+        let chain = format!("{}, {}", parts.join(", "), ours.to_str().unwrap_or_default());
+        HeaderValue::from_str(&chain).unwrap_or_else(|_| ours.clone())
     };
-    let (xff, forwarded) = if keep {
+    let (xff, forwarded, proto) = if keep {
         (
-            joined(headers, &XFF).map_or_else(|| ip.to_string(), |chain| format!("{chain}, {ip}")),
-            joined(headers, &FORWARDED).map_or_else(|| element.clone(), |chain| format!("{chain}, {element}")),
+            extended(headers, &XFF, &client.xff),
+            extended(headers, &FORWARDED, &client.forwarded),
+            headers.get(&XFP).cloned(),
         )
     } else {
-        (ip.to_string(), element)
+        (client.xff.clone(), client.forwarded.clone(), None)
     };
-    let proto = if keep { headers.get(&XFP).cloned() } else { None };
-    for (name, value) in [(XFF, xff), (FORWARDED, forwarded)] {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(name, value);
-        }
-    }
+    headers.insert(XFF, xff);
+    headers.insert(FORWARDED, forwarded);
     headers.insert(XFP, proto.unwrap_or(HeaderValue::from_static("http")));
 }
 
@@ -256,7 +282,7 @@ mod tests {
     fn forwarding_headers_name_the_client_and_replace_what_it_sent() {
         let mut h = HeaderMap::new();
         h.insert(HeaderName::from_static("x-forwarded-for"), HeaderValue::from_static("6.6.6.6"));
-        set_forwarded(&mut h, "[::1]:4000".parse().unwrap(), ForwardedMode::Append, false);
+        set_forwarded(&mut h, &Forwarding::of("[::1]:4000".parse().unwrap(), false), ForwardedMode::Append);
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -267,18 +293,18 @@ mod tests {
         h.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
         h.insert(HeaderName::from_static("forwarded"), HeaderValue::from_static("for=1.1.1.1;proto=https"));
         let mut trusted = h.clone();
-        set_forwarded(&mut trusted, "10.0.0.7:4000".parse().unwrap(), ForwardedMode::Append, true);
+        set_forwarded(&mut trusted, &Forwarding::of("10.0.0.7:4000".parse().unwrap(), true), ForwardedMode::Append);
         assert_eq!(trusted["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.7");
         assert_eq!(trusted["forwarded"], "for=1.1.1.1;proto=https, for=10.0.0.7;proto=http");
         assert_eq!(trusted["x-forwarded-proto"], "https");
         let mut replaced = h.clone();
-        set_forwarded(&mut replaced, "10.0.0.7:4000".parse().unwrap(), ForwardedMode::Replace, true);
+        set_forwarded(&mut replaced, &Forwarding::of("10.0.0.7:4000".parse().unwrap(), true), ForwardedMode::Replace);
         assert_eq!(
             (replaced["x-forwarded-for"].to_str().unwrap(), replaced["x-forwarded-proto"].to_str().unwrap()),
             ("10.0.0.7", "http")
         );
         let mut off = h.clone();
-        set_forwarded(&mut off, "10.0.0.7:4000".parse().unwrap(), ForwardedMode::Off, false);
+        set_forwarded(&mut off, &Forwarding::of("10.0.0.7:4000".parse().unwrap(), false), ForwardedMode::Off);
         assert_eq!(off, h);
     }
 

@@ -141,7 +141,11 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
             }
         }
     }
-    let peer = forward::Peer { tcp: peer, named };
+    // Forwarding headers come from the client itself, the one a PROXY header named too.
+    let source = named.unwrap_or(peer);
+    let trusted = context.limits.http.trust_forwarded.trusts(source.ip());
+    let forwarding = Arc::new(headers::Forwarding::of(source, trusted));
+    let peer = forward::Peer { tcp: peer, named, forwarding };
     if let Err(e) = context.limits.socket.apply_to_client(&client) {
         tracing::debug!("client socket options: {e}");
     }
@@ -173,6 +177,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
     let requests = Arc::clone(&watch);
     let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
         let context = Arc::clone(&per_request);
+        let peer = peer.clone();
         let busy = requests.request(request.version() == hyper::Version::HTTP_2);
         async move {
             let response = forward::handle(request, peer, local, context).await;
@@ -220,7 +225,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
         }
     };
     if let Err(error) = ended {
-        tracing::debug!(client = %peer.client(), "HTTP connection ended: {error}");
+        tracing::debug!(client = %source, "HTTP connection ended: {error}");
     }
     metrics.active_connections.dec();
     drop(admission);
