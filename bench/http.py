@@ -139,6 +139,8 @@ def start_proxy(name, args, run, ports, b1, b2):
         # One listener serves HTTP/1.1 and h2c alike; the second port is the same service.
         # On all cores Harbor runs with its defaults (a worker per core).
         workers = "workers = 1\n" if one_core else ""
+        if name == "harbor-percore":
+            workers += 'runtime = "per-core"\nreuse_port = true\n'
         globals_extra = f'access_log = "{run}/access.log"\n' if name == "harbor-log" else ""
         strategy = "" if name == "harbor-builtin" else f'strategy = "{args.strategy}"\n'
         forwarded = 'forwarded = "off"\n' if name == "harbor-noforward" else ""
@@ -148,7 +150,7 @@ def start_proxy(name, args, run, ports, b1, b2):
                     f'listen = ["127.0.0.1:{port}", "127.0.0.1:{port_h1}"]\n'
                     f'backends = ["127.0.0.1:{b1}", "127.0.0.1:{b2}"]\nmode = "http"\n'
                     f'{strategy}{forwarded}max_connections = 20000\n')
-        argv = [args.harbor if name == "harbor" else args.baseline, "--config", conf]
+        argv = [args.baseline if name == "baseline" else args.harbor, "--config", conf]
     return harness.Server(name, argv, os.path.join(run, name), [port, port_h1], SERVER_CPU if one_core else None)
 
 

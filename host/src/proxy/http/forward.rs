@@ -378,7 +378,12 @@ async fn forward(
             return Err(refused(refusal, Some(pick), backend, line));
         };
         backend.metrics.picks.inc();
-        let Ok(slot) = crate::proxy::queue::slot(&backend, limits.queue_timeout, metrics, &mut since).await else {
+        // A free slot (or no cap) is the common case; waiting in the queue is boxed.
+        let slot = match backend.try_slot() {
+            Ok(slot) => Ok(slot),
+            Err(_) => Box::pin(crate::proxy::queue::slot(&backend, limits.queue_timeout, metrics, &mut since)).await,
+        };
+        let Ok(slot) = slot else {
             return Err(refused(Refusal::QueueTimeout, Some(pick), Some(backend.address), line));
         };
         let sender = context.upstreams.checkout(backend.address, &http.pool, metrics).await;
@@ -541,7 +546,9 @@ impl Replay {
 }
 
 /// The request as it goes out, and a copy to send again if it is idempotent, not an upgrade,
-/// and its body is empty or declared within `most` bytes (then read whole first).
+/// and its body is empty or declared within `most` bytes (then read whole first). A request
+/// with no body is answered at once; reading a body is the rare path, boxed so that the
+/// request's future stays small.
 async fn keep_for_replay(
     request: Request<ClientBody>,
     may: bool,
@@ -554,7 +561,7 @@ async fn keep_for_replay(
     let body = if body.is_end_stream() {
         Bytes::new()
     } else {
-        match body.collect_within(most).await? {
+        match Box::pin(body.collect_within(most)).await? {
             Ok(whole) => whole,
             Err(streamed) => return Ok((Request::from_parts(parts, Either::Left(streamed)), None)),
         }

@@ -94,51 +94,61 @@ impl Upstreams {
         limits: &PoolLimits,
         metrics: &ServiceMetrics,
     ) -> Result<(Sender, bool), UpstreamError> {
+        // Every request comes here: the pooled HTTP/1.1 connection is the common path; opening
+        // one and HTTP/2 are boxed, so that a request's future stays small.
         match limits.protocol {
             BackendProtocol::Http1 => {
                 while let Some(idle) = self.pop_idle(backend, limits.idle_timeout, metrics) {
                     let mut sender = idle.sender;
-                    if sender.ready().await.is_ok() {
+                    if sender.is_ready() || sender.ready().await.is_ok() {
                         metrics.upstream_reused.inc();
                         return Ok((Sender::Http1(sender), true));
                     }
                 }
-                Ok((Sender::Http1(self.open_http1(backend, limits, metrics).await?), false))
+                Ok((Sender::Http1(Box::pin(self.open_http1(backend, limits, metrics)).await?), false))
             }
-            BackendProtocol::Http2 => {
-                // The first open connection with a stream to spare; else a new one. Opening
-                // is one at a time per backend, so a burst of requests shares the connection
-                // being opened instead of each opening its own.
-                let mut one_at_a_time = None;
-                loop {
-                    if let Some((mut sender, stream)) = self.spare_stream(backend, limits.max_streams) {
-                        if sender.ready().await.is_ok() {
-                            metrics.upstream_reused.inc();
-                            return Ok((Sender::Http2(sender, stream), true));
-                        }
-                    }
-                    if one_at_a_time.is_some() {
-                        break;
-                    }
-                    // Then again once this backend's opening is ours: another task may have
-                    // opened a connection meanwhile.
-                    let opening = Arc::clone(
-                        self.opening.lock().unwrap_or_else(PoisonError::into_inner).entry(backend).or_default(),
-                    );
-                    one_at_a_time = Some(opening.lock_owned().await);
-                }
-                let sender = self.open_http2(backend, limits, metrics).await?;
-                let streams = Arc::new(AtomicU32::new(1));
-                let stream = Stream(Arc::clone(&streams));
-                self.multiplexed
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .entry(backend)
-                    .or_default()
-                    .push(Multiplexed { sender: sender.clone(), streams });
-                Ok((Sender::Http2(sender, stream), false))
-            }
+            BackendProtocol::Http2 => Box::pin(self.checkout_http2(backend, limits, metrics)).await,
         }
+    }
+
+    /// A stream of a shared HTTP/2 connection to `backend`, on a new connection if none has one
+    /// to spare.
+    async fn checkout_http2(
+        &self,
+        backend: SocketAddr,
+        limits: &PoolLimits,
+        metrics: &ServiceMetrics,
+    ) -> Result<(Sender, bool), UpstreamError> {
+        // The first open connection with a stream to spare; else a new one. Opening
+        // is one at a time per backend, so a burst of requests shares the connection
+        // being opened instead of each opening its own.
+        let mut one_at_a_time = None;
+        loop {
+            if let Some((mut sender, stream)) = self.spare_stream(backend, limits.max_streams) {
+                if sender.ready().await.is_ok() {
+                    metrics.upstream_reused.inc();
+                    return Ok((Sender::Http2(sender, stream), true));
+                }
+            }
+            if one_at_a_time.is_some() {
+                break;
+            }
+            // Then again once this backend's opening is ours: another task may have
+            // opened a connection meanwhile.
+            let opening =
+                Arc::clone(self.opening.lock().unwrap_or_else(PoisonError::into_inner).entry(backend).or_default());
+            one_at_a_time = Some(opening.lock_owned().await);
+        }
+        let sender = self.open_http2(backend, limits, metrics).await?;
+        let streams = Arc::new(AtomicU32::new(1));
+        let stream = Stream(Arc::clone(&streams));
+        self.multiplexed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(backend)
+            .or_default()
+            .push(Multiplexed { sender: sender.clone(), streams });
+        Ok((Sender::Http2(sender, stream), false))
     }
 
     /// A stream of an open HTTP/2 connection to `backend` that has one to spare, taken.
