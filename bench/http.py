@@ -131,7 +131,8 @@ def start_proxy(name, args, run, ports, b1, b2):
             f.write(NGINX.format(port=port, port_h1=port_h1, b1=b1, b2=b2, run=run, threads=threads))
         argv = ["nginx", "-c", conf, "-p", run]
     elif name in ("floor", "floor-inline"):
-        # hyper with nothing else, HTTP/1.1 only: what Harbor's HTTP mode stands on.
+        # hyper with nothing else, HTTP/1.1 keep-alive only (it passes `Connection: close` on
+        # to the backend, as it rewrites no header): what Harbor's HTTP mode stands on.
         argv = [args.floor] + (["--inline"] if name == "floor-inline" else []) + [
             f"127.0.0.1:{port_h1}", f"127.0.0.1:{b1},127.0.0.1:{b2}"]
         return harness.Server(name, argv, os.path.join(run, name), [port_h1], SERVER_CPU if one_core else None)
@@ -232,7 +233,7 @@ def main():
                 server = start_proxy(name, args, run, proxy_ports, b1, b2)
                 try:
                     for load, cmd in loads.items():
-                        if (name in variants and load != "keep-alive") or (name.startswith("floor") and load == "h2c"):
+                        if (name in variants and load != "keep-alive") or (name.startswith("floor") and load != "keep-alive"):
                             continue
                         # Warm-up, then the measured run.
                         subprocess.run(loadgen(args, [c if not c.startswith(("-d", "-D"))
