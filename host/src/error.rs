@@ -29,6 +29,8 @@ pub enum HarborError {
     AccessLog { target: String, error: std::io::Error },
     #[error("cannot set up the DNS resolver: {0}")]
     Dns(hickory_resolver::ResolveError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot start the per-core runtimes: {0}")]
     Runtime(std::io::Error),
 }

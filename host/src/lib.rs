@@ -9,6 +9,7 @@
 //!   strategy → connect → relay → report).
 //! - `strategy`: which backend a connection gets. The selector (pick, judge, fallback, revert,
 //!   shadow, watch) sits on `strategy::runtime`, the wasmtime engine and its guests.
+//! - `tls`: TLS termination: certificates by SNI, reloaded live, handshakes counted.
 //! - `backends`: the fleet's picture: the pool, membership, DNS discovery and health checks.
 //! - `control`: the control plane: shared state, reload, admin API, status page, binary
 //!   upgrade, systemd.
@@ -26,6 +27,7 @@ pub(crate) mod metrics;
 pub mod proxy;
 mod server;
 pub mod strategy;
+pub mod tls;
 
 pub use config::{Config, RunArgs};
 pub use error::HarborError;

@@ -161,6 +161,44 @@ pub struct ReloadLabel {
     pub outcome: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsHandshakeLabel {
+    pub service: String,
+    /// `1.2` or `1.3`.
+    pub version: &'static str,
+    /// `full` or `resumed`.
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabel {
+    pub service: String,
+    /// The certificate's file, as configured.
+    pub certificate: String,
+}
+
+/// One service's TLS handles, resolved once when its termination is built.
+#[derive(Debug, Clone)]
+pub struct TlsSeries {
+    service: String,
+    /// 1.2 full, 1.2 resumed, 1.3 full, 1.3 resumed.
+    pub handshakes: [Counter; 4],
+    /// In the order of `tls::Failure::ALL`.
+    pub failures: Vec<Counter>,
+    pub reloads_loaded: Counter,
+    pub reloads_rejected: Counter,
+    expiry: Family<CertificateLabel, Gauge>,
+}
+
+impl TlsSeries {
+    /// The expiry gauge of one certificate file.
+    pub fn expiry(&self, certificate: &str) -> Gauge {
+        self.expiry
+            .get_or_create(&CertificateLabel { service: self.service.clone(), certificate: certificate.to_string() })
+            .clone()
+    }
+}
+
 type HistogramFamily = Family<ServiceLabel, Histogram, fn() -> Histogram>;
 
 fn connection_duration_histogram() -> Histogram {
@@ -307,6 +345,10 @@ metrics! {
     shadow_picks: Family<ServiceLabel, Gauge> => "shadow_picks", "Picks the shadow strategy answered (since it was loaded)";
     shadow_agreed: Family<ServiceLabel, Gauge> => "shadow_agreed", "Shadow picks that chose what the active strategy chose";
     shadow_faults: Family<ServiceLabel, Gauge> => "shadow_faults", "Shadow answers refused (traps, timeouts, bad indices); never used";
+    tls_handshakes: Family<TlsHandshakeLabel, Counter> => "tls_handshakes", "TLS handshakes completed, by protocol version and kind (full, resumed)";
+    tls_handshake_failures: Family<RejectionLabel, Counter> => "tls_handshake_failures", "TLS handshakes that failed, by reason";
+    tls_certificate_expiry: Family<CertificateLabel, Gauge> => "tls_certificate_expiry_seconds", "When each certificate a service serves expires, in Unix seconds";
+    tls_certificate_reloads: Family<ReloadLabel, Counter> => "tls_certificate_reloads", "Certificate and client CA files read again after a change, by outcome (loaded, rejected: the old one serves on)";
 }
 
 impl Default for Metrics {
@@ -346,6 +388,33 @@ impl Metrics {
             relay_ends,
             http_responses,
             http_requests,
+        }
+    }
+
+    /// Resolves one service's TLS handles, once per terminator.
+    pub fn tls(&self, service: &str) -> TlsSeries {
+        let handshake = |version, kind| {
+            self.tls_handshakes.get_or_create(&TlsHandshakeLabel { service: service.to_string(), version, kind }).clone()
+        };
+        let handshakes =
+            [handshake("1.2", "full"), handshake("1.2", "resumed"), handshake("1.3", "full"), handshake("1.3", "resumed")];
+        let failures = crate::tls::Failure::ALL
+            .iter()
+            .map(|f| {
+                let label = RejectionLabel { service: service.to_string(), reason: f.as_str() };
+                self.tls_handshake_failures.get_or_create(&label).clone()
+            })
+            .collect();
+        let reload = |outcome| {
+            self.tls_certificate_reloads.get_or_create(&ReloadLabel { service: service.to_string(), outcome }).clone()
+        };
+        TlsSeries {
+            service: service.to_string(),
+            handshakes,
+            failures,
+            reloads_loaded: reload("loaded"),
+            reloads_rejected: reload("rejected"),
+            expiry: self.tls_certificate_expiry.clone(),
         }
     }
 

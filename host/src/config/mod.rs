@@ -5,6 +5,7 @@
 
 mod health;
 pub mod settings;
+mod tls;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -16,6 +17,7 @@ use serde::Serialize;
 
 pub use crate::proxy::proxy_protocol::ProxyVersion;
 pub use health::{compile_regex, AgentConfig, CheckStep, HealthConfig, HealthKind, Role};
+pub use tls::{CertificateFiles, ClientAuth, TlsConfig, TlsVersion, UnknownSni};
 use settings::{settings, Layer};
 pub use settings::{
     AddressList, AllUnhealthy, AtCap, BackendList, BackendProtocol, BackendSpec, DnsSpec, ForwardedMode, LogFormat,
@@ -526,6 +528,8 @@ pub struct ServiceConfig {
     pub health: Option<HealthConfig>,
     /// The agent check, if any.
     pub agent: Option<AgentConfig>,
+    /// TLS termination on the service's listeners, if any.
+    pub tls: Option<TlsConfig>,
     pub tunables: Tunables,
     /// The service's definition as resolved, before addresses were parsed: with `tunables`,
     /// what a reload's diff is computed from.
@@ -589,7 +593,7 @@ mod millis {
 }
 
 /// Keys a `[[service]]` table may hold beside the per-service settings.
-const SERVICE_ONLY_KEYS: &[&str] = &["name", "health", "agent"];
+const SERVICE_ONLY_KEYS: &[&str] = &["name", "health", "agent", "tls"];
 
 impl Config {
     /// Merges CLI/`HARBOR_*` values, legacy variables, the file (if any) and defaults, then
@@ -743,6 +747,15 @@ impl Config {
                         note(problems, agent).filter(|a| note(problems, a.check(&name)).is_some())
                     }
                 };
+                let tls = match table.get("tls") {
+                    None => None,
+                    Some(value) => {
+                        let tls = value.clone().try_into::<TlsConfig>().map_err(|e: toml::de::Error| {
+                            parse_error(&path, &format!("{place}: tls: {}", e.message()))
+                        });
+                        note(problems, tls).filter(|t| note(problems, t.check(&name, tunables.mode)).is_some())
+                    }
+                };
                 if definition.backends.is_none() {
                     problems.push(invalid(
                         format!("service {name}: backends"),
@@ -757,7 +770,7 @@ impl Config {
                 }
                 let setting = format!("service {name}: backends");
                 let service = service_config(name, definition, tunables, health, &setting);
-                services.extend(note(problems, service).map(|service| ServiceConfig { agent, ..service }));
+                services.extend(note(problems, service).map(|service| ServiceConfig { agent, tls, ..service }));
             }
         }
 
@@ -935,9 +948,11 @@ impl Config {
             if let Ok(tunables) = toml::Table::try_from(&service.tunables) {
                 table.extend(tunables);
             }
-            for (key, check) in
-                [("health", toml::Value::try_from(&service.health)), ("agent", toml::Value::try_from(&service.agent))]
-            {
+            for (key, check) in [
+                ("health", toml::Value::try_from(&service.health)),
+                ("agent", toml::Value::try_from(&service.agent)),
+                ("tls", toml::Value::try_from(&service.tls)),
+            ] {
                 if let Ok(value @ toml::Value::Table(_)) = check {
                     table.insert(key.into(), value);
                 }
@@ -1116,6 +1131,7 @@ fn service_config(
         shadow: definition.shadow,
         health,
         agent: None,
+        tls: None,
         tunables,
         definition: resolved,
     })

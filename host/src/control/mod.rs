@@ -260,6 +260,14 @@ impl Control {
     pub(crate) async fn build_service(&self, cfg: &ServiceConfig, workers: usize) -> Result<Arc<Service>, HarborError> {
         let strategy = self.strategy_host(cfg, workers, None)?;
         reload::load_strategy(&strategy, cfg).await?;
+        // Before anything that runs in the background: a bad certificate leaves nothing behind.
+        let tls = match &cfg.tls {
+            None => None,
+            Some(settings) => {
+                let mode = cfg.tunables.mode;
+                Some(Arc::new(crate::tls::Terminator::build(&cfg.name, settings, mode, &self.metrics, None)?))
+            }
+        };
         let background = self.lifecycle.background().child_token();
         let membership = Membership::new(
             &cfg.name,
@@ -278,6 +286,9 @@ impl Control {
         let upstreams = Arc::new(crate::proxy::http::Upstreams::default());
         let metrics = self.metrics.service(&cfg.name);
         upstreams.spawn_sweeper(membership.pool(), metrics.clone(), background.clone());
+        if let Some(terminator) = &tls {
+            crate::tls::watch_files(terminator, background.clone());
+        }
         let context = ServiceContext {
             name: Arc::from(cfg.name.as_str()),
             pool: membership.pool(),
@@ -293,6 +304,7 @@ impl Control {
                 draining: self.lifecycle.draining_token().clone(),
                 cut: self.lifecycle.cut_token().clone(),
             },
+            tls,
             #[cfg(target_os = "linux")]
             kernel_relay: self.kernel_relay.clone(),
         };

@@ -92,6 +92,8 @@ struct Prepared {
     listeners: Vec<(SocketAddr, TcpListener)>,
     strategy: Option<Arc<StrategyHost>>,
     resolver: Option<Arc<TokioResolver>>,
+    /// A new TLS termination, when `[service.tls]` or the mode changed.
+    tls: Option<Option<Arc<crate::tls::Terminator>>>,
     is_new: bool,
 }
 
@@ -170,7 +172,7 @@ impl Control {
         let mut report = ReloadReport::default();
         let mut next: Vec<Arc<Service>> = Vec::new();
         for p in prepared {
-            let Prepared { service, config, listeners, strategy, resolver, is_new } = p;
+            let Prepared { service, config, listeners, strategy, resolver, tls, is_new } = p;
             if is_new {
                 report.added.push(service.name.clone());
                 for (configured, listener) in listeners {
@@ -200,6 +202,22 @@ impl Control {
                 service.set_defer_accept(config.tunables.defer_accept_secs);
             }
             let context = service.context.load_full();
+            let tls = match tls {
+                Some(new) => {
+                    if let Some(terminator) = &new {
+                        crate::tls::watch_files(terminator, service.background.clone());
+                    }
+                    new
+                }
+                None => {
+                    // The same settings: SIGHUP reads the files again.
+                    if let Some(terminator) = &context.tls {
+                        let terminator = Arc::clone(terminator);
+                        let _ = tokio::task::spawn_blocking(move || terminator.reload_files()).await;
+                    }
+                    context.tls.clone()
+                }
+            };
             let replaced = strategy.is_some();
             let strategy = strategy.unwrap_or_else(|| Arc::clone(&context.strategy));
             service.context.store(Arc::new(ServiceContext {
@@ -214,6 +232,7 @@ impl Control {
                 upstreams: Arc::clone(&context.upstreams),
                 retry_budget: Arc::clone(&context.retry_budget),
                 ends: context.ends.clone(),
+                tls,
                 #[cfg(target_os = "linux")]
                 kernel_relay: context.kernel_relay.clone(),
             }));
@@ -274,12 +293,24 @@ impl Control {
                     } else {
                         None
                     };
+                    let tls = match (&cfg.tls, old.tls == cfg.tls && old.tunables.mode == cfg.tunables.mode) {
+                        (_, true) => None,
+                        (None, false) => Some(None),
+                        (Some(settings), false) => {
+                            let context = service.context.load();
+                            let previous = context.tls.as_deref();
+                            let mode = cfg.tunables.mode;
+                            let built = crate::tls::Terminator::build(&cfg.name, settings, mode, &self.metrics, previous)?;
+                            Some(Some(Arc::new(built)))
+                        }
+                    };
                     out.push(Prepared {
                         service: Arc::clone(service),
                         config: cfg.clone(),
                         listeners,
                         strategy,
                         resolver,
+                        tls,
                         is_new: false,
                     });
                 }
@@ -295,6 +326,7 @@ impl Control {
                         listeners,
                         strategy: None,
                         resolver: None,
+                        tls: None,
                         is_new: true,
                     });
                 }
@@ -309,6 +341,9 @@ impl Control {
 fn service_changes(old: &ServiceConfig, new: &ServiceConfig) -> Vec<Change> {
     let mut changes = old.definition.changes(&new.definition);
     changes.extend(old.tunables.changes(&new.tunables));
+    if old.tls != new.tls {
+        changes.push(Change { key: "tls", needs: Reload::NewConnections });
+    }
     changes
 }
 

@@ -127,6 +127,8 @@ pub struct ServiceContext {
     pub retry_budget: Arc<crate::proxy::http::RetryBudget>,
     /// When HTTP connections are told to finish, and when they are cut.
     pub ends: Ends,
+    /// TLS termination, if the service has `[service.tls]`.
+    pub tls: Option<Arc<crate::tls::Terminator>>,
     /// The kernel relay, when `relay = "kernel"` and it loaded.
     #[cfg(target_os = "linux")]
     pub kernel_relay: Option<Arc<crate::proxy::kernel_relay::KernelRelay>>,

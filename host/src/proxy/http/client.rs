@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::clock::Instant;
 use crate::proxy::context::ServiceContext;
+use crate::tls::stream::ClientStream;
 
 /// Harbor's answer to a client that began a request and did not finish its headers in time.
 const REQUEST_TIMEOUT: &[u8] =
@@ -150,7 +150,7 @@ enum Phase {
 
 /// The client's socket as hyper reads it, with the watch over its pauses.
 pub struct ClientIo {
-    inner: TcpStream,
+    inner: ClientStream,
     /// Bytes read before hyper took over (past a PROXY header), served first.
     early: bytes::Bytes,
     watch: Arc<Watch>,
@@ -170,7 +170,7 @@ pub struct ClientIo {
 
 impl ClientIo {
     pub fn new(
-        inner: TcpStream,
+        inner: ClientStream,
         early: Vec<u8>,
         watch: Arc<Watch>,
         keepalive: Duration,
@@ -269,7 +269,7 @@ impl AsyncRead for ClientIo {
                 if this.phase == Phase::Head {
                     // Best effort: a 408 fits in any socket buffer, and the connection ends
                     // either way.
-                    let _ = this.inner.try_write(REQUEST_TIMEOUT);
+                    this.inner.write_now(cx, REQUEST_TIMEOUT);
                     this.context.metrics.responded(408);
                 }
                 this.phase = Phase::Busy;

@@ -30,6 +30,7 @@ use crate::config::{ForwardedMode, Tunables};
 use crate::proxy::admission::Admitted;
 use crate::proxy::context::ServiceContext;
 use crate::proxy::context::TrustedSources;
+use crate::tls::stream::{ClientStream, Prefixed};
 
 pub use budget::RetryBudget;
 pub use upstream::Upstreams;
@@ -150,6 +151,17 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
         tracing::debug!("client socket options: {e}");
     }
     let local = client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let client = match &context.tls {
+        None => ClientStream::Plain(client),
+        Some(terminator) => match terminator.accept(Prefixed::new(std::mem::take(&mut early), client)).await {
+            Ok(done) => ClientStream::Tls(Box::new(done.stream)),
+            Err(failure) => {
+                tracing::debug!(client = %source, reason = failure.as_str(), "TLS handshake failed");
+                metrics.active_connections.dec();
+                return;
+            }
+        },
+    };
     let limits = &context.limits.http;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A header section that outgrows the read buffer gets 431, as do too many fields.
