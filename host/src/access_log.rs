@@ -48,6 +48,8 @@ pub enum End {
     BadRequest,
     /// HTTP mode: the client paused its request body longer than `request_body_timeout_ms`.
     RequestTimeout,
+    /// The client's TLS handshake failed (`harbor_tls_handshake_failures_total` says why).
+    TlsHandshake,
 }
 
 impl End {
@@ -65,6 +67,7 @@ impl End {
             End::RequestTooLarge => "request_too_large",
             End::BadRequest => "bad_request",
             End::RequestTimeout => "request_timeout",
+            End::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -795,6 +795,12 @@ impl Config {
                     ));
                 }
             }
+            if service.tls.is_some() && (t.peek != PeekMode::Off || t.peek_bytes > 0) {
+                problems.push(invalid(
+                    format!("service {}: peek", service.name),
+                    "a service that terminates TLS learns the SNI and ALPN from the handshake: remove peek and peek_bytes",
+                ));
+            }
             for addr in &service.listen {
                 if addr.port() != 0 && !addresses.insert(*addr) {
                     problems.push(invalid(

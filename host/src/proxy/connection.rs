@@ -17,6 +17,8 @@ use crate::proxy::peek::{peek, Peeked};
 use crate::proxy::proxy_protocol;
 use crate::proxy::relay::{relay, RelayEnd, RelayStats};
 use crate::proxy::sessions::Session;
+use crate::proxy::stream_relay::relay_tls;
+use crate::tls::stream::{ClientStream, Prefixed};
 use crate::strategy::runtime::bindings::ConnectionOutcome;
 use crate::strategy::runtime::bindings::LocalAddr;
 use crate::strategy::Placement;
@@ -97,19 +99,29 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
             }
         }
     }
-    // What the client says first, if the service peeks: read before the strategy chooses,
-    // sent to the backend before the relay.
-    let peeked = if limits.peek.is_on() {
-        peek(&mut client, &limits.peek, after_header).await
-    } else {
-        Peeked { bytes: after_header, ..Peeked::default() }
+    // A terminated client's handshake says what a peek would have (SNI, ALPN). What the
+    // client says first, if the service peeks, is read before the strategy chooses and sent to
+    // the backend before the relay.
+    let (client, peeked) = match &service.tls {
+        Some(terminator) => match terminator.accept(Prefixed::new(after_header, client)).await {
+            Ok(done) => (ClientStream::Tls(Box::new(done.stream)), Peeked { tls: Some(done.hello), ..Peeked::default() }),
+            Err(failure) => {
+                tracing::debug!(reason = failure.as_str(), "TLS handshake failed");
+                return Outcome::failed(End::TlsHandshake, None, None);
+            }
+        },
+        None if limits.peek.is_on() => {
+            let peeked = peek(&mut client, &limits.peek, after_header).await;
+            (ClientStream::Plain(client), peeked)
+        }
+        None => (ClientStream::Plain(client), Peeked { bytes: after_header, ..Peeked::default() }),
     };
     // The address the client reached: read now only for an outbound PROXY header; for a
     // strategy, only if it asks.
     let local = if limits.proxy_to_backend != ProxyVersion::Off {
-        LocalAddr::Known(client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))))
+        LocalAddr::Known(client.tcp().local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))))
     } else {
-        LocalAddr::Socket(std::os::fd::AsRawFd::as_raw_fd(&client))
+        LocalAddr::Socket(std::os::fd::AsRawFd::as_raw_fd(client.tcp()))
     };
     for attempt in 0..limits.connect_attempts {
         let pick = service.strategy.pick(&PickRequest {
@@ -257,12 +269,18 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
 /// else in user space. The kernel relay's future is boxed: only its connections pay for it.
 async fn relay_either(
     service: &ServiceContext,
-    client: TcpStream,
+    client: ClientStream,
     backend: TcpStream,
     started: tokio::time::Instant,
     session: &Session,
 ) -> RelayStats {
     let (stop, moved) = (session.stop(), (&session.to_backend, &session.to_client));
+    let client = match client {
+        ClientStream::Plain(client) => client,
+        ClientStream::Tls(tls) => {
+            return Box::pin(relay_tls(*tls, backend, started, &service.limits.relay, stop, moved)).await;
+        }
+    };
     #[cfg(target_os = "linux")]
     if let Some(kernel) = &service.kernel_relay {
         let relayed = Box::pin(kernel.relay(

@@ -6,7 +6,9 @@
 //! deadline) → [`relay`] (both ways, half-close, deadlines; [`splice`] for bulk bursts, or
 //! [`kernel_relay`] with `relay = "kernel"`). Before placing, [`proxy_protocol`] reads a trusted
 //! PROXY header and [`peek`] reads the first bytes ([`client_hello`] for TLS). [`source_limit`]
-//! caps connections per client network; [`shards`] runs all of it thread-per-core.
+//! caps connections per client network; [`shards`] runs all of it thread-per-core. With
+//! `[service.tls]` the client's side is terminated first (`crate::tls`) and relayed by
+//! [`stream_relay`].
 
 pub(crate) mod accept;
 pub(crate) mod admission;
@@ -26,6 +28,7 @@ pub(crate) mod service;
 pub(crate) mod sessions;
 pub(crate) mod shards;
 pub(crate) mod source_limit;
+pub(crate) mod stream_relay;
 #[cfg(target_os = "linux")]
 pub(crate) mod splice;
 
