@@ -394,10 +394,16 @@ impl Metrics {
     /// Resolves one service's TLS handles, once per terminator.
     pub fn tls(&self, service: &str) -> TlsSeries {
         let handshake = |version, kind| {
-            self.tls_handshakes.get_or_create(&TlsHandshakeLabel { service: service.to_string(), version, kind }).clone()
+            self.tls_handshakes
+                .get_or_create(&TlsHandshakeLabel { service: service.to_string(), version, kind })
+                .clone()
         };
-        let handshakes =
-            [handshake("1.2", "full"), handshake("1.2", "resumed"), handshake("1.3", "full"), handshake("1.3", "resumed")];
+        let handshakes = [
+            handshake("1.2", "full"),
+            handshake("1.2", "resumed"),
+            handshake("1.3", "full"),
+            handshake("1.3", "resumed"),
+        ];
         let failures = crate::tls::Failure::ALL
             .iter()
             .map(|f| {

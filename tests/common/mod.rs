@@ -5,6 +5,7 @@
 pub mod http;
 pub mod netns;
 pub mod peers;
+pub mod pki;
 pub mod process;
 
 use std::net::SocketAddr;

@@ -514,6 +514,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("binutils", "/usr/bin/objcopy"),
     ("nginx", "/usr/sbin/nginx"),
     ("iproute2", "/usr/sbin/ip"),
+    // TLS clients of tests/tls.rs.
+    ("openssl", "/usr/bin/openssl"),
+    ("curl", "/usr/bin/curl"),
     // Databases behind Harbor (tests/databases.rs).
     ("redis-server", "/usr/bin/redis-server"),
     ("redis-tools", "/usr/bin/redis-benchmark"),

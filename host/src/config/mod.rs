@@ -17,12 +17,12 @@ use serde::Serialize;
 
 pub use crate::proxy::proxy_protocol::ProxyVersion;
 pub use health::{compile_regex, AgentConfig, CheckStep, HealthConfig, HealthKind, Role};
-pub use tls::{CertificateFiles, ClientAuth, TlsConfig, TlsVersion, UnknownSni};
 use settings::{settings, Layer};
 pub use settings::{
     AddressList, AllUnhealthy, AtCap, BackendList, BackendProtocol, BackendSpec, DnsSpec, ForwardedMode, LogFormat,
     Mode, PeekMode, RelayMode, RuntimeMode, SettingDoc, SrvSpec, StatusList, WeightedSpec,
 };
+pub use tls::{CertificateFiles, ClientAuth, TlsConfig, TlsVersion, UnknownSni};
 
 /// Everything that can be wrong with a configuration. Each message is one line that names the
 /// setting at fault.

@@ -109,15 +109,24 @@ impl TlsConfig {
     pub fn check(&self, service: &str, mode: Mode) -> Result<(), ConfigError> {
         let setting = |key: &str| format!("service {service}: tls.{key}");
         if self.certificates.is_empty() || self.certificates.len() > MAX_CERTIFICATES {
-            return Err(invalid(setting("certificates"), format!("give 1 to {MAX_CERTIFICATES} {{ cert, key }} pairs")));
+            return Err(invalid(
+                setting("certificates"),
+                format!("give 1 to {MAX_CERTIFICATES} {{ cert, key }} pairs"),
+            ));
         }
         if let Some(alpn) = &self.alpn {
             if alpn.len() > MAX_ALPN || alpn.iter().any(|p| p.is_empty() || p.len() > 255 || !p.is_ascii()) {
-                return Err(invalid(setting("alpn"), format!("give up to {MAX_ALPN} protocol names of 1-255 ASCII bytes")));
+                return Err(invalid(
+                    setting("alpn"),
+                    format!("give up to {MAX_ALPN} protocol names of 1-255 ASCII bytes"),
+                ));
             }
             if mode == Mode::Http {
                 if let Some(other) = alpn.iter().find(|p| !matches!(p.as_str(), "h2" | "http/1.1" | "http/1.0")) {
-                    return Err(invalid(setting("alpn"), format!("{other:?}: HTTP mode speaks h2, http/1.1 and http/1.0")));
+                    return Err(invalid(
+                        setting("alpn"),
+                        format!("{other:?}: HTTP mode speaks h2, http/1.1 and http/1.0"),
+                    ));
                 }
             }
         }

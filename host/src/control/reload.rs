@@ -300,7 +300,8 @@ impl Control {
                             let context = service.context.load();
                             let previous = context.tls.as_deref();
                             let mode = cfg.tunables.mode;
-                            let built = crate::tls::Terminator::build(&cfg.name, settings, mode, &self.metrics, previous)?;
+                            let built =
+                                crate::tls::Terminator::build(&cfg.name, settings, mode, &self.metrics, previous)?;
                             Some(Some(Arc::new(built)))
                         }
                     };

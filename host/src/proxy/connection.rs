@@ -18,11 +18,11 @@ use crate::proxy::proxy_protocol;
 use crate::proxy::relay::{relay, RelayEnd, RelayStats};
 use crate::proxy::sessions::Session;
 use crate::proxy::stream_relay::relay_tls;
-use crate::tls::stream::{ClientStream, Prefixed};
 use crate::strategy::runtime::bindings::ConnectionOutcome;
 use crate::strategy::runtime::bindings::LocalAddr;
 use crate::strategy::Placement;
 use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest};
+use crate::tls::stream::{ClientStream, Prefixed};
 use tokio::io::AsyncWriteExt;
 
 /// Serves one accepted client. The admission holds its places under the caps until the end.
@@ -103,8 +103,10 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
     // client says first, if the service peeks, is read before the strategy chooses and sent to
     // the backend before the relay.
     let (client, peeked) = match &service.tls {
-        Some(terminator) => match terminator.accept(Prefixed::new(after_header, client)).await {
-            Ok(done) => (ClientStream::Tls(Box::new(done.stream)), Peeked { tls: Some(done.hello), ..Peeked::default() }),
+        Some(terminator) => match Box::pin(terminator.accept(Prefixed::new(after_header, client))).await {
+            Ok(done) => {
+                (ClientStream::Tls(Box::new(done.stream)), Peeked { tls: Some(done.hello), ..Peeked::default() })
+            }
             Err(failure) => {
                 tracing::debug!(reason = failure.as_str(), "TLS handshake failed");
                 return Outcome::failed(End::TlsHandshake, None, None);

@@ -28,8 +28,8 @@ pub(crate) mod service;
 pub(crate) mod sessions;
 pub(crate) mod shards;
 pub(crate) mod source_limit;
-pub(crate) mod stream_relay;
 #[cfg(target_os = "linux")]
 pub(crate) mod splice;
+pub(crate) mod stream_relay;
 
 pub use relay::RelayEnd;

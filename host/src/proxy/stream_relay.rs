@@ -57,6 +57,8 @@ where
             return to.shutdown().await;
         }
         to.write_all(&buffer[..n]).await?;
+        // TLS holds what the socket did not take: pushed out now, not at the next write.
+        to.flush().await?;
         moved.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
     }

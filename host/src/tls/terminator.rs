@@ -180,13 +180,19 @@ fn load_all(service: &str, settings: &TlsConfig, provider: &CryptoProvider) -> R
         .collect()
 }
 
+/// The verifier of client certificates, and the digest of the CA file it was built from.
+struct ClientCa {
+    verifier: Arc<dyn ClientCertVerifier>,
+    digest: [u8; 32],
+}
+
 /// The verifier of client certificates, if the service asks for them.
 fn client_verifier(
     service: &str,
     settings: &TlsConfig,
     provider: &Arc<CryptoProvider>,
-) -> Result<(Option<Arc<dyn ClientCertVerifier>>, Option<[u8; 32]>), TlsError> {
-    let Some(path) = &settings.client_ca else { return Ok((None, None)) };
+) -> Result<Option<ClientCa>, TlsError> {
+    let Some(path) = &settings.client_ca else { return Ok(None) };
     let cert_error = |source| TlsError::Certificate { service: service.to_string(), source };
     let pem = certs::read_pem(path).map_err(cert_error)?;
     let mut roots = RootCertStore::empty();
@@ -206,7 +212,7 @@ fn client_verifier(
         what: format!("client_ca {}: {e}", path.display()),
     })?;
     use sha2::Digest;
-    Ok((Some(verifier), Some(sha2::Sha256::digest(&pem).into())))
+    Ok(Some(ClientCa { verifier, digest: sha2::Sha256::digest(&pem).into() }))
 }
 
 fn server_config(
@@ -256,14 +262,17 @@ impl Terminator {
     ) -> Result<Terminator, TlsError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let entries = load_all(service, settings, &provider)?;
-        let (verifier, ca_digest) = client_verifier(service, settings, &provider)?;
+        let client_ca = client_verifier(service, settings, &provider)?;
+        let ca_digest = client_ca.as_ref().map(|ca| ca.digest);
+        let verifier = client_ca.map(|ca| ca.verifier);
         let resumption = match previous {
             Some(previous) if previous.settings.session_tickets == settings.session_tickets => {
                 previous.resumption.clone()
             }
             _ => Resumption {
                 cache: (settings.session_cache > 0).then(|| {
-                    rustls::server::ServerSessionMemoryCache::new(settings.session_cache) as Arc<dyn StoresServerSessions>
+                    rustls::server::ServerSessionMemoryCache::new(settings.session_cache)
+                        as Arc<dyn StoresServerSessions>
                 }),
                 tickets: match settings.session_tickets {
                     false => None,
@@ -377,7 +386,9 @@ impl Terminator {
         if digest.is_some() && digest == *current {
             return;
         }
-        let rebuilt = client_verifier(&self.service, &self.settings, &self.provider).and_then(|(verifier, digest)| {
+        let rebuilt = client_verifier(&self.service, &self.settings, &self.provider).and_then(|ca| {
+            let digest = ca.as_ref().map(|ca| ca.digest);
+            let verifier = ca.map(|ca| ca.verifier);
             let config = server_config(
                 &self.service,
                 &self.settings,

@@ -72,16 +72,24 @@ pub struct Forwarding {
     xff: HeaderValue,
     /// This hop's element of `Forwarded`.
     forwarded: HeaderValue,
+    /// `http`, or `https` for a client whose TLS Harbor terminated.
+    proto: HeaderValue,
     /// The client may extend a chain it brings (`trust_forwarded_from`).
     pub trusted: bool,
 }
 
 impl Forwarding {
-    pub fn of(client: SocketAddr, trusted: bool) -> Forwarding {
+    pub fn of(client: SocketAddr, trusted: bool, tls: bool) -> Forwarding {
         let ip = client.ip();
         let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
+        let proto = if tls { "https" } else { "http" };
         let value = |text: String| HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("unknown"));
-        Forwarding { xff: value(ip.to_string()), forwarded: value(format!("for={node};proto=http")), trusted }
+        Forwarding {
+            xff: value(ip.to_string()),
+            forwarded: value(format!("for={node};proto={proto}")),
+            proto: HeaderValue::from_static(proto),
+            trusted,
+        }
     }
 }
 
@@ -117,7 +125,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &Forwarding, mode: Forward
     };
     headers.insert(XFF, xff);
     headers.insert(FORWARDED, forwarded);
-    headers.insert(XFP, proto.unwrap_or(HeaderValue::from_static("http")));
+    headers.insert(XFP, proto.unwrap_or_else(|| client.proto.clone()));
 }
 
 /// True for a gRPC call (`content-type: application/grpc…`).
@@ -282,7 +290,7 @@ mod tests {
     fn forwarding_headers_name_the_client_and_replace_what_it_sent() {
         let mut h = HeaderMap::new();
         h.insert(HeaderName::from_static("x-forwarded-for"), HeaderValue::from_static("6.6.6.6"));
-        set_forwarded(&mut h, &Forwarding::of("[::1]:4000".parse().unwrap(), false), ForwardedMode::Append);
+        set_forwarded(&mut h, &Forwarding::of("[::1]:4000".parse().unwrap(), false, false), ForwardedMode::Append);
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -293,18 +301,26 @@ mod tests {
         h.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
         h.insert(HeaderName::from_static("forwarded"), HeaderValue::from_static("for=1.1.1.1;proto=https"));
         let mut trusted = h.clone();
-        set_forwarded(&mut trusted, &Forwarding::of("10.0.0.7:4000".parse().unwrap(), true), ForwardedMode::Append);
+        set_forwarded(
+            &mut trusted,
+            &Forwarding::of("10.0.0.7:4000".parse().unwrap(), true, false),
+            ForwardedMode::Append,
+        );
         assert_eq!(trusted["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.7");
         assert_eq!(trusted["forwarded"], "for=1.1.1.1;proto=https, for=10.0.0.7;proto=http");
         assert_eq!(trusted["x-forwarded-proto"], "https");
         let mut replaced = h.clone();
-        set_forwarded(&mut replaced, &Forwarding::of("10.0.0.7:4000".parse().unwrap(), true), ForwardedMode::Replace);
+        set_forwarded(
+            &mut replaced,
+            &Forwarding::of("10.0.0.7:4000".parse().unwrap(), true, false),
+            ForwardedMode::Replace,
+        );
         assert_eq!(
             (replaced["x-forwarded-for"].to_str().unwrap(), replaced["x-forwarded-proto"].to_str().unwrap()),
             ("10.0.0.7", "http")
         );
         let mut off = h.clone();
-        set_forwarded(&mut off, &Forwarding::of("10.0.0.7:4000".parse().unwrap(), false), ForwardedMode::Off);
+        set_forwarded(&mut off, &Forwarding::of("10.0.0.7:4000".parse().unwrap(), false, false), ForwardedMode::Off);
         assert_eq!(off, h);
     }
 

@@ -145,7 +145,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
     // Forwarding headers come from the client itself, the one a PROXY header named too.
     let source = named.unwrap_or(peer);
     let trusted = context.limits.http.trust_forwarded.trusts(source.ip());
-    let forwarding = Arc::new(headers::Forwarding::of(source, trusted));
+    let forwarding = Arc::new(headers::Forwarding::of(source, trusted, context.tls.is_some()));
     let peer = forward::Peer { tcp: peer, named, forwarding };
     if let Err(e) = context.limits.socket.apply_to_client(&client) {
         tracing::debug!("client socket options: {e}");
@@ -153,14 +153,16 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
     let local = client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
     let client = match &context.tls {
         None => ClientStream::Plain(client),
-        Some(terminator) => match terminator.accept(Prefixed::new(std::mem::take(&mut early), client)).await {
-            Ok(done) => ClientStream::Tls(Box::new(done.stream)),
-            Err(failure) => {
-                tracing::debug!(client = %source, reason = failure.as_str(), "TLS handshake failed");
-                metrics.active_connections.dec();
-                return;
+        Some(terminator) => {
+            match Box::pin(terminator.accept(Prefixed::new(std::mem::take(&mut early), client))).await {
+                Ok(done) => ClientStream::Tls(Box::new(done.stream)),
+                Err(failure) => {
+                    tracing::debug!(client = %source, reason = failure.as_str(), "TLS handshake failed");
+                    metrics.active_connections.dec();
+                    return;
+                }
             }
-        },
+        }
     };
     let limits = &context.limits.http;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

@@ -1,0 +1,303 @@
+//! TLS termination against real clients (curl, openssl s_client): SNI chooses the certificate
+//! (wildcards, ECDSA and RSA), ALPN `h2` gives HTTP/2 in HTTP mode, an unknown SNI gets the
+//! default certificate or a refusal, TCP mode relays the plaintext exactly, client
+//! certificates are checked, and a certificate replaced under load fails no handshake while
+//! a bad replacement is refused and the old one serves on.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::http::{curl, HttpBackend};
+use common::pki::{python_tls_exchange, s_client, Ca, Key, Leaf};
+use common::{Scrape, TestHarbor};
+
+/// `[service.tls]` with `certificates` and any more keys written as TOML (`extra`).
+fn tls_table(certificates: &[(&Path, &Path)], extra: &str) -> String {
+    let list: Vec<String> = certificates
+        .iter()
+        .map(|(cert, key)| {
+            format!("{{ cert = {:?}, key = {:?} }}", cert.display().to_string(), key.display().to_string())
+        })
+        .collect();
+    let extra = if extra.is_empty() { String::new() } else { format!(", {extra}") };
+    format!("{{ certificates = [{}]{extra} }}", list.join(", "))
+}
+
+/// curl to `https://{name}:{port}{path}` resolved to Harbor, trusting `ca`.
+fn https_args(name: &str, addr: SocketAddr, ca: &Path, path: &str) -> Vec<String> {
+    vec![
+        "--cacert".into(),
+        ca.display().to_string(),
+        "--resolve".into(),
+        format!("{name}:{}:127.0.0.1", addr.port()),
+        format!("https://{name}:{}{path}", addr.port()),
+    ]
+}
+
+async fn curl_owned(args: &[String]) -> String {
+    curl(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
+/// Runs curl, returning whether it succeeded (no assertion).
+async fn curl_ok(args: &[String]) -> bool {
+    tokio::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "--max-time", "10"])
+        .args(args)
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate_and_alpn_h2_gives_http2_in_http_mode() {
+    let dir = common::temp_dir("tls-sni");
+    let ca = Ca::new(&dir, "ca");
+    let a = ca.issue(&dir, "a", &["a.test", "*.wild.test"], Leaf::SERVER);
+    let b = ca.issue(&dir, "b", &["b.test"], Leaf { key: Key::Rsa, ..Leaf::SERVER });
+    let backend = HttpBackend::start("h0").await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| {
+            s.backends(&[backend.addr])
+                .set("mode", "http")
+                .set_toml("tls", &tls_table(&[(&a.0, &a.1), (&b.0, &b.1)], ""))
+        })
+        .start()
+        .await;
+    let web = harbor.addr_of("web").expect("web");
+
+    // ALPN h2: curl speaks HTTP/2; the backend hears HTTP/1.1 with the client's scheme.
+    let mut args = https_args("a.test", web, &ca.pem, "/one");
+    args.extend(["-w".into(), "version %{http_version}\n".into()]);
+    let out = curl_owned(&args).await;
+    assert!(out.contains("version 2\n"), "HTTP/2 by ALPN: {out}");
+    assert!(out.contains("backend h0 GET /one HTTP/1.1"), "{out}");
+    assert!(out.contains("x-forwarded-proto: https\n"), "{out}");
+    assert!(out.contains("forwarded: for=127.0.0.1;proto=https\n"), "{out}");
+    args.insert(0, "--http1.1".into());
+    let out = curl_owned(&args).await;
+    assert!(out.contains("version 1.1\n"), "HTTP/1.1 when the client offers only it: {out}");
+
+    // Each name gets the certificate that names it (curl checks the name against the CA).
+    for name in ["b.test", "x.wild.test", "a.test"] {
+        let out = curl_owned(&https_args(name, web, &ca.pem, "/")).await;
+        assert!(out.contains("backend h0 GET / HTTP/1.1"), "{name}: {out}");
+    }
+    let rsa = s_client(web, &["-servername", "b.test", "-no_ign_eof"], b"").await;
+    assert!(rsa.text.contains("CN = b.test") && rsa.text.contains("rsaEncryption"), "{}", rsa.text);
+    // An unknown name, or none, gets the default: the first certificate.
+    for args in [&["-servername", "nobody.test", "-no_ign_eof"][..], &["-noservername", "-no_ign_eof"][..]] {
+        let out = s_client(web, args, b"").await;
+        assert!(out.text.contains("CN = a.test"), "{args:?}: {}", out.text);
+    }
+
+    let admin = harbor.admin_addr.expect("admin");
+    let m = Scrape::fetch(admin).await;
+    let full = m.get("harbor_tls_handshakes_total{service=\"web\",version=\"1.3\",kind=\"full\"}");
+    assert!(full >= 7.0, "{full} full TLS 1.3 handshakes");
+    let expiry =
+        m.get(&format!("harbor_tls_certificate_expiry_seconds{{service=\"web\",certificate=\"{}\"}}", a.0.display()));
+    assert_eq!(expiry, 2051222400.0, "2035-01-01 in Unix seconds");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_sni_is_refused_when_configured_and_failures_are_counted_by_reason() {
+    let dir = common::temp_dir("tls-refuse");
+    let ca = Ca::new(&dir, "ca");
+    let a = ca.issue(&dir, "a", &["a.test"], Leaf::SERVER);
+    let backend = HttpBackend::start("h0").await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| {
+            s.backends(&[backend.addr])
+                .set("mode", "http")
+                .set_toml("tls", &tls_table(&[(&a.0, &a.1)], "unknown_sni = \"refuse\", handshake_timeout_ms = 500"))
+        })
+        .start()
+        .await;
+    let web = harbor.addr_of("web").expect("web");
+    let refused = s_client(web, &["-servername", "nobody.test", "-no_ign_eof"], b"").await;
+    assert!(!refused.text.contains("CN = a.test"), "no certificate for an unknown name: {}", refused.text);
+    let none = s_client(web, &["-noservername", "-no_ign_eof"], b"").await;
+    assert!(!none.text.contains("CN = a.test"), "none without a name: {}", none.text);
+    assert!(curl_ok(&https_args("a.test", web, &ca.pem, "/")).await, "the known name is served");
+    // Plain HTTP to the TLS port, and a client that never says anything.
+    let plain = tokio::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", &format!("http://{web}/")])
+        .output()
+        .await
+        .expect("curl runs");
+    assert!(!plain.status.success() || !String::from_utf8_lossy(&plain.stdout).contains("backend"));
+    let silent = tokio::net::TcpStream::connect(web).await.expect("connect");
+    let admin = harbor.admin_addr.expect("admin");
+    let failures = |m: &Scrape, reason: &str| {
+        m.get(&format!("harbor_tls_handshake_failures_total{{service=\"web\",reason=\"{reason}\"}}"))
+    };
+    let m = Scrape::fetch_until(admin, |m| failures(m, "timeout") >= 1.0).await;
+    assert_eq!(failures(&m, "unknown_sni"), 2.0);
+    assert_eq!(failures(&m, "not_tls"), 1.0);
+    assert_eq!(failures(&m, "timeout"), 1.0);
+    drop(silent);
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_mode_terminates_tls_and_relays_the_plaintext_exactly() {
+    let dir = common::temp_dir("tls-tcp");
+    let ca = Ca::new(&dir, "ca");
+    let a = ca.issue(&dir, "a", &["a.test"], Leaf::SERVER);
+    let (echo, _stop) = common::echo_backend("e0").await;
+    let harbor = TestHarbor::new()
+        .service("tcp", |s| s.backends(&[echo]).set_toml("tls", &tls_table(&[(&a.0, &a.1)], "")))
+        .start()
+        .await;
+    let addr = harbor.addr_of("tcp").expect("tcp");
+    let payload = common::pattern(4 << 20, 7);
+    let greeting = b"e0\n";
+    let got = python_tls_exchange(addr, &ca.pem, "a.test", &payload, greeting.len() + payload.len()).await;
+    assert!(got.starts_with(greeting), "the echo backend's greeting first");
+    assert_eq!(got.len() - greeting.len(), payload.len(), "every byte back");
+    assert_eq!(common::sha256(&got[greeting.len()..]), common::sha256(&payload), "the same bytes back");
+    let admin = harbor.admin_addr.expect("admin");
+    let m = Scrape::fetch_until(admin, |m| m.sum("harbor_relay_ends_total") >= 1.0).await;
+    assert_eq!(m.get("harbor_relay_ends_total{service=\"tcp\",end=\"completed\"}"), 1.0, "a clean end both ways");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_from_the_ca_are_accepted_and_the_rest_refused_and_counted() {
+    let dir = common::temp_dir("tls-mtls");
+    let ca = Ca::new(&dir, "ca");
+    let other = Ca::new(&dir, "other-ca");
+    let server = ca.issue(&dir, "a", &["a.test"], Leaf::SERVER);
+    let good = ca.issue(&dir, "good", &["client.test"], Leaf::CLIENT);
+    let expired = ca.issue(&dir, "expired", &["client.test"], Leaf { expired: true, ..Leaf::CLIENT });
+    let stranger = other.issue(&dir, "stranger", &["client.test"], Leaf::CLIENT);
+    let backend = HttpBackend::start("h0").await;
+    let extra = format!("client_ca = {:?}", ca.pem.display().to_string());
+    let harbor = TestHarbor::new()
+        .service("web", |s| {
+            s.backends(&[backend.addr])
+                .set("mode", "http")
+                .set_toml("tls", &tls_table(&[(&server.0, &server.1)], &extra))
+        })
+        .start()
+        .await;
+    let web = harbor.addr_of("web").expect("web");
+    let with = |cert: &(std::path::PathBuf, std::path::PathBuf)| {
+        let mut args = https_args("a.test", web, &ca.pem, "/");
+        args.extend(["--cert".into(), cert.0.display().to_string(), "--key".into(), cert.1.display().to_string()]);
+        args
+    };
+    assert!(curl_ok(&with(&good)).await, "a client certificate from the CA is accepted");
+    assert!(!curl_ok(&https_args("a.test", web, &ca.pem, "/")).await, "no certificate: refused");
+    assert!(!curl_ok(&with(&expired)).await, "an expired certificate: refused");
+    assert!(!curl_ok(&with(&stranger)).await, "another CA's certificate: refused");
+    assert_eq!(backend.requests("GET"), 1, "only the good client reached the backend");
+    let admin = harbor.admin_addr.expect("admin");
+    let failures = |m: &Scrape, reason: &str| {
+        m.get(&format!("harbor_tls_handshake_failures_total{{service=\"web\",reason=\"{reason}\"}}"))
+    };
+    let m = Scrape::fetch_until(admin, |m| m.sum("harbor_tls_handshake_failures_total") >= 3.0).await;
+    assert_eq!(failures(&m, "client_certificate_missing"), 1.0);
+    assert_eq!(failures(&m, "client_certificate_expired"), 1.0);
+    assert_eq!(failures(&m, "client_certificate_invalid"), 1.0);
+    harbor.stop().await.expect("stop");
+}
+
+/// Replaces `target` by `source`'s contents the way a deploy tool should: a new file renamed
+/// over the old one.
+fn replace_file(source: &Path, target: &Path) {
+    let staged = target.with_extension("staged");
+    std::fs::copy(source, &staged).expect("stage");
+    std::fs::rename(&staged, target).expect("rename");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_replaced_under_load_fails_no_handshake_and_a_bad_one_is_refused() {
+    let dir = common::temp_dir("tls-replace");
+    let live = dir.join("live");
+    std::fs::create_dir_all(&live).expect("mkdir");
+    let ca = Ca::new(&dir, "ca");
+    let first = ca.issue(&live, "a", &["a.test"], Leaf::SERVER);
+    let second = ca.issue(&dir, "second", &["a.test", "www.a.test"], Leaf::SERVER);
+    let expired = ca.issue(&dir, "expired", &["a.test"], Leaf { expired: true, ..Leaf::SERVER });
+    let renamed = ca.issue(&dir, "renamed", &["b.test"], Leaf::SERVER);
+    let backend = HttpBackend::start("h0").await;
+    let harbor = TestHarbor::new()
+        .service("web", |s| {
+            s.backends(&[backend.addr]).set("mode", "http").set_toml("tls", &tls_table(&[(&first.0, &first.1)], ""))
+        })
+        .start()
+        .await;
+    let web = harbor.addr_of("web").expect("web");
+    let admin = harbor.admin_addr.expect("admin");
+    let reloads = |m: &Scrape, outcome: &str| {
+        m.get(&format!("harbor_tls_certificate_reloads_total{{service=\"web\",outcome=\"{outcome}\"}}"))
+    };
+
+    // 8 clients, each curl a new process and so a full handshake, for the whole test.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (stop, args) = (stop.clone(), https_args("a.test", web, &ca.pem, "/"));
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            for _ in 0..100_000 {
+                if stop.is_cancelled() {
+                    break;
+                }
+                if curl_ok(&args).await {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // A good new certificate: the key first, then the certificate (each renamed into place).
+    replace_file(&second.1, &first.1);
+    replace_file(&second.0, &first.0);
+    let m = Scrape::fetch_until(admin, |m| reloads(m, "loaded") >= 1.0).await;
+    assert_eq!(reloads(&m, "loaded"), 1.0, "loaded once, when both files had changed");
+    let served = s_client(web, &["-servername", "www.a.test", "-no_ign_eof"], b"").await;
+    let second_pem = std::fs::read_to_string(&second.0).expect("read");
+    let block = |text: &str| {
+        let start = text.find("-----BEGIN CERTIFICATE-----").unwrap_or(0);
+        let end = text.find("-----END CERTIFICATE-----").map_or(text.len(), |e| e + 25);
+        text[start..end].to_string()
+    };
+    assert_eq!(block(&served.text), block(&second_pem), "the new certificate serves");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Bad replacements: an expired certificate, one for other names, and a key that is not
+    // the certificate's. Each is refused and counted; the one serving stays.
+    let mut rejected = reloads(&m, "rejected");
+    for (cert, key) in [(&expired.0, &expired.1), (&renamed.0, &renamed.1), (&second.0, &renamed.1)] {
+        replace_file(key, &first.1);
+        replace_file(cert, &first.0);
+        let m = Scrape::fetch_until(admin, |m| reloads(m, "rejected") > rejected).await;
+        rejected = reloads(&m, "rejected");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let m = Scrape::fetch(admin).await;
+    assert_eq!(reloads(&m, "loaded"), 1.0, "nothing bad was loaded");
+    let served = s_client(web, &["-servername", "www.a.test", "-no_ign_eof"], b"").await;
+    assert_eq!(block(&served.text), block(&second_pem), "the good certificate still serves");
+
+    stop.cancel();
+    let (mut ok, mut failed) = (0, 0);
+    for client in clients {
+        let (o, f) = client.await.expect("a client");
+        (ok, failed) = (ok + o, failed + f);
+    }
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert!(ok >= 40, "only {ok} handshakes under load");
+    let m = Scrape::fetch(admin).await;
+    assert_eq!(m.sum("harbor_tls_handshake_failures_total"), 0.0, "no handshake failed");
+    harbor.stop().await.expect("stop");
+}
