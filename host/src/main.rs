@@ -199,6 +199,30 @@ fn main() -> ExitCode {
                 for warning in config.warnings(open_files_limit()) {
                     println!("# warning: {warning}");
                 }
+                // TLS files are read and checked as a start would: each certificate's names
+                // and days left, or the first problem of each service.
+                let mut bad_tls = 0;
+                for service in &config.services {
+                    let Some(tls) = &service.tls else { continue };
+                    match harbor::tls::Terminator::check_files(&service.name, tls) {
+                        Ok(certificates) => {
+                            let now = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs() as i64);
+                            for (name, not_after) in certificates {
+                                let days = (not_after - now) / 86_400;
+                                println!("# tls: service {}: {name}: expires in {days} days", service.name);
+                            }
+                        }
+                        Err(error) => {
+                            eprintln!("harbor: configuration error: {error}");
+                            bad_tls += 1;
+                        }
+                    }
+                }
+                if bad_tls > 0 {
+                    return ExitCode::from(2);
+                }
                 println!("# configuration is valid");
                 ExitCode::SUCCESS
             }
