@@ -100,6 +100,12 @@ async fn sni_picks_the_certificate_and_alpn_h2_gives_http2_in_http_mode() {
     let expiry =
         m.get(&format!("harbor_tls_certificate_expiry_seconds{{service=\"web\",certificate=\"{}\"}}", a.0.display()));
     assert_eq!(expiry, 2051222400.0, "2035-01-01 in Unix seconds");
+    // The status page lists what is served.
+    let (_, status) = common::admin_get(admin, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    let first = &status["services"][0]["certificates"][0];
+    assert_eq!(first["names"], serde_json::json!(["a.test", "*.wild.test"]), "{status}");
+    assert_eq!(first["not_after_unix"], 2051222400, "{status}");
     harbor.stop().await.expect("stop");
 }
 

@@ -74,6 +74,16 @@ pub struct ServiceStatus {
     pub generation: u64,
     pub strategy: StrategyStatus,
     pub backends: Vec<BackendView>,
+    /// With `[service.tls]`: the certificates served, each with its names and expiry.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CertificateStatus {
+    pub file: String,
+    pub names: Vec<String>,
+    pub not_after_unix: i64,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -166,6 +176,16 @@ pub fn status(control: &Control, history: bool) -> Status {
                 generation: context.pool.load().generation(),
                 strategy: context.strategy.status(),
                 backends: service.membership.views(),
+                certificates: context.tls.as_ref().map_or(Vec::new(), |tls| {
+                    let certificates = tls.certificates().into_iter();
+                    certificates
+                        .map(|(file, names, not_after_unix)| CertificateStatus {
+                            file: file.display().to_string(),
+                            names,
+                            not_after_unix,
+                        })
+                        .collect()
+                }),
             }
         })
         .collect();

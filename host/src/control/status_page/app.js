@@ -245,7 +245,12 @@ function serviceSection(s, now) {
   const colored = tracked.map((t, i) => ({ t, color: COLORS[i % COLORS.length] }));
   return el("section", { class: "service", "data-service": s.name },
     el("h2", { text: s.name }),
-    el("div", { class: "meta", text: `${http ? "HTTP" : "TCP"} · listening on ${s.listen.join(", ") || "nothing"} · membership generation ${s.generation}` }),
+    el("div", { class: "meta", text: `${http ? "HTTP" : "TCP"}${s.certificates ? " over TLS" : ""} · listening on ${s.listen.join(", ") || "nothing"} · membership generation ${s.generation}` }),
+    ...(s.certificates || []).map(c => {
+      const days = Math.floor((c.not_after_unix * 1000 - now) / 86400000);
+      return el("div", { class: "meta certificate" + (days < 14 ? " warn" : ""),
+        text: `certificate ${c.names.join(", ") || c.file}: expires in ${days} days`, title: c.file });
+    }),
     el("div", { class: "tiles" },
       tile("active connections", s.active_connections),
       tile("queued clients", queued, queued > 0 ? "warn" : ""),
