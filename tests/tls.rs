@@ -2,7 +2,8 @@
 //! (wildcards, ECDSA and RSA), ALPN `h2` gives HTTP/2 in HTTP mode, an unknown SNI gets the
 //! default certificate or a refusal, TCP mode relays the plaintext exactly, client
 //! certificates are checked, and a certificate replaced under load fails no handshake while
-//! a bad replacement is refused and the old one serves on.
+//! a bad replacement is refused and the old one serves on. TLS to backends (nginx) is verified:
+//! a self-signed, expired or misnamed certificate is refused, the right CA's is used.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::http::{curl, HttpBackend};
-use common::pki::{python_tls_exchange, s_client, Ca, Key, Leaf};
+use common::pki::{python_tls_exchange, s_client, self_signed, Ca, Key, Leaf};
 use common::{Scrape, TestHarbor};
 
 /// `[service.tls]` with `certificates` and any more keys written as TOML (`extra`).
@@ -305,5 +306,57 @@ async fn a_certificate_replaced_under_load_fails_no_handshake_and_a_bad_one_is_r
     assert!(ok >= 40, "only {ok} handshakes under load");
     let m = Scrape::fetch(admin).await;
     assert_eq!(m.sum("harbor_tls_handshake_failures_total"), 0.0, "no handshake failed");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_backends_is_verified_and_a_wrong_certificate_is_refused() {
+    let dir = common::temp_dir("tls-origin");
+    let ca = Ca::new(&dir, "ca");
+    let good = ca.issue(&dir, "good", &["backend.test"], Leaf::SERVER);
+    let expired = ca.issue(&dir, "expired", &["backend.test"], Leaf { expired: true, ..Leaf::SERVER });
+    let misnamed = ca.issue(&dir, "misnamed", &["other.test"], Leaf::SERVER);
+    let alone = self_signed(&dir, "alone", &["backend.test"]);
+    let ports: Vec<u16> = (0..4).map(|_| common::free_port()).collect();
+    let mut servers = String::new();
+    for (port, (cert, key)) in ports.iter().zip([&good, &expired, &misnamed, &alone]) {
+        servers.push_str(&format!(
+            "  server {{\n    listen 127.0.0.1:{port} ssl http2;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    location / {{ return 200 \"nginx $server_port $server_protocol\\n\"; }}\n  }}\n",
+            cert.display(),
+            key.display()
+        ));
+    }
+    let addrs: Vec<SocketAddr> = ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
+    let _nginx = common::peers::Nginx::start(dir.clone(), &servers, &addrs).await;
+    let tls_to = |s: common::TestService, backend: SocketAddr| {
+        s.backends(&[backend])
+            .set("backend_tls", true)
+            .set("backend_ca", ca.pem.display().to_string())
+            .set("backend_sni", "backend.test")
+            .set("connect_attempts", 1)
+    };
+    let harbor = TestHarbor::new()
+        .service("good", |s| tls_to(s, addrs[0]).set("mode", "http"))
+        .service("good-h2", |s| tls_to(s, addrs[0]).set("mode", "http").set("backend_protocol", "http2"))
+        .service("good-tcp", |s| tls_to(s, addrs[0]))
+        .service("expired", |s| tls_to(s, addrs[1]).set("mode", "http"))
+        .service("misnamed", |s| tls_to(s, addrs[2]).set("mode", "http"))
+        .service("self-signed", |s| tls_to(s, addrs[3]).set("mode", "http"))
+        .start()
+        .await;
+    let get = |service: &str| format!("http://{}/", harbor.addr_of(service).expect("service"));
+    let out = curl(&["-w", "%{http_code}\n", &get("good")]).await;
+    assert_eq!(out, format!("nginx {} HTTP/1.1\n200\n", ports[0]), "HTTP/1.1 over TLS to nginx");
+    let out = curl(&["-w", "%{http_code}\n", &get("good-h2")]).await;
+    assert_eq!(out, format!("nginx {} HTTP/2.0\n200\n", ports[0]), "HTTP/2 by ALPN to nginx");
+    let out = curl(&["-w", "%{http_code}\n", &get("good-tcp")]).await;
+    assert_eq!(out, format!("nginx {} HTTP/1.1\n200\n", ports[0]), "TCP mode: the client's bytes over TLS");
+    let admin = harbor.admin_addr.expect("admin");
+    for service in ["expired", "misnamed", "self-signed"] {
+        let out = curl(&["-w", "%{http_code}\n", &get(service)]).await;
+        assert!(!out.contains("nginx") && out.ends_with("502\n"), "{service}: refused: {out}");
+        let m = Scrape::fetch(admin).await;
+        assert_eq!(m.get(&format!("harbor_dial_failures_total{{service=\"{service}\"}}")), 1.0, "{service}");
+    }
     harbor.stop().await.expect("stop");
 }

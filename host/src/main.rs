@@ -206,11 +206,8 @@ fn main() -> ExitCode {
                     let Some(tls) = &service.tls else { continue };
                     match harbor::tls::Terminator::check_files(&service.name, tls) {
                         Ok(certificates) => {
-                            let now = std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map_or(0, |d| d.as_secs() as i64);
-                            for (name, not_after) in certificates {
-                                let days = (not_after - now) / 86_400;
+                            for (name, left) in certificates {
+                                let days = left / 86_400;
                                 println!("# tls: service {}: {name}: expires in {days} days", service.name);
                             }
                         }

@@ -77,6 +77,17 @@ impl Ca {
     }
 }
 
+/// A self-signed certificate for `names` at `dir/{stem}.pem`, its key at `dir/{stem}.key`.
+pub fn self_signed(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let key = KeyPair::generate().expect("a key");
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = CertificateParams::new(names).expect("params").self_signed(&key).expect("self-signed");
+    let (cert_path, key_path) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
+    std::fs::write(&cert_path, cert.pem()).expect("write the certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write the key");
+    (cert_path, key_path)
+}
+
 /// What `openssl s_client` printed and whether it succeeded.
 pub struct SClient {
     pub ok: bool,

@@ -511,24 +511,27 @@ impl Membership {
         let live: HashMap<SocketAddr, &Member> = current.members().iter().map(|m| (m.backend.address, m)).collect();
 
         // Sources in order of precedence; a later listing of an address is a duplicate.
-        let mut listed: Vec<(BackendConfig, Source)> = Vec::new();
+        let mut listed: Vec<(BackendConfig, Source, Option<Arc<str>>)> = Vec::new();
         let mut seen = HashSet::new();
         for b in &state.static_list {
             if !state.deleted.contains(&b.address) && seen.insert(b.address) {
-                listed.push((b.clone(), Source::Static));
+                listed.push((b.clone(), Source::Static, None));
             }
         }
         let untagged: Tags = Arc::from([]);
         let mut twice = Vec::new();
         for (key, answer) in &state.dns {
             let tags = state.dns_tags.get(key).unwrap_or(&untagged);
+            // An A/AAAA name's key is `name:port`; SRV targets are not kept.
+            let host: Option<Arc<str>> =
+                key.strip_prefix("srv:").is_none().then(|| key.rsplit_once(':').map(|(n, _)| Arc::from(n))).flatten();
             for (address, weight) in answer {
                 if state.deleted.contains(address) {
                     continue;
                 }
                 if seen.insert(*address) {
                     let backend = BackendConfig { tags: Arc::clone(tags), ..BackendConfig::new(*address, *weight) };
-                    listed.push((backend, Source::Dns));
+                    listed.push((backend, Source::Dns, host.clone()));
                 } else {
                     twice.push(*address);
                 }
@@ -539,7 +542,7 @@ impl Membership {
         for (address, (_, weight, tags)) in api {
             if seen.insert(*address) {
                 let backend = BackendConfig { tags: Arc::clone(tags), ..BackendConfig::new(*address, *weight) };
-                listed.push((backend, Source::Api));
+                listed.push((backend, Source::Api, None));
             } else {
                 twice.push(*address);
             }
@@ -554,7 +557,7 @@ impl Membership {
         state.reported_twice = twice.into_iter().collect();
 
         let mut members = Vec::with_capacity(listed.len() + state.removing.len());
-        for (listing, source) in listed {
+        for (listing, source, host) in listed {
             let (address, weight) = (listing.address, listing.weight);
             let change = state.overrides.get(&address).copied().unwrap_or_default();
             let backend = match live.get(&address) {
@@ -598,6 +601,7 @@ impl Membership {
                 source,
                 tags: listing.tags,
                 name: listing.name.map(Arc::from),
+                host,
                 backup: listing.backup,
                 removing: false,
             });

@@ -507,6 +507,8 @@ pub struct Member {
     pub tags: Arc<[String]>,
     /// The operator's name for it, if any.
     pub name: Option<Arc<str>>,
+    /// The DNS name it was resolved from (A/AAAA backends): whom TLS to it must reach.
+    pub host: Option<Arc<str>>,
     /// Takes clients only while no primary backend is eligible.
     pub backup: bool,
     /// True while the backend is being removed: it takes no new connection, and leaves the
@@ -547,6 +549,7 @@ impl BackendPool {
                 source: Source::Static,
                 tags: Arc::clone(&c.tags),
                 name: c.name.as_deref().map(Arc::from),
+                host: None,
                 backup: c.backup,
                 removing: false,
             })

@@ -232,6 +232,18 @@ settings! {
     proxy_protocol_timeout_ms: u64 = 3000, env "HARBOR_PROXY_PROTOCOL_TIMEOUT_MS", range 1..=60000, reload NewConnections;
     /// How long a peek waits for the client's first bytes before placing it without them, in ms.
     peek_timeout_ms: u64 = 1000, env "HARBOR_PEEK_TIMEOUT_MS", range 1..=60000, reload NewConnections;
+    /// Speak TLS to the backends (both modes), verified against backend-ca for backend-sni.
+    backend_tls: bool = false, env "HARBOR_BACKEND_TLS", alone "true", reload NewConnections;
+    /// PEM file of the CAs a backend's certificate must chain to; none: the system's (/etc/ssl/certs/ca-certificates.crt).
+    backend_ca: PathBuf, env "HARBOR_BACKEND_CA", reload NewConnections;
+    /// The name sent to backends as SNI and verified in their certificates; none: the backend's DNS name, else its IP address.
+    backend_sni: String, env "HARBOR_BACKEND_SNI", reload NewConnections;
+    /// A client certificate (PEM chain) for backends that ask for one, with backend-key.
+    backend_cert: PathBuf, env "HARBOR_BACKEND_CERT", reload NewConnections;
+    /// The key of backend-cert (PEM).
+    backend_key: PathBuf, env "HARBOR_BACKEND_KEY", reload NewConnections;
+    /// Accept any certificate from backends, unverified: for tests only, and said at start.
+    insecure_skip_verify: bool = false, env "HARBOR_INSECURE_SKIP_VERIFY", alone "true", reload NewConnections;
 }
 
 impl Tunables {

@@ -268,6 +268,7 @@ impl Control {
                 Some(Arc::new(crate::tls::Terminator::build(&cfg.name, settings, mode, &self.metrics, None)?))
             }
         };
+        let origin = crate::tls::Originator::for_service(cfg, None)?;
         let background = self.lifecycle.background().child_token();
         let membership = Membership::new(
             &cfg.name,
@@ -305,6 +306,7 @@ impl Control {
                 cut: self.lifecycle.cut_token().clone(),
             },
             tls,
+            origin,
             #[cfg(target_os = "linux")]
             kernel_relay: self.kernel_relay.clone(),
         };

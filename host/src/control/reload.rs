@@ -94,6 +94,8 @@ struct Prepared {
     resolver: Option<Arc<TokioResolver>>,
     /// A new TLS termination, when `[service.tls]` or the mode changed.
     tls: Option<Option<Arc<crate::tls::Terminator>>>,
+    /// TLS to backends as the new settings say (the running one, if they are the same).
+    origin: Option<Arc<crate::tls::Originator>>,
     is_new: bool,
 }
 
@@ -172,7 +174,7 @@ impl Control {
         let mut report = ReloadReport::default();
         let mut next: Vec<Arc<Service>> = Vec::new();
         for p in prepared {
-            let Prepared { service, config, listeners, strategy, resolver, tls, is_new } = p;
+            let Prepared { service, config, listeners, strategy, resolver, tls, origin, is_new } = p;
             if is_new {
                 report.added.push(service.name.clone());
                 for (configured, listener) in listeners {
@@ -233,6 +235,7 @@ impl Control {
                 retry_budget: Arc::clone(&context.retry_budget),
                 ends: context.ends.clone(),
                 tls,
+                origin,
                 #[cfg(target_os = "linux")]
                 kernel_relay: context.kernel_relay.clone(),
             }));
@@ -305,6 +308,7 @@ impl Control {
                             Some(Some(Arc::new(built)))
                         }
                     };
+                    let origin = crate::tls::Originator::for_service(cfg, service.context.load().origin.as_ref())?;
                     out.push(Prepared {
                         service: Arc::clone(service),
                         config: cfg.clone(),
@@ -312,6 +316,7 @@ impl Control {
                         strategy,
                         resolver,
                         tls,
+                        origin,
                         is_new: false,
                     });
                 }
@@ -328,6 +333,7 @@ impl Control {
                         strategy: None,
                         resolver: None,
                         tls: None,
+                        origin: None,
                         is_new: true,
                     });
                 }

@@ -11,19 +11,66 @@ use tracing::Instrument;
 use crate::access_log::{End, Record};
 use crate::config::ProxyVersion;
 use crate::proxy::admission::Admitted;
-use crate::proxy::connect::connect;
+use crate::proxy::connect::{connect, ConnectError};
 use crate::proxy::context::ServiceContext;
 use crate::proxy::peek::{peek, Peeked};
 use crate::proxy::proxy_protocol;
 use crate::proxy::relay::{relay, RelayEnd, RelayStats};
 use crate::proxy::sessions::Session;
-use crate::proxy::stream_relay::relay_tls;
+use crate::proxy::stream_relay::relay_streams;
 use crate::strategy::runtime::bindings::ConnectionOutcome;
 use crate::strategy::runtime::bindings::LocalAddr;
 use crate::strategy::Placement;
 use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest};
-use crate::tls::stream::{ClientStream, Prefixed};
+use crate::tls::stream::{BackendStream, ClientStream, OverTcp, Prefixed};
 use tokio::io::AsyncWriteExt;
+
+/// Why a backend could not be reached.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("the backend did not take the PROXY header: {0}")]
+    Header(std::io::Error),
+    #[error("TLS to the backend failed: {0}")]
+    Tls(std::io::Error),
+}
+
+impl DialError {
+    /// Out of descriptors or memory here: no other backend would do better.
+    fn is_local(&self) -> bool {
+        matches!(self, DialError::Connect(e) if e.is_local())
+    }
+}
+
+/// A connection to `address`, with TLS if the service speaks it to backends (`header` first,
+/// on the socket).
+async fn dial(
+    service: &ServiceContext,
+    address: SocketAddr,
+    host: Option<&str>,
+    header: &[u8],
+) -> Result<BackendStream, DialError> {
+    let limits = &service.limits;
+    let mut tcp = connect(address, limits.connect_timeout, &limits.socket).await?;
+    let Some(origin) = &service.origin else { return Ok(BackendStream::Plain(tcp)) };
+    if !header.is_empty() {
+        match tokio::time::timeout(limits.connect_timeout, tcp.write_all(header)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(DialError::Header(e)),
+            Err(_) => return Err(DialError::Header(std::io::ErrorKind::TimedOut.into())),
+        }
+    }
+    let handshake = Box::pin(origin.connect(tcp, host, address));
+    match tokio::time::timeout(limits.connect_timeout, handshake).await {
+        Ok(Ok(tls)) => Ok(BackendStream::Tls(Box::new(tls))),
+        Ok(Err(e)) => Err(DialError::Tls(e)),
+        Err(_) => Err(DialError::Tls(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no handshake within connect_timeout_ms",
+        ))),
+    }
+}
 
 /// Serves one accepted client. The admission holds its places under the caps until the end.
 pub async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<ServiceContext>, admission: Admitted) {
@@ -162,7 +209,13 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
             return Outcome::failed(End::QueueTimeout, Some(pick), Some(backend.address));
         };
         metrics.dials.inc();
-        match connect(backend.address, limits.connect_timeout, &limits.socket).await {
+        // With TLS to backends, a PROXY header goes before the handshake, on the socket.
+        let header = match (&service.origin, limits.proxy_to_backend) {
+            (None, _) | (_, ProxyVersion::Off) => Vec::new(),
+            (Some(_), version) => proxy_protocol::header(version, proxied_client.unwrap_or(peer), local.resolve()),
+        };
+        let host = pool.member(index).and_then(|m| m.host.clone());
+        match dial(service, backend.address, host.as_deref(), &header).await {
             Ok(mut stream) => {
                 let relay_started = Instant::now();
                 let connect_time = relay_started - dial_started;
@@ -170,8 +223,9 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
                 let _active = backend.track_active();
                 // Listed (`ctl sessions`) until it ends; its bytes count as they move.
                 let session = service.sessions.open(proxied_client.unwrap_or(peer), backend);
-                // The PROXY header for the backend, then what the client already sent.
-                let first = if limits.proxy_to_backend == ProxyVersion::Off {
+                // The PROXY header for the backend (unless TLS sent it), then what the client
+                // already sent.
+                let first = if limits.proxy_to_backend == ProxyVersion::Off || service.origin.is_some() {
                     std::borrow::Cow::Borrowed(peeked.bytes.as_slice())
                 } else {
                     let mut first = proxy_protocol::header(
@@ -183,7 +237,11 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
                     std::borrow::Cow::Owned(first)
                 };
                 if !first.is_empty() {
-                    let sent = tokio::time::timeout(limits.connect_timeout, stream.write_all(&first)).await;
+                    let sent = tokio::time::timeout(limits.connect_timeout, async {
+                        stream.write_all(&first).await?;
+                        stream.flush().await
+                    })
+                    .await;
                     if !matches!(sent, Ok(Ok(()))) {
                         tracing::debug!("the backend did not take the peeked bytes: closing the client");
                         return Outcome {
@@ -272,15 +330,16 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
 async fn relay_either(
     service: &ServiceContext,
     client: ClientStream,
-    backend: TcpStream,
+    backend: BackendStream,
     started: tokio::time::Instant,
     session: &Session,
 ) -> RelayStats {
     let (stop, moved) = (session.stop(), (&session.to_backend, &session.to_client));
-    let client = match client {
-        ClientStream::Plain(client) => client,
-        ClientStream::Tls(tls) => {
-            return Box::pin(relay_tls(*tls, backend, started, &service.limits.relay, stop, moved)).await;
+    // TLS on either side: its bytes go through a buffer, never zero-copy.
+    let (client, backend) = match (client, backend) {
+        (ClientStream::Plain(client), BackendStream::Plain(backend)) => (client, backend),
+        (client, backend) => {
+            return Box::pin(relay_streams(client, backend, started, &service.limits.relay, stop, moved)).await;
         }
     };
     #[cfg(target_os = "linux")]

@@ -129,6 +129,8 @@ pub struct ServiceContext {
     pub ends: Ends,
     /// TLS termination, if the service has `[service.tls]`.
     pub tls: Option<Arc<crate::tls::Terminator>>,
+    /// TLS to backends, if `backend_tls`.
+    pub origin: Option<Arc<crate::tls::Originator>>,
     /// The kernel relay, when `relay = "kernel"` and it loaded.
     #[cfg(target_os = "linux")]
     pub kernel_relay: Option<Arc<crate::proxy::kernel_relay::KernelRelay>>,

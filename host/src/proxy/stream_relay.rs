@@ -1,6 +1,6 @@
-//! The relay for a client whose bytes are not the socket's (TLS terminated here): each way a
-//! copy through a buffer, an end passed on as a half-close (TLS `close_notify` to the client,
-//! a FIN to the backend), under the same deadlines, stops and counts as [`relay`]'s.
+//! The relay for connections whose bytes are not the socket's (TLS terminated here, or TLS to
+//! the backend): each way a copy through a buffer, an end passed on as a half-close (TLS
+//! `close_notify`, or a FIN), under the same deadlines, stops and counts as [`relay`]'s.
 //! Zero-copy and the kernel relay need the bytes as they are on the wire, so they stay
 //! [`relay`]'s.
 //!
@@ -10,13 +10,12 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use socket2::SockRef;
+use std::os::fd::{AsRawFd, RawFd};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::proxy::relay::{RelayEnd, RelayLimits, RelayStats, Stop};
-use crate::tls::stream::TlsClient;
+use crate::tls::stream::OverTcp;
 
 /// Bytes one read takes: a TLS record's worth of plaintext.
 const CHUNK: usize = 16 * 1024;
@@ -39,7 +38,7 @@ impl Activity {
 }
 
 /// Copies `from` to `to` until `from` ends, then ends `to`'s writing side.
-async fn copy<R, W>(mut from: R, mut to: W, moved: &AtomicU64, activity: &Activity) -> io::Result<()>
+async fn copy_until_end<R, W>(from: &mut R, to: &mut W, moved: &AtomicU64, activity: &Activity) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -48,8 +47,8 @@ where
     loop {
         let n = match from.read(&mut buffer).await {
             Ok(n) => n,
-            // A TLS client that closes without `close_notify` (many do) has ended, as a plain
-            // client's FIN would say.
+            // A TLS peer that closes without `close_notify` (many do) has ended, as a plain
+            // peer's FIN would say.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
             Err(e) => return Err(e),
         };
@@ -64,23 +63,34 @@ where
     }
 }
 
-/// Relays a TLS client and its backend until both ways have ended, a deadline passes, or
-/// `stop` says so.
-pub async fn relay_tls(
-    client: TlsClient,
-    mut backend: TcpStream,
+/// Relays a client and its backend, either or both over TLS, until both ways have ended, a
+/// deadline passes, or `stop` says so.
+pub async fn relay_streams<C, B>(
+    client: C,
+    backend: B,
     started: Instant,
     limits: &RelayLimits,
     stop: Stop<'_>,
     moved: (&AtomicU64, &AtomicU64),
-) -> RelayStats {
+) -> RelayStats
+where
+    C: AsyncRead + AsyncWrite + OverTcp + Unpin,
+    B: AsyncRead + AsyncWrite + OverTcp + Unpin,
+{
     let activity = Activity { start: started, last_ms: AtomicU64::new(0) };
     let before = (moved.0.load(Ordering::Relaxed), moved.1.load(Ordering::Relaxed));
-    let (client_read, client_write) = tokio::io::split(client);
-    let end = relay_halves(client_read, client_write, &mut backend, limits, stop, moved, &activity).await;
+    let sockets = [client.tcp().as_raw_fd(), backend.tcp().as_raw_fd()];
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut backend_read, mut backend_write) = tokio::io::split(backend);
+    let up = copy_until_end(&mut client_read, &mut backend_write, moved.0, &activity);
+    let down = copy_until_end(&mut backend_read, &mut client_write, moved.1, &activity);
+    let end = relay_both(up, down, limits, stop, &activity).await;
     if matches!(end, RelayEnd::Reset | RelayEnd::Error(_)) {
-        // A cut on one side is passed on as a reset, never as an end that looks clean.
-        let _ = SockRef::from(&backend).set_linger(Some(Duration::ZERO));
+        // A cut on one side is passed on as a reset, never as an end that looks clean. Both
+        // sockets are open: their halves are still here.
+        for fd in sockets {
+            reset_on_close(fd);
+        }
     }
     RelayStats {
         to_backend: moved.0.load(Ordering::Relaxed) - before.0,
@@ -90,19 +100,30 @@ pub async fn relay_tls(
     }
 }
 
-async fn relay_halves(
-    client_read: tokio::io::ReadHalf<TlsClient>,
-    client_write: tokio::io::WriteHalf<TlsClient>,
-    backend: &mut TcpStream,
+/// SO_LINGER 0: closing the socket sends RST.
+fn reset_on_close(fd: RawFd) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: `fd` is an open socket (its owner is alive in the caller), and the option's
+    // value is a `linger` of the size given.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::addr_of!(linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+async fn relay_both(
+    up: impl std::future::Future<Output = io::Result<()>>,
+    down: impl std::future::Future<Output = io::Result<()>>,
     limits: &RelayLimits,
     stop: Stop<'_>,
-    moved: (&AtomicU64, &AtomicU64),
     activity: &Activity,
 ) -> RelayEnd {
     let started = activity.start;
-    let (backend_read, backend_write) = backend.split();
-    let up = copy(client_read, backend_write, moved.0, activity);
-    let down = copy(backend_read, client_write, moved.1, activity);
     tokio::pin!(up, down);
     let lifetime_at = limits.lifetime.map(|l| started + l);
     let mut half_close_at = None;

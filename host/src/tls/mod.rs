@@ -1,13 +1,16 @@
 //! TLS termination, in either mode: certificates read and checked ([`certs`]), chosen by the
 //! client's SNI ([`sni`]), served by a service's [`Terminator`] (handshake, resumption, client
-//! certificates, counts), and read again when their files change ([`watch`]). The streams a
+//! certificates, counts), and read again when their files change ([`watch`]). TLS to
+//! backends is [`origin`]'s. The streams a
 //! connection runs on, plain or TLS, are [`stream`]'s.
 
 mod certs;
+mod origin;
 mod sni;
 pub(crate) mod stream;
 mod terminator;
 mod watch;
 
+pub use origin::Originator;
 pub use terminator::{Failure, Terminated, Terminator, TlsError};
 pub use watch::watch_files;

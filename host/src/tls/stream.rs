@@ -1,6 +1,6 @@
-//! The client's side of a connection as the proxy reads it: the socket itself, or TLS over it.
-//! Bytes read before the handshake (past a PROXY header) are handed to TLS first
-//! ([`Prefixed`]).
+//! Either side of a connection as the proxy reads it: the socket itself, or TLS over it
+//! ([`ClientStream`], [`BackendStream`]). Bytes read before a client's handshake (past a PROXY
+//! header) are handed to TLS first ([`Prefixed`]).
 
 use std::io;
 use std::pin::Pin;
@@ -73,15 +73,36 @@ pub enum ClientStream {
     Tls(Box<TlsClient>),
 }
 
-impl ClientStream {
-    /// The socket under it.
-    pub fn tcp(&self) -> &TcpStream {
+/// A backend connection, plain or TLS (`backend_tls`).
+pub enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// A stream over a TCP socket, which it can name (for socket options).
+pub trait OverTcp {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl OverTcp for ClientStream {
+    fn tcp(&self) -> &TcpStream {
         match self {
             ClientStream::Plain(tcp) => tcp,
             ClientStream::Tls(tls) => tls.get_ref().0.get_ref(),
         }
     }
+}
 
+impl OverTcp for BackendStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            BackendStream::Plain(tcp) => tcp,
+            BackendStream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl ClientStream {
     /// Writes what fits now, without waiting: a last word before the connection closes.
     pub fn write_now(&mut self, cx: &mut Context<'_>, bytes: &[u8]) {
         match self {
@@ -101,11 +122,11 @@ impl ClientStream {
 macro_rules! both {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {
-            ClientStream::Plain($s) => {
+            Self::Plain($s) => {
                 let $s = Pin::new($s);
                 $e
             }
-            ClientStream::Tls($s) => {
+            Self::Tls($s) => {
                 let $s = Pin::new($s.as_mut());
                 $e
             }
@@ -113,37 +134,44 @@ macro_rules! both {
     };
 }
 
-impl AsyncRead for ClientStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        both!(self, s => s.poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        both!(self, s => s.poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        both!(self, s => s.poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientStream::Plain(tcp) => tcp.is_write_vectored(),
-            ClientStream::Tls(tls) => tls.is_write_vectored(),
+macro_rules! plain_or_tls {
+    ($ty:ident) => {
+        impl AsyncRead for $ty {
+            fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+                both!(self, s => s.poll_read(cx, buf))
+            }
         }
-    }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        both!(self, s => s.poll_flush(cx))
-    }
+        impl AsyncWrite for $ty {
+            fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+                both!(self, s => s.poll_write(cx, buf))
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        both!(self, s => s.poll_shutdown(cx))
-    }
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                both!(self, s => s.poll_write_vectored(cx, bufs))
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    Self::Plain(tcp) => tcp.is_write_vectored(),
+                    Self::Tls(tls) => tls.is_write_vectored(),
+                }
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                both!(self, s => s.poll_flush(cx))
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                both!(self, s => s.poll_shutdown(cx))
+            }
+        }
+    };
 }
+
+plain_or_tls!(ClientStream);
+plain_or_tls!(BackendStream);

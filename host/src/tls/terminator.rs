@@ -302,12 +302,13 @@ impl Terminator {
     }
 
     /// Reads and checks every file of `settings` without serving them (`harbor check`): each
-    /// certificate's first name and expiry, in Unix seconds.
+    /// certificate's first name and the seconds it has left.
     pub fn check_files(service: &str, settings: &TlsConfig) -> Result<Vec<(String, i64)>, TlsError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let entries = load_all(service, settings, &provider)?;
         client_verifier(service, settings, &provider)?;
-        Ok(entries.iter().map(|e| (e.names.first().cloned().unwrap_or_default(), e.not_after)).collect())
+        let now = now_unix();
+        Ok(entries.iter().map(|e| (e.names.first().cloned().unwrap_or_default(), e.not_after - now)).collect())
     }
 
     /// The files to watch.

@@ -22,7 +22,7 @@ use crate::config::BackendProtocol;
 use crate::proxy::context::ServiceContext;
 use crate::proxy::http::body::{BodyError, ClientBody};
 use crate::proxy::http::headers::{self, Refusal};
-use crate::proxy::http::upstream::{Outgoing, Sender};
+use crate::proxy::http::upstream::{self, Outgoing, Sender};
 use crate::strategy::runtime::bindings::{ConnectionOutcome, LocalAddr};
 use crate::strategy::{failed_outcome, micros, millis, Pick, PickRequest, Placement};
 
@@ -151,7 +151,8 @@ impl Drop for Finish {
     fn drop(&mut self) {
         let context = &self.context;
         if let (true, Kept::Http1(sender)) = (self.completed, std::mem::replace(&mut self.kept, Kept::Nothing)) {
-            context.upstreams.give_back(self.backend.address, sender, &context.limits.http.pool, &context.metrics);
+            let target = (self.backend.address, context.origin.as_ref().map_or(0, |o| o.id));
+            context.upstreams.give_back(target, sender, &context.limits.http.pool, &context.metrics);
         }
         let took = self.started.elapsed();
         self.backend.metrics.http().ended(took);
@@ -199,6 +200,8 @@ pub struct Peer {
     pub tcp: SocketAddr,
     pub named: Option<SocketAddr>,
     pub forwarding: Arc<headers::Forwarding>,
+    /// What the client's TLS handshake said (SNI, ALPN), when Harbor terminated it.
+    pub tls: Option<Arc<crate::strategy::runtime::bindings::TlsFacts>>,
 }
 
 impl Peer {
@@ -363,7 +366,7 @@ async fn forward(
             attempt,
             excluded: &excluded,
             ignore_checks_when_all_fail: limits.ignore_checks_when_all_fail,
-            tls: None,
+            tls: peer.tls.as_deref(),
             first_bytes: &[],
             proxied_client: peer.named,
         });
@@ -386,7 +389,11 @@ async fn forward(
         let Ok(slot) = slot else {
             return Err(refused(Refusal::QueueTimeout, Some(pick), Some(backend.address), line));
         };
-        let sender = context.upstreams.checkout(backend.address, &http.pool, metrics).await;
+        let dial = upstream::Dial {
+            origin: context.origin.as_deref(),
+            host: pool.member(index).and_then(|m| m.host.as_deref()),
+        };
+        let sender = context.upstreams.checkout(backend.address, dial, &http.pool, metrics).await;
         let (sender, reused) = match sender {
             Ok(got) => got,
             Err(error) => {

@@ -146,16 +146,15 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
     let source = named.unwrap_or(peer);
     let trusted = context.limits.http.trust_forwarded.trusts(source.ip());
     let forwarding = Arc::new(headers::Forwarding::of(source, trusted, context.tls.is_some()));
-    let peer = forward::Peer { tcp: peer, named, forwarding };
     if let Err(e) = context.limits.socket.apply_to_client(&client) {
         tracing::debug!("client socket options: {e}");
     }
     let local = client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let client = match &context.tls {
-        None => ClientStream::Plain(client),
+    let (client, hello) = match &context.tls {
+        None => (ClientStream::Plain(client), None),
         Some(terminator) => {
             match Box::pin(terminator.accept(Prefixed::new(std::mem::take(&mut early), client))).await {
-                Ok(done) => ClientStream::Tls(Box::new(done.stream)),
+                Ok(done) => (ClientStream::Tls(Box::new(done.stream)), Some(Arc::new(done.hello))),
                 Err(failure) => {
                     tracing::debug!(client = %source, reason = failure.as_str(), "TLS handshake failed");
                     metrics.active_connections.dec();
@@ -164,6 +163,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
             }
         }
     };
+    let peer = forward::Peer { tcp: peer, named, forwarding, tls: hello };
     let limits = &context.limits.http;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A header section that outgrows the read buffer gets 431, as do too many fields.

@@ -3,7 +3,8 @@
 //! `backend_idle_timeout_ms`. HTTP/2: multiplexed connections per backend, each carrying at
 //! most `backend_max_streams` streams; another is opened when they are all taken. A pooled
 //! connection is checked before use; one that closed meanwhile hands the request back, so it
-//! goes on a new connection, never lost.
+//! goes on a new connection, never lost. With `backend_tls` the connections are TLS, and pooled
+//! apart from those made with other TLS settings (a [`Target`] is an address and the settings).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use crate::clock::Instant;
 use crate::config::BackendProtocol;
 use crate::metrics::ServiceMetrics;
 use crate::proxy::connect::{connect, ConnectError, SocketOptions};
+use crate::tls::stream::BackendStream;
 
 /// A request body on its way to a backend: the client's, streamed, or none (a bodiless
 /// request sent again after a pooled connection failed under it).
@@ -51,6 +53,26 @@ pub enum UpstreamError {
     Connect(#[from] ConnectError),
     #[error("HTTP handshake with the backend failed: {0}")]
     Handshake(hyper::Error),
+    #[error("TLS to the backend failed: {0}")]
+    Tls(std::io::Error),
+}
+
+/// Where pooled connections go: a backend's address, and the TLS settings they were made with
+/// (0: none).
+pub type Target = (SocketAddr, u64);
+
+/// What a new connection to a backend needs beside its address.
+#[derive(Clone, Copy)]
+pub struct Dial<'a> {
+    pub origin: Option<&'a crate::tls::Originator>,
+    /// The backend's DNS name, for TLS.
+    pub host: Option<&'a str>,
+}
+
+impl Dial<'_> {
+    pub fn target(&self, address: SocketAddr) -> Target {
+        (address, self.origin.map_or(0, |o| o.id))
+    }
 }
 
 struct Idle {
@@ -61,12 +83,12 @@ struct Idle {
 /// The backend connections of one service (shared by every context of it, across reloads).
 #[derive(Default)]
 pub struct Upstreams {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: Mutex<HashMap<Target, Vec<Idle>>>,
     /// The idle timeout of the latest context, for the sweeper.
     idle_timeout_ms: AtomicU64,
-    multiplexed: Mutex<HashMap<SocketAddr, Vec<Multiplexed>>>,
+    multiplexed: Mutex<HashMap<Target, Vec<Multiplexed>>>,
     /// Held while an HTTP/2 connection to a backend is being opened.
-    opening: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    opening: Mutex<HashMap<Target, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// One HTTP/2 connection to a backend, and its streams in flight.
@@ -91,23 +113,25 @@ impl Upstreams {
     pub async fn checkout(
         &self,
         backend: SocketAddr,
+        dial: Dial<'_>,
         limits: &PoolLimits,
         metrics: &ServiceMetrics,
     ) -> Result<(Sender, bool), UpstreamError> {
+        let target = dial.target(backend);
         // Every request comes here: the pooled HTTP/1.1 connection is the common path; opening
         // one and HTTP/2 are boxed, so that a request's future stays small.
         match limits.protocol {
             BackendProtocol::Http1 => {
-                while let Some(idle) = self.pop_idle(backend, limits.idle_timeout, metrics) {
+                while let Some(idle) = self.pop_idle(target, limits.idle_timeout, metrics) {
                     let mut sender = idle.sender;
                     if sender.is_ready() || sender.ready().await.is_ok() {
                         metrics.upstream_reused.inc();
                         return Ok((Sender::Http1(sender), true));
                     }
                 }
-                Ok((Sender::Http1(Box::pin(self.open_http1(backend, limits, metrics)).await?), false))
+                Ok((Sender::Http1(Box::pin(self.open_http1(backend, dial, limits, metrics)).await?), false))
             }
-            BackendProtocol::Http2 => Box::pin(self.checkout_http2(backend, limits, metrics)).await,
+            BackendProtocol::Http2 => Box::pin(self.checkout_http2(backend, dial, limits, metrics)).await,
         }
     }
 
@@ -116,6 +140,7 @@ impl Upstreams {
     async fn checkout_http2(
         &self,
         backend: SocketAddr,
+        dial: Dial<'_>,
         limits: &PoolLimits,
         metrics: &ServiceMetrics,
     ) -> Result<(Sender, bool), UpstreamError> {
@@ -124,7 +149,7 @@ impl Upstreams {
         // being opened instead of each opening its own.
         let mut one_at_a_time = None;
         loop {
-            if let Some((mut sender, stream)) = self.spare_stream(backend, limits.max_streams) {
+            if let Some((mut sender, stream)) = self.spare_stream(dial.target(backend), limits.max_streams) {
                 if sender.ready().await.is_ok() {
                     metrics.upstream_reused.inc();
                     return Ok((Sender::Http2(sender, stream), true));
@@ -135,24 +160,25 @@ impl Upstreams {
             }
             // Then again once this backend's opening is ours: another task may have
             // opened a connection meanwhile.
-            let opening =
-                Arc::clone(self.opening.lock().unwrap_or_else(PoisonError::into_inner).entry(backend).or_default());
+            let opening = Arc::clone(
+                self.opening.lock().unwrap_or_else(PoisonError::into_inner).entry(dial.target(backend)).or_default(),
+            );
             one_at_a_time = Some(opening.lock_owned().await);
         }
-        let sender = self.open_http2(backend, limits, metrics).await?;
+        let sender = self.open_http2(backend, dial, limits, metrics).await?;
         let streams = Arc::new(AtomicU32::new(1));
         let stream = Stream(Arc::clone(&streams));
         self.multiplexed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(backend)
+            .entry(dial.target(backend))
             .or_default()
             .push(Multiplexed { sender: sender.clone(), streams });
         Ok((Sender::Http2(sender, stream), false))
     }
 
     /// A stream of an open HTTP/2 connection to `backend` that has one to spare, taken.
-    fn spare_stream(&self, backend: SocketAddr, max_streams: usize) -> Option<(http2::SendRequest<Outgoing>, Stream)> {
+    fn spare_stream(&self, backend: Target, max_streams: usize) -> Option<(http2::SendRequest<Outgoing>, Stream)> {
         let mut all = self.multiplexed.lock().unwrap_or_else(PoisonError::into_inner);
         let list = all.get_mut(&backend)?;
         list.retain(|m| !m.sender.is_closed());
@@ -165,7 +191,7 @@ impl Upstreams {
     /// shared). Dropped instead if the pool for its backend is full.
     pub fn give_back(
         &self,
-        backend: SocketAddr,
+        backend: Target,
         sender: http1::SendRequest<Outgoing>,
         limits: &PoolLimits,
         metrics: &ServiceMetrics,
@@ -184,7 +210,7 @@ impl Upstreams {
     }
 
     /// The most recently used idle connection that has not timed out or closed.
-    fn pop_idle(&self, backend: SocketAddr, timeout: Duration, metrics: &ServiceMetrics) -> Option<Idle> {
+    fn pop_idle(&self, backend: Target, timeout: Duration, metrics: &ServiceMetrics) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(&backend)?;
         while let Some(entry) = list.pop() {
@@ -200,7 +226,7 @@ impl Upstreams {
     /// in `keep`.
     fn sweep(&self, timeout: Duration, keep: &dyn Fn(SocketAddr) -> bool, metrics: &ServiceMetrics) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|backend, list| {
+        idle.retain(|(backend, _), list| {
             let before = list.len();
             if keep(*backend) {
                 list.retain(|e| !e.sender.is_closed() && e.since.elapsed() < timeout);
@@ -213,11 +239,11 @@ impl Upstreams {
             !list.is_empty()
         });
         drop(idle);
-        self.multiplexed.lock().unwrap_or_else(PoisonError::into_inner).retain(|backend, list| {
+        self.multiplexed.lock().unwrap_or_else(PoisonError::into_inner).retain(|(backend, _), list| {
             list.retain(|m| !m.sender.is_closed());
             keep(*backend) && !list.is_empty()
         });
-        self.opening.lock().unwrap_or_else(PoisonError::into_inner).retain(|backend, _| keep(*backend));
+        self.opening.lock().unwrap_or_else(PoisonError::into_inner).retain(|(backend, _), _| keep(*backend));
     }
 
     /// Once a second until `stop`: drops idle connections past their timeout or closed, and
@@ -252,10 +278,11 @@ impl Upstreams {
     async fn open_http1(
         &self,
         backend: SocketAddr,
+        dial: Dial<'_>,
         limits: &PoolLimits,
         metrics: &ServiceMetrics,
     ) -> Result<http1::SendRequest<Outgoing>, UpstreamError> {
-        let stream = dial(backend, limits, metrics).await?;
+        let stream = open(backend, dial, limits, metrics).await?;
         let (sender, connection) =
             http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(UpstreamError::Handshake)?;
         tokio::spawn(async move {
@@ -270,10 +297,11 @@ impl Upstreams {
     async fn open_http2(
         &self,
         backend: SocketAddr,
+        dial: Dial<'_>,
         limits: &PoolLimits,
         metrics: &ServiceMetrics,
     ) -> Result<http2::SendRequest<Outgoing>, UpstreamError> {
-        let stream = dial(backend, limits, metrics).await?;
+        let stream = open(backend, dial, limits, metrics).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -288,13 +316,29 @@ impl Upstreams {
     }
 }
 
-async fn dial(
+async fn open(
     backend: SocketAddr,
+    dial: Dial<'_>,
     limits: &PoolLimits,
     metrics: &ServiceMetrics,
-) -> Result<tokio::net::TcpStream, UpstreamError> {
+) -> Result<BackendStream, UpstreamError> {
     metrics.dials.inc();
-    let stream = connect(backend, limits.connect_timeout, &limits.socket).await?;
+    let tcp = connect(backend, limits.connect_timeout, &limits.socket).await?;
+    let stream = match dial.origin {
+        None => BackendStream::Plain(tcp),
+        Some(origin) => {
+            let handshake = origin.connect(tcp, dial.host, backend);
+            match tokio::time::timeout(limits.connect_timeout, handshake).await {
+                Ok(Ok(tls)) => BackendStream::Tls(Box::new(tls)),
+                Ok(Err(error)) => return Err(UpstreamError::Tls(error)),
+                Err(_) => {
+                    let late =
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "no handshake within connect_timeout_ms");
+                    return Err(UpstreamError::Tls(late));
+                }
+            }
+        }
+    };
     metrics.upstream_opened.inc();
     Ok(stream)
 }
