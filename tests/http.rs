@@ -403,9 +403,15 @@ impl GrpcPeer {
 }
 
 async fn grpc_client(args: &[&str]) -> String {
+    grpc_client_with(args, &[]).await
+}
+
+/// The gRPC client with environment variables (`GRPC_TEST_CA`, `GRPC_TEST_NAME`: TLS).
+async fn grpc_client_with(args: &[&str], env: &[(&str, &str)]) -> String {
     let out = tokio::process::Command::new(grpc_python())
         .arg(common::workspace_root().join("tests/grpc/peer.py"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .await
         .expect("run the gRPC client");
@@ -449,6 +455,43 @@ async fn grpc_calls_on_one_channel_spread_over_every_backend_in_http_mode_and_pi
     // With no backend left, a call gets UNAVAILABLE from Harbor, not a protocol error.
     let status = grpc_client(&["deadline", &target, "3000"]).await;
     assert_eq!(status, "UNAVAILABLE");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_tls_is_terminated_and_every_call_placed() {
+    use common::pki::{Ca, Leaf};
+    let dir = common::temp_dir("grpc-tls");
+    let ca = Ca::new(&dir, "ca");
+    let (cert, key) = ca.issue(&dir, "grpc", &["grpc.test"], Leaf::SERVER);
+    let peers = [GrpcPeer::start("g0").await, GrpcPeer::start("g1").await];
+    let addrs: Vec<_> = peers.iter().map(|p| p.addr).collect();
+    let tls = format!(
+        "{{ certificates = [{{ cert = {:?}, key = {:?} }}] }}",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let harbor = TestHarbor::new()
+        .service("grpc", |s| {
+            s.backends(&addrs).set("mode", "http").set("backend_protocol", "http2").set_toml("tls", &tls)
+        })
+        .start()
+        .await;
+    let target = harbor.addr_of("grpc").expect("grpc").to_string();
+    let env = [("GRPC_TEST_CA", ca.pem.to_str().expect("UTF-8")), ("GRPC_TEST_NAME", "grpc.test")];
+    let out = grpc_client_with(&["unary", &target, "100"], &env).await;
+    let counts: std::collections::HashMap<String, u64> = serde_json::from_str(&out).expect("JSON counts");
+    assert_eq!(counts.len(), 2, "both backends: {counts:?}");
+    assert!(counts.values().all(|&n| n == 50), "round-robin per call over one TLS channel: {counts:?}");
+    let answers: Vec<String> =
+        serde_json::from_str(&grpc_client_with(&["stream", &target, "20"], &env).await).expect("JSON");
+    assert_eq!(answers.len(), 20, "a bidirectional stream over TLS");
+    let m = common::Scrape::fetch(harbor.admin_addr.expect("admin")).await;
+    assert_eq!(
+        m.get("harbor_tls_handshakes_total{service=\"grpc\",version=\"1.3\",kind=\"full\"}"),
+        2.0,
+        "a channel each"
+    );
     harbor.stop().await.expect("stop");
 }
 

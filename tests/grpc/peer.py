@@ -10,6 +10,7 @@
 """
 
 import json
+import os
 import sys
 from concurrent import futures
 
@@ -43,7 +44,15 @@ def main():
     if mode == "server":
         serve(int(target), sys.argv[3])
         return
-    with grpc.insecure_channel(target) as channel:
+    # A TLS channel when the test names a CA to trust (and the name to ask for).
+    ca, name = os.environ.get("GRPC_TEST_CA"), os.environ.get("GRPC_TEST_NAME")
+    if ca:
+        with open(ca, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        channel = grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", name)])
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
         if mode == "unary":
             call = channel.unary_unary("/harbor.Test/Who", *IDENTITY)
             counts = {}
