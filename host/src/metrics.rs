@@ -183,10 +183,12 @@ pub struct TlsSeries {
     service: String,
     /// 1.2 full, 1.2 resumed, 1.3 full, 1.3 resumed.
     pub handshakes: [Counter; 4],
-    /// In the order of `tls::Failure::ALL`.
+    /// In the order of `tls::Failure::COUNTED`.
     pub failures: Vec<Counter>,
     pub reloads_loaded: Counter,
     pub reloads_rejected: Counter,
+    pub acme_issued: Counter,
+    pub acme_failed: Counter,
     expiry: Family<CertificateLabel, Gauge>,
 }
 
@@ -348,6 +350,7 @@ metrics! {
     tls_handshakes: Family<TlsHandshakeLabel, Counter> => "tls_handshakes", "TLS handshakes completed, by protocol version and kind (full, resumed)";
     tls_handshake_failures: Family<RejectionLabel, Counter> => "tls_handshake_failures", "TLS handshakes that failed, by reason";
     tls_certificate_expiry: Family<CertificateLabel, Gauge> => "tls_certificate_expiry_seconds", "When each certificate a service serves expires, in Unix seconds";
+    acme_orders: Family<ReloadLabel, Counter> => "acme_orders", "ACME orders by outcome (issued, failed: the certificate serving stays, and the order is retried with backoff)";
     tls_certificate_reloads: Family<ReloadLabel, Counter> => "tls_certificate_reloads", "Certificate and client CA files read again after a change, by outcome (loaded, rejected: the old one serves on)";
 }
 
@@ -404,7 +407,7 @@ impl Metrics {
             handshake("1.3", "full"),
             handshake("1.3", "resumed"),
         ];
-        let failures = crate::tls::Failure::ALL
+        let failures = crate::tls::Failure::COUNTED
             .iter()
             .map(|f| {
                 let label = RejectionLabel { service: service.to_string(), reason: f.as_str() };
@@ -414,12 +417,16 @@ impl Metrics {
         let reload = |outcome| {
             self.tls_certificate_reloads.get_or_create(&ReloadLabel { service: service.to_string(), outcome }).clone()
         };
+        let order =
+            |outcome| self.acme_orders.get_or_create(&ReloadLabel { service: service.to_string(), outcome }).clone();
         TlsSeries {
             service: service.to_string(),
             handshakes,
             failures,
             reloads_loaded: reload("loaded"),
             reloads_rejected: reload("rejected"),
+            acme_issued: order("issued"),
+            acme_failed: order("failed"),
             expiry: self.tls_certificate_expiry.clone(),
         }
     }

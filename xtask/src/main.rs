@@ -517,6 +517,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // TLS clients of tests/tls.rs.
     ("openssl", "/usr/bin/openssl"),
     ("curl", "/usr/bin/curl"),
+    // An ACME CA on loopback (tests/acme.rs).
+    ("pebble", "/usr/bin/pebble"),
     // Databases behind Harbor (tests/databases.rs).
     ("redis-server", "/usr/bin/redis-server"),
     ("redis-tools", "/usr/bin/redis-benchmark"),

@@ -22,7 +22,7 @@ pub use settings::{
     AddressList, AllUnhealthy, AtCap, BackendList, BackendProtocol, BackendSpec, DnsSpec, ForwardedMode, LogFormat,
     Mode, PeekMode, RelayMode, RuntimeMode, SettingDoc, SrvSpec, StatusList, WeightedSpec,
 };
-pub use tls::{CertificateFiles, ClientAuth, TlsConfig, TlsVersion, UnknownSni};
+pub use tls::{AcmeChallenge, AcmeConfig, CertificateFiles, ClientAuth, TlsConfig, TlsVersion, UnknownSni};
 
 /// Everything that can be wrong with a configuration. Each message is one line that names the
 /// setting at fault.

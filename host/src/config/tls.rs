@@ -17,6 +17,7 @@ pub const MAX_ALPN: usize = 8;
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Chosen by the names in each (SANs, `*.` wildcards); the first is the default.
+    #[serde(default)]
     pub certificates: Vec<CertificateFiles>,
     #[serde(default)]
     pub min_version: TlsVersion,
@@ -42,6 +43,54 @@ pub struct TlsConfig {
     pub session_tickets: bool,
     #[serde(default = "default_session_cache")]
     pub session_cache: usize,
+    /// Certificates from an ACME CA (Let's Encrypt, say), issued and renewed by Harbor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeConfig>,
+}
+
+/// `[service.tls.acme]`: a certificate for `domains`, ordered from `directory` and renewed
+/// `renew_before_days` before it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The CA's directory URL.
+    pub directory: String,
+    /// A PEM file of the CA that signs the directory's own HTTPS certificate (a test CA such
+    /// as pebble's); none: the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory_ca: Option<PathBuf>,
+    /// Contact addresses for the account (`mailto:` is added to a bare address).
+    #[serde(default)]
+    pub contact: Vec<String>,
+    pub domains: Vec<String>,
+    /// Where the account key and the certificate are kept (created 0700).
+    pub storage: PathBuf,
+    #[serde(default = "default_renew_before_days")]
+    pub renew_before_days: u64,
+    /// `tls-alpn-01` (on the service's own listener) or `http-01` (HTTP mode).
+    #[serde(default)]
+    pub challenge: AcmeChallenge,
+    /// The first pause after a failed order, doubled after each failure up to an hour; also
+    /// the least time between two orders.
+    #[serde(default = "default_retry_secs")]
+    pub retry_secs: u64,
+}
+
+fn default_renew_before_days() -> u64 {
+    30
+}
+
+fn default_retry_secs() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AcmeChallenge {
+    #[default]
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    #[serde(rename = "http-01")]
+    Http01,
 }
 
 fn default_handshake_timeout_ms() -> u64 {
@@ -99,6 +148,16 @@ impl TlsConfig {
         }
     }
 
+    /// The protocols offered by ALPN in `mode`, with ACME's `acme-tls/1` last when Harbor
+    /// answers TLS-ALPN-01 challenges (only a CA's validator offers it).
+    pub fn alpn_offered(&self, mode: Mode) -> Vec<Vec<u8>> {
+        let mut alpn = self.alpn_for(mode);
+        if self.acme.as_ref().is_some_and(|a| a.challenge == AcmeChallenge::TlsAlpn01) {
+            alpn.push(b"acme-tls/1".to_vec());
+        }
+        alpn
+    }
+
     /// Every file the table names, for watching and `harbor check`.
     pub fn files(&self) -> Vec<PathBuf> {
         let pairs = self.certificates.iter().flat_map(|c| [c.cert.clone(), c.key.clone()]);
@@ -108,11 +167,14 @@ impl TlsConfig {
     /// The table's own rules; the files are read by `tls::Terminator::build`.
     pub fn check(&self, service: &str, mode: Mode) -> Result<(), ConfigError> {
         let setting = |key: &str| format!("service {service}: tls.{key}");
-        if self.certificates.is_empty() || self.certificates.len() > MAX_CERTIFICATES {
+        if self.certificates.len() > MAX_CERTIFICATES || (self.certificates.is_empty() && self.acme.is_none()) {
             return Err(invalid(
                 setting("certificates"),
-                format!("give 1 to {MAX_CERTIFICATES} {{ cert, key }} pairs"),
+                format!("give 1 to {MAX_CERTIFICATES} {{ cert, key }} pairs, or [service.tls.acme]"),
             ));
+        }
+        if let Some(acme) = &self.acme {
+            acme.check(service, mode)?;
         }
         if let Some(alpn) = &self.alpn {
             if alpn.len() > MAX_ALPN || alpn.iter().any(|p| p.is_empty() || p.len() > 255 || !p.is_ascii()) {
@@ -135,6 +197,37 @@ impl TlsConfig {
         }
         if self.session_cache > 10_000_000 {
             return Err(invalid(setting("session_cache"), "must be at most 10000000"));
+        }
+        Ok(())
+    }
+}
+
+impl AcmeConfig {
+    fn check(&self, service: &str, mode: Mode) -> Result<(), ConfigError> {
+        let setting = |key: &str| format!("service {service}: tls.acme.{key}");
+        if !(self.directory.starts_with("https://") || self.directory.starts_with("http://")) {
+            return Err(invalid(setting("directory"), "an http(s):// URL of the CA's ACME directory"));
+        }
+        let dns_name = |d: &String| {
+            !d.is_empty()
+                && d.len() <= 253
+                && d.split('.')
+                    .all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        };
+        if self.domains.is_empty() || self.domains.len() > 100 || !self.domains.iter().all(dns_name) {
+            return Err(invalid(
+                setting("domains"),
+                "give 1 to 100 DNS names (no wildcards: TLS-ALPN-01 and HTTP-01 cannot prove them)",
+            ));
+        }
+        if self.challenge == AcmeChallenge::Http01 && mode != Mode::Http {
+            return Err(invalid(setting("challenge"), "http-01 is answered in mode = \"http\" only: use tls-alpn-01"));
+        }
+        if !(1..=365).contains(&self.renew_before_days) {
+            return Err(invalid(setting("renew_before_days"), "must be from 1 to 365"));
+        }
+        if !(1..=86_400).contains(&self.retry_secs) {
+            return Err(invalid(setting("retry_secs"), "must be from 1 to 86400"));
         }
         Ok(())
     }

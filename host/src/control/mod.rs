@@ -289,6 +289,7 @@ impl Control {
         upstreams.spawn_sweeper(membership.pool(), metrics.clone(), background.clone());
         if let Some(terminator) = &tls {
             crate::tls::watch_files(terminator, background.clone());
+            crate::tls::acme::spawn(terminator, background.clone());
         }
         let context = ServiceContext {
             name: Arc::from(cfg.name.as_str()),

@@ -208,6 +208,7 @@ impl Control {
                 Some(new) => {
                     if let Some(terminator) = &new {
                         crate::tls::watch_files(terminator, service.background.clone());
+                        crate::tls::acme::spawn(terminator, service.background.clone());
                     }
                     new
                 }

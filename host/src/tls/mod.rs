@@ -1,14 +1,15 @@
 //! TLS termination, in either mode: certificates read and checked ([`certs`]), chosen by the
 //! client's SNI ([`sni`]), served by a service's [`Terminator`] (handshake, resumption, client
 //! certificates, counts), and read again when their files change ([`watch`]). TLS to
-//! backends is [`origin`]'s. The streams a
+//! backends is [`origin`]'s; certificates from an ACME CA are [`acme`]'s. The streams a
 //! connection runs on, plain or TLS, are [`stream`]'s.
 
+pub(crate) mod acme;
 mod certs;
 mod origin;
 mod sni;
 pub(crate) mod stream;
-mod terminator;
+pub(crate) mod terminator;
 mod watch;
 
 pub use origin::Originator;

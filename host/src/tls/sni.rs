@@ -67,10 +67,23 @@ impl CertSet {
 #[derive(Debug)]
 pub struct Resolver {
     pub set: ArcSwap<CertSet>,
+    /// ACME TLS-ALPN-01 answers by domain, for validators that offer `acme-tls/1`.
+    pub challenges: std::sync::Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl Resolver {
+    pub fn new(set: CertSet) -> Resolver {
+        Resolver { set: ArcSwap::from_pointee(set), challenges: Default::default() }
+    }
 }
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if hello.alpn().is_some_and(|mut offered| offered.any(|p| p == b"acme-tls/1")) {
+            let name = hello.server_name()?.to_ascii_lowercase();
+            let challenges = self.challenges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            return challenges.get(&name).cloned();
+        }
         self.set.load().choose(hello.server_name(), hello.signature_schemes())
     }
 }

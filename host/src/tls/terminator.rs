@@ -21,6 +21,7 @@ use crate::config::{ClientAuth, Mode, TlsConfig, TlsVersion, UnknownSni};
 use crate::metrics::{Metrics, TlsSeries};
 use crate::strategy::runtime::bindings::TlsFacts;
 use crate::tls::certs::{self, CertError, Loaded};
+
 use crate::tls::sni::{CertSet, Resolver};
 
 /// Why a service's TLS cannot be set up as configured.
@@ -56,10 +57,12 @@ pub enum Failure {
     /// A malformed or out-of-order message.
     Protocol,
     Other,
+    /// Not a failure: an ACME CA's validator was shown the TLS-ALPN-01 answer (not counted).
+    AcmeValidation,
 }
 
 impl Failure {
-    pub const ALL: [Failure; 12] = [
+    pub const COUNTED: [Failure; 12] = [
         Failure::Timeout,
         Failure::Closed,
         Failure::UnknownSni,
@@ -88,6 +91,7 @@ impl Failure {
             Failure::AlertReceived => "alert_received",
             Failure::Protocol => "protocol",
             Failure::Other => "other",
+            Failure::AcmeValidation => "acme_validation",
         }
     }
 
@@ -141,7 +145,7 @@ pub struct Terminator {
     /// The digest of `client_ca` as last loaded.
     client_ca: Mutex<Option<[u8; 32]>>,
     handshake_timeout: Duration,
-    metrics: TlsSeries,
+    pub(crate) metrics: TlsSeries,
 }
 
 impl std::fmt::Debug for Terminator {
@@ -157,7 +161,7 @@ pub struct Terminated<S> {
 }
 
 /// Now, in Unix seconds.
-fn now_unix() -> i64 {
+pub(crate) fn now_unix() -> i64 {
     let since = crate::clock::wall().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
 }
@@ -236,7 +240,7 @@ fn server_config(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::clone(resolver) as Arc<dyn rustls::server::ResolvesServerCert>);
-    config.alpn_protocols = settings.alpn_for(mode);
+    config.alpn_protocols = settings.alpn_offered(mode);
     // The server's order of cipher suites, as HAProxy and nginx configure it.
     config.ignore_client_order = true;
     match &resumption.cache {
@@ -283,7 +287,11 @@ impl Terminator {
                 },
             },
         };
-        let resolver = Arc::new(Resolver { set: ArcSwap::from_pointee(CertSet::new(entries)) });
+        let mut entries = entries;
+        if let Some(acme) = &settings.acme {
+            entries.push(Arc::new(crate::tls::acme::stored_or_placeholder(service, acme, &provider)?));
+        }
+        let resolver = Arc::new(Resolver::new(CertSet::new(entries)));
         let config = server_config(service, settings, mode, &provider, &resolver, verifier, &resumption)?;
         let terminator = Terminator {
             service: service.to_string(),
@@ -330,8 +338,48 @@ impl Terminator {
     /// Each certificate's file, names and expiry (Unix seconds), for the status page.
     pub fn certificates(&self) -> Vec<(PathBuf, Vec<String>, i64)> {
         let set = self.resolver.set.load();
-        let files = self.settings.certificates.iter();
-        files.zip(set.entries.iter()).map(|(f, e)| (f.cert.clone(), e.names.clone(), e.not_after)).collect()
+        let files = self.settings.certificates.iter().map(|f| f.cert.clone());
+        let acme = self.settings.acme.iter().map(crate::tls::acme::certificate_file);
+        files.chain(acme).zip(set.entries.iter()).map(|(f, e)| (f, e.names.clone(), e.not_after)).collect()
+    }
+
+    /// The certificate ACME keeps, if the service has one (a placeholder until the first
+    /// order).
+    pub(crate) fn acme_certificate(&self) -> Option<Arc<Loaded>> {
+        self.settings.acme.as_ref()?;
+        self.resolver.set.load().entries.get(self.settings.certificates.len()).cloned()
+    }
+
+    /// Serves a certificate ACME issued, in place of the one before.
+    pub(crate) fn install_acme(&self, loaded: Loaded, label: &str) {
+        let set = self.resolver.set.load_full();
+        let mut entries = set.entries.clone();
+        let at = self.settings.certificates.len();
+        self.metrics.expiry(label).set(loaded.not_after);
+        if at < entries.len() {
+            entries[at] = Arc::new(loaded);
+        } else {
+            entries.push(Arc::new(loaded));
+        }
+        self.resolver.set.store(Arc::new(CertSet::new(entries)));
+        self.metrics.reloads_loaded.inc();
+    }
+
+    /// Answers TLS-ALPN-01 for `domain` with `answer` until withdrawn (`None`).
+    pub(crate) fn set_alpn_challenge(&self, domain: &str, answer: Option<Arc<rustls::sign::CertifiedKey>>) {
+        let mut challenges = self.resolver.challenges.lock().unwrap_or_else(PoisonError::into_inner);
+        match answer {
+            Some(answer) => challenges.insert(domain.to_ascii_lowercase(), answer),
+            None => challenges.remove(&domain.to_ascii_lowercase()),
+        };
+    }
+
+    pub(crate) fn provider(&self) -> &Arc<CryptoProvider> {
+        &self.provider
+    }
+
+    pub(crate) fn service(&self) -> &str {
+        &self.service
     }
 
     /// Reads the files again (they changed, or SIGHUP). Each certificate whose files changed
@@ -434,6 +482,10 @@ impl Terminator {
                 .map(|offered| offered.map(|p| String::from_utf8_lossy(p).into_owned()).collect())
                 .unwrap_or_default();
             let stream = start.into_stream(self.config.load_full()).await.map_err(|e| Failure::of(&e))?;
+            if stream.get_ref().1.alpn_protocol() == Some(b"acme-tls/1") {
+                // A CA's validator saw the TLS-ALPN-01 answer: nothing more to say.
+                return Err(Failure::AcmeValidation);
+            }
             Ok(Terminated { stream, hello: TlsFacts { server_name, alpn } })
         };
         let result = match tokio::time::timeout(self.handshake_timeout, handshake).await {
@@ -447,6 +499,7 @@ impl Terminator {
                 let tls13 = connection.protocol_version() == Some(ProtocolVersion::TLSv1_3);
                 self.metrics.handshake(tls13, resumed).inc();
             }
+            Err(Failure::AcmeValidation) => {}
             Err(failure) => {
                 self.metrics.failure(*failure).inc();
             }
@@ -461,7 +514,7 @@ impl TlsSeries {
     }
 
     fn failure(&self, failure: Failure) -> &Counter {
-        let i = Failure::ALL.iter().position(|f| *f == failure).unwrap_or(Failure::ALL.len() - 1);
+        let i = Failure::COUNTED.iter().position(|f| *f == failure).unwrap_or(Failure::COUNTED.len() - 1);
         &self.failures[i]
     }
 }

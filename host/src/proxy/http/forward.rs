@@ -219,6 +219,15 @@ pub async fn handle(
     context: Arc<ServiceContext>,
 ) -> Response<ProxyBody> {
     context.metrics.requested(request.method());
+    // An ACME CA validating HTTP-01 for a service of this Harbor gets its answer here.
+    if let Some(answer) = crate::tls::acme::http01_answer(request.uri().path()) {
+        context.metrics.responded(200);
+        let mut response = Response::new(ProxyBody::Own(Some(Bytes::from(answer))));
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/octet-stream"));
+        return response;
+    }
     let grpc = headers::is_grpc(request.headers());
     let http1 = request.version() < Version::HTTP_2;
     let started = Instant::now();
