@@ -10,7 +10,9 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::http::HttpBackend;
 use common::pki::{s_client, Ca, Leaf};
@@ -33,10 +35,11 @@ fn dns(dir: &Path, names: &[&str]) -> (Killed, u16) {
     std::fs::write(&hosts, lines).expect("hosts");
     let port = common::free_port();
     let (binary, args) = common::dnsmasq_command(port, &hosts, 0);
-    let child = Command::new(binary).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq");
+    let child =
+        Killed(Command::new(binary).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq"));
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return (Killed(child), port);
+            return (child, port);
         }
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -72,18 +75,20 @@ fn pebble(dir: &Path, dns_port: u16, http_port: u16, tls_port: u16, validity_sec
     let file = dir.join("pebble.json");
     std::fs::write(&file, config.to_string()).expect("pebble config");
     let log = std::fs::File::create(dir.join("pebble.log")).expect("pebble log");
-    let child = Command::new("/usr/bin/pebble")
-        .args(["-config", file.to_str().expect("UTF-8"), "-dnsserver", &format!("127.0.0.1:{dns_port}")])
-        .env("PEBBLE_VA_NOSLEEP", "1")
-        .env("PEBBLE_WFE_NONCEREJECT", "0")
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start pebble");
+    let child = Killed(
+        Command::new("/usr/bin/pebble")
+            .args(["-config", file.to_str().expect("UTF-8"), "-dnsserver", &format!("127.0.0.1:{dns_port}")])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start pebble"),
+    );
     for _ in 0..400 {
         if std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok() {
             return Pebble {
-                _child: Killed(child),
+                _child: child,
                 directory: format!("https://127.0.0.1:{listen}/dir"),
                 management: ([127, 0, 0, 1], management).into(),
                 api_ca: ca.pem,
