@@ -360,3 +360,42 @@ async fn tls_to_backends_is_verified_and_a_wrong_certificate_is_refused() {
     }
     harbor.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_to_other_certificates_applies_and_one_to_a_bad_file_changes_nothing() {
+    let dir = common::temp_dir("tls-reload");
+    let ca = Ca::new(&dir, "ca");
+    let a = ca.issue(&dir, "a", &["a.test"], Leaf::SERVER);
+    let b = ca.issue(&dir, "b", &["b.test"], Leaf::SERVER);
+    let backend = HttpBackend::start("h0").await;
+    let path = dir.join("harbor.toml");
+    let write = |certificates: &[(&Path, &Path)]| {
+        let file = format!(
+            "admin = \"127.0.0.1:0\"\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\nmode = \"http\"\ntls = {}\n",
+            backend.addr,
+            tls_table(certificates, "")
+        );
+        std::fs::write(&path, file).expect("write the config");
+    };
+    write(&[(&a.0, &a.1)]);
+    let harbor = common::start(common::resolve_file(&path).expect("a good file")).await;
+    let source = path.clone();
+    harbor.control.set_config_source(Box::new(move || common::resolve_file(&source)));
+    let web = harbor.addr_of("web").expect("web");
+    assert!(curl_ok(&https_args("a.test", web, &ca.pem, "/")).await);
+    assert!(!curl_ok(&https_args("b.test", web, &ca.pem, "/")).await, "no certificate names b.test yet");
+
+    write(&[(&b.0, &b.1), (&a.0, &a.1)]);
+    let report = harbor.control.reload().await.expect("the new certificates apply");
+    assert_eq!(report.changed, ["web"]);
+    assert!(curl_ok(&https_args("b.test", web, &ca.pem, "/")).await, "b.test now");
+    assert!(curl_ok(&https_args("a.test", web, &ca.pem, "/")).await, "a.test still");
+
+    // A key that is not the certificate's: the reload is refused, the certificates stay.
+    write(&[(&b.0, &a.1)]);
+    let refused = harbor.control.reload().await.expect_err("a bad certificate refuses the reload");
+    assert!(refused.to_string().contains("b.pem"), "{refused}");
+    assert!(curl_ok(&https_args("a.test", web, &ca.pem, "/")).await, "a.test still, after the bad file");
+    assert!(curl_ok(&https_args("b.test", web, &ca.pem, "/")).await, "b.test still, after the bad file");
+    harbor.stop().await.expect("stop");
+}

@@ -259,6 +259,13 @@ fn bad_services_are_one_clear_error() {
         ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\nhealth = { kind = \"ping\" }\n", "health"),
         ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\nhealth = { kind = \"tcp\", fall = 0 }\n", "health.fall"),
         ("service = 3\n", "array of tables"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\ntls = { certificates = [] }\n", "service a: tls.certificates"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\ntls = { certificates = [{ cert = \"a\" }] }\n", "missing field `key`"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\ntls = { certificates = [{ cert = \"a\", key = \"b\" }], min_version = \"1.1\" }\n", "tls"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\nmode = \"http\"\ntls = { certificates = [{ cert = \"a\", key = \"b\" }], alpn = [\"spdy/3\"] }\n", "tls.alpn"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\npeek = \"tls\"\ntls = { certificates = [{ cert = \"a\", key = \"b\" }] }\n", "service a: peek"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\ntls = { acme = { directory = \"https://ca/dir\", domains = [\"a.test\"], storage = \"s\", challenge = \"http-01\" } }\n", "tls.acme.challenge"),
+        ("[[service]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nbackends = []\ntls = { acme = { directory = \"https://ca/dir\", domains = [\"*.a.test\"], storage = \"s\" } }\n", "tls.acme.domains"),
     ] {
         let err = from_toml(text, RunArgs::default()).unwrap_err().to_string();
         assert!(err.contains(needle), "{text:?}: {err}");

@@ -87,3 +87,50 @@ impl ResolvesServerCert for Resolver {
         self.set.load().choose(hello.server_name(), hello.signature_schemes())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    /// A certificate for `names` with an ECDSA or an RSA key.
+    fn loaded(names: &[&str], rsa: bool) -> Arc<Loaded> {
+        let alg = if rsa { &rcgen::PKCS_RSA_SHA256 } else { &rcgen::PKCS_ECDSA_P256_SHA256 };
+        let key = rcgen::KeyPair::generate_for(alg).expect("a key");
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(names.clone()).expect("params").self_signed(&key).expect("cert");
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let key = CertifiedKey::from_der(vec![cert.der().clone()], der, &provider).expect("certified");
+        Arc::new(Loaded { key: Arc::new(key), names, not_after: 0, digest: [0; 32] })
+    }
+
+    fn which(set: &CertSet, sni: Option<&str>, schemes: &[SignatureScheme]) -> Option<usize> {
+        let chosen = set.choose(sni, schemes)?;
+        set.entries.iter().position(|e| Arc::ptr_eq(&e.key, &chosen))
+    }
+
+    #[test]
+    fn exact_names_before_wildcards_and_the_first_is_the_default() {
+        let set = CertSet::new(vec![
+            loaded(&["default.test"], false),
+            loaded(&["*.example.test"], false),
+            loaded(&["api.example.test"], false),
+        ]);
+        let any = [SignatureScheme::ECDSA_NISTP256_SHA256];
+        assert_eq!(which(&set, Some("api.example.test"), &any), Some(2), "the exact name wins");
+        assert_eq!(which(&set, Some("WWW.Example.Test"), &any), Some(1), "a wildcard, case-blind");
+        assert_eq!(which(&set, Some("a.b.example.test"), &any), Some(0), "a wildcard covers one label");
+        assert_eq!(which(&set, Some("example.test"), &any), Some(0), "nor the bare parent");
+        assert_eq!(which(&set, None, &any), Some(0), "no SNI: the default");
+        assert!(set.knows("x.example.test") && !set.knows("nobody.test"));
+    }
+
+    #[test]
+    fn among_certificates_for_one_name_the_one_the_client_can_verify() {
+        let set = CertSet::new(vec![loaded(&["a.test"], false), loaded(&["a.test"], true)]);
+        assert_eq!(which(&set, Some("a.test"), &[SignatureScheme::ECDSA_NISTP256_SHA256]), Some(0));
+        assert_eq!(which(&set, Some("a.test"), &[SignatureScheme::RSA_PSS_SHA256]), Some(1), "an RSA-only client");
+        assert_eq!(which(&set, Some("a.test"), &[]), Some(0), "none fits: the first, and the handshake says why");
+    }
+}

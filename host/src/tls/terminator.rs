@@ -328,10 +328,12 @@ impl Terminator {
         &self.settings
     }
 
+    /// Sets each certificate's expiry gauge (an ACME placeholder has none).
     fn publish_expiry(&self) {
-        let set = self.resolver.set.load();
-        for (files, entry) in self.settings.certificates.iter().zip(set.entries.iter()) {
-            self.metrics.expiry(&files.cert.display().to_string()).set(entry.not_after);
+        for (file, _, not_after) in self.certificates() {
+            if not_after > 0 {
+                self.metrics.expiry(&file.display().to_string()).set(not_after);
+            }
         }
     }
 
