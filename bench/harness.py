@@ -105,6 +105,35 @@ TLS_METRICS = [
 MODES = ["one-core", "all-cores"]
 
 
+# The nginx backends of bench/http.py and bench/tls.py: files from {data} on two ports.
+NGINX_BACKEND = """daemon off;
+master_process on;
+user root;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {run}/nginx-backend.pid;
+error_log {run}/nginx-backend-error.log warn;
+events {{ worker_connections 10000; }}
+http {{
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+    sendfile on;
+    client_body_temp_path {run}/b-body;
+    proxy_temp_path {run}/b-proxy;
+    fastcgi_temp_path {run}/b-fcgi;
+    uwsgi_temp_path {run}/b-uwsgi;
+    scgi_temp_path {run}/b-scgi;
+    server {{
+        listen 127.0.0.1:{b1} backlog=4096;
+        listen 127.0.0.1:{b2} backlog=4096;
+        root {data};
+        location / {{ }}
+    }}
+}}
+"""
+
+
 def mode_cpus(mode, ncpu):
     """(load generator CPUs, proxy-and-backend CPUs) as taskset lists; "" = not pinned."""
     if mode == "one-core":
