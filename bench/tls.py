@@ -13,6 +13,9 @@ without TLS (plain HTTP loads): their difference is what terminating TLS costs a
 per connection and per GiB. `--cpu one-core`: the load generator on CPU 0, every proxy and the
 backend on CPU 1, each proxy with one thread; `all-cores`: nothing pinned, a thread per core.
 Medians over rounds, CPU from /proc (the proxy's own), and ratios Harbor ÷ each peer.
+`--no-resumption` turns session tickets and caches off in every proxy, and the `new` load
+(wrk -c64 with `Connection: close`) is then full handshakes from a client fast enough to
+keep a proxy's core busy, where 8 s_time clients are not on one core.
 
 Usage: python3 bench/tls.py [--harbor target/release/harbor] [--cpu one-core] [--key ecdsa]
                             [--rounds 3] [--duration 10]
@@ -35,7 +38,7 @@ HAPROXY = """global
     nbthread {threads}
     maxconn 9000
     tune.ssl.default-dh-param 2048
-defaults
+{resumption}defaults
     mode http
     timeout connect 5s
     timeout client 600s
@@ -43,7 +46,7 @@ defaults
     timeout http-keep-alive 600s
     http-reuse safe
 frontend fe
-    bind 127.0.0.1:{port} ssl crt {pem} alpn h2,http/1.1
+    bind 127.0.0.1:{port} ssl crt {pem} alpn h2,http/1.1{no_tickets}
     default_backend be
 backend be
     balance leastconn
@@ -68,8 +71,8 @@ http {{
     fastcgi_temp_path {run}/nginx-proxy-fcgi;
     uwsgi_temp_path {run}/nginx-proxy-uwsgi;
     scgi_temp_path {run}/nginx-proxy-scgi;
-    ssl_session_cache shared:SSL:20m;
-    ssl_session_tickets on;
+    ssl_session_cache {session_cache};
+    ssl_session_tickets {tickets};
     upstream be {{
         least_conn;
         server 127.0.0.1:{b1};
@@ -117,19 +120,25 @@ def start_proxy(name, args, run, port, b1, b2, certs):
     if name == "haproxy":
         conf = os.path.join(run, "haproxy.cfg")
         with open(conf, "w") as f:
-            f.write(HAPROXY.format(port=port, pem=combined, b1=b1, b2=b2, threads=threads))
+            off = args.no_resumption
+            f.write(HAPROXY.format(port=port, pem=combined, b1=b1, b2=b2, threads=threads,
+                                   resumption="    tune.ssl.cachesize 0\n" if off else "",
+                                   no_tickets=" no-tls-tickets" if off else ""))
         argv = ["haproxy", "-db", "-f", conf]
     elif name == "nginx":
         conf = os.path.join(run, "nginx-proxy.conf")
         with open(conf, "w") as f:
-            f.write(NGINX.format(port=port, cert=cert, key=key, b1=b1, b2=b2, run=run, threads=threads))
+            f.write(NGINX.format(port=port, cert=cert, key=key, b1=b1, b2=b2, run=run, threads=threads,
+                                 session_cache="off" if args.no_resumption else "shared:SSL:20m",
+                                 tickets="off" if args.no_resumption else "on"))
         argv = ["nginx", "-c", conf, "-p", run]
     else:
         workers = "workers = 1\n" if one_core else ""
         tcp = name.startswith("harbor-tcp")
         mode = "" if tcp else 'mode = "http"\n'
+        resumption = "session_tickets = false\nsession_cache = 0\n" if args.no_resumption else ""
         tls = "" if name == "harbor-tcp-plain" else (
-            f'[service.tls]\ncertificates = [ {{ cert = "{cert}", key = "{key}" }} ]\n')
+            f'[service.tls]\ncertificates = [ {{ cert = "{cert}", key = "{key}" }} ]\n{resumption}')
         conf = os.path.join(run, "harbor.toml")
         with open(conf, "w") as f:
             f.write(f'admin = "off"\n{workers}log_level = "warn"\n\n[[service]]\nname = "web"\n'
@@ -168,7 +177,7 @@ def run_load(args, name, load, port, duration):
     else:
         if load == "resumed" and scheme == "http":
             return None
-        close = ["-H", "Connection: close"] if load == "resumed" else []
+        close = ["-H", "Connection: close"] if load in ("resumed", "new") else []
         cmd = ["wrk", "-t1", "-c64", f"-d{duration}s", "--latency", *close, f"{base}/1k"]
     out = subprocess.run(loadgen(args, cmd), capture_output=True, text=True, timeout=duration + 60).stdout
     r = harness.parse_wrk(out)
@@ -182,7 +191,9 @@ def main():
     ap.add_argument("--strategy", default=os.path.abspath("strategies/least_conn.wasm"))
     ap.add_argument("--cpu", choices=["one-core", "all-cores"], default="one-core")
     ap.add_argument("--key", choices=["ecdsa", "rsa"], default="ecdsa")
-    ap.add_argument("--loads", default="full,resumed,keep-alive,bulk")
+    ap.add_argument("--loads", default="full,resumed,keep-alive,bulk", help="full, resumed, keep-alive, bulk, "
+                    "new (wrk with Connection: close: full handshakes with --no-resumption)")
+    ap.add_argument("--no-resumption", action="store_true", help="session tickets and caches off in every proxy")
     ap.add_argument("--proxies", default="harbor,haproxy,nginx,harbor-tcp,harbor-tcp-plain")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
@@ -240,8 +251,10 @@ def main():
         values = [r[i] for r in results.get((name, load), []) if r[i] is not None]
         return statistics.median(values) if values else None
 
-    unit = {"full": "handshakes/s", "resumed": "handshakes/s", "keep-alive": "req/s", "bulk": "MiB/s"}
-    print(f"\n## TLS, {args.key}, {args.cpu}, {args.rounds} rounds × {args.duration} s, medians\n")
+    unit = {"full": "handshakes/s", "resumed": "handshakes/s", "new": "handshakes/s", "keep-alive": "req/s",
+            "bulk": "MiB/s"}
+    resumption = ", no resumption" if args.no_resumption else ""
+    print(f"\n## TLS, {args.key}, {args.cpu}{resumption}, {args.rounds} rounds × {args.duration} s, medians\n")
     print("| load | proxy | rate | CPU µs per op | p99 µs | errors |")
     print("|---|---|---:|---:|---:|---:|")
     for load in loads:

@@ -184,7 +184,10 @@ async fn client_certificates_from_the_ca_are_accepted_and_the_rest_refused_and_c
     let stranger = other.issue(&dir, "stranger", &["client.test"], Leaf::CLIENT);
     let backend = HttpBackend::start("h0").await;
     let extra = format!("client_ca = {:?}", ca.pem.display().to_string());
+    let log = dir.join("access.log");
     let harbor = TestHarbor::new()
+        .set("access_log", log.display().to_string())
+        .set("access_log_format", "json")
         .service("web", |s| {
             s.backends(&[backend.addr])
                 .set("mode", "http")
@@ -203,6 +206,20 @@ async fn client_certificates_from_the_ca_are_accepted_and_the_rest_refused_and_c
     assert!(!curl_ok(&with(&expired)).await, "an expired certificate: refused");
     assert!(!curl_ok(&with(&stranger)).await, "another CA's certificate: refused");
     assert_eq!(backend.requests("GET"), 1, "only the good client reached the backend");
+    // The access log names the client by its certificate.
+    let mut line = String::new();
+    for _ in 0..100 {
+        line = std::fs::read_to_string(&log).unwrap_or_default();
+        if line.contains("client_subject") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(line.contains(r#""tls_server_name":"a.test""#), "{line}");
+    assert!(
+        line.contains(r#""client_subject":"CN=client.test""#) && line.contains(r#""client_san":["client.test"]"#),
+        "{line}"
+    );
     let admin = harbor.admin_addr.expect("admin");
     let failures = |m: &Scrape, reason: &str| {
         m.get(&format!("harbor_tls_handshake_failures_total{{service=\"web\",reason=\"{reason}\"}}"))
@@ -397,5 +414,42 @@ async fn a_reload_to_other_certificates_applies_and_one_to_a_bad_file_changes_no
     assert!(refused.to_string().contains("b.pem"), "{refused}");
     assert!(curl_ok(&https_args("a.test", web, &ca.pem, "/")).await, "a.test still, after the bad file");
     assert!(curl_ok(&https_args("b.test", web, &ca.pem, "/")).await, "b.test still, after the bad file");
+    harbor.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_clients_server_name_reaches_the_strategy_in_both_modes() {
+    let dir = common::temp_dir("tls-sni-strategy");
+    let ca = Ca::new(&dir, "ca");
+    let cert = ca.issue(&dir, "both", &["api.test", "web.test"], Leaf::SERVER);
+    let (echo, _stops) = common::echo_backends(2).await;
+    let http = [HttpBackend::start("h-web").await, HttpBackend::start("h-api").await];
+    let tagged = |addrs: [SocketAddr; 2]| {
+        format!(r#"[{{ address = "{}", tags = ["web"] }}, {{ address = "{}", tags = ["api"] }}]"#, addrs[0], addrs[1])
+    };
+    let routed = |s: common::TestService, backends: String| {
+        s.set("strategy", common::strategy("sni_router").display().to_string())
+            .set("strategy_config", "api.test=api, default=web")
+            .set_toml("backends", &backends)
+            .set_toml("tls", &tls_table(&[(&cert.0, &cert.1)], ""))
+    };
+    let harbor = TestHarbor::new()
+        .service("tcp", |s| routed(s, tagged([echo[0], echo[1]])))
+        .service("http", |s| routed(s, tagged([http[0].addr, http[1].addr])).set("mode", "http"))
+        .start()
+        .await;
+    let tcp = harbor.addr_of("tcp").expect("tcp");
+    for (name, want) in [("api.test", "b1\n"), ("web.test", "b0\n")] {
+        let got = python_tls_exchange(tcp, &ca.pem, name, b"", want.len()).await;
+        assert_eq!(String::from_utf8_lossy(&got), want, "TCP mode, {name}");
+    }
+    let web = harbor.addr_of("http").expect("http");
+    for (name, want) in [("api.test", "backend h-api"), ("web.test", "backend h-web")] {
+        // Two requests on one connection: each placed by the connection's SNI.
+        let mut args = https_args(name, web, &ca.pem, "/one");
+        args.push(format!("https://{name}:{}/two", web.port()));
+        let out = curl_owned(&args).await;
+        assert_eq!(out.matches(want).count(), 2, "HTTP mode, {name}: {out}");
+    }
     harbor.stop().await.expect("stop");
 }

@@ -87,6 +87,18 @@ pub struct Record {
     pub placed_by: Placement,
     /// HTTP mode: the request and its answer.
     pub http: Option<Box<HttpFields>>,
+    /// TCP mode, a connection whose TLS Harbor terminated: what its handshake said.
+    pub tls: Option<Arc<TlsFields>>,
+}
+
+/// What a terminated connection's handshake said, for its lines: made once per connection.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFields {
+    pub server_name: Option<String>,
+    /// The client certificate's subject (mTLS), RFC 4514.
+    pub client_subject: Option<String>,
+    /// Its SANs: DNS names, emails, URIs, addresses.
+    pub client_san: Vec<String>,
 }
 
 /// What an HTTP request's line adds: the request, the answer, and how it was reached.
@@ -101,6 +113,8 @@ pub struct HttpFields {
     pub first_byte: Duration,
     /// Backends tried (1 unless a request that never reached one went again).
     pub attempts: u32,
+    /// The connection's TLS, if Harbor terminated it.
+    pub tls: Option<Arc<TlsFields>>,
 }
 
 /// Where access-log lines go.
@@ -138,6 +152,12 @@ struct JsonLine<'a> {
     first_byte_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_server_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_subject: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_san: Option<&'a [String]>,
 }
 
 impl AccessLog {
@@ -202,6 +222,7 @@ pub fn render(r: &Record, format: LogFormat, out: &mut String) {
     use std::fmt::Write as _;
     let time = rfc3339(r.at);
     let (placed_by, strategy, fallback_reason) = placement(&r.placed_by);
+    let tls = r.tls.as_deref().or_else(|| r.http.as_ref().and_then(|h| h.tls.as_deref()));
     match format {
         LogFormat::Human => {
             let backend = r.backend.map_or_else(|| "-".to_string(), |b| b.to_string());
@@ -218,7 +239,7 @@ pub fn render(r: &Record, format: LogFormat, out: &mut String) {
             });
             let _ = writeln!(
                 out,
-                "{time} {} {}{request} -> {backend} {} up={} down={} connect_us={} duration_ms={:.3} placed_by={placed_by} strategy={}{}",
+                "{time} {} {}{request} -> {backend} {} up={} down={} connect_us={} duration_ms={:.3} placed_by={placed_by} strategy={}{}{}",
                 r.service,
                 r.client,
                 r.end.as_str(),
@@ -228,6 +249,7 @@ pub fn render(r: &Record, format: LogFormat, out: &mut String) {
                 r.duration.as_secs_f64() * 1e3,
                 strategy.unwrap_or("-"),
                 fallback_reason.map(|r| format!(" fallback_reason={r}")).unwrap_or_default(),
+                tls.map(human_tls).unwrap_or_default(),
             );
         }
         LogFormat::Json => {
@@ -250,6 +272,9 @@ pub fn render(r: &Record, format: LogFormat, out: &mut String) {
                 status: r.http.as_ref().map(|h| h.status),
                 first_byte_ms: r.http.as_ref().map(|h| (h.first_byte.as_secs_f64() * 1e6).round() / 1e3),
                 attempts: r.http.as_ref().map(|h| h.attempts),
+                tls_server_name: tls.and_then(|t| t.server_name.as_deref()),
+                client_subject: tls.and_then(|t| t.client_subject.as_deref()),
+                client_san: tls.filter(|t| !t.client_san.is_empty()).map(|t| t.client_san.as_slice()),
             };
             if let Ok(text) = serde_json::to_string(&line) {
                 out.push_str(&text);
@@ -257,6 +282,18 @@ pub fn render(r: &Record, format: LogFormat, out: &mut String) {
             }
         }
     }
+}
+
+/// ` sni=… client_subject="…" client_san=a,b` for a terminated connection.
+fn human_tls(tls: &TlsFields) -> String {
+    let mut out = format!(" sni={}", tls.server_name.as_deref().unwrap_or("-"));
+    if let Some(subject) = &tls.client_subject {
+        out.push_str(&format!(" client_subject={subject:?}"));
+    }
+    if !tls.client_san.is_empty() {
+        out.push_str(&format!(" client_san={}", tls.client_san.join(",")));
+    }
+    out
 }
 
 /// `2026-12-01T23:50:00.123Z`.
@@ -308,6 +345,7 @@ mod tests {
             end: End::Relay("completed"),
             placed_by: Placement::Builtin,
             http: None,
+            tls: None,
         };
         let mut human = String::new();
         render(&r, LogFormat::Human, &mut human);
@@ -340,6 +378,11 @@ mod tests {
                 status: 201,
                 first_byte: Duration::from_micros(1_250),
                 attempts: 2,
+                tls: Some(Arc::new(TlsFields {
+                    server_name: Some("web.example".into()),
+                    client_subject: Some("CN=client.example".into()),
+                    client_san: vec!["client.example".into()],
+                })),
             })),
             ..fallback
         };
@@ -359,5 +402,14 @@ mod tests {
             (Some("POST"), Some("/orders"), Some(201))
         );
         assert_eq!((v["first_byte_ms"].as_f64(), v["attempts"].as_u64()), (Some(1.25), Some(2)));
+        // Over TLS with a client certificate: the name asked for and who the client is.
+        assert!(
+            human.ends_with(" sni=web.example client_subject=\"CN=client.example\" client_san=client.example\n"),
+            "{human}"
+        );
+        assert_eq!(
+            (v["tls_server_name"].as_str(), v["client_subject"].as_str(), v["client_san"][0].as_str()),
+            (Some("web.example"), Some("CN=client.example"), Some("client.example"))
+        );
     }
 }

@@ -43,19 +43,20 @@ impl DialError {
     }
 }
 
-/// A connection to `address`, with TLS if the service speaks it to backends (`header` first,
-/// on the socket).
+/// A connection to `address`, with TLS if the service speaks it to backends (then `header`'s
+/// bytes go first, on the socket).
 async fn dial(
     service: &ServiceContext,
     address: SocketAddr,
     host: Option<&str>,
-    header: &[u8],
+    header: impl FnOnce() -> Vec<u8>,
 ) -> Result<BackendStream, DialError> {
     let limits = &service.limits;
     let mut tcp = connect(address, limits.connect_timeout, &limits.socket).await?;
     let Some(origin) = &service.origin else { return Ok(BackendStream::Plain(tcp)) };
+    let header = header();
     if !header.is_empty() {
-        match tokio::time::timeout(limits.connect_timeout, tcp.write_all(header)).await {
+        match tokio::time::timeout(limits.connect_timeout, tcp.write_all(&header)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(DialError::Header(e)),
             Err(_) => return Err(DialError::Header(std::io::ErrorKind::TimedOut.into())),
@@ -78,7 +79,8 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<ServiceCont
     async move {
         service.metrics.active_connections.inc();
         let started = Instant::now();
-        let outcome = proxy(client, peer, &service, started).await;
+        let mut tls = None;
+        let outcome = proxy(client, peer, &service, started, &mut tls).await;
         service.metrics.active_connections.dec();
         drop(admission);
         if let Some(log) = &service.access_log {
@@ -94,6 +96,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, service: Arc<ServiceCont
                 end: outcome.end,
                 placed_by: outcome.pick.map_or(Placement::Unplaced, |pick| service.strategy.placement(&pick)),
                 http: None,
+                tls,
             });
         }
     }
@@ -117,7 +120,14 @@ impl Outcome {
     }
 }
 
-async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext, started: Instant) -> Outcome {
+/// `tls` gets what a terminated client's handshake said, for the access log.
+async fn proxy(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    service: &ServiceContext,
+    started: Instant,
+    tls: &mut Option<Arc<crate::access_log::TlsFields>>,
+) -> Outcome {
     let limits = &service.limits;
     let metrics = &service.metrics;
     if let Err(e) = limits.socket.apply_to_client(&client) {
@@ -152,6 +162,7 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
     let (client, peeked) = match &service.tls {
         Some(terminator) => match Box::pin(terminator.accept(Prefixed::new(after_header, client))).await {
             Ok(done) => {
+                *tls = Some(done.log);
                 (ClientStream::Tls(Box::new(done.stream)), Peeked { tls: Some(done.hello), ..Peeked::default() })
             }
             Err(failure) => {
@@ -210,12 +221,11 @@ async fn proxy(mut client: TcpStream, peer: SocketAddr, service: &ServiceContext
         };
         metrics.dials.inc();
         // With TLS to backends, a PROXY header goes before the handshake, on the socket.
-        let header = match (&service.origin, limits.proxy_to_backend) {
-            (None, _) | (_, ProxyVersion::Off) => Vec::new(),
-            (Some(_), version) => proxy_protocol::header(version, proxied_client.unwrap_or(peer), local.resolve()),
+        let header = || match limits.proxy_to_backend {
+            ProxyVersion::Off => Vec::new(),
+            version => proxy_protocol::header(version, proxied_client.unwrap_or(peer), local.resolve()),
         };
-        let host = pool.member(index).and_then(|m| m.host.clone());
-        match dial(service, backend.address, host.as_deref(), &header).await {
+        match dial(service, backend.address, pool.member(index).and_then(|m| m.host.as_deref()), header).await {
             Ok(mut stream) => {
                 let relay_started = Instant::now();
                 let connect_time = relay_started - dial_started;

@@ -17,6 +17,7 @@ use rustls::{CertificateError, HandshakeKind, ProtocolVersion, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 
+use crate::access_log::TlsFields;
 use crate::config::{ClientAuth, Mode, TlsConfig, TlsVersion, UnknownSni};
 use crate::metrics::{Metrics, TlsSeries};
 use crate::strategy::runtime::bindings::TlsFacts;
@@ -158,6 +159,34 @@ impl std::fmt::Debug for Terminator {
 pub struct Terminated<S> {
     pub stream: TlsStream<S>,
     pub hello: TlsFacts,
+    /// For the access log: the SNI, and the client certificate's subject and SANs.
+    pub log: Arc<TlsFields>,
+}
+
+/// The subject and SANs of a client's certificate, for the access log.
+fn client_identity(certificates: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> (Option<String>, Vec<String>) {
+    let Some(leaf) = certificates.and_then(|c| c.first()) else { return (None, Vec::new()) };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else { return (None, Vec::new()) };
+    let mut san = Vec::new();
+    if let Ok(Some(names)) = cert.subject_alternative_name() {
+        use x509_parser::extensions::GeneralName;
+        for name in &names.value.general_names {
+            match name {
+                GeneralName::DNSName(n) | GeneralName::RFC822Name(n) | GeneralName::URI(n) => san.push(n.to_string()),
+                GeneralName::IPAddress(bytes) => match bytes.len() {
+                    4 => {
+                        san.push(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*bytes).unwrap_or_default()).to_string())
+                    }
+                    16 => {
+                        san.push(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*bytes).unwrap_or_default()).to_string())
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    (Some(cert.subject().to_string()), san)
 }
 
 /// Now, in Unix seconds.
@@ -488,7 +517,9 @@ impl Terminator {
                 // A CA's validator saw the TLS-ALPN-01 answer: nothing more to say.
                 return Err(Failure::AcmeValidation);
             }
-            Ok(Terminated { stream, hello: TlsFacts { server_name, alpn } })
+            let (client_subject, client_san) = client_identity(stream.get_ref().1.peer_certificates());
+            let log = Arc::new(TlsFields { server_name: server_name.clone(), client_subject, client_san });
+            Ok(Terminated { stream, hello: TlsFacts { server_name, alpn }, log })
         };
         let result = match tokio::time::timeout(self.handshake_timeout, handshake).await {
             Ok(result) => result,

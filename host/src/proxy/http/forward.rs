@@ -176,6 +176,7 @@ impl Drop for Finish {
                 }),
                 placed_by: context.strategy.placement(&self.pick),
                 http: Some(line),
+                tls: None,
             });
         }
         context.strategy.report(
@@ -202,6 +203,8 @@ pub struct Peer {
     pub forwarding: Arc<headers::Forwarding>,
     /// What the client's TLS handshake said (SNI, ALPN), when Harbor terminated it.
     pub tls: Option<Arc<crate::strategy::runtime::bindings::TlsFacts>>,
+    /// The same for the access log, with the client certificate's subject and SANs.
+    pub tls_log: Option<Arc<crate::access_log::TlsFields>>,
 }
 
 impl Peer {
@@ -246,6 +249,7 @@ pub async fn handle(
             status: 0,
             first_byte: std::time::Duration::ZERO,
             attempts: 0,
+            tls: peer.tls_log.clone(),
         })
     });
     let response = match forward(request, &peer, local, &context, started, line).await {
@@ -275,6 +279,7 @@ pub async fn handle(
                     end: refused.refusal.end(),
                     placed_by: refused.pick.map_or(Placement::Unplaced, |pick| context.strategy.placement(&pick)),
                     http: Some(line),
+                    tls: None,
                 });
             }
             response
