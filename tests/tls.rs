@@ -142,7 +142,7 @@ async fn an_unknown_sni_is_refused_when_configured_and_failures_are_counted_by_r
     let failures = |m: &Scrape, reason: &str| {
         m.get(&format!("harbor_tls_handshake_failures_total{{service=\"web\",reason=\"{reason}\"}}"))
     };
-    let m = Scrape::fetch_until(admin, |m| failures(m, "timeout") >= 1.0).await;
+    let m = scrape_until(admin, |m| failures(m, "timeout") >= 1.0).await;
     assert_eq!(failures(&m, "unknown_sni"), 2.0);
     assert_eq!(failures(&m, "not_tls"), 1.0);
     assert_eq!(failures(&m, "timeout"), 1.0);
@@ -231,6 +231,20 @@ async fn client_certificates_from_the_ca_are_accepted_and_the_rest_refused_and_c
     harbor.stop().await.expect("stop");
 }
 
+/// Scrapes until `ready`, for up to 10 s (a file event, its debounce and a reload under a
+/// loaded machine can take seconds); the last scrape either way.
+async fn scrape_until(admin: SocketAddr, ready: impl Fn(&Scrape) -> bool) -> Scrape {
+    let mut m = Scrape::fetch(admin).await;
+    for _ in 0..200 {
+        if ready(&m) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = Scrape::fetch(admin).await;
+    }
+    m
+}
+
 /// Replaces `target` by `source`'s contents the way a deploy tool should: a new file renamed
 /// over the old one.
 fn replace_file(source: &Path, target: &Path) {
@@ -286,7 +300,7 @@ async fn a_certificate_replaced_under_load_fails_no_handshake_and_a_bad_one_is_r
     // A good new certificate: the key first, then the certificate (each renamed into place).
     replace_file(&second.1, &first.1);
     replace_file(&second.0, &first.0);
-    let m = Scrape::fetch_until(admin, |m| reloads(m, "loaded") >= 1.0).await;
+    let m = scrape_until(admin, |m| reloads(m, "loaded") >= 1.0).await;
     assert_eq!(reloads(&m, "loaded"), 1.0, "loaded once, when both files had changed");
     let served = s_client(web, &["-servername", "www.a.test", "-no_ign_eof"], b"").await;
     let second_pem = std::fs::read_to_string(&second.0).expect("read");
@@ -304,7 +318,7 @@ async fn a_certificate_replaced_under_load_fails_no_handshake_and_a_bad_one_is_r
     for (cert, key) in [(&expired.0, &expired.1), (&renamed.0, &renamed.1), (&second.0, &renamed.1)] {
         replace_file(key, &first.1);
         replace_file(cert, &first.0);
-        let m = Scrape::fetch_until(admin, |m| reloads(m, "rejected") > rejected).await;
+        let m = scrape_until(admin, |m| reloads(m, "rejected") > rejected).await;
         rejected = reloads(&m, "rejected");
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
