@@ -196,6 +196,9 @@ enum OrderError {
 
 /// The account in storage, or a new one (then stored).
 async fn account(acme: &AcmeConfig) -> Result<Account, OrderError> {
+    // The ACME client builds its HTTPS from rustls's default provider, which a build with
+    // more than one provider (the whole workspace: the bench compares them) cannot guess.
+    crate::tls::install_provider();
     let builder = match &acme.directory_ca {
         Some(ca) => Account::builder_with_root(ca)?,
         None => Account::builder()?,

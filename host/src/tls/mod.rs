@@ -15,3 +15,9 @@ mod watch;
 pub use origin::Originator;
 pub use terminator::{Failure, Terminated, Terminator, TlsError};
 pub use watch::watch_files;
+
+/// Makes aws-lc-rs the process's rustls provider, for what builds its TLS from the default
+/// (the ACME client's HTTPS). Harbor's own configurations name it; a second call is a no-op.
+pub(crate) fn install_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
