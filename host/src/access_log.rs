@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::config::LogFormat;
 
 use crate::strategy::Placement;
+use crate::tls::Handshake;
 
 /// Records queued for the writer at most; more are dropped (and counted).
 pub const QUEUE: usize = 16_384;
@@ -88,17 +89,7 @@ pub struct Record {
     /// HTTP mode: the request and its answer.
     pub http: Option<Box<HttpFields>>,
     /// TCP mode, a connection whose TLS Harbor terminated: what its handshake said.
-    pub tls: Option<Arc<TlsFields>>,
-}
-
-/// What a terminated connection's handshake said, for its lines: made once per connection.
-#[derive(Debug, Clone, Default)]
-pub struct TlsFields {
-    pub server_name: Option<String>,
-    /// The client certificate's subject (mTLS), RFC 4514.
-    pub client_subject: Option<String>,
-    /// Its SANs: DNS names, emails, URIs, addresses.
-    pub client_san: Vec<String>,
+    pub tls: Option<Arc<Handshake>>,
 }
 
 /// What an HTTP request's line adds: the request, the answer, and how it was reached.
@@ -114,7 +105,7 @@ pub struct HttpFields {
     /// Backends tried (1 unless a request that never reached one went again).
     pub attempts: u32,
     /// The connection's TLS, if Harbor terminated it.
-    pub tls: Option<Arc<TlsFields>>,
+    pub tls: Option<Arc<Handshake>>,
 }
 
 /// Where access-log lines go.
@@ -272,7 +263,7 @@ pub fn render(r: &Record, format: LogFormat, out: &mut String) {
                 status: r.http.as_ref().map(|h| h.status),
                 first_byte_ms: r.http.as_ref().map(|h| (h.first_byte.as_secs_f64() * 1e6).round() / 1e3),
                 attempts: r.http.as_ref().map(|h| h.attempts),
-                tls_server_name: tls.and_then(|t| t.server_name.as_deref()),
+                tls_server_name: tls.and_then(|t| t.hello.server_name.as_deref()),
                 client_subject: tls.and_then(|t| t.client_subject.as_deref()),
                 client_san: tls.filter(|t| !t.client_san.is_empty()).map(|t| t.client_san.as_slice()),
             };
@@ -285,8 +276,8 @@ pub fn render(r: &Record, format: LogFormat, out: &mut String) {
 }
 
 /// ` sni=… client_subject="…" client_san=a,b` for a terminated connection.
-fn human_tls(tls: &TlsFields) -> String {
-    let mut out = format!(" sni={}", tls.server_name.as_deref().unwrap_or("-"));
+fn human_tls(tls: &Handshake) -> String {
+    let mut out = format!(" sni={}", tls.hello.server_name.as_deref().unwrap_or("-"));
     if let Some(subject) = &tls.client_subject {
         out.push_str(&format!(" client_subject={subject:?}"));
     }
@@ -378,8 +369,11 @@ mod tests {
                 status: 201,
                 first_byte: Duration::from_micros(1_250),
                 attempts: 2,
-                tls: Some(Arc::new(TlsFields {
-                    server_name: Some("web.example".into()),
+                tls: Some(Arc::new(Handshake {
+                    hello: crate::strategy::runtime::bindings::TlsFacts {
+                        server_name: Some("web.example".into()),
+                        alpn: Vec::new(),
+                    },
                     client_subject: Some("CN=client.example".into()),
                     client_san: vec!["client.example".into()],
                 })),

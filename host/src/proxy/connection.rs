@@ -126,7 +126,7 @@ async fn proxy(
     peer: SocketAddr,
     service: &ServiceContext,
     started: Instant,
-    tls: &mut Option<Arc<crate::access_log::TlsFields>>,
+    tls: &mut Option<Arc<crate::tls::Handshake>>,
 ) -> Outcome {
     let limits = &service.limits;
     let metrics = &service.metrics;
@@ -162,8 +162,9 @@ async fn proxy(
     let (client, peeked) = match &service.tls {
         Some(terminator) => match Box::pin(terminator.accept(Prefixed::new(after_header, client))).await {
             Ok(done) => {
-                *tls = Some(done.log);
-                (ClientStream::Tls(Box::new(done.stream)), Peeked { tls: Some(done.hello), ..Peeked::default() })
+                let peeked = Peeked { tls: Some(done.handshake.hello.clone()), ..Peeked::default() };
+                *tls = Some(done.handshake);
+                (ClientStream::Tls(Box::new(done.stream)), peeked)
             }
             Err(failure) => {
                 tracing::debug!(reason = failure.as_str(), "TLS handshake failed");

@@ -13,7 +13,7 @@ pub(crate) mod terminator;
 mod watch;
 
 pub use origin::Originator;
-pub use terminator::{Failure, Terminated, Terminator, TlsError};
+pub use terminator::{Failure, Handshake, Terminated, Terminator, TlsError};
 pub use watch::watch_files;
 
 /// Makes aws-lc-rs the process's rustls provider, for what builds its TLS from the default

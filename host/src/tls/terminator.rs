@@ -17,7 +17,6 @@ use rustls::{CertificateError, HandshakeKind, ProtocolVersion, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 
-use crate::access_log::TlsFields;
 use crate::config::{ClientAuth, Mode, TlsConfig, TlsVersion, UnknownSni};
 use crate::metrics::{Metrics, TlsSeries};
 use crate::strategy::runtime::bindings::TlsFacts;
@@ -155,12 +154,22 @@ impl std::fmt::Debug for Terminator {
     }
 }
 
-/// A client connection past its handshake, and what its ClientHello said.
+/// A client connection past its handshake, and what the handshake said.
 pub struct Terminated<S> {
     pub stream: TlsStream<S>,
+    pub handshake: Arc<Handshake>,
+}
+
+/// What a terminated connection's handshake said, made once per connection: its ClientHello
+/// for strategies (`tls-hello`), and for the access log the client certificate's subject and
+/// SANs too.
+#[derive(Debug, Clone, Default)]
+pub struct Handshake {
     pub hello: TlsFacts,
-    /// For the access log: the SNI, and the client certificate's subject and SANs.
-    pub log: Arc<TlsFields>,
+    /// RFC 4514.
+    pub client_subject: Option<String>,
+    /// DNS names, emails, URIs, addresses.
+    pub client_san: Vec<String>,
 }
 
 /// The subject and SANs of a client's certificate, for the access log.
@@ -518,8 +527,8 @@ impl Terminator {
                 return Err(Failure::AcmeValidation);
             }
             let (client_subject, client_san) = client_identity(stream.get_ref().1.peer_certificates());
-            let log = Arc::new(TlsFields { server_name: server_name.clone(), client_subject, client_san });
-            Ok(Terminated { stream, hello: TlsFacts { server_name, alpn }, log })
+            let hello = TlsFacts { server_name, alpn };
+            Ok(Terminated { stream, handshake: Arc::new(Handshake { hello, client_subject, client_san }) })
         };
         let result = match tokio::time::timeout(self.handshake_timeout, handshake).await {
             Ok(result) => result,

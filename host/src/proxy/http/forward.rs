@@ -201,10 +201,8 @@ pub struct Peer {
     pub tcp: SocketAddr,
     pub named: Option<SocketAddr>,
     pub forwarding: Arc<headers::Forwarding>,
-    /// What the client's TLS handshake said (SNI, ALPN), when Harbor terminated it.
-    pub tls: Option<Arc<crate::strategy::runtime::bindings::TlsFacts>>,
-    /// The same for the access log, with the client certificate's subject and SANs.
-    pub tls_log: Option<Arc<crate::access_log::TlsFields>>,
+    /// What the client's TLS handshake said, when Harbor terminated it.
+    pub tls: Option<Arc<crate::tls::Handshake>>,
 }
 
 impl Peer {
@@ -249,7 +247,7 @@ pub async fn handle(
             status: 0,
             first_byte: std::time::Duration::ZERO,
             attempts: 0,
-            tls: peer.tls_log.clone(),
+            tls: peer.tls.clone(),
         })
     });
     let response = match forward(request, &peer, local, &context, started, line).await {
@@ -380,7 +378,7 @@ async fn forward(
             attempt,
             excluded: &excluded,
             ignore_checks_when_all_fail: limits.ignore_checks_when_all_fail,
-            tls: peer.tls.as_deref(),
+            tls: peer.tls.as_ref().map(|h| &h.hello),
             first_bytes: &[],
             proxied_client: peer.named,
         });

@@ -150,11 +150,11 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
         tracing::debug!("client socket options: {e}");
     }
     let local = client.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (client, hello, tls_log) = match &context.tls {
-        None => (ClientStream::Plain(client), None, None),
+    let (client, handshake) = match &context.tls {
+        None => (ClientStream::Plain(client), None),
         Some(terminator) => {
             match Box::pin(terminator.accept(Prefixed::new(std::mem::take(&mut early), client))).await {
-                Ok(done) => (ClientStream::Tls(Box::new(done.stream)), Some(Arc::new(done.hello)), Some(done.log)),
+                Ok(done) => (ClientStream::Tls(Box::new(done.stream)), Some(done.handshake)),
                 Err(failure) => {
                     tracing::debug!(client = %source, reason = failure.as_str(), "TLS handshake failed");
                     metrics.active_connections.dec();
@@ -163,7 +163,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, context: Arc<Service
             }
         }
     };
-    let peer = forward::Peer { tcp: peer, named, forwarding, tls: hello, tls_log };
+    let peer = forward::Peer { tcp: peer, named, forwarding, tls: handshake };
     let limits = &context.limits.http;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A header section that outgrows the read buffer gets 431, as do too many fields.
